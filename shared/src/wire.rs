@@ -1,0 +1,484 @@
+//! The player protocol: what a game client and a game server say over QUIC.
+//!
+//! Two channels:
+//! - unreliable datagrams, 90 a second each way: [`InputFrame`] up,
+//!   [`Snapshot`] down. Hand-written little-endian codec: decoding an input
+//!   never allocates, and every malformed datagram maps to a [`DecodeError`]
+//!   whose [`DecodeError::reason`] is a stable metric label.
+//! - one reliable bidirectional stream per connection, opened by the client,
+//!   carrying length-prefixed [`ClientControl`] / [`ServerControl`] frames.
+//!
+//! This is the walking skeleton's format; positions travel as `f64` and
+//! snapshots are full states. Quantisation and delta encoding replace the
+//! snapshot body later without changing the framing.
+
+use glam::DVec3;
+use serde::{Deserialize, Serialize};
+
+use crate::ids::{EntityId, PlayerId, ServerId};
+use crate::time::Tick;
+
+/// ALPN of the player protocol. A client offering anything else is refused
+/// during the TLS handshake.
+pub const ALPN: &[u8] = b"planetary-survival/1";
+/// Version carried in the client's hello.
+pub const PROTOCOL_VERSION: u16 = 1;
+/// Largest datagram either side sends: fits a 1280-byte IPv6 path MTU after
+/// QUIC's overhead.
+pub const MAX_DATAGRAM: usize = 1200;
+/// Largest control frame, bytes.
+pub const MAX_CONTROL_FRAME: usize = 64 * 1024;
+
+const KIND_INPUT: u8 = 1;
+const KIND_SNAPSHOT: u8 = 2;
+
+/// Why a datagram or frame was refused. `reason()` names are metric labels:
+/// never rename one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("datagram is shorter than its kind requires")]
+    Truncated,
+    #[error("unknown datagram kind {0}")]
+    UnknownKind(u8),
+    #[error("datagram has {0} bytes after its end")]
+    TrailingBytes(usize),
+    #[error("a float is NaN or infinite")]
+    NonFinite,
+    #[error("more entities than a datagram can hold")]
+    TooManyEntities,
+    #[error("control frame is malformed")]
+    BadFrame,
+    #[error("control frame exceeds {MAX_CONTROL_FRAME} bytes")]
+    FrameTooLarge,
+}
+
+impl DecodeError {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            DecodeError::Truncated => "truncated",
+            DecodeError::UnknownKind(_) => "unknown_kind",
+            DecodeError::TrailingBytes(_) => "trailing_bytes",
+            DecodeError::NonFinite => "non_finite",
+            DecodeError::TooManyEntities => "too_many_entities",
+            DecodeError::BadFrame => "bad_frame",
+            DecodeError::FrameTooLarge => "frame_too_large",
+        }
+    }
+}
+
+/// A tracked pose, relative to the player's body (tracking space).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Pose {
+    pub pos: [f32; 3],
+    /// Unit quaternion, x y z w.
+    pub rot: [f32; 4],
+}
+
+impl Default for Pose {
+    fn default() -> Self {
+        Self { pos: [0.0; 3], rot: [0.0, 0.0, 0.0, 1.0] }
+    }
+}
+
+/// One frame of player input, sent every client tick.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+pub struct InputFrame {
+    /// Increases by one every frame; the server applies each at most once, in order.
+    pub seq: u32,
+    /// Newest snapshot tick the client has received.
+    pub ack_tick: Tick,
+    pub head: Pose,
+    pub left: Pose,
+    pub right: Pose,
+    /// Locomotion stick, each axis in [-1, 1]: x strafes (+east), y walks (+north, -Z).
+    pub locomotion: [f32; 2],
+    /// Snap/smooth turn, radians per second.
+    pub turn: f32,
+    pub buttons: u32,
+}
+
+/// One entity as a snapshot shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct EntityState {
+    pub id: EntityId,
+    pub pos: DVec3,
+    /// Heading about +Y, radians.
+    pub yaw: f32,
+    pub vel: [f32; 3],
+    /// The server authoritative for the entity, as the sender knows it.
+    pub authority: ServerId,
+}
+
+/// The world as one server sees it at one tick, for one player.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Snapshot {
+    pub tick: Tick,
+    pub server: ServerId,
+    /// Whether the sending server is authoritative for the receiving player.
+    pub authoritative: bool,
+    /// Newest input frame of this player the server has applied (0: none).
+    pub last_input_seq: u32,
+    pub entities: Vec<EntityState>,
+}
+
+/// Either kind of datagram, decoded.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Datagram {
+    Input(InputFrame),
+    Snapshot(Snapshot),
+}
+
+const POSE_BYTES: usize = 7 * 4;
+/// Size of an encoded input datagram.
+pub const INPUT_BYTES: usize = 1 + 4 + 8 + 3 * POSE_BYTES + 2 * 4 + 4 + 4;
+const SNAPSHOT_HEADER_BYTES: usize = 1 + 8 + 4 + 1 + 4 + 2;
+const ENTITY_BYTES: usize = 8 + 3 * 8 + 4 + 3 * 4 + 4;
+/// Most entities one snapshot datagram carries.
+pub const MAX_SNAPSHOT_ENTITIES: usize = (MAX_DATAGRAM - SNAPSHOT_HEADER_BYTES) / ENTITY_BYTES;
+
+struct Writer<'a>(&'a mut Vec<u8>);
+
+impl Writer<'_> {
+    fn u8(&mut self, v: u8) {
+        self.0.push(v);
+    }
+    fn u16(&mut self, v: u16) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn u32(&mut self, v: u32) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn u64(&mut self, v: u64) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn f32(&mut self, v: f32) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn f64(&mut self, v: f64) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn pose(&mut self, p: &Pose) {
+        p.pos.iter().chain(p.rot.iter()).for_each(|v| self.f32(*v));
+    }
+}
+
+struct Reader<'a>(&'a [u8]);
+
+impl Reader<'_> {
+    fn take<const N: usize>(&mut self) -> Result<[u8; N], DecodeError> {
+        let (head, rest) = self.0.split_first_chunk::<N>().ok_or(DecodeError::Truncated)?;
+        self.0 = rest;
+        Ok(*head)
+    }
+    fn u8(&mut self) -> Result<u8, DecodeError> {
+        Ok(self.take::<1>()?[0])
+    }
+    fn u16(&mut self) -> Result<u16, DecodeError> {
+        Ok(u16::from_le_bytes(self.take()?))
+    }
+    fn u32(&mut self) -> Result<u32, DecodeError> {
+        Ok(u32::from_le_bytes(self.take()?))
+    }
+    fn u64(&mut self) -> Result<u64, DecodeError> {
+        Ok(u64::from_le_bytes(self.take()?))
+    }
+    fn f32(&mut self) -> Result<f32, DecodeError> {
+        let v = f32::from_le_bytes(self.take()?);
+        if v.is_finite() { Ok(v) } else { Err(DecodeError::NonFinite) }
+    }
+    fn f64(&mut self) -> Result<f64, DecodeError> {
+        let v = f64::from_le_bytes(self.take()?);
+        if v.is_finite() { Ok(v) } else { Err(DecodeError::NonFinite) }
+    }
+    fn pose(&mut self) -> Result<Pose, DecodeError> {
+        Ok(Pose {
+            pos: [self.f32()?, self.f32()?, self.f32()?],
+            rot: [self.f32()?, self.f32()?, self.f32()?, self.f32()?],
+        })
+    }
+    fn finish(&self) -> Result<(), DecodeError> {
+        if self.0.is_empty() { Ok(()) } else { Err(DecodeError::TrailingBytes(self.0.len())) }
+    }
+}
+
+impl InputFrame {
+    /// Appends the datagram encoding to `out`.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        let mut w = Writer(out);
+        w.u8(KIND_INPUT);
+        w.u32(self.seq);
+        w.u64(self.ack_tick);
+        w.pose(&self.head);
+        w.pose(&self.left);
+        w.pose(&self.right);
+        w.f32(self.locomotion[0]);
+        w.f32(self.locomotion[1]);
+        w.f32(self.turn);
+        w.u32(self.buttons);
+    }
+
+    fn decode_body(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
+        Ok(Self {
+            seq: r.u32()?,
+            ack_tick: r.u64()?,
+            head: r.pose()?,
+            left: r.pose()?,
+            right: r.pose()?,
+            locomotion: [r.f32()?, r.f32()?],
+            turn: r.f32()?,
+            buttons: r.u32()?,
+        })
+    }
+}
+
+impl Snapshot {
+    /// Appends the datagram encoding to `out`. Entities beyond
+    /// [`MAX_SNAPSHOT_ENTITIES`] are not written; returns how many were.
+    pub fn encode(&self, out: &mut Vec<u8>) -> usize {
+        let n = self.entities.len().min(MAX_SNAPSHOT_ENTITIES);
+        let mut w = Writer(out);
+        w.u8(KIND_SNAPSHOT);
+        w.u64(self.tick);
+        w.u32(self.server.0);
+        w.u8(u8::from(self.authoritative));
+        w.u32(self.last_input_seq);
+        w.u16(n as u16);
+        for e in &self.entities[..n] {
+            w.u64(e.id.0);
+            w.f64(e.pos.x);
+            w.f64(e.pos.y);
+            w.f64(e.pos.z);
+            w.f32(e.yaw);
+            e.vel.iter().for_each(|v| w.f32(*v));
+            w.u32(e.authority.0);
+        }
+        n
+    }
+
+    fn decode_body(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
+        let tick = r.u64()?;
+        let server = ServerId(r.u32()?);
+        let authoritative = r.u8()? != 0;
+        let last_input_seq = r.u32()?;
+        let n = r.u16()? as usize;
+        if n > MAX_SNAPSHOT_ENTITIES {
+            return Err(DecodeError::TooManyEntities);
+        }
+        let mut entities = Vec::with_capacity(n);
+        for _ in 0..n {
+            entities.push(EntityState {
+                id: EntityId(r.u64()?),
+                pos: DVec3::new(r.f64()?, r.f64()?, r.f64()?),
+                yaw: r.f32()?,
+                vel: [r.f32()?, r.f32()?, r.f32()?],
+                authority: ServerId(r.u32()?),
+            });
+        }
+        Ok(Self { tick, server, authoritative, last_input_seq, entities })
+    }
+}
+
+impl Datagram {
+    pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
+        let mut r = Reader(bytes);
+        let d = match r.u8()? {
+            KIND_INPUT => Datagram::Input(InputFrame::decode_body(&mut r)?),
+            KIND_SNAPSHOT => Datagram::Snapshot(Snapshot::decode_body(&mut r)?),
+            k => return Err(DecodeError::UnknownKind(k)),
+        };
+        r.finish()?;
+        Ok(d)
+    }
+
+    /// Decodes an input datagram (what a server accepts from a client)
+    /// without allocating.
+    pub fn decode_input(bytes: &[u8]) -> Result<InputFrame, DecodeError> {
+        let mut r = Reader(bytes);
+        match r.u8()? {
+            KIND_INPUT => {}
+            k => return Err(DecodeError::UnknownKind(k)),
+        }
+        let f = InputFrame::decode_body(&mut r)?;
+        r.finish()?;
+        Ok(f)
+    }
+}
+
+/// How a connection relates to the player's avatar on that server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum JoinRole {
+    /// Join the world here: the server spawns the avatar (or adopts it).
+    Play,
+    /// Pre-connect to a neighbour: the server buffers this player's inputs so
+    /// that it can take the avatar over at a handoff without a handshake.
+    Standby,
+}
+
+/// Client → server frames on the control stream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum ClientControl {
+    Hello {
+        version: u16,
+        /// Login ticket (a development token for now).
+        ticket: String,
+        player: PlayerId,
+        name: String,
+        role: JoinRole,
+        /// Where to spawn, for `Play` when the avatar is new.
+        spawn: Option<DVec3>,
+    },
+    /// The client is leaving; the server may drop its avatar.
+    Bye,
+}
+
+/// Server → client frames on the control stream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum ServerControl {
+    Welcome {
+        server: ServerId,
+        entity: EntityId,
+        tick_hz: u32,
+        /// Unix nanoseconds of tick 0 of the mesh grid.
+        mesh_epoch_unix_nanos: u64,
+        authoritative: bool,
+    },
+    /// Open a standby connection to this neighbour: the player is near its region.
+    PreConnect {
+        server: ServerId,
+        quic_addr: String,
+        /// SHA-256 of the neighbour's certificate (DER), for pinning.
+        cert_sha256: String,
+    },
+    /// Authority over the player's avatar moves to `to` from `effective_tick` on.
+    AuthorityMoved { to: ServerId, effective_tick: Tick },
+    /// This server is authoritative for the player from `effective_tick` on.
+    AuthorityGained { effective_tick: Tick },
+    /// The connection is refused; the connection is closed after this frame.
+    Refused { reason: String },
+}
+
+fn frame_config() -> impl bincode::config::Config {
+    bincode::config::standard().with_limit::<MAX_CONTROL_FRAME>()
+}
+
+/// Encodes a control frame: a 4-byte little-endian length, then the body.
+pub fn encode_frame<T: Serialize>(msg: &T) -> Result<Vec<u8>, DecodeError> {
+    let body = bincode::serde::encode_to_vec(msg, frame_config()).map_err(|_| DecodeError::FrameTooLarge)?;
+    if body.len() > MAX_CONTROL_FRAME {
+        return Err(DecodeError::FrameTooLarge);
+    }
+    let mut out = Vec::with_capacity(4 + body.len());
+    out.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    out.extend_from_slice(&body);
+    Ok(out)
+}
+
+/// Reads the length prefix of a control frame; refuses oversized frames
+/// before anything is allocated for them.
+pub fn frame_len(prefix: [u8; 4]) -> Result<usize, DecodeError> {
+    let n = u32::from_le_bytes(prefix) as usize;
+    if n > MAX_CONTROL_FRAME { Err(DecodeError::FrameTooLarge) } else { Ok(n) }
+}
+
+/// Decodes a control frame body (without its length prefix).
+pub fn decode_frame<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, DecodeError> {
+    let (msg, used) =
+        bincode::serde::decode_from_slice(body, frame_config()).map_err(|_| DecodeError::BadFrame)?;
+    if used != body.len() {
+        return Err(DecodeError::TrailingBytes(body.len() - used));
+    }
+    Ok(msg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn pose() -> impl Strategy<Value = Pose> {
+        (proptest::array::uniform3(-10.0f32..10.0), proptest::array::uniform4(-1.0f32..1.0))
+            .prop_map(|(pos, rot)| Pose { pos, rot })
+    }
+
+    fn input() -> impl Strategy<Value = InputFrame> {
+        (any::<u32>(), any::<u64>(), pose(), pose(), pose(), proptest::array::uniform2(-1.0f32..1.0), any::<u32>())
+            .prop_map(|(seq, ack_tick, head, left, right, locomotion, buttons)| InputFrame {
+                seq, ack_tick, head, left, right, locomotion, turn: 0.5, buttons,
+            })
+    }
+
+    #[test]
+    fn input_has_its_documented_size() {
+        let mut b = Vec::new();
+        InputFrame::default().encode(&mut b);
+        assert_eq!(b.len(), INPUT_BYTES);
+    }
+
+    #[test]
+    fn snapshot_caps_its_entities_to_one_datagram() {
+        let e = EntityState { id: EntityId(7), pos: DVec3::ONE, yaw: 0.0, vel: [0.0; 3], authority: ServerId(1) };
+        let s = Snapshot { tick: 1, server: ServerId(1), authoritative: true, last_input_seq: 3, entities: vec![e; 100] };
+        let mut b = Vec::new();
+        assert_eq!(s.encode(&mut b), MAX_SNAPSHOT_ENTITIES);
+        assert!(b.len() <= MAX_DATAGRAM);
+        let Datagram::Snapshot(d) = Datagram::decode(&b).unwrap() else { panic!("not a snapshot") };
+        assert_eq!(d.entities.len(), MAX_SNAPSHOT_ENTITIES);
+    }
+
+    #[test]
+    fn malformed_datagrams_have_stable_reasons() {
+        assert_eq!(Datagram::decode(&[]).unwrap_err().reason(), "truncated");
+        assert_eq!(Datagram::decode(&[9, 0]).unwrap_err().reason(), "unknown_kind");
+        let mut b = Vec::new();
+        InputFrame::default().encode(&mut b);
+        b.push(0);
+        assert_eq!(Datagram::decode(&b).unwrap_err().reason(), "trailing_bytes");
+        let mut b = Vec::new();
+        InputFrame { locomotion: [f32::NAN, 0.0], ..Default::default() }.encode(&mut b);
+        assert_eq!(Datagram::decode_input(&b).unwrap_err().reason(), "non_finite");
+        let mut s = Vec::new();
+        Snapshot { tick: 0, server: ServerId(1), authoritative: false, last_input_seq: 0, entities: vec![] }.encode(&mut s);
+        assert_eq!(Datagram::decode_input(&s).unwrap_err().reason(), "unknown_kind");
+    }
+
+    #[test]
+    fn control_frames_round_trip_and_refuse_garbage() {
+        let hello = ClientControl::Hello {
+            version: PROTOCOL_VERSION,
+            ticket: "dev".into(),
+            player: PlayerId(42),
+            name: "bot-42".into(),
+            role: JoinRole::Play,
+            spawn: Some(DVec3::new(1.0, 2.0, 3.0)),
+        };
+        let f = encode_frame(&hello).unwrap();
+        let n = frame_len(f[..4].try_into().unwrap()).unwrap();
+        assert_eq!(decode_frame::<ClientControl>(&f[4..4 + n]).unwrap(), hello);
+        assert_eq!(decode_frame::<ClientControl>(&[0xff, 0xff, 0xff]).unwrap_err().reason(), "bad_frame");
+        assert_eq!(frame_len(u32::MAX.to_le_bytes()).unwrap_err().reason(), "frame_too_large");
+    }
+
+    proptest! {
+        #[test]
+        fn input_round_trips(f in input()) {
+            let mut b = Vec::new();
+            f.encode(&mut b);
+            prop_assert_eq!(Datagram::decode_input(&b).unwrap(), f);
+            prop_assert_eq!(Datagram::decode(&b).unwrap(), Datagram::Input(f));
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..1500)) {
+            let _ = Datagram::decode(&bytes);
+            let _ = Datagram::decode_input(&bytes);
+            let _ = decode_frame::<ClientControl>(&bytes);
+        }
+
+        #[test]
+        fn truncations_are_refused(f in input(), cut in 0usize..INPUT_BYTES) {
+            let mut b = Vec::new();
+            f.encode(&mut b);
+            prop_assert_eq!(Datagram::decode_input(&b[..cut]).unwrap_err(), DecodeError::Truncated);
+        }
+    }
+}
