@@ -1,0 +1,140 @@
+//! The gRPC face of the coordinator (port 9090): what game servers call.
+
+use std::sync::Arc;
+
+use proto::mesh as pb;
+use proto::mesh::mesh_coordinator_server::MeshCoordinator;
+use shared::{EntityId, Epoch, ServerId};
+use tonic::{Request, Response, Status};
+
+use crate::convert::{addresses_from_pb, addresses_to_pb, key_from_pb, load_from_pb, map_to_pb};
+use crate::node::{Node, now_nanos};
+use crate::state::{Command, CommandError, Response as SmResponse, TransferRequest};
+
+#[derive(Debug, Clone)]
+pub struct CoordinatorGrpc {
+    node: Arc<Node>,
+}
+
+impl CoordinatorGrpc {
+    pub fn new(node: Arc<Node>) -> Self {
+        Self { node }
+    }
+
+    fn refuse(&self, reason: &'static str, msg: impl std::fmt::Display) -> Status {
+        self.node.metrics.refused.with_label_values(&[reason]).inc();
+        Status::invalid_argument(format!("{reason}: {msg}"))
+    }
+}
+
+/// Maps a refused command to a gRPC status whose message starts with the
+/// stable reason, so callers can tell fencing from other failures.
+fn status_of(e: CommandError) -> Status {
+    let msg = format!("{}: {e}", e.reason());
+    match e {
+        CommandError::UnknownServer(_) | CommandError::UnknownTransfer(_) => Status::not_found(msg),
+        CommandError::UnknownRegion(_) => Status::invalid_argument(msg),
+        CommandError::ServerIdsExhausted => Status::resource_exhausted(msg),
+        CommandError::NoOwner(_) => Status::unavailable(msg),
+        CommandError::Fenced(_)
+        | CommandError::StaleRegionEpoch { .. }
+        | CommandError::StaleEntityEpoch { .. }
+        | CommandError::SameServer(_) => Status::failed_precondition(msg),
+    }
+}
+
+fn unexpected(r: SmResponse) -> Status {
+    Status::internal(format!("unexpected state-machine response {r:?}"))
+}
+
+#[tonic::async_trait]
+impl MeshCoordinator for CoordinatorGrpc {
+    async fn register(&self, req: Request<pb::RegisterRequest>) -> Result<Response<pb::RegisterResponse>, Status> {
+        let r = req.into_inner();
+        if r.name.is_empty() || r.name.len() > 256 {
+            return Err(self.refuse("bad_request", "server name must be 1..=256 bytes"));
+        }
+        let cmd = Command::Register {
+            name: r.name,
+            addresses: addresses_from_pb(r.addresses),
+            cert_sha256: r.cert_sha256,
+            capacity_players: r.capacity_players,
+            version: r.version,
+            now: now_nanos(),
+        };
+        match self.node.propose(cmd).await.map_err(status_of)? {
+            SmResponse::Registered { server } => Ok(Response::new(self.node.read(|s| pb::RegisterResponse {
+                server_id: server.0,
+                mesh_epoch_unix_nanos: s.clock.epoch_unix_nanos,
+                tick_hz: s.clock.hz,
+                heartbeat_interval_ms: s.policy.heartbeat_interval_ms as u32,
+                map: Some(map_to_pb(s)),
+            }))),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn heartbeat(&self, req: Request<pb::HeartbeatRequest>) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        let r = req.into_inner();
+        let cmd = Command::Heartbeat { server: ServerId(r.server_id), load: load_from_pb(r.load), now: now_nanos() };
+        match self.node.propose(cmd).await.map_err(status_of)? {
+            SmResponse::HeartbeatAck { fenced } => Ok(Response::new(self.node.read(|s| pb::HeartbeatResponse {
+                map: (s.map_version() != r.known_map_version).then(|| map_to_pb(s)),
+                fenced,
+            }))),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn get_region_map(&self, _req: Request<pb::GetRegionMapRequest>) -> Result<Response<pb::RegionMap>, Status> {
+        Ok(Response::new(self.node.read(map_to_pb)))
+    }
+
+    async fn request_transfer(&self, req: Request<pb::TransferRequest>) -> Result<Response<pb::TransferResponse>, Status> {
+        let r = req.into_inner();
+        let from_region = key_from_pb(r.from_region.as_ref()).map_err(|e| self.refuse("bad_region_key", e))?;
+        let to_region = key_from_pb(r.to_region.as_ref()).map_err(|e| self.refuse("bad_region_key", e))?;
+        let cmd = Command::RequestTransfer(TransferRequest {
+            entity: EntityId(r.entity_id),
+            from: ServerId(r.from_server),
+            from_region,
+            from_region_epoch: Epoch(r.from_region_epoch),
+            entity_epoch: Epoch(r.entity_epoch),
+            to_region,
+            not_before_tick: r.not_before_tick,
+            now: now_nanos(),
+        });
+        match self.node.propose(cmd).await.map_err(status_of)? {
+            SmResponse::Transfer(t) => {
+                let target = self.node.read(|s| s.server(t.to).cloned());
+                let target = target.ok_or_else(|| Status::internal("transfer target vanished"))?;
+                Ok(Response::new(pb::TransferResponse {
+                    transfer_id: t.id,
+                    entity_epoch: t.entity_epoch.0,
+                    to_server: t.to.0,
+                    to_addresses: Some(addresses_to_pb(&target.addresses)),
+                    to_cert_sha256: target.cert_sha256,
+                    to_region_epoch: t.to_region_epoch.0,
+                    effective_tick: t.effective_tick,
+                }))
+            }
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn complete_transfer(
+        &self,
+        req: Request<pb::CompleteTransferRequest>,
+    ) -> Result<Response<pb::CompleteTransferResponse>, Status> {
+        let r = req.into_inner();
+        let cmd = Command::CompleteTransfer {
+            transfer_id: r.transfer_id,
+            from: ServerId(r.from_server),
+            delivered: r.delivered,
+            error: r.error.chars().take(1024).collect(),
+            now: now_nanos(),
+        };
+        self.node.propose(cmd).await.map_err(status_of)?;
+        Ok(Response::new(pb::CompleteTransferResponse {}))
+    }
+}
