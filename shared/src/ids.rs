@@ -22,7 +22,7 @@ impl fmt::Display for ServerId {
 }
 
 /// A player account.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct PlayerId(pub u64);
 
 impl fmt::Display for PlayerId {

@@ -1,0 +1,96 @@
+//! Game-server configuration: every flag can also be set from the environment
+//! (what the Helm chart does).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct Config {
+    /// Name shown in the admin API (the pod name in Kubernetes).
+    #[arg(long, env = "PS_SERVER_NAME", default_value = "game-server")]
+    pub name: String,
+    /// The coordinator's gRPC endpoint.
+    #[arg(long, env = "PS_COORDINATOR", default_value = "http://127.0.0.1:9090")]
+    pub coordinator: String,
+    /// Players, QUIC over UDP.
+    #[arg(long, env = "PS_QUIC_ADDR", default_value = "0.0.0.0:7777")]
+    pub quic_addr: SocketAddr,
+    /// Query port (TCP): a one-line JSON status.
+    #[arg(long, env = "PS_QUERY_ADDR", default_value = "0.0.0.0:7778")]
+    pub query_addr: SocketAddr,
+    /// `/health`, `/ready` and the local API.
+    #[arg(long, env = "PS_HTTP_ADDR", default_value = "0.0.0.0:8080")]
+    pub http_addr: SocketAddr,
+    /// Prometheus metrics.
+    #[arg(long, env = "PS_METRICS_ADDR", default_value = "0.0.0.0:8081")]
+    pub metrics_addr: SocketAddr,
+    /// gRPC from the coordinator and neighbour servers.
+    #[arg(long, env = "PS_GRPC_ADDR", default_value = "0.0.0.0:9090")]
+    pub grpc_addr: SocketAddr,
+    /// Host others reach this server at; default: the bind address, or
+    /// 127.0.0.1 when binding all interfaces. In Kubernetes, the pod's DNS name.
+    #[arg(long, env = "PS_ADVERTISE_HOST")]
+    pub advertise_host: Option<String>,
+    /// Players this server accepts.
+    #[arg(long, env = "PS_CAPACITY", default_value_t = 1000)]
+    pub capacity: u32,
+    /// Token a client must present until login tickets exist.
+    #[arg(long, env = "PS_DEV_TOKEN", default_value = "dev")]
+    pub dev_token: String,
+    /// TLS certificate chain (PEM) for QUIC; with `--tls-key`. Default: a
+    /// self-signed certificate made at start, pinned by clients through the
+    /// coordinator.
+    #[arg(long, env = "PS_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM).
+    #[arg(long, env = "PS_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Metres an entity must be past a region's face before its authority moves.
+    #[arg(long, env = "PS_HANDOFF_MARGIN_M", default_value_t = 10.0)]
+    pub handoff_margin_m: f64,
+    /// Width of the overlap zone, metres.
+    #[arg(long, env = "PS_OVERLAP_M", default_value_t = shared::region::DEFAULT_OVERLAP_M)]
+    pub overlap_m: f64,
+    /// Walking speed at full stick, metres per second.
+    #[arg(long, env = "PS_WALK_SPEED", default_value_t = 6.0)]
+    pub walk_speed: f32,
+    /// Give up registering with the coordinator after this many seconds.
+    #[arg(long, env = "PS_REGISTER_TIMEOUT_S", default_value_t = 30)]
+    pub register_timeout_s: u64,
+    /// Write the bound addresses here as JSON once listening.
+    #[arg(long, env = "PS_PORTS_FILE")]
+    pub ports_file: Option<PathBuf>,
+    /// Append one JSON line per tick naming the entities this server was
+    /// authoritative for (for tests and investigations; costly).
+    #[arg(long, env = "PS_AUTHORITY_LOG")]
+    pub authority_log: Option<PathBuf>,
+}
+
+impl Config {
+    pub fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(!self.name.is_empty() && self.name.len() <= 256, "server name must be 1..=256 bytes");
+        anyhow::ensure!(
+            self.handoff_margin_m.is_finite() && self.handoff_margin_m >= 0.0 && self.handoff_margin_m < self.overlap_m,
+            "handoff margin must be in [0, overlap width)"
+        );
+        anyhow::ensure!(
+            self.overlap_m.is_finite() && self.overlap_m > 0.0 && self.overlap_m < shared::region::MIN_EDGE_M,
+            "overlap width must be in (0, {} m)",
+            shared::region::MIN_EDGE_M
+        );
+        anyhow::ensure!(self.walk_speed.is_finite() && self.walk_speed > 0.0 && self.walk_speed < 100.0, "walk speed must be in (0, 100) m/s");
+        anyhow::ensure!(self.capacity > 0, "capacity must be positive");
+        anyhow::ensure!(!self.dev_token.is_empty(), "the development token must not be empty");
+        Ok(())
+    }
+
+    /// `host:port` others reach `bound` at.
+    pub fn advertised(&self, bound: SocketAddr) -> String {
+        let host = match &self.advertise_host {
+            Some(h) => h.clone(),
+            None if bound.ip().is_unspecified() => "127.0.0.1".to_owned(),
+            None => bound.ip().to_string(),
+        };
+        format!("{host}:{}", bound.port())
+    }
+}

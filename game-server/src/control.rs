@@ -1,0 +1,289 @@
+//! The game server's side of the control plane: registration and heartbeats
+//! with the coordinator, and the execution of transfers (commit through the
+//! coordinator, then hand the state to the target server).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use proto::mesh as mpb;
+use proto::mesh::mesh_coordinator_client::MeshCoordinatorClient;
+use proto::peer::game_server_peer_client::GameServerPeerClient;
+use shared::{Epoch, ServerId, TickClock};
+use tokio::sync::{Mutex, mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+use tracing::{error, info, warn};
+
+use crate::convert::{handoff_to_pb, map_from_pb, mesh_key_to_pb};
+use crate::metrics::Metrics;
+use crate::sim::components::LoadShared;
+use crate::sim::messages::{CommittedTransfer, MapView, SimIn, SimOut};
+
+const RPC_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A lazily connected gRPC channel to `addr` (`host:port` or a URL).
+pub fn channel(addr: &str) -> anyhow::Result<Channel> {
+    let url = if addr.contains("://") { addr.to_owned() } else { format!("http://{addr}") };
+    Ok(tonic::transport::Endpoint::from_shared(url.clone())
+        .with_context(|| format!("bad gRPC address {url:?}"))?
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(RPC_TIMEOUT)
+        .tcp_nodelay(true)
+        .connect_lazy())
+}
+
+/// What registration gave this server.
+#[derive(Debug, Clone)]
+pub struct Registration {
+    pub server: ServerId,
+    pub clock: TickClock,
+    pub heartbeat_every: Duration,
+    pub map: Arc<MapView>,
+}
+
+/// Registers with the coordinator, retrying with backoff until `timeout`.
+pub async fn register(
+    client: &mut MeshCoordinatorClient<Channel>,
+    req: mpb::RegisterRequest,
+    timeout: Duration,
+) -> anyhow::Result<Registration> {
+    let deadline = Instant::now() + timeout;
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match client.register(req.clone()).await {
+            Ok(r) => {
+                let r = r.into_inner();
+                let (map, _) = map_from_pb(&r.map.unwrap_or_default());
+                anyhow::ensure!(r.tick_hz > 0, "coordinator sent a tick rate of 0");
+                return Ok(Registration {
+                    server: ServerId(r.server_id),
+                    clock: TickClock { epoch_unix_nanos: r.mesh_epoch_unix_nanos, hz: r.tick_hz },
+                    heartbeat_every: Duration::from_millis(u64::from(r.heartbeat_interval_ms.max(50))),
+                    map: Arc::new(map),
+                });
+            }
+            Err(status) if Instant::now() + backoff < deadline => {
+                warn!(error = %status.message(), retry_in_ms = backoff.as_millis() as u64, "coordinator unreachable; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
+            Err(status) => {
+                anyhow::bail!("could not register with the coordinator within {timeout:?}: {}", status.message())
+            }
+        }
+    }
+}
+
+/// Heartbeats until `stop`; forwards new maps to the simulation; cancels
+/// `fenced` if the coordinator declared this server dead.
+#[allow(clippy::too_many_arguments)]
+pub async fn heartbeat_loop(
+    mut client: MeshCoordinatorClient<Channel>,
+    me: ServerId,
+    every: Duration,
+    load: Arc<LoadShared>,
+    sim: mpsc::Sender<SimIn>,
+    maps: watch::Sender<Arc<MapView>>,
+    metrics: Metrics,
+    stop: CancellationToken,
+    fenced: CancellationToken,
+) {
+    let mut ticker = tokio::time::interval(every);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut known = maps.borrow().version;
+    let mut cpu = CpuSampler::default();
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = stop.cancelled() => return,
+        }
+        let req = mpb::HeartbeatRequest {
+            server_id: me.0,
+            load: Some(mpb::Load {
+                players: load.players.load(Ordering::Relaxed),
+                entities: load.entities.load(Ordering::Relaxed),
+                cpu: cpu.sample(),
+                tick_p99_ms: load.tick_p99_us.load(Ordering::Relaxed) as f32 / 1000.0,
+                ticks_overrun: load.ticks_overrun.load(Ordering::Relaxed),
+            }),
+            known_map_version: known,
+        };
+        match client.heartbeat(req).await {
+            Ok(r) => {
+                let r = r.into_inner();
+                if r.fenced {
+                    error!(server = %me, "the coordinator declared this server dead; stopping");
+                    fenced.cancel();
+                    return;
+                }
+                if let Some(m) = r.map {
+                    let (view, bad) = map_from_pb(&m);
+                    if bad > 0 {
+                        metrics.peer_refused.with_label_values(&["bad_region_key"]).inc_by(bad as u64);
+                    }
+                    known = view.version;
+                    let view = Arc::new(view);
+                    maps.send_replace(view.clone());
+                    if sim.send(SimIn::Map(view)).await.is_err() {
+                        return;
+                    }
+                }
+            }
+            Err(status) if status.code() == tonic::Code::NotFound => {
+                error!(server = %me, "the coordinator does not know this server; stopping");
+                fenced.cancel();
+                return;
+            }
+            Err(status) => warn!(error = %status.message(), "heartbeat failed"),
+        }
+    }
+}
+
+/// Process CPU time since the last sample, as a fraction of one core.
+#[derive(Debug, Default)]
+struct CpuSampler {
+    last: Option<(Instant, f64)>,
+}
+
+impl CpuSampler {
+    fn sample(&mut self) -> f32 {
+        let Some(cpu_s) = process_cpu_seconds() else { return 0.0 };
+        let now = Instant::now();
+        let frac = match self.last {
+            Some((t, c)) if now > t => ((cpu_s - c) / now.duration_since(t).as_secs_f64()).max(0.0),
+            _ => 0.0,
+        };
+        self.last = Some((now, cpu_s));
+        frac as f32
+    }
+}
+
+/// User + system CPU seconds of this process, from /proc (Linux only).
+fn process_cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    let after = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime) / 100.0)
+}
+
+/// Carries out what the simulation asks of the control plane.
+#[derive(Debug, Clone)]
+pub struct TransferExecutor {
+    pub me: ServerId,
+    pub coordinator: MeshCoordinatorClient<Channel>,
+    pub sim: mpsc::Sender<SimIn>,
+    pub maps: watch::Receiver<Arc<MapView>>,
+    pub metrics: Metrics,
+    peers: Arc<Mutex<HashMap<ServerId, (String, GameServerPeerClient<Channel>)>>>,
+}
+
+impl TransferExecutor {
+    pub fn new(
+        me: ServerId,
+        coordinator: MeshCoordinatorClient<Channel>,
+        sim: mpsc::Sender<SimIn>,
+        maps: watch::Receiver<Arc<MapView>>,
+        metrics: Metrics,
+    ) -> Self {
+        Self { me, coordinator, sim, maps, metrics, peers: Arc::default() }
+    }
+
+    /// Runs until the simulation's outbox closes.
+    pub async fn run(self, mut rx: mpsc::Receiver<SimOut>) {
+        while let Some(out) = rx.recv().await {
+            let this = self.clone();
+            tokio::spawn(async move {
+                match out {
+                    SimOut::RequestTransfer { .. } => this.request(out).await,
+                    SimOut::Handoff(state) => this.hand_off(*state).await,
+                }
+            });
+        }
+    }
+
+    async fn request(self, out: SimOut) {
+        let SimOut::RequestTransfer { entity, from_region, from_region_epoch, entity_epoch, to_region, position, not_before_tick } = out
+        else {
+            return;
+        };
+        let req = mpb::TransferRequest {
+            entity_id: entity.0,
+            from_server: self.me.0,
+            from_region: Some(mesh_key_to_pb(&from_region)),
+            from_region_epoch: from_region_epoch.0,
+            entity_epoch: entity_epoch.0,
+            to_region: Some(mesh_key_to_pb(&to_region)),
+            position: Some(mpb::Vec3 { x: position.x, y: position.y, z: position.z }),
+            not_before_tick,
+        };
+        let msg = match self.coordinator.clone().request_transfer(req).await {
+            Ok(r) => {
+                let r = r.into_inner();
+                SimIn::TransferCommitted {
+                    entity,
+                    transfer: CommittedTransfer {
+                        id: r.transfer_id,
+                        to: ServerId(r.to_server),
+                        to_region,
+                        to_region_epoch: Epoch(r.to_region_epoch),
+                        entity_epoch: Epoch(r.entity_epoch),
+                        effective_tick: r.effective_tick,
+                    },
+                }
+            }
+            Err(status) => {
+                self.metrics.transfers.with_label_values(&["refused"]).inc();
+                SimIn::TransferRefused { entity, reason: status.message().to_owned() }
+            }
+        };
+        let _ = self.sim.send(msg).await;
+    }
+
+    async fn peer(&self, server: ServerId) -> anyhow::Result<GameServerPeerClient<Channel>> {
+        let addr = {
+            let map = self.maps.borrow();
+            map.servers.get(&server).map(|p| p.grpc.clone()).with_context(|| format!("server {server} is not on the map"))?
+        };
+        let mut peers = self.peers.lock().await;
+        if let Some((a, c)) = peers.get(&server) {
+            if *a == addr {
+                return Ok(c.clone());
+            }
+        }
+        let client = GameServerPeerClient::new(channel(&addr)?);
+        peers.insert(server, (addr, client.clone()));
+        Ok(client)
+    }
+
+    async fn hand_off(self, state: crate::sim::messages::HandoffState) {
+        let id = state.transfer_id;
+        let result = async {
+            let mut peer = self.peer(state.to).await?;
+            let r = peer.handoff(handoff_to_pb(&state)).await.map_err(|s| anyhow::anyhow!("{}", s.message()))?.into_inner();
+            anyhow::ensure!(r.accepted, "target refused: {}", r.reason);
+            Ok(())
+        }
+        .await;
+        let (delivered, error) = match &result {
+            Ok(()) => (true, String::new()),
+            Err(e) => (false, format!("{e:#}")),
+        };
+        if delivered {
+            self.metrics.transfers.with_label_values(&["delivered"]).inc();
+        } else {
+            self.metrics.transfers.with_label_values(&["failed"]).inc();
+            error!(transfer = id, entity = %state.entity, to = %state.to, %error, "handoff failed");
+        }
+        let req = mpb::CompleteTransferRequest { transfer_id: id, from_server: self.me.0, delivered, error };
+        if let Err(s) = self.coordinator.clone().complete_transfer(req).await {
+            warn!(transfer = id, error = %s.message(), "could not report the transfer's completion");
+        } else {
+            info!(transfer = id, delivered, "transfer completed");
+        }
+    }
+}

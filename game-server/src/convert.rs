@@ -1,0 +1,251 @@
+//! Conversions between `proto` wire types and domain types, at the gRPC edge.
+
+use std::collections::HashMap;
+
+use glam::DVec3;
+use proto::{mesh as mpb, peer as ppb};
+use shared::region::{MAX_LEVEL, RegionKey, RegionTree};
+use shared::wire::{InputFrame, Pose};
+use shared::{EntityId, Epoch, PlayerId, ServerId};
+
+use crate::sim::messages::{HandoffState, MapView, PeerInfo};
+
+/// A wire message that does not make sense. `reason()` is a metric label.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BadMessage {
+    #[error("field {0} is missing")]
+    Missing(&'static str),
+    #[error("region level {0} is deeper than {MAX_LEVEL}")]
+    Level(u32),
+    #[error("a number in {0} is NaN or infinite")]
+    NonFinite(&'static str),
+    #[error("{0} pending inputs is more than a handoff carries")]
+    TooManyInputs(usize),
+}
+
+impl BadMessage {
+    pub fn reason(&self) -> &'static str {
+        "bad_request"
+    }
+}
+
+fn key(level: u32, x: i32, y: i32, z: i32) -> Result<RegionKey, BadMessage> {
+    let level = u8::try_from(level).ok().filter(|l| *l <= MAX_LEVEL).ok_or(BadMessage::Level(level))?;
+    Ok(RegionKey::new(level, x, y, z))
+}
+
+pub fn mesh_key(k: Option<&mpb::RegionKey>) -> Result<RegionKey, BadMessage> {
+    let k = k.ok_or(BadMessage::Missing("region"))?;
+    key(k.level, k.x, k.y, k.z)
+}
+
+pub fn mesh_key_to_pb(k: &RegionKey) -> mpb::RegionKey {
+    mpb::RegionKey { level: u32::from(k.level), x: k.x, y: k.y, z: k.z }
+}
+
+fn peer_key(k: Option<&ppb::RegionKey>) -> Result<RegionKey, BadMessage> {
+    let k = k.ok_or(BadMessage::Missing("to_region"))?;
+    key(k.level, k.x, k.y, k.z)
+}
+
+/// The coordinator's map as the simulation uses it. Assignments with a bad
+/// key are skipped (and counted by the caller through the returned number).
+pub fn map_from_pb(m: &mpb::RegionMap) -> (MapView, usize) {
+    let mut owners = HashMap::new();
+    let mut bad = 0;
+    for a in &m.assignments {
+        match mesh_key(a.region.as_ref()) {
+            Ok(k) => {
+                let owner = (a.server_id != 0).then_some(ServerId(a.server_id));
+                owners.insert(k, (owner, Epoch(a.epoch)));
+            }
+            Err(_) => bad += 1,
+        }
+    }
+    let tree = tree_from_leaves(owners.keys().copied());
+    let servers = m
+        .servers
+        .iter()
+        .map(|s| {
+            let a = s.addresses.clone().unwrap_or_default();
+            (ServerId(s.server_id), PeerInfo { quic: a.quic, grpc: a.grpc, cert_sha256: s.cert_sha256.clone(), alive: s.alive })
+        })
+        .collect();
+    (MapView { version: m.version, tree, owners, servers }, bad)
+}
+
+/// The tree whose leaves are `leaves`: their roots, with every proper ancestor split.
+pub fn tree_from_leaves(leaves: impl IntoIterator<Item = RegionKey>) -> RegionTree {
+    let leaves: Vec<RegionKey> = leaves.into_iter().collect();
+    let mut tree = RegionTree::new(leaves.iter().map(|k| k.root_ancestor()));
+    let mut by_level = leaves;
+    by_level.sort_by_key(|k| k.level);
+    for leaf in by_level {
+        let mut chain = Vec::new();
+        let mut k = leaf;
+        while let Some(p) = k.parent() {
+            chain.push(p);
+            k = p;
+        }
+        for ancestor in chain.into_iter().rev() {
+            if tree.is_leaf(&ancestor) {
+                let _ = tree.split(ancestor);
+            }
+        }
+    }
+    tree
+}
+
+fn v3(v: DVec3) -> ppb::Vec3 {
+    ppb::Vec3 { x: v.x, y: v.y, z: v.z }
+}
+
+fn finite_v3(v: Option<&ppb::Vec3>, field: &'static str) -> Result<DVec3, BadMessage> {
+    let v = v.ok_or(BadMessage::Missing(field))?;
+    let d = DVec3::new(v.x, v.y, v.z);
+    if d.is_finite() { Ok(d) } else { Err(BadMessage::NonFinite(field)) }
+}
+
+fn pose_to_pb(p: &Pose) -> ppb::Pose {
+    ppb::Pose { px: p.pos[0], py: p.pos[1], pz: p.pos[2], rx: p.rot[0], ry: p.rot[1], rz: p.rot[2], rw: p.rot[3] }
+}
+
+fn pose_from_pb(p: Option<&ppb::Pose>) -> Pose {
+    p.map_or_else(Pose::default, |p| Pose { pos: [p.px, p.py, p.pz], rot: [p.rx, p.ry, p.rz, p.rw] })
+}
+
+pub fn input_to_pb(f: &InputFrame) -> ppb::InputFrame {
+    ppb::InputFrame {
+        seq: f.seq,
+        ack_tick: f.ack_tick,
+        head: Some(pose_to_pb(&f.head)),
+        left: Some(pose_to_pb(&f.left)),
+        right: Some(pose_to_pb(&f.right)),
+        locomotion_x: f.locomotion[0],
+        locomotion_y: f.locomotion[1],
+        turn: f.turn,
+        buttons: f.buttons,
+    }
+}
+
+pub fn input_from_pb(f: &ppb::InputFrame) -> Result<InputFrame, BadMessage> {
+    let frame = InputFrame {
+        seq: f.seq,
+        ack_tick: f.ack_tick,
+        head: pose_from_pb(f.head.as_ref()),
+        left: pose_from_pb(f.left.as_ref()),
+        right: pose_from_pb(f.right.as_ref()),
+        locomotion: [f.locomotion_x, f.locomotion_y],
+        turn: f.turn,
+        buttons: f.buttons,
+    };
+    let poses = [frame.head, frame.left, frame.right];
+    let finite = [frame.locomotion[0], frame.locomotion[1], frame.turn]
+        .into_iter()
+        .chain(poses.iter().flat_map(|p| p.pos.into_iter().chain(p.rot)))
+        .all(f32::is_finite);
+    if finite { Ok(frame) } else { Err(BadMessage::NonFinite("pending_inputs")) }
+}
+
+pub fn handoff_to_pb(h: &HandoffState) -> ppb::HandoffRequest {
+    ppb::HandoffRequest {
+        transfer_id: h.transfer_id,
+        from_server: h.from.0,
+        to_server: h.to.0,
+        entity_epoch: h.entity_epoch.0,
+        to_region: Some(ppb::RegionKey { level: u32::from(h.to_region.level), x: h.to_region.x, y: h.to_region.y, z: h.to_region.z }),
+        to_region_epoch: h.to_region_epoch.0,
+        effective_tick: h.effective_tick,
+        state: Some(ppb::EntityState {
+            id: h.entity.0,
+            kind: if h.player.is_some() { ppb::EntityKind::Player } else { ppb::EntityKind::Prop } as i32,
+            position: Some(v3(h.pos)),
+            yaw: h.yaw,
+            velocity: Some(v3(h.vel.as_dvec3())),
+            tick: h.effective_tick,
+        }),
+        player_id: h.player.map_or(0, |p| p.0),
+        last_applied_input_seq: h.last_applied_input,
+        pending_inputs: h.pending_inputs.iter().map(input_to_pb).collect(),
+    }
+}
+
+/// Most pending inputs a handoff may carry (the sender's buffer is smaller).
+pub const MAX_HANDOFF_INPUTS: usize = 1024;
+
+pub fn handoff_from_pb(r: &ppb::HandoffRequest) -> Result<HandoffState, BadMessage> {
+    let s = r.state.as_ref().ok_or(BadMessage::Missing("state"))?;
+    if r.pending_inputs.len() > MAX_HANDOFF_INPUTS {
+        return Err(BadMessage::TooManyInputs(r.pending_inputs.len()));
+    }
+    let yaw = if s.yaw.is_finite() { s.yaw } else { return Err(BadMessage::NonFinite("state.yaw")) };
+    let is_player = s.kind == ppb::EntityKind::Player as i32;
+    Ok(HandoffState {
+        transfer_id: r.transfer_id,
+        from: ServerId(r.from_server),
+        to: ServerId(r.to_server),
+        entity: EntityId(s.id),
+        entity_epoch: Epoch(r.entity_epoch),
+        to_region: peer_key(r.to_region.as_ref())?,
+        to_region_epoch: Epoch(r.to_region_epoch),
+        effective_tick: r.effective_tick,
+        pos: finite_v3(s.position.as_ref(), "state.position")?,
+        yaw,
+        vel: finite_v3(s.velocity.as_ref(), "state.velocity")?.as_vec3(),
+        player: is_player.then_some(PlayerId(r.player_id)),
+        last_applied_input: r.last_applied_input_seq,
+        pending_inputs: r.pending_inputs.iter().map(input_from_pb).collect::<Result<_, _>>()?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use glam::Vec3;
+
+    fn state() -> HandoffState {
+        HandoffState {
+            transfer_id: 9,
+            from: ServerId(1),
+            to: ServerId(2),
+            entity: EntityId(42),
+            entity_epoch: Epoch(3),
+            to_region: RegionKey::new(1, 2, 0, 1),
+            to_region_epoch: Epoch(7),
+            effective_tick: 1000,
+            pos: DVec3::new(2010.5, 10.0, -3.25),
+            yaw: 1.5,
+            vel: Vec3::new(6.0, 0.0, 0.0),
+            player: Some(PlayerId(42)),
+            last_applied_input: 77,
+            pending_inputs: vec![InputFrame { seq: 78, locomotion: [1.0, 0.0], ..Default::default() }],
+        }
+    }
+
+    #[test]
+    fn handoff_round_trips() {
+        let s = state();
+        assert_eq!(handoff_from_pb(&handoff_to_pb(&s)), Ok(s));
+    }
+
+    #[test]
+    fn malformed_handoffs_are_refused() {
+        let mut r = handoff_to_pb(&state());
+        r.state.as_mut().unwrap().position.as_mut().unwrap().x = f64::NAN;
+        assert_eq!(handoff_from_pb(&r), Err(BadMessage::NonFinite("state.position")));
+        let mut r = handoff_to_pb(&state());
+        r.to_region.as_mut().unwrap().level = 7;
+        assert_eq!(handoff_from_pb(&r), Err(BadMessage::Level(7)));
+        let mut r = handoff_to_pb(&state());
+        r.state = None;
+        assert_eq!(handoff_from_pb(&r), Err(BadMessage::Missing("state")));
+    }
+
+    #[test]
+    fn trees_rebuild_from_their_leaves() {
+        let mut t = RegionTree::grid(glam::IVec3::ZERO, 2, 1, 1);
+        let kids = t.split(RegionKey::root(1, 0, 0)).unwrap();
+        t.split(kids[3]).unwrap();
+        assert_eq!(tree_from_leaves(t.leaves()), t);
+    }
+}

@@ -1,0 +1,122 @@
+//! HTTP on 8080 (`/health`, `/ready`, `/v1/status`), metrics on 8081, and the
+//! query port 7778.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use shared::{ServerId, TickClock};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::Metrics;
+use crate::sim::components::LoadShared;
+use crate::sim::messages::MapView;
+
+/// What the local endpoints report.
+#[derive(Debug, Clone)]
+pub struct LocalState {
+    pub name: String,
+    pub server: ServerId,
+    pub clock: TickClock,
+    pub capacity: u32,
+    pub load: Arc<LoadShared>,
+    pub maps: watch::Receiver<Arc<MapView>>,
+}
+
+/// The status document of `/v1/status` and of the query port.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Status {
+    pub name: String,
+    pub server_id: u32,
+    pub version: String,
+    pub players: u32,
+    pub capacity: u32,
+    pub entities: u32,
+    pub tick: u64,
+    pub regions: Vec<String>,
+}
+
+impl LocalState {
+    pub fn status(&self) -> Status {
+        let map = self.maps.borrow();
+        let mut regions: Vec<String> = map
+            .owners
+            .iter()
+            .filter(|(_, (o, _))| *o == Some(self.server))
+            .map(|(k, _)| k.to_string())
+            .collect();
+        regions.sort();
+        Status {
+            name: self.name.clone(),
+            server_id: self.server.0,
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            players: self.load.players.load(Ordering::Relaxed),
+            capacity: self.capacity,
+            entities: self.load.entities.load(Ordering::Relaxed),
+            tick: self.load.tick.load(Ordering::Relaxed),
+            regions,
+        }
+    }
+
+    /// Ready: the tick thread has run a tick within the last second.
+    pub fn ready(&self) -> bool {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+        let current = self.clock.tick_at(now);
+        let last = self.load.tick.load(Ordering::Relaxed);
+        last > 0 && current.saturating_sub(last) <= u64::from(self.clock.hz)
+    }
+}
+
+pub fn router(state: LocalState) -> Router {
+    Router::new()
+        .route("/health", get(|| async { "ok\n" }))
+        .route("/ready", get(ready))
+        .route("/v1/status", get(|State(s): State<LocalState>| async move { Json(s.status()) }))
+        .with_state(state)
+}
+
+async fn ready(State(s): State<LocalState>) -> Response {
+    if s.ready() {
+        "ready\n".into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "tick thread not running\n").into_response()
+    }
+}
+
+pub fn metrics_router(metrics: Metrics) -> Router {
+    Router::new().route(
+        "/metrics",
+        get(move || {
+            let m = metrics.clone();
+            async move { ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], m.render()) }
+        }),
+    )
+}
+
+/// The query port: each TCP connection receives one line of JSON (the
+/// [`Status`] document) and is closed.
+pub async fn serve_query(listener: TcpListener, state: LocalState, stop: CancellationToken) {
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let Ok((mut sock, _)) = accepted else { continue };
+                let state = state.clone();
+                tokio::spawn(async move {
+                    let mut line = serde_json::to_vec(&state.status()).unwrap_or_default();
+                    line.push(b'\n');
+                    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), sock.write_all(&line)).await;
+                    let _ = sock.shutdown().await;
+                });
+            }
+            _ = stop.cancelled() => return,
+        }
+    }
+}

@@ -1,0 +1,220 @@
+//! A game-server pod: the 90 Hz simulation of the regions the coordinator
+//! gives it, and the QUIC endpoint of its players.
+//!
+//! Threads: the tick thread ([`sim`]) owns the ECS world; a tokio runtime runs
+//! the player endpoint ([`net`]), the control plane ([`control`]), the peer
+//! gRPC service ([`peer`]) and the HTTP endpoints ([`http`]). Bounded
+//! channels join them; the tick thread never waits on them.
+
+pub mod config;
+pub mod control;
+pub mod convert;
+pub mod http;
+pub mod metrics;
+pub mod net;
+pub mod peer;
+pub mod sim;
+pub mod tls;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use anyhow::Context;
+use proto::mesh as mpb;
+use proto::mesh::mesh_coordinator_client::MeshCoordinatorClient;
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+pub use config::Config;
+
+/// The addresses a running game server listens on.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BoundPorts {
+    pub server_id: u32,
+    pub quic: SocketAddr,
+    pub query: SocketAddr,
+    pub http: SocketAddr,
+    pub metrics: SocketAddr,
+    pub grpc: SocketAddr,
+    pub cert_sha256: String,
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    /// Asked to stop.
+    Shutdown,
+    /// The coordinator fenced this server: its regions belong to others now.
+    Fenced,
+}
+
+/// Runs a game server until `shutdown` resolves or the coordinator fences it.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<Exit> {
+    config.validate()?;
+    let metrics = metrics::Metrics::new();
+
+    let identity = match (&config.tls_cert, &config.tls_key) {
+        (Some(c), Some(k)) => tls::from_files(c, k)?,
+        _ => {
+            let mut names = vec!["localhost".to_owned(), "127.0.0.1".to_owned()];
+            names.extend(config.advertise_host.clone());
+            tls::self_signed(names)?
+        }
+    };
+    let endpoint = quinn::Endpoint::server(tls::server_config(&identity)?, config.quic_addr)
+        .with_context(|| format!("binding QUIC on {}", config.quic_addr))?;
+    let bind = |addr: SocketAddr, what: &'static str| async move {
+        TcpListener::bind(addr).await.with_context(|| format!("binding {what} on {addr}"))
+    };
+    let query = bind(config.query_addr, "the query port").await?;
+    let http = bind(config.http_addr, "HTTP").await?;
+    let metrics_l = bind(config.metrics_addr, "metrics").await?;
+    let grpc = bind(config.grpc_addr, "gRPC").await?;
+    let quic_addr = endpoint.local_addr()?;
+    let addresses = mpb::ServerAddresses {
+        quic: config.advertised(quic_addr),
+        grpc: config.advertised(grpc.local_addr()?),
+        http: config.advertised(http.local_addr()?),
+        metrics: config.advertised(metrics_l.local_addr()?),
+        query: config.advertised(query.local_addr()?),
+    };
+
+    let mut coordinator = MeshCoordinatorClient::new(control::channel(&config.coordinator)?);
+    let reg = control::register(
+        &mut coordinator,
+        mpb::RegisterRequest {
+            name: config.name.clone(),
+            addresses: Some(addresses.clone()),
+            capacity_players: config.capacity,
+            cert_sha256: identity.sha256.clone(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+        },
+        std::time::Duration::from_secs(config.register_timeout_s),
+    )
+    .await?;
+    info!(server = %reg.server, quic = %addresses.quic, grpc = %addresses.grpc, "registered with the coordinator");
+
+    let (sim_tx, sim_rx) = mpsc::channel(65_536);
+    let (out_tx, out_rx) = mpsc::channel(4_096);
+    let (maps_tx, maps_rx) = watch::channel(reg.map.clone());
+    let load = Arc::new(sim::components::LoadShared::default());
+    let authority_log = config.authority_log.as_deref().map(sim::authority_log_writer).transpose()?;
+    let sim_stop = Arc::new(AtomicBool::new(false));
+    let sim_thread = sim::spawn(
+        sim::SimParts {
+            config: sim::components::SimConfig {
+                server: reg.server,
+                clock: reg.clock,
+                handoff_margin_m: config.handoff_margin_m,
+                overlap_m: config.overlap_m,
+                walk_speed: config.walk_speed,
+                view_radius_m: 500.0,
+            },
+            inbox: sim_rx,
+            outbox: out_tx,
+            metrics: metrics.clone(),
+            load: load.clone(),
+            map: reg.map.clone(),
+            authority_log,
+        },
+        sim_stop.clone(),
+    )?;
+
+    let stop = CancellationToken::new();
+    let fenced = CancellationToken::new();
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(net::serve(endpoint, net::NetContext::new(sim_tx.clone(), config.dev_token.clone(), metrics.clone()), stop.clone()));
+    tasks.spawn(control::heartbeat_loop(
+        coordinator.clone(),
+        reg.server,
+        reg.heartbeat_every,
+        load.clone(),
+        sim_tx.clone(),
+        maps_tx,
+        metrics.clone(),
+        stop.clone(),
+        fenced.clone(),
+    ));
+    tasks.spawn(control::TransferExecutor::new(reg.server, coordinator, sim_tx.clone(), maps_rx.clone(), metrics.clone()).run(out_rx));
+    let local = http::LocalState {
+        name: config.name.clone(),
+        server: reg.server,
+        clock: reg.clock,
+        capacity: config.capacity,
+        load,
+        maps: maps_rx,
+    };
+    tasks.spawn(http::serve_query(query, local.clone(), stop.clone()));
+    {
+        let stop = stop.clone();
+        let app = http::router(local);
+        tasks.spawn(async move {
+            let _ = axum::serve(http, app).with_graceful_shutdown(stop.cancelled_owned()).await;
+        });
+    }
+    {
+        let stop = stop.clone();
+        let app = http::metrics_router(metrics.clone());
+        tasks.spawn(async move {
+            let _ = axum::serve(metrics_l, app).with_graceful_shutdown(stop.cancelled_owned()).await;
+        });
+    }
+    {
+        let stop = stop.clone();
+        let svc = proto::peer::game_server_peer_server::GameServerPeerServer::new(peer::PeerService::new(sim_tx, metrics.clone()));
+        tasks.spawn(async move {
+            let _ = tonic::transport::Server::builder()
+                .add_service(svc)
+                .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), stop.cancelled_owned())
+                .await;
+        });
+    }
+
+    let ports = BoundPorts {
+        server_id: reg.server.0,
+        quic: quic_addr,
+        query: addr_of(&addresses.query)?,
+        http: addr_of(&addresses.http)?,
+        metrics: addr_of(&addresses.metrics)?,
+        grpc: addr_of(&addresses.grpc)?,
+        cert_sha256: identity.sha256,
+    };
+    if let Some(path) = &config.ports_file {
+        write_json_atomically(path, &ports)?;
+    }
+    info!(server = %reg.server, http = %ports.http, metrics = %ports.metrics, query = %ports.query, "game server running");
+
+    let exit = tokio::select! {
+        _ = shutdown => Exit::Shutdown,
+        _ = fenced.cancelled() => Exit::Fenced,
+    };
+    info!(?exit, "stopping");
+    stop.cancel();
+    sim_stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), async { while tasks.join_next().await.is_some() {} }).await;
+    tasks.abort_all();
+    tokio::task::spawn_blocking(move || sim_thread.join()).await.ok();
+    info!("game server stopped");
+    Ok(exit)
+}
+
+fn addr_of(s: &str) -> anyhow::Result<SocketAddr> {
+    s.parse().or_else(|_| {
+        // Advertised under a host name: report the port on loopback.
+        let port = s.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok()).context("address without a port")?;
+        Ok(SocketAddr::from(([127, 0, 0, 1], port)))
+    })
+}
+
+/// Writes `value` as JSON to `path` atomically (temporary file, then rename).
+pub fn write_json_atomically(path: &std::path::Path, value: &impl Serialize) -> anyhow::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(value)?).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
+    Ok(())
+}

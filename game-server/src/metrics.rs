@@ -1,0 +1,106 @@
+//! The game server's Prometheus metrics (port 8081), on a registry of its own.
+//!
+//! Label values of the `*_dropped_total` / `*_refused_total` families are
+//! stable short names (`DecodeError::reason`, …): dashboards and alerts key on
+//! them.
+
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    pub registry: Registry,
+    pub tick_duration: Histogram,
+    pub ticks: IntCounter,
+    pub ticks_overrun: IntCounter,
+    pub ticks_skipped: IntCounter,
+    pub active_players: IntGauge,
+    pub entities: IntGauge,
+    pub connections: IntGauge,
+    pub connections_refused: IntCounterVec,
+    pub datagrams_dropped: IntCounterVec,
+    pub peer_refused: IntCounterVec,
+    pub bytes_sent: IntCounter,
+    pub bytes_received: IntCounter,
+    pub snapshots_sent: IntCounter,
+    pub inputs_applied: IntCounter,
+    pub transfers: IntCounterVec,
+    pub handoff_late_ticks: Histogram,
+}
+
+fn counter_vec(name: &str, help: &str, label: &str) -> IntCounterVec {
+    IntCounterVec::new(Opts::new(name, help), &[label]).expect("static metric definition")
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let m = Self {
+            tick_duration: Histogram::with_opts(
+                HistogramOpts::new("server_tick_duration_seconds", "Time to run one simulation tick")
+                    .buckets(vec![0.0005, 0.001, 0.002, 0.004, 0.006, 0.008, 0.010, 0.0111, 0.015, 0.025, 0.05, 0.1]),
+            )
+            .expect("static metric definition"),
+            ticks: IntCounter::new("server_ticks_total", "Simulation ticks run").expect("static metric definition"),
+            ticks_overrun: IntCounter::new("server_ticks_overrun_total", "Ticks that did not finish within their 1/90 s slot")
+                .expect("static metric definition"),
+            ticks_skipped: IntCounter::new("server_ticks_skipped_total", "Grid ticks skipped after an overrun (never caught up in a burst)")
+                .expect("static metric definition"),
+            active_players: IntGauge::new("active_players", "Players this server is authoritative for").expect("static metric definition"),
+            entities: IntGauge::new("server_entities", "Entities this server is authoritative for").expect("static metric definition"),
+            connections: IntGauge::new("player_connections", "Open player QUIC connections").expect("static metric definition"),
+            connections_refused: counter_vec("player_connections_refused_total", "Player connections refused, by reason", "reason"),
+            datagrams_dropped: counter_vec("packets_dropped_total", "Player datagrams dropped, by reason", "reason"),
+            peer_refused: counter_vec("peer_requests_refused_total", "Server-to-server requests refused, by reason", "reason"),
+            bytes_sent: IntCounter::new("bytes_sent_total", "Datagram payload bytes sent to players").expect("static metric definition"),
+            bytes_received: IntCounter::new("bytes_received_total", "Datagram payload bytes received from players")
+                .expect("static metric definition"),
+            snapshots_sent: IntCounter::new("snapshots_sent_total", "Snapshot datagrams sent").expect("static metric definition"),
+            inputs_applied: IntCounter::new("inputs_applied_total", "Player input frames applied").expect("static metric definition"),
+            transfers: counter_vec("authority_transfers_total", "Authority transfers by direction and result", "kind"),
+            handoff_late_ticks: Histogram::with_opts(
+                HistogramOpts::new("handoff_late_ticks", "Ticks a handed-off entity arrived after its effective tick (0 = in time)")
+                    .buckets(vec![0.0, 1.0, 2.0, 4.0, 9.0, 18.0, 45.0, 90.0]),
+            )
+            .expect("static metric definition"),
+            registry,
+        };
+        let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
+            Box::new(m.tick_duration.clone()),
+            Box::new(m.ticks.clone()),
+            Box::new(m.ticks_overrun.clone()),
+            Box::new(m.ticks_skipped.clone()),
+            Box::new(m.active_players.clone()),
+            Box::new(m.entities.clone()),
+            Box::new(m.connections.clone()),
+            Box::new(m.connections_refused.clone()),
+            Box::new(m.datagrams_dropped.clone()),
+            Box::new(m.peer_refused.clone()),
+            Box::new(m.bytes_sent.clone()),
+            Box::new(m.bytes_received.clone()),
+            Box::new(m.snapshots_sent.clone()),
+            Box::new(m.inputs_applied.clone()),
+            Box::new(m.transfers.clone()),
+            Box::new(m.handoff_late_ticks.clone()),
+        ];
+        for c in collectors {
+            m.registry.register(c).expect("metric names are unique");
+        }
+        #[cfg(target_os = "linux")]
+        {
+            let _ = m.registry.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()));
+        }
+        m
+    }
+
+    pub fn render(&self) -> String {
+        prometheus::TextEncoder::new()
+            .encode_to_string(&self.registry.gather())
+            .unwrap_or_else(|e| format!("# encoding failed: {e}\n"))
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

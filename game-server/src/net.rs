@@ -1,0 +1,260 @@
+//! The player endpoint: QUIC (quinn) on UDP 7777.
+//!
+//! One task per connection reads the client's hello on the control stream,
+//! then forwards input datagrams to the tick thread and writes what the tick
+//! thread sends back. Malformed input is dropped and counted, never fatal.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use shared::wire::{
+    ClientControl, Datagram, DecodeError, PROTOCOL_VERSION, ServerControl, decode_frame, encode_frame, frame_len,
+};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::metrics::Metrics;
+use crate::sim::messages::{Outbound, SimIn};
+
+/// QUIC application close codes the server uses.
+pub mod close {
+    pub const NORMAL: u32 = 0;
+    pub const REFUSED: u32 = 1;
+    pub const PROTOCOL: u32 = 2;
+    pub const SHUTDOWN: u32 = 3;
+}
+
+/// Frames a client may wait before sending its hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+/// Outbound queue per connection; a full queue drops (and counts) datagrams.
+const OUTBOUND_QUEUE: usize = 256;
+
+#[derive(Debug, Clone)]
+pub struct NetContext {
+    pub sim: mpsc::Sender<SimIn>,
+    pub dev_token: String,
+    pub metrics: Metrics,
+    next_conn: Arc<AtomicU64>,
+}
+
+impl NetContext {
+    pub fn new(sim: mpsc::Sender<SimIn>, dev_token: String, metrics: Metrics) -> Self {
+        Self { sim, dev_token, metrics, next_conn: Arc::new(AtomicU64::new(1)) }
+    }
+}
+
+/// Accepts players until `stop` is cancelled, then closes every connection.
+pub async fn serve(endpoint: quinn::Endpoint, ctx: NetContext, stop: CancellationToken) {
+    loop {
+        tokio::select! {
+            incoming = endpoint.accept() => {
+                let Some(incoming) = incoming else { break };
+                tokio::spawn(handle(incoming, ctx.clone(), stop.clone()));
+            }
+            _ = stop.cancelled() => break,
+        }
+    }
+    endpoint.close(close::SHUTDOWN.into(), b"server shutting down");
+    let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+}
+
+/// Stable label for a failed handshake.
+fn handshake_reason(e: &quinn::ConnectionError) -> &'static str {
+    match e {
+        quinn::ConnectionError::TransportError(t) if t.code == quinn::TransportErrorCode::crypto(120) => "alpn",
+        quinn::ConnectionError::TransportError(t) if format!("{t}").contains("protocol") => "alpn",
+        quinn::ConnectionError::TransportError(_) => "tls",
+        quinn::ConnectionError::TimedOut => "handshake_timeout",
+        quinn::ConnectionError::VersionMismatch => "quic_version",
+        _ => "handshake_failed",
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum HelloError {
+    #[error("no hello within {HELLO_TIMEOUT:?}")]
+    Timeout,
+    #[error("control stream: {0}")]
+    Stream(String),
+    #[error("{0}")]
+    Decode(DecodeError),
+}
+
+async fn read_frame<T: for<'de> serde::Deserialize<'de>>(recv: &mut quinn::RecvStream) -> Result<T, HelloError> {
+    let mut prefix = [0u8; 4];
+    recv.read_exact(&mut prefix).await.map_err(|e| HelloError::Stream(e.to_string()))?;
+    let n = frame_len(prefix).map_err(HelloError::Decode)?;
+    let mut body = vec![0u8; n];
+    recv.read_exact(&mut body).await.map_err(|e| HelloError::Stream(e.to_string()))?;
+    decode_frame(&body).map_err(HelloError::Decode)
+}
+
+async fn write_control(send: &mut quinn::SendStream, msg: &ServerControl) -> bool {
+    match encode_frame(msg) {
+        Ok(bytes) => send.write_all(&bytes).await.is_ok(),
+        Err(_) => false,
+    }
+}
+
+async fn handle(incoming: quinn::Incoming, ctx: NetContext, stop: CancellationToken) {
+    let m = &ctx.metrics;
+    let remote = incoming.remote_address();
+    let conn = match incoming.await {
+        Ok(c) => c,
+        Err(e) => {
+            let reason = handshake_reason(&e);
+            m.connections_refused.with_label_values(&[reason]).inc();
+            debug!(%remote, %reason, error = %e, "handshake failed");
+            return;
+        }
+    };
+    let (mut send, mut recv) = match tokio::time::timeout(HELLO_TIMEOUT, conn.accept_bi()).await {
+        Ok(Ok(s)) => s,
+        _ => {
+            m.connections_refused.with_label_values(&["no_hello"]).inc();
+            conn.close(close::PROTOCOL.into(), b"no control stream");
+            return;
+        }
+    };
+    let hello = match tokio::time::timeout(HELLO_TIMEOUT, read_frame::<ClientControl>(&mut recv)).await {
+        Ok(r) => r,
+        Err(_) => Err(HelloError::Timeout),
+    };
+    let refuse = |reason: &'static str, detail: String| {
+        m.connections_refused.with_label_values(&[reason]).inc();
+        debug!(%remote, %reason, %detail, "player connection refused");
+        ServerControl::Refused { reason: format!("{reason}: {detail}") }
+    };
+    let (player, name, role, spawn) = match hello {
+        Ok(ClientControl::Hello { version, ticket, player, name, role, spawn }) => {
+            let refusal = if version != PROTOCOL_VERSION {
+                Some(refuse("bad_version", format!("server speaks {PROTOCOL_VERSION}, client {version}")))
+            } else if ticket != ctx.dev_token {
+                Some(refuse("bad_ticket", "the ticket is not valid".into()))
+            } else if name.len() > 64 {
+                Some(refuse("bad_hello", "name longer than 64 bytes".into()))
+            } else if spawn.is_some_and(|p| !p.is_finite()) {
+                Some(refuse("bad_hello", "spawn point is not finite".into()))
+            } else {
+                None
+            };
+            if let Some(r) = refusal {
+                let _ = write_control(&mut send, &r).await;
+                let _ = send.finish();
+                conn.close(close::REFUSED.into(), b"refused");
+                return;
+            }
+            (player, name, role, spawn)
+        }
+        Ok(ClientControl::Bye) => {
+            conn.close(close::NORMAL.into(), b"bye");
+            return;
+        }
+        Err(e) => {
+            let reason = match &e {
+                HelloError::Decode(d) => d.reason(),
+                HelloError::Timeout => "no_hello",
+                HelloError::Stream(_) => "no_hello",
+            };
+            let r = refuse(reason, e.to_string());
+            let _ = write_control(&mut send, &r).await;
+            conn.close(close::PROTOCOL.into(), b"bad hello");
+            return;
+        }
+    };
+
+    let id = ctx.next_conn.fetch_add(1, Ordering::Relaxed);
+    let (tx, mut rx) = mpsc::channel::<Outbound>(OUTBOUND_QUEUE);
+    let joined = SimIn::Joined { conn: id, player, name, role, spawn, tx };
+    if ctx.sim.send_timeout(joined, Duration::from_secs(1)).await.is_err() {
+        let r = refuse("server_busy", "the simulation is not accepting players".into());
+        let _ = write_control(&mut send, &r).await;
+        conn.close(close::REFUSED.into(), b"busy");
+        return;
+    }
+    info!(%remote, conn = id, %player, ?role, "player connected");
+
+    // Writer: what the tick thread sends this connection.
+    let writer = {
+        let conn = conn.clone();
+        let metrics = ctx.metrics.clone();
+        tokio::spawn(async move {
+            while let Some(out) = rx.recv().await {
+                match out {
+                    Outbound::Datagram(b) => {
+                        if let Err(e) = conn.send_datagram(b) {
+                            let reason = match e {
+                                quinn::SendDatagramError::TooLarge => "too_large",
+                                quinn::SendDatagramError::ConnectionLost(_) => break,
+                                _ => "send_failed",
+                            };
+                            metrics.datagrams_dropped.with_label_values(&[reason]).inc();
+                        }
+                    }
+                    Outbound::Control(msg) => {
+                        let refused = matches!(msg, ServerControl::Refused { .. });
+                        if !write_control(&mut send, &msg).await {
+                            break;
+                        }
+                        if refused {
+                            let _ = send.finish();
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                            conn.close(close::REFUSED.into(), b"refused");
+                            break;
+                        }
+                    }
+                }
+            }
+        })
+    };
+
+    // Reader: datagrams and control frames from the client.
+    let reason = loop {
+        tokio::select! {
+            d = conn.read_datagram() => match d {
+                Ok(bytes) => on_datagram(&ctx, id, bytes),
+                Err(e) => break format!("{e}"),
+            },
+            f = read_frame::<ClientControl>(&mut recv) => match f {
+                Ok(ClientControl::Bye) => {
+                    conn.close(close::NORMAL.into(), b"bye");
+                    break "bye".to_owned();
+                }
+                Ok(ClientControl::Hello { .. }) => {
+                    m.datagrams_dropped.with_label_values(&["duplicate_hello"]).inc();
+                }
+                Err(HelloError::Decode(e)) => {
+                    m.datagrams_dropped.with_label_values(&[e.reason()]).inc();
+                    conn.close(close::PROTOCOL.into(), b"bad control frame");
+                    break format!("bad control frame: {e}");
+                }
+                Err(e) => break e.to_string(),
+            },
+            _ = stop.cancelled() => {
+                conn.close(close::SHUTDOWN.into(), b"server shutting down");
+                break "shutdown".to_owned();
+            }
+        }
+    };
+    writer.abort();
+    if ctx.sim.send_timeout(SimIn::Left { conn: id }, Duration::from_secs(5)).await.is_err() {
+        warn!(conn = id, "could not tell the simulation a player left");
+    }
+    info!(%remote, conn = id, %player, %reason, "player disconnected");
+}
+
+fn on_datagram(ctx: &NetContext, conn: u64, bytes: Bytes) {
+    ctx.metrics.bytes_received.inc_by(bytes.len() as u64);
+    match Datagram::decode_input(&bytes) {
+        Ok(frame) => {
+            if ctx.sim.try_send(SimIn::Input { conn, frame }).is_err() {
+                ctx.metrics.datagrams_dropped.with_label_values(&["sim_busy"]).inc();
+            }
+        }
+        Err(e) => ctx.metrics.datagrams_dropped.with_label_values(&[e.reason()]).inc(),
+    }
+}
+

@@ -1,0 +1,190 @@
+//! Components and resources of the simulation world.
+
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::sync::Arc;
+
+use bevy_ecs::prelude::*;
+use glam::{DVec3, Vec3};
+use shared::region::RegionKey;
+use shared::wire::{InputFrame, JoinRole};
+use shared::{EntityId, Epoch, PlayerId, ServerId, Tick, TickClock};
+use tokio::sync::mpsc;
+
+use super::messages::{CommittedTransfer, ConnId, HandoffState, MapView, Outbound, SimIn, SimOut};
+use crate::metrics::Metrics;
+
+/// Inputs kept per player beyond the newest applied: enough for a second of
+/// client-side jitter and for a handoff to carry what was not applied yet.
+pub const INPUT_BUFFER: usize = 128;
+
+/// The mesh-wide identity of an entity.
+#[derive(Component, Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NetId(pub EntityId);
+
+/// Kinematic state of a body, world metres.
+#[derive(Component, Debug, Clone, Copy, PartialEq)]
+pub struct Body {
+    pub pos: DVec3,
+    pub yaw: f32,
+    pub vel: Vec3,
+}
+
+/// A player's avatar, and what the server knows of the player's input.
+#[derive(Component, Debug, Clone, Default)]
+pub struct Avatar {
+    pub player: PlayerId,
+    pub name: String,
+    /// The connection snapshots go to, once the client is attached here.
+    pub conn: Option<ConnId>,
+    /// Newest input sequence applied (0: none).
+    pub last_applied: u32,
+    /// Received, not yet applied, in sequence order.
+    pub pending: VecDeque<InputFrame>,
+    pub locomotion: [f32; 2],
+    pub turn: f32,
+    /// Neighbours the client was told to pre-connect to.
+    pub preconnected: BTreeSet<ServerId>,
+    /// Ticks to simulate at once to catch up after a late handoff.
+    pub catch_up: u64,
+}
+
+/// This server is authoritative for the entity, through `region`.
+#[derive(Component, Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Authority {
+    pub region: RegionKey,
+    pub region_epoch: Epoch,
+    pub entity_epoch: Epoch,
+    pub since: Tick,
+}
+
+/// A transfer of the entity to another server, in progress.
+#[derive(Component, Debug, Clone, PartialEq)]
+pub enum Transfer {
+    /// Asked the coordinator at this tick.
+    Requested { at: Tick },
+    Committed(CommittedTransfer),
+    /// Refused; do not ask again before this tick.
+    Backoff { until: Tick },
+}
+
+/// Static facts and knobs of this server's simulation.
+#[derive(Resource, Debug, Clone)]
+pub struct SimConfig {
+    pub server: ServerId,
+    pub clock: TickClock,
+    pub handoff_margin_m: f64,
+    pub overlap_m: f64,
+    pub walk_speed: f32,
+    /// Entities farther than this from a player are left out of its snapshots.
+    pub view_radius_m: f64,
+}
+
+/// The tick being simulated.
+#[derive(Resource, Debug, Clone, Copy, Default)]
+pub struct TickState {
+    pub tick: Tick,
+    /// Seconds this tick advances (more than 1/90 s after skipped ticks).
+    pub dt: f32,
+}
+
+#[derive(Resource, Debug)]
+pub struct Inbox(pub mpsc::Receiver<SimIn>);
+
+#[derive(Resource, Debug, Clone)]
+pub struct Outbox(pub mpsc::Sender<SimOut>);
+
+#[derive(Resource, Debug, Clone)]
+pub struct SimMetrics(pub Metrics);
+
+#[derive(Resource, Debug, Clone, Default)]
+pub struct Map(pub Arc<MapView>);
+
+#[derive(Debug)]
+pub struct Conn {
+    pub player: PlayerId,
+    pub role: JoinRole,
+    pub tx: mpsc::Sender<Outbound>,
+}
+
+/// Player connections open on this server.
+#[derive(Resource, Debug, Default)]
+pub struct Conns(pub HashMap<ConnId, Conn>);
+
+/// Inputs of players this server holds a standby connection for.
+#[derive(Resource, Debug, Default)]
+pub struct StandbyInputs(pub HashMap<PlayerId, VecDeque<InputFrame>>);
+
+/// Handoffs accepted whose effective tick has not come yet.
+#[derive(Resource, Debug, Default)]
+pub struct PendingAdoptions(pub Vec<HandoffState>);
+
+/// Lookups from mesh ids to ECS entities.
+#[derive(Resource, Debug, Default)]
+pub struct Index {
+    pub by_net: HashMap<EntityId, Entity>,
+    pub by_player: HashMap<PlayerId, Entity>,
+}
+
+/// Where the per-tick authority lines go, if anywhere.
+#[derive(Resource, Debug, Default)]
+pub struct AuthorityLog {
+    pub tx: Option<std::sync::mpsc::SyncSender<String>>,
+    /// Lines for ticks simulated retroactively after a late handoff.
+    pub catch_up: Vec<(Tick, EntityId)>,
+}
+
+/// Load figures the heartbeat reports, refreshed by the metrics system.
+#[derive(Debug, Default)]
+pub struct LoadShared {
+    pub players: std::sync::atomic::AtomicU32,
+    pub entities: std::sync::atomic::AtomicU32,
+    pub tick_p99_us: std::sync::atomic::AtomicU32,
+    pub ticks_overrun: std::sync::atomic::AtomicU64,
+    pub tick: std::sync::atomic::AtomicU64,
+}
+
+#[derive(Resource, Debug, Clone)]
+pub struct Load(pub Arc<LoadShared>);
+
+/// Recent tick durations, for the p99 the heartbeat reports.
+#[derive(Resource, Debug, Default)]
+pub struct TickTimes(pub VecDeque<u32>);
+
+/// Pushes `frame` into a bounded, sequence-ordered input buffer; drops
+/// duplicates and frames at or below `applied`. Returns whether it was kept.
+pub fn buffer_input(buf: &mut VecDeque<InputFrame>, frame: InputFrame, applied: u32) -> bool {
+    if frame.seq <= applied || buf.iter().any(|f| f.seq == frame.seq) {
+        return false;
+    }
+    let at = buf.iter().position(|f| f.seq > frame.seq).unwrap_or(buf.len());
+    buf.insert(at, frame);
+    while buf.len() > INPUT_BUFFER {
+        buf.pop_front();
+    }
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn f(seq: u32) -> InputFrame {
+        InputFrame { seq, ..Default::default() }
+    }
+
+    #[test]
+    fn input_buffer_orders_dedups_and_bounds() {
+        let mut b = VecDeque::new();
+        assert!(buffer_input(&mut b, f(3), 0));
+        assert!(buffer_input(&mut b, f(1), 0));
+        assert!(!buffer_input(&mut b, f(3), 0));
+        assert!(!buffer_input(&mut b, f(5), 7));
+        assert!(buffer_input(&mut b, f(2), 0));
+        assert_eq!(b.iter().map(|f| f.seq).collect::<Vec<_>>(), vec![1, 2, 3]);
+        for s in 10..10 + INPUT_BUFFER as u32 {
+            buffer_input(&mut b, f(s), 0);
+        }
+        assert_eq!(b.len(), INPUT_BUFFER);
+        assert_eq!(b.front().map(|f| f.seq), Some(10));
+    }
+}

@@ -1,0 +1,138 @@
+//! What crosses the bounded channels between the I/O threads and the tick
+//! thread. The tick thread only ever `try_send`s and `try_recv`s.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use glam::{DVec3, Vec3};
+use shared::region::{RegionKey, RegionTree};
+use shared::wire::{InputFrame, JoinRole, ServerControl};
+use shared::{EntityId, Epoch, PlayerId, ServerId, Tick};
+use tokio::sync::{mpsc, oneshot};
+
+/// A player connection, numbered by the endpoint.
+pub type ConnId = u64;
+
+/// Tick thread → one connection's writer task.
+#[derive(Debug)]
+pub enum Outbound {
+    Datagram(Bytes),
+    Control(ServerControl),
+}
+
+/// What the tick thread knows of another server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerInfo {
+    pub quic: String,
+    pub grpc: String,
+    pub cert_sha256: String,
+    pub alive: bool,
+}
+
+/// The region map as this server last received it from the coordinator.
+#[derive(Debug, Clone, Default)]
+pub struct MapView {
+    pub version: u64,
+    pub tree: RegionTree,
+    pub owners: HashMap<RegionKey, (Option<ServerId>, Epoch)>,
+    pub servers: HashMap<ServerId, PeerInfo>,
+}
+
+impl MapView {
+    /// The live owner of `region` and its epoch.
+    pub fn live_owner(&self, region: &RegionKey) -> Option<(ServerId, Epoch)> {
+        let (owner, epoch) = self.owners.get(region)?;
+        let owner = (*owner)?;
+        self.servers.get(&owner).filter(|p| p.alive).map(|_| (owner, *epoch))
+    }
+}
+
+/// A transfer the coordinator committed for an entity this server owns.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CommittedTransfer {
+    pub id: u64,
+    pub to: ServerId,
+    pub to_region: RegionKey,
+    pub to_region_epoch: Epoch,
+    pub entity_epoch: Epoch,
+    pub effective_tick: Tick,
+}
+
+/// An entity's full state as it moves between servers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HandoffState {
+    pub transfer_id: u64,
+    pub from: ServerId,
+    pub to: ServerId,
+    pub entity: EntityId,
+    pub entity_epoch: Epoch,
+    pub to_region: RegionKey,
+    pub to_region_epoch: Epoch,
+    /// The first tick the target simulates; the state is the state at its start.
+    pub effective_tick: Tick,
+    pub pos: DVec3,
+    pub yaw: f32,
+    pub vel: Vec3,
+    pub player: Option<PlayerId>,
+    pub last_applied_input: u32,
+    pub pending_inputs: Vec<InputFrame>,
+}
+
+/// I/O threads → tick thread.
+#[derive(Debug)]
+pub enum SimIn {
+    Joined {
+        conn: ConnId,
+        player: PlayerId,
+        name: String,
+        role: JoinRole,
+        spawn: Option<DVec3>,
+        tx: mpsc::Sender<Outbound>,
+    },
+    Input { conn: ConnId, frame: InputFrame },
+    Left { conn: ConnId },
+    Map(Arc<MapView>),
+    TransferCommitted { entity: EntityId, transfer: CommittedTransfer },
+    TransferRefused { entity: EntityId, reason: String },
+    /// A neighbour hands an entity over; the reply says whether it was taken.
+    Adopt { state: Box<HandoffState>, reply: oneshot::Sender<Result<(), AdoptError>> },
+}
+
+/// Tick thread → control task.
+#[derive(Debug)]
+pub enum SimOut {
+    RequestTransfer {
+        entity: EntityId,
+        from_region: RegionKey,
+        from_region_epoch: Epoch,
+        entity_epoch: Epoch,
+        to_region: RegionKey,
+        position: DVec3,
+        not_before_tick: Tick,
+    },
+    Handoff(Box<HandoffState>),
+}
+
+/// Why an incoming handoff was refused. `reason()` is a metric label.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AdoptError {
+    #[error("handoff addressed to server {0}, not to this one")]
+    WrongServer(ServerId),
+    #[error("region {region} is held under {known}, the handoff carries {claimed}")]
+    StaleRegionEpoch { region: RegionKey, known: Epoch, claimed: Epoch },
+    #[error("entity {0} is already here under epoch {1}")]
+    StaleEntityEpoch(EntityId, Epoch),
+    #[error("the simulation is not accepting handoffs")]
+    Unavailable,
+}
+
+impl AdoptError {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            AdoptError::WrongServer(_) => "wrong_server",
+            AdoptError::StaleRegionEpoch { .. } | AdoptError::StaleEntityEpoch(..) => "stale_epoch",
+            AdoptError::Unavailable => "unavailable",
+        }
+    }
+}
