@@ -1,1 +1,120 @@
-fn main() {}
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use anyhow::Context;
+use bot_swarm::{Live, SwarmConfig};
+use clap::Parser;
+use glam::DVec3;
+use tokio_util::sync::CancellationToken;
+use tracing_subscriber::EnvFilter;
+
+/// Headless bots that play a Planetary Survival mesh.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Cli {
+    /// The coordinator's HTTP API.
+    #[arg(long, env = "PS_COORDINATOR_HTTP", default_value = "http://127.0.0.1:8080")]
+    coordinator: String,
+    /// Number of bots.
+    #[arg(long, default_value_t = 20)]
+    bots: u32,
+    /// Stop after this many seconds (0: run until Ctrl-C).
+    #[arg(long, default_value_t = 0)]
+    seconds: u64,
+    /// Token the servers accept.
+    #[arg(long, env = "PS_DEV_TOKEN", default_value = "dev")]
+    token: String,
+    /// Waypoints, `x,y,z;x,y,z;…`, walked in a loop. The default crosses the
+    /// face between the root regions (0,0,0) and (1,0,0) back and forth.
+    #[arg(long, default_value = "1960,10,900;2040,10,900")]
+    path: String,
+    /// Bot i walks the path shifted by i × this along Z, metres.
+    #[arg(long, default_value_t = 4.0)]
+    spread_m: f64,
+    /// Id of the first bot's player account.
+    #[arg(long, default_value_t = 1)]
+    first_player: u64,
+    /// Milliseconds between bot starts.
+    #[arg(long, default_value_t = 20)]
+    ramp_ms: u64,
+    /// Write the JSON report here.
+    #[arg(long)]
+    report: Option<PathBuf>,
+}
+
+fn parse_path(s: &str) -> anyhow::Result<Vec<DVec3>> {
+    s.split(';')
+        .map(|p| {
+            let v: Vec<f64> = p.split(',').map(|c| c.trim().parse::<f64>()).collect::<Result<_, _>>()
+                .with_context(|| format!("bad waypoint {p:?}"))?;
+            match v.as_slice() {
+                [x, y, z] if v.iter().all(|c| c.is_finite()) => Ok(DVec3::new(*x, *y, *z)),
+                _ => anyhow::bail!("a waypoint is x,y,z, got {p:?}"),
+            }
+        })
+        .collect()
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let filter = EnvFilter::try_from_env("PS_LOG").unwrap_or_else(|_| EnvFilter::new("warn"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let cfg = SwarmConfig {
+        coordinator: cli.coordinator.trim_end_matches('/').to_owned(),
+        bots: cli.bots,
+        duration: (cli.seconds > 0).then(|| Duration::from_secs(cli.seconds)),
+        token: cli.token,
+        path: parse_path(&cli.path)?,
+        spread_m: cli.spread_m,
+        first_player: cli.first_player,
+        ramp: Duration::from_millis(cli.ramp_ms),
+    };
+    let live = Arc::new(Live::default());
+    let stop = CancellationToken::new();
+    {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let _ = tokio::signal::ctrl_c().await;
+            stop.cancel();
+        });
+    }
+    let progress = {
+        let live = live.clone();
+        let tty = std::io::stderr().is_terminal();
+        tokio::spawn(async move {
+            let mut last = 0;
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let snaps = live.snapshots.load(Ordering::Relaxed);
+                let line = format!(
+                    "bots connected {} · snapshots/s {} · handoffs {} · errors {}",
+                    live.connected.load(Ordering::Relaxed),
+                    snaps - last,
+                    live.handoffs.load(Ordering::Relaxed),
+                    live.errors.load(Ordering::Relaxed)
+                );
+                last = snaps;
+                if tty { eprint!("\r\x1b[2K{line}") } else { eprintln!("{line}") }
+            }
+        })
+    };
+    let report = bot_swarm::run(cfg, live, stop).await;
+    progress.abort();
+    eprintln!();
+    let report = report?;
+    let summary = serde_json::json!({
+        "bots": report.bots, "joined": report.joined, "seconds": report.seconds,
+        "snapshots": report.snapshots, "handoffs": report.handoffs,
+        "ack_regressions": report.ack_regressions, "errors": report.errors,
+    });
+    println!("{summary}");
+    if let Some(path) = cli.report {
+        std::fs::write(&path, serde_json::to_vec_pretty(&report)?).with_context(|| format!("writing {}", path.display()))?;
+    }
+    anyhow::ensure!(report.joined == report.bots, "{} of {} bots could not join", report.bots - report.joined, report.bots);
+    Ok(())
+}

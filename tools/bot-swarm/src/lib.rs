@@ -1,0 +1,464 @@
+//! Headless bots that speak the full player protocol over QUIC.
+//!
+//! Each bot asks the coordinator which server owns its spawn point, joins it,
+//! sends input datagrams at 90 Hz to every server it is connected to, walks a
+//! path of waypoints from the positions the authoritative snapshots give it,
+//! pre-connects to neighbours when told to, and records what it saw: snapshot
+//! rate, acknowledged input sequence numbers per server, authority changes.
+
+pub mod tls;
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use bytes::Bytes;
+use glam::DVec3;
+use serde::{Deserialize, Serialize};
+use shared::wire::{
+    ALPN, ClientControl, Datagram, InputFrame, JoinRole, PROTOCOL_VERSION, ServerControl, Snapshot, decode_frame,
+    encode_frame, frame_len,
+};
+use shared::{PlayerId, ServerId, TICK_HZ};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+/// What a swarm run is asked to do.
+#[derive(Debug, Clone)]
+pub struct SwarmConfig {
+    /// Coordinator HTTP API, e.g. `http://127.0.0.1:8080`.
+    pub coordinator: String,
+    pub bots: u32,
+    /// Stop after this long (`None`: until cancelled).
+    pub duration: Option<Duration>,
+    pub token: String,
+    /// Waypoints every bot walks in a loop; bot `i` is shifted `i * spread_m` along Z.
+    pub path: Vec<DVec3>,
+    pub spread_m: f64,
+    /// Player ids are `first_player + i`.
+    pub first_player: u64,
+    /// Bots start this far apart.
+    pub ramp: Duration,
+}
+
+/// Live counters, readable while the swarm runs.
+#[derive(Debug, Default)]
+pub struct Live {
+    pub connected: AtomicU64,
+    pub snapshots: AtomicU64,
+    pub handoffs: AtomicU64,
+    pub errors: AtomicU64,
+}
+
+/// Acknowledgements one bot saw from one server while it was authoritative.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct AckSpan {
+    pub first_seq: u32,
+    pub last_seq: u32,
+    pub snapshots: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AuthorityChange {
+    pub from: Option<u32>,
+    pub to: u32,
+    /// Server tick of the first authoritative snapshot from `to`.
+    pub tick: u64,
+    /// Newest input the new server had applied in that snapshot.
+    pub acked_seq: u32,
+    /// Newest input the old server had applied in its last snapshot.
+    pub previous_acked_seq: u32,
+}
+
+/// What one bot saw.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct BotReport {
+    pub player: u64,
+    pub joined: bool,
+    pub inputs_sent: u32,
+    pub snapshots: u64,
+    pub authority_changes: Vec<AuthorityChange>,
+    pub acks_by_server: BTreeMap<u32, AckSpan>,
+    /// Times an authoritative snapshot acknowledged an older input than one before it.
+    pub ack_regressions: u64,
+    pub max_snapshot_gap_ms: u64,
+    pub connections_opened: u32,
+    pub final_position: Option<[f64; 3]>,
+    pub errors: Vec<String>,
+}
+
+/// What the whole swarm saw.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct SwarmReport {
+    pub bots: u32,
+    pub joined: u32,
+    pub seconds: f64,
+    pub snapshots: u64,
+    pub handoffs: u64,
+    pub ack_regressions: u64,
+    pub errors: u64,
+    pub per_bot: Vec<BotReport>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Route {
+    server_id: u32,
+    quic: String,
+    cert_sha256: String,
+}
+
+enum Event {
+    Snapshot(ServerId, Snapshot),
+    Control(ServerId, ServerControl),
+    Linked(ServerId, quinn::Connection),
+    Closed(ServerId, String),
+}
+
+/// Runs the swarm until its duration passes or `stop` is cancelled.
+pub async fn run(cfg: SwarmConfig, live: Arc<Live>, stop: CancellationToken) -> anyhow::Result<SwarmReport> {
+    anyhow::ensure!(!cfg.path.is_empty(), "the path needs at least one waypoint");
+    let started = Instant::now();
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(3)).build()?;
+    // Fail fast and clearly when the coordinator is not there at all.
+    http.get(format!("{}/healthz", cfg.coordinator))
+        .send()
+        .await
+        .with_context(|| format!("the coordinator at {} does not answer", cfg.coordinator))?;
+    let endpoint = quinn::Endpoint::client(SocketAddr::from(([0, 0, 0, 0], 0))).context("binding a UDP socket")?;
+    let deadline_stop = stop.child_token();
+    if let Some(d) = cfg.duration {
+        let s = deadline_stop.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(d).await;
+            s.cancel();
+        });
+    }
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..cfg.bots {
+        if deadline_stop.is_cancelled() {
+            break;
+        }
+        let bot = Bot::new(&cfg, i, endpoint.clone(), http.clone(), live.clone(), deadline_stop.clone());
+        tasks.spawn(bot.run());
+        tokio::select! {
+            _ = tokio::time::sleep(cfg.ramp) => {}
+            _ = deadline_stop.cancelled() => {}
+        }
+    }
+    let mut per_bot = Vec::new();
+    while let Some(r) = tasks.join_next().await {
+        per_bot.push(r.context("a bot task panicked")?);
+    }
+    endpoint.wait_idle().await;
+    per_bot.sort_by_key(|b| b.player);
+    Ok(SwarmReport {
+        bots: cfg.bots,
+        joined: per_bot.iter().filter(|b| b.joined).count() as u32,
+        seconds: started.elapsed().as_secs_f64(),
+        snapshots: per_bot.iter().map(|b| b.snapshots).sum(),
+        handoffs: per_bot.iter().map(|b| b.authority_changes.iter().filter(|c| c.from.is_some()).count() as u64).sum(),
+        ack_regressions: per_bot.iter().map(|b| b.ack_regressions).sum(),
+        errors: per_bot.iter().map(|b| b.errors.len() as u64).sum(),
+        per_bot,
+    })
+}
+
+struct Bot {
+    player: PlayerId,
+    coordinator: String,
+    token: String,
+    path: Vec<DVec3>,
+    endpoint: quinn::Endpoint,
+    http: reqwest::Client,
+    live: Arc<Live>,
+    stop: CancellationToken,
+    report: BotReport,
+}
+
+impl Bot {
+    fn new(
+        cfg: &SwarmConfig,
+        i: u32,
+        endpoint: quinn::Endpoint,
+        http: reqwest::Client,
+        live: Arc<Live>,
+        stop: CancellationToken,
+    ) -> Self {
+        let shift = DVec3::new(0.0, 0.0, f64::from(i) * cfg.spread_m);
+        let player = PlayerId(cfg.first_player + u64::from(i));
+        Self {
+            player,
+            coordinator: cfg.coordinator.clone(),
+            token: cfg.token.clone(),
+            path: cfg.path.iter().map(|p| *p + shift).collect(),
+            endpoint,
+            http,
+            live,
+            stop,
+            report: BotReport { player: player.0, ..Default::default() },
+        }
+    }
+
+    fn error(&mut self, e: String) {
+        warn!(player = %self.player, error = %e, "bot error");
+        self.live.errors.fetch_add(1, Ordering::Relaxed);
+        if self.report.errors.len() < 20 {
+            self.report.errors.push(e);
+        }
+    }
+
+    async fn route(&self, p: DVec3) -> anyhow::Result<Route> {
+        let url = format!("{}/v1/route?x={}&y={}&z={}", self.coordinator, p.x, p.y, p.z);
+        let r = self.http.get(&url).send().await.with_context(|| format!("GET {url}"))?;
+        anyhow::ensure!(r.status().is_success(), "no server owns the spawn point yet ({})", r.status());
+        Ok(r.json().await?)
+    }
+
+    async fn run(mut self) -> BotReport {
+        let (tx, mut rx) = mpsc::channel::<Event>(1024);
+        let spawn = self.path[0];
+        // Join the server that owns the spawn point; retry while the mesh settles.
+        let mut tries = 0;
+        let primary = loop {
+            tries += 1;
+            let attempt = async {
+                let route = self.route(spawn).await?;
+                let addr: SocketAddr = route.quic.parse().with_context(|| format!("bad QUIC address {}", route.quic))?;
+                self.open(addr, &route.cert_sha256, JoinRole::Play, Some(spawn), tx.clone()).await.map(|s| (s, route.server_id))
+            }
+            .await;
+            match attempt {
+                Ok(((server, conn), _)) => break Some((server, conn)),
+                Err(e) if tries < 20 && !self.stop.is_cancelled() => {
+                    debug!(player = %self.player, error = %format!("{e:#}"), "join failed; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                        _ = self.stop.cancelled() => break None,
+                    }
+                }
+                Err(e) => {
+                    self.error(format!("could not join: {e:#}"));
+                    break None;
+                }
+            }
+        };
+        let Some((first, conn)) = primary else { return self.report };
+        self.report.joined = true;
+        self.live.connected.fetch_add(1, Ordering::Relaxed);
+        let mut links: HashMap<ServerId, quinn::Connection> = HashMap::from([(first, conn)]);
+
+        let mut seq: u32 = 0;
+        let mut pos = spawn;
+        let mut waypoint = 1 % self.path.len();
+        let mut authority: Option<ServerId> = None;
+        let mut last_ack: u32 = 0;
+        let mut newest_tick = 0;
+        let mut last_snapshot: Option<Instant> = None;
+        let mut every = tokio::time::interval(Duration::from_nanos(1_000_000_000 / u64::from(TICK_HZ)));
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        let mut buf = Vec::with_capacity(128);
+        loop {
+            tokio::select! {
+                _ = every.tick() => {
+                    let target = self.path[waypoint];
+                    let d = target - pos;
+                    let flat = glam::DVec2::new(d.x, d.z);
+                    if flat.length() < 1.5 {
+                        waypoint = (waypoint + 1) % self.path.len();
+                    }
+                    let dir = if flat.length() > 1e-6 { flat / flat.length().max(2.0) } else { glam::DVec2::ZERO };
+                    seq = seq.wrapping_add(1);
+                    let frame = InputFrame { seq, ack_tick: newest_tick, locomotion: [dir.x as f32, -dir.y as f32], ..Default::default() };
+                    buf.clear();
+                    frame.encode(&mut buf);
+                    let bytes = Bytes::copy_from_slice(&buf);
+                    for c in links.values() {
+                        let _ = c.send_datagram(bytes.clone());
+                    }
+                    self.report.inputs_sent = seq;
+                }
+                ev = rx.recv() => {
+                    let Some(ev) = ev else { break };
+                    match ev {
+                        Event::Snapshot(server, snap) => {
+                            self.report.snapshots += 1;
+                            self.live.snapshots.fetch_add(1, Ordering::Relaxed);
+                            newest_tick = newest_tick.max(snap.tick);
+                            if !snap.authoritative {
+                                continue;
+                            }
+                            let now = Instant::now();
+                            if let Some(prev) = last_snapshot {
+                                let gap = now.duration_since(prev).as_millis() as u64;
+                                self.report.max_snapshot_gap_ms = self.report.max_snapshot_gap_ms.max(gap);
+                            }
+                            last_snapshot = Some(now);
+                            if authority != Some(server) {
+                                self.report.authority_changes.push(AuthorityChange {
+                                    from: authority.map(|s| s.0),
+                                    to: server.0,
+                                    tick: snap.tick,
+                                    acked_seq: snap.last_input_seq,
+                                    previous_acked_seq: last_ack,
+                                });
+                                if authority.is_some() {
+                                    self.live.handoffs.fetch_add(1, Ordering::Relaxed);
+                                    info!(player = %self.player, from = ?authority.map(|s| s.0), to = server.0, tick = snap.tick, "authority moved");
+                                }
+                                authority = Some(server);
+                            }
+                            if snap.last_input_seq < last_ack {
+                                self.report.ack_regressions += 1;
+                            }
+                            last_ack = last_ack.max(snap.last_input_seq);
+                            let span = self.report.acks_by_server.entry(server.0).or_insert_with(|| AckSpan {
+                                first_seq: snap.last_input_seq,
+                                ..Default::default()
+                            });
+                            span.last_seq = span.last_seq.max(snap.last_input_seq);
+                            span.snapshots += 1;
+                            if let Some(me) = snap.entities.first() {
+                                pos = me.pos;
+                            }
+                        }
+                        Event::Control(server, msg) => match msg {
+                            ServerControl::PreConnect { server: to, quic_addr, cert_sha256 } if !links.contains_key(&to) => {
+                                match quic_addr.parse::<SocketAddr>() {
+                                    Ok(addr) => {
+                                        let me = self.open_in_background(addr, cert_sha256, tx.clone());
+                                        tokio::spawn(me);
+                                    }
+                                    Err(_) => self.error(format!("server {} sent a bad address {quic_addr:?}", server.0)),
+                                }
+                            }
+                            ServerControl::AuthorityMoved { to, effective_tick } => {
+                                debug!(player = %self.player, from = server.0, to = to.0, effective_tick, "told authority moves");
+                            }
+                            ServerControl::Refused { reason } => self.error(format!("server {} refused: {reason}", server.0)),
+                            _ => {}
+                        },
+                        Event::Linked(server, conn) => {
+                            links.insert(server, conn);
+                        }
+                        Event::Closed(server, why) => {
+                            links.remove(&server);
+                            if !self.stop.is_cancelled() {
+                                self.error(format!("connection to server {} closed: {why}", server.0));
+                            }
+                            if links.is_empty() {
+                                break;
+                            }
+                        }
+                    }
+                }
+                _ = self.stop.cancelled() => break,
+            }
+        }
+        for c in links.values() {
+            c.close(0u32.into(), b"bye");
+        }
+        self.live.connected.fetch_sub(1, Ordering::Relaxed);
+        self.report.final_position = Some(pos.to_array());
+        self.report
+    }
+
+    fn open_in_background(
+        &mut self,
+        addr: SocketAddr,
+        cert: String,
+        tx: mpsc::Sender<Event>,
+    ) -> impl Future<Output = ()> + Send + 'static {
+        self.report.connections_opened += 1;
+        let endpoint = self.endpoint.clone();
+        let hello = self.hello(JoinRole::Standby, None);
+        let stop = self.stop.clone();
+        async move {
+            match open(&endpoint, addr, &cert, hello, tx.clone(), stop).await {
+                Ok((server, conn)) => {
+                    let _ = tx.send(Event::Linked(server, conn)).await;
+                }
+                Err(e) => debug!(%addr, error = %format!("{e:#}"), "pre-connect failed"),
+            }
+        }
+    }
+
+    fn hello(&self, role: JoinRole, spawn: Option<DVec3>) -> ClientControl {
+        ClientControl::Hello {
+            version: PROTOCOL_VERSION,
+            ticket: self.token.clone(),
+            player: self.player,
+            name: format!("bot-{}", self.player.0),
+            role,
+            spawn,
+        }
+    }
+
+    async fn open(
+        &mut self,
+        addr: SocketAddr,
+        cert: &str,
+        role: JoinRole,
+        spawn: Option<DVec3>,
+        tx: mpsc::Sender<Event>,
+    ) -> anyhow::Result<(ServerId, quinn::Connection)> {
+        self.report.connections_opened += 1;
+        open(&self.endpoint, addr, cert, self.hello(role, spawn), tx, self.stop.clone()).await
+    }
+}
+
+async fn read_frame(recv: &mut quinn::RecvStream) -> anyhow::Result<ServerControl> {
+    let mut prefix = [0u8; 4];
+    recv.read_exact(&mut prefix).await?;
+    let mut body = vec![0u8; frame_len(prefix)?];
+    recv.read_exact(&mut body).await?;
+    Ok(decode_frame(&body)?)
+}
+
+/// Connects, says hello, waits for the welcome, then pumps the connection's
+/// snapshots and control frames into `tx` from a background task.
+async fn open(
+    endpoint: &quinn::Endpoint,
+    addr: SocketAddr,
+    cert: &str,
+    hello: ClientControl,
+    tx: mpsc::Sender<Event>,
+    stop: CancellationToken,
+) -> anyhow::Result<(ServerId, quinn::Connection)> {
+    let cfg = tls::client_config(cert, ALPN)?;
+    let conn = tokio::time::timeout(Duration::from_secs(5), endpoint.connect_with(cfg, addr, "localhost")?)
+        .await
+        .context("QUIC handshake timed out")??;
+    let (mut send, mut recv) = conn.open_bi().await?;
+    send.write_all(&encode_frame(&hello)?).await?;
+    let welcome = tokio::time::timeout(Duration::from_secs(5), read_frame(&mut recv)).await.context("no welcome")??;
+    let server = match welcome {
+        ServerControl::Welcome { server, .. } => server,
+        ServerControl::Refused { reason } => anyhow::bail!("refused: {reason}"),
+        other => anyhow::bail!("expected a welcome, got {other:?}"),
+    };
+    let c = conn.clone();
+    tokio::spawn(async move {
+        let why = loop {
+            tokio::select! {
+                d = c.read_datagram() => match d {
+                    Ok(b) => if let Ok(Datagram::Snapshot(s)) = Datagram::decode(&b) {
+                        if tx.try_send(Event::Snapshot(server, s)).is_err() && tx.is_closed() { break "bot ended".to_owned(); }
+                    },
+                    Err(e) => break e.to_string(),
+                },
+                f = read_frame(&mut recv) => match f {
+                    Ok(msg) => { let _ = tx.send(Event::Control(server, msg)).await; }
+                    Err(e) => break e.to_string(),
+                },
+                _ = stop.cancelled() => break "stopped".to_owned(),
+            }
+        };
+        let _ = send.finish();
+        let _ = tx.send(Event::Closed(server, why)).await;
+    });
+    Ok((server, conn))
+}
