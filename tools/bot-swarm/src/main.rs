@@ -77,8 +77,12 @@ async fn main() -> anyhow::Result<()> {
     let stop = CancellationToken::new();
     {
         let stop = stop.clone();
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::spawn(async move {
-            let _ = tokio::signal::ctrl_c().await;
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
             stop.cancel();
         });
     }

@@ -1,0 +1,229 @@
+//! `meshctl up`: a coordinator, game servers and bots as child processes on
+//! loopback, a live one-line status, and a clean stop on Ctrl-C.
+
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use serde_json::Value;
+use tokio::process::{Child, Command};
+
+#[derive(Debug, clap::Args)]
+pub struct UpArgs {
+    /// Game servers to start.
+    #[arg(long, default_value_t = 2)]
+    game_servers: u32,
+    /// Bots to start.
+    #[arg(long, default_value_t = 20)]
+    bots: u32,
+    /// Start no bots.
+    #[arg(long)]
+    no_bots: bool,
+    /// Logs, ports files and (once persistence exists) the world.
+    #[arg(long, default_value = ".mesh-data")]
+    data_dir: PathBuf,
+    /// The coordinator's HTTP port on 127.0.0.1.
+    #[arg(long, default_value_t = 8080)]
+    http_port: u16,
+    /// The coordinator's gRPC port on 127.0.0.1.
+    #[arg(long, default_value_t = 9090)]
+    grpc_port: u16,
+    /// The world in root cubes of 2000 m.
+    #[arg(long, default_value = "2x1x1")]
+    world_size: String,
+    /// Walking speed of players, m/s (fast, so bots cross regions often).
+    #[arg(long, default_value_t = 8.0)]
+    walk_speed: f32,
+    /// Directory holding the mesh-coordinator, game-server and bot-swarm
+    /// binaries (default: beside meshctl).
+    #[arg(long)]
+    bin_dir: Option<PathBuf>,
+}
+
+struct Proc {
+    name: String,
+    child: Child,
+}
+
+fn binary(dir: &Path, name: &str) -> anyhow::Result<PathBuf> {
+    let p = dir.join(name);
+    anyhow::ensure!(
+        p.is_file(),
+        "{} not found; build every binary first: cargo build --release --workspace --bins",
+        p.display()
+    );
+    Ok(p)
+}
+
+fn spawn(name: &str, bin: &Path, args: &[String], log: &Path) -> anyhow::Result<Proc> {
+    let out = std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
+    let child = Command::new(bin)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(out.try_clone()?)
+        .stderr(out)
+        // Own process group: Ctrl-C reaches meshctl only, which stops the
+        // children in order.
+        .process_group(0)
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("starting {}", bin.display()))?;
+    Ok(Proc { name: name.to_owned(), child })
+}
+
+async fn wait_for_file(path: &Path, proc: &mut Proc, log: &Path) -> anyhow::Result<Value> {
+    let deadline = Instant::now() + Duration::from_secs(45);
+    loop {
+        if let Ok(text) = std::fs::read_to_string(path) {
+            if let Ok(v) = serde_json::from_str(&text) {
+                return Ok(v);
+            }
+        }
+        if let Some(status) = proc.child.try_wait()? {
+            let tail = std::fs::read_to_string(log).unwrap_or_default();
+            let tail: Vec<&str> = tail.lines().rev().take(8).collect::<Vec<_>>().into_iter().rev().collect();
+            anyhow::bail!("{} exited ({status}) before it was ready; its log says:\n{}", proc.name, tail.join("\n"));
+        }
+        anyhow::ensure!(Instant::now() < deadline, "{} did not become ready; see {}", proc.name, log.display());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn stop(procs: &mut [Proc]) {
+    for p in procs.iter_mut() {
+        if let Some(pid) = p.child.id() {
+            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
+        }
+        match tokio::time::timeout(Duration::from_secs(8), p.child.wait()).await {
+            Ok(Ok(status)) => eprintln!("  {} stopped ({status})", p.name),
+            _ => {
+                let _ = p.child.kill().await;
+                eprintln!("  {} killed", p.name);
+            }
+        }
+    }
+}
+
+pub async fn run(args: UpArgs) -> anyhow::Result<()> {
+    anyhow::ensure!((1..=16).contains(&args.game_servers), "--game-servers must be 1..=16");
+    let dir = match &args.bin_dir {
+        Some(d) => d.clone(),
+        None => std::env::current_exe()?.parent().context("meshctl has no directory")?.to_path_buf(),
+    };
+    let (coord_bin, gs_bin, bots_bin) =
+        (binary(&dir, "mesh-coordinator")?, binary(&dir, "game-server")?, binary(&dir, "bot-swarm")?);
+    let run_dir = args.data_dir.join("run");
+    let logs = args.data_dir.join("logs");
+    std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
+    std::fs::create_dir_all(&logs)?;
+    for f in std::fs::read_dir(&run_dir)? {
+        let _ = std::fs::remove_file(f?.path());
+    }
+
+    // Stopped in this order on the way out: bots, game servers, coordinator.
+    let mut coordinator: Vec<Proc> = Vec::new();
+    let mut servers: Vec<Proc> = Vec::new();
+    let mut bots: Vec<Proc> = Vec::new();
+    let result = async {
+        let ports = run_dir.join("coordinator.json");
+        let log = logs.join("coordinator.log");
+        coordinator.push(spawn(
+            "coordinator",
+            &coord_bin,
+            &[
+                format!("--http-addr=127.0.0.1:{}", args.http_port),
+                format!("--grpc-addr=127.0.0.1:{}", args.grpc_port),
+                format!("--world-size={}", args.world_size),
+                format!("--ports-file={}", ports.display()),
+            ],
+            &log,
+        )?);
+        let c = wait_for_file(&ports, &mut coordinator[0], &log).await?;
+        let http = c["http"].as_str().context("coordinator ports file lacks http")?.to_owned();
+        let grpc = c["grpc"].as_str().context("coordinator ports file lacks grpc")?.to_owned();
+        println!("coordinator: http://{http} (gRPC {grpc})");
+        println!("  try: curl http://{http}/v1/regions   ·   meshctl servers   ·   logs in {}", logs.display());
+
+        for i in 1..=args.game_servers {
+            let name = format!("gs-{i}");
+            let ports = run_dir.join(format!("{name}.json"));
+            let log = logs.join(format!("{name}.log"));
+            let mut p = spawn(
+                &name,
+                &gs_bin,
+                &[
+                    format!("--name={name}"),
+                    format!("--coordinator=http://{grpc}"),
+                    "--quic-addr=127.0.0.1:0".into(),
+                    "--query-addr=127.0.0.1:0".into(),
+                    "--http-addr=127.0.0.1:0".into(),
+                    "--metrics-addr=127.0.0.1:0".into(),
+                    "--grpc-addr=127.0.0.1:0".into(),
+                    format!("--walk-speed={}", args.walk_speed),
+                    format!("--ports-file={}", ports.display()),
+                ],
+                &log,
+            )?;
+            let v = wait_for_file(&ports, &mut p, &log).await?;
+            println!("{name}: server {} · QUIC {} · metrics http://{}/metrics", v["server_id"], v["quic"].as_str().unwrap_or("?"), v["metrics"].as_str().unwrap_or("?"));
+            servers.push(p);
+        }
+        if !args.no_bots && args.bots > 0 {
+            bots.push(spawn(
+                "bot-swarm",
+                &bots_bin,
+                &[format!("--coordinator=http://{http}"), format!("--bots={}", args.bots)],
+                &logs.join("bot-swarm.log"),
+            )?);
+        }
+        status_loop(&http, &mut coordinator, &mut servers, &mut bots).await
+    }
+    .await;
+    eprintln!("\nstopping the mesh…");
+    stop(&mut bots).await;
+    stop(&mut servers).await;
+    stop(&mut coordinator).await;
+    result
+}
+
+async fn status_loop(http: &str, coordinator: &mut [Proc], servers: &mut [Proc], bots: &mut [Proc]) -> anyhow::Result<()> {
+    let client = reqwest::Client::builder().timeout(Duration::from_secs(1)).build()?;
+    let tty = std::io::stdout().is_terminal();
+    let mut every = tokio::time::interval(Duration::from_secs(1));
+    let mut n = 0u64;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    loop {
+        tokio::select! {
+            _ = every.tick() => {}
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+            _ = term.recv() => return Ok(()),
+        }
+        for p in coordinator.iter_mut().chain(servers.iter_mut()).chain(bots.iter_mut()) {
+            if let Some(status) = p.child.try_wait()? {
+                anyhow::bail!("{} exited unexpectedly ({status})", p.name);
+            }
+        }
+        let line = match client.get(format!("http://{http}/v1/status")).send().await {
+            Ok(r) => match r.json::<Value>().await {
+                Ok(s) => format!(
+                    "servers {}/{} · regions owned {}/{} · players {} · handoffs {} · tick p99 {:.2} ms",
+                    s["servers_alive"], s["servers_total"], s["regions_owned"], s["regions"], s["players"],
+                    s["transfers_total"], s["tick_p99_ms_max"].as_f64().unwrap_or(0.0)
+                ),
+                Err(e) => format!("coordinator status unreadable: {e}"),
+            },
+            Err(e) => format!("coordinator unreachable: {e}"),
+        };
+        n += 1;
+        if tty {
+            print!("\r\x1b[2K{line}");
+            let _ = std::io::stdout().flush();
+        } else if n % 5 == 1 {
+            println!("{line}");
+        }
+    }
+}
