@@ -99,6 +99,15 @@ async fn write_control(send: &mut quinn::SendStream, msg: &ServerControl) -> boo
     }
 }
 
+/// Finishes the control stream and closes the connection once the client has
+/// received what was written (or after a second), so a refusal's reason
+/// reaches the client before the close does.
+async fn finish_then_close(mut send: quinn::SendStream, conn: &quinn::Connection, code: u32, reason: &[u8]) {
+    let _ = send.finish();
+    let _ = tokio::time::timeout(Duration::from_secs(1), send.stopped()).await;
+    conn.close(code.into(), reason);
+}
+
 async fn handle(incoming: quinn::Incoming, ctx: NetContext, stop: CancellationToken) {
     let m = &ctx.metrics;
     let remote = incoming.remote_address();
@@ -143,8 +152,7 @@ async fn handle(incoming: quinn::Incoming, ctx: NetContext, stop: CancellationTo
             };
             if let Some(r) = refusal {
                 let _ = write_control(&mut send, &r).await;
-                let _ = send.finish();
-                conn.close(close::REFUSED.into(), b"refused");
+                finish_then_close(send, &conn, close::REFUSED, b"refused").await;
                 return;
             }
             (player, name, role, spawn)
@@ -161,7 +169,7 @@ async fn handle(incoming: quinn::Incoming, ctx: NetContext, stop: CancellationTo
             };
             let r = refuse(reason, e.to_string());
             let _ = write_control(&mut send, &r).await;
-            conn.close(close::PROTOCOL.into(), b"bad hello");
+            finish_then_close(send, &conn, close::PROTOCOL, b"bad hello").await;
             return;
         }
     };
@@ -172,7 +180,7 @@ async fn handle(incoming: quinn::Incoming, ctx: NetContext, stop: CancellationTo
     if ctx.sim.send_timeout(joined, Duration::from_secs(1)).await.is_err() {
         let r = refuse("server_busy", "the simulation is not accepting players".into());
         let _ = write_control(&mut send, &r).await;
-        conn.close(close::REFUSED.into(), b"busy");
+        finish_then_close(send, &conn, close::REFUSED, b"busy").await;
         return;
     }
     info!(%remote, conn = id, %player, ?role, "player connected");
@@ -200,9 +208,7 @@ async fn handle(incoming: quinn::Incoming, ctx: NetContext, stop: CancellationTo
                             break;
                         }
                         if refused {
-                            let _ = send.finish();
-                            tokio::time::sleep(Duration::from_millis(100)).await;
-                            conn.close(close::REFUSED.into(), b"refused");
+                            finish_then_close(send, &conn, close::REFUSED, b"refused").await;
                             break;
                         }
                     }

@@ -1,1 +1,206 @@
-//! Helpers for the multi-process tests.
+//! Helpers for the multi-process tests: build and start the real binaries on
+//! 127.0.0.1 with port 0, read their ports files, stop them with SIGTERM.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use serde_json::Value;
+
+/// The directory holding the workspace's binaries, built once per test
+/// process so a test never runs stale ones. They are built into a target
+/// directory of their own: the feature set cargo unifies for this build is
+/// not the one of `cargo test`, and sharing a directory would rebuild both
+/// every time.
+pub fn bin_dir() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        // tests run from <target>/<profile>/deps/
+        let exe = std::env::current_exe().expect("test executable path");
+        let target = exe.ancestors().nth(3).expect("<target>/<profile>/deps/<test>").to_path_buf();
+        let own = target.join("integration");
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .args(["build", "--quiet", "-p", "mesh-coordinator", "-p", "game-server", "-p", "bot-swarm", "--bins"])
+            .arg("--target-dir")
+            .arg(&own)
+            .status()
+            .expect("running cargo build for the integration tests");
+        assert!(status.success(), "building the binaries failed");
+        own.join("debug")
+    })
+}
+
+/// A child process that is stopped (SIGTERM, then SIGKILL) when dropped.
+#[derive(Debug)]
+pub struct Proc {
+    pub name: String,
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    pub fn start(name: &str, bin: &str, args: &[String], dir: &Path) -> anyhow::Result<Self> {
+        let log = dir.join(format!("{name}.log"));
+        let out = std::fs::File::create(&log)?;
+        let child = Command::new(bin_dir().join(bin))
+            .args(args)
+            .env("PS_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .spawn()
+            .with_context(|| format!("starting {bin}"))?;
+        Ok(Self { name: name.to_owned(), child, log })
+    }
+
+    /// Sends SIGTERM and waits up to 10 s; returns whether it exited cleanly.
+    pub fn stop(&mut self) -> bool {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.success();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        false
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            self.stop();
+        }
+    }
+}
+
+/// Waits for a JSON ports file, failing early if `proc` exits.
+pub fn wait_ports(path: &Path, proc: &mut Proc) -> anyhow::Result<Value> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(text) = std::fs::read_to_string(path) {
+            if let Ok(v) = serde_json::from_str(&text) {
+                return Ok(v);
+            }
+        }
+        if let Some(status) = proc.child.try_wait()? {
+            anyhow::bail!("{} exited ({status}):\n{}", proc.name, proc.log_text());
+        }
+        anyhow::ensure!(Instant::now() < deadline, "{} never wrote {}", proc.name, path.display());
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+/// A coordinator and `n` game servers on loopback.
+#[derive(Debug)]
+pub struct Mesh {
+    pub dir: tempfile::TempDir,
+    pub coordinator: Proc,
+    pub http: String,
+    pub grpc: String,
+    pub servers: Vec<(Proc, Value)>,
+}
+
+impl Mesh {
+    pub fn start(n: usize, server_args: &[&str]) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let ports = dir.path().join("coordinator.json");
+        let mut coordinator = Proc::start(
+            "coordinator",
+            "mesh-coordinator",
+            &["--http-addr=127.0.0.1:0".into(), "--grpc-addr=127.0.0.1:0".into(), format!("--ports-file={}", ports.display())],
+            dir.path(),
+        )?;
+        let c = wait_ports(&ports, &mut coordinator)?;
+        let http = c["http"].as_str().context("http")?.to_owned();
+        let grpc = c["grpc"].as_str().context("grpc")?.to_owned();
+        let mut servers = Vec::new();
+        for i in 1..=n {
+            let name = format!("gs-{i}");
+            let ports = dir.path().join(format!("{name}.json"));
+            let mut args = vec![
+                format!("--name={name}"),
+                format!("--coordinator=http://{grpc}"),
+                "--quic-addr=127.0.0.1:0".into(),
+                "--query-addr=127.0.0.1:0".into(),
+                "--http-addr=127.0.0.1:0".into(),
+                "--metrics-addr=127.0.0.1:0".into(),
+                "--grpc-addr=127.0.0.1:0".into(),
+                format!("--ports-file={}", ports.display()),
+                format!("--authority-log={}", dir.path().join(format!("{name}.authority.jsonl")).display()),
+            ];
+            args.extend(server_args.iter().map(|s| (*s).to_owned()));
+            let mut p = Proc::start(&name, "game-server", &args, dir.path())?;
+            let v = wait_ports(&ports, &mut p)?;
+            servers.push((p, v));
+        }
+        Ok(Self { dir, coordinator, http, grpc, servers })
+    }
+
+    pub fn get(&self, path: &str) -> anyhow::Result<Value> {
+        let url = format!("http://{}{path}", self.http);
+        Ok(reqwest::blocking_get(&url)?)
+    }
+
+    /// Waits until every region has a live owner.
+    pub fn wait_regions_owned(&self) -> anyhow::Result<Value> {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let regions = self.get("/v1/regions")?;
+            let owned = regions.as_array().is_some_and(|r| r.iter().all(|x| !x["server_id"].is_null()));
+            // ... and every server has heard of its regions (maps travel with heartbeats).
+            let heard = owned
+                && self.servers.iter().all(|(_, v)| {
+                    let url = format!("http://{}/v1/status", v["http"].as_str().unwrap_or_default());
+                    reqwest::blocking_get(&url).is_ok_and(|s| s["regions"].as_array().is_some_and(|r| !r.is_empty()))
+                });
+            if heard {
+                return Ok(regions);
+            }
+            anyhow::ensure!(Instant::now() < deadline, "regions never all owned: {regions}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// Reads a Prometheus counter (summed over label sets matching `labels`).
+pub fn metric(text: &str, name: &str, labels: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (key, value) = l.rsplit_once(' ')?;
+            let matches = key == name || (key.starts_with(&format!("{name}{{")) && key.contains(labels));
+            matches.then(|| value.parse::<f64>().ok()).flatten()
+        })
+        .sum()
+}
+
+mod reqwest {
+    //! A blocking GET of JSON, from a small runtime of its own.
+    pub fn blocking_get(url: &str) -> anyhow::Result<serde_json::Value> {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        rt.block_on(async {
+            let r = ::reqwest::get(url).await?;
+            anyhow::ensure!(r.status().is_success(), "{url}: {}", r.status());
+            Ok(r.json().await?)
+        })
+    }
+
+    pub fn blocking_text(url: &str) -> anyhow::Result<String> {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        rt.block_on(async { Ok(::reqwest::get(url).await?.text().await?) })
+    }
+}
+
+pub use reqwest::blocking_text;

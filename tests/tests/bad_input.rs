@@ -1,0 +1,138 @@
+//! Bad input from clients and peers is refused or dropped, counted under a
+//! stable reason, and never takes a server down.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use integration_tests::{Mesh, blocking_text, metric};
+use proto::mesh as mpb;
+use proto::peer as ppb;
+use shared::wire::{ALPN, ClientControl, JoinRole, PROTOCOL_VERSION, ServerControl, decode_frame, encode_frame, frame_len};
+use shared::PlayerId;
+
+async fn connect(addr: SocketAddr, cert: &str, alpn: &[u8]) -> anyhow::Result<quinn::Connection> {
+    let mut endpoint = quinn::Endpoint::client(SocketAddr::from(([127, 0, 0, 1], 0)))?;
+    endpoint.set_default_client_config(bot_swarm::tls::client_config(cert, alpn)?);
+    Ok(endpoint.connect(addr, "localhost")?.await?)
+}
+
+/// Says hello; returns the answer and the control stream, which must stay
+/// open for as long as the session does.
+async fn hello(conn: &quinn::Connection, ticket: &str) -> anyhow::Result<(ServerControl, quinn::SendStream, quinn::RecvStream)> {
+    let (mut send, mut recv) = conn.open_bi().await?;
+    let h = ClientControl::Hello {
+        version: PROTOCOL_VERSION,
+        ticket: ticket.into(),
+        player: PlayerId(900),
+        name: "probe".into(),
+        role: JoinRole::Play,
+        spawn: Some(glam::DVec3::new(500.0, 10.0, 500.0)),
+    };
+    send.write_all(&encode_frame(&h)?).await?;
+    let mut prefix = [0u8; 4];
+    recv.read_exact(&mut prefix).await?;
+    let mut body = vec![0u8; frame_len(prefix)?];
+    recv.read_exact(&mut body).await?;
+    Ok((decode_frame(&body)?, send, recv))
+}
+
+#[test]
+fn bad_input_is_refused_and_counted() -> anyhow::Result<()> {
+    let mut mesh = Mesh::start(2, &[])?;
+    mesh.wait_regions_owned()?;
+    let regions = mesh.get("/v1/regions")?;
+    // The server owning the spawn point of the probe (region L0:0,0,0).
+    let owner = regions.as_array().unwrap().iter().find(|r| r["region"] == "L0:0,0,0").unwrap()["server_id"].as_u64().unwrap();
+    let (_, ports) = mesh.servers.iter().find(|(_, v)| v["server_id"].as_u64() == Some(owner)).unwrap();
+    let quic: SocketAddr = ports["quic"].as_str().unwrap().parse()?;
+    let cert = ports["cert_sha256"].as_str().unwrap().to_owned();
+    let metrics_url = format!("http://{}/metrics", ports["metrics"].as_str().unwrap());
+    let grpc = mesh.grpc.clone();
+    let peer_grpc = ports["grpc"].as_str().unwrap().to_owned();
+
+    let t0 = std::time::Instant::now();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    rt.block_on(async {
+        // An unknown ALPN fails the handshake.
+        let t = std::time::Instant::now();
+        assert!(connect(quic, &cert, b"not-our-protocol").await.is_err());
+        eprintln!("alpn refusal took {:?}", t.elapsed());
+        // A wrong ticket is refused with a reason.
+        let c = connect(quic, &cert, ALPN).await?;
+        match hello(&c, "forged").await?.0 {
+            ServerControl::Refused { reason } => assert!(reason.starts_with("bad_ticket"), "{reason}"),
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+        // A good connection survives garbage datagrams, which are counted.
+        let c = connect(quic, &cert, ALPN).await?;
+        let (welcome, _send, _recv) = hello(&c, "dev").await?;
+        assert!(matches!(welcome, ServerControl::Welcome { authoritative: true, .. }), "{welcome:?}");
+        for junk in [&[][..], &[9, 9, 9][..], &[1, 0, 0][..]] {
+            c.send_datagram(bytes_of(junk))?;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(c.close_reason().is_none(), "the server dropped a connection over junk datagrams");
+
+        // A transfer with a stale region epoch is fenced by the coordinator.
+        let mut coord = mpb::mesh_coordinator_client::MeshCoordinatorClient::connect(format!("http://{grpc}")).await?;
+        let stale = coord
+            .request_transfer(mpb::TransferRequest {
+                entity_id: 900,
+                from_server: owner as u32,
+                from_region: Some(mpb::RegionKey { level: 0, x: 0, y: 0, z: 0 }),
+                from_region_epoch: 0,
+                entity_epoch: 0,
+                to_region: Some(mpb::RegionKey { level: 0, x: 1, y: 0, z: 0 }),
+                position: None,
+                not_before_tick: 0,
+            })
+            .await
+            .expect_err("a stale epoch must be refused");
+        assert_eq!(stale.code(), tonic::Code::FailedPrecondition);
+        assert!(stale.message().starts_with("stale_epoch"), "{}", stale.message());
+        // A region key deeper than the octree is a bad request, not a panic.
+        let deep = coord
+            .request_transfer(mpb::TransferRequest { from_region: Some(mpb::RegionKey { level: 9, x: 0, y: 0, z: 0 }), ..Default::default() })
+            .await
+            .expect_err("level 9 does not exist");
+        assert_eq!(deep.code(), tonic::Code::InvalidArgument);
+
+        // A handoff addressed to another server is refused by the peer.
+        let mut peer = ppb::game_server_peer_client::GameServerPeerClient::connect(format!("http://{peer_grpc}")).await?;
+        let wrong = peer
+            .handoff(ppb::HandoffRequest {
+                to_server: 4242,
+                to_region: Some(ppb::RegionKey { level: 0, x: 0, y: 0, z: 0 }),
+                state: Some(ppb::EntityState {
+                    id: 7,
+                    position: Some(ppb::Vec3 { x: 1.0, y: 1.0, z: 1.0 }),
+                    velocity: Some(ppb::Vec3::default()),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })
+            .await
+            .expect_err("not addressed to this server");
+        assert!(wrong.message().starts_with("wrong_server"), "{}", wrong.message());
+        anyhow::Ok(())
+    })?;
+
+    eprintln!("probes took {:?}", t0.elapsed());
+    let m = blocking_text(&metrics_url)?;
+    assert!(metric(&m, "player_connections_refused_total", r#"reason="alpn""#) >= 1.0, "{m}");
+    assert_eq!(metric(&m, "player_connections_refused_total", r#"reason="bad_ticket""#), 1.0);
+    assert_eq!(metric(&m, "packets_dropped_total", r#"reason="truncated""#), 2.0);
+    assert_eq!(metric(&m, "packets_dropped_total", r#"reason="unknown_kind""#), 1.0);
+    assert_eq!(metric(&m, "peer_requests_refused_total", r#"reason="wrong_server""#), 1.0);
+    let c = blocking_text(&format!("http://{}/metrics", mesh.http))?;
+    assert_eq!(metric(&c, "mesh_requests_refused_total", r#"reason="stale_epoch""#), 1.0);
+    assert_eq!(metric(&c, "mesh_requests_refused_total", r#"reason="bad_region_key""#), 1.0);
+    for (p, _) in &mut mesh.servers {
+        assert!(p.stop(), "{} did not survive the bad input:\n{}", p.name, p.log_text());
+    }
+    Ok(())
+}
+
+fn bytes_of(b: &[u8]) -> bytes::Bytes {
+    bytes::Bytes::copy_from_slice(b)
+}

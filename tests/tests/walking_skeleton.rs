@@ -1,0 +1,115 @@
+//! The walking skeleton, end to end: a coordinator and two game servers as
+//! real processes, a bot walking back and forth across the face between the
+//! two root regions over real QUIC, authority moving through the coordinator
+//! and the peer gRPC contract.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use integration_tests::{Mesh, Proc, blocking_text, metric};
+use serde_json::Value;
+
+#[test]
+fn a_bot_walks_across_the_boundary_and_authority_follows() -> anyhow::Result<()> {
+    let mut mesh = Mesh::start(2, &["--walk-speed=20"])?;
+    let regions = mesh.wait_regions_owned()?;
+    let owners: BTreeSet<_> = regions.as_array().unwrap().iter().map(|r| r["server_id"].as_u64()).collect();
+    assert_eq!(owners.len(), 2, "each root region has its own server: {regions}");
+
+    // Two bots walk 1970 m <-> 2030 m along x: across the face at x = 2000
+    // and past the 10 m hysteresis margin on both sides.
+    let report = mesh.dir.path().join("report.json");
+    let mut swarm = Proc::start(
+        "bot-swarm",
+        "bot-swarm",
+        &[
+            format!("--coordinator=http://{}", mesh.http),
+            "--bots=2".into(),
+            "--seconds=12".into(),
+            "--path=1970,10,900;2030,10,900".into(),
+            format!("--report={}", report.display()),
+        ],
+        mesh.dir.path(),
+    )?;
+    let status = swarm.child.wait()?;
+    assert!(status.success(), "bot-swarm failed:\n{}", swarm.log_text());
+
+    let transfers = mesh.get("/v1/transfers?limit=1000")?;
+    let metrics_text: Vec<String> = mesh
+        .servers
+        .iter()
+        .map(|(_, v)| blocking_text(&format!("http://{}/metrics", v["metrics"].as_str().unwrap())))
+        .collect::<Result<_, _>>()?;
+    for (p, _) in &mut mesh.servers {
+        assert!(p.stop(), "{} did not stop cleanly:\n{}", p.name, p.log_text());
+    }
+
+    // The coordinator committed transfers, and the sources delivered them.
+    let transfers = transfers.as_array().unwrap();
+    assert!(transfers.len() >= 2, "expected transfers, got {transfers:?}");
+    for t in transfers {
+        assert_eq!(t["outcome"], "Delivered", "transfer not delivered: {t}");
+    }
+    // Both servers handed authority out and took it in.
+    for m in &metrics_text {
+        assert!(metric(m, "authority_transfers_total", r#"kind="out""#) >= 1.0);
+        assert!(metric(m, "authority_transfers_total", r#"kind="in""#) >= 1.0);
+        assert_eq!(metric(m, "packets_dropped_total", ""), 0.0, "no datagram dropped");
+    }
+
+    // What the bots saw.
+    let r: Value = serde_json::from_slice(&std::fs::read(&report)?)?;
+    assert_eq!(r["joined"], 2);
+    assert_eq!(r["ack_regressions"], 0, "an input was acknowledged out of order");
+    for bot in r["per_bot"].as_array().unwrap() {
+        let changes = bot["authority_changes"].as_array().unwrap();
+        let handoffs: Vec<&Value> = changes.iter().filter(|c| !c["from"].is_null()).collect();
+        assert!(!handoffs.is_empty(), "bot {} never changed server: {bot}", bot["player"]);
+        for h in &handoffs {
+            // The new server acknowledges from where the old one stopped: no
+            // input lost, none applied twice.
+            let (new, old) = (h["acked_seq"].as_u64().unwrap(), h["previous_acked_seq"].as_u64().unwrap());
+            assert!(new >= old, "acks went back at a handoff: {h}");
+            assert!(new - old <= 45, "a handoff lost half a second of input: {h}");
+        }
+        // Input sequence numbers kept being acknowledged on both sides.
+        let acks = bot["acks_by_server"].as_object().unwrap();
+        assert_eq!(acks.len(), 2, "acks from both servers: {acks:?}");
+        for span in acks.values() {
+            assert!(span["snapshots"].as_u64().unwrap() > 90, "few authoritative snapshots: {span}");
+            assert!(span["last_seq"].as_u64() > span["first_seq"].as_u64(), "acks did not advance: {span}");
+        }
+        assert!(bot["errors"].as_array().unwrap().is_empty(), "bot errors: {}", bot["errors"]);
+    }
+
+    // At every tick both servers logged, exactly one was authoritative for
+    // each bot's avatar.
+    let mut logged: BTreeMap<u64, BTreeSet<u64>> = BTreeMap::new();
+    let mut claims: BTreeMap<u64, BTreeMap<u64, BTreeSet<u64>>> = BTreeMap::new();
+    for i in 1..=2 {
+        let text = std::fs::read_to_string(mesh.dir.path().join(format!("gs-{i}.authority.jsonl")))?;
+        for line in text.lines() {
+            let d: Value = serde_json::from_str(line)?;
+            let (tick, server) = (d["tick"].as_u64().unwrap(), d["server"].as_u64().unwrap());
+            logged.entry(tick).or_default().insert(server);
+            for e in d["auth"].as_array().unwrap() {
+                claims.entry(e.as_u64().unwrap()).or_default().entry(tick).or_default().insert(server);
+            }
+        }
+    }
+    assert_eq!(claims.len(), 2, "two avatars were simulated: {:?}", claims.keys());
+    for (entity, ticks) in &claims {
+        let servers: BTreeSet<u64> = ticks.values().flatten().copied().collect();
+        assert_eq!(servers.len(), 2, "entity {entity} was simulated by both servers over time");
+        let (first, last) = (*ticks.keys().next().unwrap(), *ticks.keys().last().unwrap());
+        let mut checked = 0;
+        for t in first..=last {
+            if logged.get(&t).is_some_and(|s| s.len() == 2) {
+                let n = ticks.get(&t).map_or(0, BTreeSet::len);
+                assert_eq!(n, 1, "entity {entity} had {n} authoritative servers at tick {t}");
+                checked += 1;
+            }
+        }
+        assert!(checked > 600, "too few ticks checked for entity {entity}: {checked}");
+    }
+    Ok(())
+}
