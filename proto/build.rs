@@ -8,9 +8,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let mut config = tonic_prost_build::Config::new();
     config.protoc_executable(protoc_bin_vendored::protoc_bin_path()?);
-    tonic_prost_build::configure()
-        .build_server(true)
-        .build_client(true)
-        .compile_with_config(config, &protos, &["proto"])?;
+    tonic_prost_build::configure().build_server(true).build_client(true).compile_with_config(
+        config,
+        &protos,
+        &["proto"],
+    )?;
     Ok(())
 }

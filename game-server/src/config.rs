@@ -78,7 +78,10 @@ impl Config {
             "overlap width must be in (0, {} m)",
             shared::region::MIN_EDGE_M
         );
-        anyhow::ensure!(self.walk_speed.is_finite() && self.walk_speed > 0.0 && self.walk_speed < 100.0, "walk speed must be in (0, 100) m/s");
+        anyhow::ensure!(
+            self.walk_speed.is_finite() && self.walk_speed > 0.0 && self.walk_speed < 100.0,
+            "walk speed must be in (0, 100) m/s"
+        );
         anyhow::ensure!(self.capacity > 0, "capacity must be positive");
         anyhow::ensure!(!self.dev_token.is_empty(), "the development token must not be empty");
         Ok(())

@@ -207,7 +207,15 @@ impl TransferExecutor {
     }
 
     async fn request(self, out: SimOut) {
-        let SimOut::RequestTransfer { entity, from_region, from_region_epoch, entity_epoch, to_region, position, not_before_tick } = out
+        let SimOut::RequestTransfer {
+            entity,
+            from_region,
+            from_region_epoch,
+            entity_epoch,
+            to_region,
+            position,
+            not_before_tick,
+        } = out
         else {
             return;
         };
@@ -247,7 +255,10 @@ impl TransferExecutor {
     async fn peer(&self, server: ServerId) -> anyhow::Result<GameServerPeerClient<Channel>> {
         let addr = {
             let map = self.maps.borrow();
-            map.servers.get(&server).map(|p| p.grpc.clone()).with_context(|| format!("server {server} is not on the map"))?
+            map.servers
+                .get(&server)
+                .map(|p| p.grpc.clone())
+                .with_context(|| format!("server {server} is not on the map"))?
         };
         let mut peers = self.peers.lock().await;
         if let Some((a, c)) = peers.get(&server) {
@@ -264,7 +275,8 @@ impl TransferExecutor {
         let id = state.transfer_id;
         let result = async {
             let mut peer = self.peer(state.to).await?;
-            let r = peer.handoff(handoff_to_pb(&state)).await.map_err(|s| anyhow::anyhow!("{}", s.message()))?.into_inner();
+            let r =
+                peer.handoff(handoff_to_pb(&state)).await.map_err(|s| anyhow::anyhow!("{}", s.message()))?.into_inner();
             anyhow::ensure!(r.accepted, "target refused: {}", r.reason);
             Ok(())
         }

@@ -68,7 +68,10 @@ pub fn map_from_pb(m: &mpb::RegionMap) -> (MapView, usize) {
         .iter()
         .map(|s| {
             let a = s.addresses.clone().unwrap_or_default();
-            (ServerId(s.server_id), PeerInfo { quic: a.quic, grpc: a.grpc, cert_sha256: s.cert_sha256.clone(), alive: s.alive })
+            (
+                ServerId(s.server_id),
+                PeerInfo { quic: a.quic, grpc: a.grpc, cert_sha256: s.cert_sha256.clone(), alive: s.alive },
+            )
         })
         .collect();
     (MapView { version: m.version, tree, owners, servers }, bad)
@@ -153,7 +156,12 @@ pub fn handoff_to_pb(h: &HandoffState) -> ppb::HandoffRequest {
         from_server: h.from.0,
         to_server: h.to.0,
         entity_epoch: h.entity_epoch.0,
-        to_region: Some(ppb::RegionKey { level: u32::from(h.to_region.level), x: h.to_region.x, y: h.to_region.y, z: h.to_region.z }),
+        to_region: Some(ppb::RegionKey {
+            level: u32::from(h.to_region.level),
+            x: h.to_region.x,
+            y: h.to_region.y,
+            z: h.to_region.z,
+        }),
         to_region_epoch: h.to_region_epoch.0,
         effective_tick: h.effective_tick,
         state: Some(ppb::EntityState {

@@ -47,12 +47,8 @@ pub struct Status {
 impl LocalState {
     pub fn status(&self) -> Status {
         let map = self.maps.borrow();
-        let mut regions: Vec<String> = map
-            .owners
-            .iter()
-            .filter(|(_, (o, _))| *o == Some(self.server))
-            .map(|(k, _)| k.to_string())
-            .collect();
+        let mut regions: Vec<String> =
+            map.owners.iter().filter(|(_, (o, _))| *o == Some(self.server)).map(|(k, _)| k.to_string()).collect();
         regions.sort();
         Status {
             name: self.name.clone(),

@@ -128,7 +128,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
     let stop = CancellationToken::new();
     let fenced = CancellationToken::new();
     let mut tasks = tokio::task::JoinSet::new();
-    tasks.spawn(net::serve(endpoint, net::NetContext::new(sim_tx.clone(), config.dev_token.clone(), metrics.clone()), stop.clone()));
+    tasks.spawn(net::serve(
+        endpoint,
+        net::NetContext::new(sim_tx.clone(), config.dev_token.clone(), metrics.clone()),
+        stop.clone(),
+    ));
     tasks.spawn(control::heartbeat_loop(
         coordinator.clone(),
         reg.server,
@@ -140,7 +144,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
         stop.clone(),
         fenced.clone(),
     ));
-    tasks.spawn(control::TransferExecutor::new(reg.server, coordinator, sim_tx.clone(), maps_rx.clone(), metrics.clone()).run(out_rx));
+    tasks.spawn(
+        control::TransferExecutor::new(reg.server, coordinator, sim_tx.clone(), maps_rx.clone(), metrics.clone())
+            .run(out_rx),
+    );
     let local = http::LocalState {
         name: config.name.clone(),
         server: reg.server,
@@ -166,7 +173,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
     }
     {
         let stop = stop.clone();
-        let svc = proto::peer::game_server_peer_server::GameServerPeerServer::new(peer::PeerService::new(sim_tx, metrics.clone()));
+        let svc = proto::peer::game_server_peer_server::GameServerPeerServer::new(peer::PeerService::new(
+            sim_tx,
+            metrics.clone(),
+        ));
         tasks.spawn(async move {
             let _ = tonic::transport::Server::builder()
                 .add_service(svc)
@@ -196,7 +206,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
     info!(?exit, "stopping");
     stop.cancel();
     sim_stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), async { while tasks.join_next().await.is_some() {} }).await;
+    let _ =
+        tokio::time::timeout(std::time::Duration::from_secs(5), async { while tasks.join_next().await.is_some() {} })
+            .await;
     tasks.abort_all();
     tokio::task::spawn_blocking(move || sim_thread.join()).await.ok();
     info!("game server stopped");

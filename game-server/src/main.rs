@@ -16,7 +16,11 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let filter = EnvFilter::try_from_env("PS_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     let fmt = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    if cli.log_format == "json" { fmt.json().init() } else { fmt.init() }
+    if cli.log_format == "json" {
+        fmt.json().init()
+    } else {
+        fmt.init()
+    }
     // Two I/O workers; the simulation has a thread of its own.
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().thread_name("io").build()?;
     match rt.block_on(game_server::run(cli.config, shutdown_signal()))? {

@@ -41,25 +41,48 @@ impl Metrics {
             )
             .expect("static metric definition"),
             ticks: IntCounter::new("server_ticks_total", "Simulation ticks run").expect("static metric definition"),
-            ticks_overrun: IntCounter::new("server_ticks_overrun_total", "Ticks that did not finish within their 1/90 s slot")
+            ticks_overrun: IntCounter::new(
+                "server_ticks_overrun_total",
+                "Ticks that did not finish within their 1/90 s slot",
+            )
+            .expect("static metric definition"),
+            ticks_skipped: IntCounter::new(
+                "server_ticks_skipped_total",
+                "Grid ticks skipped after an overrun (never caught up in a burst)",
+            )
+            .expect("static metric definition"),
+            active_players: IntGauge::new("active_players", "Players this server is authoritative for")
                 .expect("static metric definition"),
-            ticks_skipped: IntCounter::new("server_ticks_skipped_total", "Grid ticks skipped after an overrun (never caught up in a burst)")
+            entities: IntGauge::new("server_entities", "Entities this server is authoritative for")
                 .expect("static metric definition"),
-            active_players: IntGauge::new("active_players", "Players this server is authoritative for").expect("static metric definition"),
-            entities: IntGauge::new("server_entities", "Entities this server is authoritative for").expect("static metric definition"),
-            connections: IntGauge::new("player_connections", "Open player QUIC connections").expect("static metric definition"),
-            connections_refused: counter_vec("player_connections_refused_total", "Player connections refused, by reason", "reason"),
+            connections: IntGauge::new("player_connections", "Open player QUIC connections")
+                .expect("static metric definition"),
+            connections_refused: counter_vec(
+                "player_connections_refused_total",
+                "Player connections refused, by reason",
+                "reason",
+            ),
             datagrams_dropped: counter_vec("packets_dropped_total", "Player datagrams dropped, by reason", "reason"),
-            peer_refused: counter_vec("peer_requests_refused_total", "Server-to-server requests refused, by reason", "reason"),
-            bytes_sent: IntCounter::new("bytes_sent_total", "Datagram payload bytes sent to players").expect("static metric definition"),
+            peer_refused: counter_vec(
+                "peer_requests_refused_total",
+                "Server-to-server requests refused, by reason",
+                "reason",
+            ),
+            bytes_sent: IntCounter::new("bytes_sent_total", "Datagram payload bytes sent to players")
+                .expect("static metric definition"),
             bytes_received: IntCounter::new("bytes_received_total", "Datagram payload bytes received from players")
                 .expect("static metric definition"),
-            snapshots_sent: IntCounter::new("snapshots_sent_total", "Snapshot datagrams sent").expect("static metric definition"),
-            inputs_applied: IntCounter::new("inputs_applied_total", "Player input frames applied").expect("static metric definition"),
+            snapshots_sent: IntCounter::new("snapshots_sent_total", "Snapshot datagrams sent")
+                .expect("static metric definition"),
+            inputs_applied: IntCounter::new("inputs_applied_total", "Player input frames applied")
+                .expect("static metric definition"),
             transfers: counter_vec("authority_transfers_total", "Authority transfers by direction and result", "kind"),
             handoff_late_ticks: Histogram::with_opts(
-                HistogramOpts::new("handoff_late_ticks", "Ticks a handed-off entity arrived after its effective tick (0 = in time)")
-                    .buckets(vec![0.0, 1.0, 2.0, 4.0, 9.0, 18.0, 45.0, 90.0]),
+                HistogramOpts::new(
+                    "handoff_late_ticks",
+                    "Ticks a handed-off entity arrived after its effective tick (0 = in time)",
+                )
+                .buckets(vec![0.0, 1.0, 2.0, 4.0, 9.0, 18.0, 45.0, 90.0]),
             )
             .expect("static metric definition"),
             registry,

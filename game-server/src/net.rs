@@ -263,4 +263,3 @@ fn on_datagram(ctx: &NetContext, conn: u64, bytes: Bytes) {
         Err(e) => ctx.metrics.datagrams_dropped.with_label_values(&[e.reason()]).inc(),
     }
 }
-

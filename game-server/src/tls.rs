@@ -36,7 +36,8 @@ pub fn from_files(cert: &Path, key: &Path) -> anyhow::Result<Identity> {
         .with_context(|| format!("parsing certificates in {}", cert.display()))?;
     let leaf = chain.first().with_context(|| format!("no certificate in {}", cert.display()))?;
     let sha256 = fingerprint(leaf);
-    let key = PrivateKeyDer::from_pem_file(key).with_context(|| format!("reading the private key {}", key.display()))?;
+    let key =
+        PrivateKeyDer::from_pem_file(key).with_context(|| format!("reading the private key {}", key.display()))?;
     Ok(Identity { chain, key, sha256 })
 }
 

@@ -62,11 +62,7 @@ pub fn load_to_pb(l: &Load) -> pb::Load {
 }
 
 fn assignment_to_pb(k: &RegionKey, a: &Assignment) -> pb::RegionAssignment {
-    pb::RegionAssignment {
-        region: Some(key_to_pb(k)),
-        server_id: a.server.map_or(0, |s| s.0),
-        epoch: a.epoch.0,
-    }
+    pb::RegionAssignment { region: Some(key_to_pb(k)), server_id: a.server.map_or(0, |s| s.0), epoch: a.epoch.0 }
 }
 
 fn server_to_pb(s: &ServerRecord) -> pb::ServerInfo {

@@ -90,7 +90,10 @@ impl MeshCoordinator for CoordinatorGrpc {
         Ok(Response::new(self.node.read(map_to_pb)))
     }
 
-    async fn request_transfer(&self, req: Request<pb::TransferRequest>) -> Result<Response<pb::TransferResponse>, Status> {
+    async fn request_transfer(
+        &self,
+        req: Request<pb::TransferRequest>,
+    ) -> Result<Response<pb::TransferResponse>, Status> {
         let r = req.into_inner();
         let from_region = key_from_pb(r.from_region.as_ref()).map_err(|e| self.refuse("bad_region_key", e))?;
         let to_region = key_from_pb(r.to_region.as_ref()).map_err(|e| self.refuse("bad_region_key", e))?;

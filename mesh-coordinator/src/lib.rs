@@ -65,7 +65,10 @@ pub struct Config {
 
 impl Config {
     pub fn validate(&self) -> anyhow::Result<()> {
-        anyhow::ensure!(self.world_size.iter().all(|n| (1..=64).contains(n)), "world size must be 1..=64 root cubes per axis");
+        anyhow::ensure!(
+            self.world_size.iter().all(|n| (1..=64).contains(n)),
+            "world size must be 1..=64 root cubes per axis"
+        );
         anyhow::ensure!(self.heartbeat_interval_ms >= 50, "heartbeat interval must be at least 50 ms");
         anyhow::ensure!(
             self.heartbeat_timeout_ms >= 2 * self.heartbeat_interval_ms,
@@ -132,9 +135,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
     let http = TcpListener::bind(config.http_addr)
         .await
         .with_context(|| format!("binding the HTTP API on {}", config.http_addr))?;
-    let grpc = TcpListener::bind(config.grpc_addr)
-        .await
-        .with_context(|| format!("binding gRPC on {}", config.grpc_addr))?;
+    let grpc =
+        TcpListener::bind(config.grpc_addr).await.with_context(|| format!("binding gRPC on {}", config.grpc_addr))?;
     let ports = BoundPorts { http: http.local_addr()?, grpc: grpc.local_addr()? };
     info!(http = %ports.http, grpc = %ports.grpc, regions = nx * ny * nz, "coordinator listening");
     if let Some(path) = &config.ports_file {
@@ -173,7 +175,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
         async move { axum::serve(http, app).with_graceful_shutdown(stop).await }
     });
     let grpc_task = tokio::spawn({
-        let svc = proto::mesh::mesh_coordinator_server::MeshCoordinatorServer::new(grpc::CoordinatorGrpc::new(node.clone()));
+        let svc =
+            proto::mesh::mesh_coordinator_server::MeshCoordinatorServer::new(grpc::CoordinatorGrpc::new(node.clone()));
         let stop = stop.clone().cancelled_owned();
         async move {
             tonic::transport::Server::builder()
@@ -193,4 +196,3 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
     info!("coordinator stopped");
     Ok(())
 }
-

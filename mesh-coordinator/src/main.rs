@@ -17,7 +17,11 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let filter = EnvFilter::try_from_env("PS_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     let fmt = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    if cli.log_format == "json" { fmt.json().init() } else { fmt.init() }
+    if cli.log_format == "json" {
+        fmt.json().init()
+    } else {
+        fmt.init()
+    }
     mesh_coordinator::run(cli.config, shutdown_signal()).await
 }
 

@@ -16,28 +16,21 @@ pub struct Metrics {
 impl Metrics {
     pub fn new() -> Self {
         let registry = Registry::new();
-        let servers = IntGaugeVec::new(
-            Opts::new("mesh_servers", "Registered game servers by state"),
-            &["state"],
-        )
-        .expect("static metric definition");
-        let regions = IntGaugeVec::new(
-            Opts::new("mesh_regions", "Leaf regions by whether a live server owns them"),
-            &["state"],
-        )
-        .expect("static metric definition");
-        let commands = IntCounterVec::new(
-            Opts::new("mesh_commands_total", "State-machine commands applied, by kind"),
-            &["kind"],
-        )
-        .expect("static metric definition");
+        let servers = IntGaugeVec::new(Opts::new("mesh_servers", "Registered game servers by state"), &["state"])
+            .expect("static metric definition");
+        let regions =
+            IntGaugeVec::new(Opts::new("mesh_regions", "Leaf regions by whether a live server owns them"), &["state"])
+                .expect("static metric definition");
+        let commands =
+            IntCounterVec::new(Opts::new("mesh_commands_total", "State-machine commands applied, by kind"), &["kind"])
+                .expect("static metric definition");
         let refused = IntCounterVec::new(
             Opts::new("mesh_requests_refused_total", "Requests refused, by stable reason"),
             &["reason"],
         )
         .expect("static metric definition");
-        let transfers =
-            IntCounter::new("authority_transfer_count", "Authority transfers committed").expect("static metric definition");
+        let transfers = IntCounter::new("authority_transfer_count", "Authority transfers committed")
+            .expect("static metric definition");
         let server_deaths = IntCounter::new("mesh_server_deaths_total", "Game servers declared dead")
             .expect("static metric definition");
         for c in [

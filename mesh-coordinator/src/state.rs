@@ -129,7 +129,9 @@ pub enum Command {
         now: u64,
     },
     /// Periodic: failure detection and placement of unowned regions.
-    Tick { now: u64 },
+    Tick {
+        now: u64,
+    },
     RequestTransfer(TransferRequest),
     CompleteTransfer {
         transfer_id: u64,
@@ -185,13 +187,7 @@ pub enum CommandError {
     #[error("region {region} is held under {current}, not {claimed} by {server}")]
     StaleRegionEpoch { region: RegionKey, server: ServerId, claimed: Epoch, current: Epoch },
     #[error("entity {entity} is held by {holder} under {current}; {server} claimed {claimed}")]
-    StaleEntityEpoch {
-        entity: EntityId,
-        server: ServerId,
-        claimed: Epoch,
-        holder: ServerId,
-        current: Epoch,
-    },
+    StaleEntityEpoch { entity: EntityId, server: ServerId, claimed: Epoch, holder: ServerId, current: Epoch },
     #[error("region {0} is not a leaf of the region map")]
     UnknownRegion(RegionKey),
     #[error("region {0} has no live owner")]
@@ -247,11 +243,8 @@ pub struct CoordinatorState {
 
 impl CoordinatorState {
     pub fn new(policy: Policy, tree: RegionTree, clock: TickClock) -> Self {
-        let assignments = tree
-            .leaves()
-            .into_iter()
-            .map(|k| (k, Assignment { server: None, epoch: Epoch(0) }))
-            .collect();
+        let assignments =
+            tree.leaves().into_iter().map(|k| (k, Assignment { server: None, epoch: Epoch(0) })).collect();
         Self {
             policy,
             clock,
@@ -416,9 +409,8 @@ impl CoordinatorState {
         if live == 0 {
             return;
         }
-        let grace_over = self
-            .first_registration
-            .is_some_and(|t| now.saturating_sub(t) >= self.policy.startup_grace_ms * 1_000_000);
+        let grace_over =
+            self.first_registration.is_some_and(|t| now.saturating_sub(t) >= self.policy.startup_grace_ms * 1_000_000);
         if !grace_over && live < self.assignments.len() {
             return;
         }
@@ -435,19 +427,15 @@ impl CoordinatorState {
     /// The live server with the fewest regions; among equals, one that already
     /// owns a neighbour of `region`; then the lowest id.
     fn choose_owner(&self, region: &RegionKey, exclude: Option<ServerId>) -> Option<ServerId> {
-        let neighbours: Vec<RegionKey> = self
-            .tree
-            .neighbours(region)
-            .map(|n| n.into_iter().map(|(k, _)| k).collect())
-            .unwrap_or_default();
+        let neighbours: Vec<RegionKey> =
+            self.tree.neighbours(region).map(|n| n.into_iter().map(|(k, _)| k).collect()).unwrap_or_default();
         self.servers
             .values()
             .filter(|s| s.alive && Some(s.id) != exclude)
             .min_by_key(|s| {
                 let count = self.regions_of(s.id).count();
-                let adjacent = neighbours
-                    .iter()
-                    .any(|n| self.assignments.get(n).is_some_and(|a| a.server == Some(s.id)));
+                let adjacent =
+                    neighbours.iter().any(|n| self.assignments.get(n).is_some_and(|a| a.server == Some(s.id)));
                 (count, !adjacent, s.id)
             })
             .map(|s| s.id)
@@ -466,11 +454,7 @@ impl CoordinatorState {
         if s.alive { Ok(s) } else { Err(CommandError::Fenced(id)) }
     }
 
-    fn request_transfer(
-        &mut self,
-        req: TransferRequest,
-        events: &mut Vec<Event>,
-    ) -> Result<Response, CommandError> {
+    fn request_transfer(&mut self, req: TransferRequest, events: &mut Vec<Event>) -> Result<Response, CommandError> {
         self.live_server(req.from)?;
         let from_assignment =
             self.assignments.get(&req.from_region).ok_or(CommandError::UnknownRegion(req.from_region))?;
@@ -502,8 +486,7 @@ impl CoordinatorState {
             return Err(CommandError::NoOwner(req.to_region));
         }
         let entity_epoch = current.next();
-        let effective_tick =
-            (self.clock.tick_at(req.now) + self.policy.handoff_lead_ticks).max(req.not_before_tick);
+        let effective_tick = (self.clock.tick_at(req.now) + self.policy.handoff_lead_ticks).max(req.not_before_tick);
         let record = TransferRecord {
             id: self.next_transfer_id,
             entity: req.entity,
@@ -651,7 +634,13 @@ mod tests {
         // Asking again with the old epoch is stale: the entity is b's now.
         let (r, _) = s.apply(Command::RequestTransfer(transfer_req(&s, a, Epoch(0), now)));
         assert_eq!(r.unwrap_err().reason(), "stale_epoch");
-        let (r, _) = s.apply(Command::CompleteTransfer { transfer_id: t.id, from: a, delivered: true, error: String::new(), now });
+        let (r, _) = s.apply(Command::CompleteTransfer {
+            transfer_id: t.id,
+            from: a,
+            delivered: true,
+            error: String::new(),
+            now,
+        });
         assert_eq!(r, Ok(Response::Done));
         assert_eq!(s.transfers()[0].outcome, TransferOutcome::Delivered);
     }

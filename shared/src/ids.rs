@@ -32,9 +32,7 @@ impl fmt::Display for PlayerId {
 }
 
 /// An epoch: raised only by the coordinator's log; newer wins, stale is fenced.
-#[derive(
-    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
-)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct Epoch(pub u64);
 
 impl Epoch {

@@ -16,4 +16,4 @@ pub mod wire;
 pub use geom::{Aabb, WorldPos};
 pub use ids::{EntityId, Epoch, PlayerId, ServerId};
 pub use region::{Contact, RegionKey, RegionTree};
-pub use time::{Tick, TickClock, TICK_HZ};
+pub use time::{TICK_HZ, Tick, TickClock};

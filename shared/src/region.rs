@@ -27,9 +27,7 @@ pub const DEFAULT_OVERLAP_M: f64 = 100.0;
 /// One cube of the region octree: `level` 0 is a root cube of 2000 m; each
 /// level halves the edge. `x, y, z` are cell coordinates at that level, so the
 /// cube spans `[cell * edge, (cell + 1) * edge)` on each axis.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct RegionKey {
     pub level: u8,
     pub x: i32,
@@ -80,12 +78,7 @@ impl RegionKey {
             return Err(RegionError::LevelTooDeep(level));
         }
         let edge = Self::edge_at(level);
-        Ok(Self::new(
-            level,
-            cell_of(p.x, edge),
-            cell_of(p.y, edge),
-            cell_of(p.z, edge),
-        ))
+        Ok(Self::new(level, cell_of(p.x, edge), cell_of(p.y, edge), cell_of(p.z, edge)))
     }
 
     /// The region's cube, half-open.
@@ -100,14 +93,8 @@ impl RegionKey {
     }
 
     pub fn parent(&self) -> Option<Self> {
-        (self.level > 0).then(|| {
-            Self::new(
-                self.level - 1,
-                self.x.div_euclid(2),
-                self.y.div_euclid(2),
-                self.z.div_euclid(2),
-            )
-        })
+        (self.level > 0)
+            .then(|| Self::new(self.level - 1, self.x.div_euclid(2), self.y.div_euclid(2), self.z.div_euclid(2)))
     }
 
     /// The root cube this region lies in.
@@ -179,8 +166,7 @@ impl std::str::FromStr for RegionKey {
             return Err(RegionError::LevelTooDeep(level));
         }
         let mut it = cells.split(',').map(|c| c.trim().parse::<i32>());
-        let (Some(Ok(x)), Some(Ok(y)), Some(Ok(z)), None) = (it.next(), it.next(), it.next(), it.next())
-        else {
+        let (Some(Ok(x)), Some(Ok(y)), Some(Ok(z)), None) = (it.next(), it.next(), it.next(), it.next()) else {
             return Err(err());
         };
         Ok(Self::new(level, x, y, z))
@@ -217,9 +203,7 @@ fn contact_between(a: &Aabb, b: &Aabb) -> Option<Contact> {
         return None;
     }
     // Axes on which the closed intervals meet in a single point.
-    let point_axes = (0..3)
-        .filter(|&i| a.max[i] == b.min[i] || b.max[i] == a.min[i])
-        .count();
+    let point_axes = (0..3).filter(|&i| a.max[i] == b.min[i] || b.max[i] == a.min[i]).count();
     match point_axes {
         1 => Some(Contact::Face),
         2 => Some(Contact::Edge),
@@ -242,10 +226,7 @@ pub struct RegionTree {
 impl RegionTree {
     /// A world made of the given root cells, none of them split.
     pub fn new(roots: impl IntoIterator<Item = RegionKey>) -> Self {
-        Self {
-            roots: roots.into_iter().map(|k| k.root_ancestor()).collect(),
-            split: BTreeSet::new(),
-        }
+        Self { roots: roots.into_iter().map(|k| k.root_ancestor()).collect(), split: BTreeSet::new() }
     }
 
     /// A box of `nx × ny × nz` root cells with its minimum corner at root cell `origin`.
@@ -267,8 +248,7 @@ impl RegionTree {
 
     /// Whether `key` is a region of this tree (a leaf or a split node).
     pub fn has_region(&self, key: &RegionKey) -> bool {
-        self.roots.contains(&key.root_ancestor())
-            && key.parent().is_none_or(|p| self.split.contains(&p))
+        self.roots.contains(&key.root_ancestor()) && key.parent().is_none_or(|p| self.split.contains(&p))
     }
 
     pub fn is_leaf(&self, key: &RegionKey) -> bool {
@@ -358,13 +338,7 @@ impl RegionTree {
         Ok(out)
     }
 
-    fn collect_touching(
-        &self,
-        key: RegionKey,
-        leaf: &RegionKey,
-        target: &Aabb,
-        out: &mut Vec<(RegionKey, Contact)>,
-    ) {
+    fn collect_touching(&self, key: RegionKey, leaf: &RegionKey, target: &Aabb, out: &mut Vec<(RegionKey, Contact)>) {
         if key == *leaf || !key.aabb().touches_closed(target) {
             return;
         }
@@ -401,10 +375,11 @@ impl RegionTree {
         for z in probes(p.z) {
             for y in probes(p.y) {
                 for x in probes(p.x) {
-                    if let Some(k) = self.leaf_at(DVec3::new(x, y, z)) {
-                        if k != home && k.in_overlap_zone(p, margin) {
-                            out.insert(k);
-                        }
+                    if let Some(k) = self.leaf_at(DVec3::new(x, y, z))
+                        && k != home
+                        && k.in_overlap_zone(p, margin)
+                    {
+                        out.insert(k);
                     }
                 }
             }
@@ -417,12 +392,7 @@ impl RegionTree {
 /// through `current`, now at `p`. `None` while the entity is inside `current`
 /// or within `margin` (Chebyshev) of it, so an entity moving back and forth
 /// across a face never changes owner.
-pub fn handoff_target(
-    tree: &RegionTree,
-    current: &RegionKey,
-    p: WorldPos,
-    margin: f64,
-) -> Option<RegionKey> {
+pub fn handoff_target(tree: &RegionTree, current: &RegionKey, p: WorldPos, margin: f64) -> Option<RegionKey> {
     if current.aabb().linf_distance(p) <= margin {
         return None;
     }
@@ -450,8 +420,7 @@ mod tests {
     }
 
     fn point_in_world() -> impl Strategy<Value = DVec3> {
-        (-2000.0..3999.999f64, -2000.0..1999.999f64, -2000.0..1999.999f64)
-            .prop_map(|(x, y, z)| DVec3::new(x, y, z))
+        (-2000.0..3999.999f64, -2000.0..1999.999f64, -2000.0..1999.999f64).prop_map(|(x, y, z)| DVec3::new(x, y, z))
     }
 
     #[test]
@@ -504,10 +473,7 @@ mod tests {
     fn neighbours_of_a_root_in_a_line() {
         let t = RegionTree::grid(IVec3::ZERO, 3, 1, 1);
         let n = t.neighbours(&RegionKey::root(1, 0, 0)).unwrap();
-        assert_eq!(
-            n,
-            vec![(RegionKey::root(0, 0, 0), Contact::Face), (RegionKey::root(2, 0, 0), Contact::Face)]
-        );
+        assert_eq!(n, vec![(RegionKey::root(0, 0, 0), Contact::Face), (RegionKey::root(2, 0, 0), Contact::Face)]);
     }
 
     #[test]

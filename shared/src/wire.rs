@@ -382,8 +382,7 @@ pub fn frame_len(prefix: [u8; 4]) -> Result<usize, DecodeError> {
 
 /// Decodes a control frame body (without its length prefix).
 pub fn decode_frame<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, DecodeError> {
-    let (msg, used) =
-        bincode::serde::decode_from_slice(body, frame_config()).map_err(|_| DecodeError::BadFrame)?;
+    let (msg, used) = bincode::serde::decode_from_slice(body, frame_config()).map_err(|_| DecodeError::BadFrame)?;
     if used != body.len() {
         return Err(DecodeError::TrailingBytes(body.len() - used));
     }
@@ -403,7 +402,14 @@ mod tests {
     fn input() -> impl Strategy<Value = InputFrame> {
         (any::<u32>(), any::<u64>(), pose(), pose(), pose(), proptest::array::uniform2(-1.0f32..1.0), any::<u32>())
             .prop_map(|(seq, ack_tick, head, left, right, locomotion, buttons)| InputFrame {
-                seq, ack_tick, head, left, right, locomotion, turn: 0.5, buttons,
+                seq,
+                ack_tick,
+                head,
+                left,
+                right,
+                locomotion,
+                turn: 0.5,
+                buttons,
             })
     }
 
@@ -417,7 +423,8 @@ mod tests {
     #[test]
     fn snapshot_caps_its_entities_to_one_datagram() {
         let e = EntityState { id: EntityId(7), pos: DVec3::ONE, yaw: 0.0, vel: [0.0; 3], authority: ServerId(1) };
-        let s = Snapshot { tick: 1, server: ServerId(1), authoritative: true, last_input_seq: 3, entities: vec![e; 100] };
+        let s =
+            Snapshot { tick: 1, server: ServerId(1), authoritative: true, last_input_seq: 3, entities: vec![e; 100] };
         let mut b = Vec::new();
         assert_eq!(s.encode(&mut b), MAX_SNAPSHOT_ENTITIES);
         assert!(b.len() <= MAX_DATAGRAM);
@@ -437,7 +444,8 @@ mod tests {
         InputFrame { locomotion: [f32::NAN, 0.0], ..Default::default() }.encode(&mut b);
         assert_eq!(Datagram::decode_input(&b).unwrap_err().reason(), "non_finite");
         let mut s = Vec::new();
-        Snapshot { tick: 0, server: ServerId(1), authoritative: false, last_input_seq: 0, entities: vec![] }.encode(&mut s);
+        Snapshot { tick: 0, server: ServerId(1), authoritative: false, last_input_seq: 0, entities: vec![] }
+            .encode(&mut s);
         assert_eq!(Datagram::decode_input(&s).unwrap_err().reason(), "unknown_kind");
     }
 

@@ -119,7 +119,11 @@ impl Mesh {
         let mut coordinator = Proc::start(
             "coordinator",
             "mesh-coordinator",
-            &["--http-addr=127.0.0.1:0".into(), "--grpc-addr=127.0.0.1:0".into(), format!("--ports-file={}", ports.display())],
+            &[
+                "--http-addr=127.0.0.1:0".into(),
+                "--grpc-addr=127.0.0.1:0".into(),
+                format!("--ports-file={}", ports.display()),
+            ],
             dir.path(),
         )?;
         let c = wait_ports(&ports, &mut coordinator)?;

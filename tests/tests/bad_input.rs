@@ -7,8 +7,10 @@ use std::time::Duration;
 use integration_tests::{Mesh, blocking_text, metric};
 use proto::mesh as mpb;
 use proto::peer as ppb;
-use shared::wire::{ALPN, ClientControl, JoinRole, PROTOCOL_VERSION, ServerControl, decode_frame, encode_frame, frame_len};
 use shared::PlayerId;
+use shared::wire::{
+    ALPN, ClientControl, JoinRole, PROTOCOL_VERSION, ServerControl, decode_frame, encode_frame, frame_len,
+};
 
 async fn connect(addr: SocketAddr, cert: &str, alpn: &[u8]) -> anyhow::Result<quinn::Connection> {
     let mut endpoint = quinn::Endpoint::client(SocketAddr::from(([127, 0, 0, 1], 0)))?;
@@ -18,7 +20,10 @@ async fn connect(addr: SocketAddr, cert: &str, alpn: &[u8]) -> anyhow::Result<qu
 
 /// Says hello; returns the answer and the control stream, which must stay
 /// open for as long as the session does.
-async fn hello(conn: &quinn::Connection, ticket: &str) -> anyhow::Result<(ServerControl, quinn::SendStream, quinn::RecvStream)> {
+async fn hello(
+    conn: &quinn::Connection,
+    ticket: &str,
+) -> anyhow::Result<(ServerControl, quinn::SendStream, quinn::RecvStream)> {
     let (mut send, mut recv) = conn.open_bi().await?;
     let h = ClientControl::Hello {
         version: PROTOCOL_VERSION,
@@ -42,7 +47,8 @@ fn bad_input_is_refused_and_counted() -> anyhow::Result<()> {
     mesh.wait_regions_owned()?;
     let regions = mesh.get("/v1/regions")?;
     // The server owning the spawn point of the probe (region L0:0,0,0).
-    let owner = regions.as_array().unwrap().iter().find(|r| r["region"] == "L0:0,0,0").unwrap()["server_id"].as_u64().unwrap();
+    let owner =
+        regions.as_array().unwrap().iter().find(|r| r["region"] == "L0:0,0,0").unwrap()["server_id"].as_u64().unwrap();
     let (_, ports) = mesh.servers.iter().find(|(_, v)| v["server_id"].as_u64() == Some(owner)).unwrap();
     let quic: SocketAddr = ports["quic"].as_str().unwrap().parse()?;
     let cert = ports["cert_sha256"].as_str().unwrap().to_owned();
@@ -92,13 +98,17 @@ fn bad_input_is_refused_and_counted() -> anyhow::Result<()> {
         assert!(stale.message().starts_with("stale_epoch"), "{}", stale.message());
         // A region key deeper than the octree is a bad request, not a panic.
         let deep = coord
-            .request_transfer(mpb::TransferRequest { from_region: Some(mpb::RegionKey { level: 9, x: 0, y: 0, z: 0 }), ..Default::default() })
+            .request_transfer(mpb::TransferRequest {
+                from_region: Some(mpb::RegionKey { level: 9, x: 0, y: 0, z: 0 }),
+                ..Default::default()
+            })
             .await
             .expect_err("level 9 does not exist");
         assert_eq!(deep.code(), tonic::Code::InvalidArgument);
 
         // A handoff addressed to another server is refused by the peer.
-        let mut peer = ppb::game_server_peer_client::GameServerPeerClient::connect(format!("http://{peer_grpc}")).await?;
+        let mut peer =
+            ppb::game_server_peer_client::GameServerPeerClient::connect(format!("http://{peer_grpc}")).await?;
         let wrong = peer
             .handoff(ppb::HandoffRequest {
                 to_server: 4242,

@@ -61,10 +61,14 @@ pub struct Authority {
 #[derive(Component, Debug, Clone, PartialEq)]
 pub enum Transfer {
     /// Asked the coordinator at this tick.
-    Requested { at: Tick },
+    Requested {
+        at: Tick,
+    },
     Committed(CommittedTransfer),
     /// Refused; do not ask again before this tick.
-    Backoff { until: Tick },
+    Backoff {
+        until: Tick,
+    },
 }
 
 /// Static facts and knobs of this server's simulation.

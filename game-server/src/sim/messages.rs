@@ -90,13 +90,27 @@ pub enum SimIn {
         spawn: Option<DVec3>,
         tx: mpsc::Sender<Outbound>,
     },
-    Input { conn: ConnId, frame: InputFrame },
-    Left { conn: ConnId },
+    Input {
+        conn: ConnId,
+        frame: InputFrame,
+    },
+    Left {
+        conn: ConnId,
+    },
     Map(Arc<MapView>),
-    TransferCommitted { entity: EntityId, transfer: CommittedTransfer },
-    TransferRefused { entity: EntityId, reason: String },
+    TransferCommitted {
+        entity: EntityId,
+        transfer: CommittedTransfer,
+    },
+    TransferRefused {
+        entity: EntityId,
+        reason: String,
+    },
     /// A neighbour hands an entity over; the reply says whether it was taken.
-    Adopt { state: Box<HandoffState>, reply: oneshot::Sender<Result<(), AdoptError>> },
+    Adopt {
+        state: Box<HandoffState>,
+        reply: oneshot::Sender<Result<(), AdoptError>>,
+    },
 }
 
 /// Tick thread → control task.

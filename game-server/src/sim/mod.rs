@@ -117,10 +117,7 @@ fn now_nanos() -> u64 {
 
 /// Starts the tick thread. It runs until `stop` is set.
 pub fn spawn(parts: SimParts, stop: Arc<AtomicBool>) -> anyhow::Result<std::thread::JoinHandle<()>> {
-    std::thread::Builder::new()
-        .name("tick".into())
-        .spawn(move || run(parts, &stop))
-        .context("starting the tick thread")
+    std::thread::Builder::new().name("tick".into()).spawn(move || run(parts, &stop)).context("starting the tick thread")
 }
 
 fn run(parts: SimParts, stop: &AtomicBool) {

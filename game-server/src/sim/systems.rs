@@ -240,7 +240,11 @@ fn check_adoption(world: &World, s: &HandoffState) -> Result<(), AdoptError> {
     let map = &world.resource::<Map>().0;
     if let Some((_, known)) = map.owners.get(&s.to_region) {
         if *known > s.to_region_epoch {
-            return Err(AdoptError::StaleRegionEpoch { region: s.to_region, known: *known, claimed: s.to_region_epoch });
+            return Err(AdoptError::StaleRegionEpoch {
+                region: s.to_region,
+                known: *known,
+                claimed: s.to_region_epoch,
+            });
         }
     }
     if let Some(e) = world.resource::<Index>().by_net.get(&s.entity) {
@@ -273,10 +277,16 @@ fn adopt_due(world: &mut World) {
         let late = tick - s.effective_tick;
         metrics.0.handoff_late_ticks.observe(late as f64);
         metrics.0.transfers.with_label_values(&["in"]).inc();
-        let mut pending: VecDeque<_> = s.pending_inputs.iter().copied().filter(|f| f.seq > s.last_applied_input).collect();
+        let mut pending: VecDeque<_> =
+            s.pending_inputs.iter().copied().filter(|f| f.seq > s.last_applied_input).collect();
         let conn = s.player.and_then(|p| {
             let conns = world.resource::<Conns>();
-            conns.0.iter().filter(|(_, c)| c.player == p).max_by_key(|(_, c)| c.role == JoinRole::Play).map(|(id, _)| *id)
+            conns
+                .0
+                .iter()
+                .filter(|(_, c)| c.player == p)
+                .max_by_key(|(_, c)| c.role == JoinRole::Play)
+                .map(|(id, _)| *id)
         });
         if let Some(p) = s.player {
             if let Some(buf) = world.resource_mut::<StandbyInputs>().0.remove(&p) {
@@ -288,7 +298,12 @@ fn adopt_due(world: &mut World) {
         let mut e = world.spawn((
             NetId(s.entity),
             Body { pos: s.pos, yaw: s.yaw, vel: s.vel },
-            Authority { region: s.to_region, region_epoch: s.to_region_epoch, entity_epoch: s.entity_epoch, since: s.effective_tick },
+            Authority {
+                region: s.to_region,
+                region_epoch: s.to_region_epoch,
+                entity_epoch: s.entity_epoch,
+                since: s.effective_tick,
+            },
         ));
         if let Some(player) = s.player {
             e.insert(Avatar {
@@ -323,7 +338,12 @@ fn adopt_due(world: &mut World) {
                 }
             }
             let conns = world.resource::<Conns>();
-            send(conns, c, Outbound::Control(ServerControl::AuthorityGained { effective_tick: s.effective_tick }), &metrics);
+            send(
+                conns,
+                c,
+                Outbound::Control(ServerControl::AuthorityGained { effective_tick: s.effective_tick }),
+                &metrics,
+            );
         }
         info!(entity = %s.entity, from = %s.from, transfer = s.transfer_id, late_ticks = late, "authority gained");
     }
@@ -414,7 +434,11 @@ pub fn authority(world: &mut World) {
     }
     for (e, owner) in hints {
         let Some(peer) = map.servers.get(&owner) else { continue };
-        let msg = ServerControl::PreConnect { server: owner, quic_addr: peer.quic.clone(), cert_sha256: peer.cert_sha256.clone() };
+        let msg = ServerControl::PreConnect {
+            server: owner,
+            quic_addr: peer.quic.clone(),
+            cert_sha256: peer.cert_sha256.clone(),
+        };
         let conn = world.get_mut::<Avatar>(e).and_then(|mut a| {
             a.preconnected.insert(owner);
             a.conn
@@ -540,9 +564,21 @@ pub fn replication(
             near.truncate(keep);
         }
         let mut entities = Vec::with_capacity(near.len() + 1);
-        entities.push(EntityState { id: net.0, pos: body.pos, yaw: body.yaw, vel: body.vel.to_array(), authority: cfg.server });
+        entities.push(EntityState {
+            id: net.0,
+            pos: body.pos,
+            yaw: body.yaw,
+            vel: body.vel.to_array(),
+            authority: cfg.server,
+        });
         entities.extend(near.iter().map(|(_, i)| scratch[*i]));
-        let snap = Snapshot { tick: tick.tick, server: cfg.server, authoritative: true, last_input_seq: a.last_applied, entities };
+        let snap = Snapshot {
+            tick: tick.tick,
+            server: cfg.server,
+            authoritative: true,
+            last_input_seq: a.last_applied,
+            entities,
+        };
         buf.clear();
         snap.encode(&mut buf);
         bytes += buf.len() as u64;

@@ -227,8 +227,11 @@ impl Bot {
             tries += 1;
             let attempt = async {
                 let route = self.route(spawn).await?;
-                let addr: SocketAddr = route.quic.parse().with_context(|| format!("bad QUIC address {}", route.quic))?;
-                self.open(addr, &route.cert_sha256, JoinRole::Play, Some(spawn), tx.clone()).await.map(|s| (s, route.server_id))
+                let addr: SocketAddr =
+                    route.quic.parse().with_context(|| format!("bad QUIC address {}", route.quic))?;
+                self.open(addr, &route.cert_sha256, JoinRole::Play, Some(spawn), tx.clone())
+                    .await
+                    .map(|s| (s, route.server_id))
             }
             .await;
             match attempt {

@@ -48,7 +48,10 @@ struct Cli {
 fn parse_path(s: &str) -> anyhow::Result<Vec<DVec3>> {
     s.split(';')
         .map(|p| {
-            let v: Vec<f64> = p.split(',').map(|c| c.trim().parse::<f64>()).collect::<Result<_, _>>()
+            let v: Vec<f64> = p
+                .split(',')
+                .map(|c| c.trim().parse::<f64>())
+                .collect::<Result<_, _>>()
                 .with_context(|| format!("bad waypoint {p:?}"))?;
             match v.as_slice() {
                 [x, y, z] if v.iter().all(|c| c.is_finite()) => Ok(DVec3::new(*x, *y, *z)),
@@ -117,8 +120,14 @@ async fn main() -> anyhow::Result<()> {
     });
     println!("{summary}");
     if let Some(path) = cli.report {
-        std::fs::write(&path, serde_json::to_vec_pretty(&report)?).with_context(|| format!("writing {}", path.display()))?;
+        std::fs::write(&path, serde_json::to_vec_pretty(&report)?)
+            .with_context(|| format!("writing {}", path.display()))?;
     }
-    anyhow::ensure!(report.joined == report.bots, "{} of {} bots could not join", report.bots - report.joined, report.bots);
+    anyhow::ensure!(
+        report.joined == report.bots,
+        "{} of {} bots could not join",
+        report.bots - report.joined,
+        report.bots
+    );
     Ok(())
 }

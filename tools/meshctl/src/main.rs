@@ -101,11 +101,18 @@ fn cell(v: &Value) -> String {
 
 /// A plain text table of `rows` (an array of objects) with the given columns.
 fn table(rows: &Value, cols: &[(&str, &str)]) -> String {
-    let rows: Vec<Vec<String>> = rows.as_array().into_iter().flatten().map(|r| cols.iter().map(|(_, k)| cell(&r[*k])).collect()).collect();
-    let widths: Vec<usize> =
-        cols.iter().enumerate().map(|(i, (h, _))| rows.iter().map(|r| r[i].len()).chain([h.len()]).max().unwrap_or(0)).collect();
+    let rows: Vec<Vec<String>> =
+        rows.as_array().into_iter().flatten().map(|r| cols.iter().map(|(_, k)| cell(&r[*k])).collect()).collect();
+    let widths: Vec<usize> = cols
+        .iter()
+        .enumerate()
+        .map(|(i, (h, _))| rows.iter().map(|r| r[i].len()).chain([h.len()]).max().unwrap_or(0))
+        .collect();
     let line = |cells: Vec<String>| {
         cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect::<Vec<_>>().join("  ").trim_end().to_owned()
     };
-    std::iter::once(line(cols.iter().map(|(h, _)| (*h).to_owned()).collect())).chain(rows.into_iter().map(line)).collect::<Vec<_>>().join("\n")
+    std::iter::once(line(cols.iter().map(|(h, _)| (*h).to_owned()).collect()))
+        .chain(rows.into_iter().map(line))
+        .collect::<Vec<_>>()
+        .join("\n")
 }

@@ -169,7 +169,12 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
                 &log,
             )?;
             let v = wait_for_file(&ports, &mut p, &log).await?;
-            println!("{name}: server {} · QUIC {} · metrics http://{}/metrics", v["server_id"], v["quic"].as_str().unwrap_or("?"), v["metrics"].as_str().unwrap_or("?"));
+            println!(
+                "{name}: server {} · QUIC {} · metrics http://{}/metrics",
+                v["server_id"],
+                v["quic"].as_str().unwrap_or("?"),
+                v["metrics"].as_str().unwrap_or("?")
+            );
             servers.push(p);
         }
         if !args.no_bots && args.bots > 0 {
@@ -190,7 +195,12 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     result
 }
 
-async fn status_loop(http: &str, coordinator: &mut [Proc], servers: &mut [Proc], bots: &mut [Proc]) -> anyhow::Result<()> {
+async fn status_loop(
+    http: &str,
+    coordinator: &mut [Proc],
+    servers: &mut [Proc],
+    bots: &mut [Proc],
+) -> anyhow::Result<()> {
     let client = reqwest::Client::builder().timeout(Duration::from_secs(1)).build()?;
     let tty = std::io::stdout().is_terminal();
     let mut every = tokio::time::interval(Duration::from_secs(1));
@@ -211,8 +221,13 @@ async fn status_loop(http: &str, coordinator: &mut [Proc], servers: &mut [Proc],
             Ok(r) => match r.json::<Value>().await {
                 Ok(s) => format!(
                     "servers {}/{} · regions owned {}/{} · players {} · handoffs {} · tick p99 {:.2} ms",
-                    s["servers_alive"], s["servers_total"], s["regions_owned"], s["regions"], s["players"],
-                    s["transfers_total"], s["tick_p99_ms_max"].as_f64().unwrap_or(0.0)
+                    s["servers_alive"],
+                    s["servers_total"],
+                    s["regions_owned"],
+                    s["regions"],
+                    s["players"],
+                    s["transfers_total"],
+                    s["tick_p99_ms_max"].as_f64().unwrap_or(0.0)
                 ),
                 Err(e) => format!("coordinator status unreadable: {e}"),
             },
