@@ -171,6 +171,9 @@ fn process_cpu_seconds() -> Option<f64> {
     Some((utime + stime) / 100.0)
 }
 
+/// gRPC clients of peer servers, with the address each was made for.
+type PeerClients = HashMap<ServerId, (String, GameServerPeerClient<Channel>)>;
+
 /// Carries out what the simulation asks of the control plane.
 #[derive(Debug, Clone)]
 pub struct TransferExecutor {
@@ -179,7 +182,7 @@ pub struct TransferExecutor {
     pub sim: mpsc::Sender<SimIn>,
     pub maps: watch::Receiver<Arc<MapView>>,
     pub metrics: Metrics,
-    peers: Arc<Mutex<HashMap<ServerId, (String, GameServerPeerClient<Channel>)>>>,
+    peers: Arc<Mutex<PeerClients>>,
 }
 
 impl TransferExecutor {
@@ -261,11 +264,10 @@ impl TransferExecutor {
                 .with_context(|| format!("server {server} is not on the map"))?
         };
         let mut peers = self.peers.lock().await;
-        if let Some((a, c)) = peers.get(&server) {
-            if *a == addr {
+        if let Some((a, c)) = peers.get(&server)
+            && *a == addr {
                 return Ok(c.clone());
             }
-        }
         let client = GameServerPeerClient::new(channel(&addr)?);
         peers.insert(server, (addr, client.clone()));
         Ok(client)

@@ -89,11 +89,10 @@ impl Drop for Proc {
 pub fn wait_ports(path: &Path, proc: &mut Proc) -> anyhow::Result<Value> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        if let Ok(text) = std::fs::read_to_string(path) {
-            if let Ok(v) = serde_json::from_str(&text) {
+        if let Ok(text) = std::fs::read_to_string(path)
+            && let Ok(v) = serde_json::from_str(&text) {
                 return Ok(v);
             }
-        }
         if let Some(status) = proc.child.try_wait()? {
             anyhow::bail!("{} exited ({status}):\n{}", proc.name, proc.log_text());
         }
@@ -154,7 +153,7 @@ impl Mesh {
 
     pub fn get(&self, path: &str) -> anyhow::Result<Value> {
         let url = format!("http://{}{path}", self.http);
-        Ok(reqwest::blocking_get(&url)?)
+        reqwest::blocking_get(&url)
     }
 
     /// Waits until every region has a live owner.

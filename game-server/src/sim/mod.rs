@@ -146,7 +146,7 @@ fn run(parts: SimParts, stop: &AtomicBool) {
             times.pop_front();
         }
         times.push_back(took.as_micros().min(u128::from(u32::MAX)) as u32);
-        if tick % 90 == 0 {
+        if tick.is_multiple_of(90) {
             let mut sorted: Vec<u32> = times.iter().copied().collect();
             sorted.sort_unstable();
             let p99 = sorted.get(sorted.len() * 99 / 100).copied().unwrap_or(0);

@@ -448,9 +448,8 @@ async fn open(
         let why = loop {
             tokio::select! {
                 d = c.read_datagram() => match d {
-                    Ok(b) => if let Ok(Datagram::Snapshot(s)) = Datagram::decode(&b) {
-                        if tx.try_send(Event::Snapshot(server, s)).is_err() && tx.is_closed() { break "bot ended".to_owned(); }
-                    },
+                    Ok(b) => if let Ok(Datagram::Snapshot(s)) = Datagram::decode(&b)
+                        && tx.try_send(Event::Snapshot(server, s)).is_err() && tx.is_closed() { break "bot ended".to_owned(); },
                     Err(e) => break e.to_string(),
                 },
                 f = read_frame(&mut recv) => match f {
