@@ -265,9 +265,10 @@ impl TransferExecutor {
         };
         let mut peers = self.peers.lock().await;
         if let Some((a, c)) = peers.get(&server)
-            && *a == addr {
-                return Ok(c.clone());
-            }
+            && *a == addr
+        {
+            return Ok(c.clone());
+        }
         let client = GameServerPeerClient::new(channel(&addr)?);
         peers.insert(server, (addr, client.clone()));
         Ok(client)

@@ -90,9 +90,10 @@ pub fn wait_ports(path: &Path, proc: &mut Proc) -> anyhow::Result<Value> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         if let Ok(text) = std::fs::read_to_string(path)
-            && let Ok(v) = serde_json::from_str(&text) {
-                return Ok(v);
-            }
+            && let Ok(v) = serde_json::from_str(&text)
+        {
+            return Ok(v);
+        }
         if let Some(status) = proc.child.try_wait()? {
             anyhow::bail!("{} exited ({status}):\n{}", proc.name, proc.log_text());
         }

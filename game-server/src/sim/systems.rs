@@ -24,9 +24,10 @@ pub const DEFAULT_SPAWN: DVec3 = DVec3::new(1000.0, 10.0, 1000.0);
 
 fn send(conns: &Conns, conn: u64, msg: Outbound, metrics: &SimMetrics) {
     if let Some(c) = conns.0.get(&conn)
-        && c.tx.try_send(msg).is_err() {
-            metrics.0.datagrams_dropped.with_label_values(&["outbound_full"]).inc();
-        }
+        && c.tx.try_send(msg).is_err()
+    {
+        metrics.0.datagrams_dropped.with_label_values(&["outbound_full"]).inc();
+    }
 }
 
 /// Drains the inbox: joins, inputs, leaves, map updates, transfer answers,
@@ -177,9 +178,10 @@ fn left(world: &mut World, conn: u64) {
     let Some(e) = world.resource::<Index>().by_player.get(&c.player).copied() else { return };
     let other = world.resource::<Conns>().0.iter().find(|(_, o)| o.player == c.player).map(|(id, _)| *id);
     if let Some(mut a) = world.get_mut::<Avatar>(e)
-        && a.conn == Some(conn) {
-            a.conn = other;
-        }
+        && a.conn == Some(conn)
+    {
+        a.conn = other;
+    }
     if !still_connected && world.get::<Transfer>(e).is_none_or(|t| !matches!(t, Transfer::Committed(_))) {
         despawn(world, e);
         info!(player = %c.player, "player left");
@@ -237,13 +239,10 @@ fn check_adoption(world: &World, s: &HandoffState) -> Result<(), AdoptError> {
     }
     let map = &world.resource::<Map>().0;
     if let Some((_, known)) = map.owners.get(&s.to_region)
-        && *known > s.to_region_epoch {
-            return Err(AdoptError::StaleRegionEpoch {
-                region: s.to_region,
-                known: *known,
-                claimed: s.to_region_epoch,
-            });
-        }
+        && *known > s.to_region_epoch
+    {
+        return Err(AdoptError::StaleRegionEpoch { region: s.to_region, known: *known, claimed: s.to_region_epoch });
+    }
     if let Some(e) = world.resource::<Index>().by_net.get(&s.entity) {
         let held = world.get::<Authority>(*e).map_or(Epoch(0), |a| a.entity_epoch);
         if held >= s.entity_epoch {
@@ -286,11 +285,12 @@ fn adopt_due(world: &mut World) {
                 .map(|(id, _)| *id)
         });
         if let Some(p) = s.player
-            && let Some(buf) = world.resource_mut::<StandbyInputs>().0.remove(&p) {
-                for f in buf {
-                    buffer_input(&mut pending, f, s.last_applied_input);
-                }
+            && let Some(buf) = world.resource_mut::<StandbyInputs>().0.remove(&p)
+        {
+            for f in buf {
+                buffer_input(&mut pending, f, s.last_applied_input);
             }
+        }
         let mut e = world.spawn((
             NetId(s.entity),
             Body { pos: s.pos, yaw: s.yaw, vel: s.vel },
@@ -405,9 +405,11 @@ pub fn authority(world: &mut World) {
             if let Some(a) = avatar.filter(|a| a.conn.is_some()) {
                 for leaf in map.tree.overlapping_leaves(body.pos, cfg.overlap_m) {
                     if let Some((owner, _)) = map.live_owner(&leaf)
-                        && owner != cfg.server && !a.preconnected.contains(&owner) {
-                            hints.push((e, owner));
-                        }
+                        && owner != cfg.server
+                        && !a.preconnected.contains(&owner)
+                    {
+                        hints.push((e, owner));
+                    }
                 }
             }
             let Some(target) = handoff_target(&map.tree, &auth.region, body.pos, cfg.handoff_margin_m) else {

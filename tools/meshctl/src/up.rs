@@ -79,9 +79,10 @@ async fn wait_for_file(path: &Path, proc: &mut Proc, log: &Path) -> anyhow::Resu
     let deadline = Instant::now() + Duration::from_secs(45);
     loop {
         if let Ok(text) = std::fs::read_to_string(path)
-            && let Ok(v) = serde_json::from_str(&text) {
-                return Ok(v);
-            }
+            && let Ok(v) = serde_json::from_str(&text)
+        {
+            return Ok(v);
+        }
         if let Some(status) = proc.child.try_wait()? {
             let tail = std::fs::read_to_string(log).unwrap_or_default();
             let tail: Vec<&str> = tail.lines().rev().take(8).collect::<Vec<_>>().into_iter().rev().collect();
