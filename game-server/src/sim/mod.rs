@@ -8,6 +8,8 @@
 pub mod components;
 pub mod messages;
 pub mod systems;
+#[cfg(test)]
+mod tests;
 
 use std::io::Write;
 use std::path::Path;

@@ -1,0 +1,268 @@
+//! The simulation without sockets: a headless world ticked by hand, with the
+//! channels standing in for QUIC and gRPC.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use glam::{DVec3, IVec3};
+use shared::region::{RegionKey, RegionTree};
+use shared::wire::{Datagram, InputFrame, JoinRole, ServerControl};
+use shared::{EntityId, Epoch, PlayerId, ServerId, TickClock};
+use tokio::sync::{mpsc, oneshot};
+
+use super::components::*;
+use super::messages::*;
+use super::{SimParts, schedule, step, world};
+use crate::metrics::Metrics;
+
+struct Harness {
+    world: bevy_ecs::world::World,
+    schedule: bevy_ecs::schedule::Schedule,
+    tx: mpsc::Sender<SimIn>,
+    out: mpsc::Receiver<SimOut>,
+    tick: u64,
+}
+
+fn map() -> Arc<MapView> {
+    let tree = RegionTree::grid(IVec3::ZERO, 2, 1, 1);
+    let owners = HashMap::from([
+        (RegionKey::root(0, 0, 0), (Some(ServerId(1)), Epoch(1))),
+        (RegionKey::root(1, 0, 0), (Some(ServerId(2)), Epoch(2))),
+    ]);
+    let peer = |n: u16| PeerInfo {
+        quic: format!("127.0.0.1:{n}"),
+        grpc: String::new(),
+        cert_sha256: "ab".into(),
+        alive: true,
+    };
+    let servers = HashMap::from([(ServerId(1), peer(1)), (ServerId(2), peer(2))]);
+    Arc::new(MapView { version: 1, tree, owners, servers })
+}
+
+impl Harness {
+    fn new(server: u32) -> Self {
+        let (tx, inbox) = mpsc::channel(1024);
+        let (outbox, out) = mpsc::channel(1024);
+        let parts = SimParts {
+            config: SimConfig {
+                server: ServerId(server),
+                clock: TickClock::new(0),
+                handoff_margin_m: 10.0,
+                overlap_m: 100.0,
+                walk_speed: 9.0,
+                view_radius_m: 500.0,
+            },
+            inbox,
+            outbox,
+            metrics: Metrics::new(),
+            load: Arc::default(),
+            map: map(),
+            authority_log: None,
+        };
+        Self { world: world(parts), schedule: schedule(), tx, out, tick: 100 }
+    }
+
+    fn send(&self, m: SimIn) {
+        self.tx.try_send(m).expect("inbox has room");
+    }
+
+    fn step(&mut self) {
+        self.tick += 1;
+        step(&mut self.world, &mut self.schedule, self.tick, 1);
+    }
+
+    fn join(&self, conn: u64, role: JoinRole, spawn: DVec3) -> mpsc::Receiver<Outbound> {
+        let (tx, rx) = mpsc::channel(4096);
+        self.send(SimIn::Joined { conn, player: PlayerId(7), name: "p".into(), role, spawn: Some(spawn), tx });
+        rx
+    }
+
+    fn avatar(&mut self) -> Option<(Body, Avatar)> {
+        let e = *self.world.resource::<Index>().by_player.get(&PlayerId(7))?;
+        Some((*self.world.get::<Body>(e)?, self.world.get::<Avatar>(e)?.clone()))
+    }
+}
+
+fn input(seq: u32, x: f32) -> InputFrame {
+    InputFrame { seq, locomotion: [x, 0.0], ..Default::default() }
+}
+
+/// Everything queued for a connection: its control frames and its newest snapshot.
+fn drain(rx: &mut mpsc::Receiver<Outbound>) -> (Vec<ServerControl>, Option<shared::wire::Snapshot>) {
+    let (mut controls, mut last) = (Vec::new(), None);
+    while let Ok(o) = rx.try_recv() {
+        match o {
+            Outbound::Control(c) => controls.push(c),
+            Outbound::Datagram(b) => {
+                if let Ok(Datagram::Snapshot(s)) = Datagram::decode(&b) {
+                    last = Some(s);
+                }
+            }
+        }
+    }
+    (controls, last)
+}
+
+fn controls(rx: &mut mpsc::Receiver<Outbound>) -> Vec<ServerControl> {
+    drain(rx).0
+}
+
+fn last_snapshot(rx: &mut mpsc::Receiver<Outbound>) -> Option<shared::wire::Snapshot> {
+    drain(rx).1
+}
+
+#[test]
+fn inputs_apply_once_in_order_and_snapshots_acknowledge_them() {
+    let mut h = Harness::new(1);
+    let mut rx = h.join(1, JoinRole::Play, DVec3::new(1000.0, 10.0, 1000.0));
+    h.step();
+    assert!(matches!(controls(&mut rx)[..], [ServerControl::Welcome { authoritative: true, .. }]));
+    // Out of order, with a duplicate: applied as 1, 2, 3, once each.
+    for s in [2, 1, 3, 2] {
+        h.send(SimIn::Input { conn: 1, frame: input(s, 1.0) });
+    }
+    h.step();
+    let (body, avatar) = h.avatar().expect("avatar spawned");
+    assert_eq!(avatar.last_applied, 3);
+    assert!(avatar.pending.is_empty());
+    assert!((body.pos.x - (1000.0 + 9.0 / 90.0)).abs() < 1e-4, "moved one tick at 9 m/s: {}", body.pos.x);
+    assert_eq!(last_snapshot(&mut rx).map(|s| s.last_input_seq), Some(3));
+    // A late duplicate of an applied input is ignored.
+    h.send(SimIn::Input { conn: 1, frame: input(3, -1.0) });
+    h.step();
+    assert_eq!(h.avatar().map(|(_, a)| a.locomotion), Some([1.0, 0.0]));
+}
+
+#[test]
+fn a_spawn_in_another_servers_region_is_refused() {
+    let mut h = Harness::new(1);
+    let mut rx = h.join(1, JoinRole::Play, DVec3::new(2500.0, 10.0, 1000.0));
+    h.step();
+    match &controls(&mut rx)[..] {
+        [ServerControl::Refused { reason }] => assert!(reason.starts_with("not_owner"), "{reason}"),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    assert!(h.avatar().is_none());
+}
+
+#[test]
+fn crossing_the_line_requests_a_transfer_and_releases_at_the_committed_tick() {
+    let mut h = Harness::new(1);
+    let mut rx = h.join(1, JoinRole::Play, DVec3::new(1999.0, 10.0, 1000.0));
+    h.step();
+    // Inside the hysteresis margin: no request, but the neighbour is hinted, once.
+    assert!(controls(&mut rx).iter().any(|c| matches!(c, ServerControl::PreConnect { server: ServerId(2), .. })));
+    h.step();
+    assert!(h.out.try_recv().is_err());
+    assert!(!controls(&mut rx).iter().any(|c| matches!(c, ServerControl::PreConnect { .. })));
+    // Past the line: one request, not one per tick.
+    // 0.1 m a tick: 11 m to walk.
+    for s in 1..=120 {
+        h.send(SimIn::Input { conn: 1, frame: input(s, 1.0) });
+        h.step();
+    }
+    let req = h.out.try_recv().expect("a transfer request");
+    let SimOut::RequestTransfer { entity, to_region, from_region_epoch, .. } = req else { panic!("{req:?}") };
+    assert_eq!((entity, to_region, from_region_epoch), (EntityId(7), RegionKey::root(1, 0, 0), Epoch(1)));
+    assert!(h.out.try_recv().is_err(), "requested once");
+    let effective = h.tick + 4;
+    h.send(SimIn::TransferCommitted {
+        entity,
+        transfer: CommittedTransfer {
+            id: 1,
+            to: ServerId(2),
+            to_region,
+            to_region_epoch: Epoch(2),
+            entity_epoch: Epoch(1),
+            effective_tick: effective,
+        },
+    });
+    h.step();
+    h.step();
+    assert!(h.avatar().is_some(), "still simulated here before effective - 1");
+    let applied_before = h.avatar().unwrap().1.last_applied;
+    h.send(SimIn::Input { conn: 1, frame: input(121, 1.0) });
+    h.send(SimIn::Input { conn: 1, frame: input(122, 1.0) });
+    h.step(); // tick effective - 1: simulated here, then released with its inputs applied
+    assert_eq!(h.tick, effective - 1);
+    let SimOut::Handoff(state) = h.out.try_recv().expect("handoff shipped") else { panic!() };
+    assert_eq!(state.effective_tick, effective);
+    assert_eq!(state.last_applied_input, 122);
+    assert!(applied_before < 122);
+    assert!(h.avatar().is_none(), "the source no longer simulates the avatar");
+    assert!(controls(&mut rx).iter().any(|c| matches!(c, ServerControl::AuthorityMoved { to: ServerId(2), effective_tick } if *effective_tick == effective)));
+}
+
+#[test]
+fn the_target_adopts_at_the_effective_tick_and_merges_buffered_inputs() {
+    let mut h = Harness::new(2);
+    let mut rx = h.join(5, JoinRole::Standby, DVec3::ZERO);
+    // The standby connection buffered inputs 10..=14 before the handoff.
+    for s in 10..=14 {
+        h.send(SimIn::Input { conn: 5, frame: input(s, 1.0) });
+    }
+    h.step();
+    assert!(h.avatar().is_none());
+    let effective = h.tick + 2;
+    let state = HandoffState {
+        transfer_id: 1,
+        from: ServerId(1),
+        to: ServerId(2),
+        entity: EntityId(7),
+        entity_epoch: Epoch(1),
+        to_region: RegionKey::root(1, 0, 0),
+        to_region_epoch: Epoch(2),
+        effective_tick: effective,
+        pos: DVec3::new(2011.0, 10.0, 1000.0),
+        yaw: 0.0,
+        vel: glam::Vec3::ZERO,
+        player: Some(PlayerId(7)),
+        last_applied_input: 11,
+        pending_inputs: vec![input(12, 1.0)],
+    };
+    let (reply, verdict) = oneshot::channel();
+    h.send(SimIn::Adopt { state: Box::new(state.clone()), reply });
+    h.step();
+    assert_eq!(verdict.blocking_recv().unwrap(), Ok(()));
+    assert!(h.avatar().is_none(), "not before the effective tick");
+    // The same handoff again is stale.
+    let (reply, verdict) = oneshot::channel();
+    h.send(SimIn::Adopt { state: Box::new(state), reply });
+    h.step();
+    assert_eq!(h.tick, effective);
+    assert!(matches!(verdict.blocking_recv().unwrap(), Err(AdoptError::StaleEntityEpoch(..))));
+    let (_, avatar) = h.avatar().expect("adopted at the effective tick");
+    assert_eq!(avatar.last_applied, 14, "12 from the source, 13 and 14 from the standby buffer; 10 and 11 dropped");
+    let (controls, snapshot) = drain(&mut rx);
+    assert!(
+        controls
+            .iter()
+            .any(|c| matches!(c, ServerControl::AuthorityGained { effective_tick } if *effective_tick == effective))
+    );
+    assert_eq!(snapshot.map(|s| (s.authoritative, s.last_input_seq)), Some((true, 14)));
+}
+
+#[test]
+fn a_handoff_for_another_server_is_refused() {
+    let mut h = Harness::new(2);
+    let (reply, verdict) = oneshot::channel();
+    let state = HandoffState {
+        transfer_id: 1,
+        from: ServerId(1),
+        to: ServerId(3),
+        entity: EntityId(7),
+        entity_epoch: Epoch(1),
+        to_region: RegionKey::root(1, 0, 0),
+        to_region_epoch: Epoch(2),
+        effective_tick: 0,
+        pos: DVec3::ZERO,
+        yaw: 0.0,
+        vel: glam::Vec3::ZERO,
+        player: None,
+        last_applied_input: 0,
+        pending_inputs: vec![],
+    };
+    h.send(SimIn::Adopt { state: Box::new(state), reply });
+    h.step();
+    assert_eq!(verdict.blocking_recv().unwrap(), Err(AdoptError::WrongServer(ServerId(3))));
+}
