@@ -359,6 +359,12 @@ impl RegionTree {
         let Some(home) = self.leaf_at(p) else {
             return Vec::new();
         };
+        // Fast path: the cube of half-width `margin` around p lies strictly
+        // inside its own leaf, so no other leaf is within `margin`.
+        let b = home.aabb();
+        if (p - b.min).min_element() > margin && (b.max - p).min_element() > margin {
+            return Vec::new();
+        }
         if margin >= MIN_EDGE_M {
             // Probing cannot see past a whole leaf: ask every leaf.
             let mut all = self.leaves();
