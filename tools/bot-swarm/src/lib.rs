@@ -83,8 +83,11 @@ pub struct BotReport {
     pub snapshots: u64,
     pub authority_changes: Vec<AuthorityChange>,
     pub acks_by_server: BTreeMap<u32, AckSpan>,
-    /// Times an authoritative snapshot acknowledged an older input than one before it.
+    /// Times an authoritative snapshot acknowledged an older input than an
+    /// earlier-ticked one: an input applied twice or out of order.
     pub ack_regressions: u64,
+    /// Authoritative snapshots that arrived after a newer one and were ignored.
+    pub stale_snapshots: u64,
     pub max_snapshot_gap_ms: u64,
     pub connections_opened: u32,
     pub final_position: Option<[f64; 3]>,
@@ -260,6 +263,7 @@ impl Bot {
         let mut authority: Option<ServerId> = None;
         let mut last_ack: u32 = 0;
         let mut newest_tick = 0;
+        let mut newest_auth_tick = 0;
         let mut last_snapshot: Option<Instant> = None;
         let mut every = tokio::time::interval(Duration::from_nanos(1_000_000_000 / u64::from(TICK_HZ)));
         every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
@@ -294,6 +298,13 @@ impl Bot {
                             if !snap.authoritative {
                                 continue;
                             }
+                            // Servers share the tick grid: a snapshot older than one
+                            // already seen (from either server) is stale.
+                            if snap.tick <= newest_auth_tick {
+                                self.report.stale_snapshots += 1;
+                                continue;
+                            }
+                            newest_auth_tick = snap.tick;
                             let now = Instant::now();
                             if let Some(prev) = last_snapshot {
                                 let gap = now.duration_since(prev).as_millis() as u64;
