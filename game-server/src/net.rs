@@ -64,8 +64,8 @@ pub async fn serve(endpoint: quinn::Endpoint, ctx: NetContext, stop: Cancellatio
 /// Stable label for a failed handshake.
 fn handshake_reason(e: &quinn::ConnectionError) -> &'static str {
     match e {
+        // TLS alert 120, no_application_protocol, as a QUIC crypto error.
         quinn::ConnectionError::TransportError(t) if t.code == quinn::TransportErrorCode::crypto(120) => "alpn",
-        quinn::ConnectionError::TransportError(t) if format!("{t}").contains("protocol") => "alpn",
         quinn::ConnectionError::TransportError(_) => "tls",
         quinn::ConnectionError::TimedOut => "handshake_timeout",
         quinn::ConnectionError::VersionMismatch => "quic_version",
