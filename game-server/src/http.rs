@@ -64,8 +64,7 @@ impl LocalState {
 
     /// Ready: the tick thread has run a tick within the last second.
     pub fn ready(&self) -> bool {
-        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
-        let current = self.clock.tick_at(now);
+        let current = self.clock.tick_at(svc::unix_nanos());
         let last = self.load.tick.load(Ordering::Relaxed);
         last > 0 && current.saturating_sub(last) <= u64::from(self.clock.hz)
     }

@@ -195,7 +195,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
         cert_sha256: identity.sha256,
     };
     if let Some(path) = &config.ports_file {
-        write_json_atomically(path, &ports)?;
+        svc::write_json_atomically(path, &ports)?;
     }
     info!(server = %reg.server, http = %ports.http, metrics = %ports.metrics, query = %ports.query, "game server running");
 
@@ -221,12 +221,4 @@ fn addr_of(s: &str) -> anyhow::Result<SocketAddr> {
         let port = s.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok()).context("address without a port")?;
         Ok(SocketAddr::from(([127, 0, 0, 1], port)))
     })
-}
-
-/// Writes `value` as JSON to `path` atomically (temporary file, then rename).
-pub fn write_json_atomically(path: &std::path::Path, value: &impl Serialize) -> anyhow::Result<()> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, serde_json::to_vec_pretty(value)?).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
-    Ok(())
 }

@@ -116,9 +116,7 @@ impl Metrics {
     }
 
     pub fn render(&self) -> String {
-        prometheus::TextEncoder::new()
-            .encode_to_string(&self.registry.gather())
-            .unwrap_or_else(|e| format!("# encoding failed: {e}\n"))
+        svc::render_metrics(&self.registry)
     }
 }
 

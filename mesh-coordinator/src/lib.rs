@@ -114,14 +114,6 @@ pub struct BoundPorts {
     pub grpc: SocketAddr,
 }
 
-/// Writes `value` as JSON to `path` atomically (temporary file, then rename).
-pub fn write_json_atomically(path: &std::path::Path, value: &impl Serialize) -> anyhow::Result<()> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, serde_json::to_vec_pretty(value)?).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
-    Ok(())
-}
-
 /// Runs the coordinator until `shutdown` resolves.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
     config.validate()?;
@@ -140,7 +132,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
     let ports = BoundPorts { http: http.local_addr()?, grpc: grpc.local_addr()? };
     info!(http = %ports.http, grpc = %ports.grpc, regions = nx * ny * nz, "coordinator listening");
     if let Some(path) = &config.ports_file {
-        write_json_atomically(path, &ports)?;
+        svc::write_json_atomically(path, &ports)?;
     }
 
     let stop = CancellationToken::new();

@@ -6,7 +6,6 @@
 //! leaving the state machine and every caller unchanged.
 
 use std::sync::{Mutex, MutexGuard, PoisonError};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use tokio::sync::watch;
 use tracing::{info, warn};
@@ -21,10 +20,8 @@ pub struct Node {
     map_version: watch::Sender<u64>,
 }
 
-/// Unix time, nanoseconds.
-pub fn now_nanos() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
-}
+/// Unix time, nanoseconds: the timestamp a proposer stamps on commands.
+pub use svc::unix_nanos as now_nanos;
 
 impl Node {
     pub fn new(state: CoordinatorState, metrics: Metrics) -> Self {

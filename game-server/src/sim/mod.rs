@@ -113,10 +113,6 @@ pub fn step(world: &mut World, schedule: &mut Schedule, tick: u64, ticks_elapsed
     schedule.run(world);
 }
 
-fn now_nanos() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
-}
-
 /// Starts the tick thread. It runs until `stop` is set.
 pub fn spawn(parts: SimParts, stop: Arc<AtomicBool>) -> anyhow::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new().name("tick".into()).spawn(move || run(parts, &stop)).context("starting the tick thread")
@@ -129,13 +125,13 @@ fn run(parts: SimParts, stop: &AtomicBool) {
     let mut world = world(parts);
     let mut schedule = schedule();
     let mut times: std::collections::VecDeque<u32> = std::collections::VecDeque::with_capacity(1024);
-    let mut tick = clock.tick_at(now_nanos()) + 1;
+    let mut tick = clock.tick_at(svc::unix_nanos()) + 1;
     let mut last = tick - 1;
     info!(first_tick = tick, hz = clock.hz, "tick thread started");
     while !stop.load(Ordering::Relaxed) {
         // Wait for the start of this tick's slot on the mesh grid.
         let start = clock.tick_start(tick);
-        let now = now_nanos();
+        let now = svc::unix_nanos();
         if start > now {
             std::thread::sleep(Duration::from_nanos(start - now));
         }
@@ -157,7 +153,7 @@ fn run(parts: SimParts, stop: &AtomicBool) {
         last = tick;
         // Next tick: the following one, or, after an overrun, the tick whose
         // slot is in progress now. Missed slots are skipped, never replayed.
-        let now = now_nanos();
+        let now = svc::unix_nanos();
         let current = clock.tick_at(now);
         if current > tick {
             metrics.ticks_overrun.inc();

@@ -107,10 +107,9 @@ fn joined(
     let cfg = world.resource::<SimConfig>().clone();
     let tick = world.resource::<TickState>().tick;
     let metrics = world.resource::<SimMetrics>().clone();
-    let refuse = |world: &mut World, reason: String| {
+    let refuse = |reason: String| {
         metrics.0.connections_refused.with_label_values(&[reason.split(':').next().unwrap_or("refused")]).inc();
         let _ = tx.try_send(Outbound::Control(ServerControl::Refused { reason }));
-        let _ = world;
     };
     let welcome = |authoritative: bool, entity: EntityId| ServerControl::Welcome {
         server: cfg.server,
@@ -121,7 +120,7 @@ fn joined(
     };
     let entity_id = match EntityId::player(player) {
         Ok(id) => id,
-        Err(e) => return refuse(world, format!("bad_player: {e}")),
+        Err(e) => return refuse(format!("bad_player: {e}")),
     };
     let existing = world.resource::<Index>().by_player.get(&player).copied();
     match (role, existing) {
@@ -136,7 +135,7 @@ fn joined(
             let p = spawn.unwrap_or(DEFAULT_SPAWN);
             let map = world.resource::<Map>().0.clone();
             let Some(leaf) = map.tree.leaf_at(p) else {
-                return refuse(world, format!("outside_world: spawn point {p} is outside the world"));
+                return refuse(format!("outside_world: spawn point {p} is outside the world"));
             };
             match map.live_owner(&leaf) {
                 Some((owner, epoch)) if owner == cfg.server => {
@@ -155,8 +154,8 @@ fn joined(
                     index.by_player.insert(player, e);
                     info!(%player, %entity_id, region = %leaf, "player spawned");
                 }
-                Some((owner, _)) => refuse(world, format!("not_owner: region {leaf} is owned by server {}", owner.0)),
-                None => refuse(world, format!("not_owner: region {leaf} has no live owner yet")),
+                Some((owner, _)) => refuse(format!("not_owner: region {leaf} is owned by server {}", owner.0)),
+                None => refuse(format!("not_owner: region {leaf} has no live owner yet")),
             }
         }
         (JoinRole::Standby, _) => {

@@ -9,7 +9,6 @@ use bot_swarm::{Live, SwarmConfig};
 use clap::Parser;
 use glam::DVec3;
 use tokio_util::sync::CancellationToken;
-use tracing_subscriber::EnvFilter;
 
 /// Headless bots that play a Planetary Survival mesh.
 #[derive(Debug, Parser)]
@@ -64,8 +63,7 @@ fn parse_path(s: &str) -> anyhow::Result<Vec<DVec3>> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let filter = EnvFilter::try_from_env("PS_LOG").unwrap_or_else(|_| EnvFilter::new("warn"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    svc::init_logging("text", "warn");
     let cfg = SwarmConfig {
         coordinator: cli.coordinator.trim_end_matches('/').to_owned(),
         bots: cli.bots,
@@ -80,12 +78,8 @@ async fn main() -> anyhow::Result<()> {
     let stop = CancellationToken::new();
     {
         let stop = stop.clone();
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::spawn(async move {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
+            svc::shutdown_signal().await;
             stop.cancel();
         });
     }
