@@ -7,9 +7,12 @@
 //! edges of the crates that speak gRPC.
 
 pub mod chunk;
+pub mod controller;
+pub mod edit;
 pub mod geom;
 pub mod ids;
 pub mod region;
+pub mod terrain;
 pub mod time;
 pub mod wire;
 
