@@ -54,6 +54,12 @@ pub struct Config {
     /// Walking speed at full stick, metres per second.
     #[arg(long, env = "PS_WALK_SPEED", default_value_t = 6.0)]
     pub walk_speed: f32,
+    /// Threads generating terrain chunks.
+    #[arg(long, env = "PS_CHUNK_WORKERS", default_value_t = 1)]
+    pub chunk_workers: usize,
+    /// Terrain within this distance of a player is kept loaded, metres.
+    #[arg(long, env = "PS_CHUNK_RADIUS_M", default_value_t = 12.0)]
+    pub chunk_radius_m: f64,
     /// Give up registering with the coordinator after this many seconds.
     #[arg(long, env = "PS_REGISTER_TIMEOUT_S", default_value_t = 30)]
     pub register_timeout_s: u64,
@@ -83,6 +89,11 @@ impl Config {
             "walk speed must be in (0, 100) m/s"
         );
         anyhow::ensure!(self.capacity > 0, "capacity must be positive");
+        anyhow::ensure!((1..=16).contains(&self.chunk_workers), "chunk workers must be 1..=16");
+        anyhow::ensure!(
+            self.chunk_radius_m.is_finite() && (4.0..=256.0).contains(&self.chunk_radius_m),
+            "chunk radius must be 4..=256 m"
+        );
         anyhow::ensure!(!self.dev_token.is_empty(), "the development token must not be empty");
         Ok(())
     }

@@ -42,6 +42,7 @@ pub struct Registration {
     pub clock: TickClock,
     pub heartbeat_every: Duration,
     pub map: Arc<MapView>,
+    pub world_seed: u64,
 }
 
 /// Registers with the coordinator, retrying with backoff until `timeout`.
@@ -63,6 +64,7 @@ pub async fn register(
                     clock: TickClock { epoch_unix_nanos: r.mesh_epoch_unix_nanos, hz: r.tick_hz },
                     heartbeat_every: Duration::from_millis(u64::from(r.heartbeat_interval_ms.max(50))),
                     map: Arc::new(map),
+                    world_seed: r.world_seed,
                 });
             }
             Err(status) if Instant::now() + backoff < deadline => {

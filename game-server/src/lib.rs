@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod net;
 pub mod peer;
 pub mod sim;
+pub mod store;
 pub mod tls;
 
 use std::net::SocketAddr;
@@ -105,6 +106,22 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
     let load = Arc::new(sim::components::LoadShared::default());
     let authority_log = config.authority_log.as_deref().map(sim::authority_log_writer).transpose()?;
     let sim_stop = Arc::new(AtomicBool::new(false));
+    // World deltas live in memory until the persistence issue gives them a store.
+    let store: Arc<dyn store::DeltaStore> = Arc::new(store::MemoryDeltaStore::new());
+    let writer = store::spawn_writer(store.clone()).context("starting the edit writer")?;
+    let layout = shared::chunk::ChunkLayout::default();
+    let world_parts = sim::WorldParts {
+        generator: Arc::new(shared::terrain::TerrainGen::new(reg.world_seed, layout)),
+        store,
+        writer,
+        terrain: sim::terrain::TerrainSettings {
+            player_radius_m: config.chunk_radius_m,
+            workers: config.chunk_workers,
+            ..Default::default()
+        },
+        edits: sim::edits::EditSettings::default(),
+        physics_origin: physics_origin(&reg.map.tree),
+    };
     let sim_thread = sim::spawn(
         sim::SimParts {
             config: sim::components::SimConfig {
@@ -113,6 +130,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
                 handoff_margin_m: config.handoff_margin_m,
                 overlap_m: config.overlap_m,
                 walk_speed: config.walk_speed,
+                character: shared::controller::CharacterParams::default(),
+                world_seed: reg.world_seed,
                 view_radius_m: 500.0,
             },
             inbox: sim_rx,
@@ -121,6 +140,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
             load: load.clone(),
             map: reg.map.clone(),
             authority_log,
+            world: world_parts,
         },
         sim_stop.clone(),
     )?;
@@ -213,6 +233,22 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
     tokio::task::spawn_blocking(move || sim_thread.join()).await.ok();
     info!("game server stopped");
     Ok(exit)
+}
+
+/// The centre of the world's root regions at ground level: every point of a
+/// world up to tens of kilometres wide is within `f32` millimetres of it.
+pub fn physics_origin(tree: &shared::RegionTree) -> glam::DVec3 {
+    let (mut lo, mut hi) = (glam::DVec3::splat(f64::MAX), glam::DVec3::splat(f64::MIN));
+    for r in tree.roots() {
+        let a = r.aabb();
+        lo = lo.min(a.min);
+        hi = hi.max(a.max);
+    }
+    if lo.x > hi.x {
+        return glam::DVec3::ZERO;
+    }
+    let c = (lo + hi) / 2.0;
+    glam::DVec3::new(c.x, 0.0, c.z)
 }
 
 fn addr_of(s: &str) -> anyhow::Result<SocketAddr> {

@@ -4,7 +4,7 @@
 //! stable short names (`DecodeError::reason`, …): dashboards and alerts key on
 //! them.
 
-use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 
 #[derive(Debug, Clone)]
 pub struct Metrics {
@@ -25,6 +25,38 @@ pub struct Metrics {
     pub inputs_applied: IntCounter,
     pub transfers: IntCounterVec,
     pub handoff_late_ticks: Histogram,
+    pub fps_avg: Gauge,
+    pub physics_step: Histogram,
+    pub physics_step_ms: Gauge,
+    pub terrain_chunks_loaded: IntGauge,
+    pub chunk_generate: Histogram,
+    pub chunk_failures: IntCounter,
+    pub props_awake: IntGauge,
+    pub props_removed: IntCounterVec,
+    pub grabs: IntCounter,
+    pub throws: IntCounter,
+    pub inputs_rejected: IntCounterVec,
+    pub bodies_stuck: IntCounter,
+    pub edits_applied: IntCounter,
+    pub edits_rejected: IntCounterVec,
+    pub voxels_changed: IntCounter,
+    pub structures_broken: IntCounter,
+}
+
+fn gauge(name: &str, help: &str) -> Gauge {
+    Gauge::new(name, help).expect("static metric definition")
+}
+
+fn int_gauge(name: &str, help: &str) -> IntGauge {
+    IntGauge::new(name, help).expect("static metric definition")
+}
+
+fn counter(name: &str, help: &str) -> IntCounter {
+    IntCounter::new(name, help).expect("static metric definition")
+}
+
+fn histogram(name: &str, help: &str, buckets: Vec<f64>) -> Histogram {
+    Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets)).expect("static metric definition")
 }
 
 fn counter_vec(name: &str, help: &str, label: &str) -> IntCounterVec {
@@ -85,6 +117,37 @@ impl Metrics {
                 .buckets(vec![0.0, 1.0, 2.0, 4.0, 9.0, 18.0, 45.0, 90.0]),
             )
             .expect("static metric definition"),
+            fps_avg: gauge("server_fps_avg", "Ticks run over the last second (target 90)"),
+            physics_step: histogram(
+                "server_physics_step_seconds",
+                "Time of one rigid-body step",
+                vec![0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.004, 0.008, 0.016],
+            ),
+            physics_step_ms: gauge("physics_step_ms", "Mean rigid-body step time over the last second, ms"),
+            terrain_chunks_loaded: int_gauge("terrain_chunks_loaded", "Terrain chunks held by the simulation"),
+            chunk_generate: histogram(
+                "terrain_chunk_load_seconds",
+                "Time to build one chunk on a generator thread (store read, generation, collider)",
+                vec![0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064],
+            ),
+            chunk_failures: counter("terrain_chunk_failures_total", "Chunks that could not be loaded (store errors)"),
+            props_awake: int_gauge("props_awake", "Dynamic props not asleep"),
+            props_removed: counter_vec("props_removed_total", "Props removed, by reason", "reason"),
+            grabs: counter("props_grabbed_total", "Props grabbed by a hand"),
+            throws: counter("props_released_total", "Props let go of (thrown or dropped)"),
+            inputs_rejected: counter_vec(
+                "inputs_rejected_total",
+                "Player input frames refused by the simulation, by reason",
+                "reason",
+            ),
+            bodies_stuck: counter(
+                "bodies_stuck_total",
+                "Player moves skipped because the body is inside rock or unloaded terrain",
+            ),
+            edits_applied: counter("world_edits_total", "World edits applied"),
+            edits_rejected: counter_vec("world_edits_rejected_total", "World edits refused, by reason", "reason"),
+            voxels_changed: counter("world_voxels_changed_total", "Voxels changed by edits and breaks"),
+            structures_broken: counter("structures_broken_total", "Unsupported structures that broke off"),
             registry,
         };
         let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
@@ -104,6 +167,22 @@ impl Metrics {
             Box::new(m.inputs_applied.clone()),
             Box::new(m.transfers.clone()),
             Box::new(m.handoff_late_ticks.clone()),
+            Box::new(m.fps_avg.clone()),
+            Box::new(m.physics_step.clone()),
+            Box::new(m.physics_step_ms.clone()),
+            Box::new(m.terrain_chunks_loaded.clone()),
+            Box::new(m.chunk_generate.clone()),
+            Box::new(m.chunk_failures.clone()),
+            Box::new(m.props_awake.clone()),
+            Box::new(m.props_removed.clone()),
+            Box::new(m.grabs.clone()),
+            Box::new(m.throws.clone()),
+            Box::new(m.inputs_rejected.clone()),
+            Box::new(m.bodies_stuck.clone()),
+            Box::new(m.edits_applied.clone()),
+            Box::new(m.edits_rejected.clone()),
+            Box::new(m.voxels_changed.clone()),
+            Box::new(m.structures_broken.clone()),
         ];
         for c in collectors {
             m.registry.register(c).expect("metric names are unique");

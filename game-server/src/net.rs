@@ -161,6 +161,12 @@ async fn handle(incoming: quinn::Incoming, ctx: NetContext, stop: CancellationTo
             conn.close(close::NORMAL.into(), b"bye");
             return;
         }
+        Ok(ClientControl::Edit { .. }) => {
+            let r = refuse("no_hello", "the first frame must be a hello".into());
+            let _ = write_control(&mut send, &r).await;
+            finish_then_close(send, &conn, close::PROTOCOL, b"bad hello").await;
+            return;
+        }
         Err(e) => {
             let reason = match &e {
                 HelloError::Decode(d) => d.reason(),
@@ -231,6 +237,12 @@ async fn handle(incoming: quinn::Incoming, ctx: NetContext, stop: CancellationTo
                 }
                 Ok(ClientControl::Hello { .. }) => {
                     m.datagrams_dropped.with_label_values(&["duplicate_hello"]).inc();
+                }
+                Ok(ClientControl::Edit { id: edit_id, op }) => {
+                    // Edits are few and reliable: wait for room rather than drop one.
+                    if ctx.sim.send_timeout(SimIn::Edit { conn: id, id: edit_id, op }, Duration::from_secs(1)).await.is_err() {
+                        m.datagrams_dropped.with_label_values(&["sim_busy"]).inc();
+                    }
                 }
                 Err(HelloError::Decode(e)) => {
                     m.datagrams_dropped.with_label_values(&[e.reason()]).inc();

@@ -69,6 +69,7 @@ impl MeshCoordinator for CoordinatorGrpc {
                 tick_hz: s.clock.hz,
                 heartbeat_interval_ms: s.policy.heartbeat_interval_ms as u32,
                 map: Some(map_to_pb(s)),
+                world_seed: s.world_seed,
             }))),
             other => Err(unexpected(other)),
         }

@@ -132,6 +132,7 @@ pub struct StatusView {
     pub transfers_total: u64,
     pub tick_p99_ms_max: f32,
     pub mesh_epoch_unix_nanos: u64,
+    pub world_seed: u64,
 }
 
 async fn status(State(node): State<Arc<Node>>) -> Json<StatusView> {
@@ -153,6 +154,7 @@ async fn status(State(node): State<Arc<Node>>) -> Json<StatusView> {
             transfers_total: s.transfers_total(),
             tick_p99_ms_max: alive.iter().map(|r| r.load.tick_p99_ms).fold(0.0, f32::max),
             mesh_epoch_unix_nanos: s.clock.epoch_unix_nanos,
+            world_seed: s.world_seed,
         }
     }))
 }

@@ -46,6 +46,10 @@ pub struct Config {
     /// Root cell of the world's minimum corner: `x,y,z`.
     #[arg(long, env = "PS_WORLD_ORIGIN", default_value = "0,0,0", value_parser = parse_ivec3, allow_hyphen_values = true)]
     pub world_origin: IVec3,
+    /// Seed of the procedural terrain, handed to every game server. A new
+    /// seed is a new world: never change it for a world with saved edits.
+    #[arg(long, env = "PS_WORLD_SEED", default_value_t = 20_261_122)]
+    pub world_seed: u64,
     /// A game server silent this long is declared dead.
     #[arg(long, env = "PS_HEARTBEAT_TIMEOUT_MS", default_value_t = 2_000)]
     pub heartbeat_timeout_ms: u64,
@@ -121,7 +125,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
     let tree = RegionTree::grid(config.world_origin, nx, ny, nz);
     // Tick 0 of the mesh grid: the coordinator's start, rounded down to a second.
     let epoch = now_nanos() / 1_000_000_000 * 1_000_000_000;
-    let state = CoordinatorState::new(config.policy(), tree, TickClock::new(epoch));
+    let mut state = CoordinatorState::new(config.policy(), tree, TickClock::new(epoch));
+    state.world_seed = config.world_seed;
     let node = Arc::new(Node::new(state, metrics::Metrics::new()));
 
     let http = TcpListener::bind(config.http_addr)

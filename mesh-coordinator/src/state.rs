@@ -228,6 +228,8 @@ pub enum Event {
 pub struct CoordinatorState {
     pub policy: Policy,
     pub clock: TickClock,
+    /// Seed of the procedural terrain.
+    pub world_seed: u64,
     tree: RegionTree,
     assignments: BTreeMap<RegionKey, Assignment>,
     servers: BTreeMap<ServerId, ServerRecord>,
@@ -248,6 +250,7 @@ impl CoordinatorState {
         Self {
             policy,
             clock,
+            world_seed: 0,
             tree,
             assignments,
             servers: BTreeMap::new(),

@@ -357,6 +357,54 @@ impl TerrainGen {
         v
     }
 
+    /// Height of the top of the highest solid voxel at `x, z` as generated
+    /// (before edits), metres: where a body dropped from the sky lands.
+    /// Evaluates one lattice column, not whole chunks.
+    pub fn ground_height(&self, x: f64, z: f64) -> f64 {
+        let vm = self.layout.voxel_m;
+        let (vx, vz) = ((x / vm).floor() as i32, (z / vm).floor() as i32);
+        let step = f64::from(LATTICE_STEP);
+        let step_m = step * vm;
+        let fx = (f64::from(vx) + 0.5) / step;
+        let fz = (f64::from(vz) + 0.5) / step;
+        let (kx, kz) = (fx.floor() as i32, fz.floor() as i32);
+        let (tx, tz) = (fx - f64::from(kx), fz - f64::from(kz));
+        let cols = [(kx, kz), (kx + 1, kz), (kx, kz + 1), (kx + 1, kz + 1)];
+        let surf = cols.map(|(cx, cz)| self.surface_height(f64::from(cx) * step_m, f64::from(cz) * step_m));
+        let level = |ky: i32| -> [f64; 4] {
+            let y = f64::from(ky) * step_m;
+            [0, 1, 2, 3].map(|i| {
+                let (cx, cz) = cols[i];
+                self.density_with_surface(DVec3::new(f64::from(cx) * step_m, y, f64::from(cz) * step_m), surf[i])
+            })
+        };
+        let p = &self.params;
+        let top = ((p.base_height_m + p.hill_amplitude_m + p.overhang_m + 8.0) / step_m).ceil() as i32;
+        let bottom = (p.floor_m / step_m).floor() as i32 - 1;
+        let mut upper = level(top);
+        for ky in (bottom..top).rev() {
+            let lower = level(ky);
+            // The voxels whose centres lie between lattice levels ky and ky+1, top first.
+            for j in (0..LATTICE_STEP).rev() {
+                let vy = ky * LATTICE_STEP + j;
+                let ty = (f64::from(vy) + 0.5) / step - f64::from(ky);
+                if !(0.0..1.0).contains(&ty) {
+                    continue;
+                }
+                let d = lerp(
+                    lerp(lerp(lower[0], lower[1], tx), lerp(upper[0], upper[1], tx), ty),
+                    lerp(lerp(lower[2], lower[3], tx), lerp(upper[2], upper[3], tx), ty),
+                    tz,
+                );
+                if d > 0.0 {
+                    return f64::from(vy + 1) * vm;
+                }
+            }
+            upper = lower;
+        }
+        p.floor_m
+    }
+
     /// The material of one voxel as generated (slow: generates nothing else,
     /// but evaluates the lattice cell around it; for tests and tools).
     pub fn voxel(&self, v: VoxelCoord) -> Material {
@@ -452,6 +500,21 @@ mod tests {
             }
         }
         assert!(covered_air > 100, "only {covered_air} air voxels under solid ones");
+    }
+
+    #[test]
+    fn ground_height_is_the_top_of_the_generated_column() {
+        let g = terrain(11);
+        let l = g.layout;
+        for (x, z) in [(5.5, 7.5), (100.2, -40.7), (-333.0, 812.9), (1000.0, 1000.0)] {
+            let h = g.ground_height(x, z);
+            let v = l.voxel_at(DVec3::new(x, h - 0.5, z));
+            assert!(g.voxel(v).is_solid(), "below {h} at {x},{z} is air");
+            for up in 0..20 {
+                let a = VoxelCoord { y: v.y + 1 + up, ..v };
+                assert_eq!(g.voxel(a), Material::Air, "above {h} at {x},{z}: {a:?} is solid");
+            }
+        }
     }
 
     #[test]

@@ -82,6 +82,17 @@ impl Default for Pose {
     }
 }
 
+/// Bits of [`InputFrame::buttons`].
+pub mod buttons {
+    /// Left controller's grip: grab and hold with the left hand.
+    pub const GRIP_LEFT: u32 = 1 << 0;
+    /// Right controller's grip: grab and hold with the right hand.
+    pub const GRIP_RIGHT: u32 = 1 << 1;
+    pub const TRIGGER_LEFT: u32 = 1 << 2;
+    pub const TRIGGER_RIGHT: u32 = 1 << 3;
+    pub const JUMP: u32 = 1 << 4;
+}
+
 /// One frame of player input, sent every client tick.
 #[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
 pub struct InputFrame {
@@ -104,8 +115,8 @@ pub struct InputFrame {
 pub struct EntityState {
     pub id: EntityId,
     pub pos: DVec3,
-    /// Heading about +Y, radians.
-    pub yaw: f32,
+    /// Orientation, unit quaternion x y z w (an avatar: its heading about +Y).
+    pub rot: [f32; 4],
     pub vel: [f32; 3],
     /// The server authoritative for the entity, as the sender knows it.
     pub authority: ServerId,
@@ -134,7 +145,7 @@ const POSE_BYTES: usize = 7 * 4;
 /// Size of an encoded input datagram.
 pub const INPUT_BYTES: usize = 1 + 4 + 8 + 3 * POSE_BYTES + 2 * 4 + 4 + 4;
 const SNAPSHOT_HEADER_BYTES: usize = 1 + 8 + 4 + 1 + 4 + 2;
-const ENTITY_BYTES: usize = 8 + 3 * 8 + 4 + 3 * 4 + 4;
+const ENTITY_BYTES: usize = 8 + 3 * 8 + 4 * 4 + 3 * 4 + 4;
 /// Most entities one snapshot datagram carries.
 pub const MAX_SNAPSHOT_ENTITIES: usize = (MAX_DATAGRAM - SNAPSHOT_HEADER_BYTES) / ENTITY_BYTES;
 
@@ -250,7 +261,7 @@ impl Snapshot {
             w.f64(e.pos.x);
             w.f64(e.pos.y);
             w.f64(e.pos.z);
-            w.f32(e.yaw);
+            e.rot.iter().for_each(|v| w.f32(*v));
             e.vel.iter().for_each(|v| w.f32(*v));
             w.u32(e.authority.0);
         }
@@ -271,7 +282,7 @@ impl Snapshot {
             entities.push(EntityState {
                 id: EntityId(r.u64()?),
                 pos: DVec3::new(r.f64()?, r.f64()?, r.f64()?),
-                yaw: r.f32()?,
+                rot: [r.f32()?, r.f32()?, r.f32()?, r.f32()?],
                 vel: [r.f32()?, r.f32()?, r.f32()?],
                 authority: ServerId(r.u32()?),
             });
@@ -329,8 +340,23 @@ pub enum ClientControl {
         /// Where to spawn, for `Play` when the avatar is new.
         spawn: Option<DVec3>,
     },
+    /// Change the world: dig or build. Answered by [`ServerControl::EditResult`]
+    /// with the same `id`.
+    Edit { id: u32, op: crate::edit::EditOp },
     /// The client is leaving; the server may drop its avatar.
     Bye,
+}
+
+/// How an edit ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EditOutcome {
+    /// Applied, and durable in the world store: it survives any restart.
+    /// `changed` voxels changed (0 when the edit found nothing to change).
+    Done { changed: u32 },
+    /// Not applied; `reason` is a stable label (`out_of_reach`,
+    /// `rate_limited`, `not_owner`, `not_loaded`, `bad_shape`,
+    /// `store_busy`, `no_avatar`).
+    Rejected { reason: String },
 }
 
 /// Server → client frames on the control stream.
@@ -343,6 +369,9 @@ pub enum ServerControl {
         /// Unix nanoseconds of tick 0 of the mesh grid.
         mesh_epoch_unix_nanos: u64,
         authoritative: bool,
+        /// Seed of the procedural terrain: the client generates the world
+        /// from it and receives only the edits on top.
+        world_seed: u64,
     },
     /// Open a standby connection to this neighbour: the player is near its region.
     PreConnect {
@@ -355,6 +384,8 @@ pub enum ServerControl {
     AuthorityMoved { to: ServerId, effective_tick: Tick },
     /// This server is authoritative for the player from `effective_tick` on.
     AuthorityGained { effective_tick: Tick },
+    /// The answer to [`ClientControl::Edit`] `id`.
+    EditResult { id: u32, outcome: EditOutcome },
     /// The connection is refused; the connection is closed after this frame.
     Refused { reason: String },
 }
@@ -424,7 +455,13 @@ mod tests {
 
     #[test]
     fn snapshot_caps_its_entities_to_one_datagram() {
-        let e = EntityState { id: EntityId(7), pos: DVec3::ONE, yaw: 0.0, vel: [0.0; 3], authority: ServerId(1) };
+        let e = EntityState {
+            id: EntityId(7),
+            pos: DVec3::ONE,
+            rot: [0.0, 0.0, 0.0, 1.0],
+            vel: [0.0; 3],
+            authority: ServerId(1),
+        };
         let s =
             Snapshot { tick: 1, server: ServerId(1), authoritative: true, last_input_seq: 3, entities: vec![e; 100] };
         let mut b = Vec::new();

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use bevy_ecs::prelude::*;
 use glam::{DVec3, Vec3};
 use shared::region::RegionKey;
-use shared::wire::{InputFrame, JoinRole};
+use shared::wire::{InputFrame, JoinRole, Pose};
 use shared::{EntityId, Epoch, PlayerId, ServerId, Tick, TickClock};
 use tokio::sync::mpsc;
 
@@ -42,6 +42,13 @@ pub struct Avatar {
     pub pending: VecDeque<InputFrame>,
     pub locomotion: [f32; 2],
     pub turn: f32,
+    /// Tracked poses of the newest applied input, relative to the body.
+    pub head: Pose,
+    pub left: Pose,
+    pub right: Pose,
+    pub buttons: u32,
+    /// Standing on something.
+    pub on_ground: bool,
     /// Neighbours the client was told to pre-connect to.
     pub preconnected: BTreeSet<ServerId>,
     /// Ticks to simulate at once to catch up after a late handoff.
@@ -79,6 +86,10 @@ pub struct SimConfig {
     pub handoff_margin_m: f64,
     pub overlap_m: f64,
     pub walk_speed: f32,
+    /// The player body's dimensions and motion limits.
+    pub character: shared::controller::CharacterParams,
+    /// Seed of the procedural terrain (sent to clients in `Welcome`).
+    pub world_seed: u64,
     /// Entities farther than this from a player are left out of its snapshots.
     pub view_radius_m: f64,
 }

@@ -97,6 +97,17 @@ pub enum SimIn {
     Left {
         conn: ConnId,
     },
+    /// A player's edit, from its control stream.
+    Edit {
+        conn: ConnId,
+        id: u32,
+        op: shared::edit::EditOp,
+    },
+    /// An admin spawns props; the reply lists their ids.
+    SpawnProps {
+        props: Vec<PropSpawn>,
+        reply: oneshot::Sender<Result<Vec<EntityId>, String>>,
+    },
     Map(Arc<MapView>),
     TransferCommitted {
         entity: EntityId,
@@ -111,6 +122,17 @@ pub enum SimIn {
         state: Box<HandoffState>,
         reply: oneshot::Sender<Result<(), AdoptError>>,
     },
+}
+
+/// One prop to spawn.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Deserialize, serde::Serialize)]
+pub struct PropSpawn {
+    pub pos: DVec3,
+    #[serde(flatten)]
+    pub shape: super::physics::PropShape,
+    /// Initial velocity, m/s.
+    #[serde(default)]
+    pub vel: [f32; 3],
 }
 
 /// Tick thread → control task.

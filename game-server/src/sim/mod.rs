@@ -6,8 +6,11 @@
 //! bounded channels with `try_send` (a full channel drops and counts).
 
 pub mod components;
+pub mod edits;
 pub mod messages;
+pub mod physics;
 pub mod systems;
+pub mod terrain;
 #[cfg(test)]
 mod tests;
 
@@ -31,13 +34,14 @@ use crate::metrics::Metrics;
 /// The stages of a tick, in order.
 #[derive(SystemSet, Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum SimSet {
-    /// Drain the inbox: joins, inputs, map updates, handoffs.
+    /// Drain the inbox: joins, inputs, map updates, handoffs; integrate
+    /// finished terrain chunks.
     Ingest,
     /// Apply inputs to player bodies.
     PlayerBodies,
-    /// Rigid-body step (the simulation issue fills it).
+    /// Hands, then the rigid-body step.
     Physics,
-    /// Dig and build (the simulation issue fills it).
+    /// Dig and build; colliders follow in the same tick.
     WorldEdits,
     /// Boundary checks, transfer requests, releases.
     Authority,
@@ -66,8 +70,10 @@ pub fn schedule() -> Schedule {
             .chain(),
     );
     s.add_systems((
-        systems::ingest.in_set(SimSet::Ingest),
+        (systems::ingest, terrain::stream).chain().in_set(SimSet::Ingest),
         systems::player_bodies.in_set(SimSet::PlayerBodies),
+        (physics::hands, physics::step).chain().in_set(SimSet::Physics),
+        edits::world_edits.in_set(SimSet::WorldEdits),
         (systems::log_authority, systems::authority).chain().in_set(SimSet::Authority),
         systems::replication.in_set(SimSet::Replication),
         systems::report.in_set(SimSet::Metrics),
@@ -85,11 +91,28 @@ pub struct SimParts {
     pub load: Arc<LoadShared>,
     pub map: Arc<MapView>,
     pub authority_log: Option<std::sync::mpsc::SyncSender<String>>,
+    pub world: WorldParts,
+}
+
+/// The world a simulation starts from: terrain, where edits go, knobs.
+#[derive(Debug, Clone)]
+pub struct WorldParts {
+    pub generator: Arc<shared::terrain::TerrainGen>,
+    pub store: Arc<dyn crate::store::DeltaStore>,
+    pub writer: crate::store::WriterHandle,
+    pub terrain: terrain::TerrainSettings,
+    pub edits: edits::EditSettings,
+    /// Origin of the physics world's `f32` coordinates.
+    pub physics_origin: glam::DVec3,
 }
 
 /// A world with every resource the systems need.
 pub fn world(p: SimParts) -> World {
     let mut w = World::new();
+    let ids = shared::ids::EntityIdAllocator::new(p.config.server).ok();
+    w.insert_resource(terrain::Terrain::new(p.world.generator, p.world.store, p.world.terrain));
+    w.insert_resource(physics::Physics::new(p.world.physics_origin));
+    w.insert_resource(edits::Edits::new(p.world.edits, p.world.writer, ids));
     w.insert_resource(p.config);
     w.insert_resource(TickState::default());
     w.insert_resource(Inbox(p.inbox));
@@ -127,6 +150,7 @@ fn run(parts: SimParts, stop: &AtomicBool) {
     let mut times: std::collections::VecDeque<u32> = std::collections::VecDeque::with_capacity(1024);
     let mut tick = clock.tick_at(svc::unix_nanos()) + 1;
     let mut last = tick - 1;
+    let (mut window_start, mut window_ticks, mut physics_seen) = (Instant::now(), 0u32, (0.0f64, 0u64));
     info!(first_tick = tick, hz = clock.hz, "tick thread started");
     while !stop.load(Ordering::Relaxed) {
         // Wait for the start of this tick's slot on the mesh grid.
@@ -140,11 +164,24 @@ fn run(parts: SimParts, stop: &AtomicBool) {
         let took = t0.elapsed();
         metrics.tick_duration.observe(took.as_secs_f64());
         metrics.ticks.inc();
+        window_ticks += 1;
         if times.len() == 900 {
             times.pop_front();
         }
         times.push_back(took.as_micros().min(u128::from(u32::MAX)) as u32);
         if tick.is_multiple_of(90) {
+            let now = Instant::now();
+            let secs = now.duration_since(window_start).as_secs_f64();
+            if secs > 0.0 {
+                metrics.fps_avg.set(f64::from(window_ticks) / secs);
+            }
+            let (sum, n) = (metrics.physics_step.get_sample_sum(), metrics.physics_step.get_sample_count());
+            if n > physics_seen.1 {
+                metrics.physics_step_ms.set((sum - physics_seen.0) / (n - physics_seen.1) as f64 * 1000.0);
+            }
+            physics_seen = (sum, n);
+            window_start = now;
+            window_ticks = 0;
             let mut sorted: Vec<u32> = times.iter().copied().collect();
             sorted.sort_unstable();
             let p99 = sorted.get(sorted.len() * 99 / 100).copied().unwrap_or(0);

@@ -4,14 +4,16 @@ use std::collections::VecDeque;
 
 use bevy_ecs::prelude::*;
 use bytes::Bytes;
-use glam::{DVec3, Vec2, Vec3};
+use glam::{DVec3, Quat, Vec2, Vec3, Vec4};
+use shared::controller::{CharacterState, move_character};
 use shared::region::handoff_target;
-use shared::wire::{EntityState, JoinRole, MAX_SNAPSHOT_ENTITIES, ServerControl, Snapshot};
+use shared::wire::{EntityState, InputFrame, JoinRole, MAX_SNAPSHOT_ENTITIES, Pose, ServerControl, Snapshot, buttons};
 use shared::{EntityId, Epoch, PlayerId};
 use tracing::{debug, info, warn};
 
 use super::components::*;
-use super::messages::{AdoptError, HandoffState, Outbound, SimIn, SimOut};
+use super::messages::{AdoptError, HandoffState, Outbound, PropSpawn, SimIn, SimOut};
+use super::physics::Hands;
 
 /// Most inbox messages handled in one tick; the rest wait for the next.
 const INBOX_BUDGET: usize = 65_536;
@@ -61,6 +63,18 @@ pub fn ingest(world: &mut World) {
                 }
             }
             SimIn::Left { conn } => left(world, conn),
+            SimIn::Edit { conn, id, op } => {
+                let Some(player) = world.resource::<Conns>().0.get(&conn).map(|c| c.player) else { continue };
+                world.resource_mut::<super::edits::Edits>().queue.push(super::edits::EditRequest {
+                    conn: Some(conn),
+                    player,
+                    id,
+                    op,
+                });
+            }
+            SimIn::SpawnProps { props, reply } => {
+                let _ = reply.send(spawn_props(world, &props));
+            }
             SimIn::Map(map) => {
                 world.resource_mut::<Map>().0 = map;
                 revalidate_authority(world);
@@ -117,6 +131,7 @@ fn joined(
         tick_hz: cfg.clock.hz,
         mesh_epoch_unix_nanos: cfg.clock.epoch_unix_nanos,
         authoritative,
+        world_seed: cfg.world_seed,
     };
     let entity_id = match EntityId::player(player) {
         Ok(id) => id,
@@ -132,7 +147,13 @@ fn joined(
             world.resource_mut::<Conns>().0.insert(conn, Conn { player, role, tx });
         }
         (JoinRole::Play, None) => {
-            let p = spawn.unwrap_or(DEFAULT_SPAWN);
+            let mut p = spawn.unwrap_or(DEFAULT_SPAWN);
+            if !p.is_finite() {
+                return refuse("bad_spawn: spawn point is not finite".to_owned());
+            }
+            // Stand on the generated ground (edits since are handled by the
+            // controller: it lifts a body out of rock, and falls into pits).
+            p.y = world.resource::<super::terrain::Terrain>().generator.ground_height(p.x, p.z) + 0.01;
             let map = world.resource::<Map>().0.clone();
             let Some(leaf) = map.tree.leaf_at(p) else {
                 return refuse(format!("outside_world: spawn point {p} is outside the world"));
@@ -147,6 +168,7 @@ fn joined(
                             Body { pos: p, yaw: 0.0, vel: Vec3::ZERO },
                             Avatar { player, name, conn: Some(conn), ..Default::default() },
                             Authority { region: leaf, region_epoch: epoch, entity_epoch: Epoch(0), since: tick },
+                            Hands::default(),
                         ))
                         .id();
                     let mut index = world.resource_mut::<Index>();
@@ -166,6 +188,38 @@ fn joined(
             }
         }
     }
+}
+
+/// Most props one admin request spawns.
+pub const MAX_PROPS_PER_REQUEST: usize = 10_000;
+
+/// Spawns props for an admin; all or nothing.
+pub fn spawn_props(world: &mut World, props: &[PropSpawn]) -> Result<Vec<EntityId>, String> {
+    if props.len() > MAX_PROPS_PER_REQUEST {
+        return Err(format!("at most {MAX_PROPS_PER_REQUEST} props per request"));
+    }
+    let me = world.resource::<SimConfig>().server;
+    let map = world.resource::<Map>().0.clone();
+    for (i, p) in props.iter().enumerate() {
+        p.shape.validate().map_err(|e| format!("prop {i}: {e}"))?;
+        if !p.pos.is_finite() || !p.vel.iter().all(|v| v.is_finite() && v.abs() <= 100.0) {
+            return Err(format!("prop {i}: position and velocity must be finite (speed at most 100 m/s)"));
+        }
+        let owned = map.tree.leaf_at(p.pos).and_then(|l| map.live_owner(&l)).is_some_and(|(o, _)| o == me);
+        if !owned {
+            return Err(format!("prop {i}: {} is not in a region this server owns", p.pos));
+        }
+    }
+    let mut ids = Vec::with_capacity(props.len());
+    for p in props {
+        let id = world
+            .resource_mut::<super::edits::Edits>()
+            .mint()
+            .ok_or_else(|| "this server cannot mint entity ids".to_owned())?;
+        super::physics::spawn_prop(world, id, p.shape, p.pos, Quat::IDENTITY, Vec3::from(p.vel));
+        ids.push(id);
+    }
+    Ok(ids)
 }
 
 fn left(world: &mut World, conn: u64) {
@@ -188,6 +242,7 @@ fn left(world: &mut World, conn: u64) {
 }
 
 fn despawn(world: &mut World, e: Entity) {
+    super::physics::release_physics(world, e);
     let net = world.get::<NetId>(e).map(|n| n.0);
     let player = world.get::<Avatar>(e).map(|a| a.player);
     world.despawn(e);
@@ -301,6 +356,7 @@ fn adopt_due(world: &mut World) {
             },
         ));
         if let Some(player) = s.player {
+            e.insert(Hands::default());
             e.insert(Avatar {
                 player,
                 name: String::new(),
@@ -344,33 +400,85 @@ fn adopt_due(world: &mut World) {
     }
 }
 
-/// Applies each player's pending inputs, in order and once, and moves the body.
+/// Limits on tracked poses, relative to the body (the play-space origin).
+pub mod pose_limits {
+    /// Farthest the head may be from the body's vertical axis, metres.
+    pub const HEAD_HORIZONTAL_M: f32 = 2.5;
+    /// Highest the head may be above the feet, metres.
+    pub const HEAD_HEIGHT_M: f32 = 2.6;
+    /// Farthest a hand may be from the head, metres.
+    pub const ARM_M: f32 = 1.3;
+    /// Farthest the head may move between two frames (45 m/s at 90 Hz).
+    pub const HEAD_STEP_M: f32 = 0.5;
+}
+
+/// Why an input frame is refused: a stable metric label.
+pub fn check_input(f: &InputFrame, prev_head: &Pose) -> Result<(), &'static str> {
+    use pose_limits::*;
+    let quat_ok = |r: &[f32; 4]| (0.8..1.2).contains(&Vec4::from(*r).length_squared());
+    if !quat_ok(&f.head.rot) || !quat_ok(&f.left.rot) || !quat_ok(&f.right.rot) {
+        return Err("bad_rotation");
+    }
+    let head = Vec3::from(f.head.pos);
+    if Vec2::new(head.x, head.z).length() > HEAD_HORIZONTAL_M || !(-0.5..=HEAD_HEIGHT_M).contains(&head.y) {
+        return Err("pose_far");
+    }
+    if head.distance(Vec3::from(f.left.pos)) > ARM_M || head.distance(Vec3::from(f.right.pos)) > ARM_M {
+        return Err("pose_far");
+    }
+    if *prev_head != Pose::default() && head.distance(Vec3::from(prev_head.pos)) > HEAD_STEP_M {
+        return Err("teleport");
+    }
+    Ok(())
+}
+
+/// Applies each player's pending inputs, in order and once, and moves the
+/// body with the character controller against the terrain.
 pub fn player_bodies(
     mut q: Query<(&mut Body, &mut Avatar), With<Authority>>,
+    terrain: Res<super::terrain::Terrain>,
     cfg: Res<SimConfig>,
     tick: Res<TickState>,
     metrics: Res<SimMetrics>,
 ) {
     let mut applied = 0u64;
     for (mut body, mut a) in &mut q {
-        let steps = (1 + a.catch_up.min(90)) as f32;
+        let steps = 1 + a.catch_up.min(90);
         a.catch_up = 0;
+        let mut jump = false;
         while let Some(f) = a.pending.pop_front() {
             a.last_applied = f.seq;
+            if let Err(reason) = check_input(&f, &a.head) {
+                metrics.0.inputs_rejected.with_label_values(&[reason]).inc();
+                continue;
+            }
             let stick = Vec2::from(f.locomotion);
             a.locomotion = if stick.length_squared() > 1.0 { stick.normalize().into() } else { stick.into() };
             a.turn = f.turn.clamp(-std::f32::consts::TAU, std::f32::consts::TAU);
+            a.head = f.head;
+            a.left = f.left;
+            a.right = f.right;
+            jump |= f.buttons & buttons::JUMP != 0 && a.buttons & buttons::JUMP == 0;
+            a.buttons = f.buttons;
             applied += 1;
         }
-        let dt = tick.dt * steps;
-        body.yaw = (body.yaw + a.turn * dt).rem_euclid(std::f32::consts::TAU);
-        // Yaw 0 faces -Z; the stick's x strafes right (+X at yaw 0).
-        let (s, c) = body.yaw.sin_cos();
-        let forward = Vec3::new(-s, 0.0, -c);
-        let right = Vec3::new(c, 0.0, -s);
-        body.vel = (right * a.locomotion[0] + forward * a.locomotion[1]) * cfg.walk_speed;
-        let step = body.vel * dt;
-        body.pos += step.as_dvec3();
+        let mut state = CharacterState { pos: body.pos, vel: body.vel, on_ground: a.on_ground };
+        for _ in 0..steps {
+            body.yaw = (body.yaw + a.turn * tick.dt).rem_euclid(std::f32::consts::TAU);
+            // Yaw 0 faces -Z; the stick's x strafes right (+X at yaw 0).
+            let (s, c) = body.yaw.sin_cos();
+            let forward = Vec3::new(-s, 0.0, -c);
+            let right = Vec3::new(c, 0.0, -s);
+            let wish = (right * a.locomotion[0] + forward * a.locomotion[1]) * cfg.walk_speed;
+            let out = move_character(&cfg.character, &mut state, wish, jump, tick.dt, &terrain.layout, &*terrain);
+            jump = false;
+            if out.stuck {
+                metrics.0.bodies_stuck.inc();
+            }
+        }
+        body.pos = state.pos;
+        body.vel = state.vel;
+        a.on_ground = state.on_ground;
     }
     metrics.0.inputs_applied.inc_by(applied);
 }
@@ -416,6 +524,9 @@ pub fn authority(world: &mut World) {
             };
             match map.live_owner(&target) {
                 Some((owner, epoch)) if owner == cfg.server => local_moves.push((e, target, epoch)),
+                // Props stay with the server that spawned them until the
+                // handoff protocol carries rigid-body state.
+                Some(_) if avatar.is_none() => {}
                 Some(_) => requests.push((e, net.0, *auth, target, body.pos)),
                 None => {}
             }
@@ -521,53 +632,101 @@ fn release(
     despawn(world, e);
 }
 
-/// Sends each attached player a snapshot of what is near it.
+/// Edge of the cells replication buckets entities in, metres.
+const GRID_CELL_M: f64 = 16.0;
+
+/// What replication reads of an entity.
+type Replicated = (&'static NetId, &'static Body, Option<&'static Avatar>, Option<&'static super::physics::Prop>);
+
+/// Buffers replication keeps between ticks.
+#[derive(Debug, Default)]
+pub struct ReplicationScratch {
+    states: Vec<EntityState>,
+    grid: rustc_hash::FxHashMap<(i32, i32), Vec<u32>>,
+    near: Vec<(f64, u32)>,
+    buf: Vec<u8>,
+}
+
+fn cell_of(p: DVec3) -> (i32, i32) {
+    ((p.x / GRID_CELL_M).floor() as i32, (p.z / GRID_CELL_M).floor() as i32)
+}
+
+/// Sends each attached player a snapshot of what is near it: itself, then
+/// the nearest entities within the view radius, found ring by ring in a
+/// grid of the entities rebuilt every tick.
 pub fn replication(
-    q: Query<(&NetId, &Body, Option<&Avatar>), With<Authority>>,
+    q: Query<Replicated, With<Authority>>,
     conns: Res<Conns>,
     cfg: Res<SimConfig>,
     tick: Res<TickState>,
     metrics: Res<SimMetrics>,
-    mut scratch: Local<Vec<EntityState>>,
+    mut scratch: Local<ReplicationScratch>,
 ) {
-    scratch.clear();
-    scratch.extend(q.iter().map(|(n, b, _)| EntityState {
-        id: n.0,
-        pos: b.pos,
-        yaw: b.yaw,
-        vel: b.vel.to_array(),
-        authority: cfg.server,
-    }));
+    let sc = &mut *scratch;
+    sc.states.clear();
+    if tick.tick.is_multiple_of(90) {
+        sc.grid.clear();
+    } else {
+        sc.grid.values_mut().for_each(Vec::clear);
+    }
+    for (n, b, _, prop) in &q {
+        let rot = prop.map_or_else(|| Quat::from_rotation_y(b.yaw), |p| p.rot);
+        sc.grid.entry(cell_of(b.pos)).or_default().push(sc.states.len() as u32);
+        sc.states.push(EntityState {
+            id: n.0,
+            pos: b.pos,
+            rot: rot.to_array(),
+            vel: b.vel.to_array(),
+            authority: cfg.server,
+        });
+    }
     let r2 = cfg.view_radius_m * cfg.view_radius_m;
-    let mut near: Vec<(f64, usize)> = Vec::new();
-    let mut buf = Vec::with_capacity(shared::wire::MAX_DATAGRAM);
+    let max_ring = (cfg.view_radius_m / GRID_CELL_M).ceil() as i32;
+    let keep = MAX_SNAPSHOT_ENTITIES - 1;
     let (mut sent, mut bytes) = (0u64, 0u64);
-    for (net, body, avatar) in &q {
-        let Some(conn) = avatar.and_then(|a| a.conn) else { continue };
+    for (net, body, avatar, _) in &q {
         let Some(a) = avatar else { continue };
-        near.clear();
-        near.extend(
-            scratch
-                .iter()
-                .enumerate()
-                .filter(|(_, s)| s.id != net.0)
-                .map(|(i, s)| (s.pos.distance_squared(body.pos), i))
-                .filter(|(d, _)| *d <= r2),
-        );
-        let keep = MAX_SNAPSHOT_ENTITIES - 1;
-        if near.len() > keep {
-            near.select_nth_unstable_by(keep, |x, y| x.0.total_cmp(&y.0));
-            near.truncate(keep);
+        let Some(conn) = a.conn else { continue };
+        sc.near.clear();
+        let (cx, cz) = cell_of(body.pos);
+        let mut enough_at = None;
+        for ring in 0..=max_ring {
+            for dz in -ring..=ring {
+                for dx in -ring..=ring {
+                    if dx.abs() != ring && dz.abs() != ring {
+                        continue;
+                    }
+                    let Some(cell) = sc.grid.get(&(cx + dx, cz + dz)) else { continue };
+                    for &i in cell {
+                        let s = &sc.states[i as usize];
+                        let d = s.pos.distance_squared(body.pos);
+                        if s.id != net.0 && d <= r2 {
+                            sc.near.push((d, i));
+                        }
+                    }
+                }
+            }
+            // Once enough are found, one more ring catches nearer ones just
+            // across a cell edge.
+            match enough_at {
+                None if sc.near.len() >= keep => enough_at = Some(ring),
+                Some(r) if ring > r => break,
+                _ => {}
+            }
         }
-        let mut entities = Vec::with_capacity(near.len() + 1);
+        if sc.near.len() > keep {
+            sc.near.select_nth_unstable_by(keep, |x, y| x.0.total_cmp(&y.0));
+            sc.near.truncate(keep);
+        }
+        let mut entities = Vec::with_capacity(sc.near.len() + 1);
         entities.push(EntityState {
             id: net.0,
             pos: body.pos,
-            yaw: body.yaw,
+            rot: Quat::from_rotation_y(body.yaw).to_array(),
             vel: body.vel.to_array(),
             authority: cfg.server,
         });
-        entities.extend(near.iter().map(|(_, i)| scratch[*i]));
+        entities.extend(sc.near.iter().map(|(_, i)| sc.states[*i as usize]));
         let snap = Snapshot {
             tick: tick.tick,
             server: cfg.server,
@@ -575,11 +734,11 @@ pub fn replication(
             last_input_seq: a.last_applied,
             entities,
         };
-        buf.clear();
-        snap.encode(&mut buf);
-        bytes += buf.len() as u64;
+        sc.buf.clear();
+        snap.encode(&mut sc.buf);
+        bytes += sc.buf.len() as u64;
         sent += 1;
-        send(&conns, conn, Outbound::Datagram(Bytes::copy_from_slice(&buf)), &metrics);
+        send(&conns, conn, Outbound::Datagram(Bytes::copy_from_slice(&sc.buf)), &metrics);
     }
     metrics.0.snapshots_sent.inc_by(sent);
     metrics.0.bytes_sent.inc_by(bytes);

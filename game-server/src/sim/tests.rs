@@ -39,6 +39,34 @@ fn map() -> Arc<MapView> {
     Arc::new(MapView { version: 1, tree, owners, servers })
 }
 
+/// A flat world (ground at y = 64) for tests about protocol, not terrain.
+pub fn flat_world() -> super::WorldParts {
+    let params = shared::terrain::TerrainParams {
+        hill_amplitude_m: 0.0,
+        overhang_m: 0.0,
+        tunnel_width: 1e-9,
+        ..Default::default()
+    };
+    let generator = shared::terrain::TerrainGen::with_params(1, shared::chunk::ChunkLayout::default(), params);
+    world_parts(generator)
+}
+
+/// World parts around `generator` with an in-memory store, generating on
+/// the tick thread so that chunk arrival is a function of the tick.
+pub fn world_parts(generator: shared::terrain::TerrainGen) -> super::WorldParts {
+    let store: Arc<dyn crate::store::DeltaStore> = Arc::new(crate::store::MemoryDeltaStore::new());
+    super::WorldParts {
+        generator: Arc::new(generator),
+        writer: crate::store::spawn_writer(store.clone()).expect("writer starts"),
+        store,
+        terrain: super::terrain::TerrainSettings { workers: 0, ..Default::default() },
+        edits: super::edits::EditSettings::default(),
+        physics_origin: DVec3::new(2000.0, 0.0, 1000.0),
+    }
+}
+
+pub const GROUND: f64 = 64.0;
+
 impl Harness {
     fn new(server: u32) -> Self {
         let (tx, inbox) = mpsc::channel(1024);
@@ -50,6 +78,8 @@ impl Harness {
                 handoff_margin_m: 10.0,
                 overlap_m: 100.0,
                 walk_speed: 9.0,
+                character: shared::controller::CharacterParams::default(),
+                world_seed: 1,
                 view_radius_m: 500.0,
             },
             inbox,
@@ -58,6 +88,7 @@ impl Harness {
             load: Arc::default(),
             map: map(),
             authority_log: None,
+            world: flat_world(),
         };
         Self { world: world(parts), schedule: schedule(), tx, out, tick: 100 }
     }
@@ -69,6 +100,15 @@ impl Harness {
     fn step(&mut self) {
         self.tick += 1;
         step(&mut self.world, &mut self.schedule, self.tick, 1);
+    }
+
+    /// Ticks until the terrain around the avatar has loaded and it stands.
+    fn settle(&mut self) {
+        for _ in 0..30 {
+            self.step();
+        }
+        let (_, a) = self.avatar().expect("avatar spawned");
+        assert!(a.on_ground, "avatar did not land");
     }
 
     fn join(&self, conn: u64, role: JoinRole, spawn: DVec3) -> mpsc::Receiver<Outbound> {
@@ -116,7 +156,9 @@ fn inputs_apply_once_in_order_and_snapshots_acknowledge_them() {
     let mut h = Harness::new(1);
     let mut rx = h.join(1, JoinRole::Play, DVec3::new(1000.0, 10.0, 1000.0));
     h.step();
-    assert!(matches!(controls(&mut rx)[..], [ServerControl::Welcome { authoritative: true, .. }]));
+    assert!(matches!(controls(&mut rx)[..], [ServerControl::Welcome { authoritative: true, world_seed: 1, .. }]));
+    h.settle();
+    let x0 = h.avatar().expect("avatar").0.pos.x;
     // Out of order, with a duplicate: applied as 1, 2, 3, once each.
     for s in [2, 1, 3, 2] {
         h.send(SimIn::Input { conn: 1, frame: input(s, 1.0) });
@@ -125,7 +167,8 @@ fn inputs_apply_once_in_order_and_snapshots_acknowledge_them() {
     let (body, avatar) = h.avatar().expect("avatar spawned");
     assert_eq!(avatar.last_applied, 3);
     assert!(avatar.pending.is_empty());
-    assert!((body.pos.x - (1000.0 + 9.0 / 90.0)).abs() < 1e-4, "moved one tick at 9 m/s: {}", body.pos.x);
+    assert!((body.pos.x - (x0 + 9.0 / 90.0)).abs() < 1e-4, "moved one tick at 9 m/s: {}", body.pos.x);
+    assert!((body.pos.y - GROUND).abs() < 1e-3, "walks on the ground: {}", body.pos.y);
     assert_eq!(last_snapshot(&mut rx).map(|s| s.last_input_seq), Some(3));
     // A late duplicate of an applied input is ignored.
     h.send(SimIn::Input { conn: 1, frame: input(3, -1.0) });
@@ -213,7 +256,7 @@ fn the_target_adopts_at_the_effective_tick_and_merges_buffered_inputs() {
         to_region: RegionKey::root(1, 0, 0),
         to_region_epoch: Epoch(2),
         effective_tick: effective,
-        pos: DVec3::new(2011.0, 10.0, 1000.0),
+        pos: DVec3::new(2011.0, GROUND, 1000.0),
         yaw: 0.0,
         vel: glam::Vec3::ZERO,
         player: Some(PlayerId(7)),

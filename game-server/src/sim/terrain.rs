@@ -1,0 +1,469 @@
+//! Terrain in the simulation: which chunks are loaded, how they arrive from
+//! the generator threads, and their colliders.
+//!
+//! Chunks are loaded around players and awake props, generated (seed +
+//! stored deltas) on worker threads, and handed to the tick thread finished,
+//! collider shape included. The tick thread only integrates a bounded number
+//! per tick. A chunk nobody has wanted for a while is unloaded, unless it
+//! holds edits not yet durable.
+//!
+//! Colliders: one static compound of boxes per chunk (its solid voxels,
+//! greedily merged). An edit rebuilds the shapes of the chunks it touched in
+//! the same tick; changing a chunk's collider wakes only the props touching
+//! that chunk.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bevy_ecs::prelude::*;
+use glam::{DVec3, IVec3, Vec3};
+use rapier3d::prelude::{ColliderBuilder, ColliderHandle, Pose, SharedShape};
+use rustc_hash::{FxHashMap, FxHashSet};
+use shared::Tick;
+use shared::chunk::{ChunkKey, ChunkLayout, VoxelCoord};
+use shared::controller::SolidQuery;
+use shared::edit::{VoxelDelta, rebuild};
+use shared::terrain::{ChunkVoxels, Material, TerrainGen};
+use tracing::warn;
+
+use super::components::{Avatar, Body, SimMetrics, TickState};
+use super::physics::Physics;
+use crate::store::DeltaStore;
+
+/// Knobs of terrain streaming.
+#[derive(Debug, Clone)]
+pub struct TerrainSettings {
+    /// Chunks within this distance (per axis) of a player are kept loaded.
+    pub player_radius_m: f64,
+    /// Chunks within this distance of an awake prop are kept loaded.
+    pub prop_radius_m: f64,
+    /// A chunk unwanted for this many ticks is unloaded.
+    pub keep_ticks: u64,
+    /// Chunks requested from the generators and not yet back, at most.
+    pub max_in_flight: usize,
+    /// Finished chunks integrated per tick, at most.
+    pub integrate_per_tick: usize,
+    /// Generator threads; 0 generates on the tick thread when asked (tests).
+    pub workers: usize,
+}
+
+impl Default for TerrainSettings {
+    fn default() -> Self {
+        Self {
+            player_radius_m: 12.0,
+            prop_radius_m: 4.0,
+            keep_ticks: 5 * 90,
+            max_in_flight: 256,
+            integrate_per_tick: 8,
+            workers: 1,
+        }
+    }
+}
+
+/// A chunk as a generator thread hands it over.
+#[derive(Debug)]
+pub struct ChunkReady {
+    pub key: ChunkKey,
+    pub result: Result<(ChunkVoxels, Option<SharedShape>), String>,
+    pub took: Duration,
+}
+
+enum Loader {
+    Workers { jobs: crossbeam_channel::Sender<ChunkKey>, done: crossbeam_channel::Receiver<ChunkReady> },
+    Inline { generator: Arc<TerrainGen>, store: Arc<dyn DeltaStore>, queue: VecDeque<ChunkKey> },
+}
+
+impl std::fmt::Debug for Loader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Loader::Workers { .. } => f.write_str("Loader::Workers"),
+            Loader::Inline { queue, .. } => write!(f, "Loader::Inline({} queued)", queue.len()),
+        }
+    }
+}
+
+/// Builds one chunk: procedural voxels, stored deltas on top, collider shape.
+pub fn build_chunk(generator: &TerrainGen, store: &dyn DeltaStore, key: ChunkKey) -> ChunkReady {
+    let t0 = Instant::now();
+    let result = store
+        .chunk_deltas(key)
+        .map(|deltas| {
+            let voxels = rebuild(generator, key, &deltas);
+            let shape = chunk_shape(&voxels, &generator.layout);
+            (voxels, shape)
+        })
+        .map_err(|e| e.to_string());
+    ChunkReady { key, result, took: t0.elapsed() }
+}
+
+/// The chunk's solid voxels as a compound of boxes, in chunk-local metres
+/// (origin at the chunk's minimum corner). Boxes are grown greedily along
+/// x, then y, then z, so flat ground and solid rock become a few big boxes.
+pub fn chunk_shape(voxels: &ChunkVoxels, layout: &ChunkLayout) -> Option<SharedShape> {
+    let n = layout.chunk_voxels as usize;
+    let vm = layout.voxel_m as f32;
+    match voxels {
+        ChunkVoxels::Uniform(m) if !m.is_solid() => return None,
+        ChunkVoxels::Uniform(_) => {
+            let h = vm * n as f32 / 2.0;
+            return Some(SharedShape::cuboid(h, h, h).compound_of_one(Vec3::splat(h)));
+        }
+        ChunkVoxels::Dense(_) => {}
+    }
+    let idx = |x: usize, y: usize, z: usize| x + n * (y + n * z);
+    let mut used = vec![false; n * n * n];
+    let free = |used: &[bool], i: usize| !used[i] && voxels.get(i).is_solid();
+    let mut parts = Vec::new();
+    for z in 0..n {
+        for y in 0..n {
+            for x in 0..n {
+                if !free(&used, idx(x, y, z)) {
+                    continue;
+                }
+                let mut x2 = x;
+                while x2 + 1 < n && free(&used, idx(x2 + 1, y, z)) {
+                    x2 += 1;
+                }
+                let mut y2 = y;
+                while y2 + 1 < n && (x..=x2).all(|xx| free(&used, idx(xx, y2 + 1, z))) {
+                    y2 += 1;
+                }
+                let mut z2 = z;
+                while z2 + 1 < n && (y..=y2).all(|yy| (x..=x2).all(|xx| free(&used, idx(xx, yy, z2 + 1)))) {
+                    z2 += 1;
+                }
+                for zz in z..=z2 {
+                    for yy in y..=y2 {
+                        for xx in x..=x2 {
+                            used[idx(xx, yy, zz)] = true;
+                        }
+                    }
+                }
+                let lo = Vec3::new(x as f32, y as f32, z as f32) * vm;
+                let hi = Vec3::new((x2 + 1) as f32, (y2 + 1) as f32, (z2 + 1) as f32) * vm;
+                let half = (hi - lo) / 2.0;
+                parts.push((Pose::from_translation(lo + half), SharedShape::cuboid(half.x, half.y, half.z)));
+            }
+        }
+    }
+    if parts.is_empty() { None } else { Some(SharedShape::compound(parts)) }
+}
+
+trait CompoundOfOne {
+    fn compound_of_one(self, at: Vec3) -> SharedShape;
+}
+
+impl CompoundOfOne for SharedShape {
+    fn compound_of_one(self, at: Vec3) -> SharedShape {
+        SharedShape::compound(vec![(Pose::from_translation(at), self)])
+    }
+}
+
+/// A chunk the simulation holds.
+#[derive(Debug)]
+pub struct LoadedChunk {
+    pub voxels: ChunkVoxels,
+    pub collider: Option<ColliderHandle>,
+    /// Last tick something wanted it loaded.
+    pub wanted_at: Tick,
+}
+
+/// The terrain the tick thread simulates against.
+#[derive(Resource, Debug)]
+pub struct Terrain {
+    pub layout: ChunkLayout,
+    pub generator: Arc<TerrainGen>,
+    pub settings: TerrainSettings,
+    pub chunks: FxHashMap<ChunkKey, LoadedChunk>,
+    in_flight: FxHashSet<ChunkKey>,
+    /// Deltas applied here but not yet known durable, with the sequence
+    /// number of their edit: laid over chunks read back from the store.
+    pub unflushed: FxHashMap<ChunkKey, Vec<(u64, VoxelDelta)>>,
+    loader: Loader,
+    /// Chunk generations finished, and their total time, for metrics.
+    pub generated: u64,
+}
+
+impl Terrain {
+    /// Terrain streamed by `settings.workers` generator threads (or inline when 0).
+    pub fn new(generator: Arc<TerrainGen>, store: Arc<dyn DeltaStore>, settings: TerrainSettings) -> Self {
+        let loader = if settings.workers == 0 {
+            Loader::Inline { generator: generator.clone(), store, queue: VecDeque::new() }
+        } else {
+            let (jobs, job_rx) = crossbeam_channel::bounded::<ChunkKey>(settings.max_in_flight);
+            let (done_tx, done) = crossbeam_channel::bounded::<ChunkReady>(settings.max_in_flight);
+            for i in 0..settings.workers {
+                let (job_rx, done_tx, generator, store) =
+                    (job_rx.clone(), done_tx.clone(), generator.clone(), store.clone());
+                let spawned = std::thread::Builder::new().name(format!("chunk-gen-{i}")).spawn(move || {
+                    while let Ok(key) = job_rx.recv() {
+                        if done_tx.send(build_chunk(&generator, store.as_ref(), key)).is_err() {
+                            break;
+                        }
+                    }
+                });
+                if let Err(e) = spawned {
+                    warn!(error = %e, "could not start a chunk generator thread");
+                }
+            }
+            Loader::Workers { jobs, done }
+        };
+        Self {
+            layout: generator.layout,
+            generator,
+            settings,
+            chunks: FxHashMap::default(),
+            in_flight: FxHashSet::default(),
+            unflushed: FxHashMap::default(),
+            loader,
+            generated: 0,
+        }
+    }
+
+    pub fn is_loaded(&self, key: ChunkKey) -> bool {
+        self.chunks.contains_key(&key)
+    }
+
+    /// The material of a loaded voxel; `None` when its chunk is not loaded.
+    pub fn material(&self, v: VoxelCoord) -> Option<Material> {
+        let c = self.chunks.get(&self.layout.chunk_of(v))?;
+        Some(c.voxels.get(self.layout.local_index(v)))
+    }
+
+    /// Marks every chunk within `radius` of `p` as wanted at `tick`, and asks
+    /// for those not loaded.
+    pub fn want_around(&mut self, p: DVec3, radius: f64, tick: Tick) {
+        let lo = self.layout.chunk_at(p - DVec3::splat(radius));
+        let hi = self.layout.chunk_at(p + DVec3::splat(radius));
+        for z in lo.z..=hi.z {
+            for y in lo.y..=hi.y {
+                for x in lo.x..=hi.x {
+                    self.want(ChunkKey { x, y, z }, tick);
+                }
+            }
+        }
+    }
+
+    fn want(&mut self, key: ChunkKey, tick: Tick) {
+        if let Some(c) = self.chunks.get_mut(&key) {
+            c.wanted_at = tick;
+            return;
+        }
+        if self.in_flight.contains(&key) || self.in_flight.len() >= self.settings.max_in_flight {
+            return;
+        }
+        let sent = match &mut self.loader {
+            Loader::Workers { jobs, .. } => jobs.try_send(key).is_ok(),
+            Loader::Inline { queue, .. } => {
+                queue.push_back(key);
+                true
+            }
+        };
+        if sent {
+            self.in_flight.insert(key);
+        }
+    }
+
+    /// Finished chunks, at most `max`.
+    fn take_ready(&mut self, max: usize) -> Vec<ChunkReady> {
+        let mut out = Vec::new();
+        match &mut self.loader {
+            Loader::Workers { done, .. } => {
+                while out.len() < max {
+                    match done.try_recv() {
+                        Ok(r) => out.push(r),
+                        Err(_) => break,
+                    }
+                }
+            }
+            Loader::Inline { generator, store, queue } => {
+                while out.len() < max {
+                    let Some(key) = queue.pop_front() else { break };
+                    out.push(build_chunk(generator, store.as_ref(), key));
+                }
+            }
+        }
+        out
+    }
+
+    /// Whether every chunk touched by the box `lo..hi` is loaded.
+    pub fn box_loaded(&self, lo: DVec3, hi: DVec3) -> bool {
+        let a = self.layout.chunk_at(lo);
+        let b = self.layout.chunk_at(hi);
+        (a.z..=b.z).all(|z| (a.y..=b.y).all(|y| (a.x..=b.x).all(|x| self.is_loaded(ChunkKey { x, y, z }))))
+    }
+
+    /// Sets one voxel of a loaded chunk. Returns the old material, `None`
+    /// when the chunk is not loaded.
+    pub fn set(&mut self, v: VoxelCoord, m: Material) -> Option<Material> {
+        let len = (self.layout.chunk_voxels as usize).pow(3);
+        let i = self.layout.local_index(v);
+        let c = self.chunks.get_mut(&self.layout.chunk_of(v))?;
+        Some(c.voxels.set(i, m, len))
+    }
+
+    /// Forgets unflushed deltas of edits up to `durable`.
+    pub fn flushed(&mut self, durable: u64) {
+        self.unflushed.retain(|_, v| {
+            v.retain(|(seq, _)| *seq > durable);
+            !v.is_empty()
+        });
+    }
+
+    /// The chunk's collider shape from its current voxels, placed in the
+    /// physics world.
+    pub fn rebuild_collider(&mut self, key: ChunkKey, physics: &mut Physics) {
+        let Some(c) = self.chunks.get_mut(&key) else { return };
+        c.voxels.compact();
+        let shape = chunk_shape(&c.voxels, &self.layout);
+        let at = physics.to_local(self.layout.chunk_aabb(key).min);
+        replace_collider(physics, &mut c.collider, shape, at);
+    }
+}
+
+fn replace_collider(physics: &mut Physics, slot: &mut Option<ColliderHandle>, shape: Option<SharedShape>, at: Vec3) {
+    match (slot.as_ref(), shape) {
+        (Some(h), Some(s)) => {
+            if let Some(co) = physics.world.colliders.get_mut(*h) {
+                co.set_shape(s);
+            }
+        }
+        (Some(h), None) => {
+            physics.world.remove_collider(*h);
+            *slot = None;
+        }
+        (None, Some(s)) => {
+            let co = ColliderBuilder::new(s).translation(at).friction(0.8).build();
+            *slot = Some(physics.world.insert_collider(co, None));
+        }
+        (None, None) => {}
+    }
+}
+
+/// Solid-voxel lookups for the character controller; unloaded chunks are solid.
+impl SolidQuery for Terrain {
+    fn solid(&self, v: VoxelCoord) -> bool {
+        self.material(v).is_none_or(Material::is_solid)
+    }
+}
+
+/// Streams terrain: integrates finished chunks, asks for the chunks a
+/// slice of the players (a ninth of them each tick) and the awake props
+/// need, and unloads what nobody wanted for a while.
+pub fn stream(
+    mut terrain: ResMut<Terrain>,
+    mut physics: ResMut<Physics>,
+    players: Query<&Body, With<Avatar>>,
+    tick: Res<TickState>,
+    metrics: Res<SimMetrics>,
+    mut slice: Local<u64>,
+) {
+    let tick = tick.tick;
+    let terrain = &mut *terrain;
+    let budget = terrain.settings.integrate_per_tick;
+    for ready in terrain.take_ready(budget) {
+        terrain.in_flight.remove(&ready.key);
+        metrics.0.chunk_generate.observe(ready.took.as_secs_f64());
+        let (mut voxels, mut shape) = match ready.result {
+            Ok(v) => v,
+            Err(e) => {
+                // Asked again by whoever still wants it.
+                metrics.0.chunk_failures.inc();
+                warn!(chunk = ?ready.key, error = %e, "chunk could not be loaded");
+                continue;
+            }
+        };
+        terrain.generated += 1;
+        if let Some(mine) = terrain.unflushed.get(&ready.key) {
+            shared::edit::apply_deltas(&mut voxels, &terrain.layout, mine.iter().map(|(_, d)| d));
+            shape = chunk_shape(&voxels, &terrain.layout);
+        }
+        let mut collider = None;
+        let at = physics.to_local(terrain.layout.chunk_aabb(ready.key).min);
+        replace_collider(&mut physics, &mut collider, shape, at);
+        terrain.chunks.insert(ready.key, LoadedChunk { voxels, collider, wanted_at: tick });
+    }
+
+    // A ninth of the players each tick: every player is seen 10 times a second.
+    *slice = (*slice + 1) % 9;
+    let radius = terrain.settings.player_radius_m;
+    for (i, body) in players.iter().enumerate() {
+        if i as u64 % 9 == *slice {
+            terrain.want_around(body.pos, radius, tick);
+        }
+    }
+    if *slice == 0 {
+        let r = terrain.settings.prop_radius_m;
+        let awake: Vec<DVec3> = physics
+            .world
+            .active_bodies()
+            .filter(|(_, b)| b.is_dynamic())
+            .map(|(_, b)| physics.origin + b.translation().as_dvec3())
+            .collect();
+        for p in awake {
+            terrain.want_around(p, r, tick);
+        }
+    }
+
+    if tick.is_multiple_of(90) {
+        let keep = terrain.settings.keep_ticks;
+        let stale: Vec<ChunkKey> = terrain
+            .chunks
+            .iter()
+            .filter(|(k, c)| tick.saturating_sub(c.wanted_at) > keep && !terrain.unflushed.contains_key(k))
+            .map(|(k, _)| *k)
+            .collect();
+        for k in stale {
+            if let Some(c) = terrain.chunks.remove(&k)
+                && let Some(h) = c.collider
+            {
+                physics.world.remove_collider(h);
+            }
+        }
+    }
+    metrics.0.terrain_chunks_loaded.set(terrain.chunks.len() as i64);
+}
+
+/// Integer voxel box covering a world box, for scans.
+pub fn voxel_box(layout: &ChunkLayout, lo: DVec3, hi: DVec3) -> (IVec3, IVec3) {
+    let a = layout.voxel_at(lo);
+    let b = layout.voxel_at(hi);
+    (IVec3::new(a.x, a.y, a.z), IVec3::new(b.x, b.y, b.z))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::MemoryDeltaStore;
+
+    #[test]
+    fn greedy_boxes_cover_exactly_the_solid_voxels() {
+        let layout = ChunkLayout { voxel_m: 1.0, chunk_voxels: 16 };
+        let generator = TerrainGen::new(5, layout);
+        let mut checked = 0;
+        for y in 2..6 {
+            let key = ChunkKey { x: 3, y, z: 1 };
+            let ready = build_chunk(&generator, &MemoryDeltaStore::new(), key);
+            let (voxels, shape) = ready.result.expect("memory store never fails");
+            let Some(shape) = shape else {
+                assert!(voxels.is_uniform(Material::Air));
+                continue;
+            };
+            let compound = shape.as_compound().expect("a compound");
+            // Every voxel centre is inside a box exactly when the voxel is solid.
+            for i in 0..16 * 16 * 16 {
+                let v = layout.voxel_of(key, i);
+                let local = (layout.voxel_center(v) - layout.chunk_aabb(key).min).as_vec3();
+                let inside = compound.shapes().iter().any(|(pose, s)| {
+                    let c = s.as_cuboid().expect("boxes only");
+                    let d = (local - pose.translation).abs();
+                    d.x < c.half_extents.x && d.y < c.half_extents.y && d.z < c.half_extents.z
+                });
+                assert_eq!(inside, voxels.get(i).is_solid(), "voxel {v:?}");
+                checked += 1;
+            }
+        }
+        assert!(checked > 0, "no surface chunk in the sample");
+    }
+}
