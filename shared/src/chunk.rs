@@ -10,6 +10,15 @@ use serde::{Deserialize, Serialize};
 
 use crate::geom::{Aabb, WorldPos};
 
+/// `x.floor() as i32` without a libm call (x86-64's baseline has no SSE4.1
+/// `roundsd`, so `f64::floor` is a function call; this is on hot paths).
+/// Saturates like `as` outside the `i32` range.
+#[inline]
+pub fn floor_i32(x: f64) -> i32 {
+    let i = x as i32;
+    if f64::from(i) > x { i.saturating_sub(1) } else { i }
+}
+
 /// Integer coordinates of one voxel in the world grid.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct VoxelCoord {
@@ -67,8 +76,8 @@ impl ChunkLayout {
 
     /// The voxel whose cube holds `p`.
     pub fn voxel_at(&self, p: WorldPos) -> VoxelCoord {
-        let v = (p / self.voxel_m).floor();
-        VoxelCoord { x: v.x as i32, y: v.y as i32, z: v.z as i32 }
+        let v = p / self.voxel_m;
+        VoxelCoord { x: floor_i32(v.x), y: floor_i32(v.y), z: floor_i32(v.z) }
     }
 
     /// Centre of a voxel, in world metres.
@@ -120,6 +129,13 @@ mod tests {
         assert_eq!(v, VoxelCoord { x: -1, y: 0, z: 31 });
         assert_eq!(l.chunk_of(v), ChunkKey { x: -1, y: 0, z: 0 });
         assert_eq!(l.local_index(v), 31 + 32 * 32 * 31);
+    }
+
+    #[test]
+    fn floor_i32_is_floor() {
+        for x in [-2.5, -2.0, -1.0000001, -0.5, -0.0, 0.0, 0.3, 1.0, 7.9999, 1e12, -1e12, f64::NAN] {
+            assert_eq!(floor_i32(x), x.floor() as i32, "{x}");
+        }
     }
 
     #[test]

@@ -83,7 +83,7 @@ struct Grid<'a, Q> {
 
 impl<Q: SolidQuery> Grid<'_, Q> {
     fn cell(&self, m: f64) -> i32 {
-        (m / self.layout.voxel_m).floor() as i32
+        crate::chunk::floor_i32(m / self.layout.voxel_m)
     }
 
     fn bounds(&self, pos: DVec3) -> (DVec3, DVec3) {

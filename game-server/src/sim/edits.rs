@@ -33,6 +33,8 @@ const MAX_STRUCTURE_SCAN: usize = 512;
 /// beyond the writer's own queue: past this, edits are refused
 /// (`store_busy`) rather than held without bound.
 const MAX_BACKLOG: usize = 4 * 90;
+/// Props farther than this beyond an edit's sphere are not woken by it, metres.
+const WAKE_MARGIN_M: f64 = 2.0;
 /// Props one broken structure turns into; the rest crumbles to nothing.
 const MAX_DEBRIS: usize = 64;
 
@@ -204,11 +206,13 @@ pub fn world_edits(world: &mut World) {
     let mut batch = Vec::new();
     let mut touched: FxHashSet<ChunkKey> = FxHashSet::default();
     let mut upto = 0;
+    let mut spheres: Vec<(DVec3, f64)> = Vec::new();
     for r in queue {
         if let Err(reason) = check(world, &r) {
             reject(world, &r, reason);
             continue;
         }
+        spheres.push((r.op.center(), f64::from(r.op.radius())));
         let seq = {
             let mut e = world.resource_mut::<Edits>();
             e.next_seq += 1;
@@ -259,7 +263,24 @@ pub fn world_edits(world: &mut World) {
     world.resource_scope(|world, mut terrain: Mut<Terrain>| {
         let mut physics = world.resource_mut::<Physics>();
         for k in touched {
+            let aabb = layout.chunk_aabb(k);
             terrain.rebuild_collider(k, &mut physics);
+            // Rebuilding a chunk's collider wakes every prop touching it;
+            // only those near an edit have a reason to move.
+            let (lo, hi) = (physics.to_local(aabb.min), physics.to_local(aabb.max));
+            let far: Vec<_> = physics
+                .world
+                .query_pipeline_with_filter(rapier3d::prelude::QueryFilter::only_dynamic())
+                .intersect_aabb_conservative(rapier3d::geometry::Aabb::new(lo - Vec3::ONE, hi + Vec3::ONE))
+                .filter_map(|(_, co)| co.parent())
+                .filter(|b| {
+                    physics.world.bodies.get(*b).is_some_and(|rb| {
+                        let p = physics.origin + rb.translation().as_dvec3();
+                        rb.is_sleeping() && spheres.iter().all(|(c, r)| p.distance(*c) > r + WAKE_MARGIN_M)
+                    })
+                })
+                .collect();
+            physics.resleep.extend(far);
         }
     });
 }

@@ -24,8 +24,10 @@ use super::components::{Authority, Avatar, Body, NetId, SimMetrics, TickState};
 pub const HAND_RADIUS: f32 = 0.07;
 /// How far from a hand a prop can be grabbed, metres.
 pub const GRAB_RADIUS: f32 = 0.15;
-/// A prop within this distance of a player's head gives the player hands.
-const HAND_ACTIVATION_M: f32 = 2.5;
+/// A prop within this distance of a hand gives the player hand colliders.
+const HAND_ACTIVATION_M: f32 = 1.0;
+/// Ticks hand colliders stay after the last prop left their reach.
+const HAND_LINGER_TICKS: u64 = 45;
 /// Props below this height fell out of the world and are removed, metres.
 const KILL_Y: f64 = -200.0;
 /// Fastest throw, m/s.
@@ -36,6 +38,10 @@ const MAX_THROW_SPEED: f32 = 30.0;
 pub struct Physics {
     pub world: PhysicsWorld,
     pub origin: DVec3,
+    /// Sleeping props the next step will wake only because a collider they
+    /// rest on was rebuilt by an edit far from them: put back to sleep
+    /// right after it.
+    pub resleep: Vec<RigidBodyHandle>,
 }
 
 impl std::fmt::Debug for Physics {
@@ -52,7 +58,7 @@ impl Physics {
     pub fn new(origin: DVec3) -> Self {
         let mut world = PhysicsWorld::new();
         world.integration_parameters.dt = 1.0 / 90.0;
-        Self { world, origin }
+        Self { world, origin, resleep: Vec::new() }
     }
 
     pub fn to_local(&self, p: DVec3) -> Vec3 {
@@ -229,9 +235,10 @@ pub fn hands(
         let holding = hands.hands.iter().any(|h| h.held.is_some());
         // Ten times a second per player: is any prop within reach?
         if (i as u64 + tick).is_multiple_of(9) {
-            let head = physics.to_local(world_pose(body, &avatar.head).0);
-            let r = HAND_ACTIVATION_M;
-            let aabb = rapier3d::geometry::Aabb::new(head - Vec3::splat(r), head + Vec3::splat(r));
+            let l = physics.to_local(world_pose(body, &poses[0]).0);
+            let r = physics.to_local(world_pose(body, &poses[1]).0);
+            let m = Vec3::splat(HAND_ACTIVATION_M);
+            let aabb = rapier3d::geometry::Aabb::new(l.min(r) - m, l.max(r) + m);
             let near = physics
                 .world
                 .query_pipeline_with_filter(QueryFilter::only_dynamic())
@@ -242,7 +249,7 @@ pub fn hands(
                 hands.props_near_at = tick;
             }
         }
-        let active = holding || tick.saturating_sub(hands.props_near_at) < 90;
+        let active = holding || tick.saturating_sub(hands.props_near_at) < HAND_LINGER_TICKS;
         for (k, hand) in hands.hands.iter_mut().enumerate() {
             let (pos, rot) = world_pose(body, &poses[k]);
             hand.prev_pos = if hand.pos == DVec3::ZERO { pos } else { hand.pos };
@@ -326,6 +333,13 @@ pub fn step(
     physics.world.integration_parameters.dt = tick.dt;
     let t0 = std::time::Instant::now();
     physics.world.step();
+    for h in std::mem::take(&mut physics.resleep) {
+        if let Some(rb) = physics.world.bodies.get_mut(h)
+            && rb.is_dynamic()
+        {
+            rb.sleep();
+        }
+    }
     let took = t0.elapsed().as_secs_f64();
     metrics.0.physics_step.observe(took);
     let origin = physics.origin;

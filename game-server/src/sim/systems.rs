@@ -5,6 +5,7 @@ use std::collections::VecDeque;
 use bevy_ecs::prelude::*;
 use bytes::Bytes;
 use glam::{DVec3, Quat, Vec2, Vec3, Vec4};
+use shared::chunk::floor_i32;
 use shared::controller::{CharacterState, move_character};
 use shared::region::handoff_target;
 use shared::wire::{EntityState, InputFrame, JoinRole, MAX_SNAPSHOT_ENTITIES, Pose, ServerControl, Snapshot, buttons};
@@ -499,6 +500,11 @@ pub fn authority(world: &mut World) {
     {
         let mut q = world.query::<(Entity, &NetId, &Body, &Authority, Option<&Avatar>, Option<&Transfer>)>();
         for (e, net, body, auth, avatar, transfer) in q.iter(world) {
+            // Props cannot leave this server yet; their region bookkeeping
+            // is refreshed ten times a second, a ninth of them each tick.
+            if avatar.is_none() && transfer.is_none() && !(e.index_u32() as u64 + tick).is_multiple_of(9) {
+                continue;
+            }
             match transfer {
                 Some(Transfer::Committed(t)) if tick + 1 >= t.effective_tick => {
                     releases.push((e, t.clone()));
@@ -648,7 +654,7 @@ pub struct ReplicationScratch {
 }
 
 fn cell_of(p: DVec3) -> (i32, i32) {
-    ((p.x / GRID_CELL_M).floor() as i32, (p.z / GRID_CELL_M).floor() as i32)
+    (floor_i32(p.x / GRID_CELL_M), floor_i32(p.z / GRID_CELL_M))
 }
 
 /// Sends each attached player a snapshot of what is near it: itself, then

@@ -18,7 +18,9 @@ use std::time::{Duration, Instant};
 
 use bevy_ecs::prelude::*;
 use glam::{DVec3, IVec3, Vec3};
-use rapier3d::prelude::{ColliderBuilder, ColliderHandle, Pose, SharedShape};
+use rapier3d::prelude::{
+    ColliderBuilder, ColliderHandle, Pose, QueryFilter, RigidBodyHandle, RigidBodyType, SharedShape,
+};
 use rustc_hash::{FxHashMap, FxHashSet};
 use shared::Tick;
 use shared::chunk::{ChunkKey, ChunkLayout, VoxelCoord};
@@ -112,32 +114,32 @@ pub fn chunk_shape(voxels: &ChunkVoxels, layout: &ChunkLayout) -> Option<SharedS
         ChunkVoxels::Dense(_) => {}
     }
     let idx = |x: usize, y: usize, z: usize| x + n * (y + n * z);
-    let mut used = vec![false; n * n * n];
-    let free = |used: &[bool], i: usize| !used[i] && voxels.get(i).is_solid();
+    // Free: solid and not yet in a box. Boxes grow along x, then z, then y:
+    // terrain is layered, so horizontal slabs first gives fewer boxes.
+    let mut free: Vec<bool> = (0..n * n * n).map(|i| voxels.get(i).is_solid()).collect();
     let mut parts = Vec::new();
-    for z in 0..n {
-        for y in 0..n {
+    for y in 0..n {
+        for z in 0..n {
             for x in 0..n {
-                if !free(&used, idx(x, y, z)) {
+                if !free[idx(x, y, z)] {
                     continue;
                 }
                 let mut x2 = x;
-                while x2 + 1 < n && free(&used, idx(x2 + 1, y, z)) {
+                while x2 + 1 < n && free[idx(x2 + 1, y, z)] {
                     x2 += 1;
                 }
-                let mut y2 = y;
-                while y2 + 1 < n && (x..=x2).all(|xx| free(&used, idx(xx, y2 + 1, z))) {
-                    y2 += 1;
-                }
                 let mut z2 = z;
-                while z2 + 1 < n && (y..=y2).all(|yy| (x..=x2).all(|xx| free(&used, idx(xx, yy, z2 + 1)))) {
+                while z2 + 1 < n && free[idx(x, y, z2 + 1)..=idx(x2, y, z2 + 1)].iter().all(|f| *f) {
                     z2 += 1;
                 }
-                for zz in z..=z2 {
-                    for yy in y..=y2 {
-                        for xx in x..=x2 {
-                            used[idx(xx, yy, zz)] = true;
-                        }
+                let mut y2 = y;
+                while y2 + 1 < n && (z..=z2).all(|zz| free[idx(x, y2 + 1, zz)..=idx(x2, y2 + 1, zz)].iter().all(|f| *f))
+                {
+                    y2 += 1;
+                }
+                for yy in y..=y2 {
+                    for zz in z..=z2 {
+                        free[idx(x, yy, zz)..=idx(x2, yy, zz)].iter_mut().for_each(|f| *f = false);
                     }
                 }
                 let lo = Vec3::new(x as f32, y as f32, z as f32) * vm;
@@ -176,11 +178,17 @@ pub struct Terrain {
     pub generator: Arc<TerrainGen>,
     pub settings: TerrainSettings,
     pub chunks: FxHashMap<ChunkKey, LoadedChunk>,
+    /// log2 of the chunk edge in voxels, when it is a power of two.
+    shift: Option<u32>,
     in_flight: FxHashSet<ChunkKey>,
     /// Deltas applied here but not yet known durable, with the sequence
     /// number of their edit: laid over chunks read back from the store.
     pub unflushed: FxHashMap<ChunkKey, Vec<(u64, VoxelDelta)>>,
     loader: Loader,
+    /// Props frozen (made fixed) because the terrain under them unloaded:
+    /// removing a collider wakes what rests on it, and a woken prop would
+    /// fall through the missing ground. Thawed when the chunk returns.
+    frozen: FxHashMap<ChunkKey, Vec<RigidBodyHandle>>,
     /// Chunk generations finished, and their total time, for metrics.
     pub generated: u64,
 }
@@ -211,14 +219,25 @@ impl Terrain {
         };
         Self {
             layout: generator.layout,
+            shift: generator
+                .layout
+                .chunk_voxels
+                .is_power_of_two()
+                .then(|| generator.layout.chunk_voxels.trailing_zeros()),
             generator,
             settings,
             chunks: FxHashMap::default(),
             in_flight: FxHashSet::default(),
             unflushed: FxHashMap::default(),
             loader,
+            frozen: FxHashMap::default(),
             generated: 0,
         }
+    }
+
+    /// Chunks asked of the generators and not yet integrated.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.len()
     }
 
     pub fn is_loaded(&self, key: ChunkKey) -> bool {
@@ -226,9 +245,18 @@ impl Terrain {
     }
 
     /// The material of a loaded voxel; `None` when its chunk is not loaded.
+    #[inline]
     pub fn material(&self, v: VoxelCoord) -> Option<Material> {
-        let c = self.chunks.get(&self.layout.chunk_of(v))?;
-        Some(c.voxels.get(self.layout.local_index(v)))
+        let (key, index) = match self.shift {
+            // Power-of-two chunks: shifts and masks instead of divisions.
+            Some(s) => {
+                let m = (1i32 << s) - 1;
+                let key = ChunkKey { x: v.x >> s, y: v.y >> s, z: v.z >> s };
+                (key, ((v.x & m) | (v.y & m) << s | (v.z & m) << (2 * s)) as usize)
+            }
+            None => (self.layout.chunk_of(v), self.layout.local_index(v)),
+        };
+        Some(self.chunks.get(&key)?.voxels.get(index))
     }
 
     /// Marks every chunk within `radius` of `p` as wanted at `tick`, and asks
@@ -383,6 +411,7 @@ pub fn stream(
         let at = physics.to_local(terrain.layout.chunk_aabb(ready.key).min);
         replace_collider(&mut physics, &mut collider, shape, at);
         terrain.chunks.insert(ready.key, LoadedChunk { voxels, collider, wanted_at: tick });
+        thaw(terrain, &mut physics, ready.key);
     }
 
     // A ninth of the players each tick: every player is seen 10 times a second.
@@ -415,6 +444,15 @@ pub fn stream(
             .map(|(k, _)| *k)
             .collect();
         for k in stale {
+            let Some(sleepers) = props_on(terrain, &physics, k) else { continue };
+            for b in &sleepers {
+                if let Some(rb) = physics.world.bodies.get_mut(*b) {
+                    rb.set_body_type(RigidBodyType::Fixed, false);
+                }
+            }
+            if !sleepers.is_empty() {
+                terrain.frozen.entry(k).or_default().extend(sleepers);
+            }
             if let Some(c) = terrain.chunks.remove(&k)
                 && let Some(h) = c.collider
             {
@@ -423,6 +461,53 @@ pub fn stream(
         }
     }
     metrics.0.terrain_chunks_loaded.set(terrain.chunks.len() as i64);
+}
+
+/// The props resting in or on chunk `key`; `None` if one of them is awake
+/// (then the chunk stays: that prop wants it).
+fn props_on(terrain: &Terrain, physics: &Physics, key: ChunkKey) -> Option<Vec<RigidBodyHandle>> {
+    let aabb = terrain.layout.chunk_aabb(key);
+    let (lo, hi) = (physics.to_local(aabb.min) - Vec3::splat(0.5), physics.to_local(aabb.max) + Vec3::splat(0.5));
+    let mut out = Vec::new();
+    for (_, co) in physics
+        .world
+        .query_pipeline_with_filter(QueryFilter::only_dynamic())
+        .intersect_aabb_conservative(rapier3d::geometry::Aabb::new(lo, hi))
+    {
+        let Some(b) = co.parent() else { continue };
+        let rb = physics.world.bodies.get(b)?;
+        if !rb.is_sleeping() {
+            return None;
+        }
+        if !out.contains(&b) {
+            out.push(b);
+        }
+    }
+    Some(out)
+}
+
+/// Thaws the props frozen when `key` unloaded, if all the terrain around
+/// them is back; the others wait for the next missing chunk.
+fn thaw(terrain: &mut Terrain, physics: &mut Physics, key: ChunkKey) {
+    let Some(list) = terrain.frozen.remove(&key) else { return };
+    for b in list {
+        let Some(rb) = physics.world.bodies.get(b) else { continue };
+        let p = physics.origin + rb.translation().as_dvec3();
+        let lo = terrain.layout.chunk_at(p - DVec3::splat(1.0));
+        let hi = terrain.layout.chunk_at(p + DVec3::splat(1.0));
+        let missing = (lo.z..=hi.z)
+            .flat_map(|z| (lo.y..=hi.y).flat_map(move |y| (lo.x..=hi.x).map(move |x| ChunkKey { x, y, z })))
+            .find(|k| !terrain.is_loaded(*k));
+        match missing {
+            Some(k) => terrain.frozen.entry(k).or_default().push(b),
+            None => {
+                if let Some(rb) = physics.world.bodies.get_mut(b) {
+                    rb.set_body_type(RigidBodyType::Dynamic, false);
+                    rb.sleep();
+                }
+            }
+        }
+    }
 }
 
 /// Integer voxel box covering a world box, for scans.

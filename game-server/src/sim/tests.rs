@@ -309,3 +309,58 @@ fn a_handoff_for_another_server_is_refused() {
     h.step();
     assert_eq!(verdict.blocking_recv().unwrap(), Err(AdoptError::WrongServer(ServerId(3))));
 }
+
+fn prop_pos(h: &mut Harness, id: EntityId) -> DVec3 {
+    let e = *h.world.resource::<Index>().by_net.get(&id).expect("prop indexed");
+    h.world.get::<Body>(e).expect("prop has a body").pos
+}
+
+fn spawn_box(h: &mut Harness, pos: DVec3) -> EntityId {
+    let (reply, rx) = oneshot::channel();
+    h.send(SimIn::SpawnProps {
+        props: vec![PropSpawn { pos, shape: super::physics::PropShape::Box { half: [0.25; 3] }, vel: [0.0; 3] }],
+        reply,
+    });
+    h.step();
+    rx.blocking_recv().expect("answered").expect("spawned")[0]
+}
+
+#[test]
+fn props_rest_on_the_terrain_and_fall_when_dug_under() {
+    let mut h = Harness::new(1);
+    let mut rx = h.join(1, JoinRole::Play, DVec3::new(1000.5, 70.0, 1000.5));
+    h.settle();
+    let id = spawn_box(&mut h, DVec3::new(1002.5, GROUND + 1.5, 1000.5));
+    for _ in 0..300 {
+        h.step();
+    }
+    let rest = prop_pos(&mut h, id);
+    assert!((rest.y - (GROUND + 0.25)).abs() < 0.02, "resting on the ground: {rest}");
+    // Dig a pit under it.
+    h.send(SimIn::Edit {
+        conn: 1,
+        id: 9,
+        op: shared::edit::EditOp::Dig { center: DVec3::new(1002.5, GROUND - 1.0, 1000.5), radius: 2.0 },
+    });
+    let mut done = None;
+    for _ in 0..200 {
+        h.step();
+        for c in controls(&mut rx) {
+            if let ServerControl::EditResult { id: 9, outcome } = c {
+                done = Some(outcome);
+            }
+        }
+        if done.is_some() {
+            break;
+        }
+    }
+    assert!(
+        matches!(done, Some(shared::wire::EditOutcome::Done { changed }) if changed > 10),
+        "edit acknowledged: {done:?}"
+    );
+    for _ in 0..90 {
+        h.step();
+    }
+    let fallen = prop_pos(&mut h, id);
+    assert!(fallen.y < GROUND - 1.0, "fell into the pit: {fallen}");
+}

@@ -1,0 +1,121 @@
+//! Scenario runner: prints one JSON object of figures per run.
+//!
+//! `mesh-bench sim --players 1000 --bodies 5000 --seconds 20` runs one game
+//! server's simulation at 90 Hz (paced like the real tick loop) with players
+//! wandering, looking around, grabbing and digging, and props scattered as
+//! in play, and reports tick-time percentiles.
+
+use std::time::{Duration, Instant};
+
+use benches::{Scenario, ScenarioConfig, percentile};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(about = "Scenario benchmarks of the mesh; each prints one JSON object")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// One game server's simulation at 90 Hz.
+    Sim {
+        #[arg(long, default_value_t = 1000)]
+        players: usize,
+        #[arg(long, default_value_t = 5000)]
+        bodies: usize,
+        #[arg(long, default_value_t = 20.0)]
+        seconds: f64,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Terrain generator threads.
+        #[arg(long, default_value_t = 1)]
+        chunk_workers: usize,
+        /// Run ticks back to back instead of on the 90 Hz grid.
+        #[arg(long)]
+        unpaced: bool,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().cmd {
+        Cmd::Sim { players, bodies, seconds, seed, chunk_workers, unpaced } => {
+            anyhow::ensure!(seconds > 0.0 && seconds <= 3600.0, "seconds must be in (0, 3600]");
+            let setup = Instant::now();
+            let mut s = Scenario::new(&ScenarioConfig { players, bodies, seed, chunk_workers, ..Default::default() });
+            let setup_s = setup.elapsed().as_secs_f64();
+            let m0 = s.metrics();
+            let (phys_sum0, phys_n0) = (m0.physics_step.get_sample_sum(), m0.physics_step.get_sample_count());
+            let ticks = (seconds * 90.0).round() as usize;
+            let slot = Duration::from_nanos(1_000_000_000 / 90);
+            let mut times = Vec::with_capacity(ticks);
+            let mut overruns = 0u64;
+            let mut awake = 0usize;
+            s.take_stage_times();
+            let start = Instant::now();
+            for i in 0..ticks {
+                let took = s.tick();
+                if took > slot {
+                    overruns += 1;
+                }
+                times.push(took.as_secs_f64() * 1000.0);
+                if i % 90 == 0 {
+                    awake = awake.max(s.awake());
+                }
+                if !unpaced {
+                    let next = start + slot * (i as u32 + 1);
+                    if let Some(wait) = next.checked_duration_since(Instant::now()) {
+                        std::thread::sleep(wait);
+                    }
+                }
+            }
+            let wall = start.elapsed().as_secs_f64();
+            let m = s.metrics();
+            let phys_n = m.physics_step.get_sample_count() - phys_n0;
+            let phys_mean_ms =
+                if phys_n > 0 { (m.physics_step.get_sample_sum() - phys_sum0) / phys_n as f64 * 1000.0 } else { 0.0 };
+            let mean = times.iter().sum::<f64>() / times.len().max(1) as f64;
+            let mut sorted = times.clone();
+            sorted.sort_by(f64::total_cmp);
+            let rejected: u64 = m.edits_rejected.with_label_values(&["out_of_reach"]).get()
+                + m.edits_rejected.with_label_values(&["not_loaded"]).get()
+                + m.edits_rejected.with_label_values(&["rate_limited"]).get();
+            let stages = s.take_stage_times();
+            let stage_ms: serde_json::Map<String, serde_json::Value> = benches::STAGES
+                .iter()
+                .zip(stages)
+                .map(|(name, t)| ((*name).to_owned(), round3(t / ticks.max(1) as f64 * 1000.0).into()))
+                .collect();
+            let out = serde_json::json!({
+                "stage_mean_ms": stage_ms,
+                "players": players,
+                "bodies": bodies,
+                "ticks": ticks,
+                "tick_p50_ms": round3(percentile(&sorted, 50.0)),
+                "tick_p99_ms": round3(percentile(&sorted, 99.0)),
+                "tick_max_ms": round3(sorted.last().copied().unwrap_or(0.0)),
+                "tick_mean_ms": round3(mean),
+                "overruns": overruns,
+                "physics_step_mean_ms": round3(phys_mean_ms),
+                "props_awake_max": awake,
+                "chunks_loaded": m.terrain_chunks_loaded.get(),
+                "active_players": m.active_players.get(),
+                "edits_sent": s.edits_sent,
+                "edits_applied": m.edits_applied.get(),
+                "edits_rejected": rejected,
+                "grabs": m.grabs.get(),
+                "releases": m.throws.get(),
+                "setup_s": round3(setup_s),
+                "wall_s": round3(wall),
+                "paced": !unpaced,
+            });
+            println!("{out}");
+        }
+    }
+    Ok(())
+}
+
+fn round3(v: f64) -> f64 {
+    (v * 1000.0).round() / 1000.0
+}
