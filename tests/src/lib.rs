@@ -122,6 +122,7 @@ impl Mesh {
             &[
                 "--http-addr=127.0.0.1:0".into(),
                 "--grpc-addr=127.0.0.1:0".into(),
+                format!("--world-seed={WORLD_SEED}"),
                 format!("--ports-file={}", ports.display()),
             ],
             dir.path(),
@@ -208,3 +209,34 @@ mod reqwest {
 }
 
 pub use reqwest::blocking_text;
+
+/// The terrain seed the test meshes run with.
+pub const WORLD_SEED: u64 = 20_261_122;
+
+/// A line `z` (a voxel centre) along which the generated ground from `x0`
+/// to `x1` is walkable without jumping: no step higher than one voxel, on
+/// the line and a voxel either side. Bots walk straight lines; the world
+/// has cliffs.
+pub fn walkable_line(x0: f64, x1: f64, z_from: f64) -> anyhow::Result<f64> {
+    let g = shared::terrain::TerrainGen::new(WORLD_SEED, shared::chunk::ChunkLayout::default());
+    for k in 0..400 {
+        let z = (z_from + f64::from(k)).floor() + 0.5;
+        let ok = [-1.0, 0.0, 1.0].iter().all(|dz| {
+            let mut x = x0.floor() + 0.5;
+            let mut h = g.ground_height(x, z + dz);
+            while x < x1 {
+                x += 1.0;
+                let n = g.ground_height(x, z + dz);
+                if (n - h).abs() > 1.0 {
+                    return false;
+                }
+                h = n;
+            }
+            true
+        });
+        if ok {
+            return Ok(z);
+        }
+    }
+    anyhow::bail!("no walkable line from x = {x0} to {x1} within 400 m of z = {z_from}")
+}

@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use integration_tests::{Mesh, Proc, blocking_text, metric};
+use integration_tests::{Mesh, Proc, blocking_text, metric, walkable_line};
 use serde_json::Value;
 
 #[test]
@@ -17,6 +17,8 @@ fn a_bot_walks_across_the_boundary_and_authority_follows() -> anyhow::Result<()>
 
     // Two bots walk 1970 m <-> 2030 m along x: across the face at x = 2000
     // and past the 10 m hysteresis margin on both sides.
+    // The world has hills and cliffs: walk a line without cliffs.
+    let z = walkable_line(1970.0, 2030.0, 900.0)?;
     let report = mesh.dir.path().join("report.json");
     let mut swarm = Proc::start(
         "bot-swarm",
@@ -25,7 +27,8 @@ fn a_bot_walks_across_the_boundary_and_authority_follows() -> anyhow::Result<()>
             format!("--coordinator=http://{}", mesh.http),
             "--bots=2".into(),
             "--seconds=12".into(),
-            "--path=1970,10,900;2030,10,900".into(),
+            format!("--path=1970,10,{z};2030,10,{z}"),
+            "--spread-m=0".into(),
             format!("--report={}", report.display()),
         ],
         mesh.dir.path(),

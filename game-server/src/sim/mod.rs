@@ -13,6 +13,8 @@ pub mod systems;
 pub mod terrain;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod world_tests;
 
 use std::io::Write;
 use std::path::Path;

@@ -15,12 +15,12 @@ use super::messages::*;
 use super::{SimParts, schedule, step, world};
 use crate::metrics::Metrics;
 
-struct Harness {
-    world: bevy_ecs::world::World,
+pub(super) struct Harness {
+    pub(super) world: bevy_ecs::world::World,
     schedule: bevy_ecs::schedule::Schedule,
     tx: mpsc::Sender<SimIn>,
     out: mpsc::Receiver<SimOut>,
-    tick: u64,
+    pub(super) tick: u64,
 }
 
 fn map() -> Arc<MapView> {
@@ -68,7 +68,11 @@ pub fn world_parts(generator: shared::terrain::TerrainGen) -> super::WorldParts 
 pub const GROUND: f64 = 64.0;
 
 impl Harness {
-    fn new(server: u32) -> Self {
+    pub(super) fn new(server: u32) -> Self {
+        Self::with_world(server, flat_world())
+    }
+
+    pub(super) fn with_world(server: u32, world_parts: super::WorldParts) -> Self {
         let (tx, inbox) = mpsc::channel(1024);
         let (outbox, out) = mpsc::channel(1024);
         let parts = SimParts {
@@ -88,22 +92,22 @@ impl Harness {
             load: Arc::default(),
             map: map(),
             authority_log: None,
-            world: flat_world(),
+            world: world_parts,
         };
         Self { world: world(parts), schedule: schedule(), tx, out, tick: 100 }
     }
 
-    fn send(&self, m: SimIn) {
+    pub(super) fn send(&self, m: SimIn) {
         self.tx.try_send(m).expect("inbox has room");
     }
 
-    fn step(&mut self) {
+    pub(super) fn step(&mut self) {
         self.tick += 1;
         step(&mut self.world, &mut self.schedule, self.tick, 1);
     }
 
     /// Ticks until the terrain around the avatar has loaded and it stands.
-    fn settle(&mut self) {
+    pub(super) fn settle(&mut self) {
         for _ in 0..30 {
             self.step();
         }
@@ -111,13 +115,13 @@ impl Harness {
         assert!(a.on_ground, "avatar did not land");
     }
 
-    fn join(&self, conn: u64, role: JoinRole, spawn: DVec3) -> mpsc::Receiver<Outbound> {
+    pub(super) fn join(&self, conn: u64, role: JoinRole, spawn: DVec3) -> mpsc::Receiver<Outbound> {
         let (tx, rx) = mpsc::channel(4096);
         self.send(SimIn::Joined { conn, player: PlayerId(7), name: "p".into(), role, spawn: Some(spawn), tx });
         rx
     }
 
-    fn avatar(&mut self) -> Option<(Body, Avatar)> {
+    pub(super) fn avatar(&mut self) -> Option<(Body, Avatar)> {
         let e = *self.world.resource::<Index>().by_player.get(&PlayerId(7))?;
         Some((*self.world.get::<Body>(e)?, self.world.get::<Avatar>(e)?.clone()))
     }
@@ -143,7 +147,7 @@ fn drain(rx: &mut mpsc::Receiver<Outbound>) -> (Vec<ServerControl>, Option<share
     (controls, last)
 }
 
-fn controls(rx: &mut mpsc::Receiver<Outbound>) -> Vec<ServerControl> {
+pub(super) fn controls(rx: &mut mpsc::Receiver<Outbound>) -> Vec<ServerControl> {
     drain(rx).0
 }
 
@@ -310,12 +314,12 @@ fn a_handoff_for_another_server_is_refused() {
     assert_eq!(verdict.blocking_recv().unwrap(), Err(AdoptError::WrongServer(ServerId(3))));
 }
 
-fn prop_pos(h: &mut Harness, id: EntityId) -> DVec3 {
+pub(super) fn prop_pos(h: &mut Harness, id: EntityId) -> DVec3 {
     let e = *h.world.resource::<Index>().by_net.get(&id).expect("prop indexed");
     h.world.get::<Body>(e).expect("prop has a body").pos
 }
 
-fn spawn_box(h: &mut Harness, pos: DVec3) -> EntityId {
+pub(super) fn spawn_box(h: &mut Harness, pos: DVec3) -> EntityId {
     let (reply, rx) = oneshot::channel();
     h.send(SimIn::SpawnProps {
         props: vec![PropSpawn { pos, shape: super::physics::PropShape::Box { half: [0.25; 3] }, vel: [0.0; 3] }],

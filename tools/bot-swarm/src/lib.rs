@@ -19,8 +19,8 @@ use bytes::Bytes;
 use glam::DVec3;
 use serde::{Deserialize, Serialize};
 use shared::wire::{
-    ALPN, ClientControl, Datagram, InputFrame, JoinRole, PROTOCOL_VERSION, ServerControl, Snapshot, decode_frame,
-    encode_frame, frame_len,
+    ALPN, ClientControl, Datagram, InputFrame, JoinRole, PROTOCOL_VERSION, Pose, ServerControl, Snapshot, buttons,
+    decode_frame, encode_frame, frame_len,
 };
 use shared::{PlayerId, ServerId, TICK_HZ};
 use tokio::sync::mpsc;
@@ -260,6 +260,8 @@ impl Bot {
         let mut seq: u32 = 0;
         let mut pos = spawn;
         let mut waypoint = 1 % self.path.len();
+        // Where the bot was when it last made progress, and the input then.
+        let mut stall = (spawn, 0u32);
         let mut authority: Option<ServerId> = None;
         let mut last_ack: u32 = 0;
         let mut newest_tick = 0;
@@ -279,7 +281,24 @@ impl Bot {
                     }
                     let dir = if flat.length() > 1e-6 { flat / flat.length().max(2.0) } else { glam::DVec2::ZERO };
                     seq = seq.wrapping_add(1);
-                    let frame = InputFrame { seq, ack_tick: newest_tick, locomotion: [dir.x as f32, -dir.y as f32], ..Default::default() };
+                    // Blocked by a wall for half a second: jump.
+                    let moved = glam::DVec2::new(pos.x - stall.0.x, pos.z - stall.0.z).length();
+                    let jump = if moved > 0.3 {
+                        stall = (pos, seq);
+                        false
+                    } else {
+                        seq.wrapping_sub(stall.1) % 45 == 44
+                    };
+                    let frame = InputFrame {
+                        seq,
+                        ack_tick: newest_tick,
+                        locomotion: [dir.x as f32, -dir.y as f32],
+                        head: Pose { pos: [0.0, 1.7, 0.0], ..Default::default() },
+                        left: Pose { pos: [-0.25, 1.2, -0.3], ..Default::default() },
+                        right: Pose { pos: [0.25, 1.2, -0.3], ..Default::default() },
+                        buttons: if jump { buttons::JUMP } else { 0 },
+                        ..Default::default()
+                    };
                     buf.clear();
                     frame.encode(&mut buf);
                     let bytes = Bytes::copy_from_slice(&buf);
