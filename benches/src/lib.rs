@@ -275,6 +275,9 @@ impl Scenario {
             s.step_quiet();
             rx.blocking_recv().expect("sim answered").expect("props spawn");
         }
+        // Setup integrates chunks as fast as they come; play uses the default.
+        s.world.resource_mut::<terrain::Terrain>().settings.integrate_per_tick =
+            terrain::TerrainSettings::default().integrate_per_tick;
         // Let the props land and fall asleep.
         for _i in 0..(5 * 90) {
             s.step_quiet();
@@ -317,6 +320,12 @@ impl Scenario {
     pub fn awake(&self) -> usize {
         let p = self.world.resource::<game_server::sim::physics::Physics>();
         p.world.active_bodies().filter(|(_, b)| b.is_dynamic()).count()
+    }
+
+    /// Kinematic bodies: hands near props, held props.
+    pub fn kinematic(&self) -> usize {
+        let p = self.world.resource::<game_server::sim::physics::Physics>();
+        p.world.rigid_bodies().filter(|(_, b)| b.is_kinematic()).count()
     }
 
     /// Queues this tick's inputs (and the odd edit) for every player.

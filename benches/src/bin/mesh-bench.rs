@@ -52,16 +52,27 @@ fn main() -> anyhow::Result<()> {
             let mut times = Vec::with_capacity(ticks);
             let mut overruns = 0u64;
             let mut awake = 0usize;
+            let mut kinematic = 0usize;
+            let mut stage_sum = [0.0f64; 7];
+            let mut worst = (0.0f64, [0.0f64; 7]);
             s.take_stage_times();
             let start = Instant::now();
             for i in 0..ticks {
                 let took = s.tick();
+                let st = s.take_stage_times();
+                for (k, v) in st.iter().enumerate() {
+                    stage_sum[k] += v;
+                }
+                if took.as_secs_f64() > worst.0 {
+                    worst = (took.as_secs_f64(), st);
+                }
                 if took > slot {
                     overruns += 1;
                 }
                 times.push(took.as_secs_f64() * 1000.0);
                 if i % 90 == 0 {
                     awake = awake.max(s.awake());
+                    kinematic = kinematic.max(s.kinematic());
                 }
                 if !unpaced {
                     let next = start + slot * (i as u32 + 1);
@@ -81,14 +92,19 @@ fn main() -> anyhow::Result<()> {
             let rejected: u64 = m.edits_rejected.with_label_values(&["out_of_reach"]).get()
                 + m.edits_rejected.with_label_values(&["not_loaded"]).get()
                 + m.edits_rejected.with_label_values(&["rate_limited"]).get();
-            let stages = s.take_stage_times();
             let stage_ms: serde_json::Map<String, serde_json::Value> = benches::STAGES
                 .iter()
-                .zip(stages)
+                .zip(stage_sum)
                 .map(|(name, t)| ((*name).to_owned(), round3(t / ticks.max(1) as f64 * 1000.0).into()))
+                .collect();
+            let worst_ms: serde_json::Map<String, serde_json::Value> = benches::STAGES
+                .iter()
+                .zip(worst.1)
+                .map(|(name, t)| ((*name).to_owned(), round3(t * 1000.0).into()))
                 .collect();
             let out = serde_json::json!({
                 "stage_mean_ms": stage_ms,
+                "slowest_tick_stages_ms": worst_ms,
                 "players": players,
                 "bodies": bodies,
                 "ticks": ticks,
@@ -99,6 +115,7 @@ fn main() -> anyhow::Result<()> {
                 "overruns": overruns,
                 "physics_step_mean_ms": round3(phys_mean_ms),
                 "props_awake_max": awake,
+                "kinematic_bodies_max": kinematic,
                 "chunks_loaded": m.terrain_chunks_loaded.get(),
                 "active_players": m.active_players.get(),
                 "edits_sent": s.edits_sent,

@@ -128,6 +128,7 @@ pub fn world(p: SimParts) -> World {
     w.insert_resource(Index::default());
     w.insert_resource(AuthorityLog { tx: p.authority_log, catch_up: Vec::new() });
     w.insert_resource(TickTimes::default());
+    w.insert_resource(systems::OpenFaces::default());
     w
 }
 

@@ -20,12 +20,31 @@ use tracing::debug;
 
 use super::components::{Authority, Avatar, Body, NetId, SimMetrics, TickState};
 
+/// Collision groups: terrain, props, hands. Hands touch props only: a hand
+/// ball near the ground would otherwise be tested against a whole chunk's
+/// boxes every tick.
+pub const TERRAIN_GROUP: Group = Group::GROUP_1;
+pub const PROP_GROUP: Group = Group::GROUP_2;
+pub const HAND_GROUP: Group = Group::GROUP_3;
+
+pub fn terrain_groups() -> InteractionGroups {
+    InteractionGroups::new(TERRAIN_GROUP, PROP_GROUP, InteractionTestMode::And)
+}
+
+fn hand_groups() -> InteractionGroups {
+    InteractionGroups::new(HAND_GROUP, PROP_GROUP, InteractionTestMode::And)
+}
+
+fn prop_groups() -> InteractionGroups {
+    InteractionGroups::new(PROP_GROUP, Group::ALL, InteractionTestMode::And)
+}
+
 /// Radius of a hand's collider, metres.
 pub const HAND_RADIUS: f32 = 0.07;
 /// How far from a hand a prop can be grabbed, metres.
 pub const GRAB_RADIUS: f32 = 0.15;
 /// A prop within this distance of a hand gives the player hand colliders.
-const HAND_ACTIVATION_M: f32 = 1.0;
+const HAND_ACTIVATION_M: f32 = 0.5;
 /// Ticks hand colliders stay after the last prop left their reach.
 const HAND_LINGER_TICKS: u64 = 45;
 /// Props below this height fell out of the world and are removed, metres.
@@ -172,7 +191,7 @@ pub fn spawn_prop(world: &mut World, id: EntityId, shape: PropShape, pos: DVec3,
         .linvel(vel)
         .user_data(u128::from(e.to_bits()))
         .build();
-    let collider = shape.collider().density(600.0).friction(0.7).restitution(0.1);
+    let collider = shape.collider().density(600.0).friction(0.7).restitution(0.1).collision_groups(prop_groups());
     let (body, _) = physics.world.insert(rb, collider);
     let mut ent = world.entity_mut(e);
     ent.insert(Prop { body, shape, rot });
@@ -262,7 +281,8 @@ pub fn hands(
                         .pose(local)
                         .user_data(u128::from(e.to_bits()))
                         .build();
-                    let (h, _) = physics.world.insert(rb, ColliderBuilder::ball(HAND_RADIUS).density(1000.0));
+                    let ball = ColliderBuilder::ball(HAND_RADIUS).density(1000.0).collision_groups(hand_groups());
+                    let (h, _) = physics.world.insert(rb, ball);
                     hand.proxy = Some(h);
                 }
                 (true, Some(h)) => {

@@ -486,10 +486,54 @@ pub fn player_bodies(
 
 /// Boundary checks: pre-connect hints, transfer requests, and the release of
 /// entities whose transfer takes effect next tick.
+/// Which faces of each leaf have a neighbouring region across them (face,
+/// edge or corner contact), per map version: nothing happens at a face with
+/// no region behind it.
+#[derive(Resource, Debug, Default)]
+pub struct OpenFaces {
+    version: u64,
+    faces: rustc_hash::FxHashMap<shared::RegionKey, [bool; 6]>,
+}
+
+impl OpenFaces {
+    /// Distance from `p` to the nearest open face of `region` (infinite
+    /// when it has none).
+    fn depth(&mut self, map: &super::messages::MapView, region: &shared::RegionKey, p: DVec3) -> f64 {
+        if self.version != map.version {
+            self.faces.clear();
+            self.version = map.version;
+        }
+        let faces = *self.faces.entry(*region).or_insert_with(|| {
+            let me = region.aabb();
+            let mut open = [false; 6];
+            for (n, _) in map.tree.neighbours(region).unwrap_or_default() {
+                let a = n.aabb();
+                for axis in 0..3 {
+                    open[axis * 2] |= a.max[axis] <= me.min[axis];
+                    open[axis * 2 + 1] |= a.min[axis] >= me.max[axis];
+                }
+            }
+            open
+        });
+        let a = region.aabb();
+        let mut depth = f64::INFINITY;
+        for axis in 0..3 {
+            if faces[axis * 2] {
+                depth = depth.min(p[axis] - a.min[axis]);
+            }
+            if faces[axis * 2 + 1] {
+                depth = depth.min(a.max[axis] - p[axis]);
+            }
+        }
+        depth
+    }
+}
+
 pub fn authority(world: &mut World) {
     let cfg = world.resource::<SimConfig>().clone();
     let tick = world.resource::<TickState>().tick;
     let map = world.resource::<Map>().0.clone();
+    let mut faces = std::mem::take(&mut *world.resource_mut::<OpenFaces>());
     let out = world.resource::<Outbox>().clone();
     let metrics = world.resource::<SimMetrics>().clone();
 
@@ -514,6 +558,15 @@ pub fn authority(world: &mut World) {
                 Some(Transfer::Requested { at }) if tick < at + TRANSFER_REQUEST_TIMEOUT_TICKS => continue,
                 Some(Transfer::Backoff { until }) if tick < *until => continue,
                 _ => {}
+            }
+            // Deep inside its region (farther from every face than the
+            // overlap zone and the handoff margin), nothing can change at a
+            // boundary this tick.
+            if transfer.is_none()
+                && map.tree.is_leaf(&auth.region)
+                && faces.depth(&map, &auth.region, body.pos) > cfg.overlap_m + cfg.handoff_margin_m
+            {
+                continue;
             }
             if let Some(a) = avatar.filter(|a| a.conn.is_some()) {
                 for leaf in map.tree.overlapping_leaves(body.pos, cfg.overlap_m) {
@@ -580,6 +633,7 @@ pub fn authority(world: &mut World) {
     for (e, t) in releases {
         release(world, e, t, tick, &out, &metrics);
     }
+    *world.resource_mut::<OpenFaces>() = faces;
 }
 
 /// Ships the entity to its new owner and stops simulating it here: this
@@ -686,6 +740,7 @@ pub fn replication(
             authority: cfg.server,
         });
     }
+    let occupied = sc.grid.values().filter(|c| !c.is_empty()).count();
     let r2 = cfg.view_radius_m * cfg.view_radius_m;
     let max_ring = (cfg.view_radius_m / GRID_CELL_M).ceil() as i32;
     let keep = MAX_SNAPSHOT_ENTITIES - 1;
@@ -695,8 +750,24 @@ pub fn replication(
         let Some(conn) = a.conn else { continue };
         sc.near.clear();
         let (cx, cz) = cell_of(body.pos);
-        let mut enough_at = None;
         for ring in 0..=max_ring {
+            // Far from everyone, rings of empty cells cost more than a look
+            // at every occupied cell: finish with that.
+            if (2 * ring + 1) * 8 > occupied as i32 {
+                for (&(x, z), cell) in &sc.grid {
+                    if (x - cx).abs().max((z - cz).abs()) < ring {
+                        continue;
+                    }
+                    for &i in cell {
+                        let s = &sc.states[i as usize];
+                        let d = s.pos.distance_squared(body.pos);
+                        if s.id != net.0 && d <= r2 {
+                            sc.near.push((d, i));
+                        }
+                    }
+                }
+                break;
+            }
             for dz in -ring..=ring {
                 for dx in -ring..=ring {
                     if dx.abs() != ring && dz.abs() != ring {
@@ -712,12 +783,10 @@ pub fn replication(
                     }
                 }
             }
-            // Once enough are found, one more ring catches nearer ones just
-            // across a cell edge.
-            match enough_at {
-                None if sc.near.len() >= keep => enough_at = Some(ring),
-                Some(r) if ring > r => break,
-                _ => {}
+            // Enough found: what is left is farther than most of them
+            // (interest management proper ranks by more than distance).
+            if sc.near.len() >= keep {
+                break;
             }
         }
         if sc.near.len() > keep {

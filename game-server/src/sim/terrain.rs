@@ -63,6 +63,9 @@ impl Default for TerrainSettings {
     }
 }
 
+/// Chunks unloaded per tick, at most.
+const UNLOADS_PER_TICK: usize = 4;
+
 /// A chunk as a generator thread hands it over.
 #[derive(Debug)]
 pub struct ChunkReady {
@@ -189,6 +192,8 @@ pub struct Terrain {
     /// removing a collider wakes what rests on it, and a woken prop would
     /// fall through the missing ground. Thawed when the chunk returns.
     frozen: FxHashMap<ChunkKey, Vec<RigidBodyHandle>>,
+    /// Stale chunks waiting to be unloaded, a few per tick.
+    to_unload: VecDeque<ChunkKey>,
     /// Chunk generations finished, and their total time, for metrics.
     pub generated: u64,
 }
@@ -231,6 +236,7 @@ impl Terrain {
             unflushed: FxHashMap::default(),
             loader,
             frozen: FxHashMap::default(),
+            to_unload: VecDeque::new(),
             generated: 0,
         }
     }
@@ -362,7 +368,11 @@ fn replace_collider(physics: &mut Physics, slot: &mut Option<ColliderHandle>, sh
             *slot = None;
         }
         (None, Some(s)) => {
-            let co = ColliderBuilder::new(s).translation(at).friction(0.8).build();
+            let co = ColliderBuilder::new(s)
+                .translation(at)
+                .friction(0.8)
+                .collision_groups(super::physics::terrain_groups())
+                .build();
             *slot = Some(physics.world.insert_collider(co, None));
         }
         (None, None) => {}
@@ -435,15 +445,30 @@ pub fn stream(
         }
     }
 
-    if tick.is_multiple_of(90) {
-        let keep = terrain.settings.keep_ticks;
-        let stale: Vec<ChunkKey> = terrain
+    // Once a second, list the stale chunks; unload a few per tick, so that
+    // neither this stage nor the physics step (its broad phase) takes a
+    // second's worth of removals in one tick.
+    let keep = terrain.settings.keep_ticks;
+    if tick.is_multiple_of(90) && terrain.to_unload.is_empty() {
+        let mut stale: Vec<ChunkKey> = terrain
             .chunks
             .iter()
             .filter(|(k, c)| tick.saturating_sub(c.wanted_at) > keep && !terrain.unflushed.contains_key(k))
             .map(|(k, _)| *k)
             .collect();
-        for k in stale {
+        stale.sort();
+        terrain.to_unload.extend(stale);
+    }
+    for _ in 0..UNLOADS_PER_TICK {
+        let Some(k) = terrain.to_unload.pop_front() else { break };
+        let still_stale = terrain
+            .chunks
+            .get(&k)
+            .is_some_and(|c| tick.saturating_sub(c.wanted_at) > keep && !terrain.unflushed.contains_key(&k));
+        if !still_stale {
+            continue;
+        }
+        {
             let Some(sleepers) = props_on(terrain, &physics, k) else { continue };
             for b in &sleepers {
                 if let Some(rb) = physics.world.bodies.get_mut(*b) {

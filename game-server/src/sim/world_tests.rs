@@ -6,11 +6,11 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
 use glam::{DVec3, Quat};
+use shared::EntityId;
 use shared::chunk::{ChunkKey, ChunkLayout, VoxelCoord};
 use shared::edit::{EditOp, rebuild};
 use shared::terrain::{ChunkVoxels, Material, TerrainGen};
 use shared::wire::{EditOutcome, InputFrame, JoinRole, Pose, ServerControl, buttons};
-use shared::EntityId;
 
 use super::components::*;
 use super::messages::*;
