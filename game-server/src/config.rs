@@ -34,6 +34,10 @@ pub struct Config {
     /// Players this server accepts.
     #[arg(long, env = "PS_CAPACITY", default_value_t = 1000)]
     pub capacity: u32,
+    /// Bearer token of the local admin API (`POST /v1/props`). Unset: the
+    /// admin endpoints answer 403.
+    #[arg(long, env = "PS_ADMIN_TOKEN")]
+    pub admin_token: Option<String>,
     /// Token a client must present until login tickets exist.
     #[arg(long, env = "PS_DEV_TOKEN", default_value = "dev")]
     pub dev_token: String,

@@ -29,6 +29,9 @@ pub struct LocalState {
     pub capacity: u32,
     pub load: Arc<LoadShared>,
     pub maps: watch::Receiver<Arc<MapView>>,
+    /// The simulation's inbox, for admin commands.
+    pub sim: tokio::sync::mpsc::Sender<crate::sim::messages::SimIn>,
+    pub admin_token: Option<Arc<str>>,
 }
 
 /// The status document of `/v1/status` and of the query port.
@@ -75,7 +78,52 @@ pub fn router(state: LocalState) -> Router {
         .route("/health", get(|| async { "ok\n" }))
         .route("/ready", get(ready))
         .route("/v1/status", get(|State(s): State<LocalState>| async move { Json(s.status()) }))
+        .route("/v1/props", axum::routing::post(spawn_props))
         .with_state(state)
+}
+
+/// Body of `POST /v1/props`.
+#[derive(Debug, Deserialize)]
+pub struct SpawnPropsRequest {
+    pub props: Vec<crate::sim::messages::PropSpawn>,
+}
+
+fn error(status: StatusCode, msg: impl Into<String>) -> Response {
+    (status, Json(serde_json::json!({ "error": msg.into() }))).into_response()
+}
+
+/// Spawns props (admin): all of them or none. Answers the new entity ids.
+async fn spawn_props(
+    State(s): State<LocalState>,
+    headers: axum::http::HeaderMap,
+    body: Result<Json<SpawnPropsRequest>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let Some(expected) = &s.admin_token else {
+        return error(StatusCode::FORBIDDEN, "the admin API is disabled: set PS_ADMIN_TOKEN");
+    };
+    let presented =
+        headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    if !presented.is_some_and(|p| constant_time_eq(p.as_bytes(), expected.as_bytes())) {
+        return error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
+    }
+    let Json(req) = match body {
+        Ok(b) => b,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e.body_text()),
+    };
+    let (reply, rx) = tokio::sync::oneshot::channel();
+    let msg = crate::sim::messages::SimIn::SpawnProps { props: req.props, reply };
+    if s.sim.send_timeout(msg, std::time::Duration::from_secs(2)).await.is_err() {
+        return error(StatusCode::SERVICE_UNAVAILABLE, "the simulation is busy");
+    }
+    match rx.await {
+        Ok(Ok(ids)) => Json(serde_json::json!({ "ids": ids.iter().map(|i| i.0).collect::<Vec<_>>() })).into_response(),
+        Ok(Err(e)) => error(StatusCode::UNPROCESSABLE_ENTITY, e),
+        Err(_) => error(StatusCode::SERVICE_UNAVAILABLE, "the simulation stopped"),
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 async fn ready(State(s): State<LocalState>) -> Response {

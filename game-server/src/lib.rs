@@ -175,6 +175,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
         capacity: config.capacity,
         load,
         maps: maps_rx,
+        sim: sim_tx.clone(),
+        admin_token: config.admin_token.as_deref().map(Arc::from),
     };
     tasks.spawn(http::serve_query(query, local.clone(), stop.clone()));
     {
