@@ -3,7 +3,6 @@
 use std::collections::VecDeque;
 
 use bevy_ecs::prelude::*;
-use bytes::Bytes;
 use glam::{DVec3, Quat, Vec2, Vec3, Vec4};
 use shared::chunk::floor_i32;
 use shared::controller::{CharacterState, move_character};
@@ -492,7 +491,8 @@ pub fn player_bodies(
 #[derive(Resource, Debug, Default)]
 pub struct OpenFaces {
     version: u64,
-    faces: rustc_hash::FxHashMap<shared::RegionKey, [bool; 6]>,
+    /// `None`: not a leaf of the current map (always checked in full).
+    faces: rustc_hash::FxHashMap<shared::RegionKey, Option<[bool; 6]>>,
 }
 
 impl OpenFaces {
@@ -504,6 +504,9 @@ impl OpenFaces {
             self.version = map.version;
         }
         let faces = *self.faces.entry(*region).or_insert_with(|| {
+            if !map.tree.is_leaf(region) {
+                return None;
+            }
             let me = region.aabb();
             let mut open = [false; 6];
             for (n, _) in map.tree.neighbours(region).unwrap_or_default() {
@@ -513,8 +516,9 @@ impl OpenFaces {
                     open[axis * 2 + 1] |= a.min[axis] >= me.max[axis];
                 }
             }
-            open
+            Some(open)
         });
+        let Some(faces) = faces else { return 0.0 };
         let a = region.aabb();
         let mut depth = f64::INFINITY;
         for axis in 0..3 {
@@ -562,9 +566,7 @@ pub fn authority(world: &mut World) {
             // Deep inside its region (farther from every face than the
             // overlap zone and the handoff margin), nothing can change at a
             // boundary this tick.
-            if transfer.is_none()
-                && map.tree.is_leaf(&auth.region)
-                && faces.depth(&map, &auth.region, body.pos) > cfg.overlap_m + cfg.handoff_margin_m
+            if transfer.is_none() && faces.depth(&map, &auth.region, body.pos) > cfg.overlap_m + cfg.handoff_margin_m
             {
                 continue;
             }
@@ -705,6 +707,7 @@ pub struct ReplicationScratch {
     grid: rustc_hash::FxHashMap<(i32, i32), Vec<u32>>,
     near: Vec<(f64, u32)>,
     buf: Vec<u8>,
+    entities: Vec<EntityState>,
 }
 
 fn cell_of(p: DVec3) -> (i32, i32) {
@@ -793,7 +796,8 @@ pub fn replication(
             sc.near.select_nth_unstable_by(keep, |x, y| x.0.total_cmp(&y.0));
             sc.near.truncate(keep);
         }
-        let mut entities = Vec::with_capacity(sc.near.len() + 1);
+        let mut entities = std::mem::take(&mut sc.entities);
+        entities.clear();
         entities.push(EntityState {
             id: net.0,
             pos: body.pos,
@@ -811,9 +815,10 @@ pub fn replication(
         };
         sc.buf.clear();
         snap.encode(&mut sc.buf);
+        sc.entities = snap.entities;
         bytes += sc.buf.len() as u64;
         sent += 1;
-        send(&conns, conn, Outbound::Datagram(Bytes::copy_from_slice(&sc.buf)), &metrics);
+        send(&conns, conn, Outbound::Datagram(bytes::Bytes::copy_from_slice(&sc.buf)), &metrics);
     }
     metrics.0.snapshots_sent.inc_by(sent);
     metrics.0.bytes_sent.inc_by(bytes);
