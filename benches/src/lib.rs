@@ -132,6 +132,9 @@ pub struct Scenario {
     rng: Rng,
     stop_drain: Arc<AtomicBool>,
     pub edits_sent: u64,
+    /// Props' rigid bodies, for throwing some.
+    props: Vec<rapier3d::prelude::RigidBodyHandle>,
+    pub throws: u64,
 }
 
 impl std::fmt::Debug for Scenario {
@@ -252,6 +255,8 @@ impl Scenario {
             rng,
             stop_drain,
             edits_sent: 0,
+            props: Vec::new(),
+            throws: 0,
         };
         // Props: most near players (within reach of where they play), the
         // rest scattered; dropped just above the ground to settle.
@@ -275,6 +280,7 @@ impl Scenario {
             s.step_quiet();
             rx.blocking_recv().expect("sim answered").expect("props spawn");
         }
+        s.props = s.world.query::<&game_server::sim::physics::Prop>().iter(&s.world).map(|p| p.body).collect();
         // Setup integrates chunks as fast as they come; play uses the default.
         s.world.resource_mut::<terrain::Terrain>().settings.integrate_per_tick =
             terrain::TerrainSettings::default().integrate_per_tick;
@@ -328,8 +334,25 @@ impl Scenario {
         p.world.rigid_bodies().filter(|(_, b)| b.is_kinematic()).count()
     }
 
-    /// Queues this tick's inputs (and the odd edit) for every player.
+    /// Queues this tick's inputs (and the odd edit) for every player, and
+    /// throws a prop ten times a second (at 6 m/s, up and away), as players
+    /// around the world would.
     pub fn script(&mut self) {
+        if !self.props.is_empty() && self.tick.is_multiple_of(9) {
+            {
+                let h = self.props[(self.rng.next_u64() % self.props.len() as u64) as usize];
+                let a = self.rng.range(0.0, std::f64::consts::TAU) as f32;
+                let v = glam::Vec3::new(a.sin() * 6.0, 4.0, a.cos() * 6.0);
+                let mut physics = self.world.resource_mut::<game_server::sim::physics::Physics>();
+                if let Some(rb) = physics.world.bodies.get_mut(h)
+                    && rb.is_dynamic()
+                {
+                    rb.set_linvel(v, true);
+                    rb.enable_ccd(true);
+                    self.throws += 1;
+                }
+            }
+        }
         let dig_every = 90 * 100; // each player digs about once every 100 s
         for i in 0..self.players.len() {
             let rng = &mut self.rng;

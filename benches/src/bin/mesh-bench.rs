@@ -119,6 +119,7 @@ fn main() -> anyhow::Result<()> {
                 "chunks_loaded": m.terrain_chunks_loaded.get(),
                 "active_players": m.active_players.get(),
                 "edits_sent": s.edits_sent,
+                "props_thrown": s.throws,
                 "edits_applied": m.edits_applied.get(),
                 "edits_rejected": rejected,
                 "grabs": m.grabs.get(),

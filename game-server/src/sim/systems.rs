@@ -566,8 +566,7 @@ pub fn authority(world: &mut World) {
             // Deep inside its region (farther from every face than the
             // overlap zone and the handoff margin), nothing can change at a
             // boundary this tick.
-            if transfer.is_none() && faces.depth(&map, &auth.region, body.pos) > cfg.overlap_m + cfg.handoff_margin_m
-            {
+            if transfer.is_none() && faces.depth(&map, &auth.region, body.pos) > cfg.overlap_m + cfg.handoff_margin_m {
                 continue;
             }
             if let Some(a) = avatar.filter(|a| a.conn.is_some()) {
