@@ -67,28 +67,20 @@ impl Metrics {
     pub fn new() -> Self {
         let registry = Registry::new();
         let m = Self {
-            tick_duration: Histogram::with_opts(
-                HistogramOpts::new("server_tick_duration_seconds", "Time to run one simulation tick")
-                    .buckets(vec![0.0005, 0.001, 0.002, 0.004, 0.006, 0.008, 0.010, 0.0111, 0.015, 0.025, 0.05, 0.1]),
-            )
-            .expect("static metric definition"),
-            ticks: IntCounter::new("server_ticks_total", "Simulation ticks run").expect("static metric definition"),
-            ticks_overrun: IntCounter::new(
-                "server_ticks_overrun_total",
-                "Ticks that did not finish within their 1/90 s slot",
-            )
-            .expect("static metric definition"),
-            ticks_skipped: IntCounter::new(
+            tick_duration: histogram(
+                "server_tick_duration_seconds",
+                "Time to run one simulation tick",
+                vec![0.0005, 0.001, 0.002, 0.004, 0.006, 0.008, 0.010, 0.0111, 0.015, 0.025, 0.05, 0.1],
+            ),
+            ticks: counter("server_ticks_total", "Simulation ticks run"),
+            ticks_overrun: counter("server_ticks_overrun_total", "Ticks that did not finish within their 1/90 s slot"),
+            ticks_skipped: counter(
                 "server_ticks_skipped_total",
                 "Grid ticks skipped after an overrun (never caught up in a burst)",
-            )
-            .expect("static metric definition"),
-            active_players: IntGauge::new("active_players", "Players this server is authoritative for")
-                .expect("static metric definition"),
-            entities: IntGauge::new("server_entities", "Entities this server is authoritative for")
-                .expect("static metric definition"),
-            connections: IntGauge::new("player_connections", "Open player QUIC connections")
-                .expect("static metric definition"),
+            ),
+            active_players: int_gauge("active_players", "Players this server is authoritative for"),
+            entities: int_gauge("server_entities", "Entities this server is authoritative for"),
+            connections: int_gauge("player_connections", "Open player QUIC connections"),
             connections_refused: counter_vec(
                 "player_connections_refused_total",
                 "Player connections refused, by reason",
@@ -100,23 +92,16 @@ impl Metrics {
                 "Server-to-server requests refused, by reason",
                 "reason",
             ),
-            bytes_sent: IntCounter::new("bytes_sent_total", "Datagram payload bytes sent to players")
-                .expect("static metric definition"),
-            bytes_received: IntCounter::new("bytes_received_total", "Datagram payload bytes received from players")
-                .expect("static metric definition"),
-            snapshots_sent: IntCounter::new("snapshots_sent_total", "Snapshot datagrams sent")
-                .expect("static metric definition"),
-            inputs_applied: IntCounter::new("inputs_applied_total", "Player input frames applied")
-                .expect("static metric definition"),
+            bytes_sent: counter("bytes_sent_total", "Datagram payload bytes sent to players"),
+            bytes_received: counter("bytes_received_total", "Datagram payload bytes received from players"),
+            snapshots_sent: counter("snapshots_sent_total", "Snapshot datagrams sent"),
+            inputs_applied: counter("inputs_applied_total", "Player input frames applied"),
             transfers: counter_vec("authority_transfers_total", "Authority transfers by direction and result", "kind"),
-            handoff_late_ticks: Histogram::with_opts(
-                HistogramOpts::new(
-                    "handoff_late_ticks",
-                    "Ticks a handed-off entity arrived after its effective tick (0 = in time)",
-                )
-                .buckets(vec![0.0, 1.0, 2.0, 4.0, 9.0, 18.0, 45.0, 90.0]),
-            )
-            .expect("static metric definition"),
+            handoff_late_ticks: histogram(
+                "handoff_late_ticks",
+                "Ticks a handed-off entity arrived after its effective tick (0 = in time)",
+                vec![0.0, 1.0, 2.0, 4.0, 9.0, 18.0, 45.0, 90.0],
+            ),
             fps_avg: gauge("server_fps_avg", "Ticks run over the last second (target 90)"),
             physics_step: histogram(
                 "server_physics_step_seconds",

@@ -41,15 +41,6 @@ impl MemoryDeltaStore {
     pub fn new() -> Self {
         Self::default()
     }
-
-    /// Deltas stored, over all chunks.
-    pub fn len(&self) -> usize {
-        self.chunks.lock().map(|c| c.values().map(Vec::len).sum()).unwrap_or(0)
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 impl DeltaStore for MemoryDeltaStore {

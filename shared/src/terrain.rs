@@ -123,14 +123,6 @@ impl ChunkVoxels {
     pub fn is_uniform(&self, m: Material) -> bool {
         matches!(self, ChunkVoxels::Uniform(u) if *u == m)
     }
-
-    /// Bytes of voxel storage.
-    pub fn heap_bytes(&self) -> usize {
-        match self {
-            ChunkVoxels::Uniform(_) => 0,
-            ChunkVoxels::Dense(v) => v.len(),
-        }
-    }
 }
 
 /// The terrain's shape knobs. Defaults are what the world is made of; a

@@ -84,8 +84,6 @@ pub struct Edits {
     backlog: VecDeque<DeltaBatch>,
     buckets: FxHashMap<PlayerId, Bucket>,
     ids: Option<EntityIdAllocator>,
-    /// Edits applied since start.
-    pub applied: u64,
 }
 
 impl Edits {
@@ -99,7 +97,6 @@ impl Edits {
             backlog: VecDeque::new(),
             buckets: FxHashMap::default(),
             ids,
-            applied: 0,
         }
     }
 
@@ -107,20 +104,12 @@ impl Edits {
     pub fn mint(&mut self) -> Option<shared::EntityId> {
         self.ids.as_mut().and_then(|a| a.mint().ok())
     }
-
-    /// Edits applied but not yet acknowledged durable.
-    pub fn awaiting_durability(&self) -> usize {
-        self.acks.len()
-    }
 }
 
 fn reply(world: &World, conn: Option<ConnId>, id: u32, outcome: EditOutcome) {
     let Some(conn) = conn else { return };
-    if let Some(c) = world.resource::<Conns>().0.get(&conn)
-        && c.tx.try_send(Outbound::Control(ServerControl::EditResult { id, outcome })).is_err()
-    {
-        world.resource::<SimMetrics>().0.datagrams_dropped.with_label_values(&["outbound_full"]).inc();
-    }
+    let msg = Outbound::Control(ServerControl::EditResult { id, outcome });
+    super::systems::send(world.resource::<Conns>(), conn, msg, world.resource::<SimMetrics>());
 }
 
 fn reject(world: &World, r: &EditRequest, reason: &'static str) {
@@ -216,7 +205,6 @@ pub fn world_edits(world: &mut World) {
         let seq = {
             let mut e = world.resource_mut::<Edits>();
             e.next_seq += 1;
-            e.applied += 1;
             e.next_seq - 1
         };
         upto = seq;

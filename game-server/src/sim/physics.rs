@@ -241,7 +241,7 @@ pub fn release_physics(world: &mut World, e: Entity) {
 pub fn hands(
     mut physics: ResMut<Physics>,
     mut players: Query<(Entity, &Body, &Avatar, &mut Hands)>,
-    mut props: Query<&mut Prop>,
+    props: Query<(), With<Prop>>,
     tick: Res<TickState>,
     metrics: Res<SimMetrics>,
 ) {
@@ -332,7 +332,7 @@ pub fn hands(
                 } else {
                     hand.held = None;
                 }
-                if props.get_mut(held.prop).is_err() {
+                if !props.contains(held.prop) {
                     hand.held = None;
                 }
             }
@@ -364,10 +364,12 @@ pub fn step(
     metrics.0.physics_step.observe(took);
     let origin = physics.origin;
     let mut fell = Vec::new();
+    let mut awake = 0usize;
     for (_, rb) in physics.world.active_bodies() {
         if !rb.is_dynamic() && !rb.is_kinematic() {
             continue;
         }
+        awake += usize::from(rb.is_dynamic());
         let e = Entity::from_bits(rb.user_data as u64);
         let Ok((mut body, mut prop, net)) = props.get_mut(e) else { continue };
         body.pos = origin + rb.translation().as_dvec3();
@@ -377,12 +379,12 @@ pub fn step(
             fell.push((e, prop.body, net.0));
         }
     }
+    awake -= fell.len().min(awake);
     for (e, b, id) in fell {
         physics.world.remove_body(b);
         index.by_net.remove(&id);
         commands.entity(e).despawn();
         metrics.0.props_removed.with_label_values(&["fell_out"]).inc();
     }
-    let awake = physics.world.active_bodies().filter(|(_, b)| b.is_dynamic()).count();
     metrics.0.props_awake.set(awake as i64);
 }

@@ -24,7 +24,8 @@ const TRANSFER_REQUEST_TIMEOUT_TICKS: u64 = 270;
 /// Where a player joins when the client names no spawn point.
 pub const DEFAULT_SPAWN: DVec3 = DVec3::new(1000.0, 10.0, 1000.0);
 
-fn send(conns: &Conns, conn: u64, msg: Outbound, metrics: &SimMetrics) {
+/// Queues a message for one connection; a full queue drops and counts.
+pub(super) fn send(conns: &Conns, conn: u64, msg: Outbound, metrics: &SimMetrics) {
     if let Some(c) = conns.0.get(&conn)
         && c.tx.try_send(msg).is_err()
     {

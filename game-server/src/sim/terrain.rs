@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bevy_ecs::prelude::*;
-use glam::{DVec3, IVec3, Vec3};
+use glam::{DVec3, Vec3};
 use rapier3d::prelude::{
     ColliderBuilder, ColliderHandle, Pose, QueryFilter, RigidBodyHandle, RigidBodyType, SharedShape,
 };
@@ -112,7 +112,8 @@ pub fn chunk_shape(voxels: &ChunkVoxels, layout: &ChunkLayout) -> Option<SharedS
         ChunkVoxels::Uniform(m) if !m.is_solid() => return None,
         ChunkVoxels::Uniform(_) => {
             let h = vm * n as f32 / 2.0;
-            return Some(SharedShape::cuboid(h, h, h).compound_of_one(Vec3::splat(h)));
+            let block = SharedShape::cuboid(h, h, h);
+            return Some(SharedShape::compound(vec![(Pose::from_translation(Vec3::splat(h)), block)]));
         }
         ChunkVoxels::Dense(_) => {}
     }
@@ -155,16 +156,6 @@ pub fn chunk_shape(voxels: &ChunkVoxels, layout: &ChunkLayout) -> Option<SharedS
     if parts.is_empty() { None } else { Some(SharedShape::compound(parts)) }
 }
 
-trait CompoundOfOne {
-    fn compound_of_one(self, at: Vec3) -> SharedShape;
-}
-
-impl CompoundOfOne for SharedShape {
-    fn compound_of_one(self, at: Vec3) -> SharedShape {
-        SharedShape::compound(vec![(Pose::from_translation(at), self)])
-    }
-}
-
 /// A chunk the simulation holds.
 #[derive(Debug)]
 pub struct LoadedChunk {
@@ -194,8 +185,6 @@ pub struct Terrain {
     frozen: FxHashMap<ChunkKey, Vec<RigidBodyHandle>>,
     /// Stale chunks waiting to be unloaded, a few per tick.
     to_unload: VecDeque<ChunkKey>,
-    /// Chunk generations finished, and their total time, for metrics.
-    pub generated: u64,
 }
 
 impl Terrain {
@@ -237,13 +226,7 @@ impl Terrain {
             loader,
             frozen: FxHashMap::default(),
             to_unload: VecDeque::new(),
-            generated: 0,
         }
-    }
-
-    /// Chunks asked of the generators and not yet integrated.
-    pub fn in_flight(&self) -> usize {
-        self.in_flight.len()
     }
 
     pub fn is_loaded(&self, key: ChunkKey) -> bool {
@@ -412,7 +395,6 @@ pub fn stream(
                 continue;
             }
         };
-        terrain.generated += 1;
         if let Some(mine) = terrain.unflushed.get(&ready.key) {
             shared::edit::apply_deltas(&mut voxels, &terrain.layout, mine.iter().map(|(_, d)| d));
             shape = chunk_shape(&voxels, &terrain.layout);
@@ -533,13 +515,6 @@ fn thaw(terrain: &mut Terrain, physics: &mut Physics, key: ChunkKey) {
             }
         }
     }
-}
-
-/// Integer voxel box covering a world box, for scans.
-pub fn voxel_box(layout: &ChunkLayout, lo: DVec3, hi: DVec3) -> (IVec3, IVec3) {
-    let a = layout.voxel_at(lo);
-    let b = layout.voxel_at(hi);
-    (IVec3::new(a.x, a.y, a.z), IVec3::new(b.x, b.y, b.z))
 }
 
 #[cfg(test)]
