@@ -163,8 +163,8 @@ impl Scenario {
     pub fn new(c: &ScenarioConfig) -> Self {
         let layout = ChunkLayout::default();
         let generator = Arc::new(TerrainGen::new(c.seed, layout));
-        let store: Arc<dyn game_server::store::DeltaStore> = Arc::new(game_server::store::MemoryDeltaStore::new());
-        let writer = game_server::store::spawn_writer(store.clone()).expect("writer thread starts");
+        let store = game_server::store::memory_world_store(&layout);
+        let writer = game_server::store::spawn_writer(store.clone(), 1).expect("writer thread starts");
         let (tx, inbox) = mpsc::channel(1 << 16);
         let (outbox, out) = mpsc::channel(1 << 12);
         let parts = SimParts {

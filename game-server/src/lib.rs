@@ -58,6 +58,17 @@ pub enum Exit {
 pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<Exit> {
     config.validate()?;
     let metrics = metrics::Metrics::new();
+    let layout = shared::chunk::ChunkLayout::default();
+    let store = persistence::open(&persistence::StoreConfig {
+        url: config.store_url(),
+        chunk_voxels: layout.chunk_voxels.pow(3),
+        pool_size: config.db_pool_size,
+        connect_timeout: std::time::Duration::from_secs(config.db_connect_timeout_s),
+        migrate: true,
+    })
+    .await
+    .context("opening the world store")?;
+    info!(backend = store.backend(), "world store open");
 
     let identity = match (&config.tls_cert, &config.tls_key) {
         (Some(c), Some(k)) => tls::from_files(c, k)?,
@@ -106,10 +117,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
     let load = Arc::new(sim::components::LoadShared::default());
     let authority_log = config.authority_log.as_deref().map(sim::authority_log_writer).transpose()?;
     let sim_stop = Arc::new(AtomicBool::new(false));
-    // World deltas live in memory until the persistence issue gives them a store.
-    let store: Arc<dyn store::DeltaStore> = Arc::new(store::MemoryDeltaStore::new());
-    let writer = store::spawn_writer(store.clone()).context("starting the edit writer")?;
-    let layout = shared::chunk::ChunkLayout::default();
+    let store = store::WorldStore::new(store, tokio::runtime::Handle::current());
+    let writer = store::spawn_writer(store.clone(), persistence::random_id()).context("starting the edit writer")?;
     let world_parts = sim::WorldParts {
         generator: Arc::new(shared::terrain::TerrainGen::new(reg.world_seed, layout)),
         store,
@@ -122,6 +131,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
         edits: sim::edits::EditSettings::default(),
         physics_origin: physics_origin(&reg.map.tree),
     };
+    let writer_watch = world_parts.writer.clone();
     let sim_thread = sim::spawn(
         sim::SimParts {
             config: sim::components::SimConfig {
@@ -148,6 +158,18 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
     let stop = CancellationToken::new();
     let fenced = CancellationToken::new();
     let mut tasks = tokio::task::JoinSet::new();
+    {
+        let (metrics, stop) = (metrics.clone(), stop.clone());
+        tasks.spawn(async move {
+            let mut every = tokio::time::interval(std::time::Duration::from_secs(1));
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = every.tick() => metrics.sample_writer(&writer_watch),
+                }
+            }
+        });
+    }
     tasks.spawn(net::serve(
         endpoint,
         net::NetContext::new(sim_tx.clone(), config.dev_token.clone(), metrics.clone()),

@@ -41,6 +41,13 @@ pub struct Metrics {
     pub edits_rejected: IntCounterVec,
     pub voxels_changed: IntCounter,
     pub structures_broken: IntCounter,
+    pub edits_unacknowledged: IntGauge,
+    pub store_up: IntGauge,
+    pub store_queue_batches: IntGauge,
+    pub store_in_flight_deltas: IntGauge,
+    pub store_append_failures: IntCounter,
+    pub store_compactions: IntCounter,
+    pub store_last_flush: Gauge,
 }
 
 fn gauge(name: &str, help: &str) -> Gauge {
@@ -133,6 +140,22 @@ impl Metrics {
             edits_rejected: counter_vec("world_edits_rejected_total", "World edits refused, by reason", "reason"),
             voxels_changed: counter("world_voxels_changed_total", "Voxels changed by edits and breaks"),
             structures_broken: counter("structures_broken_total", "Unsupported structures that broke off"),
+            edits_unacknowledged: int_gauge(
+                "world_edits_unacknowledged",
+                "Edits applied and waiting for the store to make them durable (held during a database outage)",
+            ),
+            store_up: int_gauge("world_store_up", "1 while the world store takes writes, 0 while appends fail"),
+            store_queue_batches: int_gauge("world_store_queue_batches", "Tick batches queued for the edit writer"),
+            store_in_flight_deltas: int_gauge(
+                "world_store_in_flight_deltas",
+                "Voxel deltas in the writer's current transaction (retried while the store is down)",
+            ),
+            store_append_failures: counter(
+                "world_store_append_failures_total",
+                "Failed attempts to append world deltas",
+            ),
+            store_compactions: counter("world_store_compactions_total", "Chunks compacted into snapshot rows"),
+            store_last_flush: gauge("world_store_last_flush_seconds", "Duration of the newest successful delta append"),
             registry,
         };
         let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
@@ -168,6 +191,13 @@ impl Metrics {
             Box::new(m.edits_rejected.clone()),
             Box::new(m.voxels_changed.clone()),
             Box::new(m.structures_broken.clone()),
+            Box::new(m.edits_unacknowledged.clone()),
+            Box::new(m.store_up.clone()),
+            Box::new(m.store_queue_batches.clone()),
+            Box::new(m.store_in_flight_deltas.clone()),
+            Box::new(m.store_append_failures.clone()),
+            Box::new(m.store_compactions.clone()),
+            Box::new(m.store_last_flush.clone()),
         ];
         for c in collectors {
             m.registry.register(c).expect("metric names are unique");
@@ -177,6 +207,19 @@ impl Metrics {
             let _ = m.registry.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()));
         }
         m
+    }
+
+    /// Copies the edit writer's figures into the registry (called about once a second).
+    pub fn sample_writer(&self, w: &crate::store::WriterHandle) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let s = &w.stats;
+        self.store_up.set(i64::from(s.store_up.load(Relaxed)));
+        self.store_queue_batches.set(w.queued() as i64);
+        self.store_in_flight_deltas.set(s.in_flight_deltas.load(Relaxed) as i64);
+        let catch_up = |c: &IntCounter, v: u64| c.inc_by(v.saturating_sub(c.get()));
+        catch_up(&self.store_append_failures, s.append_failures.load(Relaxed));
+        catch_up(&self.store_compactions, s.compactions.load(Relaxed));
+        self.store_last_flush.set(s.last_flush_us.load(Relaxed) as f64 / 1e6);
     }
 
     pub fn render(&self) -> String {

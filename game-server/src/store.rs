@@ -1,61 +1,85 @@
-//! Where world deltas live: the interface the simulation writes edits to
-//! and reads chunks back from, an in-memory implementation, and the writer
-//! thread that keeps the tick thread away from storage.
+//! The game server's side of persistence: a blocking view of the world
+//! store for the chunk generator threads, and the writer thread that keeps
+//! the tick thread away from storage.
 //!
-//! The persistence issue adds the database-backed implementations behind
-//! [`DeltaStore`]; nothing else changes.
+//! What an edit acknowledgement promises: `EditResult::Done` is sent only
+//! after the writer's transaction holding every delta of the edit has
+//! committed (PostgreSQL/CockroachDB: committed; embedded SQLite:
+//! committed with `synchronous = FULL`). A server killed at any moment loses
+//! only edits it never acknowledged.
+//!
+//! While the database is down the writer keeps retrying the same flush (with
+//! backoff, logging once and then every retry's count); edits queue behind
+//! it up to [`WRITER_QUEUE`] batches, then the tick thread refuses new edits
+//! (`store_busy`). Nothing acknowledged is ever dropped.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
+use persistence::{Store, StoreError, TickDeltas};
 use shared::chunk::ChunkKey;
 use shared::edit::VoxelDelta;
+use tokio::runtime::Handle;
 use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    #[error("world store unavailable: {0}")]
-    Unavailable(String),
+/// Rows a chunk may gather before the writer compacts it.
+pub const COMPACT_AFTER_ROWS: usize = 32;
+/// Compactions the writer runs after one flush, at most.
+const COMPACTIONS_PER_FLUSH: usize = 4;
+/// Deltas the writer puts in one transaction, at most (more wait for the next).
+pub const MAX_FLUSH_DELTAS: usize = 200_000;
+
+/// The world store, for threads that are not tokio's (chunk generators, the
+/// writer): each call blocks on the server's runtime.
+#[derive(Debug, Clone)]
+pub struct WorldStore {
+    pub store: Arc<dyn Store>,
+    pub rt: Handle,
 }
 
-/// Durable world deltas, per chunk, in the order they were made.
-pub trait DeltaStore: Send + Sync + std::fmt::Debug + 'static {
-    /// Every delta of `chunk`, oldest first. Called from generator threads.
-    fn chunk_deltas(&self, chunk: ChunkKey) -> Result<Vec<VoxelDelta>, StoreError>;
-    /// Appends deltas (any chunks, in order). Once it returns `Ok`, they are
-    /// durable. Called from the writer thread only.
-    fn append(&self, deltas: &[VoxelDelta]) -> Result<(), StoreError>;
-}
-
-/// Deltas in memory: the store of tests, benchmarks, and a mesh that does not
-/// need its world to outlive the process.
-#[derive(Debug, Default)]
-pub struct MemoryDeltaStore {
-    chunks: Mutex<HashMap<ChunkKey, Vec<VoxelDelta>>>,
-}
-
-impl MemoryDeltaStore {
-    pub fn new() -> Self {
-        Self::default()
-    }
-}
-
-impl DeltaStore for MemoryDeltaStore {
-    fn chunk_deltas(&self, chunk: ChunkKey) -> Result<Vec<VoxelDelta>, StoreError> {
-        let chunks = self.chunks.lock().map_err(|_| StoreError::Unavailable("lock poisoned".into()))?;
-        Ok(chunks.get(&chunk).cloned().unwrap_or_default())
+impl WorldStore {
+    pub fn new(store: Arc<dyn Store>, rt: Handle) -> Self {
+        Self { store, rt }
     }
 
-    fn append(&self, deltas: &[VoxelDelta]) -> Result<(), StoreError> {
-        let mut chunks = self.chunks.lock().map_err(|_| StoreError::Unavailable("lock poisoned".into()))?;
-        for d in deltas {
-            chunks.entry(d.chunk).or_default().push(*d);
+    /// Every stored delta of `chunk`, oldest first. A chunk that has gathered
+    /// many rows is compacted in the background.
+    pub fn chunk_deltas(&self, chunk: ChunkKey) -> Result<Vec<VoxelDelta>, StoreError> {
+        let read = self.rt.block_on(self.store.chunk_deltas(chunk))?;
+        if read.rows > COMPACT_AFTER_ROWS {
+            let store = self.store.clone();
+            self.rt.spawn(async move {
+                if let Err(e) = store.compact_chunk(chunk).await {
+                    warn!(?chunk, error = %e, "compacting a chunk after load failed");
+                }
+            });
         }
-        Ok(())
+        Ok(read.deltas)
     }
+}
+
+/// A world store in memory on a small runtime of its own: simulation tests
+/// and benchmarks, which have no server runtime.
+pub fn memory_world_store(layout: &shared::chunk::ChunkLayout) -> WorldStore {
+    let n = layout.chunk_voxels;
+    background(Arc::new(persistence::memory::MemoryStore::new(n * n * n)))
+}
+
+/// `store` on a small runtime of its own (tests and benchmarks).
+pub fn background(store: Arc<dyn Store>) -> WorldStore {
+    static RT: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
+    let rt = RT.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("store-runtime")
+            .enable_all()
+            .build()
+            .expect("a one-thread runtime starts")
+    });
+    WorldStore::new(store, rt.handle().clone())
 }
 
 /// A batch of deltas from one tick, numbered by the tick thread.
@@ -63,7 +87,25 @@ impl DeltaStore for MemoryDeltaStore {
 pub struct DeltaBatch {
     /// Sequence number of the newest edit in the batch.
     pub upto: u64,
+    /// Mesh tick the edits were applied at.
+    pub tick: u64,
     pub deltas: Vec<VoxelDelta>,
+}
+
+/// How the writer is doing, for metrics.
+#[derive(Debug, Default)]
+pub struct WriterStats {
+    /// Whether the last attempt to write succeeded.
+    pub store_up: AtomicBool,
+    pub append_failures: AtomicU64,
+    pub flushes: AtomicU64,
+    pub deltas_written: AtomicU64,
+    pub compactions: AtomicU64,
+    pub compaction_failures: AtomicU64,
+    /// Deltas taken from the queue and not yet durable.
+    pub in_flight_deltas: AtomicU64,
+    /// Duration of the newest successful flush, microseconds.
+    pub last_flush_us: AtomicU64,
 }
 
 /// The tick thread's end of the writer: `try_send` batches, read how far
@@ -73,12 +115,18 @@ pub struct WriterHandle {
     pub tx: mpsc::Sender<DeltaBatch>,
     /// Newest edit sequence number known durable.
     pub durable: Arc<AtomicU64>,
+    pub stats: Arc<WriterStats>,
 }
 
 impl WriterHandle {
     /// Room for this many more batches before edits must be refused.
     pub fn capacity(&self) -> usize {
         self.tx.capacity()
+    }
+
+    /// Batches queued for the writer.
+    pub fn queued(&self) -> usize {
+        self.tx.max_capacity() - self.tx.capacity()
     }
 
     pub fn durable_upto(&self) -> u64 {
@@ -89,71 +137,114 @@ impl WriterHandle {
 /// Batches the writer may hold before the tick thread refuses new edits.
 pub const WRITER_QUEUE: usize = 256;
 
-/// Starts the writer thread. It appends each batch (coalescing what queued
-/// up meanwhile), retrying with backoff while the store is unavailable;
-/// nothing is dropped. It ends when every `WriterHandle` is gone and its
-/// queue is written.
-pub fn spawn_writer(store: Arc<dyn DeltaStore>) -> std::io::Result<WriterHandle> {
+/// Starts the writer thread. It appends what is queued in one transaction
+/// (one row per chunk), retrying with backoff while the store fails; nothing
+/// is dropped. Chunks that gathered [`COMPACT_AFTER_ROWS`] rows are compacted
+/// after a flush. `writer_id` must be unique to this process (a random id).
+/// The thread ends when every `WriterHandle` is gone and its queue is written.
+pub fn spawn_writer(store: WorldStore, writer_id: u64) -> std::io::Result<WriterHandle> {
     let (tx, mut rx) = mpsc::channel::<DeltaBatch>(WRITER_QUEUE);
     let durable = Arc::new(AtomicU64::new(0));
-    let done = durable.clone();
+    let stats = Arc::new(WriterStats { store_up: AtomicBool::new(true), ..Default::default() });
+    let (done, st) = (durable.clone(), stats.clone());
     std::thread::Builder::new().name("edit-writer".into()).spawn(move || {
-        while let Some(first) = rx.blocking_recv() {
+        let mut seq = 0u64;
+        let mut rows_since_compaction: HashMap<ChunkKey, usize> = HashMap::new();
+        let mut carry: Option<DeltaBatch> = None;
+        while let Some(first) = carry.take().or_else(|| rx.blocking_recv()) {
             let mut upto = first.upto;
-            let mut deltas = first.deltas;
-            while let Ok(more) = rx.try_recv() {
-                upto = upto.max(more.upto);
-                deltas.extend(more.deltas);
-            }
-            let mut backoff = Duration::from_millis(50);
-            let mut failures = 0u32;
-            loop {
-                match store.append(&deltas) {
-                    Ok(()) => break,
-                    Err(e) => {
-                        failures += 1;
-                        if failures == 1 {
-                            error!(error = %e, deltas = deltas.len(), "world store append failed; holding the edits and retrying");
-                        } else {
-                            warn!(error = %e, failures, "world store still failing");
-                        }
-                        std::thread::sleep(backoff);
-                        backoff = (backoff * 2).min(Duration::from_secs(5));
-                    }
+            let mut count = first.deltas.len();
+            let mut batches = vec![TickDeltas { tick: first.tick, deltas: first.deltas }];
+            while count < MAX_FLUSH_DELTAS {
+                let Ok(more) = rx.try_recv() else { break };
+                if count + more.deltas.len() > MAX_FLUSH_DELTAS {
+                    carry = Some(more);
+                    break;
                 }
+                upto = upto.max(more.upto);
+                count += more.deltas.len();
+                batches.push(TickDeltas { tick: more.tick, deltas: more.deltas });
             }
-            if failures > 0 {
-                info!(failures, "world store append succeeded after retries");
-            }
+            st.in_flight_deltas.store(count as u64, Ordering::Relaxed);
+            seq += 1;
+            write_durably(&store, writer_id, seq, &batches, &st);
             done.store(upto, Ordering::Release);
+            st.in_flight_deltas.store(0, Ordering::Relaxed);
+            st.flushes.fetch_add(1, Ordering::Relaxed);
+            st.deltas_written.fetch_add(count as u64, Ordering::Relaxed);
+            let mut chunks: Vec<ChunkKey> = batches.iter().flat_map(|b| b.deltas.iter().map(|d| d.chunk)).collect();
+            chunks.sort_unstable();
+            chunks.dedup();
+            for c in chunks {
+                *rows_since_compaction.entry(c).or_default() += 1;
+            }
+            compact_busy_chunks(&store, &mut rows_since_compaction, &st);
         }
     })?;
-    Ok(WriterHandle { tx, durable })
+    Ok(WriterHandle { tx, durable, stats })
+}
+
+/// Appends one flush, retrying (same writer and seq, so a retry after an
+/// ambiguous failure cannot duplicate rows) until the store takes it.
+fn write_durably(store: &WorldStore, writer_id: u64, seq: u64, batches: &[TickDeltas], st: &WriterStats) {
+    let mut backoff = Duration::from_millis(50);
+    let mut failures = 0u32;
+    let t0 = Instant::now();
+    loop {
+        let attempt = Instant::now();
+        match store.rt.block_on(store.store.append_deltas(writer_id, seq, batches)) {
+            Ok(()) => {
+                st.last_flush_us.store(attempt.elapsed().as_micros() as u64, Ordering::Relaxed);
+                if failures > 0 {
+                    info!(
+                        failures,
+                        outage_s = t0.elapsed().as_secs_f64(),
+                        "world store writable again; held edits written"
+                    );
+                }
+                st.store_up.store(true, Ordering::Relaxed);
+                return;
+            }
+            Err(e) => {
+                failures += 1;
+                st.append_failures.fetch_add(1, Ordering::Relaxed);
+                st.store_up.store(false, Ordering::Relaxed);
+                let deltas: usize = batches.iter().map(|b| b.deltas.len()).sum();
+                if failures == 1 {
+                    error!(error = %e, kind = e.kind(), deltas, "world store append failed; holding the edits and retrying");
+                } else if failures.is_power_of_two() {
+                    warn!(error = %e, failures, deltas, "world store still failing; edits held");
+                }
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
+}
+
+fn compact_busy_chunks(store: &WorldStore, rows: &mut HashMap<ChunkKey, usize>, st: &WriterStats) {
+    let mut busy: Vec<(usize, ChunkKey)> =
+        rows.iter().filter(|(_, n)| **n >= COMPACT_AFTER_ROWS).map(|(c, n)| (*n, *c)).collect();
+    busy.sort_unstable_by(|a, b| b.cmp(a));
+    for (_, c) in busy.into_iter().take(COMPACTIONS_PER_FLUSH) {
+        match store.rt.block_on(store.store.compact_chunk(c)) {
+            Ok(_) => {
+                rows.remove(&c);
+                st.compactions.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => {
+                st.compaction_failures.fetch_add(1, Ordering::Relaxed);
+                warn!(chunk = ?c, error = %e, "compacting a chunk failed; will try again");
+            }
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use persistence::memory::MemoryStore;
     use shared::terrain::Material;
-
-    #[derive(Debug, Default)]
-    struct Flaky {
-        inner: MemoryDeltaStore,
-        fail_first: AtomicU64,
-    }
-
-    impl DeltaStore for Flaky {
-        fn chunk_deltas(&self, chunk: ChunkKey) -> Result<Vec<VoxelDelta>, StoreError> {
-            self.inner.chunk_deltas(chunk)
-        }
-        fn append(&self, deltas: &[VoxelDelta]) -> Result<(), StoreError> {
-            if self.fail_first.load(Ordering::SeqCst) > 0 {
-                self.fail_first.fetch_sub(1, Ordering::SeqCst);
-                return Err(StoreError::Unavailable("down".into()));
-            }
-            self.inner.append(deltas)
-        }
-    }
 
     fn delta(i: u32) -> VoxelDelta {
         VoxelDelta { chunk: ChunkKey { x: 0, y: 0, z: 0 }, index: i, material: Material::Air }
@@ -161,16 +252,52 @@ mod tests {
 
     #[test]
     fn writer_retries_until_durable_and_keeps_order() {
-        let store = Arc::new(Flaky { fail_first: AtomicU64::new(2), ..Default::default() });
-        let w = spawn_writer(store.clone()).expect("writer starts");
-        w.tx.try_send(DeltaBatch { upto: 1, deltas: vec![delta(1), delta(2)] }).expect("queue has room");
-        w.tx.try_send(DeltaBatch { upto: 2, deltas: vec![delta(3)] }).expect("queue has room");
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while w.durable_upto() < 2 {
-            assert!(std::time::Instant::now() < deadline, "writer never caught up");
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        let store = Arc::new(MemoryStore::new(32 * 32 * 32));
+        store.set_unavailable(true);
+        let ws = WorldStore::new(store.clone(), rt.handle().clone());
+        let w = spawn_writer(ws.clone(), 9).expect("writer starts");
+        w.tx.try_send(DeltaBatch { upto: 1, tick: 5, deltas: vec![delta(1), delta(2)] }).expect("queue has room");
+        w.tx.try_send(DeltaBatch { upto: 2, tick: 6, deltas: vec![delta(3)] }).expect("queue has room");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while w.stats.append_failures.load(Ordering::Relaxed) < 2 {
+            assert!(Instant::now() < deadline, "writer never tried");
             std::thread::sleep(Duration::from_millis(10));
         }
-        let got = store.chunk_deltas(ChunkKey { x: 0, y: 0, z: 0 }).expect("memory store answers");
+        assert_eq!(w.durable_upto(), 0, "nothing durable while the store is down");
+        assert!(!w.stats.store_up.load(Ordering::Relaxed));
+        store.set_unavailable(false);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while w.durable_upto() < 2 {
+            assert!(Instant::now() < deadline, "writer never caught up");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let got = ws.chunk_deltas(ChunkKey { x: 0, y: 0, z: 0 }).expect("memory store answers");
         assert_eq!(got.iter().map(|d| d.index).collect::<Vec<_>>(), vec![1, 2, 3]);
+        assert!(w.stats.append_failures.load(Ordering::Relaxed) >= 2);
+        assert!(w.stats.store_up.load(Ordering::Relaxed));
+    }
+
+    #[test]
+    fn busy_chunks_are_compacted_and_read_the_same() {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        let store = Arc::new(MemoryStore::new(32 * 32 * 32));
+        let ws = WorldStore::new(store.clone(), rt.handle().clone());
+        let w = spawn_writer(ws.clone(), 3).expect("writer starts");
+        let n = COMPACT_AFTER_ROWS as u64 + 5;
+        for i in 1..=n {
+            // One batch at a time, so each is its own flush and row.
+            w.tx.try_send(DeltaBatch { upto: i, tick: i, deltas: vec![delta(i as u32 % 7)] }).expect("room");
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while w.durable_upto() < i {
+                assert!(Instant::now() < deadline, "writer stalled");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        assert!(w.stats.compactions.load(Ordering::Relaxed) >= 1);
+        let read = rt.block_on(store.chunk_deltas(ChunkKey { x: 0, y: 0, z: 0 })).expect("read");
+        assert!(read.rows < COMPACT_AFTER_ROWS, "{} rows after compaction", read.rows);
+        let last: HashMap<u32, Material> = read.deltas.iter().map(|d| (d.index, d.material)).collect();
+        assert_eq!(last.len(), 7);
     }
 }

@@ -3,6 +3,7 @@
 //! behavioural tests run against it too), rows kept in the same shape.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 use shared::chunk::ChunkKey;
@@ -30,14 +31,25 @@ struct Inner {
 pub struct MemoryStore {
     inner: Mutex<Inner>,
     chunk_voxels: u32,
+    /// While set, every call fails as a database outage would.
+    down: AtomicBool,
 }
 
 impl MemoryStore {
     pub fn new(chunk_voxels: u32) -> Self {
-        Self { inner: Mutex::new(Inner::default()), chunk_voxels }
+        Self { inner: Mutex::new(Inner::default()), chunk_voxels, down: AtomicBool::new(false) }
+    }
+
+    /// Makes every call fail with `Unavailable` (or work again): an outage,
+    /// for tests and benchmarks of what the callers do meanwhile.
+    pub fn set_unavailable(&self, down: bool) {
+        self.down.store(down, Ordering::SeqCst);
     }
 
     fn lock(&self) -> Result<MutexGuard<'_, Inner>, StoreError> {
+        if self.down.load(Ordering::SeqCst) {
+            return Err(StoreError::Unavailable("memory store set unavailable".into()));
+        }
         self.inner.lock().map_err(|_| StoreError::Unavailable("memory store lock poisoned".into()))
     }
 }

@@ -144,6 +144,8 @@ impl Mesh {
                 "--grpc-addr=127.0.0.1:0".into(),
                 format!("--ports-file={}", ports.display()),
                 format!("--authority-log={}", dir.path().join(format!("{name}.authority.jsonl")).display()),
+                // One world for the mesh, as `meshctl up` does.
+                format!("--data-dir={}", dir.path().join("world").display()),
             ];
             args.extend(server_args.iter().map(|s| (*s).to_owned()));
             let mut p = Proc::start(&name, "game-server", &args, dir.path())?;

@@ -186,6 +186,8 @@ pub fn world_edits(world: &mut World) {
         }
     }
     flush_backlog(world);
+    let waiting = world.resource::<Edits>().acks.len() as i64;
+    world.resource::<SimMetrics>().0.edits_unacknowledged.set(waiting);
 
     let queue = std::mem::take(&mut world.resource_mut::<Edits>().queue);
     if queue.is_empty() {
@@ -242,7 +244,8 @@ pub fn world_edits(world: &mut World) {
         batch.extend(deltas);
     }
     if upto > 0 {
-        world.resource_mut::<Edits>().backlog.push_back(DeltaBatch { upto, deltas: batch });
+        let tick = world.resource::<TickState>().tick;
+        world.resource_mut::<Edits>().backlog.push_back(DeltaBatch { upto, tick, deltas: batch });
         flush_backlog(world);
     }
     // Colliders follow the voxels in the same tick.

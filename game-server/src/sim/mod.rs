@@ -100,7 +100,7 @@ pub struct SimParts {
 #[derive(Debug, Clone)]
 pub struct WorldParts {
     pub generator: Arc<shared::terrain::TerrainGen>,
-    pub store: Arc<dyn crate::store::DeltaStore>,
+    pub store: crate::store::WorldStore,
     pub writer: crate::store::WriterHandle,
     pub terrain: terrain::TerrainSettings,
     pub edits: edits::EditSettings,

@@ -31,7 +31,7 @@ use tracing::warn;
 
 use super::components::{Avatar, Body, SimMetrics, TickState};
 use super::physics::Physics;
-use crate::store::DeltaStore;
+use crate::store::WorldStore;
 
 /// Knobs of terrain streaming.
 #[derive(Debug, Clone)]
@@ -76,7 +76,7 @@ pub struct ChunkReady {
 
 enum Loader {
     Workers { jobs: crossbeam_channel::Sender<ChunkKey>, done: crossbeam_channel::Receiver<ChunkReady> },
-    Inline { generator: Arc<TerrainGen>, store: Arc<dyn DeltaStore>, queue: VecDeque<ChunkKey> },
+    Inline { generator: Arc<TerrainGen>, store: WorldStore, queue: VecDeque<ChunkKey> },
 }
 
 impl std::fmt::Debug for Loader {
@@ -89,7 +89,7 @@ impl std::fmt::Debug for Loader {
 }
 
 /// Builds one chunk: procedural voxels, stored deltas on top, collider shape.
-pub fn build_chunk(generator: &TerrainGen, store: &dyn DeltaStore, key: ChunkKey) -> ChunkReady {
+pub fn build_chunk(generator: &TerrainGen, store: &WorldStore, key: ChunkKey) -> ChunkReady {
     let t0 = Instant::now();
     let result = store
         .chunk_deltas(key)
@@ -189,7 +189,7 @@ pub struct Terrain {
 
 impl Terrain {
     /// Terrain streamed by `settings.workers` generator threads (or inline when 0).
-    pub fn new(generator: Arc<TerrainGen>, store: Arc<dyn DeltaStore>, settings: TerrainSettings) -> Self {
+    pub fn new(generator: Arc<TerrainGen>, store: WorldStore, settings: TerrainSettings) -> Self {
         let loader = if settings.workers == 0 {
             Loader::Inline { generator: generator.clone(), store, queue: VecDeque::new() }
         } else {
@@ -200,7 +200,7 @@ impl Terrain {
                     (job_rx.clone(), done_tx.clone(), generator.clone(), store.clone());
                 let spawned = std::thread::Builder::new().name(format!("chunk-gen-{i}")).spawn(move || {
                     while let Ok(key) = job_rx.recv() {
-                        if done_tx.send(build_chunk(&generator, store.as_ref(), key)).is_err() {
+                        if done_tx.send(build_chunk(&generator, &store, key)).is_err() {
                             break;
                         }
                     }
@@ -297,7 +297,7 @@ impl Terrain {
             Loader::Inline { generator, store, queue } => {
                 while out.len() < max {
                     let Some(key) = queue.pop_front() else { break };
-                    out.push(build_chunk(generator, store.as_ref(), key));
+                    out.push(build_chunk(generator, store, key));
                 }
             }
         }
@@ -520,7 +520,6 @@ fn thaw(terrain: &mut Terrain, physics: &mut Physics, key: ChunkKey) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::MemoryDeltaStore;
 
     #[test]
     fn greedy_boxes_cover_exactly_the_solid_voxels() {
@@ -529,7 +528,7 @@ mod tests {
         let mut checked = 0;
         for y in 2..6 {
             let key = ChunkKey { x: 3, y, z: 1 };
-            let ready = build_chunk(&generator, &MemoryDeltaStore::new(), key);
+            let ready = build_chunk(&generator, &crate::store::memory_world_store(&layout), key);
             let (voxels, shape) = ready.result.expect("memory store never fails");
             let Some(shape) = shape else {
                 assert!(voxels.is_uniform(Material::Air));

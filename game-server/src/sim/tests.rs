@@ -54,10 +54,10 @@ pub fn flat_world() -> super::WorldParts {
 /// World parts around `generator` with an in-memory store, generating on
 /// the tick thread so that chunk arrival is a function of the tick.
 pub fn world_parts(generator: shared::terrain::TerrainGen) -> super::WorldParts {
-    let store: Arc<dyn crate::store::DeltaStore> = Arc::new(crate::store::MemoryDeltaStore::new());
+    let store = crate::store::memory_world_store(&generator.layout);
     super::WorldParts {
         generator: Arc::new(generator),
-        writer: crate::store::spawn_writer(store.clone()).expect("writer starts"),
+        writer: crate::store::spawn_writer(store.clone(), 1).expect("writer starts"),
         store,
         terrain: super::terrain::TerrainSettings { workers: 0, ..Default::default() },
         edits: super::edits::EditSettings::default(),

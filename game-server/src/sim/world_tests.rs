@@ -17,7 +17,6 @@ use super::messages::*;
 use super::physics::Prop;
 use super::terrain::Terrain;
 use super::tests::{GROUND, Harness, controls, prop_pos, spawn_box, world_parts};
-use crate::store::DeltaStore;
 
 const SEED: u64 = 20_261_122;
 
@@ -247,7 +246,7 @@ fn the_same_inputs_replayed_give_the_same_world_bit_for_bit() {
 fn a_chunk_with_edits_rebuilt_from_seed_and_deltas_is_identical() {
     let generator = TerrainGen::new(SEED, ChunkLayout::default());
     let parts = world_parts(generator.clone());
-    let store: Arc<dyn DeltaStore> = parts.store.clone();
+    let store = parts.store.clone();
     let mut h = Harness::with_world(1, parts);
     let mut rx = h.join(1, JoinRole::Play, DVec3::new(700.0, 0.0, 1300.0));
     h.settle();
@@ -287,6 +286,73 @@ fn a_chunk_with_edits_rebuilt_from_seed_and_deltas_is_identical() {
         assert_ne!(generator.generate(*key), live, "chunk {key:?} was edited");
     }
     assert!(edited >= 1);
+}
+
+#[test]
+fn edits_during_a_store_outage_are_held_and_acknowledged_once_written() {
+    let generator = TerrainGen::new(SEED, ChunkLayout::default());
+    let memory = Arc::new(persistence::memory::MemoryStore::new(32 * 32 * 32));
+    let mut parts = world_parts(generator.clone());
+    parts.store = crate::store::background(memory.clone());
+    parts.writer = crate::store::spawn_writer(parts.store.clone(), 5).expect("writer starts");
+    let writer = parts.writer.clone();
+    let mut h = Harness::with_world(1, parts);
+    let mut rx = h.join(1, JoinRole::Play, DVec3::new(700.0, 0.0, 1300.0));
+    h.settle();
+    let (body, _) = h.avatar().expect("avatar");
+    memory.set_unavailable(true);
+    let ops = [
+        EditOp::Dig { center: body.pos + DVec3::new(1.0, -1.0, -2.0), radius: 1.5 },
+        EditOp::Place { center: body.pos + DVec3::new(-2.0, 1.0, -1.0), radius: 1.0, material: Material::Brick },
+    ];
+    for (i, op) in ops.iter().enumerate() {
+        h.send(SimIn::Edit { conn: 1, id: i as u32, op: *op });
+    }
+    let outcomes = |rx: &mut _| {
+        controls(rx)
+            .into_iter()
+            .filter_map(|c| match c {
+                ServerControl::EditResult { id, outcome } => Some((id, outcome)),
+                _ => None,
+            })
+            .collect::<Vec<_>>()
+    };
+    // Wall time, not ticks: the writer retries on its own clock.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    while std::time::Instant::now() < deadline {
+        h.step();
+        assert_eq!(outcomes(&mut rx), vec![], "nothing acknowledged while the store is down");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    assert_eq!(metric(&h, |m| m.edits_unacknowledged.get() as u64), 2, "both edits applied and held");
+    assert!(writer.stats.append_failures.load(std::sync::atomic::Ordering::Relaxed) >= 1);
+    // The edits are in the world already, for everyone on this server.
+    let changed_before = metric(&h, |m| m.voxels_changed.get());
+    assert!(changed_before > 0);
+
+    memory.set_unavailable(false);
+    let mut acked = Vec::new();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while acked.len() < 2 && std::time::Instant::now() < deadline {
+        h.step();
+        acked.extend(outcomes(&mut rx));
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    acked.sort_by_key(|a| a.0);
+    assert!(matches!(acked.as_slice(), [(0, EditOutcome::Done { .. }), (1, EditOutcome::Done { .. })]), "{acked:?}");
+    assert_eq!(metric(&h, |m| m.edits_unacknowledged.get() as u64), 0);
+    // And what was acknowledged is what the store holds.
+    let t = h.world.resource::<Terrain>();
+    for (key, chunk) in &t.chunks {
+        let deltas = h_store_deltas(&memory, *key);
+        let mut live = chunk.voxels.clone();
+        live.compact();
+        assert_eq!(rebuild(&generator, *key, &deltas), live, "chunk {key:?}");
+    }
+}
+
+fn h_store_deltas(store: &Arc<persistence::memory::MemoryStore>, key: ChunkKey) -> Vec<shared::edit::VoxelDelta> {
+    crate::store::background(store.clone()).chunk_deltas(key).expect("memory store answers")
 }
 
 #[test]

@@ -23,9 +23,14 @@ pub struct UpArgs {
     /// Start no bots.
     #[arg(long)]
     no_bots: bool,
-    /// Logs, ports files and (once persistence exists) the world.
+    /// Logs, ports files and the world (the embedded store in `world/`,
+    /// kept across runs).
     #[arg(long, default_value = ".mesh-data")]
     data_dir: PathBuf,
+    /// Keep the world in this database instead (`postgres://…` for
+    /// CockroachDB or PostgreSQL, `memory:` for a world lost at exit).
+    #[arg(long, env = "PS_DATABASE_URL", hide_env_values = true)]
+    database_url: Option<String>,
     /// The coordinator's HTTP port on 127.0.0.1.
     #[arg(long, default_value_t = 8080)]
     http_port: u16,
@@ -165,6 +170,10 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
                     "--grpc-addr=127.0.0.1:0".into(),
                     format!("--walk-speed={}", args.walk_speed),
                     format!("--ports-file={}", ports.display()),
+                    match &args.database_url {
+                        Some(url) => format!("--database-url={url}"),
+                        None => format!("--data-dir={}", args.data_dir.join("world").display()),
+                    },
                 ],
                 &log,
             )?;
