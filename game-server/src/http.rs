@@ -4,6 +4,7 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
+use axum::extract::Path;
 use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -79,6 +80,7 @@ pub fn router(state: LocalState) -> Router {
         .route("/ready", get(ready))
         .route("/v1/status", get(|State(s): State<LocalState>| async move { Json(s.status()) }))
         .route("/v1/props", axum::routing::post(spawn_props))
+        .route("/v1/chunks/{x}/{y}/{z}", get(inspect_chunk))
         .with_state(state)
 }
 
@@ -98,13 +100,8 @@ async fn spawn_props(
     headers: axum::http::HeaderMap,
     body: Result<Json<SpawnPropsRequest>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
-    let Some(expected) = &s.admin_token else {
-        return error(StatusCode::FORBIDDEN, "the admin API is disabled: set PS_ADMIN_TOKEN");
-    };
-    let presented =
-        headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
-    if !presented.is_some_and(|p| constant_time_eq(p.as_bytes(), expected.as_bytes())) {
-        return error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
+    if let Err(refused) = admin(&s, &headers) {
+        return refused;
     }
     let Json(req) = match body {
         Ok(b) => b,
@@ -118,6 +115,42 @@ async fn spawn_props(
     match rx.await {
         Ok(Ok(ids)) => Json(serde_json::json!({ "ids": ids.iter().map(|i| i.0).collect::<Vec<_>>() })).into_response(),
         Ok(Err(e)) => error(StatusCode::UNPROCESSABLE_ENTITY, e),
+        Err(_) => error(StatusCode::SERVICE_UNAVAILABLE, "the simulation stopped"),
+    }
+}
+
+/// Checks the admin bearer token.
+fn admin(s: &LocalState, headers: &axum::http::HeaderMap) -> Result<(), Response> {
+    let Some(expected) = &s.admin_token else {
+        return Err(error(StatusCode::FORBIDDEN, "the admin API is disabled: set PS_ADMIN_TOKEN"));
+    };
+    let presented =
+        headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    if !presented.is_some_and(|p| constant_time_eq(p.as_bytes(), expected.as_bytes())) {
+        return Err(error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token"));
+    }
+    Ok(())
+}
+
+/// What the server holds of one chunk (admin): whether it is loaded, a
+/// SHA-256 of its voxels (one material byte per voxel, x fastest), and how
+/// many edits of it are not yet durable. Equal digests, equal chunks.
+async fn inspect_chunk(
+    State(s): State<LocalState>,
+    headers: axum::http::HeaderMap,
+    Path((x, y, z)): Path<(i32, i32, i32)>,
+) -> Response {
+    if let Err(refused) = admin(&s, &headers) {
+        return refused;
+    }
+    let (reply, rx) = tokio::sync::oneshot::channel();
+    let key = shared::chunk::ChunkKey { x, y, z };
+    let msg = crate::sim::messages::SimIn::InspectChunk { key, reply };
+    if s.sim.send_timeout(msg, std::time::Duration::from_secs(2)).await.is_err() {
+        return error(StatusCode::SERVICE_UNAVAILABLE, "the simulation is busy");
+    }
+    match rx.await {
+        Ok(info) => Json(info).into_response(),
         Err(_) => error(StatusCode::SERVICE_UNAVAILABLE, "the simulation stopped"),
     }
 }

@@ -29,7 +29,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tracing::{info, warn};
 
 pub use config::Config;
 
@@ -132,6 +132,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
         physics_origin: physics_origin(&reg.map.tree),
     };
     let writer_watch = world_parts.writer.clone();
+    let writer_at_exit = world_parts.writer.clone();
     let sim_thread = sim::spawn(
         sim::SimParts {
             config: sim::components::SimConfig {
@@ -255,6 +256,14 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
             .await;
     tasks.abort_all();
     tokio::task::spawn_blocking(move || sim_thread.join()).await.ok();
+    // Applied edits still queued are written before the process ends (an
+    // outage longer than this loses them; none of them was acknowledged).
+    let pending = writer_at_exit.queued();
+    let written =
+        tokio::task::spawn_blocking(move || writer_at_exit.wait_finished(std::time::Duration::from_secs(15))).await;
+    if !matches!(written, Ok(true)) {
+        warn!(pending, "stopped before the world store took every queued edit");
+    }
     info!("game server stopped");
     Ok(exit)
 }

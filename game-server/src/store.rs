@@ -106,6 +106,8 @@ pub struct WriterStats {
     pub in_flight_deltas: AtomicU64,
     /// Duration of the newest successful flush, microseconds.
     pub last_flush_us: AtomicU64,
+    /// Set when the writer has written everything and stopped.
+    pub finished: AtomicBool,
 }
 
 /// The tick thread's end of the writer: `try_send` batches, read how far
@@ -131,6 +133,21 @@ impl WriterHandle {
 
     pub fn durable_upto(&self) -> u64 {
         self.durable.load(Ordering::Acquire)
+    }
+
+    /// Waits (blocking, up to `limit`) for the writer to finish once every
+    /// other handle is gone; returns whether it did. Consumes this handle.
+    pub fn wait_finished(self, limit: Duration) -> bool {
+        let stats = self.stats.clone();
+        drop(self);
+        let deadline = Instant::now() + limit;
+        while !stats.finished.load(Ordering::Acquire) {
+            if Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        true
     }
 }
 
@@ -180,6 +197,7 @@ pub fn spawn_writer(store: WorldStore, writer_id: u64) -> std::io::Result<Writer
             }
             compact_busy_chunks(&store, &mut rows_since_compaction, &st);
         }
+        st.finished.store(true, Ordering::Release);
     })?;
     Ok(WriterHandle { tx, durable, stats })
 }

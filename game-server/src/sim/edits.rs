@@ -276,6 +276,19 @@ pub fn world_edits(world: &mut World) {
     });
 }
 
+/// At shutdown: gives the writer every batch still waiting for room in its
+/// queue (blocking), so a clean stop writes every applied edit.
+pub fn hand_over_backlog(world: &mut World) {
+    let mut edits = world.resource_mut::<Edits>();
+    let writer = edits.writer.tx.clone();
+    for b in edits.backlog.drain(..) {
+        if writer.blocking_send(b).is_err() {
+            warn!("edit writer gone at shutdown; unwritten edits were never acknowledged");
+            break;
+        }
+    }
+}
+
 fn flush_backlog(world: &mut World) {
     let mut edits = world.resource_mut::<Edits>();
     while let Some(b) = edits.backlog.pop_front() {

@@ -80,6 +80,16 @@ pub struct HandoffState {
 }
 
 /// I/O threads → tick thread.
+/// The answer to [`SimIn::InspectChunk`].
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ChunkInfo {
+    pub loaded: bool,
+    /// SHA-256 (hex) of the voxels, one material byte each, index order.
+    pub digest: Option<String>,
+    /// Solid voxels.
+    pub solid: u32,
+}
+
 #[derive(Debug)]
 pub enum SimIn {
     Joined {
@@ -107,6 +117,11 @@ pub enum SimIn {
     SpawnProps {
         props: Vec<PropSpawn>,
         reply: oneshot::Sender<Result<Vec<EntityId>, String>>,
+    },
+    /// An admin asks what the server holds of a chunk.
+    InspectChunk {
+        key: shared::chunk::ChunkKey,
+        reply: oneshot::Sender<ChunkInfo>,
     },
     Map(Arc<MapView>),
     TransferCommitted {

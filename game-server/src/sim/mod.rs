@@ -209,6 +209,7 @@ fn run(parts: SimParts, stop: &AtomicBool) {
             tick += 1;
         }
     }
+    edits::hand_over_backlog(&mut world);
     info!(last_tick = last, "tick thread stopped");
 }
 

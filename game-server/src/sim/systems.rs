@@ -76,6 +76,9 @@ pub fn ingest(world: &mut World) {
             SimIn::SpawnProps { props, reply } => {
                 let _ = reply.send(spawn_props(world, &props));
             }
+            SimIn::InspectChunk { key, reply } => {
+                let _ = reply.send(world.resource::<super::terrain::Terrain>().inspect(key));
+            }
             SimIn::Map(map) => {
                 world.resource_mut::<Map>().0 = map;
                 revalidate_authority(world);

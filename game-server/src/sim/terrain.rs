@@ -517,6 +517,26 @@ fn thaw(terrain: &mut Terrain, physics: &mut Physics, key: ChunkKey) {
     }
 }
 
+impl Terrain {
+    /// What is loaded of `key`, with a digest of its voxels.
+    pub fn inspect(&self, key: ChunkKey) -> super::messages::ChunkInfo {
+        let Some(c) = self.chunks.get(&key) else {
+            return super::messages::ChunkInfo { loaded: false, digest: None, solid: 0 };
+        };
+        let n = (self.layout.chunk_voxels as usize).pow(3);
+        let solid = (0..n).filter(|i| c.voxels.get(*i).is_solid()).count() as u32;
+        super::messages::ChunkInfo { loaded: true, digest: Some(voxel_digest(&c.voxels, &self.layout)), solid }
+    }
+}
+
+/// The digest [`Terrain::inspect`] gives for `voxels` (tests compare them).
+pub fn voxel_digest(voxels: &ChunkVoxels, layout: &ChunkLayout) -> String {
+    use sha2::Digest;
+    let n = (layout.chunk_voxels as usize).pow(3);
+    let bytes: Vec<u8> = (0..n).map(|i| voxels.get(i) as u8).collect();
+    hex::encode(sha2::Sha256::digest(&bytes))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
