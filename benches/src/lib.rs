@@ -5,6 +5,8 @@
 //! scenario runner. Everything is seeded: the same arguments build the same
 //! world and play the same inputs.
 
+pub mod persist;
+
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};

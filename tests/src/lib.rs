@@ -1,6 +1,9 @@
 //! Helpers for the multi-process tests: build and start the real binaries on
 //! 127.0.0.1 with port 0, read their ports files, stop them with SIGTERM.
 
+pub mod player;
+pub mod proxy;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
@@ -130,29 +133,36 @@ impl Mesh {
         let c = wait_ports(&ports, &mut coordinator)?;
         let http = c["http"].as_str().context("http")?.to_owned();
         let grpc = c["grpc"].as_str().context("grpc")?.to_owned();
-        let mut servers = Vec::new();
+        let mut mesh = Self { dir, coordinator, http, grpc, servers: Vec::new() };
         for i in 1..=n {
-            let name = format!("gs-{i}");
-            let ports = dir.path().join(format!("{name}.json"));
-            let mut args = vec![
-                format!("--name={name}"),
-                format!("--coordinator=http://{grpc}"),
-                "--quic-addr=127.0.0.1:0".into(),
-                "--query-addr=127.0.0.1:0".into(),
-                "--http-addr=127.0.0.1:0".into(),
-                "--metrics-addr=127.0.0.1:0".into(),
-                "--grpc-addr=127.0.0.1:0".into(),
-                format!("--ports-file={}", ports.display()),
-                format!("--authority-log={}", dir.path().join(format!("{name}.authority.jsonl")).display()),
-                // One world for the mesh, as `meshctl up` does.
-                format!("--data-dir={}", dir.path().join("world").display()),
-            ];
-            args.extend(server_args.iter().map(|s| (*s).to_owned()));
-            let mut p = Proc::start(&name, "game-server", &args, dir.path())?;
-            let v = wait_ports(&ports, &mut p)?;
-            servers.push((p, v));
+            mesh.start_server(&format!("gs-{i}"), server_args)?;
         }
-        Ok(Self { dir, coordinator, http, grpc, servers })
+        Ok(mesh)
+    }
+
+    /// Starts one more game server; returns its index in `servers`.
+    pub fn start_server(&mut self, name: &str, server_args: &[&str]) -> anyhow::Result<usize> {
+        let dir = self.dir.path();
+        let ports = dir.join(format!("{name}.json"));
+        let _ = std::fs::remove_file(&ports);
+        let mut args = vec![
+            format!("--name={name}"),
+            format!("--coordinator=http://{}", self.grpc),
+            "--quic-addr=127.0.0.1:0".into(),
+            "--query-addr=127.0.0.1:0".into(),
+            "--http-addr=127.0.0.1:0".into(),
+            "--metrics-addr=127.0.0.1:0".into(),
+            "--grpc-addr=127.0.0.1:0".into(),
+            format!("--ports-file={}", ports.display()),
+            format!("--authority-log={}", dir.join(format!("{name}.authority.jsonl")).display()),
+            // One world for the mesh, as `meshctl up` does.
+            format!("--data-dir={}", dir.join("world").display()),
+        ];
+        args.extend(server_args.iter().map(|s| (*s).to_owned()));
+        let mut p = Proc::start(name, "game-server", &args, dir)?;
+        let v = wait_ports(&ports, &mut p)?;
+        self.servers.push((p, v));
+        Ok(self.servers.len() - 1)
     }
 
     pub fn get(&self, path: &str) -> anyhow::Result<Value> {

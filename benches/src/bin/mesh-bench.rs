@@ -36,10 +36,35 @@ enum Cmd {
         #[arg(long)]
         unpaced: bool,
     },
+    /// World edits from game-server writers to the store.
+    Persist {
+        /// `postgres://…`, `sqlite:PATH` or `memory:`.
+        #[arg(long, env = "PS_DATABASE_URL")]
+        database_url: String,
+        #[arg(long, default_value_t = 30.0)]
+        seconds: f64,
+        /// Edits a second, all servers together.
+        #[arg(long, default_value_t = 20_000)]
+        rate: u32,
+        /// Game servers (each its own writer thread and connection pool).
+        #[arg(long, default_value_t = 4)]
+        servers: usize,
+        /// Voxels one edit changes.
+        #[arg(long, default_value_t = 8)]
+        voxels_per_edit: u32,
+        /// Chunks each server's edits spread over.
+        #[arg(long, default_value_t = 256)]
+        chunks: u32,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().cmd {
+        Cmd::Persist { database_url, seconds, rate, servers, voxels_per_edit, chunks } => {
+            let cfg =
+                benches::persist::PersistConfig { url: database_url, seconds, rate, servers, voxels_per_edit, chunks };
+            println!("{}", benches::persist::run(&cfg)?);
+        }
         Cmd::Sim { players, bodies, seconds, seed, chunk_workers, unpaced } => {
             anyhow::ensure!(seconds > 0.0 && seconds <= 3600.0, "seconds must be in (0, 3600]");
             let setup = Instant::now();
