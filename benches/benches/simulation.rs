@@ -24,7 +24,7 @@ fn terrain(c: &mut Criterion) {
     let g = TerrainGen::new(1, ChunkLayout::default());
     let surface = ChunkKey { x: 10, y: 2, z: 10 };
     c.bench_function("chunk/generate surface 32³", |b| b.iter(|| g.generate(black_box(surface))));
-    let store = game_server::store::MemoryDeltaStore::new();
+    let store = game_server::store::memory_world_store(&g.layout);
     c.bench_function("chunk/generate + collider 32³", |b| {
         b.iter(|| game_server::sim::terrain::build_chunk(&g, &store, black_box(surface)))
     });

@@ -8,7 +8,6 @@
 //! not all there. Latency is from the tick that made the edit to the moment
 //! the writer reported it durable (observed by a thread polling every 0.5 ms).
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;

@@ -100,7 +100,7 @@ async fn spawn_props(
     headers: axum::http::HeaderMap,
     body: Result<Json<SpawnPropsRequest>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
-    if let Err(refused) = admin(&s, &headers) {
+    if let Some(refused) = admin_refusal(&s, &headers) {
         return refused;
     }
     let Json(req) = match body {
@@ -119,17 +119,17 @@ async fn spawn_props(
     }
 }
 
-/// Checks the admin bearer token.
-fn admin(s: &LocalState, headers: &axum::http::HeaderMap) -> Result<(), Response> {
+/// Checks the admin bearer token: `Some(refusal)` when it does not pass.
+fn admin_refusal(s: &LocalState, headers: &axum::http::HeaderMap) -> Option<Response> {
     let Some(expected) = &s.admin_token else {
-        return Err(error(StatusCode::FORBIDDEN, "the admin API is disabled: set PS_ADMIN_TOKEN"));
+        return Some(error(StatusCode::FORBIDDEN, "the admin API is disabled: set PS_ADMIN_TOKEN"));
     };
     let presented =
         headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
     if !presented.is_some_and(|p| constant_time_eq(p.as_bytes(), expected.as_bytes())) {
-        return Err(error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token"));
+        return Some(error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token"));
     }
-    Ok(())
+    None
 }
 
 /// What the server holds of one chunk (admin): whether it is loaded, a
@@ -140,7 +140,7 @@ async fn inspect_chunk(
     headers: axum::http::HeaderMap,
     Path((x, y, z)): Path<(i32, i32, i32)>,
 ) -> Response {
-    if let Err(refused) = admin(&s, &headers) {
+    if let Some(refused) = admin_refusal(&s, &headers) {
         return refused;
     }
     let (reply, rx) = tokio::sync::oneshot::channel();

@@ -27,8 +27,8 @@ use tracing::{error, info, warn};
 
 /// Rows a chunk may gather before the writer compacts it.
 pub const COMPACT_AFTER_ROWS: usize = 32;
-/// Compactions the writer runs after one flush, at most.
-const COMPACTIONS_PER_FLUSH: usize = 4;
+/// Chunks waiting for the compactor, at most (more wait for their next rows).
+const COMPACTOR_QUEUE: usize = 1024;
 /// Deltas the writer puts in one transaction, at most (more wait for the next).
 pub const MAX_FLUSH_DELTAS: usize = 200_000;
 
@@ -157,13 +157,14 @@ pub const WRITER_QUEUE: usize = 256;
 /// Starts the writer thread. It appends what is queued in one transaction
 /// (one row per chunk), retrying with backoff while the store fails; nothing
 /// is dropped. Chunks that gathered [`COMPACT_AFTER_ROWS`] rows are compacted
-/// after a flush. `writer_id` must be unique to this process (a random id).
+/// in the background. `writer_id` must be unique to this process (a random id).
 /// The thread ends when every `WriterHandle` is gone and its queue is written.
 pub fn spawn_writer(store: WorldStore, writer_id: u64) -> std::io::Result<WriterHandle> {
     let (tx, mut rx) = mpsc::channel::<DeltaBatch>(WRITER_QUEUE);
     let durable = Arc::new(AtomicU64::new(0));
     let stats = Arc::new(WriterStats { store_up: AtomicBool::new(true), ..Default::default() });
     let (done, st) = (durable.clone(), stats.clone());
+    let compactor = spawn_compactor(&store, stats.clone());
     std::thread::Builder::new().name("edit-writer".into()).spawn(move || {
         let mut seq = 0u64;
         let mut rows_since_compaction: HashMap<ChunkKey, usize> = HashMap::new();
@@ -195,7 +196,7 @@ pub fn spawn_writer(store: WorldStore, writer_id: u64) -> std::io::Result<Writer
             for c in chunks {
                 *rows_since_compaction.entry(c).or_default() += 1;
             }
-            compact_busy_chunks(&store, &mut rows_since_compaction, &st);
+            compact_busy_chunks(&mut rows_since_compaction, &compactor);
         }
         st.finished.store(true, Ordering::Release);
     })?;
@@ -240,22 +241,36 @@ fn write_durably(store: &WorldStore, writer_id: u64, seq: u64, batches: &[TickDe
     }
 }
 
-fn compact_busy_chunks(store: &WorldStore, rows: &mut HashMap<ChunkKey, usize>, st: &WriterStats) {
-    let mut busy: Vec<(usize, ChunkKey)> =
-        rows.iter().filter(|(_, n)| **n >= COMPACT_AFTER_ROWS).map(|(c, n)| (*n, *c)).collect();
-    busy.sort_unstable_by(|a, b| b.cmp(a));
-    for (_, c) in busy.into_iter().take(COMPACTIONS_PER_FLUSH) {
-        match store.rt.block_on(store.store.compact_chunk(c)) {
-            Ok(_) => {
-                rows.remove(&c);
-                st.compactions.fetch_add(1, Ordering::Relaxed);
-            }
-            Err(e) => {
-                st.compaction_failures.fetch_add(1, Ordering::Relaxed);
-                warn!(chunk = ?c, error = %e, "compacting a chunk failed; will try again");
-            }
+/// Hands chunks that gathered [`COMPACT_AFTER_ROWS`] rows to the compactor
+/// (one task on the runtime, off the writer's path: flushes never wait for
+/// a compaction).
+fn compact_busy_chunks(rows: &mut HashMap<ChunkKey, usize>, compactor: &mpsc::Sender<ChunkKey>) {
+    for (c, n) in rows.iter_mut() {
+        if *n >= COMPACT_AFTER_ROWS && compactor.try_send(*c).is_ok() {
+            *n = 0;
         }
     }
+    rows.retain(|_, n| *n > 0);
+}
+
+/// Compacts the chunks it is sent, one at a time.
+fn spawn_compactor(store: &WorldStore, st: Arc<WriterStats>) -> mpsc::Sender<ChunkKey> {
+    let (tx, mut rx) = mpsc::channel::<ChunkKey>(COMPACTOR_QUEUE);
+    let s = store.store.clone();
+    store.rt.spawn(async move {
+        while let Some(c) = rx.recv().await {
+            match s.compact_chunk(c).await {
+                Ok(_) => {
+                    st.compactions.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    st.compaction_failures.fetch_add(1, Ordering::Relaxed);
+                    warn!(chunk = ?c, error = %e, "compacting a chunk failed; it will be tried again later");
+                }
+            }
+        }
+    });
+    tx
 }
 
 #[cfg(test)]
@@ -270,7 +285,7 @@ mod tests {
 
     #[test]
     fn writer_retries_until_durable_and_keeps_order() {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().expect("runtime");
         let store = Arc::new(MemoryStore::new(32 * 32 * 32));
         store.set_unavailable(true);
         let ws = WorldStore::new(store.clone(), rt.handle().clone());
@@ -298,7 +313,7 @@ mod tests {
 
     #[test]
     fn busy_chunks_are_compacted_and_read_the_same() {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().expect("runtime");
         let store = Arc::new(MemoryStore::new(32 * 32 * 32));
         let ws = WorldStore::new(store.clone(), rt.handle().clone());
         let w = spawn_writer(ws.clone(), 3).expect("writer starts");
@@ -312,7 +327,12 @@ mod tests {
                 std::thread::sleep(Duration::from_millis(1));
             }
         }
-        assert!(w.stats.compactions.load(Ordering::Relaxed) >= 1);
+        // The compactor runs beside the writer.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while w.stats.compactions.load(Ordering::Relaxed) < 1 {
+            assert!(Instant::now() < deadline, "no compaction");
+            std::thread::sleep(Duration::from_millis(5));
+        }
         let read = rt.block_on(store.chunk_deltas(ChunkKey { x: 0, y: 0, z: 0 })).expect("read");
         assert!(read.rows < COMPACT_AFTER_ROWS, "{} rows after compaction", read.rows);
         let last: HashMap<u32, Material> = read.deltas.iter().map(|d| (d.index, d.material)).collect();

@@ -319,22 +319,21 @@ fn a_database_outage_during_play_loses_nothing_acknowledged() {
     let (at, ops) = dig_site(DVec3::new(900.5, 0.0, 300.5), 7.0, 12, 30);
     let acked = Arc::new(Mutex::new(Vec::new()));
     let (mut up_seen_down, mut held_max) = (false, 0.0f64);
-    let task = rt.block_on(async {
-        let player = join(&p, 300, at).await;
-        // Slow enough that most edits are made during the outage.
-        let t = tokio::spawn(play(
-            player,
-            ops.clone(),
-            Duration::from_millis(250),
-            Instant::now() + Duration::from_secs(60),
-            acked.clone(),
-        ));
+    let player = rt.block_on(join(&p, 300, at));
+    // Slow enough that most edits are made during the outage.
+    let task = rt.spawn(play(
+        player,
+        ops.clone(),
+        Duration::from_millis(250),
+        Instant::now() + Duration::from_secs(60),
+        acked.clone(),
+    ));
+    rt.block_on(async {
         let deadline = Instant::now() + Duration::from_secs(20);
         while acked.lock().expect("lock").len() < 3 {
-            assert!(!t.is_finished() && Instant::now() < deadline, "the player stopped before the outage");
+            assert!(!task.is_finished() && Instant::now() < deadline, "the player stopped before the outage");
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        t
     });
     proxy.set_down(true);
     let outage = Instant::now();
@@ -347,7 +346,7 @@ fn a_database_outage_during_play_loses_nothing_acknowledged() {
     }
     let acked_during = acked.lock().expect("lock").len() - acked_at_outage;
     proxy.set_down(false);
-    rt.block_on(async { task.await.expect("the player saw no unexpected refusal") });
+    rt.block_on(task).expect("the player saw no unexpected refusal");
     let acked = acked.lock().expect("lock").clone();
     eprintln!(
         "outage: {acked_during} acknowledged during it (flushes in flight at its start), up to {held_max} edits held, \
