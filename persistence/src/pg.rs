@@ -131,7 +131,11 @@ impl PgStore {
                 ))
             })?
             .map_err(|e| {
-                StoreError::Unavailable(format!("database {shown} unreachable: {}", StoreError::from(Attempt::from(e))))
+                let why = match StoreError::from(Attempt::from(e)) {
+                    StoreError::Unavailable(why) => why,
+                    other => other.to_string(),
+                };
+                StoreError::Unavailable(format!("database {shown} unreachable: {why}"))
             })?;
         drop(client);
         let version = if config.migrate { store.migrate().await? } else { store.schema_version().await? };

@@ -34,6 +34,21 @@ enum Command {
         #[arg(long, default_value_t = 20)]
         limit: usize,
     },
+    /// Apply pending schema migrations to the world store (game servers also
+    /// apply them at start-up). A database migrated by a newer build is
+    /// refused untouched.
+    Migrate {
+        /// `postgres://…` (CockroachDB or PostgreSQL); unset: the embedded
+        /// store under --data-dir.
+        #[arg(long, env = "PS_DATABASE_URL", hide_env_values = true)]
+        database_url: Option<String>,
+        /// Directory of the embedded store.
+        #[arg(long, env = "PS_DATA_DIR", default_value = ".mesh-data/world")]
+        data_dir: std::path::PathBuf,
+        /// Only check the schema is current; change nothing.
+        #[arg(long)]
+        check: bool,
+    },
 }
 
 #[tokio::main]
@@ -42,6 +57,19 @@ async fn main() -> anyhow::Result<()> {
     let base = cli.coordinator.trim_end_matches('/').to_owned();
     match cli.command {
         Command::Up(args) => up::run(args).await,
+        Command::Migrate { database_url, data_dir, check } => {
+            let url = database_url.unwrap_or_else(|| persistence::embedded_url(&data_dir));
+            let store = persistence::open(&persistence::StoreConfig { url: url.clone(), migrate: !check, ..Default::default() })
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            let version = persistence::migrations::LATEST;
+            if cli.json {
+                println!("{}", serde_json::json!({ "backend": store.backend(), "schema_version": version, "checked_only": check }));
+            } else {
+                println!("{} store {} is at schema version {version}", store.backend(), persistence::redact(&url));
+            }
+            Ok(())
+        }
         Command::Status => show(&base, "/v1/status", cli.json, |v| {
             let keys = ["ready", "servers_alive", "servers_total", "regions", "regions_owned", "players", "transfers_total", "tick_p99_ms_max", "map_version"];
             keys.iter().map(|k| format!("{k:<16} {}", v[*k])).collect::<Vec<_>>().join("\n")
