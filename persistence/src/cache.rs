@@ -1,1 +1,342 @@
-//! Redis (filled in below).
+//! Redis: the session cache, the player → server directory, rate-limit
+//! counters, leaderboards and cross-server world events (pub/sub).
+//!
+//! Redis is never the only copy of anything and never a reason to fail: when
+//! it is unreachable (or answers slowly, past 500 ms), every call degrades —
+//! sessions and directory lookups miss (callers fall back to the database or
+//! the coordinator), rate limits are counted in this process, leaderboard
+//! writes are dropped, events are not delivered — and `degraded` counts it
+//! per operation. A value of the wrong type or shape is an error naming the
+//! key, and is left as it is.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use redis::AsyncCommands;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use serde::{Deserialize, Serialize};
+use tracing::warn;
+
+/// A logged-in player's session, as cached.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Session {
+    pub player: u64,
+    pub account: String,
+    /// Seconds since the Unix epoch.
+    pub expires_unix: u64,
+}
+
+/// A cross-server world event (chat, server notices).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum WorldEvent {
+    Chat { from: u64, text: String },
+    Notice { text: String },
+}
+
+/// Why a cached value could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    #[error("redis key {key} holds a value of the wrong type or shape: {reason}")]
+    WrongValue { key: String, reason: String },
+}
+
+/// Operations, for the `degraded` counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Op {
+    Session,
+    Directory,
+    RateLimit,
+    Leaderboard,
+    Events,
+}
+
+impl Op {
+    pub const ALL: [Op; 5] = [Op::Session, Op::Directory, Op::RateLimit, Op::Leaderboard, Op::Events];
+
+    /// Stable metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Op::Session => "session",
+            Op::Directory => "directory",
+            Op::RateLimit => "rate_limit",
+            Op::Leaderboard => "leaderboard",
+            Op::Events => "events",
+        }
+    }
+}
+
+/// How Redis is doing, for metrics.
+#[derive(Debug, Default)]
+pub struct CacheStats {
+    pub up: AtomicBool,
+    degraded: [AtomicU64; 5],
+}
+
+impl CacheStats {
+    /// Calls served without Redis, for `op`.
+    pub fn degraded(&self, op: Op) -> u64 {
+        self.degraded[op as usize].load(Ordering::Relaxed)
+    }
+}
+
+const TIMEOUT: Duration = Duration::from_millis(500);
+const RECONNECT_EVERY: Duration = Duration::from_secs(2);
+
+#[derive(Debug)]
+pub struct Cache {
+    client: Option<redis::Client>,
+    /// Prefix of every key and channel (one Redis can serve several meshes).
+    ns: String,
+    conn: tokio::sync::Mutex<(Option<ConnectionManager>, Option<Instant>)>,
+    local_limits: Mutex<HashMap<String, (Instant, u64)>>,
+    pub stats: CacheStats,
+}
+
+impl Cache {
+    /// A cache on `url` (`redis://…`), or none at all with `None`: every
+    /// call then degrades. Never fails: an unreachable Redis is retried
+    /// every 2 s from the calls that need it.
+    pub fn new(url: Option<&str>, namespace: &str) -> Result<Self, String> {
+        let client = url.map(redis::Client::open).transpose().map_err(|e| format!("redis URL: {e}"))?;
+        Ok(Self {
+            client,
+            ns: namespace.to_owned(),
+            conn: tokio::sync::Mutex::new((None, None)),
+            local_limits: Mutex::new(HashMap::new()),
+            stats: CacheStats::default(),
+        })
+    }
+
+    /// The prefix of every key and channel of this cache.
+    pub fn namespace(&self) -> &str {
+        &self.ns
+    }
+
+    fn key(&self, parts: &[&str]) -> String {
+        let mut k = self.ns.clone();
+        for p in parts {
+            k.push(':');
+            k.push_str(p);
+        }
+        k
+    }
+
+    async fn connection(&self) -> Option<ConnectionManager> {
+        let client = self.client.as_ref()?;
+        let mut g = self.conn.lock().await;
+        if let Some(c) = &g.0 {
+            return Some(c.clone());
+        }
+        if g.1.is_some_and(|t| t.elapsed() < RECONNECT_EVERY) {
+            return None;
+        }
+        g.1 = Some(Instant::now());
+        let cfg = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(TIMEOUT))
+            .set_response_timeout(Some(TIMEOUT))
+            .set_number_of_retries(1);
+        match tokio::time::timeout(TIMEOUT * 2, ConnectionManager::new_with_config(client.clone(), cfg)).await {
+            Ok(Ok(c)) => {
+                g.0 = Some(c.clone());
+                Some(c)
+            }
+            Ok(Err(e)) => {
+                warn!(error = %e, "redis unreachable; degrading");
+                None
+            }
+            Err(_) => {
+                warn!("redis did not answer; degrading");
+                None
+            }
+        }
+    }
+
+    /// Runs `f` on Redis; `None` (counted as degraded) when Redis is down.
+    async fn run<T, F, Fut>(&self, op: Op, f: F) -> Option<T>
+    where
+        F: FnOnce(ConnectionManager) -> Fut,
+        Fut: std::future::Future<Output = redis::RedisResult<T>>,
+    {
+        let out = match self.connection().await {
+            Some(c) => match tokio::time::timeout(TIMEOUT, f(c)).await {
+                Ok(Ok(v)) => Some(v),
+                Ok(Err(e))
+                    if !(e.is_io_error()
+                        || e.is_timeout()
+                        || e.is_connection_refusal()
+                        || e.is_connection_dropped()) =>
+                {
+                    // Redis answered: the value is of the wrong type (or
+                    // the command wrong). Callers see a miss; nothing is
+                    // overwritten.
+                    warn!(op = op.label(), error = %e, "redis refused the command (wrong value type?); left as it is");
+                    self.stats.up.store(true, Ordering::Relaxed);
+                    return None;
+                }
+                Ok(Err(_)) | Err(_) => None,
+            },
+            None => None,
+        };
+        self.stats.up.store(out.is_some(), Ordering::Relaxed);
+        if out.is_none() {
+            self.stats.degraded[op as usize].fetch_add(1, Ordering::Relaxed);
+        }
+        out
+    }
+
+    // ---- sessions ----
+
+    pub async fn put_session(&self, token: &str, s: &Session, ttl: Duration) {
+        let (key, val) = (self.key(&["session", token]), serde_json::to_string(s).unwrap_or_default());
+        let secs = ttl.as_secs().max(1);
+        self.run(Op::Session, |mut c| async move { c.set_ex::<_, _, ()>(key, val, secs).await }).await;
+    }
+
+    /// The cached session, `Ok(None)` on a miss or when Redis is down.
+    pub async fn session(&self, token: &str) -> Result<Option<Session>, CacheError> {
+        let key = self.key(&["session", token]);
+        let k = key.clone();
+        let raw: Option<Option<String>> = self.run(Op::Session, |mut c| async move { c.get(k).await }).await;
+        match raw.flatten() {
+            None => Ok(None),
+            Some(v) => {
+                serde_json::from_str(&v).map(Some).map_err(|e| CacheError::WrongValue { key, reason: e.to_string() })
+            }
+        }
+    }
+
+    pub async fn drop_session(&self, token: &str) {
+        let key = self.key(&["session", token]);
+        self.run(Op::Session, |mut c| async move { c.del::<_, ()>(key).await }).await;
+    }
+
+    // ---- player → server directory ----
+
+    pub async fn set_location(&self, player: u64, server: u32) {
+        let key = self.key(&["where", &player.to_string()]);
+        self.run(Op::Directory, |mut c| async move { c.set_ex::<_, _, ()>(key, server, 3600).await }).await;
+    }
+
+    /// The server the player was last seen on; `Ok(None)` on a miss or when Redis is down.
+    pub async fn location(&self, player: u64) -> Result<Option<u32>, CacheError> {
+        let key = self.key(&["where", &player.to_string()]);
+        let k = key.clone();
+        let raw: Option<Option<String>> = self.run(Op::Directory, |mut c| async move { c.get(k).await }).await;
+        match raw.flatten() {
+            None => Ok(None),
+            Some(v) => v.parse().map(Some).map_err(|e| CacheError::WrongValue { key, reason: format!("{v:?}: {e}") }),
+        }
+    }
+
+    // ---- rate limits ----
+
+    /// Counts one event against `limit` per `window` for `subject`; whether
+    /// it is allowed. Fixed windows, shared by every process through Redis,
+    /// or per process while Redis is down.
+    pub async fn allow(&self, subject: &str, limit: u64, window: Duration) -> bool {
+        let secs = window.as_secs().max(1);
+        let slot = crate::migrations::now_unix_ms() as u64 / 1000 / secs;
+        let key = self.key(&["rate", subject, &slot.to_string()]);
+        let k = key.clone();
+        let counted = self
+            .run(Op::RateLimit, |mut c| async move {
+                let (n,): (u64,) = redis::pipe()
+                    .atomic()
+                    .incr(&k, 1u64)
+                    .expire(&k, secs as i64 + 1)
+                    .ignore()
+                    .query_async(&mut c)
+                    .await?;
+                Ok(n)
+            })
+            .await;
+        let n = match counted {
+            Some(n) => n,
+            None => {
+                let mut local = self.local_limits.lock().unwrap_or_else(|p| p.into_inner());
+                local.retain(|_, (t, _)| t.elapsed() < window * 2);
+                let e = local.entry(key).or_insert((Instant::now(), 0));
+                e.1 += 1;
+                e.1
+            }
+        };
+        n <= limit
+    }
+
+    // ---- leaderboards ----
+
+    pub async fn add_score(&self, board: &str, player: u64, delta: f64) {
+        let key = self.key(&["board", board]);
+        self.run(Op::Leaderboard, |mut c| async move { c.zincr::<_, _, _, ()>(key, player, delta).await }).await;
+    }
+
+    /// The `n` best (player, score), best first; empty when Redis is down.
+    pub async fn top(&self, board: &str, n: usize) -> Result<Vec<(u64, f64)>, CacheError> {
+        let key = self.key(&["board", board]);
+        let k = key.clone();
+        let raw: Option<Vec<(String, f64)>> =
+            self.run(Op::Leaderboard, |mut c| async move { c.zrevrange_withscores(k, 0, n as isize - 1).await }).await;
+        raw.unwrap_or_default()
+            .into_iter()
+            .map(|(p, s)| {
+                p.parse()
+                    .map(|p| (p, s))
+                    .map_err(|e| CacheError::WrongValue { key: key.clone(), reason: format!("member {p:?}: {e}") })
+            })
+            .collect()
+    }
+
+    // ---- cross-server events ----
+
+    /// Publishes to every server subscribed; returns how many received it
+    /// (`None` when Redis is down: the event is not delivered).
+    pub async fn publish(&self, event: &WorldEvent) -> Option<u64> {
+        let (ch, msg) = (self.key(&["events"]), serde_json::to_string(event).unwrap_or_default());
+        self.run(Op::Events, |mut c| async move { c.publish(ch, msg).await }).await
+    }
+
+    /// Delivers this mesh's world events into a channel until it is closed,
+    /// resubscribing after Redis outages. Malformed messages are skipped
+    /// (and logged).
+    pub fn subscribe(self: &std::sync::Arc<Self>, buffer: usize) -> tokio::sync::mpsc::Receiver<WorldEvent> {
+        let (tx, rx) = tokio::sync::mpsc::channel(buffer);
+        let me = self.clone();
+        tokio::spawn(async move {
+            use futures::StreamExt;
+            let Some(client) = me.client.clone() else { return };
+            let channel = me.key(&["events"]);
+            while !tx.is_closed() {
+                let pubsub = tokio::time::timeout(TIMEOUT * 2, client.get_async_pubsub()).await;
+                let Ok(Ok(mut pubsub)) = pubsub else {
+                    me.stats.degraded[Op::Events as usize].fetch_add(1, Ordering::Relaxed);
+                    tokio::time::sleep(RECONNECT_EVERY).await;
+                    continue;
+                };
+                if pubsub.subscribe(&channel).await.is_err() {
+                    tokio::time::sleep(RECONNECT_EVERY).await;
+                    continue;
+                }
+                let mut stream = pubsub.into_on_message();
+                loop {
+                    tokio::select! {
+                        msg = stream.next() => {
+                            let Some(msg) = msg else { break };
+                            match serde_json::from_slice::<WorldEvent>(msg.get_payload_bytes()) {
+                                Ok(e) => {
+                                    if tx.send(e).await.is_err() {
+                                        return;
+                                    }
+                                }
+                                Err(e) => warn!(channel = %channel, error = %e, "malformed world event skipped"),
+                            }
+                        }
+                        _ = tx.closed() => return,
+                    }
+                }
+            }
+        });
+        rx
+    }
+}

@@ -17,6 +17,9 @@
 //! Ordering: a chunk's delta rows apply in [`RowKey`] order: mesh tick, then
 //! writer, then the writer's sequence. Only the region's owner edits a voxel,
 //! and ownership changes at a tick, so this is the order the edits happened in.
+//! One gap: a row an old owner writes late (after a database outage longer
+//! than a handoff) is read after a snapshot that already folded the new
+//! owner's later rows of the same voxel.
 
 pub mod cache;
 pub mod embedded;
