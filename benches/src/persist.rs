@@ -31,11 +31,13 @@ const CHUNK_VOXELS: u32 = 32 * 32 * 32;
 /// Edit `i` of server `s`: its chunk and first voxel index. Edits walk the
 /// chunks round-robin, and within a chunk take consecutive voxel runs.
 fn edit_at(cfg: &PersistConfig, s: usize, i: u64) -> (ChunkKey, u32) {
-    let c = (i % u64::from(cfg.chunks)) as i32;
     let slot = (i / u64::from(cfg.chunks)) as u32;
-    // Servers far apart, chunks in a 16-wide grid.
-    let chunk = ChunkKey { x: s as i32 * 1000 + c % 16, y: 0, z: c / 16 };
-    (chunk, (slot * cfg.voxels_per_edit) % CHUNK_VOXELS)
+    (chunk_key(s, (i % u64::from(cfg.chunks)) as u32), (slot * cfg.voxels_per_edit) % CHUNK_VOXELS)
+}
+
+/// Chunk `c` of server `s`: servers far apart, chunks in a 16-wide grid.
+fn chunk_key(s: usize, c: u32) -> ChunkKey {
+    ChunkKey { x: s as i32 * 1000 + c as i32 % 16, y: 0, z: c as i32 / 16 }
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -164,7 +166,7 @@ pub fn run(cfg: &PersistConfig) -> anyhow::Result<serde_json::Value> {
         let mut present: std::collections::HashMap<ChunkKey, std::collections::HashSet<u32>> =
             std::collections::HashMap::new();
         for c in 0..cfg.chunks.min(made_per_server[s].max(1) as u32) {
-            let chunk = ChunkKey { x: s as i32 * 1000 + c as i32 % 16, y: 0, z: c as i32 / 16 };
+            let chunk = chunk_key(s, c);
             let read = rt.block_on(ws.store.chunk_deltas(chunk))?;
             rows_max = rows_max.max(read.rows);
             present

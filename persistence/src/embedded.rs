@@ -188,15 +188,11 @@ impl Store for SqliteStore {
     }
 
     async fn append_deltas(&self, writer: u64, seq: u64, batches: &[TickDeltas]) -> Result<(), StoreError> {
+        model::check_indexes(batches, self.inner.chunk_voxels)?;
         let tick = to_i64(batches.iter().map(|b| b.tick).max().unwrap_or(0));
         let groups = group_by_chunk(batches);
         if groups.is_empty() {
             return Ok(());
-        }
-        for (_, deltas) in &groups {
-            if let Some(d) = deltas.iter().find(|d| d.index >= self.inner.chunk_voxels) {
-                return Err(StoreError::Invalid(format!("voxel index {} outside a chunk", d.index)));
-            }
         }
         let rows: Vec<(ChunkKey, Vec<u8>)> = groups.into_iter().map(|(c, ds)| (c, encode_deltas(ds.iter()))).collect();
         self.with(true, move |conn, inner| {

@@ -67,11 +67,7 @@ impl Store for MemoryStore {
 
     async fn append_deltas(&self, writer: u64, seq: u64, batches: &[TickDeltas]) -> Result<(), StoreError> {
         let tick = batches.iter().map(|b| b.tick).max().unwrap_or(0);
-        for b in batches {
-            if let Some(d) = b.deltas.iter().find(|d| d.index >= self.chunk_voxels) {
-                return Err(StoreError::Invalid(format!("voxel index {} outside a chunk", d.index)));
-            }
-        }
+        model::check_indexes(batches, self.chunk_voxels)?;
         let mut inner = self.lock()?;
         for (chunk, deltas) in group_by_chunk(batches) {
             inner.rows.insert((chunk, RowKey { tick, writer, seq }), deltas);

@@ -158,6 +158,14 @@ pub fn decode_deltas(
     Ok(count)
 }
 
+/// Refuses a write holding a voxel index outside a chunk of `max_index` voxels.
+pub fn check_indexes(batches: &[TickDeltas], max_index: u32) -> Result<(), StoreError> {
+    match batches.iter().flat_map(|b| &b.deltas).find(|d| d.index >= max_index) {
+        Some(d) => Err(StoreError::Invalid(format!("voxel index {} outside a chunk", d.index))),
+        None => Ok(()),
+    }
+}
+
 /// Folds deltas into one per voxel (the last wins), sorted by index: the
 /// content of a compacted chunk snapshot.
 pub fn fold_deltas(deltas: &[VoxelDelta]) -> Vec<VoxelDelta> {

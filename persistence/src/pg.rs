@@ -384,12 +384,10 @@ impl Store for PgStore {
     }
 
     async fn append_deltas(&self, writer: u64, seq: u64, batches: &[TickDeltas]) -> Result<(), StoreError> {
+        model::check_indexes(batches, self.chunk_voxels)?;
         let tick = batches.iter().map(|b| b.tick).max().unwrap_or(0);
         let mut rows = Appends::default();
         for (chunk, deltas) in group_by_chunk(batches) {
-            if let Some(d) = deltas.iter().find(|d| d.index >= self.chunk_voxels) {
-                return Err(StoreError::Invalid(format!("voxel index {} outside a chunk", d.index)));
-            }
             rows.cx.push(chunk.x);
             rows.cy.push(chunk.y);
             rows.cz.push(chunk.z);

@@ -295,7 +295,7 @@ fn edits_during_a_store_outage_are_held_and_acknowledged_once_written() {
     let mut parts = world_parts(generator.clone());
     parts.store = crate::store::background(memory.clone());
     parts.writer = crate::store::spawn_writer(parts.store.clone(), 5).expect("writer starts");
-    let writer = parts.writer.clone();
+    let (writer, stored) = (parts.writer.clone(), parts.store.clone());
     let mut h = Harness::with_world(1, parts);
     let mut rx = h.join(1, JoinRole::Play, DVec3::new(700.0, 0.0, 1300.0));
     h.settle();
@@ -344,15 +344,11 @@ fn edits_during_a_store_outage_are_held_and_acknowledged_once_written() {
     // And what was acknowledged is what the store holds.
     let t = h.world.resource::<Terrain>();
     for (key, chunk) in &t.chunks {
-        let deltas = h_store_deltas(&memory, *key);
+        let deltas = stored.chunk_deltas(*key).expect("memory store answers");
         let mut live = chunk.voxels.clone();
         live.compact();
         assert_eq!(rebuild(&generator, *key, &deltas), live, "chunk {key:?}");
     }
-}
-
-fn h_store_deltas(store: &Arc<persistence::memory::MemoryStore>, key: ChunkKey) -> Vec<shared::edit::VoxelDelta> {
-    crate::store::background(store.clone()).chunk_deltas(key).expect("memory store answers")
 }
 
 #[test]
