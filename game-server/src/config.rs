@@ -38,9 +38,11 @@ pub struct Config {
     /// admin endpoints answer 403.
     #[arg(long, env = "PS_ADMIN_TOKEN")]
     pub admin_token: Option<String>,
-    /// Token a client must present until login tickets exist.
-    #[arg(long, env = "PS_DEV_TOKEN", default_value = "dev")]
-    pub dev_token: String,
+    /// Development only: a hello carrying this token instead of a signed
+    /// ticket is let in as whichever player it names. Unset or empty (the
+    /// default, and in production): only tickets from the coordinator's login.
+    #[arg(long, env = "PS_DEV_TOKEN", hide_env_values = true)]
+    pub dev_token: Option<String>,
     /// TLS certificate chain (PEM) for QUIC; with `--tls-key`. Default: a
     /// self-signed certificate made at start, pinned by clients through the
     /// coordinator.
@@ -64,20 +66,8 @@ pub struct Config {
     /// Terrain within this distance of a player is kept loaded, metres.
     #[arg(long, env = "PS_CHUNK_RADIUS_M", default_value_t = 12.0)]
     pub chunk_radius_m: f64,
-    /// The world store: `postgres://…` (CockroachDB or PostgreSQL) or
-    /// `memory:` (lost at exit). Unset: the embedded store under `--data-dir`.
-    #[arg(long, env = "PS_DATABASE_URL", hide_env_values = true)]
-    pub database_url: Option<String>,
-    /// Directory of the embedded store, used when no database URL is given.
-    /// Every process of a local mesh may share it.
-    #[arg(long, env = "PS_DATA_DIR", default_value = "data")]
-    pub data_dir: PathBuf,
-    /// Database connections this server keeps.
-    #[arg(long, env = "PS_DB_POOL_SIZE", default_value_t = 16)]
-    pub db_pool_size: usize,
-    /// Give up on an unreachable database at start-up after this many seconds.
-    #[arg(long, env = "PS_DB_CONNECT_TIMEOUT_S", default_value_t = 10)]
-    pub db_connect_timeout_s: u64,
+    #[command(flatten)]
+    pub storage: persistence::StoreArgs,
     /// Give up registering with the coordinator after this many seconds.
     #[arg(long, env = "PS_REGISTER_TIMEOUT_S", default_value_t = 30)]
     pub register_timeout_s: u64,
@@ -112,18 +102,14 @@ impl Config {
             self.chunk_radius_m.is_finite() && (4.0..=256.0).contains(&self.chunk_radius_m),
             "chunk radius must be 4..=256 m"
         );
-        anyhow::ensure!(!self.dev_token.is_empty(), "the development token must not be empty");
-        anyhow::ensure!((1..=256).contains(&self.db_pool_size), "database pool size must be 1..=256");
-        anyhow::ensure!((1..=300).contains(&self.db_connect_timeout_s), "database connect timeout must be 1..=300 s");
+        anyhow::ensure!(
+            self.dev_token
+                .as_ref()
+                .is_none_or(|t| t.is_empty() || (t.len() >= 3 && !t.starts_with(shared::ticket::PREFIX))),
+            "the development token must be at least 3 bytes (empty: none) and not look like a ticket"
+        );
+        self.storage.validate().map_err(anyhow::Error::msg)?;
         Ok(())
-    }
-
-    /// The URL of the world store this configuration names.
-    pub fn store_url(&self) -> String {
-        match &self.database_url {
-            Some(u) => u.clone(),
-            None => persistence::embedded_url(&self.data_dir),
-        }
     }
 
     /// `host:port` others reach `bound` at.

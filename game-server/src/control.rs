@@ -43,6 +43,10 @@ pub struct Registration {
     pub heartbeat_every: Duration,
     pub map: Arc<MapView>,
     pub world_seed: u64,
+    /// Public keys of the coordinator's ticket signer.
+    pub ticket_keys: Vec<[u8; 32]>,
+    /// The mesh's name in shared storage.
+    pub cluster: String,
 }
 
 /// Registers with the coordinator, retrying with backoff until `timeout`.
@@ -59,12 +63,23 @@ pub async fn register(
                 let r = r.into_inner();
                 let (map, _) = map_from_pb(&r.map.unwrap_or_default());
                 anyhow::ensure!(r.tick_hz > 0, "coordinator sent a tick rate of 0");
+                let ticket_keys = r
+                    .ticket_public_keys
+                    .iter()
+                    .map(|k| <[u8; 32]>::try_from(k.as_slice()))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|_| anyhow::anyhow!("coordinator sent a ticket key that is not 32 bytes"))?;
+                if ticket_keys.is_empty() {
+                    warn!("the coordinator sent no ticket key: only development tokens can join");
+                }
                 return Ok(Registration {
                     server: ServerId(r.server_id),
                     clock: TickClock { epoch_unix_nanos: r.mesh_epoch_unix_nanos, hz: r.tick_hz },
                     heartbeat_every: Duration::from_millis(u64::from(r.heartbeat_interval_ms.max(50))),
                     map: Arc::new(map),
                     world_seed: r.world_seed,
+                    ticket_keys,
+                    cluster: r.cluster,
                 });
             }
             Err(status) if Instant::now() + backoff < deadline => {

@@ -59,15 +59,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
     config.validate()?;
     let metrics = metrics::Metrics::new();
     let layout = shared::chunk::ChunkLayout::default();
-    let store = persistence::open(&persistence::StoreConfig {
-        url: config.store_url(),
-        chunk_voxels: layout.chunk_voxels.pow(3),
-        pool_size: config.db_pool_size,
-        connect_timeout: std::time::Duration::from_secs(config.db_connect_timeout_s),
-        migrate: true,
-    })
-    .await
-    .context("opening the world store")?;
+    let store = persistence::open(&config.storage.store_config(layout.chunk_voxels.pow(3)))
+        .await
+        .context("opening the world store")?;
     info!(backend = store.backend(), "world store open");
 
     let identity = match (&config.tls_cert, &config.tls_key) {
@@ -110,6 +104,23 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
     )
     .await?;
     info!(server = %reg.server, quic = %addresses.quic, grpc = %addresses.grpc, "registered with the coordinator");
+    let dev_token = config.dev_token.clone().filter(|t| !t.is_empty());
+    if dev_token.is_some() {
+        warn!("--dev-token is set: any client holding it joins as any player (development only)");
+    }
+    let tickets = Arc::new(net::Tickets::new(
+        reg.server,
+        shared::ticket::TicketVerifier::new(reg.ticket_keys.clone()),
+        dev_token,
+    ));
+    let cache = Arc::new(
+        persistence::cache::Cache::new(config.storage.redis_url.as_deref(), &reg.cluster)
+            .map_err(anyhow::Error::msg)?,
+    );
+    metrics
+        .registry
+        .register(Box::new(persistence::cache::CacheCollector::new(cache.clone())))
+        .context("registering cache metrics")?;
 
     let (sim_tx, sim_rx) = mpsc::channel(65_536);
     let (out_tx, out_rx) = mpsc::channel(4_096);
@@ -173,7 +184,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
     }
     tasks.spawn(net::serve(
         endpoint,
-        net::NetContext::new(sim_tx.clone(), config.dev_token.clone(), metrics.clone()),
+        net::NetContext::new(sim_tx.clone(), tickets.clone(), metrics.clone(), cache.clone()),
         stop.clone(),
     ));
     tasks.spawn(control::heartbeat_loop(

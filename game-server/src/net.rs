@@ -9,8 +9,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
+use shared::ids::{PlayerId, ServerId};
+use shared::ticket::TicketVerifier;
 use shared::wire::{
-    ClientControl, Datagram, DecodeError, PROTOCOL_VERSION, ServerControl, decode_frame, encode_frame, frame_len,
+    ClientControl, Datagram, DecodeError, JoinRole, PROTOCOL_VERSION, ServerControl, decode_frame, encode_frame,
+    frame_len,
 };
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -35,14 +38,82 @@ const OUTBOUND_QUEUE: usize = 256;
 #[derive(Debug, Clone)]
 pub struct NetContext {
     pub sim: mpsc::Sender<SimIn>,
-    pub dev_token: String,
+    pub tickets: Arc<Tickets>,
     pub metrics: Metrics,
+    /// Where players are (Redis): set on join, cleared when they leave.
+    pub cache: Arc<persistence::cache::Cache>,
     next_conn: Arc<AtomicU64>,
 }
 
 impl NetContext {
-    pub fn new(sim: mpsc::Sender<SimIn>, dev_token: String, metrics: Metrics) -> Self {
-        Self { sim, dev_token, metrics, next_conn: Arc::new(AtomicU64::new(1)) }
+    pub fn new(
+        sim: mpsc::Sender<SimIn>,
+        tickets: Arc<Tickets>,
+        metrics: Metrics,
+        cache: Arc<persistence::cache::Cache>,
+    ) -> Self {
+        Self { sim, tickets, metrics, cache, next_conn: Arc::new(AtomicU64::new(1)) }
+    }
+}
+
+/// Who a hello lets in.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Admitted {
+    pub player: PlayerId,
+    pub name: String,
+    pub role: JoinRole,
+    pub spawn: Option<glam::DVec3>,
+}
+
+/// Checks the tickets of hellos: signed by the coordinator for this server,
+/// unexpired, each accepted once. With a development token configured, a
+/// hello carrying it is let in as whoever it claims to be (tests, local
+/// experiments; never in production).
+#[derive(Debug)]
+pub struct Tickets {
+    pub server: ServerId,
+    verifier: TicketVerifier,
+    dev_token: Option<String>,
+    /// Nonces of accepted tickets → their expiry (Unix ms).
+    seen: std::sync::Mutex<std::collections::HashMap<u64, u64>>,
+}
+
+impl Tickets {
+    pub fn new(server: ServerId, verifier: TicketVerifier, dev_token: Option<String>) -> Self {
+        Self { server, verifier, dev_token, seen: Default::default() }
+    }
+
+    /// Admits a hello or says why not (a stable reason and a detail).
+    pub fn admit(
+        &self,
+        ticket: &str,
+        player: PlayerId,
+        name: String,
+        role: JoinRole,
+        spawn: Option<glam::DVec3>,
+        now_unix_ms: u64,
+    ) -> Result<Admitted, (&'static str, String)> {
+        if self.dev_token.as_deref().is_some_and(|t| t == ticket) {
+            return Ok(Admitted { player, name, role, spawn });
+        }
+        let claims = self.verifier.verify(ticket, self.server, now_unix_ms).map_err(|e| (e.reason(), e.to_string()))?;
+        if claims.player != player || claims.role != role {
+            return Err((
+                "ticket_mismatch",
+                format!(
+                    "the ticket is for player {} as {:?}, the hello says {player} as {role:?}",
+                    claims.player, claims.role
+                ),
+            ));
+        }
+        let mut seen = self.seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if seen.len() >= 4096 {
+            seen.retain(|_, expires| *expires + shared::ticket::EXPIRY_LEEWAY_MS >= now_unix_ms);
+        }
+        if seen.insert(claims.nonce, claims.expires_unix_ms).is_some() {
+            return Err(("ticket_replayed", shared::ticket::TicketError::Replayed.to_string()));
+        }
+        Ok(Admitted { player: claims.player, name: claims.name, role: claims.role, spawn: claims.spawn })
     }
 }
 
@@ -139,23 +210,25 @@ async fn handle(incoming: quinn::Incoming, ctx: NetContext, stop: CancellationTo
     };
     let (player, name, role, spawn) = match hello {
         Ok(ClientControl::Hello { version, ticket, player, name, role, spawn }) => {
-            let refusal = if version != PROTOCOL_VERSION {
-                Some(refuse("bad_version", format!("server speaks {PROTOCOL_VERSION}, client {version}")))
-            } else if ticket != ctx.dev_token {
-                Some(refuse("bad_ticket", "the ticket is not valid".into()))
+            let admitted = if version != PROTOCOL_VERSION {
+                Err(refuse("bad_version", format!("server speaks {PROTOCOL_VERSION}, client {version}")))
             } else if name.len() > 64 {
-                Some(refuse("bad_hello", "name longer than 64 bytes".into()))
+                Err(refuse("bad_hello", "name longer than 64 bytes".into()))
             } else if spawn.is_some_and(|p| !p.is_finite()) {
-                Some(refuse("bad_hello", "spawn point is not finite".into()))
+                Err(refuse("bad_hello", "spawn point is not finite".into()))
             } else {
-                None
+                ctx.tickets
+                    .admit(&ticket, player, name, role, spawn, svc::unix_nanos() / 1_000_000)
+                    .map_err(|(reason, detail)| refuse(reason, detail))
             };
-            if let Some(r) = refusal {
-                let _ = write_control(&mut send, &r).await;
-                finish_then_close(send, &conn, close::REFUSED, b"refused").await;
-                return;
+            match admitted {
+                Ok(a) => (a.player, a.name, a.role, a.spawn),
+                Err(r) => {
+                    let _ = write_control(&mut send, &r).await;
+                    finish_then_close(send, &conn, close::REFUSED, b"refused").await;
+                    return;
+                }
             }
-            (player, name, role, spawn)
         }
         Ok(ClientControl::Bye) => {
             conn.close(close::NORMAL.into(), b"bye");
@@ -190,6 +263,11 @@ async fn handle(incoming: quinn::Incoming, ctx: NetContext, stop: CancellationTo
         return;
     }
     info!(%remote, conn = id, %player, ?role, "player connected");
+    // The directory (Redis) says where the player plays; off the hello's path.
+    let located = (role == JoinRole::Play).then(|| {
+        let (cache, server) = (ctx.cache.clone(), ctx.tickets.server.0);
+        tokio::spawn(async move { cache.set_location(player.0, server).await })
+    });
 
     // Writer: what the tick thread sends this connection.
     let writer = {
@@ -258,6 +336,13 @@ async fn handle(incoming: quinn::Incoming, ctx: NetContext, stop: CancellationTo
         }
     };
     writer.abort();
+    if let Some(set) = located {
+        let (cache, server) = (ctx.cache.clone(), ctx.tickets.server.0);
+        tokio::spawn(async move {
+            let _ = set.await;
+            cache.clear_location(player.0, server).await;
+        });
+    }
     if ctx.sim.send_timeout(SimIn::Left { conn: id }, Duration::from_secs(5)).await.is_err() {
         warn!(conn = id, "could not tell the simulation a player left");
     }

@@ -45,6 +45,31 @@ impl WorldStore {
         Self { store, rt }
     }
 
+    /// Saves a player's progression off the tick thread, retrying for about
+    /// ten seconds; a save older than the stored one (`Stale`) is dropped,
+    /// and a failure is logged and counted by the caller's metrics.
+    pub fn save_progress(&self, p: persistence::model::Progress) -> tokio::task::JoinHandle<Result<(), StoreError>> {
+        let store = self.store.clone();
+        self.rt.spawn(async move {
+            let mut wait = std::time::Duration::from_millis(100);
+            let mut attempts = 0;
+            loop {
+                attempts += 1;
+                match store.save_progress(&p).await {
+                    Ok(()) | Err(StoreError::Stale { .. }) => return Ok(()),
+                    Err(e) if e.is_transient() && attempts < 10 => {
+                        tokio::time::sleep(wait).await;
+                        wait = (wait * 2).min(std::time::Duration::from_secs(2));
+                    }
+                    Err(e) => {
+                        tracing::warn!(player = %p.player, error = %e, "player progression not saved");
+                        return Err(e);
+                    }
+                }
+            }
+        })
+    }
+
     /// Every stored delta of `chunk`, oldest first. A chunk that has gathered
     /// many rows is compacted in the background.
     pub fn chunk_deltas(&self, chunk: ChunkKey) -> Result<Vec<VoxelDelta>, StoreError> {

@@ -14,11 +14,15 @@ use crate::state::{Command, CommandError, Response as SmResponse, TransferReques
 #[derive(Debug, Clone)]
 pub struct CoordinatorGrpc {
     node: Arc<Node>,
+    ticket_keys: Vec<[u8; 32]>,
+    cluster: String,
 }
 
 impl CoordinatorGrpc {
-    pub fn new(node: Arc<Node>) -> Self {
-        Self { node }
+    /// `ticket_keys`: the public keys game servers accept tickets from;
+    /// `cluster`: the mesh's name in shared storage.
+    pub fn new(node: Arc<Node>, ticket_keys: Vec<[u8; 32]>, cluster: String) -> Self {
+        Self { node, ticket_keys, cluster }
     }
 
     fn refuse(&self, reason: &'static str, msg: impl std::fmt::Display) -> Status {
@@ -70,6 +74,8 @@ impl MeshCoordinator for CoordinatorGrpc {
                 heartbeat_interval_ms: s.policy.heartbeat_interval_ms as u32,
                 map: Some(map_to_pb(s)),
                 world_seed: s.world_seed,
+                ticket_public_keys: self.ticket_keys.iter().map(|k| k.to_vec()).collect(),
+                cluster: self.cluster.clone(),
             }))),
             other => Err(unexpected(other)),
         }

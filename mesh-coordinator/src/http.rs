@@ -5,14 +5,21 @@
 
 use std::sync::Arc;
 
-use axum::extract::{Query, State};
-use axum::http::{StatusCode, header};
+use std::net::SocketAddr;
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{ConnectInfo, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use glam::DVec3;
 use serde::{Deserialize, Serialize};
 
+use shared::ids::{PlayerId, ServerId};
+use shared::wire::JoinRole;
+
+use crate::auth::{Auth, AuthError};
 use crate::node::Node;
 use crate::state::{Addresses, Load, TransferRecord};
 
@@ -191,4 +198,267 @@ async fn route(State(node): State<Arc<Node>>, Query(q): Query<RouteQuery>) -> Re
         Some(v) => Json(v).into_response(),
         None => (StatusCode::NOT_FOUND, "no live server owns that point\n").into_response(),
     }
+}
+
+// ---- accounts, logins, tickets ----
+
+type AuthState = (Arc<Node>, Arc<Auth>);
+
+/// `POST /v1/accounts`, `/v1/login`, `/v1/tickets`, `/v1/logout`.
+pub fn auth_router(node: Arc<Node>, auth: Arc<Auth>) -> Router {
+    Router::new()
+        .route("/v1/accounts", post(create_account))
+        .route("/v1/login", post(login))
+        .route("/v1/tickets", post(ticket))
+        .route("/v1/logout", post(logout))
+        .with_state((node, auth))
+}
+
+/// The body of every refusal of the auth endpoints.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ErrorView {
+    /// Stable label: `bad_request`, `bad_credentials`, `bad_session`,
+    /// `name_taken`, `rate_limited`, `no_server`, `unavailable`.
+    pub error: String,
+    pub detail: String,
+}
+
+fn refusal(node: &Node, e: AuthError) -> Response {
+    let status = match &e {
+        AuthError::BadRequest(_) => StatusCode::BAD_REQUEST,
+        AuthError::BadCredentials | AuthError::BadSession => StatusCode::UNAUTHORIZED,
+        AuthError::NameTaken(_) => StatusCode::CONFLICT,
+        AuthError::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+        AuthError::NoServer(_) | AuthError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+    };
+    node.metrics.auth.with_label_values(&[e.label()]).inc();
+    let body = Json(ErrorView { error: e.label().to_owned(), detail: e.to_string() });
+    if matches!(e, AuthError::RateLimited) {
+        return (status, [(header::RETRY_AFTER, "60")], body).into_response();
+    }
+    (status, body).into_response()
+}
+
+/// A JSON body, or a `bad_request` naming what is wrong with it.
+fn body<T>(b: Result<Json<T>, JsonRejection>) -> Result<T, AuthError> {
+    b.map(|Json(v)| v).map_err(|e| AuthError::BadRequest(e.body_text()))
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Credentials {
+    pub name: String,
+    pub password: String,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct AccountView {
+    pub player: u64,
+    pub name: String,
+}
+
+async fn create_account(
+    State((node, auth)): State<AuthState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    b: Result<Json<Credentials>, JsonRejection>,
+) -> Response {
+    let r = async {
+        let c = body(b)?;
+        auth.create_account(&c.name, &c.password, peer.ip()).await
+    }
+    .await;
+    match r {
+        Ok(a) => {
+            node.metrics.auth.with_label_values(&["account_created"]).inc();
+            (StatusCode::CREATED, Json(AccountView { player: a.player.0, name: a.name })).into_response()
+        }
+        Err(e) => refusal(&node, e),
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct LoginRequest {
+    pub name: String,
+    pub password: String,
+    /// Where a player with no saved position starts (inside the world);
+    /// ignored once the player has one. Default: the world's spawn point.
+    #[serde(default)]
+    pub spawn: Option<[f64; 3]>,
+}
+
+/// A ticket and where to use it.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct TicketView {
+    /// Present it in the QUIC hello; valid once, until `expires_unix_ms`.
+    pub ticket: String,
+    pub expires_unix_ms: u64,
+    pub role: String,
+    pub server_id: u32,
+    pub quic: String,
+    pub cert_sha256: String,
+    /// Where the avatar appears if the server spawns it.
+    pub spawn: Option<[f64; 3]>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct LoginView {
+    pub player: u64,
+    pub name: String,
+    /// Bearer token for `/v1/tickets` and `/v1/logout`.
+    pub session: String,
+    pub session_expires_unix: u64,
+    pub join: TicketView,
+}
+
+async fn login(
+    State((node, auth)): State<AuthState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    b: Result<Json<LoginRequest>, JsonRejection>,
+) -> Response {
+    let r = async {
+        let req = body(b)?;
+        let hint = req.spawn.map(DVec3::from_array);
+        let (account, session) = auth.login(&req.name, &req.password, peer.ip()).await?;
+        let join = place(&node, &auth, account.player, &account.name, JoinRole::Play, None, hint).await?;
+        Ok::<_, AuthError>(LoginView {
+            player: account.player.0,
+            name: account.name,
+            session,
+            session_expires_unix: crate::node::now_nanos() / 1_000_000_000 + auth.policy.session_ttl.as_secs(),
+            join,
+        })
+    }
+    .await;
+    match r {
+        Ok(v) => {
+            node.metrics.auth.with_label_values(&["login"]).inc();
+            Json(v).into_response()
+        }
+        Err(e) => refusal(&node, e),
+    }
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct TicketRequest {
+    /// `play` (default) or `standby` (a pre-connect to a neighbour).
+    #[serde(default)]
+    pub role: Option<String>,
+    /// The server to join; required for `standby`. Default for `play`: the
+    /// owner of the player's saved position.
+    #[serde(default)]
+    pub server_id: Option<u32>,
+}
+
+fn bearer(headers: &HeaderMap) -> Result<&str, AuthError> {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .ok_or(AuthError::BadSession)
+}
+
+async fn ticket(
+    State((node, auth)): State<AuthState>,
+    headers: HeaderMap,
+    b: Result<Json<TicketRequest>, JsonRejection>,
+) -> Response {
+    let r = async {
+        let session = auth.session(bearer(&headers)?).await?;
+        let req = body(b)?;
+        let role = match req.role.as_deref() {
+            None | Some("play") => JoinRole::Play,
+            Some("standby") => JoinRole::Standby,
+            Some(other) => return Err(AuthError::BadRequest(format!("role is play or standby, not {other:?}"))),
+        };
+        let server = req.server_id.map(ServerId);
+        place(&node, &auth, PlayerId(session.player), &session.account, role, server, None).await
+    }
+    .await;
+    match r {
+        Ok(v) => {
+            node.metrics.auth.with_label_values(&["ticket"]).inc();
+            Json(v).into_response()
+        }
+        Err(e) => refusal(&node, e),
+    }
+}
+
+async fn logout(State((node, auth)): State<AuthState>, headers: HeaderMap) -> Response {
+    let r = async { auth.logout(bearer(&headers)?).await }.await;
+    match r {
+        Ok(()) => StatusCode::NO_CONTENT.into_response(),
+        Err(e) => refusal(&node, e),
+    }
+}
+
+/// Chooses the server and spawn point of a ticket and signs it.
+///
+/// `play`: the player starts at their saved position, else at `hint` (a
+/// first login may choose, inside the world), else at the world's spawn
+/// point (the middle of its first root region), on the server that owns
+/// it, unless `server` names one. `standby`: `server` is required.
+async fn place(
+    node: &Node,
+    auth: &Auth,
+    player: PlayerId,
+    name: &str,
+    role: JoinRole,
+    server: Option<ServerId>,
+    hint: Option<DVec3>,
+) -> Result<TicketView, AuthError> {
+    let spawn = match role {
+        JoinRole::Standby => None,
+        JoinRole::Play => {
+            let saved = auth.saved_position(player).await?;
+            let start = match (saved, hint) {
+                (Some(p), _) => p,
+                (None, Some(h)) => {
+                    if !h.is_finite() || node.read(|s| s.tree().leaf_at(h).is_none()) {
+                        return Err(AuthError::BadRequest(format!("spawn {h} is outside the world")));
+                    }
+                    h
+                }
+                (None, None) => node.read(|s| world_spawn(s.tree())),
+            };
+            Some(start)
+        }
+    };
+    let target = node.read(|s| {
+        let rec = match (server, spawn) {
+            (Some(id), _) => s.server(id).filter(|r| r.alive),
+            (None, Some(p)) => s.owner_at(p).map(|(_, r)| r),
+            (None, None) => None,
+        };
+        rec.map(|r| (r.id, r.addresses.quic.clone(), r.cert_sha256.clone()))
+    });
+    let Some((id, quic, cert_sha256)) = target else {
+        return Err(AuthError::NoServer(match (server, spawn) {
+            (Some(id), _) => format!("server {}", id.0),
+            (None, Some(p)) => format!("{p}"),
+            (None, None) => "standby without a server_id".into(),
+        }));
+    };
+    let (ticket, expires_unix_ms) = auth.ticket(player, name, id, role, spawn);
+    Ok(TicketView {
+        ticket,
+        expires_unix_ms,
+        role: match role {
+            JoinRole::Play => "play",
+            JoinRole::Standby => "standby",
+        }
+        .to_owned(),
+        server_id: id.0,
+        quic,
+        cert_sha256,
+        spawn: spawn.map(|p| p.to_array()),
+    })
+}
+
+/// Where new players start: above the middle of the world's first root.
+pub fn world_spawn(tree: &shared::RegionTree) -> DVec3 {
+    let root = tree.roots().min().copied();
+    root.map_or(DVec3::new(1000.0, 10.0, 1000.0), |r| {
+        let b = r.aabb();
+        let c = (b.min + b.max) / 2.0;
+        DVec3::new(c.x, 10.0, c.z)
+    })
 }

@@ -4,8 +4,10 @@
 //! - [`node`]: the owner of that state machine; commands are applied there in
 //!   one order (single node now, Raft later).
 //! - [`grpc`] (port 9090): registration, heartbeats, region map, transfers.
-//! - [`http`] (port 8080): health, metrics, admin views.
+//! - [`http`] (port 8080): health, metrics, admin views, logins.
+//! - [`auth`]: accounts, sessions and the tickets game servers verify.
 
+pub mod auth;
 pub mod convert;
 pub mod grpc;
 pub mod http;
@@ -62,6 +64,29 @@ pub struct Config {
     /// Ticks between a transfer's commit and the tick it takes effect.
     #[arg(long, env = "PS_HANDOFF_LEAD_TICKS", default_value_t = 9)]
     pub handoff_lead_ticks: u64,
+    /// Name of this mesh in shared storage: the prefix of its Redis keys
+    /// (one Redis may serve several meshes).
+    #[arg(long, env = "PS_CLUSTER", default_value = "planetary")]
+    pub cluster: String,
+    #[command(flatten)]
+    pub storage: persistence::StoreArgs,
+    /// File holding the Ed25519 seed that signs login tickets, as 64 hex
+    /// digits (`openssl rand -hex 32`). Every replica needs the same one.
+    /// Unset: a key made at start (development only).
+    #[arg(long, env = "PS_TICKET_KEY_FILE")]
+    pub ticket_key_file: Option<PathBuf>,
+    /// How long a login ticket is valid, seconds.
+    #[arg(long, env = "PS_TICKET_TTL_S", default_value_t = 60)]
+    pub ticket_ttl_s: u64,
+    /// How long a session lasts, seconds.
+    #[arg(long, env = "PS_SESSION_TTL_S", default_value_t = 86_400)]
+    pub session_ttl_s: u64,
+    /// Login attempts per account name per minute.
+    #[arg(long, env = "PS_LOGINS_PER_NAME", default_value_t = 10)]
+    pub logins_per_name: u64,
+    /// Login and sign-up attempts per client address per minute.
+    #[arg(long, env = "PS_LOGINS_PER_ADDRESS", default_value_t = 120)]
+    pub logins_per_address: u64,
     /// Write the bound addresses here as JSON once listening (for tools and tests binding port 0).
     #[arg(long, env = "PS_PORTS_FILE")]
     pub ports_file: Option<PathBuf>,
@@ -81,6 +106,23 @@ impl Config {
             self.heartbeat_interval_ms
         );
         anyhow::ensure!((1..=900).contains(&self.handoff_lead_ticks), "handoff lead must be 1..=900 ticks");
+        anyhow::ensure!(
+            !self.cluster.is_empty()
+                && self.cluster.len() <= 64
+                && self.cluster.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'),
+            "cluster name must be 1..=64 characters of A-Z, a-z, 0-9, - and _"
+        );
+        self.storage.validate().map_err(anyhow::Error::msg)?;
+        anyhow::ensure!(
+            (5..=shared::ticket::MAX_LIFETIME_MS / 1000).contains(&self.ticket_ttl_s),
+            "ticket lifetime must be 5..={} s",
+            shared::ticket::MAX_LIFETIME_MS / 1000
+        );
+        anyhow::ensure!(self.session_ttl_s >= 60, "sessions must last at least 60 s");
+        anyhow::ensure!(
+            self.logins_per_name >= 1 && self.logins_per_address >= 1,
+            "login limits must be at least 1 a minute"
+        );
         Ok(())
     }
 
@@ -129,6 +171,32 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
     state.world_seed = config.world_seed;
     let node = Arc::new(Node::new(state, metrics::Metrics::new()));
 
+    let key = auth::load_key(config.ticket_key_file.as_deref())?;
+    let store =
+        persistence::open(&config.storage.store_config(shared::chunk::ChunkLayout::default().chunk_voxels.pow(3)))
+            .await
+            .context("opening the account store")?;
+    info!(backend = store.backend(), "store open");
+    let cache = Arc::new(
+        persistence::cache::Cache::new(config.storage.redis_url.as_deref(), &config.cluster)
+            .map_err(anyhow::Error::msg)?,
+    );
+    node.metrics
+        .registry
+        .register(Box::new(persistence::cache::CacheCollector::new(cache.clone())))
+        .context("registering cache metrics")?;
+    let auth = Arc::new(auth::Auth::new(
+        store,
+        cache,
+        key,
+        auth::AuthPolicy {
+            ticket_ttl: Duration::from_secs(config.ticket_ttl_s),
+            session_ttl: Duration::from_secs(config.session_ttl_s),
+            per_name_per_minute: config.logins_per_name,
+            per_address_per_minute: config.logins_per_address,
+        },
+    ));
+
     let http = TcpListener::bind(config.http_addr)
         .await
         .with_context(|| format!("binding the HTTP API on {}", config.http_addr))?;
@@ -167,13 +235,20 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
     };
 
     let http_task = tokio::spawn({
-        let app = http::router(node.clone());
+        let app = http::router(node.clone()).merge(http::auth_router(node.clone(), auth.clone()));
         let stop = stop.clone().cancelled_owned();
-        async move { axum::serve(http, app).with_graceful_shutdown(stop).await }
+        async move {
+            axum::serve(http, app.into_make_service_with_connect_info::<SocketAddr>())
+                .with_graceful_shutdown(stop)
+                .await
+        }
     });
     let grpc_task = tokio::spawn({
-        let svc =
-            proto::mesh::mesh_coordinator_server::MeshCoordinatorServer::new(grpc::CoordinatorGrpc::new(node.clone()));
+        let svc = proto::mesh::mesh_coordinator_server::MeshCoordinatorServer::new(grpc::CoordinatorGrpc::new(
+            node.clone(),
+            vec![auth.public_key()],
+            config.cluster.clone(),
+        ));
         let stop = stop.clone().cancelled_owned();
         async move {
             tonic::transport::Server::builder()

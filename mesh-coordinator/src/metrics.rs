@@ -11,6 +11,8 @@ pub struct Metrics {
     pub refused: IntCounterVec,
     pub transfers: IntCounter,
     pub server_deaths: IntCounter,
+    /// Auth outcomes: `login`, `ticket`, `account_created`, or a refusal label.
+    pub auth: IntCounterVec,
 }
 
 impl Metrics {
@@ -33,8 +35,14 @@ impl Metrics {
             .expect("static metric definition");
         let server_deaths = IntCounter::new("mesh_server_deaths_total", "Game servers declared dead")
             .expect("static metric definition");
+        let auth = IntCounterVec::new(
+            Opts::new("auth_requests_total", "Account, login and ticket requests by outcome"),
+            &["outcome"],
+        )
+        .expect("static metric definition");
         for c in [
-            Box::new(servers.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(auth.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(servers.clone()),
             Box::new(regions.clone()),
             Box::new(commands.clone()),
             Box::new(refused.clone()),
@@ -43,7 +51,7 @@ impl Metrics {
         ] {
             registry.register(c).expect("metric names are unique");
         }
-        Self { registry, servers, regions, commands, refused, transfers, server_deaths }
+        Self { registry, servers, regions, commands, refused, transfers, server_deaths, auth }
     }
 
     /// Prometheus text exposition of every metric.

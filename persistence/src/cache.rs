@@ -19,14 +19,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use serde::{Deserialize, Serialize};
 use tracing::warn;
 
-/// A logged-in player's session, as cached.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Session {
-    pub player: u64,
-    pub account: String,
-    /// Seconds since the Unix epoch.
-    pub expires_unix: u64,
-}
+pub use crate::model::Session;
 
 /// A cross-server world event (chat, server notices).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -219,6 +212,17 @@ impl Cache {
         self.run(Op::Directory, |mut c| async move { c.set_ex::<_, _, ()>(key, server, 3600).await }).await;
     }
 
+    /// Forgets where the player is, if the entry still names `server` (a
+    /// later join elsewhere is left alone).
+    pub async fn clear_location(&self, player: u64, server: u32) {
+        let key = self.key(&["where", &player.to_string()]);
+        let script = redis::Script::new(
+            "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0",
+        );
+        self.run(Op::Directory, |mut c| async move { script.key(key).arg(server).invoke_async::<i64>(&mut c).await })
+            .await;
+    }
+
     /// The server the player was last seen on; `Ok(None)` on a miss or when Redis is down.
     pub async fn location(&self, player: u64) -> Result<Option<u32>, CacheError> {
         let key = self.key(&["where", &player.to_string()]);
@@ -338,5 +342,55 @@ impl Cache {
             }
         });
         rx
+    }
+}
+
+/// Exports a cache's health as Prometheus metrics: `cache_up` (whether the
+/// last call reached Redis) and `cache_degraded_total{op}` (calls served
+/// without Redis).
+#[derive(Debug, Clone)]
+pub struct CacheCollector {
+    cache: std::sync::Arc<Cache>,
+    up: prometheus::IntGauge,
+    degraded: prometheus::IntCounterVec,
+}
+
+impl CacheCollector {
+    pub fn new(cache: std::sync::Arc<Cache>) -> Self {
+        let up = prometheus::IntGauge::new("cache_up", "Whether the last call to Redis succeeded (0 while degraded)")
+            .expect("static metric definition");
+        let degraded = prometheus::IntCounterVec::new(
+            prometheus::Opts::new("cache_degraded_total", "Cache calls served without Redis, by operation"),
+            &["op"],
+        )
+        .expect("static metric definition");
+        for op in Op::ALL {
+            degraded.with_label_values(&[op.label()]);
+        }
+        Self { cache, up, degraded }
+    }
+}
+
+impl prometheus::core::Collector for CacheCollector {
+    fn desc(&self) -> Vec<&prometheus::core::Desc> {
+        let mut d = self.up.desc();
+        d.extend(self.degraded.desc());
+        d
+    }
+
+    fn collect(&self) -> Vec<prometheus::proto::MetricFamily> {
+        let stats = &self.cache.stats;
+        self.up.set(i64::from(stats.up.load(Ordering::Relaxed)));
+        for op in Op::ALL {
+            let c = self.degraded.with_label_values(&[op.label()]);
+            let now = stats.degraded(op);
+            let seen = c.get();
+            if now > seen {
+                c.inc_by(now - seen);
+            }
+        }
+        let mut out = self.up.collect();
+        out.extend(self.degraded.collect());
+        out
     }
 }

@@ -21,7 +21,7 @@ use tracing::info;
 use crate::migrations::{self, now_unix_ms};
 use crate::model::{self, decode_deltas, encode_deltas, from_i64, group_by_chunk, to_i64};
 use crate::{
-    Account, ChunkDeltas, Compaction, Progress, RowKey, Store, StoreConfig, StoreError, Structure, TickDeltas,
+    Account, ChunkDeltas, Compaction, Progress, RowKey, Session, Store, StoreConfig, StoreError, Structure, TickDeltas,
     TopologySnapshot, TransferRecord,
 };
 
@@ -273,26 +273,44 @@ impl Store for SqliteStore {
     }
 
     async fn create_account(&self, name: &str, password_hash: &str) -> Result<Account, StoreError> {
-        let account = Account {
-            name: name.to_owned(),
-            player: PlayerId(crate::random_id()),
-            password_hash: password_hash.to_owned(),
-            created_unix: (now_unix_ms() / 1000) as u64,
-        };
-        self.with(true, move |conn, inner| {
-            let n = conn
-                .execute(
-                    "INSERT INTO accounts (name, player_id, password_hash, created_unix) VALUES (?1, ?2, ?3, ?4)
-                     ON CONFLICT (name) DO NOTHING",
-                    params![account.name, to_i64(account.player.0), account.password_hash, account.created_unix as i64],
-                )
-                .map_err(unavailable(&inner.path))?;
-            if n == 0 {
-                return Err(StoreError::AlreadyExists(format!("account {:?}", account.name)));
+        // A random player id that collides with another account's breaks
+        // the UNIQUE constraint on player_id: draw again.
+        for _ in 0..8 {
+            let account = Account {
+                name: name.to_owned(),
+                player: crate::random_player_id(),
+                password_hash: password_hash.to_owned(),
+                created_unix: (now_unix_ms() / 1000) as u64,
+            };
+            let created = self
+                .with(true, move |conn, inner| {
+                    let r = conn.execute(
+                        "INSERT INTO accounts (name, player_id, password_hash, created_unix) VALUES (?1, ?2, ?3, ?4)
+                         ON CONFLICT (name) DO NOTHING",
+                        params![
+                            account.name,
+                            to_i64(account.player.0),
+                            account.password_hash,
+                            account.created_unix as i64
+                        ],
+                    );
+                    match r {
+                        Ok(0) => Err(StoreError::AlreadyExists(format!("account {:?}", account.name))),
+                        Ok(_) => Ok(Some(account)),
+                        Err(rusqlite::Error::SqliteFailure(e, _))
+                            if e.code == rusqlite::ErrorCode::ConstraintViolation =>
+                        {
+                            Ok(None)
+                        }
+                        Err(e) => Err(unavailable(&inner.path)(e)),
+                    }
+                })
+                .await?;
+            if let Some(a) = created {
+                return Ok(a);
             }
-            Ok(account)
-        })
-        .await
+        }
+        Err(StoreError::Unavailable("eight random player ids in a row were taken".into()))
     }
 
     async fn account(&self, name: &str) -> Result<Option<Account>, StoreError> {
@@ -312,6 +330,59 @@ impl Store for SqliteStore {
             )
             .optional()
             .map_err(unavailable(&inner.path))
+        })
+        .await
+    }
+
+    async fn put_session(&self, token_sha256: &str, session: &Session) -> Result<(), StoreError> {
+        let (token, session) = (token_sha256.to_owned(), session.clone());
+        self.with(true, move |conn, inner| {
+            conn.execute(
+                "INSERT INTO sessions (token_sha256, player_id, account, expires_unix) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (token_sha256) DO UPDATE SET player_id = excluded.player_id,
+                   account = excluded.account, expires_unix = excluded.expires_unix",
+                params![token, to_i64(session.player), session.account, to_i64(session.expires_unix)],
+            )
+            .map_err(unavailable(&inner.path))?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn session(&self, token_sha256: &str) -> Result<Option<Session>, StoreError> {
+        let token = token_sha256.to_owned();
+        let now = now_unix_ms() / 1000;
+        let found = self
+            .with(false, move |conn, inner| {
+                conn.query_row(
+                    "SELECT player_id, account, expires_unix FROM sessions WHERE token_sha256 = ?1",
+                    [&token],
+                    |r| {
+                        Ok(Session {
+                            player: from_i64(r.get(0)?),
+                            account: r.get(1)?,
+                            expires_unix: from_i64(r.get(2)?),
+                        })
+                    },
+                )
+                .optional()
+                .map_err(unavailable(&inner.path))
+            })
+            .await?;
+        match found {
+            Some(s) if s.expires_unix as i64 <= now => {
+                self.drop_session(token_sha256).await?;
+                Ok(None)
+            }
+            other => Ok(other),
+        }
+    }
+
+    async fn drop_session(&self, token_sha256: &str) -> Result<(), StoreError> {
+        let token = token_sha256.to_owned();
+        self.with(true, move |conn, inner| {
+            conn.execute("DELETE FROM sessions WHERE token_sha256 = ?1", [&token]).map_err(unavailable(&inner.path))?;
+            Ok(())
         })
         .await
     }

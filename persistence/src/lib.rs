@@ -21,6 +21,7 @@
 //! than a handoff) is read after a snapshot that already folded the new
 //! owner's later rows of the same voxel.
 
+mod args;
 pub mod cache;
 pub mod embedded;
 pub mod memory;
@@ -29,6 +30,8 @@ pub mod model;
 pub mod pg;
 pub mod retry;
 
+pub use args::StoreArgs;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -36,7 +39,8 @@ use shared::chunk::ChunkKey;
 use shared::ids::PlayerId;
 
 pub use model::{
-    Account, ChunkDeltas, Compaction, Progress, RowKey, Structure, TickDeltas, TopologySnapshot, TransferRecord,
+    Account, ChunkDeltas, Compaction, Progress, RowKey, Session, Structure, TickDeltas, TopologySnapshot,
+    TransferRecord,
 };
 
 /// Why a store operation failed. [`StoreError::kind`] is a stable short name
@@ -108,6 +112,11 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// Creates an account with a fresh player id; `AlreadyExists` if taken.
     async fn create_account(&self, name: &str, password_hash: &str) -> Result<Account, StoreError>;
     async fn account(&self, name: &str) -> Result<Option<Account>, StoreError>;
+    /// Saves a session under the SHA-256 (hex) of its token.
+    async fn put_session(&self, token_sha256: &str, session: &Session) -> Result<(), StoreError>;
+    /// The session, if it exists and has not expired (an expired one is deleted).
+    async fn session(&self, token_sha256: &str) -> Result<Option<Session>, StoreError>;
+    async fn drop_session(&self, token_sha256: &str) -> Result<(), StoreError>;
     async fn load_progress(&self, player: PlayerId) -> Result<Option<Progress>, StoreError>;
     /// Saves when `progress.version` is newer than the stored one, else `Stale`.
     async fn save_progress(&self, progress: &Progress) -> Result<(), StoreError>;
@@ -195,6 +204,12 @@ pub fn redact(url: &str) -> String {
 /// Random non-zero 63-bit id (player ids, writer ids): positive as an INT8.
 pub fn random_id() -> u64 {
     fastrand::u64(1..(1u64 << 63))
+}
+
+/// A fresh random player id, in `1..=MAX_PLAYER_ID` (a player's id is its
+/// avatar's 40-bit entity serial). Stores draw again on a collision.
+pub fn random_player_id() -> shared::PlayerId {
+    shared::PlayerId(fastrand::u64(1..=shared::ids::MAX_PLAYER_ID))
 }
 
 #[cfg(test)]

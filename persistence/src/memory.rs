@@ -12,8 +12,8 @@ use shared::ids::PlayerId;
 
 use crate::model::{self, group_by_chunk};
 use crate::{
-    Account, ChunkDeltas, Compaction, Progress, RowKey, Store, StoreError, Structure, TickDeltas, TopologySnapshot,
-    TransferRecord,
+    Account, ChunkDeltas, Compaction, Progress, RowKey, Session, Store, StoreError, Structure, TickDeltas,
+    TopologySnapshot, TransferRecord,
 };
 
 #[derive(Debug, Default)]
@@ -22,6 +22,7 @@ struct Inner {
     snapshots: HashMap<ChunkKey, (RowKey, Vec<VoxelDelta>)>,
     accounts: HashMap<String, Account>,
     progress: HashMap<PlayerId, Progress>,
+    sessions: HashMap<String, Session>,
     structures: HashMap<u64, Structure>,
     topology: HashMap<String, TopologySnapshot>,
     transfers: BTreeMap<u64, TransferRecord>,
@@ -116,7 +117,7 @@ impl Store for MemoryStore {
         }
         let account = Account {
             name: name.to_owned(),
-            player: PlayerId(crate::random_id()),
+            player: crate::random_player_id(),
             password_hash: password_hash.to_owned(),
             created_unix: (crate::migrations::now_unix_ms() / 1000) as u64,
         };
@@ -126,6 +127,25 @@ impl Store for MemoryStore {
 
     async fn account(&self, name: &str) -> Result<Option<Account>, StoreError> {
         Ok(self.lock()?.accounts.get(name).cloned())
+    }
+
+    async fn put_session(&self, token_sha256: &str, session: &Session) -> Result<(), StoreError> {
+        self.lock()?.sessions.insert(token_sha256.to_owned(), session.clone());
+        Ok(())
+    }
+
+    async fn session(&self, token_sha256: &str) -> Result<Option<Session>, StoreError> {
+        let mut inner = self.lock()?;
+        let now = (crate::migrations::now_unix_ms() / 1000) as u64;
+        if inner.sessions.get(token_sha256).is_some_and(|s| s.expires_unix <= now) {
+            inner.sessions.remove(token_sha256);
+        }
+        Ok(inner.sessions.get(token_sha256).cloned())
+    }
+
+    async fn drop_session(&self, token_sha256: &str) -> Result<(), StoreError> {
+        self.lock()?.sessions.remove(token_sha256);
+        Ok(())
     }
 
     async fn load_progress(&self, player: PlayerId) -> Result<Option<Progress>, StoreError> {

@@ -16,7 +16,7 @@ pub struct Migration {
 }
 
 /// The newest schema version this build knows.
-pub const LATEST: i64 = 1;
+pub const LATEST: i64 = 2;
 
 /// The bookkeeping table both engines share.
 pub const BOOKKEEPING: &str = "CREATE TABLE IF NOT EXISTS schema_migrations (
@@ -25,19 +25,20 @@ pub const BOOKKEEPING: &str = "CREATE TABLE IF NOT EXISTS schema_migrations (
     applied_unix_ms INT8 NOT NULL
 )";
 
-pub const POSTGRES: &[Migration] = &[Migration {
-    version: 1,
-    name: "initial",
-    statements: &[
-        // One row per chunk per writer flush; key order = application order.
-        "CREATE TABLE IF NOT EXISTS world_delta_rows (
+pub const POSTGRES: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "initial",
+        statements: &[
+            // One row per chunk per writer flush; key order = application order.
+            "CREATE TABLE IF NOT EXISTS world_delta_rows (
             cx INT4 NOT NULL, cy INT4 NOT NULL, cz INT4 NOT NULL,
             tick INT8 NOT NULL, writer INT8 NOT NULL, seq INT8 NOT NULL,
             deltas BYTEA NOT NULL,
             PRIMARY KEY (cx, cy, cz, tick, writer, seq)
         )",
-        // The compaction of every row up to (upto_tick, upto_writer, upto_seq).
-        "CREATE TABLE IF NOT EXISTS world_chunk_snapshots (
+            // The compaction of every row up to (upto_tick, upto_writer, upto_seq).
+            "CREATE TABLE IF NOT EXISTS world_chunk_snapshots (
             cx INT4 NOT NULL, cy INT4 NOT NULL, cz INT4 NOT NULL,
             upto_tick INT8 NOT NULL, upto_writer INT8 NOT NULL, upto_seq INT8 NOT NULL,
             voxels BYTEA NOT NULL,
@@ -45,13 +46,13 @@ pub const POSTGRES: &[Migration] = &[Migration {
             updated_unix_ms INT8 NOT NULL,
             PRIMARY KEY (cx, cy, cz)
         )",
-        "CREATE TABLE IF NOT EXISTS accounts (
+            "CREATE TABLE IF NOT EXISTS accounts (
             name TEXT PRIMARY KEY,
             player_id INT8 NOT NULL UNIQUE,
             password_hash TEXT NOT NULL,
             created_unix INT8 NOT NULL
         )",
-        "CREATE TABLE IF NOT EXISTS player_progress (
+            "CREATE TABLE IF NOT EXISTS player_progress (
             player_id INT8 PRIMARY KEY,
             version INT8 NOT NULL,
             pos_x FLOAT8 NOT NULL, pos_y FLOAT8 NOT NULL, pos_z FLOAT8 NOT NULL,
@@ -59,7 +60,7 @@ pub const POSTGRES: &[Migration] = &[Migration {
             stats JSONB NOT NULL,
             updated_unix_ms INT8 NOT NULL
         )",
-        "CREATE TABLE IF NOT EXISTS structures (
+            "CREATE TABLE IF NOT EXISTS structures (
             structure_id INT8 PRIMARY KEY,
             owner_id INT8 NOT NULL,
             cx INT4 NOT NULL, cy INT4 NOT NULL, cz INT4 NOT NULL,
@@ -68,14 +69,14 @@ pub const POSTGRES: &[Migration] = &[Migration {
             state JSONB NOT NULL,
             updated_unix_ms INT8 NOT NULL
         )",
-        "CREATE INDEX IF NOT EXISTS structures_by_chunk ON structures (cx, cy, cz)",
-        "CREATE TABLE IF NOT EXISTS mesh_topology (
+            "CREATE INDEX IF NOT EXISTS structures_by_chunk ON structures (cx, cy, cz)",
+            "CREATE TABLE IF NOT EXISTS mesh_topology (
             cluster TEXT PRIMARY KEY,
             version INT8 NOT NULL,
             data BYTEA NOT NULL,
             saved_unix_ms INT8 NOT NULL
         )",
-        "CREATE TABLE IF NOT EXISTS authority_transfers (
+            "CREATE TABLE IF NOT EXISTS authority_transfers (
             transfer_id INT8 PRIMARY KEY,
             entity_id INT8 NOT NULL,
             from_server INT8 NOT NULL,
@@ -85,21 +86,37 @@ pub const POSTGRES: &[Migration] = &[Migration {
             outcome TEXT NOT NULL,
             unix_ms INT8 NOT NULL
         )",
-        "CREATE INDEX IF NOT EXISTS authority_transfers_by_time ON authority_transfers (unix_ms)",
-    ],
-}];
+            "CREATE INDEX IF NOT EXISTS authority_transfers_by_time ON authority_transfers (unix_ms)",
+        ],
+    },
+    Migration {
+        version: 2,
+        name: "sessions",
+        statements: &[
+            // Login sessions, by the SHA-256 of their token (a leaked table
+            // yields no usable token). Redis caches them.
+            "CREATE TABLE IF NOT EXISTS sessions (
+                token_sha256 TEXT PRIMARY KEY,
+                player_id INT8 NOT NULL,
+                account TEXT NOT NULL,
+                expires_unix INT8 NOT NULL
+            )",
+        ],
+    },
+];
 
-pub const SQLITE: &[Migration] = &[Migration {
-    version: 1,
-    name: "initial",
-    statements: &[
-        "CREATE TABLE IF NOT EXISTS world_delta_rows (
+pub const SQLITE: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "initial",
+        statements: &[
+            "CREATE TABLE IF NOT EXISTS world_delta_rows (
             cx INTEGER NOT NULL, cy INTEGER NOT NULL, cz INTEGER NOT NULL,
             tick INTEGER NOT NULL, writer INTEGER NOT NULL, seq INTEGER NOT NULL,
             deltas BLOB NOT NULL,
             PRIMARY KEY (cx, cy, cz, tick, writer, seq)
         ) WITHOUT ROWID",
-        "CREATE TABLE IF NOT EXISTS world_chunk_snapshots (
+            "CREATE TABLE IF NOT EXISTS world_chunk_snapshots (
             cx INTEGER NOT NULL, cy INTEGER NOT NULL, cz INTEGER NOT NULL,
             upto_tick INTEGER NOT NULL, upto_writer INTEGER NOT NULL, upto_seq INTEGER NOT NULL,
             voxels BLOB NOT NULL,
@@ -107,13 +124,13 @@ pub const SQLITE: &[Migration] = &[Migration {
             updated_unix_ms INTEGER NOT NULL,
             PRIMARY KEY (cx, cy, cz)
         ) WITHOUT ROWID",
-        "CREATE TABLE IF NOT EXISTS accounts (
+            "CREATE TABLE IF NOT EXISTS accounts (
             name TEXT PRIMARY KEY,
             player_id INTEGER NOT NULL UNIQUE,
             password_hash TEXT NOT NULL,
             created_unix INTEGER NOT NULL
         )",
-        "CREATE TABLE IF NOT EXISTS player_progress (
+            "CREATE TABLE IF NOT EXISTS player_progress (
             player_id INTEGER PRIMARY KEY,
             version INTEGER NOT NULL,
             pos_x REAL NOT NULL, pos_y REAL NOT NULL, pos_z REAL NOT NULL,
@@ -121,7 +138,7 @@ pub const SQLITE: &[Migration] = &[Migration {
             stats TEXT NOT NULL,
             updated_unix_ms INTEGER NOT NULL
         )",
-        "CREATE TABLE IF NOT EXISTS structures (
+            "CREATE TABLE IF NOT EXISTS structures (
             structure_id INTEGER PRIMARY KEY,
             owner_id INTEGER NOT NULL,
             cx INTEGER NOT NULL, cy INTEGER NOT NULL, cz INTEGER NOT NULL,
@@ -130,14 +147,14 @@ pub const SQLITE: &[Migration] = &[Migration {
             state TEXT NOT NULL,
             updated_unix_ms INTEGER NOT NULL
         )",
-        "CREATE INDEX IF NOT EXISTS structures_by_chunk ON structures (cx, cy, cz)",
-        "CREATE TABLE IF NOT EXISTS mesh_topology (
+            "CREATE INDEX IF NOT EXISTS structures_by_chunk ON structures (cx, cy, cz)",
+            "CREATE TABLE IF NOT EXISTS mesh_topology (
             cluster TEXT PRIMARY KEY,
             version INTEGER NOT NULL,
             data BLOB NOT NULL,
             saved_unix_ms INTEGER NOT NULL
         )",
-        "CREATE TABLE IF NOT EXISTS authority_transfers (
+            "CREATE TABLE IF NOT EXISTS authority_transfers (
             transfer_id INTEGER PRIMARY KEY,
             entity_id INTEGER NOT NULL,
             from_server INTEGER NOT NULL,
@@ -147,9 +164,20 @@ pub const SQLITE: &[Migration] = &[Migration {
             outcome TEXT NOT NULL,
             unix_ms INTEGER NOT NULL
         )",
-        "CREATE INDEX IF NOT EXISTS authority_transfers_by_time ON authority_transfers (unix_ms)",
-    ],
-}];
+            "CREATE INDEX IF NOT EXISTS authority_transfers_by_time ON authority_transfers (unix_ms)",
+        ],
+    },
+    Migration {
+        version: 2,
+        name: "sessions",
+        statements: &["CREATE TABLE IF NOT EXISTS sessions (
+                token_sha256 TEXT PRIMARY KEY,
+                player_id INTEGER NOT NULL,
+                account TEXT NOT NULL,
+                expires_unix INTEGER NOT NULL
+            )"],
+    },
+];
 
 /// The migrations after `current`, checking `current` is not newer than
 /// this build knows.

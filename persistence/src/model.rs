@@ -58,6 +58,16 @@ pub struct Account {
     pub created_unix: u64,
 }
 
+/// A logged-in player's session. Stored by the SHA-256 of its token, cached
+/// in Redis.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Session {
+    pub player: u64,
+    pub account: String,
+    /// Seconds since the Unix epoch.
+    pub expires_unix: u64,
+}
+
 /// A player's progression: saved on leave, handoff and periodically.
 /// `version` only increases; a save with an older version is refused.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -20,7 +20,7 @@ use crate::migrations::{self, now_unix_ms};
 use crate::model::{self, decode_deltas, encode_deltas, from_i64, group_by_chunk, to_i64};
 use crate::retry::{Backoff, Retryable, with_retry};
 use crate::{
-    Account, ChunkDeltas, Compaction, Progress, RowKey, Store, StoreConfig, StoreError, Structure, TickDeltas,
+    Account, ChunkDeltas, Compaction, Progress, RowKey, Session, Store, StoreConfig, StoreError, Structure, TickDeltas,
     TopologySnapshot, TransferRecord,
 };
 
@@ -343,7 +343,7 @@ impl PgStore {
         let client = self.client().await?;
         let account = Account {
             name: name.to_owned(),
-            player: PlayerId(crate::random_id()),
+            player: crate::random_player_id(),
             password_hash: hash.to_owned(),
             created_unix: (now_unix_ms() / 1000) as u64,
         };
@@ -437,6 +437,53 @@ impl Store for PgStore {
             password_hash: r.get(1),
             created_unix: from_i64(r.get(2)),
         }))
+    }
+
+    async fn put_session(&self, token_sha256: &str, session: &Session) -> Result<(), StoreError> {
+        with_retry(self.backoff, || async {
+            let client = self.client().await?;
+            client
+                .execute(
+                    "INSERT INTO sessions (token_sha256, player_id, account, expires_unix) VALUES ($1, $2, $3, $4)
+                     ON CONFLICT (token_sha256) DO UPDATE SET player_id = excluded.player_id,
+                       account = excluded.account, expires_unix = excluded.expires_unix",
+                    &[&token_sha256, &to_i64(session.player), &session.account, &to_i64(session.expires_unix)],
+                )
+                .await?;
+            Ok::<_, Attempt>(())
+        })
+        .await?;
+        Ok(())
+    }
+
+    async fn session(&self, token_sha256: &str) -> Result<Option<Session>, StoreError> {
+        let now = now_unix_ms() / 1000;
+        let row = with_retry(self.backoff, || async {
+            let client = self.client().await?;
+            let row = client
+                .query_opt(
+                    "SELECT player_id, account, expires_unix FROM sessions WHERE token_sha256 = $1",
+                    &[&token_sha256],
+                )
+                .await?;
+            if row.as_ref().is_some_and(|r| r.get::<_, i64>(2) <= now) {
+                client.execute("DELETE FROM sessions WHERE token_sha256 = $1", &[&token_sha256]).await?;
+                return Ok::<_, Attempt>(None);
+            }
+            Ok(row)
+        })
+        .await?;
+        Ok(row.map(|r| Session { player: from_i64(r.get(0)), account: r.get(1), expires_unix: from_i64(r.get(2)) }))
+    }
+
+    async fn drop_session(&self, token_sha256: &str) -> Result<(), StoreError> {
+        with_retry(self.backoff, || async {
+            let client = self.client().await?;
+            client.execute("DELETE FROM sessions WHERE token_sha256 = $1", &[&token_sha256]).await?;
+            Ok::<_, Attempt>(())
+        })
+        .await?;
+        Ok(())
     }
 
     async fn load_progress(&self, player: PlayerId) -> Result<Option<Progress>, StoreError> {

@@ -6,8 +6,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use persistence::{
-    Progress, Store, StoreConfig, StoreError, Structure, TickDeltas, TopologySnapshot, TransferRecord, migrations,
-    model::fold_deltas, testing,
+    Progress, Session, Store, StoreConfig, StoreError, Structure, TickDeltas, TopologySnapshot, TransferRecord,
+    migrations, model::fold_deltas, testing,
 };
 use serde_json::json;
 use shared::chunk::ChunkKey;
@@ -124,11 +124,29 @@ async fn accounts_are_unique_by_name(f: Fixture) {
     let a = s.create_account("ada", "$argon2id$v=19$m=19456,t=2,p=1$c2FsdA$aGFzaA").await.expect("create");
     let b = s.create_account("bob", "hash-b").await.expect("create");
     assert_ne!(a.player, b.player);
-    assert!(a.player.0 > 0 && a.player.0 < 1 << 63);
+    // A player id is its avatar's 40-bit entity serial.
+    for p in [a.player, b.player] {
+        assert!(p.0 > 0 && p.0 <= shared::ids::MAX_PLAYER_ID, "{p}");
+    }
     let dup = s.create_account("ada", "other").await.expect_err("name taken");
     assert!(matches!(dup, StoreError::AlreadyExists(_)), "{dup}");
     assert_eq!(s.account("ada").await.expect("read"), Some(a));
     assert_eq!(s.account("nobody").await.expect("read"), None);
+}
+
+async fn sessions_expire_and_can_be_dropped(f: Fixture) {
+    let s = &f.store;
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("after 1970").as_secs();
+    let live = Session { player: 7, account: "ada".into(), expires_unix: now + 3600 };
+    let dead = Session { player: 8, account: "bob".into(), expires_unix: now - 1 };
+    s.put_session("aa11", &live).await.expect("put");
+    s.put_session("bb22", &dead).await.expect("put");
+    assert_eq!(s.session("aa11").await.expect("read"), Some(live.clone()));
+    assert_eq!(s.session("bb22").await.expect("read"), None, "expired");
+    assert_eq!(s.session("cc33").await.expect("read"), None);
+    s.drop_session("aa11").await.expect("drop");
+    assert_eq!(s.session("aa11").await.expect("read"), None, "dropped");
+    s.drop_session("aa11").await.expect("dropping twice is fine");
 }
 
 async fn progress_versions_only_increase(f: Fixture) {
@@ -232,6 +250,7 @@ behaviour!(
     compaction_keeps_the_chunk_and_reads_few_rows,
     out_of_chunk_deltas_are_refused,
     accounts_are_unique_by_name,
+    sessions_expire_and_can_be_dropped,
     progress_versions_only_increase,
     structures_by_chunk_with_versions,
     topology_snapshots_never_go_back,

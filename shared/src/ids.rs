@@ -57,6 +57,8 @@ impl fmt::Display for Epoch {
 pub struct EntityId(pub u64);
 
 const SERIAL_BITS: u32 = 40;
+/// The largest player id: a player's id is its avatar's entity serial.
+pub const MAX_PLAYER_ID: u64 = (1 << SERIAL_BITS) - 1;
 const SERIAL_MASK: u64 = (1 << SERIAL_BITS) - 1;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -13,6 +13,7 @@ pub mod geom;
 pub mod ids;
 pub mod region;
 pub mod terrain;
+pub mod ticket;
 pub mod time;
 pub mod wire;
 

@@ -3,6 +3,7 @@
 
 pub mod player;
 pub mod proxy;
+pub mod redis;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -115,21 +116,30 @@ pub struct Mesh {
     pub servers: Vec<(Proc, Value)>,
 }
 
+/// The development token the test meshes' game servers accept (so tests
+/// can join as any player without an account); tests of the login path
+/// start servers with `--dev-token=` (none).
+pub const DEV_TOKEN: &str = "dev";
+
 impl Mesh {
     pub fn start(n: usize, server_args: &[&str]) -> anyhow::Result<Self> {
+        Self::start_with(n, &[], server_args)
+    }
+
+    /// A mesh whose coordinator gets `coordinator_args` too.
+    pub fn start_with(n: usize, coordinator_args: &[&str], server_args: &[&str]) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
         let ports = dir.path().join("coordinator.json");
-        let mut coordinator = Proc::start(
-            "coordinator",
-            "mesh-coordinator",
-            &[
-                "--http-addr=127.0.0.1:0".into(),
-                "--grpc-addr=127.0.0.1:0".into(),
-                format!("--world-seed={WORLD_SEED}"),
-                format!("--ports-file={}", ports.display()),
-            ],
-            dir.path(),
-        )?;
+        let mut args = vec![
+            "--http-addr=127.0.0.1:0".into(),
+            "--grpc-addr=127.0.0.1:0".into(),
+            format!("--world-seed={WORLD_SEED}"),
+            format!("--ports-file={}", ports.display()),
+            // Accounts live in the mesh's one embedded store.
+            format!("--data-dir={}", dir.path().join("world").display()),
+        ];
+        args.extend(coordinator_args.iter().map(|s| (*s).to_owned()));
+        let mut coordinator = Proc::start("coordinator", "mesh-coordinator", &args, dir.path())?;
         let c = wait_ports(&ports, &mut coordinator)?;
         let http = c["http"].as_str().context("http")?.to_owned();
         let grpc = c["grpc"].as_str().context("grpc")?.to_owned();
@@ -158,6 +168,9 @@ impl Mesh {
             // One world for the mesh, as `meshctl up` does.
             format!("--data-dir={}", dir.join("world").display()),
         ];
+        if !server_args.iter().any(|a| a.starts_with("--dev-token")) {
+            args.push(format!("--dev-token={DEV_TOKEN}"));
+        }
         args.extend(server_args.iter().map(|s| (*s).to_owned()));
         let mut p = Proc::start(name, "game-server", &args, dir)?;
         let v = wait_ports(&ports, &mut p)?;

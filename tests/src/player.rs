@@ -1,6 +1,6 @@
 //! A scripted player for the multi-process tests: connects over QUIC with
-//! the development ticket, joins, sends edits on its control stream and
-//! reads the answers.
+//! the development token (or a real ticket), joins, sends edits on its
+//! control stream and reads the answers.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -32,6 +32,19 @@ impl TestPlayer {
         player: u64,
         spawn: DVec3,
     ) -> anyhow::Result<(Self, ServerControl)> {
+        let hello = ClientControl::Hello {
+            version: PROTOCOL_VERSION,
+            ticket: crate::DEV_TOKEN.into(),
+            player: PlayerId(player),
+            name: format!("test-{player}"),
+            role: JoinRole::Play,
+            spawn: Some(spawn),
+        };
+        Self::hello(quic, cert, hello).await
+    }
+
+    /// Connects and sends `hello`; returns the player and the server's answer.
+    pub async fn hello(quic: SocketAddr, cert: &str, hello: ClientControl) -> anyhow::Result<(Self, ServerControl)> {
         let mut endpoint = quinn::Endpoint::client(SocketAddr::from(([127, 0, 0, 1], 0)))?;
         endpoint.set_default_client_config(bot_swarm::tls::client_config(cert, ALPN)?);
         let conn = endpoint.connect(quic, "localhost")?.await.context("QUIC handshake")?;
@@ -57,15 +70,7 @@ impl TestPlayer {
             }
         });
         let mut p = Self { conn, send, frames, _endpoint: endpoint };
-        p.send(&ClientControl::Hello {
-            version: PROTOCOL_VERSION,
-            ticket: "dev".into(),
-            player: PlayerId(player),
-            name: format!("test-{player}"),
-            role: JoinRole::Play,
-            spawn: Some(spawn),
-        })
-        .await?;
+        p.send(&hello).await?;
         let answer = p.next(Duration::from_secs(10)).await?.context("no answer to hello")?;
         Ok((p, answer))
     }

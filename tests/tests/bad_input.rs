@@ -71,7 +71,7 @@ fn bad_input_is_refused_and_counted() -> anyhow::Result<()> {
         }
         // A good connection survives garbage datagrams, which are counted.
         let c = connect(quic, &cert, ALPN).await?;
-        let (welcome, _send, _recv) = hello(&c, "dev").await?;
+        let (welcome, _send, _recv) = hello(&c, integration_tests::DEV_TOKEN).await?;
         assert!(matches!(welcome, ServerControl::Welcome { authoritative: true, .. }), "{welcome:?}");
         for junk in [&[][..], &[9, 9, 9][..], &[1, 0, 0][..]] {
             c.send_datagram(bytes_of(junk))?;

@@ -53,10 +53,14 @@ fn a_bot_walks_across_the_boundary_and_authority_follows() -> anyhow::Result<()>
         assert_eq!(t["outcome"], "Delivered", "transfer not delivered: {t}");
     }
     // Both servers handed authority out and took it in.
+    let logs: String = mesh.servers.iter().map(|(p, _)| p.log_text()).collect();
+    let bots_said =
+        || format!("{}\n{}\n{logs}", swarm.log_text(), std::fs::read_to_string(&report).unwrap_or_default());
     for m in &metrics_text {
-        assert!(metric(m, "authority_transfers_total", r#"kind="out""#) >= 1.0);
-        assert!(metric(m, "authority_transfers_total", r#"kind="in""#) >= 1.0);
-        assert_eq!(metric(m, "packets_dropped_total", ""), 0.0, "no datagram dropped");
+        assert!(metric(m, "authority_transfers_total", r#"kind="out""#) >= 1.0, "{}", bots_said());
+        assert!(metric(m, "authority_transfers_total", r#"kind="in""#) >= 1.0, "{}", bots_said());
+        let drops: Vec<&str> = m.lines().filter(|l| l.starts_with("packets_dropped_total")).collect();
+        assert_eq!(metric(m, "packets_dropped_total", ""), 0.0, "no datagram dropped: {drops:?}");
     }
 
     // What the bots saw.

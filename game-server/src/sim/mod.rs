@@ -112,6 +112,7 @@ pub struct WorldParts {
 pub fn world(p: SimParts) -> World {
     let mut w = World::new();
     let ids = shared::ids::EntityIdAllocator::new(p.config.server).ok();
+    w.insert_resource(systems::Progression(p.world.store.clone()));
     w.insert_resource(terrain::Terrain::new(p.world.generator, p.world.store, p.world.terrain));
     w.insert_resource(physics::Physics::new(p.world.physics_origin));
     w.insert_resource(edits::Edits::new(p.world.edits, p.world.writer, ids));
@@ -210,6 +211,7 @@ fn run(parts: SimParts, stop: &AtomicBool) {
         }
     }
     edits::hand_over_backlog(&mut world);
+    systems::save_all_progress(&mut world);
     info!(last_tick = last, "tick thread stopped");
 }
 

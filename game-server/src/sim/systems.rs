@@ -240,10 +240,54 @@ fn left(world: &mut World, conn: u64) {
         a.conn = other;
     }
     if !still_connected && world.get::<Transfer>(e).is_none_or(|t| !matches!(t, Transfer::Committed(_))) {
+        save_progress(world, e);
         despawn(world, e);
         info!(player = %c.player, "player left");
     }
 }
+
+/// The player's progression as it stands (position; inventory and stats
+/// once the game has them), saved in the background. The version is the
+/// mesh tick, which every server agrees on, so a later save always wins.
+pub fn progress_of(world: &World, e: Entity) -> Option<persistence::model::Progress> {
+    let (avatar, body) = (world.get::<Avatar>(e)?, world.get::<Body>(e)?);
+    Some(persistence::model::Progress {
+        player: avatar.player,
+        version: world.resource::<TickState>().tick,
+        position: body.pos.to_array(),
+        inventory: serde_json::json!([]),
+        stats: serde_json::json!({}),
+    })
+}
+
+fn save_progress(world: &World, e: Entity) {
+    if let Some(p) = progress_of(world, e) {
+        world.resource::<Progression>().0.save_progress(p);
+    }
+}
+
+/// At shutdown: saves every avatar's progression and waits (up to 5 s) for
+/// the saves, so a clean stop or a rolling update keeps where players were.
+pub fn save_all_progress(world: &mut World) {
+    let avatars: Vec<Entity> = world.query_filtered::<Entity, With<Avatar>>().iter(world).collect();
+    let store = world.resource::<Progression>().0.clone();
+    let saves: Vec<_> = avatars.iter().filter_map(|e| progress_of(world, *e)).map(|p| store.save_progress(p)).collect();
+    let n = saves.len();
+    let done = store.rt.block_on(async {
+        tokio::time::timeout(std::time::Duration::from_secs(5), futures::future::join_all(saves)).await
+    });
+    match done {
+        Ok(results) => {
+            let failed = results.iter().filter(|r| !matches!(r, Ok(Ok(())))).count();
+            info!(players = n, failed, "progression saved at shutdown");
+        }
+        Err(_) => warn!(players = n, "progression saves did not finish within 5 s of shutdown"),
+    }
+}
+
+/// Where player progression is saved.
+#[derive(Debug, Resource, Clone)]
+pub struct Progression(pub crate::store::WorldStore);
 
 fn despawn(world: &mut World, e: Entity) {
     super::physics::release_physics(world, e);

@@ -35,7 +35,7 @@ pub struct SwarmConfig {
     pub bots: u32,
     /// Stop after this long (`None`: until cancelled).
     pub duration: Option<Duration>,
-    pub token: String,
+    pub auth: BotAuth,
     /// Waypoints every bot walks in a loop; bot `i` is shifted `i * spread_m` along Z.
     pub path: Vec<DVec3>,
     pub spread_m: f64,
@@ -43,6 +43,18 @@ pub struct SwarmConfig {
     pub first_player: u64,
     /// Bots start this far apart.
     pub ramp: Duration,
+}
+
+/// How bots get in.
+#[derive(Debug, Clone)]
+pub enum BotAuth {
+    /// Log in through the coordinator as `<prefix><first_player + i>`,
+    /// creating the account on first use; tickets come from the login and,
+    /// for pre-connects, from the session.
+    Login { prefix: String, password: String },
+    /// Servers started with `--dev-token` accept this token as any player:
+    /// bot `i` is player `first_player + i`.
+    DevToken(String),
 }
 
 /// Live counters, readable while the swarm runs.
@@ -172,8 +184,11 @@ pub async fn run(cfg: SwarmConfig, live: Arc<Live>, stop: CancellationToken) -> 
 
 struct Bot {
     player: PlayerId,
+    name: String,
     coordinator: String,
-    token: String,
+    auth: BotAuth,
+    /// The session of a logged-in bot, for more tickets.
+    session: Option<String>,
     path: Vec<DVec3>,
     endpoint: quinn::Endpoint,
     http: reqwest::Client,
@@ -193,10 +208,16 @@ impl Bot {
     ) -> Self {
         let shift = DVec3::new(0.0, 0.0, f64::from(i) * cfg.spread_m);
         let player = PlayerId(cfg.first_player + u64::from(i));
+        let name = match &cfg.auth {
+            BotAuth::Login { prefix, .. } => format!("{prefix}{}", player.0),
+            BotAuth::DevToken(_) => format!("bot-{}", player.0),
+        };
         Self {
             player,
+            name,
             coordinator: cfg.coordinator.clone(),
-            token: cfg.token.clone(),
+            auth: cfg.auth.clone(),
+            session: None,
             path: cfg.path.iter().map(|p| *p + shift).collect(),
             endpoint,
             http,
@@ -229,10 +250,21 @@ impl Bot {
         let primary = loop {
             tries += 1;
             let attempt = async {
-                let route = self.route(spawn).await?;
+                let (route, ticket, spawn) = match self.auth.clone() {
+                    BotAuth::DevToken(token) => (self.route(spawn).await?, token, Some(spawn)),
+                    BotAuth::Login { password, .. } => {
+                        let login = self.login(&password, spawn).await?;
+                        self.player = PlayerId(login.player);
+                        self.report.player = login.player;
+                        self.session = Some(login.session);
+                        let j = login.join;
+                        let route = Route { server_id: j.server_id, quic: j.quic, cert_sha256: j.cert_sha256 };
+                        (route, j.ticket, j.spawn.map(DVec3::from_array))
+                    }
+                };
                 let addr: SocketAddr =
                     route.quic.parse().with_context(|| format!("bad QUIC address {}", route.quic))?;
-                self.open(addr, &route.cert_sha256, JoinRole::Play, Some(spawn), tx.clone())
+                self.open(addr, &route.cert_sha256, JoinRole::Play, spawn, ticket, tx.clone())
                     .await
                     .map(|s| (s, route.server_id))
             }
@@ -362,7 +394,7 @@ impl Bot {
                             ServerControl::PreConnect { server: to, quic_addr, cert_sha256 } if !links.contains_key(&to) => {
                                 match quic_addr.parse::<SocketAddr>() {
                                     Ok(addr) => {
-                                        let me = self.open_in_background(addr, cert_sha256, tx.clone());
+                                        let me = self.open_in_background(addr, to, cert_sha256, tx.clone());
                                         tokio::spawn(me);
                                     }
                                     Err(_) => self.error(format!("server {} sent a bad address {quic_addr:?}", server.0)),
@@ -402,14 +434,28 @@ impl Bot {
     fn open_in_background(
         &mut self,
         addr: SocketAddr,
+        server: ServerId,
         cert: String,
         tx: mpsc::Sender<Event>,
     ) -> impl Future<Output = ()> + Send + 'static {
         self.report.connections_opened += 1;
         let endpoint = self.endpoint.clone();
-        let hello = self.hello(JoinRole::Standby, None);
         let stop = self.stop.clone();
+        let (player, name, auth) = (self.player, self.name.clone(), self.auth.clone());
+        let (http, coordinator, session) = (self.http.clone(), self.coordinator.clone(), self.session.clone());
         async move {
+            let ticket = match auth {
+                BotAuth::DevToken(t) => Ok(t),
+                BotAuth::Login { .. } => standby_ticket(&http, &coordinator, session.as_deref(), server).await,
+            };
+            let ticket = match ticket {
+                Ok(t) => t,
+                Err(e) => {
+                    debug!(%addr, error = %format!("{e:#}"), "no ticket to pre-connect");
+                    return;
+                }
+            };
+            let hello = hello(player, &name, ticket, JoinRole::Standby, None);
             match open(&endpoint, addr, &cert, hello, tx.clone(), stop).await {
                 Ok((server, conn)) => {
                     let _ = tx.send(Event::Linked(server, conn)).await;
@@ -419,28 +465,92 @@ impl Bot {
         }
     }
 
-    fn hello(&self, role: JoinRole, spawn: Option<DVec3>) -> ClientControl {
-        ClientControl::Hello {
-            version: PROTOCOL_VERSION,
-            ticket: self.token.clone(),
-            player: self.player,
-            name: format!("bot-{}", self.player.0),
-            role,
-            spawn,
-        }
-    }
-
+    #[allow(clippy::too_many_arguments)]
     async fn open(
         &mut self,
         addr: SocketAddr,
         cert: &str,
         role: JoinRole,
         spawn: Option<DVec3>,
+        ticket: String,
         tx: mpsc::Sender<Event>,
     ) -> anyhow::Result<(ServerId, quinn::Connection)> {
         self.report.connections_opened += 1;
-        open(&self.endpoint, addr, cert, self.hello(role, spawn), tx, self.stop.clone()).await
+        let hello = hello(self.player, &self.name, ticket, role, spawn);
+        open(&self.endpoint, addr, cert, hello, tx, self.stop.clone()).await
     }
+
+    /// Logs in (creating the account the first time) and returns the
+    /// coordinator's answer: the session and a ticket for the first server.
+    async fn login(&self, password: &str, spawn: DVec3) -> anyhow::Result<LoginAnswer> {
+        let url = format!("{}/v1/login", self.coordinator);
+        let body = serde_json::json!({ "name": self.name, "password": password, "spawn": spawn.to_array() });
+        for attempt in 0..2 {
+            let r = self.http.post(&url).json(&body).send().await.with_context(|| format!("POST {url}"))?;
+            let status = r.status();
+            if status.is_success() {
+                return Ok(r.json().await?);
+            }
+            let text = r.text().await.unwrap_or_default();
+            if status == reqwest::StatusCode::UNAUTHORIZED && attempt == 0 {
+                // First run: make the account, then log in again.
+                let url = format!("{}/v1/accounts", self.coordinator);
+                let body = serde_json::json!({ "name": self.name, "password": password });
+                let r = self.http.post(&url).json(&body).send().await.with_context(|| format!("POST {url}"))?;
+                anyhow::ensure!(
+                    r.status().is_success() || r.status() == reqwest::StatusCode::CONFLICT,
+                    "creating account {}: {} {}",
+                    self.name,
+                    r.status(),
+                    r.text().await.unwrap_or_default()
+                );
+                continue;
+            }
+            anyhow::bail!("login as {} refused: {status} {text}", self.name);
+        }
+        anyhow::bail!("login as {} refused after creating the account", self.name)
+    }
+}
+
+/// What `POST /v1/login` answers (the fields a bot uses).
+#[derive(Debug, Deserialize)]
+struct LoginAnswer {
+    player: u64,
+    session: String,
+    join: TicketAnswer,
+}
+
+#[derive(Debug, Deserialize)]
+struct TicketAnswer {
+    ticket: String,
+    server_id: u32,
+    quic: String,
+    cert_sha256: String,
+    spawn: Option<[f64; 3]>,
+}
+
+/// A ticket to pre-connect to `server`, bought with the session.
+async fn standby_ticket(
+    http: &reqwest::Client,
+    coordinator: &str,
+    session: Option<&str>,
+    server: ServerId,
+) -> anyhow::Result<String> {
+    let session = session.context("not logged in")?;
+    let url = format!("{coordinator}/v1/tickets");
+    let r = http
+        .post(&url)
+        .bearer_auth(session)
+        .json(&serde_json::json!({ "role": "standby", "server_id": server.0 }))
+        .send()
+        .await
+        .with_context(|| format!("POST {url}"))?;
+    anyhow::ensure!(r.status().is_success(), "ticket refused: {} {}", r.status(), r.text().await.unwrap_or_default());
+    Ok(r.json::<TicketAnswer>().await?.ticket)
+}
+
+fn hello(player: PlayerId, name: &str, ticket: String, role: JoinRole, spawn: Option<DVec3>) -> ClientControl {
+    ClientControl::Hello { version: PROTOCOL_VERSION, ticket, player, name: name.to_owned(), role, spawn }
 }
 
 async fn read_frame(recv: &mut quinn::RecvStream) -> anyhow::Result<ServerControl> {

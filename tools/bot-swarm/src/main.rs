@@ -23,9 +23,16 @@ struct Cli {
     /// Stop after this many seconds (0: run until Ctrl-C).
     #[arg(long, default_value_t = 0)]
     seconds: u64,
-    /// Token the servers accept.
-    #[arg(long, env = "PS_DEV_TOKEN", default_value = "dev")]
-    token: String,
+    /// Join with this development token (servers started with the same
+    /// `--dev-token`) instead of logging in through the coordinator.
+    #[arg(long, env = "PS_DEV_TOKEN", hide_env_values = true)]
+    dev_token: Option<String>,
+    /// Bot accounts are named `<prefix><n>`; created on first use.
+    #[arg(long, default_value = "bot-")]
+    account_prefix: String,
+    /// Password of the bot accounts.
+    #[arg(long, env = "PS_BOT_PASSWORD", default_value = "bot-password", hide_env_values = true)]
+    password: String,
     /// Waypoints, `x,y,z;x,y,z;…`, walked in a loop. The default crosses the
     /// face between the root regions (0,0,0) and (1,0,0) back and forth.
     #[arg(long, default_value = "1960,10,900;2040,10,900")]
@@ -68,7 +75,10 @@ async fn main() -> anyhow::Result<()> {
         coordinator: cli.coordinator.trim_end_matches('/').to_owned(),
         bots: cli.bots,
         duration: (cli.seconds > 0).then(|| Duration::from_secs(cli.seconds)),
-        token: cli.token,
+        auth: match cli.dev_token {
+            Some(t) => bot_swarm::BotAuth::DevToken(t),
+            None => bot_swarm::BotAuth::Login { prefix: cli.account_prefix, password: cli.password },
+        },
         path: parse_path(&cli.path)?,
         spread_m: cli.spread_m,
         first_player: cli.first_player,

@@ -31,6 +31,11 @@ pub struct UpArgs {
     /// CockroachDB or PostgreSQL, `memory:` for a world lost at exit).
     #[arg(long, env = "PS_DATABASE_URL", hide_env_values = true)]
     database_url: Option<String>,
+    /// Redis for sessions, the player directory, rate limits and events
+    /// (optional: without it they degrade to the database and per-process
+    /// limits).
+    #[arg(long, env = "PS_REDIS_URL", hide_env_values = true)]
+    redis_url: Option<String>,
     /// The coordinator's HTTP port on 127.0.0.1.
     #[arg(long, default_value_t = 8080)]
     http_port: u16,
@@ -98,6 +103,29 @@ async fn wait_for_file(path: &Path, proc: &mut Proc, log: &Path) -> anyhow::Resu
     }
 }
 
+/// The local mesh's ticket signing key: made once (64 hex digits from the
+/// OS random source, readable by this user only) and kept with the world,
+/// so tickets and sessions survive a restart of the coordinator.
+fn ticket_key(data_dir: &Path) -> anyhow::Result<PathBuf> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = data_dir.join("ticket.key");
+    if path.is_file() {
+        return Ok(path);
+    }
+    let mut seed = [0u8; 32];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut seed)?;
+    let hex: String = seed.iter().map(|b| format!("{b:02x}")).collect();
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    std::io::Write::write_all(&mut f, format!("{hex}\n").as_bytes())?;
+    Ok(path)
+}
+
 async fn stop(procs: &mut [Proc]) {
     for p in procs.iter_mut() {
         if let Some(pid) = p.child.id() {
@@ -129,6 +157,13 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         let _ = std::fs::remove_file(f?.path());
     }
 
+    let key_file = ticket_key(&args.data_dir)?;
+    let storage = match &args.database_url {
+        Some(url) => format!("--database-url={url}"),
+        None => format!("--data-dir={}", args.data_dir.join("world").display()),
+    };
+    let redis: Vec<String> = args.redis_url.iter().map(|u| format!("--redis-url={u}")).collect();
+
     // Stopped in this order on the way out: bots, game servers, coordinator.
     let mut coordinator: Vec<Proc> = Vec::new();
     let mut servers: Vec<Proc> = Vec::new();
@@ -140,11 +175,19 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             "coordinator",
             &coord_bin,
             &[
-                format!("--http-addr=127.0.0.1:{}", args.http_port),
-                format!("--grpc-addr=127.0.0.1:{}", args.grpc_port),
-                format!("--world-size={}", args.world_size),
-                format!("--ports-file={}", ports.display()),
-            ],
+                vec![
+                    format!("--http-addr=127.0.0.1:{}", args.http_port),
+                    format!("--grpc-addr=127.0.0.1:{}", args.grpc_port),
+                    format!("--world-size={}", args.world_size),
+                    format!("--ports-file={}", ports.display()),
+                    format!("--ticket-key-file={}", key_file.display()),
+                    // Every local bot logs in from 127.0.0.1.
+                    "--logins-per-address=1000000".into(),
+                    storage.clone(),
+                ],
+                redis.clone(),
+            ]
+            .concat(),
             &log,
         )?);
         let c = wait_for_file(&ports, &mut coordinator[0], &log).await?;
@@ -161,20 +204,21 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
                 &name,
                 &gs_bin,
                 &[
-                    format!("--name={name}"),
-                    format!("--coordinator=http://{grpc}"),
-                    "--quic-addr=127.0.0.1:0".into(),
-                    "--query-addr=127.0.0.1:0".into(),
-                    "--http-addr=127.0.0.1:0".into(),
-                    "--metrics-addr=127.0.0.1:0".into(),
-                    "--grpc-addr=127.0.0.1:0".into(),
-                    format!("--walk-speed={}", args.walk_speed),
-                    format!("--ports-file={}", ports.display()),
-                    match &args.database_url {
-                        Some(url) => format!("--database-url={url}"),
-                        None => format!("--data-dir={}", args.data_dir.join("world").display()),
-                    },
-                ],
+                    vec![
+                        format!("--name={name}"),
+                        format!("--coordinator=http://{grpc}"),
+                        "--quic-addr=127.0.0.1:0".into(),
+                        "--query-addr=127.0.0.1:0".into(),
+                        "--http-addr=127.0.0.1:0".into(),
+                        "--metrics-addr=127.0.0.1:0".into(),
+                        "--grpc-addr=127.0.0.1:0".into(),
+                        format!("--walk-speed={}", args.walk_speed),
+                        format!("--ports-file={}", ports.display()),
+                        storage.clone(),
+                    ],
+                    redis.clone(),
+                ]
+                .concat(),
                 &log,
             )?;
             let v = wait_for_file(&ports, &mut p, &log).await?;
