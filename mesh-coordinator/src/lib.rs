@@ -13,6 +13,7 @@ pub mod grpc;
 pub mod http;
 pub mod metrics;
 pub mod node;
+pub mod persist;
 pub mod state;
 
 use std::net::SocketAddr;
@@ -169,7 +170,6 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
     let epoch = now_nanos() / 1_000_000_000 * 1_000_000_000;
     let mut state = CoordinatorState::new(config.policy(), tree, TickClock::new(epoch));
     state.world_seed = config.world_seed;
-    let node = Arc::new(Node::new(state, metrics::Metrics::new()));
 
     let key = auth::load_key(config.ticket_key_file.as_deref())?;
     let store =
@@ -177,6 +177,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
             .await
             .context("opening the account store")?;
     info!(backend = store.backend(), "store open");
+    let state = persist::load(store.as_ref(), &config.cluster, state, now_nanos()).await?;
+    let node = Arc::new(Node::new(state, metrics::Metrics::new()));
     let cache = Arc::new(
         persistence::cache::Cache::new(config.storage.redis_url.as_deref(), &config.cluster)
             .map_err(anyhow::Error::msg)?,
@@ -186,7 +188,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
         .register(Box::new(persistence::cache::CacheCollector::new(cache.clone())))
         .context("registering cache metrics")?;
     let auth = Arc::new(auth::Auth::new(
-        store,
+        store.clone(),
         cache,
         key,
         auth::AuthPolicy {
@@ -218,6 +220,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
     });
 
     // Failure detection and placement run on a timer, through the log.
+    let saver = tokio::spawn(persist::run(node.clone(), store.clone(), config.cluster.clone(), stop.clone()));
     let ticker = {
         let node = node.clone();
         let period = Duration::from_millis((config.heartbeat_interval_ms / 2).clamp(50, 250));
@@ -260,6 +263,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
 
     let (h, g) = tokio::join!(http_task, grpc_task);
     ticker.abort();
+    // The last snapshot and transfers, written on the way out (bounded).
+    if tokio::time::timeout(Duration::from_secs(5), saver).await.is_err() {
+        warn!("the last topology save did not finish within 5 s");
+    }
     h.context("HTTP task panicked")?.context("HTTP server failed")?;
     g.context("gRPC task panicked")?.context("gRPC server failed")?;
     if !stop.is_cancelled() {

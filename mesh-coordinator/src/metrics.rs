@@ -13,6 +13,8 @@ pub struct Metrics {
     pub server_deaths: IntCounter,
     /// Auth outcomes: `login`, `ticket`, `account_created`, or a refusal label.
     pub auth: IntCounterVec,
+    /// Database writes by what (`topology`, `transfers`) and result (`ok`, `failed`).
+    pub store_writes: IntCounterVec,
 }
 
 impl Metrics {
@@ -40,8 +42,14 @@ impl Metrics {
             &["outcome"],
         )
         .expect("static metric definition");
+        let store_writes = IntCounterVec::new(
+            Opts::new("coordinator_store_writes_total", "Topology and transfer-log writes to the database by result"),
+            &["what", "result"],
+        )
+        .expect("static metric definition");
         for c in [
             Box::new(auth.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(store_writes.clone()),
             Box::new(servers.clone()),
             Box::new(regions.clone()),
             Box::new(commands.clone()),
@@ -51,7 +59,7 @@ impl Metrics {
         ] {
             registry.register(c).expect("metric names are unique");
         }
-        Self { registry, servers, regions, commands, refused, transfers, server_deaths, auth }
+        Self { registry, servers, regions, commands, refused, transfers, server_deaths, auth, store_writes }
     }
 
     /// Prometheus text exposition of every metric.

@@ -244,6 +244,24 @@ pub struct CoordinatorState {
 }
 
 impl CoordinatorState {
+    /// The state as restored from a topology snapshot after every replica
+    /// restarted: epochs, ids and the tick grid continue where they were, and
+    /// every server the snapshot knew alive gets a full heartbeat timeout
+    /// from `now` to check in before it is declared dead.
+    pub fn restored(mut self, now: u64) -> Self {
+        for s in self.servers.values_mut().filter(|s| s.alive) {
+            s.last_heartbeat = s.last_heartbeat.max(now);
+        }
+        self.map_version += 1;
+        self
+    }
+
+    /// Whether `other` describes the same world (roots and seed): a snapshot
+    /// of another world must not be restored over this one.
+    pub fn same_world(&self, other: &CoordinatorState) -> bool {
+        self.world_seed == other.world_seed && self.tree.roots().eq(other.tree.roots())
+    }
+
     pub fn new(policy: Policy, tree: RegionTree, clock: TickClock) -> Self {
         let assignments =
             tree.leaves().into_iter().map(|k| (k, Assignment { server: None, epoch: Epoch(0) })).collect();

@@ -114,6 +114,7 @@ pub struct Mesh {
     pub http: String,
     pub grpc: String,
     pub servers: Vec<(Proc, Value)>,
+    coordinator_args: Vec<String>,
 }
 
 /// The development token the test meshes' game servers accept (so tests
@@ -143,11 +144,29 @@ impl Mesh {
         let c = wait_ports(&ports, &mut coordinator)?;
         let http = c["http"].as_str().context("http")?.to_owned();
         let grpc = c["grpc"].as_str().context("grpc")?.to_owned();
-        let mut mesh = Self { dir, coordinator, http, grpc, servers: Vec::new() };
+        let mut mesh = Self { dir, coordinator, http, grpc, servers: Vec::new(), coordinator_args: args };
         for i in 1..=n {
             mesh.start_server(&format!("gs-{i}"), server_args)?;
         }
         Ok(mesh)
+    }
+
+    /// Stops the coordinator (cleanly: SIGTERM) and starts a new one on the
+    /// same store. Its ports change: game servers started before it cannot
+    /// reach it.
+    pub fn restart_coordinator(&mut self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.coordinator.stop(),
+            "the coordinator did not stop cleanly:\n{}",
+            self.coordinator.log_text()
+        );
+        let ports = self.dir.path().join("coordinator.json");
+        let _ = std::fs::remove_file(&ports);
+        self.coordinator = Proc::start("coordinator-2", "mesh-coordinator", &self.coordinator_args, self.dir.path())?;
+        let c = wait_ports(&ports, &mut self.coordinator)?;
+        self.http = c["http"].as_str().context("http")?.to_owned();
+        self.grpc = c["grpc"].as_str().context("grpc")?.to_owned();
+        Ok(())
     }
 
     /// Starts one more game server; returns its index in `servers`.

@@ -66,7 +66,7 @@ fn bad_input_is_refused_and_counted() -> anyhow::Result<()> {
         // A wrong ticket is refused with a reason.
         let c = connect(quic, &cert, ALPN).await?;
         match hello(&c, "forged").await?.0 {
-            ServerControl::Refused { reason } => assert!(reason.starts_with("bad_ticket"), "{reason}"),
+            ServerControl::Refused { reason } => assert!(reason.starts_with("ticket_malformed"), "{reason}"),
             other => panic!("expected a refusal, got {other:?}"),
         }
         // A good connection survives garbage datagrams, which are counted.
@@ -130,7 +130,7 @@ fn bad_input_is_refused_and_counted() -> anyhow::Result<()> {
     eprintln!("probes took {:?}", t0.elapsed());
     let m = blocking_text(&metrics_url)?;
     assert!(metric(&m, "player_connections_refused_total", r#"reason="alpn""#) >= 1.0, "{m}");
-    assert_eq!(metric(&m, "player_connections_refused_total", r#"reason="bad_ticket""#), 1.0);
+    assert_eq!(metric(&m, "player_connections_refused_total", r#"reason="ticket_malformed""#), 1.0);
     assert_eq!(metric(&m, "packets_dropped_total", r#"reason="truncated""#), 2.0);
     assert_eq!(metric(&m, "packets_dropped_total", r#"reason="unknown_kind""#), 1.0);
     assert_eq!(metric(&m, "peer_requests_refused_total", r#"reason="wrong_server""#), 1.0);
