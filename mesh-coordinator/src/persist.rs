@@ -183,7 +183,7 @@ mod tests {
             now: 2_000_000_000,
         });
         r.unwrap();
-        s.apply(Command::Tick { now: 2_000_000_001 });
+        s.apply(Command::Tick { now: 2_000_000_001 }).0.unwrap();
         let owned: Vec<_> = s.assignments().values().map(|a| (a.server, a.epoch)).collect();
         assert!(owned.iter().all(|(srv, e)| srv.is_some() && e.0 > 0), "{owned:?}");
         let data = encode(&s);
@@ -194,7 +194,7 @@ mod tests {
         let mut back = load(&store, "c", state(7), later).await.unwrap();
         assert_eq!(back.clock, s.clock);
         assert_eq!(back.assignments().values().map(|a| (a.server, a.epoch)).collect::<Vec<_>>(), owned);
-        back.apply(Command::Tick { now: later + 1 });
+        back.apply(Command::Tick { now: later + 1 }).0.unwrap();
         assert!(back.servers().values().all(|r| r.alive), "a full heartbeat timeout to check in");
 
         // Another world is refused, not restored.
