@@ -394,8 +394,9 @@ async fn logout(State((node, auth)): State<AuthState>, headers: HeaderMap) -> Re
 ///
 /// `play`: the player starts at their saved position, else at `hint` (a
 /// first login may choose, inside the world), else at the world's spawn
-/// point (the middle of its first root region), on the server that owns
-/// it, unless `server` names one. `standby`: `server` is required.
+/// point (the middle of its first root region), on the server the directory
+/// says holds the avatar, else on the server that owns that point, unless
+/// `server` names one. `standby`: `server` is required.
 async fn place(
     node: &Node,
     auth: &Auth,
@@ -422,10 +423,20 @@ async fn place(
             Some(start)
         }
     };
+    // Where the avatar is now, if a live server says it holds it: a second
+    // login or a reconnect must land on that server (it adopts the avatar),
+    // never spawn a second one elsewhere. A stale entry heals itself: the
+    // named server refuses a spawn it does not own, and clears the entry
+    // when that connection ends.
+    let holder = match (role, server) {
+        (JoinRole::Play, None) => auth.directory(player).await,
+        _ => None,
+    };
     let target = node.read(|s| {
+        let live = |id: ServerId| s.server(id).filter(|r| r.alive);
         let rec = match (server, spawn) {
-            (Some(id), _) => s.server(id).filter(|r| r.alive),
-            (None, Some(p)) => s.owner_at(p).map(|(_, r)| r),
+            (Some(id), _) => live(id),
+            (None, Some(p)) => holder.and_then(live).or_else(|| s.owner_at(p).map(|(_, r)| r)),
             (None, None) => None,
         };
         rec.map(|r| (r.id, r.addresses.quic.clone(), r.cert_sha256.clone()))

@@ -74,7 +74,10 @@ fn players_log_in_and_join_with_tickets_and_logins_survive_redis_dying() -> anyh
     let cluster = format!("login-{}", std::process::id());
     let redis_arg = format!("--redis-url={}", redis.url());
     let cluster_arg = format!("--cluster={cluster}");
-    let mesh = Mesh::start_with(2, &[&redis_arg, &cluster_arg], &["--dev-token=", &redis_arg])?;
+    // Polling logins below would trip the 10-a-minute limit per name (tested
+    // in the coordinator's unit tests).
+    let mesh =
+        Mesh::start_with(2, &[&redis_arg, &cluster_arg, "--logins-per-name=1000"], &["--dev-token=", &redis_arg])?;
     mesh.wait_regions_owned()?;
     let http = mesh.http.clone();
     let rt = runtime();
@@ -186,6 +189,28 @@ fn players_log_in_and_join_with_tickets_and_logins_survive_redis_dying() -> anyh
         while cache.location(player).await?.is_some() {
             anyhow::ensure!(Instant::now() < deadline, "the directory kept the player after it left");
             tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+
+        // The directory routes a login to the server holding the avatar (as
+        // after a handoff), not to the owner of the saved position. A stale
+        // entry heals: that server refuses a spawn it does not own, and
+        // forgets the player when the refused connection ends.
+        cache.set_location(player, other).await;
+        let creds = json!({"name": "ada", "password": "correct horse"});
+        let (s, v) = post(&http, "/v1/login", None, creds.clone()).await?;
+        assert_eq!((s, v["join"]["server_id"].as_u64()), (200, Some(u64::from(other))), "{v}");
+        let (_stale, answer) = join(&v["join"], player, JoinRole::Play).await?;
+        assert!(refusal(&answer).starts_with("not_owner"), "{answer:?}");
+        drop(_stale);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let (s, v) = post(&http, "/v1/login", None, creds.clone()).await?;
+            assert_eq!(s, 200, "{v}");
+            if v["join"]["server_id"].as_u64() == Some(u64::from(home)) {
+                break;
+            }
+            anyhow::ensure!(Instant::now() < deadline, "the stale directory entry never healed: {v}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
         Ok::<_, anyhow::Error>(())
     })?;
