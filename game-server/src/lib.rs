@@ -184,7 +184,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
     }
     tasks.spawn(net::serve(
         endpoint,
-        net::NetContext::new(sim_tx.clone(), tickets.clone(), metrics.clone(), cache.clone()),
+        {
+            let ctx = net::NetContext::new(sim_tx.clone(), tickets.clone(), metrics.clone(), cache.clone());
+            net::relay_world_events(&ctx);
+            ctx
+        },
         stop.clone(),
     ));
     tasks.spawn(control::heartbeat_loop(

@@ -38,6 +38,10 @@ pub struct Metrics {
     pub inputs_rejected: IntCounterVec,
     pub bodies_stuck: IntCounter,
     pub edits_applied: IntCounter,
+    /// Chat lines and notices: `published` (to every server through Redis),
+    /// `local` (Redis down: this server's players only), `delivered` (from
+    /// Redis to this server's players), `invalid`, `rate_limited`.
+    pub world_events: IntCounterVec,
     pub edits_rejected: IntCounterVec,
     pub voxels_changed: IntCounter,
     pub structures_broken: IntCounter,
@@ -137,6 +141,7 @@ impl Metrics {
                 "Player moves skipped because the body is inside rock or unloaded terrain",
             ),
             edits_applied: counter("world_edits_total", "World edits applied"),
+            world_events: counter_vec("world_events_total", "Chat lines and notices, by route or drop reason", "route"),
             edits_rejected: counter_vec("world_edits_rejected_total", "World edits refused, by reason", "reason"),
             voxels_changed: counter("world_voxels_changed_total", "Voxels changed by edits and breaks"),
             structures_broken: counter("structures_broken_total", "Unsupported structures that broke off"),
@@ -188,6 +193,7 @@ impl Metrics {
             Box::new(m.inputs_rejected.clone()),
             Box::new(m.bodies_stuck.clone()),
             Box::new(m.edits_applied.clone()),
+            Box::new(m.world_events.clone()),
             Box::new(m.edits_rejected.clone()),
             Box::new(m.voxels_changed.clone()),
             Box::new(m.structures_broken.clone()),

@@ -12,8 +12,8 @@ use bytes::Bytes;
 use shared::ids::{PlayerId, ServerId};
 use shared::ticket::TicketVerifier;
 use shared::wire::{
-    ClientControl, Datagram, DecodeError, JoinRole, PROTOCOL_VERSION, ServerControl, decode_frame, encode_frame,
-    frame_len,
+    ClientControl, Datagram, DecodeError, EditOutcome, JoinRole, MAX_CHAT_BYTES, PROTOCOL_VERSION, ServerControl,
+    decode_frame, encode_frame, frame_len,
 };
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -115,6 +115,53 @@ impl Tickets {
         }
         Ok(Admitted { player: claims.player, name: claims.name, role: claims.role, spawn: claims.spawn })
     }
+}
+
+/// The leaderboard of voxels players changed (dug or placed).
+pub const VOXELS_BOARD: &str = "voxels_changed";
+
+/// Relays a player's chat line to the whole mesh (Redis pub/sub), or to this
+/// server's players while Redis is down. Empty, oversized or control-laden
+/// lines, and more than 5 lines in 10 s per player, are dropped and counted.
+fn chat(ctx: &NetContext, player: PlayerId, name: &str, text: String) {
+    let m = &ctx.metrics;
+    if text.trim().is_empty() || text.len() > MAX_CHAT_BYTES || text.chars().any(char::is_control) {
+        m.world_events.with_label_values(&["invalid"]).inc();
+        return;
+    }
+    let (cache, sim, m, name) = (ctx.cache.clone(), ctx.sim.clone(), m.clone(), name.to_owned());
+    tokio::spawn(async move {
+        if !cache.allow(&format!("chat:{}", player.0), 5, Duration::from_secs(10)).await {
+            m.world_events.with_label_values(&["rate_limited"]).inc();
+            return;
+        }
+        let event = persistence::cache::WorldEvent::Chat { from: player.0, name: name.clone(), text: text.clone() };
+        if cache.publish(&event).await.is_some() {
+            m.world_events.with_label_values(&["published"]).inc();
+        } else {
+            m.world_events.with_label_values(&["local"]).inc();
+            let _ = sim.try_send(SimIn::Broadcast(ServerControl::Chat { from: player, name, text }));
+        }
+    });
+}
+
+/// Delivers the mesh's world events (from Redis) to this server's players.
+pub fn relay_world_events(ctx: &NetContext) {
+    let mut events = ctx.cache.subscribe(1024);
+    let (sim, m) = (ctx.sim.clone(), ctx.metrics.clone());
+    tokio::spawn(async move {
+        while let Some(e) = events.recv().await {
+            let msg = match e {
+                persistence::cache::WorldEvent::Chat { from, name, text } => {
+                    ServerControl::Chat { from: PlayerId(from), name, text }
+                }
+                persistence::cache::WorldEvent::Notice { text } => ServerControl::Notice { text },
+            };
+            if sim.try_send(SimIn::Broadcast(msg)).is_ok() {
+                m.world_events.with_label_values(&["delivered"]).inc();
+            }
+        }
+    });
 }
 
 /// Accepts players until `stop` is cancelled, then closes every connection.
@@ -234,7 +281,7 @@ async fn handle(incoming: quinn::Incoming, ctx: NetContext, stop: CancellationTo
             conn.close(close::NORMAL.into(), b"bye");
             return;
         }
-        Ok(ClientControl::Edit { .. }) => {
+        Ok(ClientControl::Edit { .. } | ClientControl::Chat { .. }) => {
             let r = refuse("no_hello", "the first frame must be a hello".into());
             let _ = write_control(&mut send, &r).await;
             finish_then_close(send, &conn, close::PROTOCOL, b"bad hello").await;
@@ -255,7 +302,7 @@ async fn handle(incoming: quinn::Incoming, ctx: NetContext, stop: CancellationTo
 
     let id = ctx.next_conn.fetch_add(1, Ordering::Relaxed);
     let (tx, mut rx) = mpsc::channel::<Outbound>(OUTBOUND_QUEUE);
-    let joined = SimIn::Joined { conn: id, player, name, role, spawn, tx };
+    let joined = SimIn::Joined { conn: id, player, name: name.clone(), role, spawn, tx };
     if ctx.sim.send_timeout(joined, Duration::from_secs(1)).await.is_err() {
         let r = refuse("server_busy", "the simulation is not accepting players".into());
         let _ = write_control(&mut send, &r).await;
@@ -273,6 +320,7 @@ async fn handle(incoming: quinn::Incoming, ctx: NetContext, stop: CancellationTo
     let writer = {
         let conn = conn.clone();
         let metrics = ctx.metrics.clone();
+        let cache = ctx.cache.clone();
         tokio::spawn(async move {
             while let Some(out) = rx.recv().await {
                 match out {
@@ -288,6 +336,13 @@ async fn handle(incoming: quinn::Incoming, ctx: NetContext, stop: CancellationTo
                     }
                     Outbound::Control(msg) => {
                         let refused = matches!(msg, ServerControl::Refused { .. });
+                        if let ServerControl::EditResult { outcome: EditOutcome::Done { changed }, .. } = &msg
+                            && *changed > 0
+                        {
+                            // The leaderboard of voxels changed (Redis; dropped while it is down).
+                            let (cache, changed) = (cache.clone(), f64::from(*changed));
+                            tokio::spawn(async move { cache.add_score(VOXELS_BOARD, player.0, changed).await });
+                        }
                         if !write_control(&mut send, &msg).await {
                             break;
                         }
@@ -315,6 +370,10 @@ async fn handle(incoming: quinn::Incoming, ctx: NetContext, stop: CancellationTo
                 }
                 Ok(ClientControl::Hello { .. }) => {
                     m.datagrams_dropped.with_label_values(&["duplicate_hello"]).inc();
+                }
+                Ok(ClientControl::Chat { text }) if role == JoinRole::Play => chat(&ctx, player, &name, text),
+                Ok(ClientControl::Chat { .. }) => {
+                    m.world_events.with_label_values(&["invalid"]).inc();
                 }
                 Ok(ClientControl::Edit { id: edit_id, op }) => {
                     // Edits are few and reliable: wait for room rather than drop one.

@@ -211,7 +211,97 @@ pub fn auth_router(node: Arc<Node>, auth: Arc<Auth>) -> Router {
         .route("/v1/login", post(login))
         .route("/v1/tickets", post(ticket))
         .route("/v1/logout", post(logout))
+        .route("/v1/leaderboards/{board}", get(leaderboard))
         .with_state((node, auth))
+}
+
+/// `POST /v1/notices` (bearer admin token): a notice to every player.
+pub fn admin_router(auth: Arc<Auth>, admin_token: Option<String>) -> Router {
+    Router::new().route("/v1/notices", post(notice)).with_state((auth, admin_token.map(Arc::new)))
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct NoticeRequest {
+    pub text: String,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct NoticeView {
+    /// Game servers that received it; 0 when Redis is down (not delivered).
+    pub servers: u64,
+    pub delivered: bool,
+}
+
+async fn notice(
+    State((auth, token)): State<(Arc<Auth>, Option<Arc<String>>)>,
+    headers: HeaderMap,
+    b: Result<Json<NoticeRequest>, JsonRejection>,
+) -> Response {
+    let err = |status: StatusCode, error: &str, detail: &str| {
+        (status, Json(ErrorView { error: error.into(), detail: detail.into() })).into_response()
+    };
+    let Some(token) = token else {
+        return err(StatusCode::FORBIDDEN, "forbidden", "the admin API is off: start with --admin-token");
+    };
+    if bearer(&headers).ok() != Some(token.as_str()) {
+        return err(StatusCode::UNAUTHORIZED, "unauthorized", "a bearer admin token is required");
+    }
+    let text = match b {
+        Ok(Json(n)) => n.text,
+        Err(e) => return err(StatusCode::BAD_REQUEST, "bad_request", &e.body_text()),
+    };
+    if text.trim().is_empty() || text.len() > shared::wire::MAX_CHAT_BYTES || text.chars().any(char::is_control) {
+        return err(StatusCode::BAD_REQUEST, "bad_request", "a notice is 1 to 256 bytes without control characters");
+    }
+    let sent = auth.cache.publish(&persistence::cache::WorldEvent::Notice { text }).await;
+    if sent.is_none() {
+        return err(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "Redis is down: the notice was not delivered");
+    }
+    Json(NoticeView { servers: sent.unwrap_or(0), delivered: true }).into_response()
+}
+
+#[derive(Debug, Deserialize)]
+struct BoardQuery {
+    n: Option<usize>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct BoardEntry {
+    pub player: u64,
+    pub score: f64,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct BoardView {
+    pub board: String,
+    pub entries: Vec<BoardEntry>,
+    /// Leaderboards live in Redis: while it is down they read empty.
+    pub degraded: bool,
+}
+
+async fn leaderboard(
+    State((_node, auth)): State<AuthState>,
+    axum::extract::Path(board): axum::extract::Path<String>,
+    Query(q): Query<BoardQuery>,
+) -> Response {
+    if board.is_empty() || board.len() > 64 || !board.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+        let e = ErrorView { error: "bad_request".into(), detail: "a board name is 1 to 64 of A-Z a-z 0-9 _".into() };
+        return (StatusCode::BAD_REQUEST, Json(e)).into_response();
+    }
+    let n = q.n.unwrap_or(10).clamp(1, 1000);
+    let before = auth.cache.stats.degraded(persistence::cache::Op::Leaderboard);
+    match auth.cache.top(&board, n).await {
+        Ok(top) => Json(BoardView {
+            board,
+            entries: top.into_iter().map(|(player, score)| BoardEntry { player, score }).collect(),
+            degraded: auth.cache.stats.degraded(persistence::cache::Op::Leaderboard) > before,
+        })
+        .into_response(),
+        Err(e) => {
+            let e = ErrorView { error: "unavailable".into(), detail: e.to_string() };
+            (StatusCode::SERVICE_UNAVAILABLE, Json(e)).into_response()
+        }
+    }
 }
 
 /// The body of every refusal of the auth endpoints.

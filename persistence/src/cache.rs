@@ -24,7 +24,7 @@ pub use crate::model::Session;
 /// A cross-server world event (chat, server notices).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum WorldEvent {
-    Chat { from: u64, text: String },
+    Chat { from: u64, name: String, text: String },
     Notice { text: String },
 }
 

@@ -106,7 +106,7 @@ async fn without_redis_everything_degrades_and_nothing_fails() {
     assert_eq!(c.location(1).await.expect("a miss"), None);
     c.add_score("b", 1, 1.0).await;
     assert_eq!(c.top("b", 5).await.expect("empty"), vec![]);
-    assert_eq!(c.publish(&WorldEvent::Chat { from: 1, text: "hi".into() }).await, None);
+    assert_eq!(c.publish(&WorldEvent::Chat { from: 1, name: "ada".into(), text: "hi".into() }).await, None);
     // Rate limits fall back to this process's counters.
     let allowed = futures_count(&c).await;
     assert_eq!(allowed, 3);

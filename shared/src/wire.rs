@@ -345,7 +345,13 @@ pub enum ClientControl {
     Edit { id: u32, op: crate::edit::EditOp },
     /// The client is leaving; the server may drop its avatar.
     Bye,
+    /// A chat line to every player of the mesh (at most
+    /// [`MAX_CHAT_BYTES`]; longer lines and floods are dropped and counted).
+    Chat { text: String },
 }
+
+/// The longest chat line a server relays, bytes.
+pub const MAX_CHAT_BYTES: usize = 256;
 
 /// How an edit ended.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -388,6 +394,10 @@ pub enum ServerControl {
     EditResult { id: u32, outcome: EditOutcome },
     /// The connection is refused; the connection is closed after this frame.
     Refused { reason: String },
+    /// A chat line from a player anywhere in the mesh.
+    Chat { from: PlayerId, name: String, text: String },
+    /// A notice from the operators, to every player of the mesh.
+    Notice { text: String },
 }
 
 fn frame_config() -> impl bincode::config::Config {

@@ -124,6 +124,8 @@ pub enum SimIn {
         reply: oneshot::Sender<ChunkInfo>,
     },
     Map(Arc<MapView>),
+    /// A chat line or notice for every player playing here.
+    Broadcast(ServerControl),
     TransferCommitted {
         entity: EntityId,
         transfer: CommittedTransfer,

@@ -79,6 +79,14 @@ pub fn ingest(world: &mut World) {
             SimIn::InspectChunk { key, reply } => {
                 let _ = reply.send(world.resource::<super::terrain::Terrain>().inspect(key));
             }
+            SimIn::Broadcast(msg) => {
+                let metrics = world.resource::<SimMetrics>().clone();
+                for c in world.resource::<Conns>().0.values().filter(|c| c.role == JoinRole::Play) {
+                    if c.tx.try_send(Outbound::Control(msg.clone())).is_err() {
+                        metrics.0.datagrams_dropped.with_label_values(&["outbound_full"]).inc();
+                    }
+                }
+            }
             SimIn::Map(map) => {
                 world.resource_mut::<Map>().0 = map;
                 revalidate_authority(world);
