@@ -16,6 +16,11 @@ pub struct StoreArgs {
     /// Every process of a local mesh may share it.
     #[arg(long, env = "PS_DATA_DIR", default_value = "data")]
     pub data_dir: PathBuf,
+    /// PEM file of the CA that signed the database's certificate: connect to
+    /// PostgreSQL/CockroachDB over verified TLS (put `sslmode=require` in the
+    /// URL). Unset: no TLS.
+    #[arg(long, env = "PS_DATABASE_CA_FILE")]
+    pub database_ca_file: Option<PathBuf>,
     /// Database connections this process keeps.
     #[arg(long, env = "PS_DB_POOL_SIZE", default_value_t = 16)]
     pub db_pool_size: usize,
@@ -60,6 +65,7 @@ impl StoreArgs {
             pool_size: self.db_pool_size,
             connect_timeout: Duration::from_secs(self.db_connect_timeout_s),
             migrate: true,
+            ca_file: self.database_ca_file.clone(),
         }
     }
 }

@@ -153,6 +153,10 @@ pub struct StoreConfig {
     pub connect_timeout: Duration,
     /// Apply pending migrations at start-up (else only check the version).
     pub migrate: bool,
+    /// PEM certificates of the CA that signed the database's certificate:
+    /// connect over TLS (verified, TLS 1.2+) instead of in the clear. Use
+    /// with `sslmode=require` in the URL, as CockroachDB's secure mode needs.
+    pub ca_file: Option<std::path::PathBuf>,
 }
 
 impl Default for StoreConfig {
@@ -163,6 +167,7 @@ impl Default for StoreConfig {
             pool_size: 16,
             connect_timeout: Duration::from_secs(5),
             migrate: true,
+            ca_file: None,
         }
     }
 }
@@ -250,6 +255,13 @@ pub mod testing {
     pub fn redis_url() -> String {
         std::env::var("PS_TEST_REDIS_URL").unwrap_or_else(|_| {
             panic!("PS_TEST_REDIS_URL is not set: run the tests with scripts/test, which starts PostgreSQL and Redis")
+        })
+    }
+
+    /// The CA of the test PostgreSQL's TLS certificate (`PS_TEST_DATABASE_CA`).
+    pub fn postgres_ca() -> std::path::PathBuf {
+        std::env::var("PS_TEST_DATABASE_CA").map(Into::into).unwrap_or_else(|_| {
+            panic!("PS_TEST_DATABASE_CA is not set: run the tests with scripts/test, which starts PostgreSQL and Redis")
         })
     }
 

@@ -101,6 +101,31 @@ const SELECT_ROWS: &str = "SELECT tick, writer, seq, deltas FROM world_delta_row
 const SELECT_SNAPSHOT: &str = "SELECT upto_tick, upto_writer, upto_seq, voxels FROM world_chunk_snapshots
      WHERE cx = $1 AND cy = $2 AND cz = $3";
 
+/// A verifying rustls connector trusting only the CAs in `ca` (PEM).
+fn tls_connector(ca: &std::path::Path) -> Result<tokio_postgres_rustls::MakeRustlsConnect, StoreError> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let shown = ca.display();
+    let mut roots = rustls::RootCertStore::empty();
+    let certs = CertificateDer::pem_file_iter(ca)
+        .map_err(|e| StoreError::Invalid(format!("database CA file {shown}: {e}")))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| StoreError::Invalid(format!("database CA file {shown}: {e}")))?;
+    for c in certs {
+        roots.add(c).map_err(|e| StoreError::Invalid(format!("database CA file {shown}: {e}")))?;
+    }
+    if roots.is_empty() {
+        return Err(StoreError::Invalid(format!("database CA file {shown} holds no certificate")));
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| StoreError::Invalid(format!("TLS: {e}")))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(tokio_postgres_rustls::MakeRustlsConnect::new(config))
+}
+
 impl PgStore {
     /// Connects (within `connect_timeout`), checks the schema version and,
     /// with `config.migrate`, applies pending migrations.
@@ -112,7 +137,11 @@ impl PgStore {
         if pg.get_application_name().is_none() {
             pg.application_name("planetary-survival");
         }
-        let manager = Manager::from_config(pg, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+        let mc = ManagerConfig { recycling_method: RecyclingMethod::Fast };
+        let manager = match &config.ca_file {
+            None => Manager::from_config(pg, NoTls, mc),
+            Some(ca) => Manager::from_config(pg, tls_connector(ca)?, mc),
+        };
         let pool = Pool::builder(manager)
             .max_size(config.pool_size.max(1))
             .runtime(Runtime::Tokio1)

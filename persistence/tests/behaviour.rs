@@ -316,6 +316,31 @@ mod postgres_only {
     use super::*;
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn tls_connections_verify_the_server() {
+        let url = format!("{}?sslmode=require", testing::fresh_database().await);
+        let tls = |ca: std::path::PathBuf| StoreConfig { url: url.clone(), ca_file: Some(ca), ..Default::default() };
+        let store = persistence::open(&tls(testing::postgres_ca())).await.expect("TLS with the right CA");
+        let a = store.create_account("tls", "h").await.expect("write over TLS");
+        assert_eq!(store.account("tls").await.expect("read over TLS"), Some(a));
+
+        // A CA that did not sign the server's certificate: refused, not ignored.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let other = dir.path().join("other-ca.pem");
+        let ck = rcgen::generate_simple_self_signed(vec!["localhost".into()]).expect("a certificate");
+        std::fs::write(&other, ck.cert.pem()).expect("write");
+        let err = persistence::open(&StoreConfig { connect_timeout: Duration::from_secs(3), ..tls(other) })
+            .await
+            .expect_err("an untrusted server certificate");
+        let text = err.to_string().to_lowercase();
+        assert!(text.contains("certificate") || text.contains("tls"), "{err}");
+        // No CA in the file: a clear error before any connection.
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, "not a certificate\n").expect("write");
+        let err = persistence::open(&tls(empty)).await.expect_err("no CA");
+        assert!(err.to_string().contains("holds no certificate"), "{err}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn corrupt_rows_are_named_and_kept() {
         check_corrupt_rows_are_named_and_kept(postgres().await, async |u, s| raw_pg(u, s).await).await;
     }
