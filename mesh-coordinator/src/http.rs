@@ -460,6 +460,9 @@ async fn ticket(
             Some(other) => return Err(AuthError::BadRequest(format!("role is play or standby, not {other:?}"))),
         };
         let server = req.server_id.map(ServerId);
+        if role == JoinRole::Standby && server.is_none() {
+            return Err(AuthError::BadRequest("a standby ticket needs a server_id".into()));
+        }
         place(&node, &auth, PlayerId(session.player), &session.account, role, server, None).await
     }
     .await;

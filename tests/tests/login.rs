@@ -133,11 +133,15 @@ fn players_log_in_and_join_with_tickets_and_logins_survive_redis_dying() -> anyh
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
 
-        // A forged ticket (one character changed) and a ticket for another server.
+        // A forged ticket (one character of the signature changed, inside it:
+        // the last base64 character also carries padding bits, and changing
+        // those makes a malformed ticket rather than a forged one) and a
+        // ticket for another server.
         let ticket = j["ticket"].as_str().unwrap();
-        let mut forged = ticket.to_owned();
-        let last = forged.pop().unwrap();
-        forged.push(if last == 'A' { 'B' } else { 'A' });
+        let mut forged = ticket.as_bytes().to_vec();
+        let i = forged.len() - 10;
+        forged[i] = if forged[i] == b'A' { b'B' } else { b'A' };
+        let forged = String::from_utf8(forged).unwrap();
         let mut fj = j.clone();
         fj["ticket"] = Value::String(forged);
         let (_f, answer) = join(&fj, player, JoinRole::Play).await?;
@@ -163,6 +167,10 @@ fn players_log_in_and_join_with_tickets_and_logins_survive_redis_dying() -> anyh
         assert!(matches!(answer, ServerControl::Welcome { authoritative: false, .. }), "pre-connect: {answer:?}");
         let (s, v) = post(&http, "/v1/tickets", Some("0123456789abcdef0123456789abcdef"), json!({})).await?;
         assert_eq!((s, v["error"].as_str()), (401, Some("bad_session")), "{v}");
+        for bad in [json!({"role": "standby"}), json!({"role": "spectator"})] {
+            let (s, v) = post(&http, "/v1/tickets", Some(&session), bad).await?;
+            assert_eq!((s, v["error"].as_str()), (400, Some("bad_request")), "{v}");
+        }
 
         // Leaving saves where the player was; the next login starts there,
         // whatever spawn it asks for, and the directory forgets the player.
