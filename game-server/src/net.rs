@@ -12,8 +12,8 @@ use bytes::Bytes;
 use shared::ids::{PlayerId, ServerId};
 use shared::ticket::TicketVerifier;
 use shared::wire::{
-    ClientControl, Datagram, DecodeError, EditOutcome, JoinRole, MAX_CHAT_BYTES, PROTOCOL_VERSION, ServerControl,
-    decode_frame, encode_frame, frame_len,
+    ClientControl, Datagram, DecodeError, EditOutcome, JoinRole, PROTOCOL_VERSION, ServerControl, decode_frame,
+    encode_frame, frame_len,
 };
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -125,7 +125,7 @@ pub const VOXELS_BOARD: &str = "voxels_changed";
 /// lines, and more than 5 lines in 10 s per player, are dropped and counted.
 fn chat(ctx: &NetContext, player: PlayerId, name: &str, text: String) {
     let m = &ctx.metrics;
-    if text.trim().is_empty() || text.len() > MAX_CHAT_BYTES || text.chars().any(char::is_control) {
+    if !shared::wire::is_relayable_text(&text) {
         m.world_events.with_label_values(&["invalid"]).inc();
         return;
     }

@@ -209,8 +209,14 @@ impl Auth {
         }
     }
 
-    /// Checks the password; on success a new session token is cached.
-    pub async fn login(&self, name: &str, password: &str, addr: IpAddr) -> Result<(Account, String), AuthError> {
+    /// Checks the password; on success a new session is stored and cached,
+    /// and returned with its token.
+    pub async fn login(
+        &self,
+        name: &str,
+        password: &str,
+        addr: IpAddr,
+    ) -> Result<(Account, String, Session), AuthError> {
         if check_name(name).is_err() || password.len() > 128 {
             return Err(AuthError::BadCredentials);
         }
@@ -229,7 +235,7 @@ impl Auth {
         let key = token_key(&token);
         self.store.put_session(&key, &session).await?;
         self.cache.put_session(&key, &session, self.policy.session_ttl).await;
-        Ok((account, token))
+        Ok((account, token, session))
     }
 
     /// The session behind a token.
@@ -352,7 +358,7 @@ mod tests {
         assert!(acc.password_hash.starts_with("$argon2id$"), "{}", acc.password_hash);
         assert!(!acc.password_hash.contains("correct horse"));
         assert!(matches!(a.create_account("ada", "another one", ADDR).await, Err(AuthError::NameTaken(_))));
-        let (who, token) = a.login("ada", "correct horse", ADDR).await.unwrap();
+        let (who, token, _) = a.login("ada", "correct horse", ADDR).await.unwrap();
         assert_eq!(who.player, acc.player);
         assert_eq!(token.len(), 32);
         assert!(matches!(a.login("ada", "wrong horse", ADDR).await, Err(AuthError::BadCredentials)));

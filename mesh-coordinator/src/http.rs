@@ -237,9 +237,6 @@ async fn notice(
     headers: HeaderMap,
     b: Result<Json<NoticeRequest>, JsonRejection>,
 ) -> Response {
-    let err = |status: StatusCode, error: &str, detail: &str| {
-        (status, Json(ErrorView { error: error.into(), detail: detail.into() })).into_response()
-    };
     let Some(token) = token else {
         return err(StatusCode::FORBIDDEN, "forbidden", "the admin API is off: start with --admin-token");
     };
@@ -250,7 +247,7 @@ async fn notice(
         Ok(Json(n)) => n.text,
         Err(e) => return err(StatusCode::BAD_REQUEST, "bad_request", &e.body_text()),
     };
-    if text.trim().is_empty() || text.len() > shared::wire::MAX_CHAT_BYTES || text.chars().any(char::is_control) {
+    if !shared::wire::is_relayable_text(&text) {
         return err(StatusCode::BAD_REQUEST, "bad_request", "a notice is 1 to 256 bytes without control characters");
     }
     let sent = auth.cache.publish(&persistence::cache::WorldEvent::Notice { text }).await;
@@ -285,8 +282,7 @@ async fn leaderboard(
     Query(q): Query<BoardQuery>,
 ) -> Response {
     if board.is_empty() || board.len() > 64 || !board.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
-        let e = ErrorView { error: "bad_request".into(), detail: "a board name is 1 to 64 of A-Z a-z 0-9 _".into() };
-        return (StatusCode::BAD_REQUEST, Json(e)).into_response();
+        return err(StatusCode::BAD_REQUEST, "bad_request", "a board name is 1 to 64 of A-Z a-z 0-9 _");
     }
     let n = q.n.unwrap_or(10).clamp(1, 1000);
     let before = auth.cache.stats.degraded(persistence::cache::Op::Leaderboard);
@@ -297,10 +293,7 @@ async fn leaderboard(
             degraded: auth.cache.stats.degraded(persistence::cache::Op::Leaderboard) > before,
         })
         .into_response(),
-        Err(e) => {
-            let e = ErrorView { error: "unavailable".into(), detail: e.to_string() };
-            (StatusCode::SERVICE_UNAVAILABLE, Json(e)).into_response()
-        }
+        Err(e) => err(StatusCode::SERVICE_UNAVAILABLE, "unavailable", &e.to_string()),
     }
 }
 
@@ -313,6 +306,23 @@ pub struct ErrorView {
     pub detail: String,
 }
 
+/// An [`ErrorView`] answer.
+fn err(status: StatusCode, error: &str, detail: &str) -> Response {
+    (status, Json(ErrorView { error: error.into(), detail: detail.into() })).into_response()
+}
+
+/// Counts the outcome and answers `Ok` with `status` and its JSON, `Err`
+/// with its refusal.
+fn reply<T: Serialize>(node: &Node, outcome: &str, status: StatusCode, r: Result<T, AuthError>) -> Response {
+    match r {
+        Ok(v) => {
+            node.metrics.auth.with_label_values(&[outcome]).inc();
+            (status, Json(v)).into_response()
+        }
+        Err(e) => refusal(node, e),
+    }
+}
+
 fn refusal(node: &Node, e: AuthError) -> Response {
     let status = match &e {
         AuthError::BadRequest(_) => StatusCode::BAD_REQUEST,
@@ -322,11 +332,11 @@ fn refusal(node: &Node, e: AuthError) -> Response {
         AuthError::NoServer(_) | AuthError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
     };
     node.metrics.auth.with_label_values(&[e.label()]).inc();
-    let body = Json(ErrorView { error: e.label().to_owned(), detail: e.to_string() });
+    let mut r = err(status, e.label(), &e.to_string());
     if matches!(e, AuthError::RateLimited) {
-        return (status, [(header::RETRY_AFTER, "60")], body).into_response();
+        r.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from_static("60"));
     }
-    (status, body).into_response()
+    r
 }
 
 /// A JSON body, or a `bad_request` naming what is wrong with it.
@@ -353,16 +363,11 @@ async fn create_account(
 ) -> Response {
     let r = async {
         let c = body(b)?;
-        auth.create_account(&c.name, &c.password, peer.ip()).await
+        let a = auth.create_account(&c.name, &c.password, peer.ip()).await?;
+        Ok(AccountView { player: a.player.0, name: a.name })
     }
     .await;
-    match r {
-        Ok(a) => {
-            node.metrics.auth.with_label_values(&["account_created"]).inc();
-            (StatusCode::CREATED, Json(AccountView { player: a.player.0, name: a.name })).into_response()
-        }
-        Err(e) => refusal(&node, e),
-    }
+    reply(&node, "account_created", StatusCode::CREATED, r)
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -407,24 +412,18 @@ async fn login(
     let r = async {
         let req = body(b)?;
         let hint = req.spawn.map(DVec3::from_array);
-        let (account, session) = auth.login(&req.name, &req.password, peer.ip()).await?;
+        let (account, token, session) = auth.login(&req.name, &req.password, peer.ip()).await?;
         let join = place(&node, &auth, account.player, &account.name, JoinRole::Play, None, hint).await?;
         Ok::<_, AuthError>(LoginView {
             player: account.player.0,
             name: account.name,
-            session,
-            session_expires_unix: crate::node::now_nanos() / 1_000_000_000 + auth.policy.session_ttl.as_secs(),
+            session: token,
+            session_expires_unix: session.expires_unix,
             join,
         })
     }
     .await;
-    match r {
-        Ok(v) => {
-            node.metrics.auth.with_label_values(&["login"]).inc();
-            Json(v).into_response()
-        }
-        Err(e) => refusal(&node, e),
-    }
+    reply(&node, "login", StatusCode::OK, r)
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -466,13 +465,7 @@ async fn ticket(
         place(&node, &auth, PlayerId(session.player), &session.account, role, server, None).await
     }
     .await;
-    match r {
-        Ok(v) => {
-            node.metrics.auth.with_label_values(&["ticket"]).inc();
-            Json(v).into_response()
-        }
-        Err(e) => refusal(&node, e),
-    }
+    reply(&node, "ticket", StatusCode::OK, r)
 }
 
 async fn logout(State((node, auth)): State<AuthState>, headers: HeaderMap) -> Response {

@@ -353,6 +353,12 @@ pub enum ClientControl {
 /// The longest chat line a server relays, bytes.
 pub const MAX_CHAT_BYTES: usize = 256;
 
+/// Whether `text` may be relayed as a chat line or notice: 1 to
+/// [`MAX_CHAT_BYTES`] bytes, not blank, no control characters.
+pub fn is_relayable_text(text: &str) -> bool {
+    !text.trim().is_empty() && text.len() <= MAX_CHAT_BYTES && !text.chars().any(char::is_control)
+}
+
 /// How an edit ended.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum EditOutcome {

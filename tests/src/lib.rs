@@ -106,6 +106,19 @@ pub fn wait_ports(path: &Path, proc: &mut Proc) -> anyhow::Result<Value> {
     }
 }
 
+/// POSTs JSON (with a bearer token if given); the status and the JSON
+/// answer, or the raw text as a JSON string when the answer is not JSON.
+pub async fn post_json(url: &str, bearer: Option<&str>, body: &Value) -> anyhow::Result<(u16, Value)> {
+    let mut req = ::reqwest::Client::new().post(url).json(body);
+    if let Some(b) = bearer {
+        req = req.bearer_auth(b);
+    }
+    let r = req.send().await?;
+    let status = r.status().as_u16();
+    let text = r.text().await?;
+    Ok((status, serde_json::from_str(&text).unwrap_or(Value::String(text))))
+}
+
 /// A coordinator and `n` game servers on loopback.
 #[derive(Debug)]
 pub struct Mesh {

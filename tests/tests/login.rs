@@ -23,14 +23,7 @@ fn runtime() -> tokio::runtime::Runtime {
 
 /// POSTs JSON to the coordinator; the status and the JSON answer.
 async fn post(mesh_http: &str, path: &str, bearer: Option<&str>, body: Value) -> anyhow::Result<(u16, Value)> {
-    let mut req = reqwest::Client::new().post(format!("http://{mesh_http}{path}")).json(&body);
-    if let Some(b) = bearer {
-        req = req.bearer_auth(b);
-    }
-    let r = req.send().await?;
-    let status = r.status().as_u16();
-    let text = r.text().await?;
-    Ok((status, serde_json::from_str(&text).unwrap_or(Value::String(text))))
+    integration_tests::post_json(&format!("http://{mesh_http}{path}"), bearer, &body).await
 }
 
 async fn get(mesh_http: &str, path: &str) -> anyhow::Result<Value> {

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use glam::DVec3;
 use integration_tests::player::TestPlayer;
 use integration_tests::redis::PrivateRedis;
-use integration_tests::{Mesh, WORLD_SEED, blocking_text, metric};
+use integration_tests::{Mesh, WORLD_SEED, blocking_text, metric, post_json};
 use serde_json::{Value, json};
 use shared::PlayerId;
 use shared::chunk::ChunkLayout;
@@ -35,16 +35,6 @@ async fn wait_for(
 
 fn chat_from(from: u64, text: &'static str) -> impl Fn(&ServerControl) -> bool {
     move |f| matches!(f, ServerControl::Chat { from: p, text: t, .. } if *p == PlayerId(from) && t == text)
-}
-
-async fn post(url: String, token: Option<&str>, body: Value) -> anyhow::Result<(u16, Value)> {
-    let mut req = reqwest::Client::new().post(url).json(&body);
-    if let Some(t) = token {
-        req = req.bearer_auth(t);
-    }
-    let r = req.send().await?;
-    let status = r.status().as_u16();
-    Ok((status, r.json().await.unwrap_or(Value::Null)))
 }
 
 #[test]
@@ -91,9 +81,9 @@ fn chat_and_notices_cross_servers_and_degrade_to_local_without_redis() -> anyhow
         p1.send(&ClientControl::Chat { text: "x".repeat(300) }).await?;
 
         // Notices: operators only, to everyone.
-        let (s, _) = post(notices.clone(), None, json!({"text": "restart in 5 minutes"})).await?;
+        let (s, _) = post_json(&notices, None, &json!({"text": "restart in 5 minutes"})).await?;
         assert_eq!(s, 401);
-        let (s, v) = post(notices.clone(), Some("op-token"), json!({"text": "restart in 5 minutes"})).await?;
+        let (s, v) = post_json(&notices, Some("op-token"), &json!({"text": "restart in 5 minutes"})).await?;
         assert_eq!((s, v["servers"].as_u64()), (200, Some(2)), "{v}");
         for p in [&mut p1, &mut p2, &mut p3] {
             let got = wait_for(
@@ -145,7 +135,7 @@ fn chat_and_notices_cross_servers_and_degrade_to_local_without_redis() -> anyhow
         p1.send(&ClientControl::Chat { text: "anyone here".into() }).await?;
         assert!(wait_for(&mut p2, Duration::from_secs(5), chat_from(11, "anyone here")).await?.is_some());
         assert!(wait_for(&mut p3, Duration::from_secs(1), chat_from(11, "anyone here")).await?.is_none());
-        let (s, v) = post(notices.clone(), Some("op-token"), json!({"text": "still there?"})).await?;
+        let (s, v) = post_json(&notices, Some("op-token"), &json!({"text": "still there?"})).await?;
         assert_eq!((s, v["error"].as_str()), (503, Some("unavailable")), "{v}");
         let top: Value = reqwest::get(&board).await?.json().await?;
         assert_eq!((top["degraded"].as_bool(), top["entries"].as_array().map(Vec::len)), (Some(true), Some(0)));
