@@ -2,7 +2,7 @@
 //! a fresh machine needs nothing but cargo.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["proto/mesh.proto", "proto/peer.proto"];
+    let protos = ["proto/mesh.proto", "proto/peer.proto", "proto/raft.proto"];
     for p in protos {
         println!("cargo:rerun-if-changed={p}");
     }

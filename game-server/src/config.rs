@@ -9,7 +9,8 @@ pub struct Config {
     /// Name shown in the admin API (the pod name in Kubernetes).
     #[arg(long, env = "PS_SERVER_NAME", default_value = "game-server")]
     pub name: String,
-    /// The coordinator's gRPC endpoint.
+    /// The coordinator replicas' gRPC endpoints, comma separated; calls fail
+    /// over from one to the next.
     #[arg(long, env = "PS_COORDINATOR", default_value = "http://127.0.0.1:9090")]
     pub coordinator: String,
     /// Players, QUIC over UDP.

@@ -35,6 +35,68 @@ pub fn channel(addr: &str) -> anyhow::Result<Channel> {
         .connect_lazy())
 }
 
+/// The coordinator replicas, called one at a time: a call that fails at the
+/// transport (a replica down, restarting or cut off) or answers
+/// `Unavailable` (no leader yet) moves on to the next replica and tries it,
+/// each replica once per call. Any replica serves any call: followers hand
+/// writes to the leader through Raft.
+#[derive(Debug, Clone)]
+pub struct Coordinators {
+    clients: Arc<Vec<(String, MeshCoordinatorClient<Channel>)>>,
+    current: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Coordinators {
+    /// `list`: comma-separated gRPC addresses of the replicas.
+    pub fn new(list: &str) -> anyhow::Result<Self> {
+        let clients = list
+            .split(',')
+            .map(str::trim)
+            .filter(|a| !a.is_empty())
+            .map(|a| Ok((a.to_owned(), MeshCoordinatorClient::new(channel(a)?))))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        anyhow::ensure!(!clients.is_empty(), "no coordinator address given");
+        Ok(Self { clients: Arc::new(clients), current: Arc::default() })
+    }
+
+    /// Calls `f` on the current replica, failing over as described above.
+    pub async fn call<T, F, Fut>(&self, f: F) -> Result<T, tonic::Status>
+    where
+        F: Fn(MeshCoordinatorClient<Channel>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let n = self.clients.len();
+        let start = self.current.load(Ordering::Relaxed);
+        let mut last = None;
+        for k in 0..n {
+            let i = (start + k) % n;
+            let (addr, client) = &self.clients[i];
+            match f(client.clone()).await {
+                Ok(r) => {
+                    if k > 0 {
+                        info!(coordinator = %addr, "coordinator replica answering");
+                        self.current.store(i, Ordering::Relaxed);
+                    }
+                    return Ok(r.into_inner());
+                }
+                Err(s) if n > 1 && worth_another_replica(&s) => {
+                    warn!(coordinator = %addr, error = %s.message(), "coordinator replica did not answer; trying the next");
+                    last = Some(s);
+                }
+                Err(s) => return Err(s),
+            }
+        }
+        Err(last.unwrap_or_else(|| tonic::Status::unavailable("no coordinator replica answered")))
+    }
+}
+
+fn worth_another_replica(s: &tonic::Status) -> bool {
+    matches!(
+        s.code(),
+        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Unknown | tonic::Code::Cancelled
+    )
+}
+
 /// What registration gave this server.
 #[derive(Debug, Clone)]
 pub struct Registration {
@@ -51,16 +113,21 @@ pub struct Registration {
 
 /// Registers with the coordinator, retrying with backoff until `timeout`.
 pub async fn register(
-    client: &mut MeshCoordinatorClient<Channel>,
+    client: &Coordinators,
     req: mpb::RegisterRequest,
     timeout: Duration,
 ) -> anyhow::Result<Registration> {
     let deadline = Instant::now() + timeout;
     let mut backoff = Duration::from_millis(100);
     loop {
-        match client.register(req.clone()).await {
+        match client
+            .call(|mut c| {
+                let req = req.clone();
+                async move { c.register(req).await }
+            })
+            .await
+        {
             Ok(r) => {
-                let r = r.into_inner();
                 let (map, _) = map_from_pb(&r.map.unwrap_or_default());
                 anyhow::ensure!(r.tick_hz > 0, "coordinator sent a tick rate of 0");
                 let ticket_keys = r
@@ -98,7 +165,7 @@ pub async fn register(
 /// `fenced` if the coordinator declared this server dead.
 #[allow(clippy::too_many_arguments)]
 pub async fn heartbeat_loop(
-    mut client: MeshCoordinatorClient<Channel>,
+    client: Coordinators,
     me: ServerId,
     every: Duration,
     load: Arc<LoadShared>,
@@ -128,9 +195,14 @@ pub async fn heartbeat_loop(
             }),
             known_map_version: known,
         };
-        match client.heartbeat(req).await {
+        match client
+            .call(|mut c| {
+                let req = req.clone();
+                async move { c.heartbeat(req).await }
+            })
+            .await
+        {
             Ok(r) => {
-                let r = r.into_inner();
                 if r.fenced {
                     error!(server = %me, "the coordinator declared this server dead; stopping");
                     fenced.cancel();
@@ -195,7 +267,7 @@ type PeerClients = HashMap<ServerId, (String, GameServerPeerClient<Channel>)>;
 #[derive(Debug, Clone)]
 pub struct TransferExecutor {
     pub me: ServerId,
-    pub coordinator: MeshCoordinatorClient<Channel>,
+    pub coordinator: Coordinators,
     pub sim: mpsc::Sender<SimIn>,
     pub maps: watch::Receiver<Arc<MapView>>,
     pub metrics: Metrics,
@@ -205,7 +277,7 @@ pub struct TransferExecutor {
 impl TransferExecutor {
     pub fn new(
         me: ServerId,
-        coordinator: MeshCoordinatorClient<Channel>,
+        coordinator: Coordinators,
         sim: mpsc::Sender<SimIn>,
         maps: watch::Receiver<Arc<MapView>>,
         metrics: Metrics,
@@ -249,21 +321,29 @@ impl TransferExecutor {
             position: Some(mpb::Vec3 { x: position.x, y: position.y, z: position.z }),
             not_before_tick,
         };
-        let msg = match self.coordinator.clone().request_transfer(req).await {
-            Ok(r) => {
-                let r = r.into_inner();
-                SimIn::TransferCommitted {
-                    entity,
-                    transfer: CommittedTransfer {
-                        id: r.transfer_id,
-                        to: ServerId(r.to_server),
-                        to_region,
-                        to_region_epoch: Epoch(r.to_region_epoch),
-                        entity_epoch: Epoch(r.entity_epoch),
-                        effective_tick: r.effective_tick,
-                    },
-                }
-            }
+        // A transfer that timed out may still have committed; asking another
+        // replica again is then refused as stale, and the transfer stays
+        // committed without this server knowing (the handoff issue's
+        // leader-change case).
+        let msg = match self
+            .coordinator
+            .call(|mut c| {
+                let req = req.clone();
+                async move { c.request_transfer(req).await }
+            })
+            .await
+        {
+            Ok(r) => SimIn::TransferCommitted {
+                entity,
+                transfer: CommittedTransfer {
+                    id: r.transfer_id,
+                    to: ServerId(r.to_server),
+                    to_region,
+                    to_region_epoch: Epoch(r.to_region_epoch),
+                    entity_epoch: Epoch(r.entity_epoch),
+                    effective_tick: r.effective_tick,
+                },
+            },
             Err(status) => {
                 self.metrics.transfers.with_label_values(&["refused"]).inc();
                 SimIn::TransferRefused { entity, reason: status.message().to_owned() }
@@ -312,7 +392,14 @@ impl TransferExecutor {
             error!(transfer = id, entity = %state.entity, to = %state.to, %error, "handoff failed");
         }
         let req = mpb::CompleteTransferRequest { transfer_id: id, from_server: self.me.0, delivered, error };
-        if let Err(s) = self.coordinator.clone().complete_transfer(req).await {
+        let done = self
+            .coordinator
+            .call(|mut c| {
+                let req = req.clone();
+                async move { c.complete_transfer(req).await }
+            })
+            .await;
+        if let Err(s) = done {
             warn!(transfer = id, error = %s.message(), "could not report the transfer's completion");
         } else {
             info!(transfer = id, delivered, "transfer completed");

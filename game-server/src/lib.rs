@@ -23,7 +23,6 @@ use std::sync::atomic::AtomicBool;
 
 use anyhow::Context;
 use proto::mesh as mpb;
-use proto::mesh::mesh_coordinator_client::MeshCoordinatorClient;
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
@@ -90,9 +89,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
         query: config.advertised(query.local_addr()?),
     };
 
-    let mut coordinator = MeshCoordinatorClient::new(control::channel(&config.coordinator)?);
+    let coordinator = control::Coordinators::new(&config.coordinator)?;
     let reg = control::register(
-        &mut coordinator,
+        &coordinator,
         mpb::RegisterRequest {
             name: config.name.clone(),
             addresses: Some(addresses.clone()),

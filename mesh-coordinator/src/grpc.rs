@@ -39,7 +39,9 @@ fn status_of(e: CommandError) -> Status {
         CommandError::UnknownServer(_) | CommandError::UnknownTransfer(_) => Status::not_found(msg),
         CommandError::UnknownRegion(_) => Status::invalid_argument(msg),
         CommandError::ServerIdsExhausted => Status::resource_exhausted(msg),
-        CommandError::NoOwner(_) => Status::unavailable(msg),
+        CommandError::NoOwner(_) | CommandError::NotBootstrapped | CommandError::Unavailable(_) => {
+            Status::unavailable(msg)
+        }
         CommandError::Fenced(_)
         | CommandError::StaleRegionEpoch { .. }
         | CommandError::StaleEntityEpoch { .. }

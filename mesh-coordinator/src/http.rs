@@ -140,10 +140,34 @@ pub struct StatusView {
     pub tick_p99_ms_max: f32,
     pub mesh_epoch_unix_nanos: u64,
     pub world_seed: u64,
+    /// Raft as the answering replica sees it.
+    #[serde(default)]
+    pub raft: RaftView,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct RaftView {
+    pub id: u64,
+    /// `leader`, `follower`, `candidate` or `pre_candidate`.
+    pub role: String,
+    /// 0: no leader known.
+    pub leader: u64,
+    pub term: u64,
+    pub commit: u64,
+    pub applied: u64,
 }
 
 async fn status(State(node): State<Arc<Node>>) -> Json<StatusView> {
     let ready = node.is_ready();
+    let r = node.raft_status();
+    let raft = RaftView {
+        id: r.id,
+        role: r.role.to_owned(),
+        leader: r.leader,
+        term: r.term,
+        commit: r.commit,
+        applied: r.applied,
+    };
     Json(node.read(|s| {
         let alive: Vec<_> = s.servers().values().filter(|r| r.alive).collect();
         StatusView {
@@ -162,6 +186,7 @@ async fn status(State(node): State<Arc<Node>>) -> Json<StatusView> {
             tick_p99_ms_max: alive.iter().map(|r| r.load.tick_p99_ms).fold(0.0, f32::max),
             mesh_epoch_unix_nanos: s.clock.epoch_unix_nanos,
             world_seed: s.world_seed,
+            raft,
         }
     }))
 }

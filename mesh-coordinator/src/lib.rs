@@ -1,13 +1,14 @@
 //! The mesh coordinator: the authority over who owns which part of the world.
 //!
 //! - [`state`]: the decisions, a deterministic state machine (no I/O).
-//! - [`node`]: the owner of that state machine; commands are applied there in
-//!   one order (single node now, Raft later).
+//! - [`node`]: the owner of that state machine; commands are committed
+//!   through Raft ([`consensus`]) and applied in log order on every replica.
 //! - [`grpc`] (port 9090): registration, heartbeats, region map, transfers.
 //! - [`http`] (port 8080): health, metrics, admin views, logins.
 //! - [`auth`]: accounts, sessions and the tickets game servers verify.
 
 pub mod auth;
+pub mod consensus;
 pub mod convert;
 pub mod grpc;
 pub mod http;
@@ -92,6 +93,26 @@ pub struct Config {
     /// Login and sign-up attempts per client address per minute.
     #[arg(long, env = "PS_LOGINS_PER_ADDRESS", default_value_t = 120)]
     pub logins_per_address: u64,
+    /// This replica's Raft id (1.., unique among the replicas; in a
+    /// StatefulSet, the pod ordinal + 1).
+    #[arg(long, env = "PS_RAFT_ID", default_value_t = 1)]
+    pub raft_id: u64,
+    /// Every replica, this one included: `id=URL` of its Raft port, comma
+    /// separated (`1=http://coord-0.coord:7946,2=...`). Empty: this replica
+    /// alone (development).
+    #[arg(long, env = "PS_RAFT_PEERS", default_value = "", value_parser = parse_peers)]
+    pub raft_peers: Peers,
+    /// Raft messages from the other replicas.
+    #[arg(long, env = "PS_RAFT_ADDR", default_value = "0.0.0.0:7946")]
+    pub raft_addr: SocketAddr,
+    /// Directory of this replica's Raft log (fsynced). Unset: memory, lost
+    /// at exit, which is only safe for a single development replica.
+    #[arg(long, env = "PS_RAFT_DIR")]
+    pub raft_dir: Option<PathBuf>,
+    /// One Raft tick, milliseconds. Elections start after 10–20 silent
+    /// ticks; the leader heartbeats every 2.
+    #[arg(long, env = "PS_RAFT_TICK_MS", default_value_t = 50)]
+    pub raft_tick_ms: u64,
     /// Write the bound addresses here as JSON once listening (for tools and tests binding port 0).
     #[arg(long, env = "PS_PORTS_FILE")]
     pub ports_file: Option<PathBuf>,
@@ -128,6 +149,16 @@ impl Config {
             self.logins_per_name >= 1 && self.logins_per_address >= 1,
             "login limits must be at least 1 a minute"
         );
+        anyhow::ensure!(self.raft_id >= 1, "raft id must be at least 1");
+        if !self.raft_peers.0.is_empty() {
+            anyhow::ensure!(
+                self.raft_peers.0.contains_key(&self.raft_id),
+                "--raft-peers must list this replica's own id {} ({:?})",
+                self.raft_id,
+                self.raft_peers.0.keys().collect::<Vec<_>>()
+            );
+        }
+        anyhow::ensure!((10..=1_000).contains(&self.raft_tick_ms), "raft tick must be 10..=1000 ms");
         Ok(())
     }
 
@@ -140,6 +171,27 @@ impl Config {
             ..Policy::default()
         }
     }
+}
+
+/// The Raft replicas: id → URL.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Peers(pub std::collections::BTreeMap<u64, String>);
+
+pub fn parse_peers(s: &str) -> Result<Peers, String> {
+    let mut peers = std::collections::BTreeMap::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (id, addr) = part.split_once('=').ok_or_else(|| format!("expected id=URL, got {part:?}"))?;
+        let id: u64 = id.trim().parse().map_err(|_| format!("raft id {id:?} is not a number"))?;
+        if id == 0 {
+            return Err("raft ids start at 1".into());
+        }
+        let addr = addr.trim();
+        let url = if addr.contains("://") { addr.to_owned() } else { format!("http://{addr}") };
+        if peers.insert(id, url).is_some() {
+            return Err(format!("raft id {id} is listed twice"));
+        }
+    }
+    Ok(Peers(peers))
 }
 
 pub fn parse_world_size(s: &str) -> Result<[u32; 3], String> {
@@ -163,6 +215,7 @@ pub fn parse_ivec3(s: &str) -> Result<IVec3, String> {
 pub struct BoundPorts {
     pub http: SocketAddr,
     pub grpc: SocketAddr,
+    pub raft: SocketAddr,
 }
 
 /// Runs the coordinator until `shutdown` resolves.
@@ -170,10 +223,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
     config.validate()?;
     let [nx, ny, nz] = config.world_size;
     let tree = RegionTree::grid(config.world_origin, nx, ny, nz);
-    // Tick 0 of the mesh grid: the coordinator's start, rounded down to a second.
-    let epoch = now_nanos() / 1_000_000_000 * 1_000_000_000;
-    let mut state = CoordinatorState::new(config.policy(), tree, TickClock::new(epoch));
-    state.world_seed = config.world_seed;
+    // Pristine until the first leader bootstraps it (tick grid, policy): the
+    // same on every replica, as Raft needs.
+    let mut initial = CoordinatorState::new(config.policy(), tree, TickClock::new(0));
+    initial.world_seed = config.world_seed;
 
     let key = auth::load_key(config.ticket_key_file.as_deref())?;
     let store =
@@ -181,8 +234,37 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
             .await
             .context("opening the account store")?;
     info!(backend = store.backend(), "store open");
-    let state = persist::load(store.as_ref(), &config.cluster, state, now_nanos()).await?;
-    let node = Arc::new(Node::new(state, metrics::Metrics::new()));
+    let restore = persist::load(store.as_ref(), &config.cluster, &initial).await?;
+
+    let raft_listener = TcpListener::bind(config.raft_addr)
+        .await
+        .with_context(|| format!("binding the Raft port on {}", config.raft_addr))?;
+    let raft_bound = raft_listener.local_addr()?;
+    let mut peers = config.raft_peers.0.clone();
+    if peers.is_empty() {
+        peers.insert(config.raft_id, format!("http://{raft_bound}"));
+    }
+    if peers.len() > 1 && config.raft_dir.is_none() {
+        warn!("--raft-dir is unset: this replica's log is in memory and a restart loses it (development only)");
+    }
+    let identity = consensus::transport::Identity {
+        cluster: config.cluster.clone(),
+        world: format!(
+            "seed={};size={}x{}x{};origin={},{},{}",
+            config.world_seed, nx, ny, nz, config.world_origin.x, config.world_origin.y, config.world_origin.z
+        ),
+    };
+    let setup = node::RaftSetup {
+        id: config.raft_id,
+        peers,
+        dir: config.raft_dir.clone(),
+        tick: Duration::from_millis(config.raft_tick_ms),
+        timing: consensus::Timing::default(),
+        identity: identity.clone(),
+    };
+    let genesis = node::Genesis { policy: config.policy(), world_seed: config.world_seed, restore };
+    let metrics = metrics::Metrics::new();
+    let (node, raft_inbox) = Node::start(setup, initial, genesis, metrics.clone(), &tokio::runtime::Handle::current())?;
     let cache = Arc::new(
         persistence::cache::Cache::new(config.storage.redis_url.as_deref(), &config.cluster)
             .map_err(anyhow::Error::msg)?,
@@ -208,8 +290,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
         .with_context(|| format!("binding the HTTP API on {}", config.http_addr))?;
     let grpc =
         TcpListener::bind(config.grpc_addr).await.with_context(|| format!("binding gRPC on {}", config.grpc_addr))?;
-    let ports = BoundPorts { http: http.local_addr()?, grpc: grpc.local_addr()? };
-    info!(http = %ports.http, grpc = %ports.grpc, regions = nx * ny * nz, "coordinator listening");
+    let ports = BoundPorts { http: http.local_addr()?, grpc: grpc.local_addr()?, raft: raft_bound };
+    info!(http = %ports.http, grpc = %ports.grpc, raft = %ports.raft, regions = nx * ny * nz, "coordinator listening");
     if let Some(path) = &config.ports_file {
         svc::write_json_atomically(path, &ports)?;
     }
@@ -234,7 +316,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
             every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tokio::select! {
-                    _ = every.tick() => { let _ = node.propose(Command::Tick { now: now_nanos() }).await; }
+                    _ = every.tick() => {
+                        if node.is_leader() {
+                            let _ = node.propose(Command::Tick { now: now_nanos() }).await;
+                        }
+                    }
                     _ = stop.cancelled() => break,
                 }
             }
@@ -267,7 +353,23 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
         }
     });
 
-    let (h, g) = tokio::join!(http_task, grpc_task);
+    let raft_task = tokio::spawn({
+        let svc = proto::raft::raft_peer_server::RaftPeerServer::new(consensus::transport::RaftPeerService {
+            identity,
+            driver: raft_inbox,
+            refused: metrics.raft_refused.clone(),
+        })
+        .max_decoding_message_size(256 << 20);
+        let stop = stop.clone().cancelled_owned();
+        async move {
+            tonic::transport::Server::builder()
+                .add_service(svc)
+                .serve_with_incoming_shutdown(TcpListenerStream::new(raft_listener), stop)
+                .await
+        }
+    });
+
+    let (h, g, r) = tokio::join!(http_task, grpc_task, raft_task);
     ticker.abort();
     // The last snapshot and transfers, written on the way out (bounded).
     if tokio::time::timeout(Duration::from_secs(5), saver).await.is_err() {
@@ -275,6 +377,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
     }
     h.context("HTTP task panicked")?.context("HTTP server failed")?;
     g.context("gRPC task panicked")?.context("gRPC server failed")?;
+    r.context("Raft task panicked")?.context("Raft server failed")?;
+    let stopper = node.clone();
+    tokio::task::spawn_blocking(move || stopper.stop()).await.context("stopping the raft replica")?;
     if !stop.is_cancelled() {
         warn!("servers stopped without a shutdown request");
     }

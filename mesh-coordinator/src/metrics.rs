@@ -1,6 +1,6 @@
 //! The coordinator's Prometheus metrics, on a registry of its own.
 
-use prometheus::{IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry};
+use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 
 #[derive(Debug, Clone)]
 pub struct Metrics {
@@ -15,6 +15,19 @@ pub struct Metrics {
     pub auth: IntCounterVec,
     /// Database writes by what (`topology`, `transfers`) and result (`ok`, `failed`).
     pub store_writes: IntCounterVec,
+    /// Raft messages not delivered, by reason (`queue_full`, `unreachable`, …).
+    pub raft_dropped: IntCounterVec,
+    /// Raft batches refused from peers (`wrong_mesh`, `bad_message`).
+    pub raft_refused: IntCounterVec,
+    pub raft_proposals_failed: IntCounter,
+    pub raft_storage_failures: IntCounter,
+    pub raft_snapshots_installed: IntCounter,
+    pub raft_leader_changes: IntCounter,
+    pub raft_term: IntGauge,
+    pub raft_commit: IntGauge,
+    pub raft_applied: IntGauge,
+    pub raft_is_leader: IntGauge,
+    pub raft_has_leader: IntGauge,
 }
 
 impl Metrics {
@@ -47,6 +60,41 @@ impl Metrics {
             &["what", "result"],
         )
         .expect("static metric definition");
+        let counter_vec = |name: &str, help: &str, label: &str| {
+            IntCounterVec::new(Opts::new(name, help), &[label]).expect("static metric definition")
+        };
+        let counter = |name: &str, help: &str| IntCounter::new(name, help).expect("static metric definition");
+        let gauge = |name: &str, help: &str| IntGauge::new(name, help).expect("static metric definition");
+        let raft_dropped =
+            counter_vec("raft_messages_dropped_total", "Raft messages not delivered, by reason", "reason");
+        let raft_refused =
+            counter_vec("raft_batches_refused_total", "Raft batches refused from peers, by reason", "reason");
+        let raft_proposals_failed =
+            counter("raft_proposals_failed_total", "Proposals that did not commit in time (no leader, leader change)");
+        let raft_storage_failures = counter("raft_storage_failures_total", "Raft log writes that failed");
+        let raft_snapshots_installed =
+            counter("raft_snapshots_installed_total", "Snapshots received from the leader and installed");
+        let raft_leader_changes = counter("raft_leader_elections_won_total", "Times this replica became leader");
+        let raft_term = gauge("raft_term", "Current Raft term");
+        let raft_commit = gauge("raft_commit_index", "Highest log index known committed");
+        let raft_applied = gauge("raft_applied_index", "Highest log index applied to the state machine");
+        let raft_is_leader = gauge("raft_is_leader", "1 while this replica leads");
+        let raft_has_leader = gauge("raft_has_leader", "1 while this replica knows a leader");
+        for c in [
+            Box::new(raft_dropped.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(raft_refused.clone()),
+            Box::new(raft_proposals_failed.clone()),
+            Box::new(raft_storage_failures.clone()),
+            Box::new(raft_snapshots_installed.clone()),
+            Box::new(raft_leader_changes.clone()),
+            Box::new(raft_term.clone()),
+            Box::new(raft_commit.clone()),
+            Box::new(raft_applied.clone()),
+            Box::new(raft_is_leader.clone()),
+            Box::new(raft_has_leader.clone()),
+        ] {
+            registry.register(c).expect("metric names are unique");
+        }
         for c in [
             Box::new(auth.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(store_writes.clone()),
@@ -59,7 +107,28 @@ impl Metrics {
         ] {
             registry.register(c).expect("metric names are unique");
         }
-        Self { registry, servers, regions, commands, refused, transfers, server_deaths, auth, store_writes }
+        Self {
+            registry,
+            servers,
+            regions,
+            commands,
+            refused,
+            transfers,
+            server_deaths,
+            auth,
+            store_writes,
+            raft_dropped,
+            raft_refused,
+            raft_proposals_failed,
+            raft_storage_failures,
+            raft_snapshots_installed,
+            raft_leader_changes,
+            raft_term,
+            raft_commit,
+            raft_applied,
+            raft_is_leader,
+            raft_has_leader,
+        }
     }
 
     /// Prometheus text exposition of every metric.

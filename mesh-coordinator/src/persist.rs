@@ -18,38 +18,19 @@ use tracing::{info, warn};
 use crate::node::Node;
 use crate::state::{CoordinatorState, TransferOutcome, TransferRecord};
 
-fn encode(state: &CoordinatorState) -> Vec<u8> {
-    // Format byte, then bincode (serde) of the state.
-    let mut out = vec![1u8];
-    out.extend(bincode::serde::encode_to_vec(state, bincode::config::standard()).expect("the state serialises"));
-    out
-}
-
-fn decode(bytes: &[u8]) -> Result<CoordinatorState, String> {
-    match bytes.split_first() {
-        Some((1, body)) => bincode::serde::decode_from_slice(body, bincode::config::standard())
-            .map(|(s, _)| s)
-            .map_err(|e| format!("snapshot does not decode: {e}")),
-        Some((v, _)) => Err(format!("snapshot format {v} is unknown to this build")),
-        None => Err("empty snapshot".into()),
-    }
-}
-
-/// The state to start from: the stored snapshot of `cluster` if there is one
-/// (for the same world as `fresh`), else `fresh`.
-pub async fn load(
-    store: &dyn Store,
-    cluster: &str,
-    fresh: CoordinatorState,
-    now: u64,
-) -> anyhow::Result<CoordinatorState> {
+/// The stored snapshot of `cluster`, checked to decode and to describe the
+/// same world as `fresh`, as bytes for [`crate::state::Bootstrap::restore`].
+/// A mesh's first leader restores it when the Raft log is empty (every
+/// replica lost its disk, or a development mesh without `--raft-dir`).
+pub async fn load(store: &dyn Store, cluster: &str, fresh: &CoordinatorState) -> anyhow::Result<Option<Vec<u8>>> {
     let Some(snap) = store.load_topology(cluster).await? else {
-        info!(%cluster, "no stored topology: a new mesh");
-        return Ok(fresh);
+        info!(%cluster, "no stored topology");
+        return Ok(None);
     };
-    let stored = decode(&snap.data).map_err(|e| anyhow::anyhow!("the stored topology of {cluster:?}: {e}"))?;
+    let stored = CoordinatorState::from_bytes(&snap.data)
+        .map_err(|e| anyhow::anyhow!("the stored topology of {cluster:?}: {e}"))?;
     anyhow::ensure!(
-        stored.same_world(&fresh),
+        stored.same_world(fresh),
         "the stored topology of cluster {cluster:?} is for another world (seed {}, {} roots); start with the same \
          --world-seed and --world-size, or another --cluster",
         stored.world_seed,
@@ -60,9 +41,9 @@ pub async fn load(
         version = snap.version,
         servers = stored.servers().len(),
         transfers = stored.transfers_total(),
-        "restored the stored topology"
+        "found a stored topology (restored if the Raft log is empty)"
     );
-    Ok(stored.restored(now))
+    Ok(Some(snap.data))
 }
 
 fn transfer_row(t: &TransferRecord) -> persistence::TransferRecord {
@@ -79,7 +60,8 @@ fn transfer_row(t: &TransferRecord) -> persistence::TransferRecord {
 }
 
 /// Saves the snapshot and the transfer log once a second until `stop`, and
-/// once more on the way out.
+/// once more on the way out; only while this replica leads (the others hold
+/// the same state).
 pub async fn run(node: Arc<Node>, store: Arc<dyn Store>, cluster: String, stop: CancellationToken) {
     let mut every = tokio::time::interval(Duration::from_secs(1));
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -91,10 +73,27 @@ pub async fn run(node: Arc<Node>, store: Arc<dyn Store>, cluster: String, stop: 
             _ = every.tick() => false,
             _ = stop.cancelled() => true,
         };
+        if !node.is_leader() {
+            // Another replica saves; when this one leads again it starts over
+            // (the transfer rows are upserts: writing one twice is harmless).
+            saved = None;
+            logged_upto = 0;
+            if stopping {
+                break;
+            }
+            continue;
+        }
         let now = crate::node::now_nanos();
         let (mark, data, finished) = node.read(|s| {
+            if !s.is_bootstrapped() {
+                return ((0, 0), None, Vec::new());
+            }
+            if logged_upto == 0 {
+                // Whatever the log still holds in memory is written again.
+                logged_upto = s.transfers().front().map_or(0, |t| t.id.saturating_sub(1));
+            }
             let mark = (s.map_version(), s.transfers_total());
-            let data = (saved != Some(mark)).then(|| encode(s));
+            let data = (saved != Some(mark)).then(|| s.to_bytes());
             let finished: Vec<_> = s
                 .transfers()
                 .iter()
@@ -152,7 +151,7 @@ fn failed(node: &Node, what: &'static str, e: &StoreError) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::{Command, Policy};
+    use crate::state::{Bootstrap, Command, Policy};
     use glam::IVec3;
     use shared::TickClock;
     use shared::region::RegionTree;
@@ -167,11 +166,16 @@ mod tests {
         s
     }
 
+    fn pristine(seed: u64) -> CoordinatorState {
+        let mut s = state(seed);
+        s.clock = TickClock::new(0);
+        s
+    }
+
     #[tokio::test]
     async fn the_topology_comes_back_with_its_epochs_and_tick_grid() {
         let store = persistence::memory::MemoryStore::new(32 * 32 * 32);
-        let fresh = state(7);
-        assert_eq!(load(&store, "c", fresh.clone(), 5).await.unwrap(), fresh, "nothing stored: fresh");
+        assert_eq!(load(&store, "c", &pristine(7)).await.unwrap(), None, "nothing stored");
 
         let mut s = state(7);
         let (r, _) = s.apply(Command::Register {
@@ -186,23 +190,30 @@ mod tests {
         s.apply(Command::Tick { now: 2_000_000_001 }).0.unwrap();
         let owned: Vec<_> = s.assignments().values().map(|a| (a.server, a.epoch)).collect();
         assert!(owned.iter().all(|(srv, e)| srv.is_some() && e.0 > 0), "{owned:?}");
-        let data = encode(&s);
+        let data = s.to_bytes();
         store.save_topology(&TopologySnapshot { cluster: "c".into(), version: 1, data }).await.unwrap();
 
-        // Much later: the server gets a fresh timeout, epochs carry on.
+        // Much later, a first leader bootstraps from it: the server gets a
+        // fresh timeout, epochs and the tick grid carry on.
         let later = 60_000_000_000;
-        let mut back = load(&store, "c", state(7), later).await.unwrap();
+        let restore = load(&store, "c", &pristine(7)).await.unwrap();
+        assert!(restore.is_some());
+        let mut back = pristine(7);
+        let bootstrap = Bootstrap { clock_epoch: later, policy: back.policy.clone(), world_seed: 7, restore };
+        let (r, ev) = back.apply(Command::NewLeader { replica: 1, now: later, bootstrap: Some(bootstrap) });
+        r.unwrap();
+        assert_eq!(ev, vec![crate::state::Event::Bootstrapped { restored: true }]);
         assert_eq!(back.clock, s.clock);
         assert_eq!(back.assignments().values().map(|a| (a.server, a.epoch)).collect::<Vec<_>>(), owned);
         back.apply(Command::Tick { now: later + 1 }).0.unwrap();
         assert!(back.servers().values().all(|r| r.alive), "a full heartbeat timeout to check in");
 
         // Another world is refused, not restored.
-        let err = load(&store, "c", state(8), later).await.unwrap_err();
+        let err = load(&store, "c", &pristine(8)).await.unwrap_err();
         assert!(err.to_string().contains("another world"), "{err}");
         // Garbage is a clear error.
         store.save_topology(&TopologySnapshot { cluster: "d".into(), version: 1, data: vec![9, 9] }).await.unwrap();
-        let err = load(&store, "d", state(7), later).await.unwrap_err();
+        let err = load(&store, "d", &pristine(7)).await.unwrap_err();
         assert!(err.to_string().contains("format 9"), "{err}");
     }
 }

@@ -140,6 +140,27 @@ pub enum Command {
         error: String,
         now: u64,
     },
+    /// The first command of every new leader's term. A leader that finds the
+    /// state pristine bootstraps it; in every case each live server gets a
+    /// full heartbeat timeout from `now`, since its heartbeats could not
+    /// commit while there was no leader.
+    NewLeader {
+        replica: u64,
+        now: u64,
+        bootstrap: Option<Bootstrap>,
+    },
+}
+
+/// What the first leader of a mesh fixes for good.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Bootstrap {
+    /// Tick 0 of the mesh grid.
+    pub clock_epoch: u64,
+    pub policy: Policy,
+    pub world_seed: u64,
+    /// A topology snapshot from the database (see [`CoordinatorState::to_bytes`]),
+    /// when the mesh existed before every replica lost its log.
+    pub restore: Option<Vec<u8>>,
 }
 
 impl Command {
@@ -151,6 +172,7 @@ impl Command {
             Command::Tick { .. } => "tick",
             Command::RequestTransfer(_) => "request_transfer",
             Command::CompleteTransfer { .. } => "complete_transfer",
+            Command::NewLeader { .. } => "new_leader",
         }
     }
 }
@@ -196,6 +218,12 @@ pub enum CommandError {
     SameServer(RegionKey),
     #[error("transfer {0} is unknown or not the caller's")]
     UnknownTransfer(u64),
+    #[error("the mesh has not been bootstrapped by a leader yet")]
+    NotBootstrapped,
+    /// Not a decision of the state machine: the command could not be
+    /// committed (no leader, or it did not commit in time). Retry.
+    #[error("not committed: {0}")]
+    Unavailable(String),
 }
 
 impl CommandError {
@@ -209,6 +237,8 @@ impl CommandError {
             CommandError::NoOwner(_) => "no_owner",
             CommandError::SameServer(_) => "same_server",
             CommandError::UnknownTransfer(_) => "unknown_transfer",
+            CommandError::NotBootstrapped => "not_bootstrapped",
+            CommandError::Unavailable(_) => "unavailable",
         }
     }
 }
@@ -221,6 +251,7 @@ pub enum Event {
     RegionAssigned { region: RegionKey, server: Option<ServerId>, previous: Option<ServerId>, epoch: Epoch },
     TransferCommitted(TransferRecord),
     TransferCompleted { id: u64, outcome: TransferOutcome },
+    Bootstrapped { restored: bool },
 }
 
 /// The replicated state of the mesh.
@@ -329,13 +360,49 @@ impl CoordinatorState {
         self.assignments.iter().filter(move |(_, a)| a.server == Some(server))
     }
 
+    /// Whether a leader has bootstrapped the mesh (fixed its tick grid).
+    pub fn is_bootstrapped(&self) -> bool {
+        self.clock.epoch_unix_nanos != 0
+    }
+
+    /// The state as bytes: a format byte, then bincode. Raft snapshots and
+    /// the database's topology snapshot both use it.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = vec![1u8];
+        out.extend(bincode::serde::encode_to_vec(self, bincode::config::standard()).expect("the state serialises"));
+        out
+    }
+
+    pub fn from_bytes(bytes: &[u8]) -> Result<CoordinatorState, String> {
+        match bytes.split_first() {
+            Some((1, body)) => bincode::serde::decode_from_slice(body, bincode::config::standard())
+                .map(|(s, _)| s)
+                .map_err(|e| format!("snapshot does not decode: {e}")),
+            Some((v, _)) => Err(format!("snapshot format {v} is unknown to this build")),
+            None => Err("empty snapshot".into()),
+        }
+    }
+
     pub fn apply(&mut self, cmd: Command) -> (Result<Response, CommandError>, Vec<Event>) {
         let mut events = Vec::new();
+        if !self.is_bootstrapped() && !matches!(cmd, Command::NewLeader { .. } | Command::Tick { .. }) {
+            return (Err(CommandError::NotBootstrapped), events);
+        }
         let result = match cmd {
             Command::Register { name, addresses, cert_sha256, capacity_players, version, now } => {
                 self.register(name, addresses, cert_sha256, capacity_players, version, now, &mut events)
             }
             Command::Heartbeat { server, load, now } => self.heartbeat(server, load, now),
+            Command::NewLeader { replica: _, now, bootstrap } => {
+                if let Some(b) = bootstrap.filter(|_| !self.is_bootstrapped()) {
+                    self.bootstrap(b, now, &mut events);
+                }
+                for s in self.servers.values_mut().filter(|s| s.alive) {
+                    s.last_heartbeat = s.last_heartbeat.max(now);
+                }
+                Ok(Response::Done)
+            }
+            Command::Tick { .. } if !self.is_bootstrapped() => Ok(Response::Done),
             Command::Tick { now } => {
                 self.detect_failures(now, &mut events);
                 self.place_unowned(now, &mut events);
@@ -350,6 +417,24 @@ impl CoordinatorState {
             self.map_version += 1;
         }
         (result, events)
+    }
+
+    fn bootstrap(&mut self, b: Bootstrap, now: u64, events: &mut Vec<Event>) {
+        let stored = b.restore.as_deref().map(CoordinatorState::from_bytes);
+        match stored {
+            // The loader checked the world before proposing; check again so
+            // no replica ever takes another world's map.
+            Some(Ok(stored)) if stored.same_world(self) && stored.is_bootstrapped() => {
+                *self = stored.restored(now);
+                events.push(Event::Bootstrapped { restored: true });
+            }
+            _ => {
+                self.clock = TickClock::new(b.clock_epoch.max(1));
+                self.policy = b.policy;
+                self.world_seed = b.world_seed;
+                events.push(Event::Bootstrapped { restored: false });
+            }
+        }
     }
 
     #[allow(clippy::too_many_arguments)]

@@ -3,6 +3,7 @@
 //! - [`mesh`]: game server ⇄ coordinator (register, heartbeat with load,
 //!   region assignments with epochs, authority transfer).
 //! - [`peer`]: game server ⇄ game server (overlap/ghost sync, handoff).
+//! - [`raft`]: coordinator replica ⇄ replica (Raft messages).
 //!
 //! These are wire types only. Domain types live in `shared`; each crate that
 //! speaks gRPC converts explicitly at its edge.
@@ -15,4 +16,8 @@ pub mod mesh {
 
 pub mod peer {
     tonic::include_proto!("planetary.peer.v1");
+}
+
+pub mod raft {
+    tonic::include_proto!("planetary.raft.v1");
 }

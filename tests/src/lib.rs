@@ -147,6 +147,7 @@ impl Mesh {
         let mut args = vec![
             "--http-addr=127.0.0.1:0".into(),
             "--grpc-addr=127.0.0.1:0".into(),
+            "--raft-addr=127.0.0.1:0".into(),
             format!("--world-seed={WORLD_SEED}"),
             format!("--ports-file={}", ports.display()),
             // Accounts live in the mesh's one embedded store.

@@ -181,6 +181,9 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
                     format!("--world-size={}", args.world_size),
                     format!("--ports-file={}", ports.display()),
                     format!("--ticket-key-file={}", key_file.display()),
+                    // One Raft replica, its log kept with the world.
+                    "--raft-addr=127.0.0.1:0".into(),
+                    format!("--raft-dir={}", args.data_dir.join("raft-1").display()),
                     // Every local bot logs in from 127.0.0.1.
                     "--logins-per-address=1000000".into(),
                     storage.clone(),
