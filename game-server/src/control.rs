@@ -195,13 +195,7 @@ pub async fn heartbeat_loop(
             }),
             known_map_version: known,
         };
-        match client
-            .call(|mut c| {
-                let req = req.clone();
-                async move { c.heartbeat(req).await }
-            })
-            .await
-        {
+        match client.call(|mut c| async move { c.heartbeat(req).await }).await {
             Ok(r) => {
                 if r.fenced {
                     error!(server = %me, "the coordinator declared this server dead; stopping");
@@ -325,14 +319,7 @@ impl TransferExecutor {
         // replica again is then refused as stale, and the transfer stays
         // committed without this server knowing (the handoff issue's
         // leader-change case).
-        let msg = match self
-            .coordinator
-            .call(|mut c| {
-                let req = req.clone();
-                async move { c.request_transfer(req).await }
-            })
-            .await
-        {
+        let msg = match self.coordinator.call(|mut c| async move { c.request_transfer(req).await }).await {
             Ok(r) => SimIn::TransferCommitted {
                 entity,
                 transfer: CommittedTransfer {
