@@ -126,7 +126,7 @@ fn admin_refusal(s: &LocalState, headers: &axum::http::HeaderMap) -> Option<Resp
     };
     let presented =
         headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
-    if !presented.is_some_and(|p| constant_time_eq(p.as_bytes(), expected.as_bytes())) {
+    if !presented.is_some_and(|p| svc::constant_time_eq(p.as_bytes(), expected.as_bytes())) {
         return Some(error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token"));
     }
     None
@@ -153,10 +153,6 @@ async fn inspect_chunk(
         Ok(info) => Json(info).into_response(),
         Err(_) => error(StatusCode::SERVICE_UNAVAILABLE, "the simulation stopped"),
     }
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 async fn ready(State(s): State<LocalState>) -> Response {

@@ -37,7 +37,7 @@ fn status_of(e: CommandError) -> Status {
     let msg = format!("{}: {e}", e.reason());
     match e {
         CommandError::UnknownServer(_) | CommandError::UnknownTransfer(_) => Status::not_found(msg),
-        CommandError::UnknownRegion(_) => Status::invalid_argument(msg),
+        CommandError::UnknownRegion(_) | CommandError::BadThresholds(_) => Status::invalid_argument(msg),
         CommandError::ServerIdsExhausted => Status::resource_exhausted(msg),
         CommandError::NoOwner(_) | CommandError::NotBootstrapped | CommandError::Unavailable(_) => {
             Status::unavailable(msg)

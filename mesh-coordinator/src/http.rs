@@ -20,8 +20,8 @@ use shared::ids::{PlayerId, ServerId};
 use shared::wire::JoinRole;
 
 use crate::auth::{Auth, AuthError};
-use crate::node::Node;
-use crate::state::{Addresses, Load, TransferRecord};
+use crate::node::{Node, now_nanos};
+use crate::state::{Addresses, Command, CommandError, Load, Thresholds, TransferRecord};
 
 pub fn router(node: Arc<Node>) -> Router {
     Router::new()
@@ -240,6 +240,64 @@ pub fn auth_router(node: Arc<Node>, auth: Arc<Auth>) -> Router {
         .with_state((node, auth))
 }
 
+/// The mesh's operating knobs: `GET /v1/thresholds` (anyone who can read
+/// the admin views) and `PUT /v1/thresholds` (bearer admin token), committed
+/// through Raft.
+pub fn ops_router(node: Arc<Node>, admin_token: Option<String>) -> Router {
+    Router::new()
+        .route("/v1/thresholds", get(get_thresholds).put(put_thresholds))
+        .with_state((node, admin_token.map(Arc::new)))
+}
+
+type OpsState = (Arc<Node>, Option<Arc<String>>);
+
+async fn get_thresholds(State((node, _)): State<OpsState>) -> Json<Thresholds> {
+    Json(node.read(|s| s.thresholds))
+}
+
+/// The bearer admin token check; `Err` is the refusal to send.
+fn admin_only(token: Option<&String>, headers: &HeaderMap) -> Result<(), Response> {
+    let Some(token) = token else {
+        return Err(err(StatusCode::FORBIDDEN, "forbidden", "the admin API is off: start with --admin-token"));
+    };
+    let given = bearer(headers).ok().unwrap_or_default();
+    if !svc::constant_time_eq(given.as_bytes(), token.as_bytes()) {
+        return Err(err(StatusCode::UNAUTHORIZED, "unauthorized", "a bearer admin token is required"));
+    }
+    Ok(())
+}
+
+/// A refused or uncommitted command as an HTTP answer.
+fn command_error(e: &CommandError) -> Response {
+    let status = match e {
+        CommandError::Unavailable(_) | CommandError::NotBootstrapped => StatusCode::SERVICE_UNAVAILABLE,
+        CommandError::UnknownServer(_) | CommandError::UnknownRegion(_) | CommandError::UnknownTransfer(_) => {
+            StatusCode::NOT_FOUND
+        }
+        CommandError::BadThresholds(_) => StatusCode::BAD_REQUEST,
+        _ => StatusCode::CONFLICT,
+    };
+    err(status, e.reason(), &e.to_string())
+}
+
+async fn put_thresholds(
+    State((node, token)): State<OpsState>,
+    headers: HeaderMap,
+    b: Result<Json<Thresholds>, JsonRejection>,
+) -> Response {
+    if let Err(refusal) = admin_only(token.as_deref(), &headers) {
+        return refusal;
+    }
+    let thresholds = match b {
+        Ok(Json(t)) => t,
+        Err(e) => return err(StatusCode::BAD_REQUEST, "bad_request", &e.body_text()),
+    };
+    match node.propose(Command::SetThresholds { thresholds, now: now_nanos() }).await {
+        Ok(_) => Json(node.read(|s| s.thresholds)).into_response(),
+        Err(e) => command_error(&e),
+    }
+}
+
 /// `POST /v1/notices` (bearer admin token): a notice to every player.
 pub fn admin_router(auth: Arc<Auth>, admin_token: Option<String>) -> Router {
     Router::new().route("/v1/notices", post(notice)).with_state((auth, admin_token.map(Arc::new)))
@@ -262,11 +320,8 @@ async fn notice(
     headers: HeaderMap,
     b: Result<Json<NoticeRequest>, JsonRejection>,
 ) -> Response {
-    let Some(token) = token else {
-        return err(StatusCode::FORBIDDEN, "forbidden", "the admin API is off: start with --admin-token");
-    };
-    if bearer(&headers).ok() != Some(token.as_str()) {
-        return err(StatusCode::UNAUTHORIZED, "unauthorized", "a bearer admin token is required");
+    if let Err(refusal) = admin_only(token.as_deref(), &headers) {
+        return refusal;
     }
     let text = match b {
         Ok(Json(n)) => n.text,

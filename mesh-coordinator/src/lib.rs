@@ -66,8 +66,8 @@ pub struct Config {
     /// Ticks between a transfer's commit and the tick it takes effect.
     #[arg(long, env = "PS_HANDOFF_LEAD_TICKS", default_value_t = 9)]
     pub handoff_lead_ticks: u64,
-    /// Bearer token of the admin writes (`POST /v1/notices`). Unset: they
-    /// answer 403.
+    /// Bearer token of the admin writes (`POST /v1/notices`, `PUT
+    /// /v1/thresholds`). Unset: they answer 403.
     #[arg(long, env = "PS_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
     /// Name of this mesh in shared storage: the prefix of its Redis keys
@@ -330,7 +330,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
     let http_task = tokio::spawn({
         let app = http::router(node.clone())
             .merge(http::auth_router(node.clone(), auth.clone()))
-            .merge(http::admin_router(auth.clone(), config.admin_token.clone()));
+            .merge(http::admin_router(auth.clone(), config.admin_token.clone()))
+            .merge(http::ops_router(node.clone(), config.admin_token.clone()));
         let stop = stop.clone().cancelled_owned();
         async move {
             axum::serve(http, app.into_make_service_with_connect_info::<SocketAddr>())

@@ -40,6 +40,54 @@ impl Default for Policy {
     }
 }
 
+/// When regions split and merge (the load balancer; set by operators
+/// through the admin API, replicated like everything else). Defaults from
+/// the infrastructure design: more than 40 players or CPU above 70 %.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Thresholds {
+    /// A region splits when its owner has more players than this…
+    pub split_players: u32,
+    /// …or its owner's CPU (fraction of one core) is above this.
+    pub split_cpu: f32,
+    /// Siblings merge when their players together are at most this…
+    pub merge_players: u32,
+    /// …and their owners' CPU is below this.
+    pub merge_cpu: f32,
+    /// No split or merge of a region within this long of its last one.
+    pub cooldown_ms: u64,
+}
+
+impl Default for Thresholds {
+    fn default() -> Self {
+        Self { split_players: 40, split_cpu: 0.70, merge_players: 10, merge_cpu: 0.30, cooldown_ms: 60_000 }
+    }
+}
+
+impl Thresholds {
+    /// Refuses values that would make the balancer flap or never act.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.split_players == 0 || self.split_players > 100_000 {
+            return Err("split_players must be 1..=100000".into());
+        }
+        if !(self.split_cpu > 0.0 && self.split_cpu <= 64.0) {
+            return Err("split_cpu must be in (0, 64] (fractions of a core)".into());
+        }
+        if self.merge_players >= self.split_players / 2 {
+            return Err(format!(
+                "merge_players ({}) must be below half of split_players ({}), or regions would flap",
+                self.merge_players, self.split_players
+            ));
+        }
+        if !(self.merge_cpu >= 0.0 && self.merge_cpu < self.split_cpu / 2.0) {
+            return Err(format!("merge_cpu must be in [0, split_cpu / 2 = {})", self.split_cpu / 2.0));
+        }
+        if !(1_000..=86_400_000).contains(&self.cooldown_ms) {
+            return Err("cooldown_ms must be 1000..=86400000".into());
+        }
+        Ok(())
+    }
+}
+
 /// Where a server can be reached (host:port strings).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Addresses {
@@ -149,6 +197,11 @@ pub enum Command {
         now: u64,
         bootstrap: Option<Bootstrap>,
     },
+    /// An operator sets the split and merge thresholds.
+    SetThresholds {
+        thresholds: Thresholds,
+        now: u64,
+    },
 }
 
 /// What the first leader of a mesh fixes for good.
@@ -173,6 +226,7 @@ impl Command {
             Command::RequestTransfer(_) => "request_transfer",
             Command::CompleteTransfer { .. } => "complete_transfer",
             Command::NewLeader { .. } => "new_leader",
+            Command::SetThresholds { .. } => "set_thresholds",
         }
     }
 }
@@ -218,6 +272,8 @@ pub enum CommandError {
     SameServer(RegionKey),
     #[error("transfer {0} is unknown or not the caller's")]
     UnknownTransfer(u64),
+    #[error("invalid thresholds: {0}")]
+    BadThresholds(String),
     #[error("the mesh has not been bootstrapped by a leader yet")]
     NotBootstrapped,
     /// Not a decision of the state machine: the command could not be
@@ -237,6 +293,7 @@ impl CommandError {
             CommandError::NoOwner(_) => "no_owner",
             CommandError::SameServer(_) => "same_server",
             CommandError::UnknownTransfer(_) => "unknown_transfer",
+            CommandError::BadThresholds(_) => "bad_thresholds",
             CommandError::NotBootstrapped => "not_bootstrapped",
             CommandError::Unavailable(_) => "unavailable",
         }
@@ -258,6 +315,7 @@ pub enum Event {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CoordinatorState {
     pub policy: Policy,
+    pub thresholds: Thresholds,
     pub clock: TickClock,
     /// Seed of the procedural terrain.
     pub world_seed: u64,
@@ -298,6 +356,7 @@ impl CoordinatorState {
             tree.leaves().into_iter().map(|k| (k, Assignment { server: None, epoch: Epoch(0) })).collect();
         Self {
             policy,
+            thresholds: Thresholds::default(),
             clock,
             world_seed: 0,
             tree,
@@ -366,18 +425,22 @@ impl CoordinatorState {
     }
 
     /// The state as bytes: a format byte, then bincode. Raft snapshots and
-    /// the database's topology snapshot both use it.
+    /// the database's topology snapshot both use it. Format 2 added the
+    /// thresholds; format 1 (before them) is refused with a clear error.
     pub fn to_bytes(&self) -> Vec<u8> {
-        let mut out = vec![1u8];
+        let mut out = vec![2u8];
         out.extend(bincode::serde::encode_to_vec(self, bincode::config::standard()).expect("the state serialises"));
         out
     }
 
     pub fn from_bytes(bytes: &[u8]) -> Result<CoordinatorState, String> {
         match bytes.split_first() {
-            Some((1, body)) => bincode::serde::decode_from_slice(body, bincode::config::standard())
+            Some((2, body)) => bincode::serde::decode_from_slice(body, bincode::config::standard())
                 .map(|(s, _)| s)
                 .map_err(|e| format!("snapshot does not decode: {e}")),
+            Some((1, _)) => Err("snapshot format 1 was written by a build before Raft; start a new mesh (another \
+                                 --cluster, or delete the development data directory)"
+                .into()),
             Some((v, _)) => Err(format!("snapshot format {v} is unknown to this build")),
             None => Err("empty snapshot".into()),
         }
@@ -402,6 +465,13 @@ impl CoordinatorState {
                 }
                 Ok(Response::Done)
             }
+            Command::SetThresholds { thresholds, now: _ } => match thresholds.validate() {
+                Ok(()) => {
+                    self.thresholds = thresholds;
+                    Ok(Response::Done)
+                }
+                Err(e) => Err(CommandError::BadThresholds(e)),
+            },
             Command::Tick { .. } if !self.is_bootstrapped() => Ok(Response::Done),
             Command::Tick { now } => {
                 self.detect_failures(now, &mut events);

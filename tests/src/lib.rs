@@ -1,6 +1,7 @@
 //! Helpers for the multi-process tests: build and start the real binaries on
 //! 127.0.0.1 with port 0, read their ports files, stop them with SIGTERM.
 
+pub mod cluster;
 pub mod player;
 pub mod proxy;
 pub mod redis;
