@@ -5,6 +5,7 @@
 //! scenario runner. Everything is seeded: the same arguments build the same
 //! world and play the same inputs.
 
+pub mod failover;
 pub mod persist;
 
 use std::collections::HashMap;

@@ -255,16 +255,16 @@ async fn get_thresholds(State((node, _)): State<OpsState>) -> Json<Thresholds> {
     Json(node.read(|s| s.thresholds))
 }
 
-/// The bearer admin token check; `Err` is the refusal to send.
-fn admin_only(token: Option<&String>, headers: &HeaderMap) -> Result<(), Response> {
+/// The bearer admin token check: the refusal to send, if any.
+fn admin_refusal(token: Option<&String>, headers: &HeaderMap) -> Option<Response> {
     let Some(token) = token else {
-        return Err(err(StatusCode::FORBIDDEN, "forbidden", "the admin API is off: start with --admin-token"));
+        return Some(err(StatusCode::FORBIDDEN, "forbidden", "the admin API is off: start with --admin-token"));
     };
     let given = bearer(headers).ok().unwrap_or_default();
     if !svc::constant_time_eq(given.as_bytes(), token.as_bytes()) {
-        return Err(err(StatusCode::UNAUTHORIZED, "unauthorized", "a bearer admin token is required"));
+        return Some(err(StatusCode::UNAUTHORIZED, "unauthorized", "a bearer admin token is required"));
     }
-    Ok(())
+    None
 }
 
 /// A refused or uncommitted command as an HTTP answer.
@@ -285,7 +285,7 @@ async fn put_thresholds(
     headers: HeaderMap,
     b: Result<Json<Thresholds>, JsonRejection>,
 ) -> Response {
-    if let Err(refusal) = admin_only(token.as_deref(), &headers) {
+    if let Some(refusal) = admin_refusal(token.as_deref(), &headers) {
         return refusal;
     }
     let thresholds = match b {
@@ -320,7 +320,7 @@ async fn notice(
     headers: HeaderMap,
     b: Result<Json<NoticeRequest>, JsonRejection>,
 ) -> Response {
-    if let Err(refusal) = admin_only(token.as_deref(), &headers) {
+    if let Some(refusal) = admin_refusal(token.as_deref(), &headers) {
         return refusal;
     }
     let text = match b {

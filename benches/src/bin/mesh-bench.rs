@@ -36,6 +36,18 @@ enum Cmd {
         #[arg(long)]
         unpaced: bool,
     },
+    /// Three coordinator replicas; the leader killed (SIGKILL) and restarted
+    /// again and again.
+    Failover {
+        #[arg(long, default_value_t = 20)]
+        kills: usize,
+        /// Game servers heartbeating through the failovers.
+        #[arg(long, default_value_t = 2)]
+        servers: usize,
+        /// Steady-state writes timed for the commit latency.
+        #[arg(long, default_value_t = 200)]
+        writes: usize,
+    },
     /// World edits from game-server writers to the store.
     Persist {
         /// `postgres://…`, `sqlite:PATH` or `memory:`.
@@ -60,6 +72,9 @@ enum Cmd {
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().cmd {
+        Cmd::Failover { kills, servers, writes } => {
+            println!("{}", benches::failover::run(&benches::failover::FailoverConfig { kills, servers, writes })?);
+        }
         Cmd::Persist { database_url, seconds, rate, servers, voxels_per_edit, chunks } => {
             let cfg =
                 benches::persist::PersistConfig { url: database_url, seconds, rate, servers, voxels_per_edit, chunks };
