@@ -109,9 +109,10 @@ pub struct Config {
     /// at exit, which is only safe for a single development replica.
     #[arg(long, env = "PS_RAFT_DIR")]
     pub raft_dir: Option<PathBuf>,
-    /// One Raft tick, milliseconds. Elections start after 10–20 silent
-    /// ticks; the leader heartbeats every 2.
-    #[arg(long, env = "PS_RAFT_TICK_MS", default_value_t = 50)]
+    /// One Raft tick, milliseconds. A follower that hears no leader for
+    /// 8–16 ticks (320–640 ms by default) starts an election; the leader
+    /// heartbeats every 2 ticks.
+    #[arg(long, env = "PS_RAFT_TICK_MS", default_value_t = 40)]
     pub raft_tick_ms: u64,
     /// Write the bound addresses here as JSON once listening (for tools and tests binding port 0).
     #[arg(long, env = "PS_PORTS_FILE")]

@@ -31,7 +31,7 @@ pub struct Timing {
 
 impl Default for Timing {
     fn default() -> Self {
-        Self { election_ticks: 10, heartbeat_ticks: 2, snapshot_every: 2_000 }
+        Self { election_ticks: 8, heartbeat_ticks: 2, snapshot_every: 2_000 }
     }
 }
 
