@@ -21,7 +21,7 @@ use shared::wire::JoinRole;
 
 use crate::auth::{Auth, AuthError};
 use crate::node::{Node, now_nanos};
-use crate::state::{Addresses, Command, CommandError, Load, Thresholds, TransferRecord};
+use crate::state::{Addresses, AuditRecord, Command, CommandError, Load, Thresholds, TransferRecord};
 
 pub fn router(node: Arc<Node>) -> Router {
     Router::new()
@@ -246,10 +246,22 @@ pub fn auth_router(node: Arc<Node>, auth: Arc<Auth>) -> Router {
 pub fn ops_router(node: Arc<Node>, admin_token: Option<String>) -> Router {
     Router::new()
         .route("/v1/thresholds", get(get_thresholds).put(put_thresholds))
+        .route("/v1/audit", get(audit))
         .with_state((node, admin_token.map(Arc::new)))
 }
 
 type OpsState = (Arc<Node>, Option<Arc<String>>);
+
+#[derive(Debug, Deserialize)]
+struct AuditQuery {
+    limit: Option<usize>,
+}
+
+/// Operator writes, newest first (`?limit=`, default 100).
+async fn audit(State((node, _)): State<OpsState>, Query(q): Query<AuditQuery>) -> Json<Vec<AuditRecord>> {
+    let limit = q.limit.unwrap_or(100).min(crate::state::AUDIT_LOG_LEN);
+    Json(node.read(|s| s.audit_log().iter().rev().take(limit).cloned().collect()))
+}
 
 async fn get_thresholds(State((node, _)): State<OpsState>) -> Json<Thresholds> {
     Json(node.read(|s| s.thresholds))

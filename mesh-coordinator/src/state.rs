@@ -88,6 +88,22 @@ impl Thresholds {
     }
 }
 
+/// One operator write, as the audit log keeps it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditRecord {
+    /// Raised by one for every record, never reused.
+    pub seq: u64,
+    /// When the proposer stamped the command (Unix ns).
+    pub at: u64,
+    /// What was done, e.g. `set_thresholds`.
+    pub action: String,
+    /// The values set, as JSON text.
+    pub detail: String,
+}
+
+/// Operator writes kept in memory for `GET /v1/audit`.
+pub const AUDIT_LOG_LEN: usize = 10_000;
+
 /// Where a server can be reached (host:port strings).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Addresses {
@@ -325,6 +341,8 @@ pub struct CoordinatorState {
     entities: BTreeMap<EntityId, EntityAuthority>,
     transfers: VecDeque<TransferRecord>,
     transfers_total: u64,
+    audit: VecDeque<AuditRecord>,
+    audit_total: u64,
     next_server_id: u32,
     next_epoch: u64,
     next_transfer_id: u64,
@@ -365,6 +383,8 @@ impl CoordinatorState {
             entities: BTreeMap::new(),
             transfers: VecDeque::new(),
             transfers_total: 0,
+            audit: VecDeque::new(),
+            audit_total: 0,
             next_server_id: 1,
             next_epoch: 1,
             next_transfer_id: 1,
@@ -401,6 +421,19 @@ impl CoordinatorState {
 
     pub fn transfers_total(&self) -> u64 {
         self.transfers_total
+    }
+
+    /// The most recent operator writes, oldest first.
+    pub fn audit_log(&self) -> &VecDeque<AuditRecord> {
+        &self.audit
+    }
+
+    fn audit(&mut self, action: &str, detail: String, at: u64) {
+        self.audit_total += 1;
+        self.audit.push_back(AuditRecord { seq: self.audit_total, at, action: action.into(), detail });
+        while self.audit.len() > AUDIT_LOG_LEN {
+            self.audit.pop_front();
+        }
     }
 
     /// Raised whenever assignments or the server set change.
@@ -465,9 +498,10 @@ impl CoordinatorState {
                 }
                 Ok(Response::Done)
             }
-            Command::SetThresholds { thresholds, now: _ } => match thresholds.validate() {
+            Command::SetThresholds { thresholds, now } => match thresholds.validate() {
                 Ok(()) => {
                     self.thresholds = thresholds;
+                    self.audit("set_thresholds", serde_json::to_string(&thresholds).unwrap_or_default(), now);
                     Ok(Response::Done)
                 }
                 Err(e) => Err(CommandError::BadThresholds(e)),
