@@ -50,7 +50,7 @@ fn spawn(bin: &Path, args: &[String], log: &Path) -> anyhow::Result<Child> {
     let out = std::fs::File::create(log)?;
     Command::new(bin)
         .args(args)
-        .env("PS_LOG", "warn")
+        .env("PS_LOG", std::env::var("PS_BENCH_LOG").unwrap_or_else(|_| "warn".into()))
         .stdin(Stdio::null())
         .stdout(out.try_clone()?)
         .stderr(out)
@@ -119,14 +119,15 @@ impl Bench {
     }
 
     /// Starts a write to a survivor every 10 ms (alternating, each with a
-    /// 2 s timeout) until one commits; its value. Overlapping attempts keep
-    /// the client's retry timeout out of the measurement.
-    fn first_commit(&mut self, survivors: &[usize], since: Instant) -> anyhow::Result<u64> {
+    /// 2 s timeout) until one commits; the time from `since` to that commit.
+    /// Overlapping attempts keep the client's retry timeout out of the
+    /// measurement. Returns once every attempt has answered.
+    fn first_commit(&mut self, survivors: &[usize], since: Instant) -> anyhow::Result<Duration> {
         let mut attempts = tokio::task::JoinSet::new();
         let mut n = 0usize;
         self.rt.block_on(async {
             let mut every = tokio::time::interval(Duration::from_millis(10));
-            loop {
+            let first = loop {
                 tokio::select! {
                     _ = every.tick() => {
                         anyhow::ensure!(since.elapsed() < Duration::from_secs(30), "no write committed within 30 s");
@@ -140,12 +141,11 @@ impl Bench {
                     Some(done) = attempts.join_next() => {
                         if let Ok(Some(v)) = done {
                             self.acked.push(v);
-                            break;
+                            break since.elapsed();
                         }
                     }
                 }
-            }
-            let first = *self.acked.last().expect("just pushed");
+            };
             // Attempts still in flight: their answers count too.
             while let Some(done) = attempts.join_next().await {
                 if let Ok(Some(v)) = done {
@@ -282,13 +282,25 @@ pub fn run(cfg: &FailoverConfig) -> anyhow::Result<Value> {
         b.kill(leader);
         let killed = Instant::now();
         let survivors: Vec<usize> = (0..3).filter(|i| *i != leader).collect();
-        let committed = b.first_commit(&survivors, killed).with_context(|| format!("kill {k}"))?;
-        failover_ms.push(killed.elapsed().as_secs_f64() * 1000.0);
+        let took = b.first_commit(&survivors, killed).with_context(|| format!("kill {k}"))?;
+        failover_ms.push(took.as_secs_f64() * 1000.0);
         b.start_replica(leader)?;
         // Wait for the restarted replica to catch up before the next kill.
         let deadline = Instant::now() + Duration::from_secs(20);
-        while b.read_cooldown(leader) < Some(committed) || b.read_cooldown(leader) != b.read_cooldown(survivors[0]) {
-            anyhow::ensure!(Instant::now() < deadline, "kill {k}: the restarted replica did not catch up");
+        // (Every attempt has answered by now: no write is in flight, so the
+        // replicas converge on one value.)
+        while b.read_cooldown(leader).is_none() || b.read_cooldown(leader) != b.read_cooldown(survivors[0]) {
+            if Instant::now() > deadline {
+                let kept = std::mem::replace(&mut b.dir, tempfile::tempdir()?).keep();
+                anyhow::bail!(
+                    "kill {k}: the restarted replica {} did not catch up ({:?} there, {:?} on {}); logs in {}",
+                    leader + 1,
+                    b.read_cooldown(leader),
+                    b.read_cooldown(survivors[0]),
+                    survivors[0] + 1,
+                    kept.display()
+                );
+            }
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -301,6 +313,10 @@ pub fn run(cfg: &FailoverConfig) -> anyhow::Result<Value> {
     let lost = b.acked.iter().filter(|v| **v >= oldest && !audited.contains(v)).count();
     let status = b.rt.block_on(Bench::status(&b.client, &b.replicas[leader].http)).unwrap_or_default();
     drop(servers);
+    if std::env::var_os("PS_BENCH_KEEP").is_some() {
+        let kept = std::mem::replace(&mut b.dir, tempfile::tempdir()?).keep();
+        eprintln!("logs kept in {}", kept.display());
+    }
     Ok(json!({
         "kills": cfg.kills,
         "failover_p50_ms": percentile_ms(&mut failover_ms.clone(), 0.5),
