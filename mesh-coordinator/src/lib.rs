@@ -255,6 +255,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
             config.world_seed, nx, ny, nz, config.world_origin.x, config.world_origin.y, config.world_origin.z
         ),
     };
+    let peer_ids = peers.keys().copied().filter(|id| *id != config.raft_id).collect();
     let setup = node::RaftSetup {
         id: config.raft_id,
         peers,
@@ -358,6 +359,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
     let raft_task = tokio::spawn({
         let svc = proto::raft::raft_peer_server::RaftPeerServer::new(consensus::transport::RaftPeerService {
             identity,
+            me: config.raft_id,
+            peers: peer_ids,
             driver: raft_inbox,
             refused: metrics.raft_refused.clone(),
         })

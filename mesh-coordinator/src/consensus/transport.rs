@@ -140,6 +140,9 @@ async fn send_loop(
 #[derive(Debug, Clone)]
 pub struct RaftPeerService {
     pub identity: Identity,
+    /// This replica's id, and every other replica's.
+    pub me: u64,
+    pub peers: std::collections::BTreeSet<u64>,
     pub driver: std_mpsc::Sender<Input>,
     pub refused: IntCounterVec,
 }
@@ -155,14 +158,68 @@ impl pb::raft_peer_server::RaftPeer for RaftPeerService {
                 self.identity.cluster, self.identity.world, b.from, b.cluster, b.world
             )));
         }
+        if b.from == self.me || !self.peers.contains(&b.from) {
+            self.refused.with_label_values(&["unknown_peer"]).inc();
+            return Err(Status::permission_denied(format!(
+                "unknown_peer: replica {} is not among this replica's peers {:?}",
+                b.from, self.peers
+            )));
+        }
         let mut msgs = Vec::with_capacity(b.messages.len());
         for bytes in &b.messages {
             match Message::parse_from_bytes(bytes) {
-                Ok(m) if m.from == b.from => msgs.push(m),
+                Ok(m) if m.from == b.from && m.to == self.me => msgs.push(m),
                 _ => self.refused.with_label_values(&["bad_message"]).inc(),
             }
         }
         self.driver.send(Input::Raft(msgs)).map_err(|_| Status::unavailable("the replica is stopping"))?;
         Ok(Response::new(pb::RaftAck {}))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proto::raft::raft_peer_server::RaftPeer as _;
+
+    fn encoded(from: u64, to: u64) -> Vec<u8> {
+        Message { from, to, ..Message::default() }.write_to_bytes().unwrap()
+    }
+
+    #[tokio::test]
+    async fn batches_from_other_meshes_or_unknown_peers_are_refused_and_counted() {
+        let (tx, rx) = std_mpsc::channel();
+        let refused = IntCounterVec::new(prometheus::Opts::new("refused", "test"), &["reason"]).unwrap();
+        let svc = RaftPeerService {
+            identity: Identity { cluster: "a".into(), world: "w".into() },
+            me: 1,
+            peers: [2, 3].into(),
+            driver: tx,
+            refused: refused.clone(),
+        };
+        let batch = |cluster: &str, from: u64, messages: Vec<Vec<u8>>| pb::RaftBatch {
+            cluster: cluster.into(),
+            world: "w".into(),
+            from,
+            messages,
+        };
+        let e = svc.send(Request::new(batch("b", 2, vec![encoded(2, 1)]))).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::FailedPrecondition);
+        for from in [9, 1] {
+            let e = svc.send(Request::new(batch("a", from, vec![encoded(from, 1)]))).await.unwrap_err();
+            assert_eq!(e.code(), tonic::Code::PermissionDenied, "from {from}");
+        }
+        assert!(rx.try_recv().is_err(), "nothing refused reaches Raft");
+
+        // Within a good batch, a message for someone else, one claiming
+        // another sender and garbage are dropped; the rest goes through.
+        let messages = vec![encoded(2, 1), encoded(2, 3), encoded(3, 1), vec![0xff, 0xff, 0xff]];
+        svc.send(Request::new(batch("a", 2, messages))).await.unwrap();
+        match rx.try_recv() {
+            Ok(Input::Raft(msgs)) => assert_eq!(msgs.len(), 1),
+            other => panic!("expected one message for Raft, got {other:?}"),
+        }
+        let count = |r: &str| refused.with_label_values(&[r]).get();
+        assert_eq!((count("wrong_mesh"), count("unknown_peer"), count("bad_message")), (1, 2, 3));
     }
 }

@@ -42,6 +42,13 @@ pub struct UpArgs {
     /// The coordinator's gRPC port on 127.0.0.1.
     #[arg(long, default_value_t = 9090)]
     grpc_port: u16,
+    /// Coordinator replicas (one Raft group; 3 to try failover). Replica
+    /// `i` listens on the HTTP, gRPC and Raft ports plus `i - 1`.
+    #[arg(long, default_value_t = 1)]
+    coordinators: u16,
+    /// The first replica's Raft port on 127.0.0.1.
+    #[arg(long, default_value_t = 7946)]
+    raft_port: u16,
     /// The world in root cubes of 2000 m.
     #[arg(long, default_value = "2x1x1")]
     world_size: String,
@@ -143,6 +150,7 @@ async fn stop(procs: &mut [Proc]) {
 
 pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     anyhow::ensure!((1..=16).contains(&args.game_servers), "--game-servers must be 1..=16");
+    anyhow::ensure!((1..=7).contains(&args.coordinators), "--coordinators must be 1..=7 (3 or 5 for a real quorum)");
     let dir = match &args.bin_dir {
         Some(d) => d.clone(),
         None => std::env::current_exe()?.parent().context("meshctl has no directory")?.to_path_buf(),
@@ -169,34 +177,57 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let mut servers: Vec<Proc> = Vec::new();
     let mut bots: Vec<Proc> = Vec::new();
     let result = async {
-        let ports = run_dir.join("coordinator.json");
-        let log = logs.join("coordinator.log");
-        coordinator.push(spawn(
-            "coordinator",
-            &coord_bin,
-            &[
-                vec![
-                    format!("--http-addr=127.0.0.1:{}", args.http_port),
-                    format!("--grpc-addr=127.0.0.1:{}", args.grpc_port),
-                    format!("--world-size={}", args.world_size),
-                    format!("--ports-file={}", ports.display()),
-                    format!("--ticket-key-file={}", key_file.display()),
-                    // One Raft replica, its log kept with the world.
-                    "--raft-addr=127.0.0.1:0".into(),
-                    format!("--raft-dir={}", args.data_dir.join("raft-1").display()),
-                    // Every local bot logs in from 127.0.0.1.
-                    "--logins-per-address=1000000".into(),
-                    storage.clone(),
-                ],
-                redis.clone(),
-            ]
-            .concat(),
-            &log,
-        )?);
-        let c = wait_for_file(&ports, &mut coordinator[0], &log).await?;
-        let http = c["http"].as_str().context("coordinator ports file lacks http")?.to_owned();
-        let grpc = c["grpc"].as_str().context("coordinator ports file lacks grpc")?.to_owned();
-        println!("coordinator: http://{http} (gRPC {grpc})");
+        let n = args.coordinators;
+        let port = |base: u16, i: u16| base.checked_add(i).context("port out of range");
+        let mut peers = Vec::new();
+        for i in 0..n {
+            peers.push(format!("{}=127.0.0.1:{}", i + 1, port(args.raft_port, i)?));
+        }
+        let names: Vec<String> =
+            (1..=n).map(|id| if n == 1 { "coordinator".into() } else { format!("coordinator-{id}") }).collect();
+        let mut grpcs = Vec::new();
+        let mut http = String::new();
+        for (i, name) in (0..n).zip(&names) {
+            let id = i + 1;
+            let ports = run_dir.join(format!("{name}.json"));
+            let log = logs.join(format!("{name}.log"));
+            coordinator.push(spawn(
+                name,
+                &coord_bin,
+                &[
+                    vec![
+                        format!("--http-addr=127.0.0.1:{}", port(args.http_port, i)?),
+                        format!("--grpc-addr=127.0.0.1:{}", port(args.grpc_port, i)?),
+                        format!("--world-size={}", args.world_size),
+                        format!("--ports-file={}", ports.display()),
+                        format!("--ticket-key-file={}", key_file.display()),
+                        // The Raft log of each replica is kept with the world.
+                        format!("--raft-id={id}"),
+                        format!("--raft-addr=127.0.0.1:{}", port(args.raft_port, i)?),
+                        format!("--raft-peers={}", peers.join(",")),
+                        format!("--raft-dir={}", args.data_dir.join(format!("raft-{id}")).display()),
+                        // Every local bot logs in from 127.0.0.1.
+                        "--logins-per-address=1000000".into(),
+                        storage.clone(),
+                    ],
+                    redis.clone(),
+                ]
+                .concat(),
+                &log,
+            )?);
+        }
+        for (i, name) in names.iter().enumerate() {
+            let log = logs.join(format!("{name}.log"));
+            let c = wait_for_file(&run_dir.join(format!("{name}.json")), &mut coordinator[i], &log).await?;
+            let h = c["http"].as_str().context("coordinator ports file lacks http")?.to_owned();
+            let g = c["grpc"].as_str().context("coordinator ports file lacks grpc")?.to_owned();
+            println!("{name}: http://{h} (gRPC {g})");
+            if i == 0 {
+                http = h;
+            }
+            grpcs.push(format!("http://{g}"));
+        }
+        let grpc = grpcs.join(",");
         println!("  try: curl http://{http}/v1/regions   ·   meshctl servers   ·   logs in {}", logs.display());
 
         for i in 1..=args.game_servers {
@@ -209,7 +240,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
                 &[
                     vec![
                         format!("--name={name}"),
-                        format!("--coordinator=http://{grpc}"),
+                        format!("--coordinator={grpc}"),
                         "--quic-addr=127.0.0.1:0".into(),
                         "--query-addr=127.0.0.1:0".into(),
                         "--http-addr=127.0.0.1:0".into(),
@@ -276,14 +307,16 @@ async fn status_loop(
         let line = match client.get(format!("http://{http}/v1/status")).send().await {
             Ok(r) => match r.json::<Value>().await {
                 Ok(s) => format!(
-                    "servers {}/{} · regions owned {}/{} · players {} · handoffs {} · tick p99 {:.2} ms",
+                    "servers {}/{} · regions owned {}/{} · players {} · handoffs {} · tick p99 {:.2} ms · raft leader {} term {}",
                     s["servers_alive"],
                     s["servers_total"],
                     s["regions_owned"],
                     s["regions"],
                     s["players"],
                     s["transfers_total"],
-                    s["tick_p99_ms_max"].as_f64().unwrap_or(0.0)
+                    s["tick_p99_ms_max"].as_f64().unwrap_or(0.0),
+                    s["raft"]["leader"],
+                    s["raft"]["term"]
                 ),
                 Err(e) => format!("coordinator status unreadable: {e}"),
             },
