@@ -333,7 +333,11 @@ impl TransferExecutor {
             },
             Err(status) => {
                 self.metrics.transfers.with_label_values(&["refused"]).inc();
-                SimIn::TransferRefused { entity, reason: status.message().to_owned() }
+                SimIn::TransferRefused {
+                    entity,
+                    reason: status.message().to_owned(),
+                    permanent: status.code() == tonic::Code::FailedPrecondition,
+                }
             }
         };
         let _ = self.sim.send(msg).await;

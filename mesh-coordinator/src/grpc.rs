@@ -37,7 +37,9 @@ fn status_of(e: CommandError) -> Status {
     let msg = format!("{}: {e}", e.reason());
     match e {
         CommandError::UnknownServer(_) | CommandError::UnknownTransfer(_) => Status::not_found(msg),
-        CommandError::UnknownRegion(_) | CommandError::BadThresholds(_) => Status::invalid_argument(msg),
+        CommandError::UnknownRegion(_) | CommandError::BadThresholds(_) | CommandError::TooSmall(_) => {
+            Status::invalid_argument(msg)
+        }
         CommandError::ServerIdsExhausted => Status::resource_exhausted(msg),
         CommandError::NoOwner(_) | CommandError::NotBootstrapped | CommandError::Unavailable(_) => {
             Status::unavailable(msg)
@@ -45,7 +47,10 @@ fn status_of(e: CommandError) -> Status {
         CommandError::Fenced(_)
         | CommandError::StaleRegionEpoch { .. }
         | CommandError::StaleEntityEpoch { .. }
-        | CommandError::SameServer(_) => Status::failed_precondition(msg),
+        | CommandError::SameServer(_)
+        | CommandError::Draining(_)
+        | CommandError::LastServer(_)
+        | CommandError::NotMergeable(..) => Status::failed_precondition(msg),
     }
 }
 

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::net::SocketAddr;
 
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{ConnectInfo, Query, State};
+use axum::extract::{ConnectInfo, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -62,24 +62,26 @@ pub struct RegionView {
 }
 
 async fn regions(State(node): State<Arc<Node>>) -> Json<Vec<RegionView>> {
-    Json(node.read(|s| {
-        s.assignments()
-            .iter()
-            .map(|(k, a)| {
-                let b = k.aabb();
-                RegionView {
-                    region: k.to_string(),
-                    level: k.level,
-                    cell: [k.x, k.y, k.z],
-                    min: b.min.to_array(),
-                    max: b.max.to_array(),
-                    server_id: a.server.map(|id| id.0),
-                    server_name: a.server.and_then(|id| s.server(id)).map(|r| r.name.clone()),
-                    epoch: a.epoch.0,
-                }
-            })
-            .collect()
-    }))
+    Json(node.read(region_views))
+}
+
+fn region_views(s: &crate::state::CoordinatorState) -> Vec<RegionView> {
+    s.assignments()
+        .iter()
+        .map(|(k, a)| {
+            let b = k.aabb();
+            RegionView {
+                region: k.to_string(),
+                level: k.level,
+                cell: [k.x, k.y, k.z],
+                min: b.min.to_array(),
+                max: b.max.to_array(),
+                server_id: a.server.map(|id| id.0),
+                server_name: a.server.and_then(|id| s.server(id)).map(|r| r.name.clone()),
+                epoch: a.epoch.0,
+            }
+        })
+        .collect()
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -94,6 +96,9 @@ pub struct ServerView {
     pub load: Load,
     pub regions: Vec<String>,
     pub last_heartbeat_age_ms: u64,
+    /// Drained by an operator: takes no regions.
+    #[serde(default)]
+    pub draining: bool,
 }
 
 async fn servers(State(node): State<Arc<Node>>) -> Json<Vec<ServerView>> {
@@ -112,6 +117,7 @@ async fn servers(State(node): State<Arc<Node>>) -> Json<Vec<ServerView>> {
                 load: r.load,
                 regions: s.regions_of(r.id).map(|(k, _)| k.to_string()).collect(),
                 last_heartbeat_age_ms: now.saturating_sub(r.last_heartbeat) / 1_000_000,
+                draining: s.is_draining(r.id),
             })
             .collect()
     }))
@@ -247,7 +253,96 @@ pub fn ops_router(node: Arc<Node>, admin_token: Option<String>) -> Router {
     Router::new()
         .route("/v1/thresholds", get(get_thresholds).put(put_thresholds))
         .route("/v1/audit", get(audit))
+        .route("/v1/regions/{region}/split", post(split_region))
+        .route("/v1/regions/{region}/merge", post(merge_region))
+        .route("/v1/regions/{region}/move", post(move_region))
+        .route("/v1/servers/{id}/drain", post(drain_server))
+        .route("/v1/servers/{id}/undrain", post(undrain_server))
         .with_state((node, admin_token.map(Arc::new)))
+}
+
+/// Parses the `{region}` path segment, then proposes `make(region)`.
+async fn region_op(
+    node: &Node,
+    token: Option<&String>,
+    headers: &HeaderMap,
+    raw: &str,
+    make: impl FnOnce(shared::RegionKey) -> Command,
+) -> Response {
+    match raw.parse() {
+        Ok(region) => operate(node, token, headers, make(region)).await,
+        Err(e) => {
+            err(StatusCode::BAD_REQUEST, "bad_region", &format!("{raw:?} is not a region key like L0:1,0,0 ({e})"))
+        }
+    }
+}
+
+/// Proposes an operator command; answers with the region map as committed.
+async fn operate(node: &Node, token: Option<&String>, headers: &HeaderMap, cmd: Command) -> Response {
+    if let Some(refusal) = admin_refusal(token, headers) {
+        return refusal;
+    }
+    match node.propose(cmd).await {
+        Ok(_) => Json(node.read(region_views)).into_response(),
+        Err(e) => command_error(&e),
+    }
+}
+
+/// `POST /v1/regions/{region}/split`: the 8 children stay with the owner.
+async fn split_region(
+    State((node, token)): State<OpsState>,
+    Path(region): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    region_op(&node, token.as_deref(), &headers, &region, |region| Command::SplitRegion { region, now: now_nanos() })
+        .await
+}
+
+/// `POST /v1/regions/{parent}/merge`: its 8 leaf children become one region.
+async fn merge_region(
+    State((node, token)): State<OpsState>,
+    Path(region): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    region_op(&node, token.as_deref(), &headers, &region, |region| Command::MergeRegion { region, now: now_nanos() })
+        .await
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct MoveRequest {
+    /// The server id to move the region to.
+    pub to: u32,
+}
+
+/// `POST /v1/regions/{region}/move` with `{"to": <server id>}`.
+async fn move_region(
+    State((node, token)): State<OpsState>,
+    Path(region): Path<String>,
+    headers: HeaderMap,
+    b: Result<Json<MoveRequest>, JsonRejection>,
+) -> Response {
+    if let Some(refusal) = admin_refusal(token.as_deref(), &headers) {
+        return refusal;
+    }
+    let to = match b {
+        Ok(Json(m)) => ServerId(m.to),
+        Err(e) => return err(StatusCode::BAD_REQUEST, "bad_request", &e.body_text()),
+    };
+    region_op(&node, token.as_deref(), &headers, &region, |region| Command::MoveRegion { region, to, now: now_nanos() })
+        .await
+}
+
+/// `POST /v1/servers/{id}/drain`: its regions go to other servers (their
+/// players are handed over, not dropped) and it gets no more.
+async fn drain_server(State((node, token)): State<OpsState>, Path(id): Path<u32>, headers: HeaderMap) -> Response {
+    let cmd = Command::Drain { server: ServerId(id), undo: false, now: now_nanos() };
+    operate(&node, token.as_deref(), &headers, cmd).await
+}
+
+/// `POST /v1/servers/{id}/undrain`: the server takes regions again.
+async fn undrain_server(State((node, token)): State<OpsState>, Path(id): Path<u32>, headers: HeaderMap) -> Response {
+    let cmd = Command::Drain { server: ServerId(id), undo: true, now: now_nanos() };
+    operate(&node, token.as_deref(), &headers, cmd).await
 }
 
 type OpsState = (Arc<Node>, Option<Arc<String>>);
@@ -286,7 +381,7 @@ fn command_error(e: &CommandError) -> Response {
         CommandError::UnknownServer(_) | CommandError::UnknownRegion(_) | CommandError::UnknownTransfer(_) => {
             StatusCode::NOT_FOUND
         }
-        CommandError::BadThresholds(_) => StatusCode::BAD_REQUEST,
+        CommandError::BadThresholds(_) | CommandError::TooSmall(_) => StatusCode::BAD_REQUEST,
         _ => StatusCode::CONFLICT,
     };
     err(status, e.reason(), &e.to_string())

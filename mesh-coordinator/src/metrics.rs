@@ -11,6 +11,8 @@ pub struct Metrics {
     pub refused: IntCounterVec,
     pub transfers: IntCounter,
     pub server_deaths: IntCounter,
+    /// Regions split and merged (by hand or by the balancer), by `kind`.
+    pub region_changes: IntCounterVec,
     /// Auth outcomes: `login`, `ticket`, `account_created`, or a refusal label.
     pub auth: IntCounterVec,
     /// Database writes by what (`topology`, `transfers`) and result (`ok`, `failed`).
@@ -50,6 +52,11 @@ impl Metrics {
             .expect("static metric definition");
         let server_deaths = IntCounter::new("mesh_server_deaths_total", "Game servers declared dead")
             .expect("static metric definition");
+        let region_changes = IntCounterVec::new(
+            Opts::new("mesh_region_changes_total", "Region splits and merges committed, by kind (split, merge)"),
+            &["kind"],
+        )
+        .expect("static metric definition");
         let auth = IntCounterVec::new(
             Opts::new("auth_requests_total", "Account, login and ticket requests by outcome"),
             &["outcome"],
@@ -104,6 +111,7 @@ impl Metrics {
             Box::new(refused.clone()),
             Box::new(transfers.clone()),
             Box::new(server_deaths.clone()),
+            Box::new(region_changes.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
         }
@@ -115,6 +123,7 @@ impl Metrics {
             refused,
             transfers,
             server_deaths,
+            region_changes,
             auth,
             store_writes,
             raft_dropped,

@@ -511,5 +511,14 @@ fn record(metrics: &Metrics, e: &Event) {
         Event::TransferCompleted { id, outcome } => info!(id, ?outcome, "authority transfer completed"),
         Event::Bootstrapped { restored: true } => info!("mesh bootstrapped: restored the stored topology"),
         Event::Bootstrapped { restored: false } => info!("mesh bootstrapped: a new mesh"),
+        Event::RegionSplit { region } => {
+            metrics.region_changes.with_label_values(&["split"]).inc();
+            info!(%region, "region split")
+        }
+        Event::RegionsMerged { region } => {
+            metrics.region_changes.with_label_values(&["merge"]).inc();
+            info!(%region, "regions merged")
+        }
+        Event::ServerDraining { server, draining } => info!(%server, draining, "server drain changed"),
     }
 }

@@ -5,7 +5,7 @@
 //! randomness: replaying the same commands on another replica yields the same
 //! state, which is what the Raft log will do with it.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use serde::{Deserialize, Serialize};
 use shared::region::{RegionKey, RegionTree};
@@ -103,6 +103,28 @@ pub struct AuditRecord {
 
 /// Operator writes kept in memory for `GET /v1/audit`.
 pub const AUDIT_LOG_LEN: usize = 10_000;
+
+/// How long the previous owner of a region that was moved away from it
+/// (drain, move, merge) may still hand the entities it holds there to the
+/// new owner, under its old epoch. A handoff takes about 100 ms; what is
+/// still there after this is lost to the old owner (and counted there).
+pub const RELEASE_MS: u64 = 5_000;
+
+/// A region's previous owner, allowed to hand entities out of it until `until`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Release {
+    pub server: ServerId,
+    pub epoch: Epoch,
+    pub until: u64,
+}
+
+/// State added after format 2, serialised after the core (see
+/// [`CoordinatorState::to_bytes`]) so format 2 snapshots still load.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+struct Extension {
+    drained: BTreeSet<ServerId>,
+    releases: BTreeMap<RegionKey, Release>,
+}
 
 /// Where a server can be reached (host:port strings).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -218,6 +240,32 @@ pub enum Command {
         thresholds: Thresholds,
         now: u64,
     },
+    /// An operator moves a leaf region to another live server.
+    MoveRegion {
+        region: RegionKey,
+        to: ServerId,
+        now: u64,
+    },
+    /// An operator splits a leaf region into its 8 children, which stay with
+    /// the region's owner (new epochs) until moved.
+    SplitRegion {
+        region: RegionKey,
+        now: u64,
+    },
+    /// An operator merges the 8 leaf children of `region` back into it; the
+    /// owner of most children (then the lowest id) takes it.
+    MergeRegion {
+        region: RegionKey,
+        now: u64,
+    },
+    /// Moves every region of a server to others and gives it no more, so it
+    /// can be stopped without dropping anyone. `undo` takes it back into
+    /// placement (its regions stay where they went).
+    Drain {
+        server: ServerId,
+        undo: bool,
+        now: u64,
+    },
 }
 
 /// What the first leader of a mesh fixes for good.
@@ -243,6 +291,11 @@ impl Command {
             Command::CompleteTransfer { .. } => "complete_transfer",
             Command::NewLeader { .. } => "new_leader",
             Command::SetThresholds { .. } => "set_thresholds",
+            Command::MoveRegion { .. } => "move_region",
+            Command::SplitRegion { .. } => "split_region",
+            Command::MergeRegion { .. } => "merge_region",
+            Command::Drain { undo: false, .. } => "drain",
+            Command::Drain { undo: true, .. } => "undrain",
         }
     }
 }
@@ -292,6 +345,14 @@ pub enum CommandError {
     BadThresholds(String),
     #[error("the mesh has not been bootstrapped by a leader yet")]
     NotBootstrapped,
+    #[error("server {0} is draining and takes no regions")]
+    Draining(ServerId),
+    #[error("server {0} is the last live server that takes regions; draining it would leave its regions without owner")]
+    LastServer(ServerId),
+    #[error("region {0} is {edge} m, the smallest size; it cannot split", edge = .0.edge())]
+    TooSmall(RegionKey),
+    #[error("region {0} cannot merge: {1}")]
+    NotMergeable(RegionKey, String),
     /// Not a decision of the state machine: the command could not be
     /// committed (no leader, or it did not commit in time). Retry.
     #[error("not committed: {0}")]
@@ -311,6 +372,10 @@ impl CommandError {
             CommandError::UnknownTransfer(_) => "unknown_transfer",
             CommandError::BadThresholds(_) => "bad_thresholds",
             CommandError::NotBootstrapped => "not_bootstrapped",
+            CommandError::Draining(_) => "draining",
+            CommandError::LastServer(_) => "last_server",
+            CommandError::TooSmall(_) => "too_small",
+            CommandError::NotMergeable(..) => "not_mergeable",
             CommandError::Unavailable(_) => "unavailable",
         }
     }
@@ -325,6 +390,9 @@ pub enum Event {
     TransferCommitted(TransferRecord),
     TransferCompleted { id: u64, outcome: TransferOutcome },
     Bootstrapped { restored: bool },
+    RegionSplit { region: RegionKey },
+    RegionsMerged { region: RegionKey },
+    ServerDraining { server: ServerId, draining: bool },
 }
 
 /// The replicated state of the mesh.
@@ -348,6 +416,8 @@ pub struct CoordinatorState {
     next_transfer_id: u64,
     map_version: u64,
     first_registration: Option<u64>,
+    #[serde(skip)]
+    ext: Extension,
 }
 
 impl CoordinatorState {
@@ -390,6 +460,7 @@ impl CoordinatorState {
             next_transfer_id: 1,
             map_version: 1,
             first_registration: None,
+            ext: Extension::default(),
         }
     }
 
@@ -452,6 +523,16 @@ impl CoordinatorState {
         self.assignments.iter().filter(move |(_, a)| a.server == Some(server))
     }
 
+    /// Whether an operator drained the server (it takes no regions).
+    pub fn is_draining(&self, server: ServerId) -> bool {
+        self.ext.drained.contains(&server)
+    }
+
+    /// Regions whose previous owner may still hand entities out of them.
+    pub fn releases(&self) -> &BTreeMap<RegionKey, Release> {
+        &self.ext.releases
+    }
+
     /// Whether a leader has bootstrapped the mesh (fixed its tick grid).
     pub fn is_bootstrapped(&self) -> bool {
         self.clock.epoch_unix_nanos != 0
@@ -459,18 +540,34 @@ impl CoordinatorState {
 
     /// The state as bytes: a format byte, then bincode. Raft snapshots and
     /// the database's topology snapshot both use it. Format 2 added the
-    /// thresholds; format 1 (before them) is refused with a clear error.
+    /// thresholds; format 3 appends drains and releases after the same core,
+    /// so format 2 still loads (with none). Format 1 (before Raft) is refused
+    /// with a clear error.
     pub fn to_bytes(&self) -> Vec<u8> {
-        let mut out = vec![2u8];
-        out.extend(bincode::serde::encode_to_vec(self, bincode::config::standard()).expect("the state serialises"));
+        let config = bincode::config::standard();
+        let mut out = vec![3u8];
+        out.extend(bincode::serde::encode_to_vec(self, config).expect("the state serialises"));
+        out.extend(bincode::serde::encode_to_vec(&self.ext, config).expect("the state serialises"));
         out
     }
 
     pub fn from_bytes(bytes: &[u8]) -> Result<CoordinatorState, String> {
+        let config = bincode::config::standard();
+        let core = |body: &[u8]| -> Result<(CoordinatorState, usize), String> {
+            bincode::serde::decode_from_slice(body, config).map_err(|e| format!("snapshot does not decode: {e}"))
+        };
         match bytes.split_first() {
-            Some((2, body)) => bincode::serde::decode_from_slice(body, bincode::config::standard())
-                .map(|(s, _)| s)
-                .map_err(|e| format!("snapshot does not decode: {e}")),
+            Some((3, body)) => {
+                let (mut s, used) = core(body)?;
+                let (ext, rest) = bincode::serde::decode_from_slice::<Extension, _>(&body[used..], config)
+                    .map_err(|e| format!("snapshot extension does not decode: {e}"))?;
+                if used + rest != body.len() {
+                    return Err(format!("snapshot has {} trailing bytes", body.len() - used - rest));
+                }
+                s.ext = ext;
+                Ok(s)
+            }
+            Some((2, body)) => core(body).map(|(s, _)| s),
             Some((1, _)) => Err("snapshot format 1 was written by a build before Raft; start a new mesh (another \
                                  --cluster, or delete the development data directory)"
                 .into()),
@@ -508,10 +605,15 @@ impl CoordinatorState {
             },
             Command::Tick { .. } if !self.is_bootstrapped() => Ok(Response::Done),
             Command::Tick { now } => {
+                self.ext.releases.retain(|_, r| r.until > now);
                 self.detect_failures(now, &mut events);
                 self.place_unowned(now, &mut events);
                 Ok(Response::Done)
             }
+            Command::MoveRegion { region, to, now } => self.move_region(region, to, now, &mut events),
+            Command::SplitRegion { region, now } => self.split_region(region, now, &mut events),
+            Command::MergeRegion { region, now } => self.merge_region(region, now, &mut events),
+            Command::Drain { server, undo, now } => self.drain(server, undo, now, &mut events),
             Command::RequestTransfer(req) => self.request_transfer(req, &mut events),
             Command::CompleteTransfer { transfer_id, from, delivered, error, now: _ } => {
                 self.complete_transfer(transfer_id, from, delivered, error, &mut events)
@@ -641,7 +743,7 @@ impl CoordinatorState {
             self.tree.neighbours(region).map(|n| n.into_iter().map(|(k, _)| k).collect()).unwrap_or_default();
         self.servers
             .values()
-            .filter(|s| s.alive && Some(s.id) != exclude)
+            .filter(|s| s.alive && Some(s.id) != exclude && !self.ext.drained.contains(&s.id))
             .min_by_key(|s| {
                 let count = self.regions_of(s.id).count();
                 let adjacent =
@@ -666,15 +768,25 @@ impl CoordinatorState {
 
     fn request_transfer(&mut self, req: TransferRequest, events: &mut Vec<Event>) -> Result<Response, CommandError> {
         self.live_server(req.from)?;
-        let from_assignment =
-            self.assignments.get(&req.from_region).ok_or(CommandError::UnknownRegion(req.from_region))?;
-        if from_assignment.server != Some(req.from) || from_assignment.epoch != req.from_region_epoch {
-            return Err(CommandError::StaleRegionEpoch {
-                region: req.from_region,
-                server: req.from,
-                claimed: req.from_region_epoch,
-                current: from_assignment.epoch,
-            });
+        // The owner hands entities out of its region; a previous owner out of
+        // a region moved away from it (or merged), under its old epoch, while
+        // its release lasts.
+        let released = self
+            .ext
+            .releases
+            .get(&req.from_region)
+            .is_some_and(|r| r.server == req.from && r.epoch == req.from_region_epoch && req.now < r.until);
+        if !released {
+            let from_assignment =
+                self.assignments.get(&req.from_region).ok_or(CommandError::UnknownRegion(req.from_region))?;
+            if from_assignment.server != Some(req.from) || from_assignment.epoch != req.from_region_epoch {
+                return Err(CommandError::StaleRegionEpoch {
+                    region: req.from_region,
+                    server: req.from,
+                    claimed: req.from_region_epoch,
+                    current: from_assignment.epoch,
+                });
+            }
         }
         let held = self.entities.get(&req.entity).copied();
         let (holder, current) = held.map_or((req.from, Epoch(0)), |a| (a.server, a.epoch));
@@ -720,6 +832,136 @@ impl CoordinatorState {
         }
         events.push(Event::TransferCommitted(record.clone()));
         Ok(Response::Transfer(record))
+    }
+
+    /// Gives a leaf to `to` under a new epoch; a live previous owner keeps a
+    /// release on it so it can hand over the entities it holds there.
+    fn hand_over(&mut self, region: RegionKey, to: ServerId, now: u64, events: &mut Vec<Event>) {
+        if let Some(prev) = self.assignments.get(&region).copied()
+            && let Some(from) = prev.server
+            && from != to
+            && self.servers.get(&from).is_some_and(|s| s.alive)
+        {
+            self.ext
+                .releases
+                .insert(region, Release { server: from, epoch: prev.epoch, until: now + RELEASE_MS * 1_000_000 });
+        }
+        self.assign(region, Some(to), events);
+    }
+
+    /// A live server that takes regions.
+    fn placeable(&self, id: ServerId) -> Result<(), CommandError> {
+        self.live_server(id)?;
+        if self.ext.drained.contains(&id) {
+            return Err(CommandError::Draining(id));
+        }
+        Ok(())
+    }
+
+    fn move_region(
+        &mut self,
+        region: RegionKey,
+        to: ServerId,
+        now: u64,
+        events: &mut Vec<Event>,
+    ) -> Result<Response, CommandError> {
+        let current = self.assignments.get(&region).ok_or(CommandError::UnknownRegion(region))?;
+        self.placeable(to)?;
+        if current.server == Some(to) {
+            return Err(CommandError::SameServer(region));
+        }
+        self.hand_over(region, to, now, events);
+        self.audit("move_region", format!(r#"{{"region":"{region}","to":{}}}"#, to.0), now);
+        Ok(Response::Done)
+    }
+
+    fn split_region(&mut self, region: RegionKey, now: u64, events: &mut Vec<Event>) -> Result<Response, CommandError> {
+        let parent = *self.assignments.get(&region).ok_or(CommandError::UnknownRegion(region))?;
+        if region.level >= shared::region::MAX_LEVEL {
+            return Err(CommandError::TooSmall(region));
+        }
+        let children = self.tree.split(region).map_err(|_| CommandError::UnknownRegion(region))?;
+        self.assignments.remove(&region);
+        // A release on the parent covers the entities in its children too: the
+        // previous owner still names the parent and its old epoch.
+        for child in children {
+            self.assign(child, parent.server, events);
+        }
+        events.push(Event::RegionSplit { region });
+        self.audit("split_region", format!(r#"{{"region":"{region}"}}"#), now);
+        Ok(Response::Done)
+    }
+
+    fn merge_region(&mut self, region: RegionKey, now: u64, events: &mut Vec<Event>) -> Result<Response, CommandError> {
+        if !self.tree.is_split(&region) {
+            let why = if self.tree.is_leaf(&region) { "it is not split" } else { "it is not in the region map" };
+            return Err(CommandError::NotMergeable(region, why.into()));
+        }
+        let children = region.children().map_err(|e| CommandError::NotMergeable(region, e.to_string()))?;
+        if let Some(c) = children.iter().find(|c| !self.tree.is_leaf(c)) {
+            return Err(CommandError::NotMergeable(region, format!("its child {c} is split; merge it first")));
+        }
+        let mut count: BTreeMap<ServerId, usize> = BTreeMap::new();
+        for c in &children {
+            if let Some(s) = self.assignments.get(c).and_then(|a| a.server)
+                && self.servers.get(&s).is_some_and(|r| r.alive)
+            {
+                *count.entry(s).or_default() += 1;
+            }
+        }
+        let owner = count.iter().max_by_key(|(id, n)| (**n, std::cmp::Reverse(**id))).map(|(id, _)| *id);
+        self.tree.merge(region).map_err(|e| CommandError::NotMergeable(region, e.to_string()))?;
+        for c in &children {
+            if let Some(a) = self.assignments.remove(c)
+                && let Some(from) = a.server
+                && Some(from) != owner
+                && self.servers.get(&from).is_some_and(|s| s.alive)
+            {
+                self.ext
+                    .releases
+                    .insert(*c, Release { server: from, epoch: a.epoch, until: now + RELEASE_MS * 1_000_000 });
+            }
+        }
+        let owner = owner.or_else(|| self.choose_owner(&region, None));
+        self.assign(region, owner, events);
+        events.push(Event::RegionsMerged { region });
+        self.audit("merge_region", format!(r#"{{"region":"{region}"}}"#), now);
+        Ok(Response::Done)
+    }
+
+    fn drain(
+        &mut self,
+        server: ServerId,
+        undo: bool,
+        now: u64,
+        events: &mut Vec<Event>,
+    ) -> Result<Response, CommandError> {
+        if undo {
+            self.servers.get(&server).ok_or(CommandError::UnknownServer(server))?;
+            if self.ext.drained.remove(&server) {
+                events.push(Event::ServerDraining { server, draining: false });
+                self.audit("undrain", format!(r#"{{"server":{}}}"#, server.0), now);
+            }
+            return Ok(Response::Done);
+        }
+        self.live_server(server)?;
+        if self.ext.drained.contains(&server) {
+            return Ok(Response::Done);
+        }
+        let others = self.servers.values().any(|s| s.alive && s.id != server && !self.ext.drained.contains(&s.id));
+        if !others {
+            return Err(CommandError::LastServer(server));
+        }
+        self.ext.drained.insert(server);
+        let regions: Vec<RegionKey> = self.regions_of(server).map(|(k, _)| *k).collect();
+        for region in regions {
+            if let Some(to) = self.choose_owner(&region, Some(server)) {
+                self.hand_over(region, to, now, events);
+            }
+        }
+        events.push(Event::ServerDraining { server, draining: true });
+        self.audit("drain", format!(r#"{{"server":{}}}"#, server.0), now);
+        Ok(Response::Done)
     }
 
     fn complete_transfer(
@@ -890,5 +1132,141 @@ mod tests {
             s
         };
         assert_eq!(run(), run());
+    }
+
+    fn request(
+        from: ServerId,
+        entity: u64,
+        (from_region, from_region_epoch): (RegionKey, Epoch),
+        to_region: RegionKey,
+        now: u64,
+    ) -> Command {
+        Command::RequestTransfer(TransferRequest {
+            entity: EntityId(entity),
+            from,
+            from_region,
+            from_region_epoch,
+            entity_epoch: Epoch(0),
+            to_region,
+            not_before_tick: 0,
+            now,
+        })
+    }
+
+    fn held(s: &CoordinatorState, k: RegionKey) -> (RegionKey, Epoch) {
+        (k, s.assignments()[&k].epoch)
+    }
+
+    #[test]
+    fn a_moved_region_lets_its_old_owner_hand_out_what_it_holds_until_the_release_ends() {
+        let mut s = state(2);
+        let a = register(&mut s, "a", T0);
+        let b = register(&mut s, "b", T0);
+        let r0 = RegionKey::root(0, 0, 0);
+        let old = held(&s, r0);
+        assert_eq!(s.apply(Command::MoveRegion { region: r0, to: a, now: T0 }).0, Err(CommandError::SameServer(r0)));
+        s.apply(Command::MoveRegion { region: r0, to: b, now: T0 + MS }).0.unwrap();
+        assert_eq!(owner(&s, r0), Some(b));
+        assert!(s.assignments()[&r0].epoch > old.1);
+        // In place: out of r0 (old epoch) into r0 (now b's).
+        let Ok(Response::Transfer(t)) = s.apply(request(a, 1, old, r0, T0 + 2 * MS)).0 else { panic!() };
+        assert_eq!((t.from, t.to, t.to_region_epoch), (a, b, s.assignments()[&r0].epoch));
+        // The new owner cannot use the old epoch; the old one cannot after the release.
+        assert!(matches!(s.apply(request(b, 2, old, r0, T0 + 2 * MS)).0, Err(CommandError::StaleRegionEpoch { .. })));
+        let late = T0 + MS + RELEASE_MS * MS;
+        assert!(matches!(s.apply(request(a, 3, old, r0, late)).0, Err(CommandError::StaleRegionEpoch { .. })));
+        s.apply(Command::Tick { now: late }).0.unwrap();
+        assert!(s.releases().is_empty(), "expired releases are dropped");
+    }
+
+    #[test]
+    fn split_keeps_the_owner_merge_gives_the_region_to_the_majority() {
+        let mut s = state(2);
+        let a = register(&mut s, "a", T0);
+        let b = register(&mut s, "b", T0);
+        let r0 = RegionKey::root(0, 0, 0);
+        let before = s.assignments()[&r0].epoch;
+        let (r, ev) = s.apply(Command::SplitRegion { region: r0, now: T0 });
+        r.unwrap();
+        assert!(ev.contains(&Event::RegionSplit { region: r0 }));
+        let kids = r0.children().unwrap();
+        assert!(kids.iter().all(|k| owner(&s, *k) == Some(a) && s.assignments()[k].epoch > before));
+        assert!(!s.assignments().contains_key(&r0));
+        // Down to 500 m, no further.
+        let k0 = kids[0];
+        s.apply(Command::SplitRegion { region: k0, now: T0 }).0.unwrap();
+        let g = k0.children().unwrap()[0];
+        assert_eq!(s.apply(Command::SplitRegion { region: g, now: T0 }).0, Err(CommandError::TooSmall(g)));
+        assert_eq!(s.apply(Command::SplitRegion { region: r0, now: T0 }).0, Err(CommandError::UnknownRegion(r0)));
+        // Merging r0 needs k0 merged first.
+        assert!(matches!(s.apply(Command::MergeRegion { region: r0, now: T0 }).0, Err(CommandError::NotMergeable(..))));
+        s.apply(Command::MergeRegion { region: k0, now: T0 }).0.unwrap();
+        // Five children to b, three stay with a: b takes the merged region,
+        // and a may still hand out of its children.
+        for k in &kids[..5] {
+            s.apply(Command::MoveRegion { region: *k, to: b, now: T0 }).0.unwrap();
+        }
+        let a_child = held(&s, kids[7]);
+        let (r, ev) = s.apply(Command::MergeRegion { region: r0, now: T0 + MS });
+        r.unwrap();
+        assert!(ev.contains(&Event::RegionsMerged { region: r0 }));
+        assert_eq!(owner(&s, r0), Some(b));
+        assert!(kids.iter().all(|k| !s.assignments().contains_key(k)));
+        let Ok(Response::Transfer(t)) = s.apply(request(a, 1, a_child, r0, T0 + 2 * MS)).0 else { panic!() };
+        assert_eq!(t.to, b);
+        assert!(matches!(s.apply(Command::MergeRegion { region: r0, now: T0 }).0, Err(CommandError::NotMergeable(..))));
+        // Epochs only ever rise, through all of it.
+        assert!(s.assignments()[&r0].epoch > s.assignments()[&RegionKey::root(1, 0, 0)].epoch);
+    }
+
+    #[test]
+    fn drain_moves_every_region_away_and_refuses_the_last_server() {
+        let mut s = state(2);
+        let a = register(&mut s, "a", T0);
+        let b = register(&mut s, "b", T0);
+        let (r0, r1) = (RegionKey::root(0, 0, 0), RegionKey::root(1, 0, 0));
+        let old = held(&s, r0);
+        s.apply(Command::Drain { server: a, undo: false, now: T0 }).0.unwrap();
+        assert!(s.is_draining(a));
+        assert_eq!((owner(&s, r0), owner(&s, r1)), (Some(b), Some(b)));
+        assert!(matches!(s.apply(request(a, 1, old, r0, T0 + MS)).0, Ok(Response::Transfer(_))), "released");
+        assert_eq!(s.apply(Command::Drain { server: b, undo: false, now: T0 }).0, Err(CommandError::LastServer(b)));
+        assert_eq!(s.apply(Command::MoveRegion { region: r0, to: a, now: T0 }).0, Err(CommandError::Draining(a)));
+        s.apply(Command::Drain { server: a, undo: false, now: T0 }).0.unwrap();
+        assert_eq!(s.audit_log().iter().filter(|r| r.action == "drain").count(), 1, "a repeated drain is a no-op");
+        // A drained server inherits nothing when another dies.
+        let c = register(&mut s, "c", T0 + 10 * MS);
+        s.apply(Command::MoveRegion { region: r1, to: c, now: T0 + 10 * MS }).0.unwrap();
+        let _ = s.apply(Command::Heartbeat { server: a, load: Load::default(), now: T0 + 1_900 * MS });
+        let _ = s.apply(Command::Heartbeat { server: b, load: Load::default(), now: T0 + 1_900 * MS });
+        s.apply(Command::Tick { now: T0 + 2_100 * MS }).0.unwrap();
+        assert_eq!(owner(&s, r1), Some(b), "c died; its region went to b, not to the drained a");
+        s.apply(Command::Drain { server: a, undo: true, now: T0 + 2_100 * MS }).0.unwrap();
+        assert!(!s.is_draining(a));
+        s.apply(Command::MoveRegion { region: r0, to: a, now: T0 + 2_100 * MS }).0.unwrap();
+        assert_eq!(
+            s.apply(Command::Drain { server: ServerId(99), undo: false, now: T0 }).0,
+            Err(CommandError::UnknownServer(ServerId(99)))
+        );
+    }
+
+    #[test]
+    fn drains_and_releases_survive_snapshots_and_format_2_still_loads() {
+        let mut s = state(2);
+        let a = register(&mut s, "a", T0);
+        let _b = register(&mut s, "b", T0);
+        s.apply(Command::Drain { server: a, undo: false, now: T0 }).0.unwrap();
+        let back = CoordinatorState::from_bytes(&s.to_bytes()).unwrap();
+        assert_eq!(back, s);
+        assert!(back.is_draining(a) && !back.releases().is_empty());
+        // Format 2: the same core, no extension.
+        let mut v2 = vec![2u8];
+        v2.extend(bincode::serde::encode_to_vec(&s, bincode::config::standard()).unwrap());
+        let old = CoordinatorState::from_bytes(&v2).unwrap();
+        assert!(!old.is_draining(a) && old.releases().is_empty());
+        assert_eq!(old.assignments(), s.assignments());
+        let mut trailing = s.to_bytes();
+        trailing.push(0);
+        assert!(CoordinatorState::from_bytes(&trailing).is_err());
     }
 }

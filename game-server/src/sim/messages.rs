@@ -133,6 +133,9 @@ pub enum SimIn {
     TransferRefused {
         entity: EntityId,
         reason: String,
+        /// A decision of the coordinator (stale epoch, no such region), not
+        /// an outage: asking again will not help.
+        permanent: bool,
     },
     /// A neighbour hands an entity over; the reply says whether it was taken.
     Adopt {

@@ -98,10 +98,16 @@ pub fn ingest(world: &mut World) {
                     _ => warn!(%entity, id = transfer.id, "transfer committed for an entity not waiting for one"),
                 }
             }
-            SimIn::TransferRefused { entity, reason } => {
+            SimIn::TransferRefused { entity, reason, permanent } => {
                 let until = world.resource::<TickState>().tick + TRANSFER_BACKOFF_TICKS;
                 let e = world.resource::<Index>().by_net.get(&entity).copied();
-                if let Some(mut t) = e.and_then(|e| world.get_mut::<Transfer>(e)) {
+                // Out of a region given away, a final refusal means the
+                // release is over: the entity is no longer ours to hand on.
+                if permanent && let Some(e) = e.filter(|e| given_away(world, *e)) {
+                    warn!(%entity, %reason, "authority lost: the region was given away and the handoff refused");
+                    world.resource::<SimMetrics>().0.transfers.with_label_values(&["lost"]).inc();
+                    despawn(world, e);
+                } else if let Some(mut t) = e.and_then(|e| world.get_mut::<Transfer>(e)) {
                     debug!(%entity, %reason, "transfer refused");
                     *t = Transfer::Backoff { until };
                 }
@@ -311,14 +317,25 @@ fn despawn(world: &mut World, e: Entity) {
     }
 }
 
-/// After a map change: refresh region epochs, drop authority over regions
-/// that are no longer ours (the coordinator gave them away).
+/// Whether the region the entity is held through is no longer this
+/// server's (moved, merged or split away by the coordinator).
+fn given_away(world: &World, e: Entity) -> bool {
+    let me = world.resource::<SimConfig>().server;
+    let map = &world.resource::<Map>().0;
+    world.get::<Authority>(e).is_some_and(|a| !matches!(map.live_owner(&a.region), Some((o, _)) if o == me))
+}
+
+/// After a map change: refresh region epochs (a split or merge renames the
+/// region an entity is in), and drop authority over regions that are no
+/// longer ours. Players in a region moved to another live server (a drain,
+/// a move, a merge) keep their old region and epoch: the coordinator lets
+/// this server hand them over under it for a while, and `authority` does.
 fn revalidate_authority(world: &mut World) {
     let me = world.resource::<SimConfig>().server;
     let map = world.resource::<Map>().0.clone();
     let mut lost = Vec::new();
-    let mut q = world.query::<(Entity, &mut Authority, &Body)>();
-    for (e, mut auth, body) in q.iter_mut(world) {
+    let mut q = world.query::<(Entity, &mut Authority, &Body, Option<&Avatar>)>();
+    for (e, mut auth, body, avatar) in q.iter_mut(world) {
         let leaf = map.tree.leaf_at(body.pos).unwrap_or(auth.region);
         let region = if map.tree.is_leaf(&auth.region) { auth.region } else { leaf };
         match map.live_owner(&region) {
@@ -326,6 +343,7 @@ fn revalidate_authority(world: &mut World) {
                 auth.region = region;
                 auth.region_epoch = epoch;
             }
+            Some(_) if avatar.is_some() => {}
             _ => lost.push(e),
         }
     }
@@ -619,14 +637,23 @@ pub fn authority(world: &mut World) {
                 Some(Transfer::Backoff { until }) if tick < *until => continue,
                 _ => {}
             }
+            // A region given away: hand the entity to whoever holds the
+            // place it is in now, margin or not.
+            let given_away = !matches!(map.live_owner(&auth.region), Some((o, _)) if o == cfg.server);
             // Deep inside its region (farther from every face than the
             // overlap zone and the handoff margin), nothing can change at a
             // boundary this tick.
-            if transfer.is_none() && faces.depth(&map, &auth.region, body.pos) > cfg.overlap_m + cfg.handoff_margin_m {
+            if transfer.is_none()
+                && !given_away
+                && faces.depth(&map, &auth.region, body.pos) > cfg.overlap_m + cfg.handoff_margin_m
+            {
                 continue;
             }
             if let Some(a) = avatar.filter(|a| a.conn.is_some()) {
-                for leaf in map.tree.overlapping_leaves(body.pos, cfg.overlap_m) {
+                // Out of a region given away, the new owner of the player's
+                // own leaf is the one to pre-connect to.
+                let home = given_away.then(|| map.tree.leaf_at(body.pos)).flatten();
+                for leaf in map.tree.overlapping_leaves(body.pos, cfg.overlap_m).into_iter().chain(home) {
                     if let Some((owner, _)) = map.live_owner(&leaf)
                         && owner != cfg.server
                         && !a.preconnected.contains(&owner)
@@ -635,7 +662,12 @@ pub fn authority(world: &mut World) {
                     }
                 }
             }
-            let Some(target) = handoff_target(&map.tree, &auth.region, body.pos, cfg.handoff_margin_m) else {
+            let target = if given_away {
+                map.tree.leaf_at(body.pos)
+            } else {
+                handoff_target(&map.tree, &auth.region, body.pos, cfg.handoff_margin_m)
+            };
+            let Some(target) = target else {
                 continue;
             };
             match map.live_owner(&target) {

@@ -368,3 +368,34 @@ fn props_rest_on_the_terrain_and_fall_when_dug_under() {
     let fallen = prop_pos(&mut h, id);
     assert!(fallen.y < GROUND - 1.0, "fell into the pit: {fallen}");
 }
+
+#[test]
+fn a_region_given_away_hands_its_players_over_in_place_and_drops_them_when_refused_for_good() {
+    let mut h = Harness::new(1);
+    let mut rx = h.join(1, JoinRole::Play, DVec3::new(500.0, 10.0, 1000.0));
+    h.step();
+    let _ = controls(&mut rx);
+    // The coordinator moves region 0 (deep inside it, far from any face) to
+    // server 2 under a new epoch, as a drain would.
+    let mut moved = (*map()).clone();
+    moved.version = 2;
+    moved.owners.insert(RegionKey::root(0, 0, 0), (Some(ServerId(2)), Epoch(3)));
+    h.send(SimIn::Map(Arc::new(moved)));
+    h.step();
+    assert!(h.avatar().is_some(), "the player is kept, not dropped");
+    let req = h.out.try_recv().expect("a transfer request");
+    let SimOut::RequestTransfer { entity, from_region, from_region_epoch, to_region, .. } = req else {
+        panic!("{req:?}")
+    };
+    // Out of the region under the old epoch, into the same region, now server 2's.
+    let r0 = RegionKey::root(0, 0, 0);
+    assert_eq!((from_region, from_region_epoch, to_region), (r0, Epoch(1), r0));
+    assert!(controls(&mut rx).iter().any(|c| matches!(c, ServerControl::PreConnect { server: ServerId(2), .. })));
+    // An outage only delays it; a final refusal (the release ended) drops it.
+    h.send(SimIn::TransferRefused { entity, reason: "unavailable".into(), permanent: false });
+    h.step();
+    assert!(h.avatar().is_some());
+    h.send(SimIn::TransferRefused { entity, reason: "stale_epoch".into(), permanent: true });
+    h.step();
+    assert!(h.avatar().is_none());
+}
