@@ -1,0 +1,128 @@
+//! Operator changes to the region map on a live mesh, as real processes:
+//! draining the server two bots play on hands them to the other server
+//! without dropping them; a split and a merge of the region they are in
+//! (kept by its owner) do not disturb them; writes that would break an
+//! invariant are refused with a clear HTTP error and change nothing.
+
+use std::time::Duration;
+
+use integration_tests::{Mesh, Proc, post_json, walkable_line};
+use serde_json::{Value, json};
+
+const TOKEN: &str = "ops-token";
+
+fn post(mesh: &Mesh, path: &str, bearer: Option<&str>, body: Value) -> anyhow::Result<(u16, Value)> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(post_json(&format!("http://{}{path}", mesh.http), bearer, &body))
+}
+
+fn owner_of(regions: &Value, key: &str) -> Option<u64> {
+    regions.as_array()?.iter().find(|r| r["region"] == key)?["server_id"].as_u64()
+}
+
+#[test]
+fn drain_hands_players_over_and_bad_operator_writes_change_nothing() -> anyhow::Result<()> {
+    let mut mesh = Mesh::start_with(2, &[&format!("--admin-token={TOKEN}")], &["--walk-speed=4"])?;
+    let regions = mesh.wait_regions_owned()?;
+    let first = owner_of(&regions, "L0:0,0,0").expect("region 0 owned");
+    let second = owner_of(&regions, "L0:1,0,0").expect("region 1 owned");
+    assert_ne!(first, second);
+
+    // Refusals first, each with its reason, none changing the map.
+    let refusals: [(&str, Option<&str>, Value, u16, &str); 7] = [
+        ("/v1/servers/1/drain", None, json!({}), 401, "unauthorized"),
+        ("/v1/servers/1/drain", Some("wrong"), json!({}), 401, "unauthorized"),
+        ("/v1/servers/99/drain", Some(TOKEN), json!({}), 404, "unknown_server"),
+        ("/v1/regions/L9:0,0,0/split", Some(TOKEN), json!({}), 400, "bad_region"),
+        ("/v1/regions/L0:0,0,0/merge", Some(TOKEN), json!({}), 409, "not_mergeable"),
+        ("/v1/regions/L0:0,0,0/move", Some(TOKEN), json!({"to": 99}), 404, "unknown_server"),
+        ("/v1/regions/L0:0,0,0/move", Some(TOKEN), json!({"to": "two"}), 400, "bad_request"),
+    ];
+    for (path, bearer, body, status, reason) in refusals {
+        let (got, answer) = post(&mesh, path, bearer, body)?;
+        assert_eq!((got, answer["error"].as_str()), (status, Some(reason)), "{path}: {answer}");
+    }
+    assert_eq!(mesh.get("/v1/regions")?, regions, "refused writes changed the map");
+
+    // Two bots walk back and forth deep inside region 0 (x 900–1100), on
+    // the first server.
+    let z = walkable_line(900.0, 1100.0, 1000.0)?;
+    let report = mesh.dir.path().join("report.json");
+    let mut swarm = Proc::start(
+        "bot-swarm",
+        "bot-swarm",
+        &[
+            format!("--coordinator=http://{}", mesh.http),
+            "--bots=2".into(),
+            "--seconds=14".into(),
+            format!("--path=900,10,{z};1100,10,{z}"),
+            "--spread-m=0".into(),
+            format!("--report={}", report.display()),
+        ],
+        mesh.dir.path(),
+    )?;
+    std::thread::sleep(Duration::from_secs(4));
+
+    // Split the region they are in: the children stay with its owner.
+    let (status, map) = post(&mesh, "/v1/regions/L0:0,0,0/split", Some(TOKEN), json!({}))?;
+    assert_eq!(status, 200, "{map}");
+    let kids: Vec<&Value> = map.as_array().unwrap().iter().filter(|r| r["level"] == 1).collect();
+    assert_eq!(kids.len(), 8, "{map}");
+    assert!(kids.iter().all(|r| r["server_id"].as_u64() == Some(first)), "{map}");
+    let (status, answer) = post(&mesh, "/v1/regions/L1:0,0,0/split", Some(TOKEN), json!({}))?;
+    assert_eq!(status, 200, "{answer}");
+    let (status, answer) = post(&mesh, "/v1/regions/L2:0,0,0/split", Some(TOKEN), json!({}))?;
+    assert_eq!((status, answer["error"].as_str()), (400, Some("too_small")), "{answer}");
+    std::thread::sleep(Duration::from_secs(2));
+    for key in ["L1:0,0,0", "L0:0,0,0"] {
+        let (status, answer) = post(&mesh, &format!("/v1/regions/{key}/merge"), Some(TOKEN), json!({}))?;
+        assert_eq!(status, 200, "merge {key}: {answer}");
+    }
+    std::thread::sleep(Duration::from_secs(2));
+
+    // Drain the first server: its region goes to the second, and so do the
+    // bots, through the handoff protocol.
+    let (status, map) = post(&mesh, &format!("/v1/servers/{first}/drain"), Some(TOKEN), json!({}))?;
+    assert_eq!(status, 200, "{map}");
+    assert!(map.as_array().unwrap().iter().all(|r| r["server_id"].as_u64() == Some(second)), "{map}");
+    let (status, answer) = post(&mesh, &format!("/v1/servers/{second}/drain"), Some(TOKEN), json!({}))?;
+    assert_eq!((status, answer["error"].as_str()), (409, Some("last_server")), "{answer}");
+
+    let exit = swarm.child.wait()?;
+    assert!(exit.success(), "bot-swarm failed:\n{}", swarm.log_text());
+    let servers = mesh.get("/v1/servers")?;
+    let drained = servers.as_array().unwrap().iter().find(|s| s["server_id"].as_u64() == Some(first)).unwrap();
+    assert_eq!((drained["draining"].as_bool(), drained["regions"].as_array().map(Vec::len)), (Some(true), Some(0)));
+    let audit = mesh.get("/v1/audit")?;
+    let actions: Vec<&str> = audit.as_array().unwrap().iter().filter_map(|a| a["action"].as_str()).collect();
+    assert_eq!(actions, ["drain", "merge_region", "merge_region", "split_region", "split_region"], "{audit}");
+    let transfers = mesh.get("/v1/transfers?limit=100")?;
+    let logs: String = mesh.servers.iter().map(|(p, _)| p.log_text()).collect();
+    for (p, _) in &mut mesh.servers {
+        assert!(p.stop(), "{} did not stop cleanly:\n{}", p.name, p.log_text());
+    }
+
+    // Every bot moved from the first server to the second once, losing and
+    // repeating no input, and kept playing there.
+    let r: Value = serde_json::from_slice(&std::fs::read(&report)?)?;
+    let said = || format!("{r}\ntransfers: {transfers}\n{}\n{logs}", swarm.log_text());
+    assert_eq!(r["joined"], 2, "{}", said());
+    assert_eq!(r["ack_regressions"], 0, "{}", said());
+    for bot in r["per_bot"].as_array().unwrap() {
+        assert!(bot["errors"].as_array().unwrap().is_empty(), "bot errors: {}", said());
+        let changes = bot["authority_changes"].as_array().unwrap();
+        let handoffs: Vec<&Value> = changes.iter().filter(|c| !c["from"].is_null()).collect();
+        assert_eq!(handoffs.len(), 1, "one handoff, at the drain: {}", said());
+        let h = handoffs[0];
+        assert_eq!((h["from"].as_u64(), h["to"].as_u64()), (Some(first), Some(second)), "{}", said());
+        let (new, old) = (h["acked_seq"].as_u64().unwrap(), h["previous_acked_seq"].as_u64().unwrap());
+        assert!(new >= old && new - old <= 45, "inputs lost or repeated at the handoff: {h}");
+        let span = &bot["acks_by_server"][second.to_string()];
+        assert!(span["snapshots"].as_u64().unwrap_or(0) > 90, "few snapshots from the new owner: {}", said());
+        println!("bot {}: max snapshot gap {} ms", bot["player"], bot["max_snapshot_gap_ms"]);
+    }
+    for t in transfers.as_array().unwrap() {
+        assert_eq!(t["outcome"], "Delivered", "{t}");
+    }
+    Ok(())
+}
