@@ -66,8 +66,8 @@ pub struct Config {
     /// Ticks between a transfer's commit and the tick it takes effect.
     #[arg(long, env = "PS_HANDOFF_LEAD_TICKS", default_value_t = 9)]
     pub handoff_lead_ticks: u64,
-    /// Bearer token of the admin writes (`POST /v1/notices`, `PUT
-    /// /v1/thresholds`). Unset: they answer 403.
+    /// Bearer token of the operator writes (`POST /v1/notices`, `PUT
+    /// /v1/thresholds`, drain, split, merge, move). Unset: they answer 403.
     #[arg(long, env = "PS_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
     /// Name of this mesh in shared storage: the prefix of its Redis keys

@@ -15,6 +15,9 @@ struct Cli {
     /// Print JSON instead of tables.
     #[arg(long, global = true)]
     json: bool,
+    /// The operator token, for commands that change the mesh.
+    #[arg(long, global = true, env = "PS_ADMIN_TOKEN", hide_env_values = true)]
+    token: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -31,6 +34,42 @@ enum Command {
     Servers,
     /// Recent authority transfers.
     Transfers {
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+    },
+    /// Move every region of a server to others (its players are handed
+    /// over, not dropped) and give it no more; then it can be stopped.
+    Drain {
+        /// The server id (`meshctl servers`).
+        server: u32,
+        /// Take the server back into placement instead.
+        #[arg(long)]
+        undo: bool,
+        /// Wait up to this many seconds until the server reports no players.
+        #[arg(long, value_name = "SECONDS")]
+        wait: Option<u64>,
+    },
+    /// Split a region into its 8 children (down to 500 m); they stay with its owner.
+    Split {
+        /// A region key as `meshctl regions` shows it, e.g. L0:1,0,0.
+        region: String,
+    },
+    /// Merge the 8 children of a region back into it.
+    Merge {
+        /// The parent's key, e.g. L0:1,0,0.
+        region: String,
+    },
+    /// Move a region to another server; its players are handed over.
+    Move {
+        region: String,
+        /// The server id to move it to.
+        #[arg(long)]
+        to: u32,
+    },
+    /// The split and merge thresholds.
+    Thresholds,
+    /// Operator writes, newest first.
+    Audit {
         #[arg(long, default_value_t = 20)]
         limit: usize,
     },
@@ -75,10 +114,7 @@ async fn main() -> anyhow::Result<()> {
             keys.iter().map(|k| format!("{k:<16} {}", v[*k])).collect::<Vec<_>>().join("\n")
         })
         .await,
-        Command::Regions => show(&base, "/v1/regions", cli.json, |v| {
-            table(v, &[("REGION", "region"), ("SERVER", "server_id"), ("NAME", "server_name"), ("EPOCH", "epoch")])
-        })
-        .await,
+        Command::Regions => show(&base, "/v1/regions", cli.json, regions_table).await,
         Command::Servers => show(&base, "/v1/servers", cli.json, |v| {
             let rows: Vec<Value> = v
                 .as_array()
@@ -86,7 +122,7 @@ async fn main() -> anyhow::Result<()> {
                 .flatten()
                 .map(|s| {
                     serde_json::json!({
-                        "id": s["server_id"], "name": s["name"], "alive": s["alive"],
+                        "id": s["server_id"], "name": s["name"], "alive": s["alive"], "draining": s["draining"],
                         "players": s["load"]["players"], "tick_p99_ms": s["load"]["tick_p99_ms"],
                         "regions": s["regions"].as_array().map(|r| r.iter().filter_map(|x| x.as_str()).collect::<Vec<_>>().join(" ")),
                         "quic": s["addresses"]["quic"],
@@ -95,14 +131,88 @@ async fn main() -> anyhow::Result<()> {
                 .collect();
             table(
                 &Value::Array(rows),
-                &[("ID", "id"), ("NAME", "name"), ("ALIVE", "alive"), ("PLAYERS", "players"), ("TICK P99 MS", "tick_p99_ms"), ("REGIONS", "regions"), ("QUIC", "quic")],
+                &[("ID", "id"), ("NAME", "name"), ("ALIVE", "alive"), ("DRAINING", "draining"), ("PLAYERS", "players"), ("TICK P99 MS", "tick_p99_ms"), ("REGIONS", "regions"), ("QUIC", "quic")],
             )
+        })
+        .await,
+        Command::Drain { server, undo, wait } => {
+            let verb = if undo { "undrain" } else { "drain" };
+            let token = cli.token.as_deref();
+            write(&base, &format!("/v1/servers/{server}/{verb}"), token, serde_json::json!({}), cli.json).await?;
+            match wait {
+                Some(secs) if !undo => wait_drained(&base, server, secs).await,
+                _ => Ok(()),
+            }
+        }
+        Command::Split { region } => {
+            write(&base, &format!("/v1/regions/{region}/split"), cli.token.as_deref(), serde_json::json!({}), cli.json).await
+        }
+        Command::Merge { region } => {
+            write(&base, &format!("/v1/regions/{region}/merge"), cli.token.as_deref(), serde_json::json!({}), cli.json).await
+        }
+        Command::Move { region, to } => {
+            let body = serde_json::json!({ "to": to });
+            write(&base, &format!("/v1/regions/{region}/move"), cli.token.as_deref(), body, cli.json).await
+        }
+        Command::Thresholds => show(&base, "/v1/thresholds", cli.json, |v| {
+            v.as_object().into_iter().flatten().map(|(k, x)| format!("{k:<16} {x}")).collect::<Vec<_>>().join("\n")
+        })
+        .await,
+        Command::Audit { limit } => show(&base, &format!("/v1/audit?limit={limit}"), cli.json, |v| {
+            table(v, &[("SEQ", "seq"), ("AT", "at"), ("ACTION", "action"), ("DETAIL", "detail")])
         })
         .await,
         Command::Transfers { limit } => show(&base, &format!("/v1/transfers?limit={limit}"), cli.json, |v| {
             table(v, &[("ID", "id"), ("ENTITY", "entity"), ("FROM", "from"), ("TO", "to"), ("EPOCH", "entity_epoch"), ("TICK", "effective_tick"), ("OUTCOME", "outcome")])
         })
         .await,
+    }
+}
+
+fn regions_table(v: &Value) -> String {
+    table(v, &[("REGION", "region"), ("SERVER", "server_id"), ("NAME", "server_name"), ("EPOCH", "epoch")])
+}
+
+/// POSTs an operator command; prints the region map it answers with, or
+/// fails with the coordinator's reason.
+async fn write(base: &str, path: &str, token: Option<&str>, body: Value, json: bool) -> anyhow::Result<()> {
+    let url = format!("{base}{path}");
+    let mut req = reqwest::Client::new().post(&url).json(&body);
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    let resp = req.send().await.map_err(|e| anyhow::anyhow!("cannot reach the coordinator at {base}: {e}"))?;
+    let status = resp.status();
+    let v: Value = resp.json().await.unwrap_or(Value::Null);
+    if !status.is_success() {
+        let hint = if status.as_u16() == 401 { " (pass --token or set PS_ADMIN_TOKEN)" } else { "" };
+        anyhow::bail!("refused ({status}, {}): {}{hint}", cell(&v["error"]), cell(&v["detail"]));
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        println!("{}", regions_table(&v));
+    }
+    Ok(())
+}
+
+/// Polls the servers until `server` reports no players, for `secs` at most.
+async fn wait_drained(base: &str, server: u32, secs: u64) -> anyhow::Result<()> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    loop {
+        let url = format!("{base}/v1/servers");
+        let servers: Value = reqwest::get(&url).await?.json().await?;
+        let me = servers.as_array().into_iter().flatten().find(|s| s["server_id"].as_u64() == Some(u64::from(server)));
+        let players = me.map_or(0, |s| s["load"]["players"].as_u64().unwrap_or(0));
+        if players == 0 {
+            eprintln!("server {server} is drained: no players left");
+            return Ok(());
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "server {server} still reports {players} players after {secs} s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     }
 }
 

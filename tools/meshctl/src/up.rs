@@ -23,6 +23,10 @@ pub struct UpArgs {
     /// Start no bots.
     #[arg(long)]
     no_bots: bool,
+    /// The coordinators' operator token (drain, split, merge, move,
+    /// thresholds). The mesh listens on loopback only.
+    #[arg(long, env = "PS_ADMIN_TOKEN", hide_env_values = true, default_value = "dev")]
+    admin_token: String,
     /// Logs, ports files and the world (the embedded store in `world/`,
     /// kept across runs).
     #[arg(long, default_value = ".mesh-data")]
@@ -208,6 +212,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
                         format!("--raft-dir={}", args.data_dir.join(format!("raft-{id}")).display()),
                         // Every local bot logs in from 127.0.0.1.
                         "--logins-per-address=1000000".into(),
+                        format!("--admin-token={}", args.admin_token),
                         storage.clone(),
                     ],
                     redis.clone(),
@@ -229,6 +234,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         }
         let grpc = grpcs.join(",");
         println!("  try: curl http://{http}/v1/regions   ·   meshctl servers   ·   logs in {}", logs.display());
+        println!("  operator token in PS_ADMIN_TOKEN, or: meshctl --token <token> drain|split|merge|move …");
 
         for i in 1..=args.game_servers {
             let name = format!("gs-{i}");
