@@ -194,8 +194,23 @@ pub async fn heartbeat_loop(
                 ticks_overrun: load.ticks_overrun.load(Ordering::Relaxed),
             }),
             known_map_version: known,
+            regions: load
+                .regions
+                .lock()
+                .map(|r| {
+                    r.iter()
+                        .map(|(k, n)| mpb::RegionLoad { region: Some(crate::convert::mesh_key_to_pb(k)), players: *n })
+                        .collect()
+                })
+                .unwrap_or_default(),
         };
-        match client.call(|mut c| async move { c.heartbeat(req).await }).await {
+        match client
+            .call(|mut c| {
+                let req = req.clone();
+                async move { c.heartbeat(req).await }
+            })
+            .await
+        {
             Ok(r) => {
                 if r.fenced {
                     error!(server = %me, "the coordinator declared this server dead; stopping");

@@ -90,7 +90,17 @@ impl MeshCoordinator for CoordinatorGrpc {
 
     async fn heartbeat(&self, req: Request<pb::HeartbeatRequest>) -> Result<Response<pb::HeartbeatResponse>, Status> {
         let r = req.into_inner();
-        let cmd = Command::Heartbeat { server: ServerId(r.server_id), load: load_from_pb(r.load), now: now_nanos() };
+        let mut regions = Vec::with_capacity(r.regions.len().min(crate::state::MAX_REPORTED_REGIONS));
+        for l in r.regions.iter().take(crate::state::MAX_REPORTED_REGIONS) {
+            match key_from_pb(l.region.as_ref()) {
+                Ok(k) => regions.push((k, l.players)),
+                Err(e) => {
+                    let _ = self.refuse("bad_region_key", e);
+                }
+            }
+        }
+        let cmd =
+            Command::Report { server: ServerId(r.server_id), load: load_from_pb(r.load), regions, now: now_nanos() };
         match self.node.propose(cmd).await.map_err(status_of)? {
             SmResponse::HeartbeatAck { fenced } => Ok(Response::new(self.node.read(|s| pb::HeartbeatResponse {
                 map: (s.map_version() != r.known_map_version).then(|| map_to_pb(s)),

@@ -149,6 +149,9 @@ pub struct StatusView {
     /// Raft as the answering replica sees it.
     #[serde(default)]
     pub raft: RaftView,
+    /// Game servers the mesh should run for its players (for the autoscaler).
+    #[serde(default)]
+    pub desired_game_servers: u32,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -193,6 +196,7 @@ async fn status(State(node): State<Arc<Node>>) -> Json<StatusView> {
             mesh_epoch_unix_nanos: s.clock.epoch_unix_nanos,
             world_seed: s.world_seed,
             raft,
+            desired_game_servers: s.desired_game_servers(),
         }
     }))
 }

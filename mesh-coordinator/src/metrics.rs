@@ -7,6 +7,8 @@ pub struct Metrics {
     pub registry: Registry,
     pub servers: IntGaugeVec,
     pub regions: IntGaugeVec,
+    /// What the autoscaler should run (see `CoordinatorState::desired_game_servers`).
+    pub desired_game_servers: prometheus::IntGauge,
     pub commands: IntCounterVec,
     pub refused: IntCounterVec,
     pub transfers: IntCounter,
@@ -52,8 +54,16 @@ impl Metrics {
             .expect("static metric definition");
         let server_deaths = IntCounter::new("mesh_server_deaths_total", "Game servers declared dead")
             .expect("static metric definition");
+        let desired_game_servers = prometheus::IntGauge::new(
+            "mesh_desired_game_servers",
+            "Game servers the mesh should run for its players (for the autoscaler)",
+        )
+        .expect("static metric definition");
         let region_changes = IntCounterVec::new(
-            Opts::new("mesh_region_changes_total", "Region splits and merges committed, by kind (split, merge)"),
+            Opts::new(
+                "mesh_region_changes_total",
+                "Region splits, merges and balancer moves committed, by kind (split, merge, move)",
+            ),
             &["kind"],
         )
         .expect("static metric definition");
@@ -107,6 +117,7 @@ impl Metrics {
             Box::new(store_writes.clone()),
             Box::new(servers.clone()),
             Box::new(regions.clone()),
+            Box::new(desired_game_servers.clone()),
             Box::new(commands.clone()),
             Box::new(refused.clone()),
             Box::new(transfers.clone()),
@@ -119,6 +130,7 @@ impl Metrics {
             registry,
             servers,
             regions,
+            desired_game_servers,
             commands,
             refused,
             transfers,

@@ -488,6 +488,7 @@ fn refresh_gauges(metrics: &Metrics, s: &CoordinatorState) {
             as i64;
     metrics.regions.with_label_values(&["owned"]).set(owned);
     metrics.regions.with_label_values(&["unowned"]).set(s.assignments().len() as i64 - owned);
+    metrics.desired_game_servers.set(i64::from(s.desired_game_servers()));
 }
 
 fn record(metrics: &Metrics, e: &Event) {
@@ -520,5 +521,9 @@ fn record(metrics: &Metrics, e: &Event) {
             info!(%region, "regions merged")
         }
         Event::ServerDraining { server, draining } => info!(%server, draining, "server drain changed"),
+        Event::RegionRebalanced { region, from, to, players } => {
+            metrics.region_changes.with_label_values(&["move"]).inc();
+            info!(%region, %from, %to, players, "region moved off an overloaded server")
+        }
     }
 }

@@ -110,6 +110,14 @@ pub const AUDIT_LOG_LEN: usize = 10_000;
 /// still there after this is lost to the old owner (and counted there).
 pub const RELEASE_MS: u64 = 5_000;
 
+/// Region loads kept per report (a server holding more regions than this
+/// reports its most crowded ones).
+pub const MAX_REPORTED_REGIONS: usize = 4_096;
+
+/// Of the split threshold, what a server may reach by taking a region from
+/// an overloaded one (so relief does not overload the receiver).
+const RELIEF_FILL: f32 = 0.75;
+
 /// A region's previous owner, allowed to hand entities out of it until `until`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Release {
@@ -124,6 +132,14 @@ pub struct Release {
 struct Extension {
     drained: BTreeSet<ServerId>,
     releases: BTreeMap<RegionKey, Release>,
+    /// Players per region, as each server last reported them.
+    region_players: BTreeMap<ServerId, Vec<(RegionKey, u32)>>,
+    /// When a region last split (key: the region) or merged (key: the
+    /// parent): the balancer does not undo either within the cool-down.
+    last_change: BTreeMap<RegionKey, u64>,
+    /// When the balancer last changed a server's regions: it waits for a
+    /// report that reflects the change before acting on that server again.
+    acted: BTreeMap<ServerId, u64>,
 }
 
 /// Where a server can be reached (host:port strings).
@@ -266,6 +282,14 @@ pub enum Command {
         undo: bool,
         now: u64,
     },
+    /// A heartbeat with the players per region (what game servers send;
+    /// `Heartbeat` stays for entries already in logs).
+    Report {
+        server: ServerId,
+        load: Load,
+        regions: Vec<(RegionKey, u32)>,
+        now: u64,
+    },
 }
 
 /// What the first leader of a mesh fixes for good.
@@ -296,6 +320,7 @@ impl Command {
             Command::MergeRegion { .. } => "merge_region",
             Command::Drain { undo: false, .. } => "drain",
             Command::Drain { undo: true, .. } => "undrain",
+            Command::Report { .. } => "heartbeat",
         }
     }
 }
@@ -384,15 +409,45 @@ impl CommandError {
 /// What a command changed, for logs and metrics.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Event {
-    ServerRegistered { server: ServerId, name: String },
-    ServerDied { server: ServerId, silent_ms: u64 },
-    RegionAssigned { region: RegionKey, server: Option<ServerId>, previous: Option<ServerId>, epoch: Epoch },
+    ServerRegistered {
+        server: ServerId,
+        name: String,
+    },
+    ServerDied {
+        server: ServerId,
+        silent_ms: u64,
+    },
+    RegionAssigned {
+        region: RegionKey,
+        server: Option<ServerId>,
+        previous: Option<ServerId>,
+        epoch: Epoch,
+    },
     TransferCommitted(TransferRecord),
-    TransferCompleted { id: u64, outcome: TransferOutcome },
-    Bootstrapped { restored: bool },
-    RegionSplit { region: RegionKey },
-    RegionsMerged { region: RegionKey },
-    ServerDraining { server: ServerId, draining: bool },
+    TransferCompleted {
+        id: u64,
+        outcome: TransferOutcome,
+    },
+    Bootstrapped {
+        restored: bool,
+    },
+    RegionSplit {
+        region: RegionKey,
+    },
+    RegionsMerged {
+        region: RegionKey,
+    },
+    /// The balancer moved a region off an overloaded server.
+    RegionRebalanced {
+        region: RegionKey,
+        from: ServerId,
+        to: ServerId,
+        players: u32,
+    },
+    ServerDraining {
+        server: ServerId,
+        draining: bool,
+    },
 }
 
 /// The replicated state of the mesh.
@@ -586,6 +641,14 @@ impl CoordinatorState {
                 self.register(name, addresses, cert_sha256, capacity_players, version, now, &mut events)
             }
             Command::Heartbeat { server, load, now } => self.heartbeat(server, load, now),
+            Command::Report { server, load, mut regions, now } => {
+                let r = self.heartbeat(server, load, now);
+                if matches!(r, Ok(Response::HeartbeatAck { fenced: false })) {
+                    regions.truncate(MAX_REPORTED_REGIONS);
+                    self.ext.region_players.insert(server, regions);
+                }
+                r
+            }
             Command::NewLeader { replica: _, now, bootstrap } => {
                 if let Some(b) = bootstrap.filter(|_| !self.is_bootstrapped()) {
                     self.bootstrap(b, now, &mut events);
@@ -608,6 +671,7 @@ impl CoordinatorState {
                 self.ext.releases.retain(|_, r| r.until > now);
                 self.detect_failures(now, &mut events);
                 self.place_unowned(now, &mut events);
+                self.balance(now, &mut events);
                 Ok(Response::Done)
             }
             Command::MoveRegion { region, to, now } => self.move_region(region, to, now, &mut events),
@@ -876,6 +940,13 @@ impl CoordinatorState {
     }
 
     fn split_region(&mut self, region: RegionKey, now: u64, events: &mut Vec<Event>) -> Result<Response, CommandError> {
+        self.split_leaf(region, now, events)?;
+        self.audit("split_region", format!(r#"{{"region":"{region}"}}"#), now);
+        Ok(Response::Done)
+    }
+
+    /// Splits a leaf; its children keep its owner under new epochs.
+    fn split_leaf(&mut self, region: RegionKey, now: u64, events: &mut Vec<Event>) -> Result<(), CommandError> {
         let parent = *self.assignments.get(&region).ok_or(CommandError::UnknownRegion(region))?;
         if region.level >= shared::region::MAX_LEVEL {
             return Err(CommandError::TooSmall(region));
@@ -887,12 +958,19 @@ impl CoordinatorState {
         for child in children {
             self.assign(child, parent.server, events);
         }
+        self.ext.last_change.insert(region, now);
         events.push(Event::RegionSplit { region });
-        self.audit("split_region", format!(r#"{{"region":"{region}"}}"#), now);
-        Ok(Response::Done)
+        Ok(())
     }
 
     fn merge_region(&mut self, region: RegionKey, now: u64, events: &mut Vec<Event>) -> Result<Response, CommandError> {
+        self.merge_children(region, now, events)?;
+        self.audit("merge_region", format!(r#"{{"region":"{region}"}}"#), now);
+        Ok(Response::Done)
+    }
+
+    /// Merges the 8 leaf children of `region`; the owner of most takes it.
+    fn merge_children(&mut self, region: RegionKey, now: u64, events: &mut Vec<Event>) -> Result<(), CommandError> {
         if !self.tree.is_split(&region) {
             let why = if self.tree.is_leaf(&region) { "it is not split" } else { "it is not in the region map" };
             return Err(CommandError::NotMergeable(region, why.into()));
@@ -924,9 +1002,128 @@ impl CoordinatorState {
         }
         let owner = owner.or_else(|| self.choose_owner(&region, None));
         self.assign(region, owner, events);
+        self.ext.last_change.insert(region, now);
         events.push(Event::RegionsMerged { region });
-        self.audit("merge_region", format!(r#"{{"region":"{region}"}}"#), now);
-        Ok(Response::Done)
+        Ok(())
+    }
+
+    /// Players in a leaf, as its owner last reported them.
+    fn leaf_players(&self, leaf: &RegionKey) -> u32 {
+        let Some(owner) = self.assignments.get(leaf).and_then(|a| a.server) else { return 0 };
+        self.ext.region_players.get(&owner).and_then(|r| r.iter().find(|(k, _)| k == leaf)).map_or(0, |(_, n)| *n)
+    }
+
+    fn cooled(&self, key: &RegionKey, now: u64) -> bool {
+        self.ext.last_change.get(key).is_none_or(|t| now.saturating_sub(*t) >= self.thresholds.cooldown_ms * 1_000_000)
+    }
+
+    /// The load balancer, run on every tick. An overloaded server (more
+    /// players than `split_players`, or CPU above `split_cpu`) first sheds
+    /// its most crowded region that another server can take without passing
+    /// three quarters of the threshold (a neighbour first, then the least
+    /// loaded); if none can, its most crowded region splits (to 500 m at
+    /// least), so the next report shows where its players are. Siblings
+    /// whose players together are at most `merge_players`, on owners below
+    /// `merge_cpu`, merge. A split is not undone by a merge (nor a merge by
+    /// a split) within `cooldown_ms`, and a server is not acted on again
+    /// before a report after the last change to it.
+    fn balance(&mut self, now: u64, events: &mut Vec<Event>) {
+        let t = self.thresholds;
+        let spacing = 2 * self.policy.heartbeat_interval_ms * 1_000_000;
+        let fresh = |s: &Self, id: ServerId| {
+            let heard = s.servers.get(&id).map_or(0, |r| r.last_heartbeat);
+            s.ext.acted.get(&id).is_none_or(|at| heard >= at.saturating_add(spacing))
+        };
+        let overloaded: Vec<ServerId> = self
+            .servers
+            .values()
+            .filter(|r| r.alive && !self.ext.drained.contains(&r.id))
+            .filter(|r| r.load.players > t.split_players || r.load.cpu > t.split_cpu)
+            .map(|r| r.id)
+            .collect();
+        for from in overloaded {
+            if !fresh(self, from) {
+                continue;
+            }
+            let mut leaves: Vec<(RegionKey, u32)> =
+                self.regions_of(from).map(|(k, _)| (*k, self.leaf_players(k))).filter(|(_, n)| *n > 0).collect();
+            leaves.sort_by_key(|(k, n)| (std::cmp::Reverse(*n), *k));
+            let owned = self.regions_of(from).count();
+            let shed = leaves
+                .iter()
+                .filter(|_| owned >= 2)
+                .find_map(|(k, n)| self.relief_target(k, *n, from).map(|to| (*k, *n, to)));
+            if let Some((region, players, to)) = shed {
+                self.hand_over(region, to, now, events);
+                events.push(Event::RegionRebalanced { region, from, to, players });
+                self.ext.acted.insert(from, now);
+                self.ext.acted.insert(to, now);
+                continue;
+            }
+            let splittable =
+                leaves.iter().map(|(k, _)| *k).find(|k| k.level < shared::region::MAX_LEVEL && self.cooled(k, now));
+            if let Some(region) = splittable
+                && self.split_leaf(region, now, events).is_ok()
+            {
+                self.ext.acted.insert(from, now);
+            }
+        }
+        let parents: Vec<RegionKey> = self
+            .assignments
+            .keys()
+            .filter_map(|k| k.parent())
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .filter(|p| p.children().is_ok_and(|c| c.iter().all(|k| self.tree.is_leaf(k))))
+            .collect();
+        for parent in parents {
+            let Ok(children) = parent.children() else { continue };
+            let quiet = children.iter().all(|c| {
+                let owner = self.assignments.get(c).and_then(|a| a.server);
+                owner.is_none_or(|o| self.servers.get(&o).is_none_or(|r| !r.alive || r.load.cpu < t.merge_cpu))
+            });
+            let players: u32 = children.iter().map(|c| self.leaf_players(c)).sum();
+            if quiet && players <= t.merge_players && self.cooled(&parent, now) {
+                let _ = self.merge_children(parent, now, events);
+            }
+        }
+    }
+
+    /// Who takes `region` (with `players`) off `from`: a live server that
+    /// takes regions and stays within three quarters of the thresholds with
+    /// it; one owning a neighbour first, then the fewest players, then the
+    /// lowest id.
+    fn relief_target(&self, region: &RegionKey, players: u32, from: ServerId) -> Option<ServerId> {
+        let t = self.thresholds;
+        let room = (t.split_players as f32 * RELIEF_FILL) as u32;
+        let neighbours: Vec<RegionKey> =
+            self.tree.neighbours(region).map(|n| n.into_iter().map(|(k, _)| k).collect()).unwrap_or_default();
+        self.servers
+            .values()
+            .filter(|s| s.alive && s.id != from && !self.ext.drained.contains(&s.id))
+            .filter(|s| s.load.players + players <= room && s.load.cpu < t.split_cpu * RELIEF_FILL)
+            .filter(|s| s.capacity_players == 0 || s.load.players + players <= s.capacity_players)
+            .min_by_key(|s| {
+                let adjacent =
+                    neighbours.iter().any(|n| self.assignments.get(n).is_some_and(|a| a.server == Some(s.id)));
+                (!adjacent, s.load.players, s.id)
+            })
+            .map(|s| s.id)
+    }
+
+    /// Game servers the mesh should run for its players: enough that each
+    /// stays within three quarters of the split threshold, one more when
+    /// every live server is above the CPU threshold, and never fewer than
+    /// one. Exported for the autoscaler.
+    pub fn desired_game_servers(&self) -> u32 {
+        let t = self.thresholds;
+        let live: Vec<&ServerRecord> = self.servers.values().filter(|s| s.alive).collect();
+        let players: u32 = live.iter().map(|s| s.load.players).sum();
+        let per = ((t.split_players as f32 * RELIEF_FILL) as u32).max(1);
+        let by_players = players.div_ceil(per);
+        let hot = !live.is_empty() && live.iter().all(|s| s.load.cpu > t.split_cpu);
+        let serving = live.iter().filter(|s| !self.ext.drained.contains(&s.id)).count() as u32;
+        by_players.max(if hot { serving + 1 } else { 0 }).max(1)
     }
 
     fn drain(

@@ -5,16 +5,24 @@
 //! read the diff).
 //!
 //! Script lines (times in ms after the start; `#` starts a comment):
-//! `world NXxNYxNZ`, `grace MS`, `register NAME at MS`,
-//! `heartbeat NAME at MS`, `tick at MS`.
+//! `world NXxNYxNZ`, `grace MS`, `timeout MS` (heartbeat timeout; before
+//! `world`), `thresholds KEY=VALUE…`, `register NAME at MS`,
+//! `heartbeat NAME at MS`, `report NAME players N [cpu X] [REGION=N…] at MS`,
+//! `split REGION at MS`, `merge REGION at MS`, `move REGION NAME at MS`,
+//! `drain NAME at MS`, `tick at MS`.
+//!
+//! The output lists what each command decided (deaths, splits, merges,
+//! moves), then the region map, the servers and `desired_game_servers`.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::Path;
 
 use glam::IVec3;
-use mesh_coordinator::state::{Addresses, Bootstrap, Command, CoordinatorState, Load, Policy, Response};
-use shared::region::RegionTree;
+use mesh_coordinator::state::{
+    Addresses, Bootstrap, Command, CoordinatorState, Event, Load, Policy, Response, Thresholds,
+};
+use shared::region::{RegionKey, RegionTree};
 use shared::{ServerId, TickClock};
 
 const MS: u64 = 1_000_000;
@@ -27,12 +35,45 @@ fn at(words: &[&str], line: &str) -> u64 {
     }
 }
 
+fn region(word: &str, line: &str) -> RegionKey {
+    word.parse().unwrap_or_else(|e| panic!("bad region {word:?} in {line:?}: {e}"))
+}
+
+/// The decisions among `events`, one line each.
+fn decisions(events: &[Event], name_of: &dyn Fn(ServerId) -> String) -> Vec<String> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            Event::ServerDied { server, .. } => Some(format!("dead {}", name_of(*server))),
+            Event::RegionSplit { region } => Some(format!("split {region}")),
+            Event::RegionsMerged { region } => Some(format!("merge {region}")),
+            Event::RegionRebalanced { region, from, to, players } => {
+                Some(format!("move {region} {} -> {} ({players} players)", name_of(*from), name_of(*to)))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
 fn run(script: &str) -> String {
     let mut state: Option<CoordinatorState> = None;
     let mut policy = Policy::default();
     let mut names: BTreeMap<String, ServerId> = BTreeMap::new();
     let mut out = String::new();
     for line in script.lines() {
+        let ids = names.clone();
+        let name_of =
+            move |id: ServerId| ids.iter().find(|(_, v)| **v == id).map_or("?".to_owned(), |(k, _)| k.clone());
+        let server = |w: &str| *names.get(w).unwrap_or_else(|| panic!("unknown server {w:?}"));
+        let apply = |s: &mut CoordinatorState, cmd: Command, line: &str, out: &mut String| {
+            let (r, events) = s.apply(cmd);
+            if let Err(e) = r {
+                writeln!(out, "! {line}: {e}").expect("string");
+            }
+            for d in decisions(&events, &name_of) {
+                writeln!(out, "{line}: {d}").expect("string");
+            }
+        };
         let line = line.split('#').next().unwrap_or("").trim();
         if line.is_empty() {
             continue;
@@ -48,6 +89,65 @@ fn run(script: &str) -> String {
                 state = Some(s);
             }
             "grace" => policy.startup_grace_ms = words[1].parse().expect("grace ms"),
+            "timeout" => policy.heartbeat_timeout_ms = words[1].parse().expect("timeout ms"),
+            "thresholds" => {
+                let s = state.as_mut().expect("`world` first");
+                let mut t = Thresholds::default();
+                for kv in &words[1..] {
+                    let (k, v) = kv.split_once('=').unwrap_or_else(|| panic!("KEY=VALUE in {line:?}"));
+                    match k {
+                        "split_players" => t.split_players = v.parse().expect("number"),
+                        "merge_players" => t.merge_players = v.parse().expect("number"),
+                        "split_cpu" => t.split_cpu = v.parse().expect("number"),
+                        "merge_cpu" => t.merge_cpu = v.parse().expect("number"),
+                        "cooldown_ms" => t.cooldown_ms = v.parse().expect("number"),
+                        other => panic!("unknown threshold {other:?}"),
+                    }
+                }
+                apply(s, Command::SetThresholds { thresholds: t, now: T0 }, line, &mut out);
+            }
+            "report" => {
+                let s = state.as_mut().expect("`world` first");
+                let mut load = Load::default();
+                let mut regions = Vec::new();
+                let mut i = 2;
+                while i < words.len() - 2 {
+                    match words[i] {
+                        "players" => load.players = words[i + 1].parse().expect("players"),
+                        "cpu" => load.cpu = words[i + 1].parse().expect("cpu"),
+                        kv => {
+                            let (k, n) = kv.split_once('=').unwrap_or_else(|| panic!("REGION=N in {line:?}"));
+                            regions.push((region(k, line), n.parse().expect("players")));
+                            i += 1;
+                            continue;
+                        }
+                    }
+                    i += 2;
+                }
+                let cmd = Command::Report { server: server(words[1]), load, regions, now: at(&words, line) };
+                apply(s, cmd, line, &mut out);
+            }
+            "split" | "merge" => {
+                let s = state.as_mut().expect("`world` first");
+                let (region, now) = (region(words[1], line), at(&words, line));
+                let cmd = if words[0] == "split" {
+                    Command::SplitRegion { region, now }
+                } else {
+                    Command::MergeRegion { region, now }
+                };
+                apply(s, cmd, line, &mut out);
+            }
+            "move" => {
+                let s = state.as_mut().expect("`world` first");
+                let cmd =
+                    Command::MoveRegion { region: region(words[1], line), to: server(words[2]), now: at(&words, line) };
+                apply(s, cmd, line, &mut out);
+            }
+            "drain" => {
+                let s = state.as_mut().expect("`world` first");
+                let cmd = Command::Drain { server: server(words[1]), undo: false, now: at(&words, line) };
+                apply(s, cmd, line, &mut out);
+            }
             "register" => {
                 let s = state.as_mut().expect("`world` first");
                 let (r, _) = s.apply(Command::Register {
@@ -75,7 +175,7 @@ fn run(script: &str) -> String {
             }
             "tick" => {
                 let s = state.as_mut().expect("`world` first");
-                s.apply(Command::Tick { now: at(&words, line) }).0.expect("tick");
+                apply(s, Command::Tick { now: at(&words, line) }, line, &mut out);
             }
             other => panic!("unknown script command {other:?} in {line:?}"),
         }
@@ -88,8 +188,10 @@ fn run(script: &str) -> String {
     }
     for rec in s.servers().values() {
         let state = if rec.alive { "alive" } else { "dead" };
-        writeln!(out, "{} {state} regions {}", rec.name, s.regions_of(rec.id).count()).expect("string");
+        let drained = if s.is_draining(rec.id) { " draining" } else { "" };
+        writeln!(out, "{} {state}{drained} regions {}", rec.name, s.regions_of(rec.id).count()).expect("string");
     }
+    writeln!(out, "desired_game_servers {}", s.desired_game_servers()).expect("string");
     out
 }
 

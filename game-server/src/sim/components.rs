@@ -156,6 +156,8 @@ pub struct LoadShared {
     pub tick_p99_us: std::sync::atomic::AtomicU32,
     pub ticks_overrun: std::sync::atomic::AtomicU64,
     pub tick: std::sync::atomic::AtomicU64,
+    /// Players per region they are held through, refreshed once a second.
+    pub regions: std::sync::Mutex<Vec<(RegionKey, u32)>>,
 }
 
 #[derive(Resource, Debug, Clone)]

@@ -913,7 +913,7 @@ pub fn replication(
 
 /// Gauges and the heartbeat's load figures.
 pub fn report(
-    players: Query<(), (With<Avatar>, With<Authority>)>,
+    players: Query<&Authority, With<Avatar>>,
     entities: Query<(), With<Authority>>,
     tick: Res<TickState>,
     metrics: Res<SimMetrics>,
@@ -929,6 +929,15 @@ pub fn report(
     load.0.players.store(np as u32, Relaxed);
     load.0.entities.store(ne as u32, Relaxed);
     load.0.tick.store(tick.tick, Relaxed);
+    if tick.tick.is_multiple_of(90) {
+        let mut per: std::collections::BTreeMap<shared::RegionKey, u32> = std::collections::BTreeMap::new();
+        for a in &players {
+            *per.entry(a.region).or_default() += 1;
+        }
+        if let Ok(mut r) = load.0.regions.lock() {
+            *r = per.into_iter().collect();
+        }
+    }
 }
 
 /// One line per tick naming the entities this server simulated
