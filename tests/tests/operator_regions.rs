@@ -126,3 +126,104 @@ fn drain_hands_players_over_and_bad_operator_writes_change_nothing() -> anyhow::
     }
     Ok(())
 }
+
+fn put(mesh: &Mesh, path: &str, body: Value) -> anyhow::Result<(u16, Value)> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(async {
+        let r = reqwest::Client::new()
+            .put(format!("http://{}{path}", mesh.http))
+            .bearer_auth(TOKEN)
+            .json(&body)
+            .send()
+            .await?;
+        let status = r.status().as_u16();
+        Ok((status, r.json().await.unwrap_or(Value::Null)))
+    })
+}
+
+#[test]
+fn a_crowd_makes_its_region_split_and_part_of_it_move_without_dropping_anyone() -> anyhow::Result<()> {
+    let mut mesh = Mesh::start_with(2, &[&format!("--admin-token={TOKEN}")], &["--walk-speed=6"])?;
+    let regions = mesh.wait_regions_owned()?;
+    let first = owner_of(&regions, "L0:0,0,0").expect("region 0 owned");
+    // A crowd is more than two players here; CPU never triggers (64 cores)
+    // and nothing merges (CPU below 0).
+    let t = json!({"split_players": 2, "merge_players": 0, "split_cpu": 64.0, "merge_cpu": 0.0, "cooldown_ms": 1000});
+    let (status, answer) = put(&mesh, "/v1/thresholds", t)?;
+    assert_eq!(status, 200, "{answer}");
+
+    // Three bots in region 0: two walk x 900–960, one x 1040–1100, so that
+    // after the split two children hold them (x = 1000 is the line between).
+    let z = walkable_line(900.0, 1100.0, 1000.0)?;
+    let swarm = |name: &str, bots: u32, path: &str| {
+        let report = mesh.dir.path().join(format!("{name}.json"));
+        let p = Proc::start(
+            name,
+            "bot-swarm",
+            &[
+                format!("--coordinator=http://{}", mesh.http),
+                format!("--bots={bots}"),
+                "--seconds=15".into(),
+                format!("--path={path}"),
+                "--spread-m=0".into(),
+                format!("--report={}", report.display()),
+                format!("--account-prefix={name}-"),
+            ],
+            mesh.dir.path(),
+        );
+        p.map(|p| (p, report))
+    };
+    let mut swarms =
+        [swarm("west", 2, &format!("900,10,{z};960,10,{z}"))?, swarm("east", 1, &format!("1040,10,{z};1100,10,{z}"))?];
+    // What the autoscaler is told, while they play.
+    let mut desired = 0;
+    while swarms.iter_mut().any(|(p, _)| p.child.try_wait().is_ok_and(|e| e.is_none())) {
+        desired = desired.max(mesh.get("/v1/status")?["desired_game_servers"].as_u64().unwrap_or(0));
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    for (p, _) in &mut swarms {
+        let exit = p.child.wait()?;
+        assert!(exit.success(), "bot-swarm failed:\n{}", p.log_text());
+    }
+    let metrics = integration_tests::blocking_text(&format!("http://{}/metrics", mesh.http))?;
+    let map = mesh.get("/v1/regions")?;
+    let logs: String = mesh.servers.iter().map(|(p, _)| p.log_text()).collect();
+    for (p, _) in &mut mesh.servers {
+        assert!(p.stop(), "{} did not stop cleanly:\n{}", p.name, p.log_text());
+    }
+
+    let said = || format!("map: {map}\n{logs}");
+    let splits = integration_tests::metric(&metrics, "mesh_region_changes_total", r#"kind="split""#);
+    let moves = integration_tests::metric(&metrics, "mesh_region_changes_total", r#"kind="move""#);
+    println!("balancer: {splits} splits, {moves} moves; desired_game_servers up to {desired}");
+    assert!(splits >= 1.0 && moves >= 1.0, "the balancer split and moved: {}", said());
+    let second_owns_part =
+        map.as_array().unwrap().iter().any(|x| {
+            x["region"].as_str().is_some_and(|k| !k.starts_with("L0:")) && x["server_id"].as_u64() != Some(first)
+        });
+    assert!(second_owns_part, "part of the crowded region moved to the other server: {map}");
+    assert_eq!(desired, 3, "3 players at 1 a server (3/4 of 2)");
+    let mut moved = 0;
+    for (p, report) in &swarms {
+        let r: Value = serde_json::from_slice(&std::fs::read(report)?)?;
+        assert_eq!(r["ack_regressions"], 0, "{r}");
+        assert_eq!(r["joined"], r["bots"], "{r}\n{}", p.log_text());
+        for bot in r["per_bot"].as_array().unwrap() {
+            assert!(bot["errors"].as_array().unwrap().is_empty(), "bot errors: {r}\n{}", said());
+            let changes = bot["authority_changes"].as_array().unwrap();
+            moved += changes.iter().filter(|c| !c["from"].is_null()).count();
+            for h in changes.iter().filter(|c| !c["from"].is_null()) {
+                let (new, old) = (h["acked_seq"].as_u64().unwrap(), h["previous_acked_seq"].as_u64().unwrap());
+                assert!(new >= old && new - old <= 45, "inputs lost or repeated at the handoff: {h}");
+            }
+            println!(
+                "bot {}: {} authority changes, max snapshot gap {} ms",
+                bot["player"],
+                changes.len(),
+                bot["max_snapshot_gap_ms"]
+            );
+        }
+    }
+    assert!(moved >= 1, "a bot was handed to the other server with its region: {}", said());
+    Ok(())
+}
