@@ -23,17 +23,63 @@ use crate::auth::{Auth, AuthError};
 use crate::node::{Node, now_nanos};
 use crate::state::{Addresses, AuditRecord, Command, CommandError, Load, Thresholds, TransferRecord};
 
-pub fn router(node: Arc<Node>) -> Router {
-    Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
+/// Probes, metrics, the OpenAPI document and `/v1/route` (open), and the
+/// admin views (`/v1/regions`, `/v1/servers`, `/v1/transfers`,
+/// `/v1/status`: viewer or operator token when a viewer token is set).
+pub fn router(node: Arc<Node>, access: ViewAccess) -> Router {
+    let views = Router::new()
         .route("/v1/regions", get(regions))
         .route("/v1/servers", get(servers))
         .route("/v1/transfers", get(transfers))
         .route("/v1/status", get(status))
+        .route_layer(axum::middleware::from_fn_with_state(access, require_viewer))
+        .with_state(node.clone());
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
         .route("/v1/route", get(route))
+        .route("/openapi.json", get(openapi))
         .with_state(node)
+        .merge(views)
+}
+
+/// The admin API as an OpenAPI 3.1 document.
+pub const OPENAPI: &str = include_str!("../openapi.json");
+
+async fn openapi() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
+}
+
+/// Who may read the admin views: anyone when no viewer token is set
+/// (development), else the bearer of the viewer or of the operator token.
+/// Writes need the operator token in every case.
+#[derive(Debug, Clone, Default)]
+pub struct ViewAccess {
+    pub viewer: Option<Arc<String>>,
+    pub operator: Option<Arc<String>>,
+}
+
+impl ViewAccess {
+    fn admits(&self, headers: &HeaderMap) -> bool {
+        let Some(viewer) = &self.viewer else { return true };
+        let given = bearer(headers).unwrap_or_default().as_bytes();
+        svc::constant_time_eq(given, viewer.as_bytes())
+            || self.operator.as_ref().is_some_and(|o| svc::constant_time_eq(given, o.as_bytes()))
+    }
+}
+
+async fn require_viewer(
+    State(access): State<ViewAccess>,
+    headers: HeaderMap,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if access.admits(&headers) {
+        next.run(req).await
+    } else {
+        err(StatusCode::UNAUTHORIZED, "unauthorized", "a bearer viewer or operator token is required")
+    }
 }
 
 async fn readyz(State(node): State<Arc<Node>>) -> Response {
@@ -253,7 +299,7 @@ pub fn auth_router(node: Arc<Node>, auth: Arc<Auth>) -> Router {
 /// The mesh's operating knobs: `GET /v1/thresholds` (anyone who can read
 /// the admin views) and `PUT /v1/thresholds` (bearer admin token), committed
 /// through Raft.
-pub fn ops_router(node: Arc<Node>, admin_token: Option<String>) -> Router {
+pub fn ops_router(node: Arc<Node>, admin_token: Option<String>, access: ViewAccess) -> Router {
     Router::new()
         .route("/v1/thresholds", get(get_thresholds).put(put_thresholds))
         .route("/v1/audit", get(audit))
@@ -262,6 +308,7 @@ pub fn ops_router(node: Arc<Node>, admin_token: Option<String>) -> Router {
         .route("/v1/regions/{region}/move", post(move_region))
         .route("/v1/servers/{id}/drain", post(drain_server))
         .route("/v1/servers/{id}/undrain", post(undrain_server))
+        .route_layer(axum::middleware::from_fn_with_state(access, require_viewer))
         .with_state((node, admin_token.map(Arc::new)))
 }
 
@@ -368,7 +415,7 @@ async fn get_thresholds(State((node, _)): State<OpsState>) -> Json<Thresholds> {
 
 /// The bearer admin token check: the refusal to send, if any.
 fn admin_refusal(token: Option<&String>, headers: &HeaderMap) -> Option<Response> {
-    let Some(token) = token else {
+    let Some(token) = token.filter(|t| !t.is_empty()) else {
         return Some(err(StatusCode::FORBIDDEN, "forbidden", "the admin API is off: start with --admin-token"));
     };
     let given = bearer(headers).ok().unwrap_or_default();

@@ -70,6 +70,13 @@ pub struct Config {
     /// /v1/thresholds`, drain, split, merge, move). Unset: they answer 403.
     #[arg(long, env = "PS_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
+    /// Bearer token that may read the admin views (`/v1/regions`,
+    /// `/v1/servers`, `/v1/transfers`, `/v1/status`, `/v1/thresholds`,
+    /// `/v1/audit`); the operator token may too. Unset: the views are open
+    /// (development). Probes, `/metrics`, `/openapi.json`, `/v1/route` and
+    /// logins are always open.
+    #[arg(long, env = "PS_VIEWER_TOKEN", hide_env_values = true)]
+    pub viewer_token: Option<String>,
     /// Name of this mesh in shared storage: the prefix of its Redis keys
     /// (one Redis may serve several meshes).
     #[arg(long, env = "PS_CLUSTER", default_value = "planetary")]
@@ -330,10 +337,14 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
     };
 
     let http_task = tokio::spawn({
-        let app = http::router(node.clone())
+        let access = http::ViewAccess {
+            viewer: config.viewer_token.clone().filter(|t| !t.is_empty()).map(Arc::new),
+            operator: config.admin_token.clone().filter(|t| !t.is_empty()).map(Arc::new),
+        };
+        let app = http::router(node.clone(), access.clone())
             .merge(http::auth_router(node.clone(), auth.clone()))
             .merge(http::admin_router(auth.clone(), config.admin_token.clone()))
-            .merge(http::ops_router(node.clone(), config.admin_token.clone()));
+            .merge(http::ops_router(node.clone(), config.admin_token.clone(), access));
         let stop = stop.clone().cancelled_owned();
         async move {
             axum::serve(http, app.into_make_service_with_connect_info::<SocketAddr>())

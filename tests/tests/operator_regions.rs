@@ -227,3 +227,61 @@ fn a_crowd_makes_its_region_split_and_part_of_it_move_without_dropping_anyone() 
     assert!(moved >= 1, "a bot was handed to the other server with its region: {}", said());
     Ok(())
 }
+
+#[test]
+fn every_documented_route_exists_and_roles_hold() -> anyhow::Result<()> {
+    let mesh = Mesh::start_with(1, &[&format!("--admin-token={TOKEN}"), "--viewer-token=view-token"], &[])?;
+    mesh.wait_regions_owned().ok();
+    let doc: Value =
+        serde_json::from_str(&integration_tests::blocking_text(&format!("http://{}/openapi.json", mesh.http))?)?;
+    assert_eq!(doc["openapi"], "3.1.0");
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let client = reqwest::Client::new();
+    let call = |method: &str, path: &str, bearer: Option<&str>| {
+        let url = format!("http://{}{path}", mesh.http);
+        let mut req = client.request(method.parse().expect("method"), url);
+        if let Some(b) = bearer {
+            req = req.bearer_auth(b);
+        }
+        rt.block_on(async {
+            let r = req.send().await?;
+            let status = r.status().as_u16();
+            // axum's own "no such route" is a 404 with an empty body; ours
+            // always say why.
+            let unrouted = (status == 404 && r.text().await?.is_empty()) || status == 405;
+            Ok::<(u16, bool), anyhow::Error>((status, unrouted))
+        })
+    };
+    let mut checked = 0;
+    for (path, ops) in doc["paths"].as_object().unwrap() {
+        let concrete = path.replace("{region}", "L0:0,0,0").replace("{id}", "1").replace("{board}", "kills");
+        let concrete = if path == "/v1/route" { format!("{concrete}?x=1&y=1&z=1") } else { concrete };
+        for (method, op) in ops.as_object().unwrap() {
+            // Unauthenticated: anything but "no such route".
+            let (status, unrouted) = call(&method.to_uppercase(), &concrete, None)?;
+            assert!(!unrouted, "{method} {path} is documented but not routed: {status}");
+            let security: Vec<&str> = op["security"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter_map(|s| s.as_object().and_then(|o| o.keys().next()).map(String::as_str))
+                .collect();
+            match (method.as_str(), security.as_slice()) {
+                ("get", ["viewer", "operator"]) => {
+                    assert_eq!(status, 401, "GET {path} without a token");
+                    assert_eq!(call("GET", &concrete, Some("view-token"))?.0, 200, "GET {path} as viewer");
+                    assert_eq!(call("GET", &concrete, Some(TOKEN))?.0, 200, "GET {path} as operator");
+                }
+                (_, ["operator"]) => {
+                    assert_eq!(status, 401, "{method} {path} without a token");
+                    let (as_viewer, _) = call(&method.to_uppercase(), &concrete, Some("view-token"))?;
+                    assert_eq!(as_viewer, 401, "{method} {path} as a viewer");
+                }
+                _ => {}
+            }
+            checked += 1;
+        }
+    }
+    assert!(checked >= 20, "{checked} operations documented");
+    Ok(())
+}

@@ -94,6 +94,7 @@ enum Command {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let base = cli.coordinator.trim_end_matches('/').to_owned();
+    let _ = READ_TOKEN.set(cli.token.clone().or_else(|| std::env::var("PS_VIEWER_TOKEN").ok()));
     match cli.command {
         Command::Up(args) => up::run(args).await,
         Command::Migrate { database_url, data_dir, check } => {
@@ -201,7 +202,7 @@ async fn wait_drained(base: &str, server: u32, secs: u64) -> anyhow::Result<()> 
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
     loop {
         let url = format!("{base}/v1/servers");
-        let servers: Value = reqwest::get(&url).await?.json().await?;
+        let servers = get(base, &url).await?;
         let me = servers.as_array().into_iter().flatten().find(|s| s["server_id"].as_u64() == Some(u64::from(server)));
         let players = me.map_or(0, |s| s["load"]["players"].as_u64().unwrap_or(0));
         if players == 0 {
@@ -218,15 +219,33 @@ async fn wait_drained(base: &str, server: u32, secs: u64) -> anyhow::Result<()> 
 
 async fn show(base: &str, path: &str, json: bool, render: impl Fn(&Value) -> String) -> anyhow::Result<()> {
     let url = format!("{base}{path}");
-    let resp = reqwest::get(&url).await.map_err(|e| anyhow::anyhow!("cannot reach the coordinator at {base}: {e}"))?;
-    anyhow::ensure!(resp.status().is_success(), "{url} answered {}", resp.status());
-    let v: Value = resp.json().await?;
+    let v = get(base, &url).await?;
     if json {
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         println!("{}", render(&v));
     }
     Ok(())
+}
+
+/// The token the views are read with: `--token` (or `PS_ADMIN_TOKEN`), else
+/// `PS_VIEWER_TOKEN`.
+static READ_TOKEN: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+
+/// GETs an admin view, with the read token when there is one.
+async fn get(base: &str, url: &str) -> anyhow::Result<Value> {
+    let token = READ_TOKEN.get().cloned().flatten();
+    let mut req = reqwest::Client::new().get(url);
+    if let Some(t) = token.filter(|t| !t.is_empty()) {
+        req = req.bearer_auth(t);
+    }
+    let resp = req.send().await.map_err(|e| anyhow::anyhow!("cannot reach the coordinator at {base}: {e}"))?;
+    let status = resp.status();
+    if status.as_u16() == 401 {
+        anyhow::bail!("{url} answered 401: set PS_VIEWER_TOKEN (or PS_ADMIN_TOKEN) to a token the coordinator accepts");
+    }
+    anyhow::ensure!(status.is_success(), "{url} answered {status}");
+    Ok(resp.json().await?)
 }
 
 fn cell(v: &Value) -> String {
