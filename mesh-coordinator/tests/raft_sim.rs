@@ -51,6 +51,8 @@ struct Node {
     replica: Option<Replica>,
     store: RaftStore,
     last_timeout: usize,
+    /// Term, role and election_elapsed at the last reseed check.
+    last_timer: (u64, StateRole, usize),
     next_seq: u64,
     /// Region → highest epoch this incarnation has seen.
     epochs: BTreeMap<RegionKey, Epoch>,
@@ -112,7 +114,17 @@ impl Sim {
         };
         for id in voters.iter().copied() {
             let store = RaftStore::in_memory(&voters);
-            sim.nodes.insert(id, Node { replica: None, store, last_timeout: 0, next_seq: 1, epochs: BTreeMap::new() });
+            sim.nodes.insert(
+                id,
+                Node {
+                    replica: None,
+                    store,
+                    last_timeout: 0,
+                    last_timer: (0, StateRole::Follower, 0),
+                    next_seq: 1,
+                    epochs: BTreeMap::new(),
+                },
+            );
             sim.boot(id);
         }
         sim
@@ -124,6 +136,7 @@ impl Sim {
         let replica = Replica::new(id, node.store.clone(), initial(), state, self.timing, &logger()).expect("replica");
         node.replica = Some(replica);
         node.last_timeout = 0;
+        node.last_timer = (u64::MAX, StateRole::Follower, 0);
         node.epochs.clear();
         self.reseed(id);
     }
@@ -138,7 +151,14 @@ impl Sim {
         let draw = self.rng.usize(timing.election_ticks..2 * timing.election_ticks);
         let node = self.nodes.get_mut(&id).expect("node");
         let Some(r) = node.replica.as_mut() else { return };
-        if r.election_timeout() != node.last_timeout {
+        // Raft redrew its timeout (from the thread's RNG) if it reset the
+        // timer: override it. The reset is told by term, role or the timer
+        // going back, never by the value drawn, which may equal ours.
+        let timer = (r.term(), r.role(), r.election_elapsed());
+        let (term, role, elapsed) = node.last_timer;
+        let reset = timer.0 != term || timer.1 != role || timer.2 < elapsed;
+        node.last_timer = timer;
+        if reset || r.election_timeout() != node.last_timeout {
             r.set_election_timeout(draw);
             node.last_timeout = draw;
         }
@@ -342,7 +362,7 @@ impl Sim {
             0..60 if !servers.is_empty() => {
                 Command::Heartbeat { server: servers[(pick as usize) % servers.len()], load: Load::default(), now }
             }
-            60..80 => {
+            60..72 => {
                 // A transfer as a source server would ask it, from this
                 // replica's (possibly stale) view.
                 let s = r.state();
@@ -362,6 +382,37 @@ impl Sim {
                     not_before_tick: 0,
                     now,
                 })
+            }
+            // Operator writes and load reports, from this replica's view:
+            // they must keep every invariant whatever the interleaving.
+            72..82 => {
+                let s = r.state();
+                let leaves: Vec<RegionKey> = s.assignments().keys().copied().collect();
+                let leaf = leaves[(pick as usize * 7) % leaves.len()];
+                match pick {
+                    72..76 => Command::SplitRegion { region: leaf, now },
+                    76..78 => match leaf.parent() {
+                        Some(region) => Command::MergeRegion { region, now },
+                        None => return,
+                    },
+                    78..81 if !servers.is_empty() => {
+                        Command::MoveRegion { region: leaf, to: servers[(pick as usize) % servers.len()], now }
+                    }
+                    81 if !servers.is_empty() => {
+                        let server = servers[self.rng.usize(..servers.len())];
+                        Command::Drain { server, undo: self.rng.bool(), now }
+                    }
+                    _ => return,
+                }
+            }
+            82..88 if !servers.is_empty() => {
+                let server = servers[(pick as usize) % servers.len()];
+                let s = r.state();
+                let regions: Vec<(RegionKey, u32)> =
+                    s.regions_of(server).map(|(k, _)| (*k, self.rng.u32(0..30))).collect();
+                let players = regions.iter().map(|(_, n)| n).sum();
+                let load = Load { players, cpu: self.rng.f32(), ..Load::default() };
+                Command::Report { server, load, regions, now }
             }
             _ => Command::Tick { now },
         };
@@ -458,6 +509,11 @@ fn a_calm_network_elects_one_leader_and_commits_everything() {
 fn the_same_seed_replays_the_same_run() {
     let a = run(42, 3, HARSH, 8_000);
     let b = run(42, 3, HARSH, 8_000);
+    for (k, v) in &a.log {
+        if b.log.get(k) != Some(v) {
+            panic!("first diff at {k}: {v:?} vs {:?}", b.log.get(k));
+        }
+    }
     assert_eq!(a.log, b.log);
     assert_eq!(a.leaders, b.leaders);
     assert_eq!(a.acknowledged, b.acknowledged);

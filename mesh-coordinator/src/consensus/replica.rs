@@ -192,6 +192,14 @@ impl Replica {
         self.raw.raft.randomized_election_timeout()
     }
 
+    /// Ticks since the election timer was last reset. Raft redraws the
+    /// timeout only when it resets the timer (always with a change of term
+    /// or role, or a drop of this count), which is how a simulation knows
+    /// when to override the draw, whatever value Raft drew.
+    pub fn election_elapsed(&self) -> usize {
+        self.raw.raft.election_elapsed
+    }
+
     /// Sets the randomised election timeout (`election_ticks..2 * election_ticks`).
     pub fn set_election_timeout(&mut self, ticks: usize) {
         self.raw.raft.set_randomized_election_timeout(ticks);
