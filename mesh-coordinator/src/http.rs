@@ -281,6 +281,79 @@ async fn route(State(node): State<Arc<Node>>, Query(q): Query<RouteQuery>) -> Re
     }
 }
 
+// ---- players ----
+
+/// `GET /v1/players` (players per live server and region, as the servers
+/// last reported them) and `GET /v1/players/{id}` (where the directory says
+/// one player is); viewer or operator token when a viewer token is set.
+pub fn players_router(node: Arc<Node>, auth: Arc<Auth>, access: ViewAccess) -> Router {
+    Router::new()
+        .route("/v1/players", get(players))
+        .route("/v1/players/{id}", get(player))
+        .route_layer(axum::middleware::from_fn_with_state(access, require_viewer))
+        .with_state((node, auth))
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct RegionPlayers {
+    pub region: String,
+    pub players: u32,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ServerPlayers {
+    pub server_id: u32,
+    pub name: String,
+    pub players: u32,
+    pub regions: Vec<RegionPlayers>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct PlayersView {
+    pub total: u64,
+    pub servers: Vec<ServerPlayers>,
+}
+
+async fn players(State((node, _)): State<AuthState>) -> Json<PlayersView> {
+    Json(node.read(|s| {
+        let servers: Vec<ServerPlayers> = s
+            .servers()
+            .values()
+            .filter(|r| r.alive)
+            .map(|r| ServerPlayers {
+                server_id: r.id.0,
+                name: r.name.clone(),
+                players: r.load.players,
+                regions: s
+                    .region_players(r.id)
+                    .iter()
+                    .map(|(k, n)| RegionPlayers { region: k.to_string(), players: *n })
+                    .collect(),
+            })
+            .collect();
+        PlayersView { total: servers.iter().map(|x| u64::from(x.players)).sum(), servers }
+    }))
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct PlayerView {
+    pub player: u64,
+    pub server_id: u32,
+    pub server_name: Option<String>,
+}
+
+async fn player(State((node, auth)): State<AuthState>, Path(id): Path<u64>) -> Response {
+    match auth.directory(PlayerId(id)).await {
+        Some(server) => Json(PlayerView {
+            player: id,
+            server_id: server.0,
+            server_name: node.read(|s| s.server(server).map(|r| r.name.clone())),
+        })
+        .into_response(),
+        None => err(StatusCode::NOT_FOUND, "unknown_player", &format!("the directory has no server for player {id}")),
+    }
+}
+
 // ---- accounts, logins, tickets ----
 
 type AuthState = (Arc<Node>, Arc<Auth>);

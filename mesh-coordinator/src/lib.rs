@@ -343,6 +343,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
         };
         let app = http::router(node.clone(), access.clone())
             .merge(http::auth_router(node.clone(), auth.clone()))
+            .merge(http::players_router(node.clone(), auth.clone(), access.clone()))
             .merge(http::admin_router(auth.clone(), config.admin_token.clone()))
             .merge(http::ops_router(node.clone(), config.admin_token.clone(), access));
         let stop = stop.clone().cancelled_owned();

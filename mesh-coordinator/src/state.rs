@@ -583,6 +583,11 @@ impl CoordinatorState {
         self.ext.drained.contains(&server)
     }
 
+    /// Players per region, as `server` last reported them.
+    pub fn region_players(&self, server: ServerId) -> &[(RegionKey, u32)] {
+        self.ext.region_players.get(&server).map_or(&[], Vec::as_slice)
+    }
+
     /// Regions whose previous owner may still hand entities out of them.
     pub fn releases(&self) -> &BTreeMap<RegionKey, Release> {
         &self.ext.releases

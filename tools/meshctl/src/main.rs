@@ -66,6 +66,8 @@ enum Command {
         #[arg(long)]
         to: u32,
     },
+    /// Players per server and region.
+    Players,
     /// The split and merge thresholds.
     Thresholds,
     /// Operator writes, newest first.
@@ -155,6 +157,21 @@ async fn main() -> anyhow::Result<()> {
             let body = serde_json::json!({ "to": to });
             write(&base, &format!("/v1/regions/{region}/move"), cli.token.as_deref(), body, cli.json).await
         }
+        Command::Players => show(&base, "/v1/players", cli.json, |v| {
+            let rows: Vec<Value> = v["servers"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .flat_map(|s| {
+                    s["regions"].as_array().into_iter().flatten().map(move |r| {
+                        serde_json::json!({"id": s["server_id"], "name": s["name"], "region": r["region"], "players": r["players"]})
+                    })
+                })
+                .collect();
+            let t = table(&Value::Array(rows), &[("ID", "id"), ("NAME", "name"), ("REGION", "region"), ("PLAYERS", "players")]);
+            format!("{t}\ntotal {}", v["total"])
+        })
+        .await,
         Command::Thresholds => show(&base, "/v1/thresholds", cli.json, |v| {
             v.as_object().into_iter().flatten().map(|(k, x)| format!("{k:<16} {x}")).collect::<Vec<_>>().join("\n")
         })
