@@ -3,7 +3,8 @@
 //! again, and restarted after. Measured: from the kill to the first write
 //! committed by the new leader (a `PUT /v1/thresholds`, sent to the
 //! surviving replicas until one answers 200), and the commit latency of a
-//! write in steady state. Every write a replica acknowledged (one just
+//! write in steady state, and of a region-assignment change (region 0 moved
+//! between the servers, a new epoch each time). Every write a replica acknowledged (one just
 //! before each kill among them) must be in the replicated audit log at the
 //! end; any that is not counts as lost.
 
@@ -274,6 +275,33 @@ pub fn run(cfg: &FailoverConfig) -> anyhow::Result<Value> {
         }
     }
 
+    // Steady state: region-assignment changes (region 0 moved back and
+    // forth between the servers through the leader), each a new epoch.
+    let mut move_ms = Vec::new();
+    let ids: Vec<u64> =
+        b.rt.block_on(async {
+            let url = format!("http://{}/v1/servers", b.replicas[leader].http);
+            b.client.get(url).send().await.ok()?.json::<Value>().await.ok()
+        })
+        .and_then(|v| v.as_array().map(|a| a.iter().filter_map(|s| s["server_id"].as_u64()).collect()))
+        .unwrap_or_default();
+    if ids.len() >= 2 {
+        let url = format!("http://{}/v1/regions/L0:0,0,0/move", b.replicas[leader].http);
+        for n in 0..cfg.writes {
+            let to = ids[n % ids.len()];
+            let t = Instant::now();
+            let ok = b.rt.block_on(async {
+                let req =
+                    b.client.post(&url).bearer_auth(TOKEN).json(&json!({ "to": to })).timeout(Duration::from_secs(2));
+                // 409: it already had that owner (the first move, maybe).
+                req.send().await.is_ok_and(|r| r.status().is_success())
+            });
+            if ok {
+                move_ms.push(t.elapsed().as_secs_f64() * 1000.0);
+            }
+        }
+    }
+
     let mut failover_ms = Vec::new();
     for k in 0..cfg.kills {
         let leader = b.wait_leader(Duration::from_secs(30))?;
@@ -326,6 +354,9 @@ pub fn run(cfg: &FailoverConfig) -> anyhow::Result<Value> {
         "acknowledged_writes": b.acked.len(),
         "commit_p50_ms": percentile_ms(&mut commit_ms.clone(), 0.5),
         "commit_p99_ms": percentile_ms(&mut commit_ms, 0.99),
+        "region_move_commits": move_ms.len(),
+        "region_move_p50_ms": percentile_ms(&mut move_ms.clone(), 0.5),
+        "region_move_p99_ms": percentile_ms(&mut move_ms, 0.99),
         "game_servers": cfg.servers,
         // A server declared dead during a failover would have been fenced.
         "game_servers_alive_at_end": status["servers_alive"],
