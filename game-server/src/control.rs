@@ -296,14 +296,47 @@ impl TransferExecutor {
 
     /// Runs until the simulation's outbox closes.
     pub async fn run(self, mut rx: mpsc::Receiver<SimOut>) {
+        // Directory updates go one at a time, in order, so a leave never
+        // overtakes its join.
+        let (presence_tx, presence_rx) = mpsc::channel(4096);
+        tokio::spawn(self.clone().report_presence(presence_rx));
         while let Some(out) = rx.recv().await {
+            if let SimOut::Presence { player, entity, online } = out {
+                if presence_tx.try_send((player, entity, online)).is_err() {
+                    self.metrics.transfers.with_label_values(&["presence_dropped"]).inc();
+                }
+                continue;
+            }
             let this = self.clone();
             tokio::spawn(async move {
                 match out {
                     SimOut::RequestTransfer { .. } => this.request(out).await,
                     SimOut::Handoff(state) => this.hand_off(*state).await,
+                    SimOut::Presence { .. } => {}
                 }
             });
+        }
+    }
+
+    /// Sends directory updates in order, retrying an unavailable
+    /// coordinator for up to 10 s each.
+    async fn report_presence(self, mut rx: mpsc::Receiver<(shared::PlayerId, shared::EntityId, bool)>) {
+        while let Some((player, entity, online)) = rx.recv().await {
+            let req = mpb::PresenceRequest { server_id: self.me.0, player_id: player.0, entity_id: entity.0, online };
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            loop {
+                match self.coordinator.call(|mut c| async move { c.presence(req).await }).await {
+                    Ok(_) => break,
+                    Err(s) if s.code() == tonic::Code::Unavailable && tokio::time::Instant::now() < deadline => {
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                    Err(s) => {
+                        warn!(%player, online, error = %s.message(), "the coordinator's directory refused an update");
+                        self.metrics.transfers.with_label_values(&["presence_refused"]).inc();
+                        break;
+                    }
+                }
+            }
         }
     }
 

@@ -40,7 +40,7 @@ fn status_of(e: CommandError) -> Status {
         CommandError::UnknownRegion(_) | CommandError::BadThresholds(_) | CommandError::TooSmall(_) => {
             Status::invalid_argument(msg)
         }
-        CommandError::ServerIdsExhausted => Status::resource_exhausted(msg),
+        CommandError::ServerIdsExhausted | CommandError::DirectoryFull => Status::resource_exhausted(msg),
         CommandError::NoOwner(_) | CommandError::NotBootstrapped | CommandError::Unavailable(_) => {
             Status::unavailable(msg)
         }
@@ -163,5 +163,18 @@ impl MeshCoordinator for CoordinatorGrpc {
         };
         self.node.propose(cmd).await.map_err(status_of)?;
         Ok(Response::new(pb::CompleteTransferResponse {}))
+    }
+
+    async fn presence(&self, req: Request<pb::PresenceRequest>) -> Result<Response<pb::PresenceResponse>, Status> {
+        let r = req.into_inner();
+        let cmd = Command::Presence {
+            server: ServerId(r.server_id),
+            player: shared::PlayerId(r.player_id),
+            entity: EntityId(r.entity_id),
+            online: r.online,
+            now: now_nanos(),
+        };
+        self.node.propose(cmd).await.map_err(status_of)?;
+        Ok(Response::new(pb::PresenceResponse {}))
     }
 }

@@ -311,6 +311,8 @@ pub struct ServerPlayers {
 #[derive(Debug, Serialize, Deserialize)]
 pub struct PlayersView {
     pub total: u64,
+    /// Players in the replicated directory (joined and not yet left).
+    pub directory: u64,
     pub servers: Vec<ServerPlayers>,
 }
 
@@ -331,7 +333,11 @@ async fn players(State((node, _)): State<AuthState>) -> Json<PlayersView> {
                     .collect(),
             })
             .collect();
-        PlayersView { total: servers.iter().map(|x| u64::from(x.players)).sum(), servers }
+        PlayersView {
+            total: servers.iter().map(|x| u64::from(x.players)).sum(),
+            directory: s.directory_len() as u64,
+            servers,
+        }
     }))
 }
 
@@ -343,7 +349,14 @@ pub struct PlayerView {
 }
 
 async fn player(State((node, auth)): State<AuthState>, Path(id): Path<u64>) -> Response {
-    match auth.directory(PlayerId(id)).await {
+    // The replicated directory; Redis's (kept by the game servers' QUIC
+    // front ends) for players it does not know.
+    let replicated = node.read(|s| s.player_location(PlayerId(id)).map(|l| l.server));
+    let server = match replicated {
+        Some(s) => Some(s),
+        None => auth.directory(PlayerId(id)).await,
+    };
+    match server {
         Some(server) => Json(PlayerView {
             player: id,
             server_id: server.0,

@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use serde::{Deserialize, Serialize};
 use shared::region::{RegionKey, RegionTree};
-use shared::{EntityId, Epoch, ServerId, Tick, TickClock};
+use shared::{EntityId, Epoch, PlayerId, ServerId, Tick, TickClock};
 
 /// Policy knobs of the state machine (part of the replicated state).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -140,7 +140,23 @@ struct Extension {
     /// When the balancer last changed a server's regions: it waits for a
     /// report that reflects the change before acting on that server again.
     acted: BTreeMap<ServerId, u64>,
+    /// The player directory: where each online player's avatar is
+    /// simulated, and the player of each avatar.
+    players: BTreeMap<PlayerId, PlayerLocation>,
+    avatars: BTreeMap<EntityId, PlayerId>,
 }
+
+/// Where a player's avatar is simulated, as the log last decided it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlayerLocation {
+    pub server: ServerId,
+    pub entity: EntityId,
+    /// When it got there (Unix ns).
+    pub since: u64,
+}
+
+/// Players the directory holds at most (a bound on the state's size).
+pub const MAX_DIRECTORY: usize = 1_000_000;
 
 /// Where a server can be reached (host:port strings).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -282,6 +298,14 @@ pub enum Command {
         undo: bool,
         now: u64,
     },
+    /// A player's avatar appeared on (`online`) or left a server.
+    Presence {
+        server: ServerId,
+        player: PlayerId,
+        entity: EntityId,
+        online: bool,
+        now: u64,
+    },
     /// A heartbeat with the players per region (what game servers send;
     /// `Heartbeat` stays for entries already in logs).
     Report {
@@ -321,6 +345,7 @@ impl Command {
             Command::Drain { undo: false, .. } => "drain",
             Command::Drain { undo: true, .. } => "undrain",
             Command::Report { .. } => "heartbeat",
+            Command::Presence { .. } => "presence",
         }
     }
 }
@@ -378,6 +403,8 @@ pub enum CommandError {
     TooSmall(RegionKey),
     #[error("region {0} cannot merge: {1}")]
     NotMergeable(RegionKey, String),
+    #[error("the player directory is full ({MAX_DIRECTORY} players)")]
+    DirectoryFull,
     /// Not a decision of the state machine: the command could not be
     /// committed (no leader, or it did not commit in time). Retry.
     #[error("not committed: {0}")]
@@ -401,6 +428,7 @@ impl CommandError {
             CommandError::LastServer(_) => "last_server",
             CommandError::TooSmall(_) => "too_small",
             CommandError::NotMergeable(..) => "not_mergeable",
+            CommandError::DirectoryFull => "directory_full",
             CommandError::Unavailable(_) => "unavailable",
         }
     }
@@ -583,6 +611,16 @@ impl CoordinatorState {
         self.ext.drained.contains(&server)
     }
 
+    /// Where the directory says the player's avatar is simulated.
+    pub fn player_location(&self, player: PlayerId) -> Option<PlayerLocation> {
+        self.ext.players.get(&player).copied()
+    }
+
+    /// Players in the directory.
+    pub fn directory_len(&self) -> usize {
+        self.ext.players.len()
+    }
+
     /// Players per region, as `server` last reported them.
     pub fn region_players(&self, server: ServerId) -> &[(RegionKey, u32)] {
         self.ext.region_players.get(&server).map_or(&[], Vec::as_slice)
@@ -680,6 +718,9 @@ impl CoordinatorState {
                 Ok(Response::Done)
             }
             Command::MoveRegion { region, to, now } => self.move_region(region, to, now, &mut events),
+            Command::Presence { server, player, entity, online, now } => {
+                self.presence(server, player, entity, online, now)
+            }
             Command::SplitRegion { region, now } => self.split_region(region, now, &mut events),
             Command::MergeRegion { region, now } => self.merge_region(region, now, &mut events),
             Command::Drain { server, undo, now } => self.drain(server, undo, now, &mut events),
@@ -780,6 +821,13 @@ impl CoordinatorState {
             // Authority over the dead server's entities is void; whoever
             // resumes them (from persistence) starts a new record.
             self.entities.retain(|_, a| a.server != id);
+            let gone: Vec<PlayerId> =
+                self.ext.players.iter().filter(|(_, l)| l.server == id).map(|(p, _)| *p).collect();
+            for p in gone {
+                if let Some(l) = self.ext.players.remove(&p) {
+                    self.ext.avatars.remove(&l.entity);
+                }
+            }
         }
     }
 
@@ -895,12 +943,42 @@ impl CoordinatorState {
         self.next_transfer_id += 1;
         self.transfers_total += 1;
         self.entities.insert(req.entity, EntityAuthority { server: to_server, epoch: entity_epoch });
+        if let Some(p) = self.ext.avatars.get(&req.entity)
+            && let Some(loc) = self.ext.players.get_mut(p)
+        {
+            loc.server = to_server;
+            loc.since = req.now;
+        }
         self.transfers.push_back(record.clone());
         while self.transfers.len() > self.policy.transfer_log_len {
             self.transfers.pop_front();
         }
         events.push(Event::TransferCommitted(record.clone()));
         Ok(Response::Transfer(record))
+    }
+
+    fn presence(
+        &mut self,
+        server: ServerId,
+        player: PlayerId,
+        entity: EntityId,
+        online: bool,
+        now: u64,
+    ) -> Result<Response, CommandError> {
+        self.live_server(server)?;
+        if online {
+            if self.ext.players.len() >= MAX_DIRECTORY && !self.ext.players.contains_key(&player) {
+                return Err(CommandError::DirectoryFull);
+            }
+            if let Some(old) = self.ext.players.insert(player, PlayerLocation { server, entity, since: now }) {
+                self.ext.avatars.remove(&old.entity);
+            }
+            self.ext.avatars.insert(entity, player);
+        } else if self.ext.players.get(&player).is_some_and(|l| l.server == server && l.entity == entity) {
+            self.ext.players.remove(&player);
+            self.ext.avatars.remove(&entity);
+        }
+        Ok(Response::Done)
     }
 
     /// Gives a leaf to `to` under a new epoch; a live previous owner keeps a
@@ -1470,5 +1548,36 @@ mod tests {
         let mut trailing = s.to_bytes();
         trailing.push(0);
         assert!(CoordinatorState::from_bytes(&trailing).is_err());
+    }
+
+    #[test]
+    fn the_directory_follows_joins_handoffs_leaves_and_deaths() {
+        let mut s = state(2);
+        let a = register(&mut s, "a", T0);
+        let b = register(&mut s, "b", T0);
+        let (p, e) = (PlayerId(9), EntityId(7));
+        let presence = |server, online, now| Command::Presence { server, player: p, entity: e, online, now };
+        s.apply(presence(a, true, T0)).0.unwrap();
+        assert_eq!(s.player_location(p).map(|l| l.server), Some(a));
+        // The avatar is handed to b: the directory follows the commit.
+        let r0 = RegionKey::root(0, 0, 0);
+        let Ok(Response::Transfer(_)) = s.apply(request(a, 7, held(&s, r0), RegionKey::root(1, 0, 0), T0 + MS)).0
+        else {
+            panic!()
+        };
+        assert_eq!(s.player_location(p).map(|l| l.server), Some(b));
+        // A late leave from a (its standby link closing) changes nothing.
+        s.apply(presence(a, false, T0 + 2 * MS)).0.unwrap();
+        assert_eq!(s.player_location(p).map(|l| l.server), Some(b));
+        assert_eq!(s.directory_len(), 1);
+        // b dies: its players are no longer anywhere.
+        let _ = s.apply(Command::Heartbeat { server: a, load: Load::default(), now: T0 + 1_900 * MS });
+        s.apply(Command::Tick { now: T0 + 2_100 * MS }).0.unwrap();
+        assert_eq!(s.player_location(p), None);
+        // A dead server cannot claim players; a live one leaving removes them.
+        assert_eq!(s.apply(presence(b, true, T0 + 2_200 * MS)).0, Err(CommandError::Fenced(b)));
+        s.apply(presence(a, true, T0 + 2_200 * MS)).0.unwrap();
+        s.apply(presence(a, false, T0 + 2_300 * MS)).0.unwrap();
+        assert_eq!(s.directory_len(), 0);
     }
 }

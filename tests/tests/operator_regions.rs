@@ -47,6 +47,14 @@ fn drain_hands_players_over_and_bad_operator_writes_change_nothing() -> anyhow::
     // Two bots walk back and forth deep inside region 0 (x 900–1100), on
     // the first server.
     let z = walkable_line(900.0, 1100.0, 1000.0)?;
+    // Their accounts, made here so the test knows their player ids.
+    let mut ids = Vec::new();
+    for n in 1..=2 {
+        let (status, a) =
+            post(&mesh, "/v1/accounts", None, json!({"name": format!("bot-{n}"), "password": "bot-password"}))?;
+        assert_eq!(status, 201, "{a}");
+        ids.push(a["player"].as_u64().expect("player id"));
+    }
     let report = mesh.dir.path().join("report.json");
     let mut swarm = Proc::start(
         "bot-swarm",
@@ -63,7 +71,7 @@ fn drain_hands_players_over_and_bad_operator_writes_change_nothing() -> anyhow::
     )?;
     std::thread::sleep(Duration::from_secs(4));
     let players = mesh.get("/v1/players")?;
-    assert_eq!(players["total"], 2, "{players}");
+    assert_eq!((players["total"].as_u64(), players["directory"].as_u64()), (Some(2), Some(2)), "{players}");
     let on_first = players["servers"].as_array().unwrap().iter().find(|s| s["server_id"].as_u64() == Some(first));
     let regions = &on_first.expect("the first server is listed")["regions"];
     assert_eq!(regions, &json!([{"region": "L0:0,0,0", "players": 2}]), "{players}");
@@ -93,6 +101,12 @@ fn drain_hands_players_over_and_bad_operator_writes_change_nothing() -> anyhow::
     let (status, answer) = post(&mesh, &format!("/v1/servers/{second}/drain"), Some(TOKEN), json!({}))?;
     assert_eq!((status, answer["error"].as_str()), (409, Some("last_server")), "{answer}");
 
+    // While they still play: the directory says each is on the second server.
+    std::thread::sleep(Duration::from_secs(2));
+    for id in &ids {
+        let at = mesh.get(&format!("/v1/players/{id}"))?;
+        assert_eq!(at["server_id"].as_u64(), Some(second), "player {id} after the drain: {at}");
+    }
     let exit = swarm.child.wait()?;
     assert!(exit.success(), "bot-swarm failed:\n{}", swarm.log_text());
     let servers = mesh.get("/v1/servers")?;
@@ -123,12 +137,15 @@ fn drain_hands_players_over_and_bad_operator_writes_change_nothing() -> anyhow::
         let (new, old) = (h["acked_seq"].as_u64().unwrap(), h["previous_acked_seq"].as_u64().unwrap());
         assert!(new >= old && new - old <= 45, "inputs lost or repeated at the handoff: {h}");
         let span = &bot["acks_by_server"][second.to_string()];
+        assert!(ids.contains(&bot["player"].as_u64().unwrap()), "{bot}");
         assert!(span["snapshots"].as_u64().unwrap_or(0) > 90, "few snapshots from the new owner: {}", said());
         println!("bot {}: max snapshot gap {} ms", bot["player"], bot["max_snapshot_gap_ms"]);
     }
     for t in transfers.as_array().unwrap() {
         assert_eq!(t["outcome"], "Delivered", "{t}");
     }
+    // They left: the directory forgot them.
+    assert_eq!(mesh.get("/v1/players")?["directory"], 0);
     Ok(())
 }
 

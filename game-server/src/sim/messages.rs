@@ -168,6 +168,13 @@ pub enum SimOut {
         not_before_tick: Tick,
     },
     Handoff(Box<HandoffState>),
+    /// A player's avatar was spawned here (`online`) or left: for the
+    /// coordinator's player directory (handoffs move entries by themselves).
+    Presence {
+        player: PlayerId,
+        entity: EntityId,
+        online: bool,
+    },
 }
 
 /// Why an incoming handoff was refused. `reason()` is a metric label.

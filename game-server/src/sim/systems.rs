@@ -193,6 +193,7 @@ fn joined(
                     index.by_net.insert(entity_id, e);
                     index.by_player.insert(player, e);
                     info!(%player, %entity_id, region = %leaf, "player spawned");
+                    presence(world, player, entity_id, true);
                 }
                 Some((owner, _)) => refuse(format!("not_owner: region {leaf} is owned by server {}", owner.0)),
                 None => refuse(format!("not_owner: region {leaf} has no live owner yet")),
@@ -255,8 +256,20 @@ fn left(world: &mut World, conn: u64) {
     }
     if !still_connected && world.get::<Transfer>(e).is_none_or(|t| !matches!(t, Transfer::Committed(_))) {
         save_progress(world, e);
+        let entity = world.get::<NetId>(e).map(|n| n.0);
         despawn(world, e);
         info!(player = %c.player, "player left");
+        if let Some(entity) = entity {
+            presence(world, c.player, entity, false);
+        }
+    }
+}
+
+/// Tells the coordinator's directory; a full outbox drops it (counted).
+fn presence(world: &World, player: PlayerId, entity: EntityId, online: bool) {
+    let out = world.resource::<Outbox>();
+    if out.0.try_send(SimOut::Presence { player, entity, online }).is_err() {
+        world.resource::<SimMetrics>().0.transfers.with_label_values(&["presence_dropped"]).inc();
     }
 }
 

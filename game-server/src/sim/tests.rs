@@ -20,6 +20,8 @@ pub(super) struct Harness {
     schedule: bevy_ecs::schedule::Schedule,
     tx: mpsc::Sender<SimIn>,
     out: mpsc::Receiver<SimOut>,
+    /// Directory updates seen by `next_out`, in order.
+    pub(super) presence: Vec<(PlayerId, bool)>,
     pub(super) tick: u64,
 }
 
@@ -94,11 +96,22 @@ impl Harness {
             authority_log: None,
             world: world_parts,
         };
-        Self { world: world(parts), schedule: schedule(), tx, out, tick: 100 }
+        Self { world: world(parts), schedule: schedule(), tx, out, presence: Vec::new(), tick: 100 }
     }
 
     pub(super) fn send(&self, m: SimIn) {
         self.tx.try_send(m).expect("inbox has room");
+    }
+
+    /// The next outbox message that is not a directory update (those are
+    /// kept in `presence`).
+    pub(super) fn next_out(&mut self) -> Result<SimOut, mpsc::error::TryRecvError> {
+        loop {
+            match self.out.try_recv() {
+                Ok(SimOut::Presence { player, online, .. }) => self.presence.push((player, online)),
+                other => return other,
+            }
+        }
     }
 
     pub(super) fn step(&mut self) {
@@ -200,7 +213,7 @@ fn crossing_the_line_requests_a_transfer_and_releases_at_the_committed_tick() {
     // Inside the hysteresis margin: no request, but the neighbour is hinted, once.
     assert!(controls(&mut rx).iter().any(|c| matches!(c, ServerControl::PreConnect { server: ServerId(2), .. })));
     h.step();
-    assert!(h.out.try_recv().is_err());
+    assert!(h.next_out().is_err());
     assert!(!controls(&mut rx).iter().any(|c| matches!(c, ServerControl::PreConnect { .. })));
     // Past the line: one request, not one per tick.
     // 0.1 m a tick: 11 m to walk.
@@ -208,10 +221,10 @@ fn crossing_the_line_requests_a_transfer_and_releases_at_the_committed_tick() {
         h.send(SimIn::Input { conn: 1, frame: input(s, 1.0) });
         h.step();
     }
-    let req = h.out.try_recv().expect("a transfer request");
+    let req = h.next_out().expect("a transfer request");
     let SimOut::RequestTransfer { entity, to_region, from_region_epoch, .. } = req else { panic!("{req:?}") };
     assert_eq!((entity, to_region, from_region_epoch), (EntityId(7), RegionKey::root(1, 0, 0), Epoch(1)));
-    assert!(h.out.try_recv().is_err(), "requested once");
+    assert!(h.next_out().is_err(), "requested once");
     let effective = h.tick + 4;
     h.send(SimIn::TransferCommitted {
         entity,
@@ -232,7 +245,7 @@ fn crossing_the_line_requests_a_transfer_and_releases_at_the_committed_tick() {
     h.send(SimIn::Input { conn: 1, frame: input(122, 1.0) });
     h.step(); // tick effective - 1: simulated here, then released with its inputs applied
     assert_eq!(h.tick, effective - 1);
-    let SimOut::Handoff(state) = h.out.try_recv().expect("handoff shipped") else { panic!() };
+    let SimOut::Handoff(state) = h.next_out().expect("handoff shipped") else { panic!() };
     assert_eq!(state.effective_tick, effective);
     assert_eq!(state.last_applied_input, 122);
     assert!(applied_before < 122);
@@ -383,7 +396,7 @@ fn a_region_given_away_hands_its_players_over_in_place_and_drops_them_when_refus
     h.send(SimIn::Map(Arc::new(moved)));
     h.step();
     assert!(h.avatar().is_some(), "the player is kept, not dropped");
-    let req = h.out.try_recv().expect("a transfer request");
+    let req = h.next_out().expect("a transfer request");
     let SimOut::RequestTransfer { entity, from_region, from_region_epoch, to_region, .. } = req else {
         panic!("{req:?}")
     };
@@ -398,4 +411,18 @@ fn a_region_given_away_hands_its_players_over_in_place_and_drops_them_when_refus
     h.send(SimIn::TransferRefused { entity, reason: "stale_epoch".into(), permanent: true });
     h.step();
     assert!(h.avatar().is_none());
+}
+
+#[test]
+fn the_directory_hears_of_a_spawn_and_a_leave() {
+    let mut h = Harness::new(1);
+    let _rx = h.join(1, JoinRole::Play, DVec3::new(500.0, 10.0, 1000.0));
+    h.step();
+    while h.next_out().is_ok() {}
+    let player = h.avatar().map(|(_, a)| a.player).expect("spawned");
+    assert_eq!(h.presence, [(player, true)]);
+    h.send(SimIn::Left { conn: 1 });
+    h.step();
+    while h.next_out().is_ok() {}
+    assert_eq!(h.presence, [(player, true), (player, false)]);
 }
