@@ -1521,6 +1521,11 @@ mod tests {
         let _ = s.apply(Command::Heartbeat { server: b, load: Load::default(), now: T0 + 1_900 * MS });
         s.apply(Command::Tick { now: T0 + 2_100 * MS }).0.unwrap();
         assert_eq!(owner(&s, r1), Some(b), "c died; its region went to b, not to the drained a");
+        assert_eq!(
+            s.apply(Command::MoveRegion { region: r1, to: c, now: T0 + 2_100 * MS }).0,
+            Err(CommandError::Fenced(c)),
+            "no region goes to a dead server"
+        );
         s.apply(Command::Drain { server: a, undo: true, now: T0 + 2_100 * MS }).0.unwrap();
         assert!(!s.is_draining(a));
         s.apply(Command::MoveRegion { region: r0, to: a, now: T0 + 2_100 * MS }).0.unwrap();
