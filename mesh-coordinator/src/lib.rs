@@ -100,10 +100,14 @@ pub struct Config {
     /// Login and sign-up attempts per client address per minute.
     #[arg(long, env = "PS_LOGINS_PER_ADDRESS", default_value_t = 120)]
     pub logins_per_address: u64,
-    /// This replica's Raft id (1.., unique among the replicas; in a
-    /// StatefulSet, the pod ordinal + 1).
-    #[arg(long, env = "PS_RAFT_ID", default_value_t = 1)]
-    pub raft_id: u64,
+    /// This replica's Raft id (1.., unique among the replicas). Unset: the
+    /// pod index + 1, else 1.
+    #[arg(long, env = "PS_RAFT_ID")]
+    pub raft_id: Option<u64>,
+    /// In a StatefulSet, the pod's ordinal (the `apps.kubernetes.io/pod-index`
+    /// label, through the downward API): the Raft id is it + 1.
+    #[arg(long, env = "PS_POD_INDEX")]
+    pub pod_index: Option<u64>,
     /// Every replica, this one included: `id=URL` of its Raft port, comma
     /// separated (`1=http://coord-0.coord:7946,2=...`). Empty: this replica
     /// alone (development).
@@ -157,17 +161,22 @@ impl Config {
             self.logins_per_name >= 1 && self.logins_per_address >= 1,
             "login limits must be at least 1 a minute"
         );
-        anyhow::ensure!(self.raft_id >= 1, "raft id must be at least 1");
+        anyhow::ensure!(self.raft_id() >= 1, "raft id must be at least 1");
         if !self.raft_peers.0.is_empty() {
             anyhow::ensure!(
-                self.raft_peers.0.contains_key(&self.raft_id),
+                self.raft_peers.0.contains_key(&self.raft_id()),
                 "--raft-peers must list this replica's own id {} ({:?})",
-                self.raft_id,
+                self.raft_id(),
                 self.raft_peers.0.keys().collect::<Vec<_>>()
             );
         }
         anyhow::ensure!((10..=1_000).contains(&self.raft_tick_ms), "raft tick must be 10..=1000 ms");
         Ok(())
+    }
+
+    /// `--raft-id`, else the pod index + 1, else 1.
+    pub fn raft_id(&self) -> u64 {
+        self.raft_id.or(self.pod_index.map(|i| i.saturating_add(1))).unwrap_or(1)
     }
 
     pub fn policy(&self) -> Policy {
@@ -250,7 +259,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
     let raft_bound = raft_listener.local_addr()?;
     let mut peers = config.raft_peers.0.clone();
     if peers.is_empty() {
-        peers.insert(config.raft_id, format!("http://{raft_bound}"));
+        peers.insert(config.raft_id(), format!("http://{raft_bound}"));
     }
     if peers.len() > 1 && config.raft_dir.is_none() {
         warn!("--raft-dir is unset: this replica's log is in memory and a restart loses it (development only)");
@@ -262,9 +271,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
             config.world_seed, nx, ny, nz, config.world_origin.x, config.world_origin.y, config.world_origin.z
         ),
     };
-    let peer_ids = peers.keys().copied().filter(|id| *id != config.raft_id).collect();
+    let peer_ids = peers.keys().copied().filter(|id| *id != config.raft_id()).collect();
     let setup = node::RaftSetup {
-        id: config.raft_id,
+        id: config.raft_id(),
         peers,
         dir: config.raft_dir.clone(),
         tick: Duration::from_millis(config.raft_tick_ms),
@@ -371,7 +380,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
     let raft_task = tokio::spawn({
         let svc = proto::raft::raft_peer_server::RaftPeerServer::new(consensus::transport::RaftPeerService {
             identity,
-            me: config.raft_id,
+            me: config.raft_id(),
             peers: peer_ids,
             driver: raft_inbox,
             refused: metrics.raft_refused.clone(),
@@ -402,4 +411,24 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
     }
     info!("coordinator stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        config: Config,
+    }
+
+    #[test]
+    fn the_raft_id_comes_from_the_flag_else_the_pod_index() {
+        let parse = |args: &[&str]| Cli::try_parse_from([&["mesh-coordinator"], args].concat()).expect("flags").config;
+        assert_eq!(parse(&[]).raft_id(), 1);
+        assert_eq!(parse(&["--pod-index", "2"]).raft_id(), 3);
+        assert_eq!(parse(&["--pod-index", "2", "--raft-id", "7"]).raft_id(), 7);
+    }
 }

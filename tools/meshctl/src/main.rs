@@ -40,8 +40,9 @@ enum Command {
     /// Move every region of a server to others (its players are handed
     /// over, not dropped) and give it no more; then it can be stopped.
     Drain {
-        /// The server id (`meshctl servers`).
-        server: u32,
+        /// The server's id or name (`meshctl servers`; a pod's name in
+        /// Kubernetes, which is how its preStop hook drains it).
+        server: String,
         /// Take the server back into placement instead.
         #[arg(long)]
         undo: bool,
@@ -139,6 +140,7 @@ async fn main() -> anyhow::Result<()> {
         })
         .await,
         Command::Drain { server, undo, wait } => {
+            let server = server_id(&base, &server).await?;
             let verb = if undo { "undrain" } else { "drain" };
             let token = cli.token.as_deref();
             write(&base, &format!("/v1/servers/{server}/{verb}"), token, serde_json::json!({}), cli.json).await?;
@@ -212,6 +214,21 @@ async fn write(base: &str, path: &str, token: Option<&str>, body: Value, json: b
         println!("{}", regions_table(&v));
     }
     Ok(())
+}
+
+/// A server id, or the id of the live server of that name (else the
+/// newest of that name).
+async fn server_id(base: &str, id_or_name: &str) -> anyhow::Result<u32> {
+    if let Ok(id) = id_or_name.parse() {
+        return Ok(id);
+    }
+    let servers = get(base, &format!("{base}/v1/servers")).await?;
+    let named: Vec<&Value> =
+        servers.as_array().into_iter().flatten().filter(|s| s["name"].as_str() == Some(id_or_name)).collect();
+    let pick = named.iter().max_by_key(|s| (s["alive"] == true, s["server_id"].as_u64().unwrap_or(0)));
+    pick.and_then(|s| s["server_id"].as_u64())
+        .and_then(|id| u32::try_from(id).ok())
+        .ok_or_else(|| anyhow::anyhow!("no server is named {id_or_name:?} (meshctl servers lists them)"))
 }
 
 /// Polls the servers until `server` reports no players, for `secs` at most.
