@@ -40,8 +40,10 @@ enum Command {
     /// Move every region of a server to others (its players are handed
     /// over, not dropped) and give it no more; then it can be stopped.
     Drain {
-        /// The server's id or name (`meshctl servers`; a pod's name in
-        /// Kubernetes, which is how its preStop hook drains it).
+        /// The server's id or name (`meshctl servers`). Default: this
+        /// pod's server (`PS_SERVER_NAME`), which is how a game server's
+        /// preStop hook drains it.
+        #[arg(env = "PS_SERVER_NAME")]
         server: String,
         /// Take the server back into placement instead.
         #[arg(long)]
