@@ -9,6 +9,8 @@ pub struct Metrics {
     pub regions: IntGaugeVec,
     /// What the autoscaler should run (see `CoordinatorState::desired_game_servers`).
     pub desired_game_servers: prometheus::IntGauge,
+    /// Players per leaf region and owner, as the servers last reported them.
+    pub region_players: IntGaugeVec,
     pub commands: IntCounterVec,
     pub refused: IntCounterVec,
     pub transfers: IntCounter,
@@ -57,6 +59,11 @@ impl Metrics {
         let desired_game_servers = prometheus::IntGauge::new(
             "mesh_desired_game_servers",
             "Game servers the mesh should run for its players (for the autoscaler)",
+        )
+        .expect("static metric definition");
+        let region_players = IntGaugeVec::new(
+            Opts::new("mesh_region_players", "Players per region, as its owner last reported them"),
+            &["region", "server"],
         )
         .expect("static metric definition");
         let region_changes = IntCounterVec::new(
@@ -118,6 +125,7 @@ impl Metrics {
             Box::new(servers.clone()),
             Box::new(regions.clone()),
             Box::new(desired_game_servers.clone()),
+            Box::new(region_players.clone()),
             Box::new(commands.clone()),
             Box::new(refused.clone()),
             Box::new(transfers.clone()),
@@ -126,11 +134,16 @@ impl Metrics {
         ] {
             registry.register(c).expect("metric names are unique");
         }
+        #[cfg(target_os = "linux")]
+        {
+            let _ = registry.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()));
+        }
         Self {
             registry,
             servers,
             regions,
             desired_game_servers,
+            region_players,
             commands,
             refused,
             transfers,

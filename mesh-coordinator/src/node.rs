@@ -478,6 +478,18 @@ impl Driver {
     }
 }
 
+/// Gauges that follow the servers' load reports rather than the map: set at
+/// scrape time.
+pub fn refresh_load_gauges(metrics: &Metrics, s: &CoordinatorState) {
+    metrics.desired_game_servers.set(i64::from(s.desired_game_servers()));
+    metrics.region_players.reset();
+    for r in s.servers().values().filter(|r| r.alive) {
+        for (region, n) in s.region_players(r.id) {
+            metrics.region_players.with_label_values(&[&region.to_string(), &r.name]).set(i64::from(*n));
+        }
+    }
+}
+
 fn refresh_gauges(metrics: &Metrics, s: &CoordinatorState) {
     let alive = s.servers().values().filter(|r| r.alive).count() as i64;
     let total = s.servers().len() as i64;
@@ -488,7 +500,6 @@ fn refresh_gauges(metrics: &Metrics, s: &CoordinatorState) {
             as i64;
     metrics.regions.with_label_values(&["owned"]).set(owned);
     metrics.regions.with_label_values(&["unowned"]).set(s.assignments().len() as i64 - owned);
-    metrics.desired_game_servers.set(i64::from(s.desired_game_servers()));
 }
 
 fn record(metrics: &Metrics, e: &Event) {

@@ -75,6 +75,12 @@ fn drain_hands_players_over_and_bad_operator_writes_change_nothing() -> anyhow::
     let on_first = players["servers"].as_array().unwrap().iter().find(|s| s["server_id"].as_u64() == Some(first));
     let regions = &on_first.expect("the first server is listed")["regions"];
     assert_eq!(regions, &json!([{"region": "L0:0,0,0", "players": 2}]), "{players}");
+    // The same figures for Prometheus, and what the autoscaler is told.
+    let metrics = integration_tests::blocking_text(&format!("http://{}/metrics", mesh.http))?;
+    let gauge = integration_tests::metric(&metrics, "mesh_region_players", r#"region="L0:0,0,0""#);
+    assert_eq!(gauge, 2.0, "mesh_region_players");
+    assert_eq!(integration_tests::metric(&metrics, "mesh_desired_game_servers", ""), 1.0);
+    assert!(metrics.contains("\nprocess_resident_memory_bytes "), "process metrics:\n{metrics}");
 
     // Split the region they are in: the children stay with its owner.
     let (status, map) = post(&mesh, "/v1/regions/L0:0,0,0/split", Some(TOKEN), json!({}))?;
