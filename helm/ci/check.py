@@ -8,7 +8,11 @@ must fail with a clear message.
 Run by .ci/run through helm/ci/run (which makes the Python environment)."""
 
 import json
+import re
+import shutil
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import helm_python as helm
@@ -16,6 +20,51 @@ import kubernetes_validate
 import yaml
 
 CHART = Path(__file__).resolve().parent.parent
+REPO = CHART.parent
+# Metrics Prometheus makes itself, and those of the process collector the
+# binaries register (prometheus crate, "process" feature).
+PROMETHEUS_OWN = {"up"}
+PROCESS = {"process_cpu_seconds_total", "process_resident_memory_bytes", "process_virtual_memory_bytes",
+           "process_open_fds", "process_max_fds", "process_start_time_seconds", "process_threads"}
+PROMQL_WORDS = {
+    "sum", "max", "min", "avg", "count", "rate", "irate", "increase", "histogram_quantile", "clamp_min",
+    "clamp_max", "topk", "bottomk", "abs", "absent", "by", "without", "on", "ignoring", "group_left",
+    "group_right", "and", "or", "unless", "bool", "offset", "le", "label_values", "e", "inf", "nan",
+}
+
+
+def exported_metrics():
+    """Metric names the binaries register: the string literals given to the
+    metric constructors in the sources (gauge("…"), Opts::new("…"), …)."""
+    names = set(PROCESS)
+    pattern = re.compile(r'(?:gauge|int_gauge|counter|histogram|counter_vec|gauge_vec|histogram_vec|Opts::new|'
+                         r'HistogramOpts::new|IntCounter::new|IntGauge::new|Gauge::new|Counter::new)\(\s*"([a-z_:][a-z0-9_:]*)"')
+    for src in REPO.glob("*/src/**/*.rs"):
+        names.update(pattern.findall(src.read_text()))
+    for src in REPO.glob("tools/*/src/**/*.rs"):
+        names.update(pattern.findall(src.read_text()))
+    return names
+
+
+def metric_names(expr):
+    """The metric names a PromQL expression reads."""
+    expr = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)            # strings
+    expr = re.sub(r"\{[^}]*\}", "", expr)                         # label matchers
+    expr = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", "", expr)
+    expr = re.sub(r"\[[^\]]*\]", "", expr)                        # ranges
+    found = set()
+    for word in re.findall(r"[A-Za-z_:][A-Za-z0-9_:]*", expr):
+        if word.lower() in PROMQL_WORDS or re.fullmatch(r"[0-9.e+-]+", word):
+            continue
+        found.add(word)
+    return found
+
+
+def check_names(where, expr, exported, failures):
+    for name in metric_names(expr):
+        base = re.sub(r"_(bucket|sum|count)$", "", name)
+        if name not in exported and base not in exported and name not in PROMETHEUS_OWN:
+            failures.append(f"{where}: {name} is not a metric the binaries export ({expr})")
 KUBE = "1.30.0"
 SECRETS = {"secrets": {"ticketKey": "ab" * 32, "adminToken": "operator-token-0123456789"}}
 
@@ -40,6 +89,66 @@ def objects(manifests):
         for doc in yaml.safe_load_all(text):
             if doc:
                 yield path, doc
+
+
+def check_alerts(chart, production, exported, failures):
+    """promtool check and test the PrometheusRule as rendered for production."""
+    manifests = render(chart, production)
+    rules = [doc for _, doc in objects(manifests) if doc.get("kind") == "PrometheusRule"]
+    if len(rules) != 1:
+        failures.append(f"production renders {len(rules)} PrometheusRules, not 1")
+        return 0
+    spec = rules[0]["spec"]
+    count = 0
+    for group in spec["groups"]:
+        for rule in group["rules"]:
+            count += 1
+            check_names(f"alert {rule.get('alert')}", rule["expr"], exported, failures)
+    promtool = shutil.which("promtool")
+    if not promtool:
+        failures.append("promtool not found (Debian's prometheus package)")
+        return count
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "rules.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+        shutil.copy(CHART / "tests" / "alerts.test.yaml", Path(tmp) / "alerts.test.yaml")
+        for args in (["check", "rules", "rules.yaml"], ["test", "rules", "alerts.test.yaml"]):
+            r = subprocess.run([promtool, *args], cwd=tmp, capture_output=True, text=True)
+            if r.returncode != 0:
+                failures.append(f"promtool {' '.join(args)}:\n{r.stdout}{r.stderr}")
+    tested = set(re.findall(r"alertname: (\w+)", (CHART / "tests" / "alerts.test.yaml").read_text()))
+    for group in spec["groups"]:
+        for rule in group["rules"]:
+            if rule.get("alert") and rule["alert"] not in tested:
+                failures.append(f"alert {rule['alert']} has no promtool test")
+    return count
+
+
+def check_dashboards(exported, failures):
+    """The six dashboards: JSON, unique uids, every panel with queries on real metrics."""
+    files = sorted((CHART / "files" / "dashboards").glob("*.json"))
+    if len(files) != 6:
+        failures.append(f"{len(files)} dashboards, the design lists 6")
+    uids, panels = set(), 0
+    for f in files:
+        try:
+            d = json.loads(f.read_text())
+        except json.JSONDecodeError as e:
+            failures.append(f"{f.name}: not JSON: {e}")
+            continue
+        for key in ("uid", "title", "panels", "schemaVersion"):
+            if key not in d:
+                failures.append(f"{f.name}: no {key}")
+        if d.get("uid") in uids:
+            failures.append(f"{f.name}: uid {d.get('uid')} used twice")
+        uids.add(d.get("uid"))
+        for p in d.get("panels", []):
+            panels += 1
+            targets = p.get("targets") or []
+            if not targets:
+                failures.append(f"{f.name}: panel {p.get('title')!r} has no query")
+            for t in targets:
+                check_names(f"{f.name}: {p.get('title')}", t.get("expr", ""), exported, failures)
+    return panels
 
 
 def main() -> int:
@@ -91,6 +200,9 @@ def main() -> int:
         ("the bundled database in production", merge(production, {"cockroachdb": {"enabled": True}}), "insecure"),
         ("no database at all", merge(SECRETS, {"cockroachdb": {"enabled": False}}), "database.url"),
         ("a typo in the values", merge(SECRETS, {"gameServer": {"replica": 3}}), "replica"),
+        ("an autoscaler floor above its ceiling",
+         merge(SECRETS, {"gameServer": {"autoscaling": {"enabled": True, "minReplicas": 10, "maxReplicas": 5}}}),
+         "minReplicas"),
     ]
     refused = 0
     for case, values, expect in bad:
@@ -103,7 +215,13 @@ def main() -> int:
             else:
                 refused += 1
 
-    print(json.dumps({"rendered": counts, "bad_values_refused": refused, "failures": len(failures)}, indent=1))
+    exported = exported_metrics()
+    alerts = check_alerts(chart, production, exported, failures)
+    panels = check_dashboards(exported, failures)
+
+    print(json.dumps({"rendered": counts, "bad_values_refused": refused, "alert_rules": alerts,
+                      "dashboard_panels": panels, "metrics_exported": len(exported),
+                      "failures": len(failures)}, indent=1))
     for f in failures:
         print("FAIL", f, file=sys.stderr)
     return 1 if failures else 0

@@ -181,3 +181,13 @@ capabilities:
 {{- fail (printf "%s is %s: at least %dGi is needed (%s)" .what .size (int .min) .why) -}}
 {{- end -}}
 {{- end -}}
+
+{{/* CPU cores of a quantity ("4", "1500m"). */}}
+{{- define "ps.cores" -}}
+{{- $q := toString . -}}
+{{- if hasSuffix "m" $q -}}
+{{- divf (trimSuffix "m" $q | float64) 1000.0 -}}
+{{- else -}}
+{{- $q | float64 -}}
+{{- end -}}
+{{- end -}}
