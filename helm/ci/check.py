@@ -200,6 +200,8 @@ def main() -> int:
         ("the bundled database in production", merge(production, {"cockroachdb": {"enabled": True}}), "insecure"),
         ("no database at all", merge(SECRETS, {"cockroachdb": {"enabled": False}}), "database.url"),
         ("a typo in the values", merge(SECRETS, {"gameServer": {"replica": 3}}), "replica"),
+        ("backups with nowhere to go", merge(SECRETS, {"backup": {"enabled": True}}), "backup.destination"),
+        ("a backup schedule that is not cron", merge(production, {"backup": {"daily": {"schedule": "daily"}}}), "schedule"),
         ("an autoscaler floor above its ceiling",
          merge(SECRETS, {"gameServer": {"autoscaling": {"enabled": True, "minReplicas": 10, "maxReplicas": 5}}}),
          "minReplicas"),
