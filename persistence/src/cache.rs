@@ -77,9 +77,65 @@ impl CacheStats {
 const TIMEOUT: Duration = Duration::from_millis(500);
 const RECONNECT_EVERY: Duration = Duration::from_secs(2);
 
+/// Where Redis is: one server, or the master a group of Sentinels names
+/// (`redis+sentinel://host:26379,host:26379/<master name>`), looked up again
+/// after every connection failure so that a failover is followed.
+#[derive(Debug, Clone)]
+enum Source {
+    Direct(redis::Client),
+    Sentinel { sentinels: Vec<String>, master: String },
+}
+
+impl Source {
+    fn parse(url: &str) -> Result<Self, String> {
+        let Some(rest) = url.strip_prefix("redis+sentinel://") else {
+            return redis::Client::open(url).map(Source::Direct).map_err(|e| format!("redis URL: {e}"));
+        };
+        let (hosts, master) = rest.split_once('/').ok_or("redis+sentinel URL: no master name after the hosts")?;
+        let master = master.trim_end_matches('/');
+        let sentinels: Vec<String> =
+            hosts.split(',').filter(|h| !h.is_empty()).map(|h| format!("redis://{h}/")).collect();
+        if sentinels.is_empty() || master.is_empty() || master.contains(['/', '?']) {
+            return Err(format!("redis+sentinel URL {url:?}: expected redis+sentinel://host:port[,host:port…]/master"));
+        }
+        for s in &sentinels {
+            redis::Client::open(s.as_str()).map_err(|e| format!("redis+sentinel URL: {s}: {e}"))?;
+        }
+        Ok(Source::Sentinel { sentinels, master: master.to_owned() })
+    }
+
+    /// A client for the current master.
+    async fn client(&self) -> Result<redis::Client, String> {
+        let (sentinels, master) = match self {
+            Source::Direct(c) => return Ok(c.clone()),
+            Source::Sentinel { sentinels, master } => (sentinels, master),
+        };
+        let mut last = String::from("no sentinel");
+        for s in sentinels {
+            let ask = async {
+                let mut c = redis::Client::open(s.as_str())?.get_multiplexed_async_connection().await?;
+                redis::cmd("SENTINEL")
+                    .arg("get-master-addr-by-name")
+                    .arg(master)
+                    .query_async::<Option<(String, u16)>>(&mut c)
+                    .await
+            };
+            match tokio::time::timeout(TIMEOUT, ask).await {
+                Ok(Ok(Some((host, port)))) => {
+                    return redis::Client::open(format!("redis://{host}:{port}/")).map_err(|e| e.to_string());
+                }
+                Ok(Ok(None)) => last = format!("{s} knows no master {master:?}"),
+                Ok(Err(e)) => last = format!("{s}: {e}"),
+                Err(_) => last = format!("{s} did not answer"),
+            }
+        }
+        Err(last)
+    }
+}
+
 #[derive(Debug)]
 pub struct Cache {
-    client: Option<redis::Client>,
+    source: Option<Source>,
     /// Prefix of every key and channel (one Redis can serve several meshes).
     ns: String,
     conn: tokio::sync::Mutex<(Option<ConnectionManager>, Option<Instant>)>,
@@ -92,9 +148,9 @@ impl Cache {
     /// call then degrades. Never fails: an unreachable Redis is retried
     /// every 2 s from the calls that need it.
     pub fn new(url: Option<&str>, namespace: &str) -> Result<Self, String> {
-        let client = url.map(redis::Client::open).transpose().map_err(|e| format!("redis URL: {e}"))?;
+        let source = url.map(Source::parse).transpose()?;
         Ok(Self {
-            client,
+            source,
             ns: namespace.to_owned(),
             conn: tokio::sync::Mutex::new((None, None)),
             local_limits: Mutex::new(HashMap::new()),
@@ -117,7 +173,7 @@ impl Cache {
     }
 
     async fn connection(&self) -> Option<ConnectionManager> {
-        let client = self.client.as_ref()?;
+        let source = self.source.as_ref()?;
         let mut g = self.conn.lock().await;
         if let Some(c) = &g.0 {
             return Some(c.clone());
@@ -126,6 +182,13 @@ impl Cache {
             return None;
         }
         g.1 = Some(Instant::now());
+        let client = match source.client().await {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(error = %e, "no redis master from the sentinels; degrading");
+                return None;
+            }
+        };
         let cfg = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(TIMEOUT))
             .set_response_timeout(Some(TIMEOUT))
@@ -146,6 +209,12 @@ impl Cache {
         }
     }
 
+    /// Drops the connection: the next call (after the reconnect pause) looks
+    /// the master up again.
+    async fn forget_connection(&self) {
+        self.conn.lock().await.0 = None;
+    }
+
     /// Runs `f` on Redis; `None` (counted as degraded) when Redis is down.
     async fn run<T, F, Fut>(&self, op: Op, f: F) -> Option<T>
     where
@@ -155,6 +224,12 @@ impl Cache {
         let out = match self.connection().await {
             Some(c) => match tokio::time::timeout(TIMEOUT, f(c)).await {
                 Ok(Ok(v)) => Some(v),
+                Ok(Err(e)) if e.code() == Some("READONLY") => {
+                    // A replica now (a Sentinel failover): find the master.
+                    warn!(op = op.label(), "redis is a read-only replica now; looking for the master");
+                    self.forget_connection().await;
+                    None
+                }
                 Ok(Err(e))
                     if !(e.is_io_error()
                         || e.is_timeout()
@@ -168,7 +243,12 @@ impl Cache {
                     self.stats.up.store(true, Ordering::Relaxed);
                     return None;
                 }
-                Ok(Err(_)) | Err(_) => None,
+                Ok(Err(_)) | Err(_) => {
+                    if matches!(self.source, Some(Source::Sentinel { .. })) {
+                        self.forget_connection().await;
+                    }
+                    None
+                }
             },
             None => None,
         };
@@ -309,11 +389,14 @@ impl Cache {
         let me = self.clone();
         tokio::spawn(async move {
             use futures::StreamExt;
-            let Some(client) = me.client.clone() else { return };
+            let Some(source) = me.source.clone() else { return };
             let channel = me.key(&["events"]);
             while !tx.is_closed() {
-                let pubsub = tokio::time::timeout(TIMEOUT * 2, client.get_async_pubsub()).await;
-                let Ok(Ok(mut pubsub)) = pubsub else {
+                let pubsub = match source.client().await {
+                    Ok(client) => tokio::time::timeout(TIMEOUT * 2, client.get_async_pubsub()).await.ok(),
+                    Err(_) => None,
+                };
+                let Some(Ok(mut pubsub)) = pubsub else {
                     me.stats.degraded[Op::Events as usize].fetch_add(1, Ordering::Relaxed);
                     tokio::time::sleep(RECONNECT_EVERY).await;
                     continue;
