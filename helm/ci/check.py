@@ -200,6 +200,7 @@ def main() -> int:
         ("the bundled database in production", merge(production, {"cockroachdb": {"enabled": True}}), "insecure"),
         ("no database at all", merge(SECRETS, {"cockroachdb": {"enabled": False}}), "database.url"),
         ("a typo in the values", merge(SECRETS, {"gameServer": {"replica": 3}}), "replica"),
+        ("a Redis group too small for a Sentinel quorum", merge(SECRETS, {"redis": {"replicas": 2}}), "replicas"),
         ("backups with nowhere to go", merge(SECRETS, {"backup": {"enabled": True}}), "backup.destination"),
         ("a backup schedule that is not cron", merge(production, {"backup": {"daily": {"schedule": "daily"}}}), "schedule"),
         ("an autoscaler floor above its ceiling",

@@ -117,7 +117,12 @@ capabilities:
 {{/* The Redis URL: the external one, the bundled Redis's master, or none. */}}
 {{- define "ps.redisUrl" -}}
 {{- if .Values.redis.enabled -}}
-{{- printf "redis://%s-redis-master.%s.svc:6379" (include "ps.fullname" .) .Release.Namespace -}}
+{{- $n := printf "%s-redis" (include "ps.fullname" .) -}}
+{{- $hosts := list -}}
+{{- range $i := until (int .Values.redis.replicas) -}}
+{{- $hosts = append $hosts (printf "%s-%d.%s.%s.svc:26379" $n $i $n $.Release.Namespace) -}}
+{{- end -}}
+{{- printf "redis+sentinel://%s/%s" (join "," $hosts) .Values.redis.masterName -}}
 {{- else -}}
 {{- .Values.redisUrl | default "" -}}
 {{- end -}}
