@@ -55,7 +55,8 @@ fn drain_hands_players_over_and_bad_operator_writes_change_nothing() -> anyhow::
         assert_eq!(status, 201, "{a}");
         ids.push(a["player"].as_u64().expect("player id"));
     }
-    let report = mesh.dir.path().join("report.json");
+    let report_dir = mesh.dir.path().join("report");
+    let report = report_dir.join("summary.json");
     let mut swarm = Proc::start(
         "bot-swarm",
         "bot-swarm",
@@ -65,7 +66,7 @@ fn drain_hands_players_over_and_bad_operator_writes_change_nothing() -> anyhow::
             "--seconds=14".into(),
             format!("--path=900,10,{z};1100,10,{z}"),
             "--spread-m=0".into(),
-            format!("--report={}", report.display()),
+            format!("--report={}", report_dir.display()),
         ],
         mesh.dir.path(),
     )?;
@@ -184,7 +185,7 @@ fn a_crowd_makes_its_region_split_and_part_of_it_move_without_dropping_anyone() 
     // after the split two children hold them (x = 1000 is the line between).
     let z = walkable_line(900.0, 1100.0, 1000.0)?;
     let swarm = |name: &str, bots: u32, path: &str| {
-        let report = mesh.dir.path().join(format!("{name}.json"));
+        let report = mesh.dir.path().join(name);
         let p = Proc::start(
             name,
             "bot-swarm",
@@ -233,7 +234,7 @@ fn a_crowd_makes_its_region_split_and_part_of_it_move_without_dropping_anyone() 
     assert_eq!(desired, 3, "3 players at 1 a server (3/4 of 2)");
     let mut moved = 0;
     for (p, report) in &swarms {
-        let r: Value = serde_json::from_slice(&std::fs::read(report)?)?;
+        let r: Value = serde_json::from_slice(&std::fs::read(report.join("summary.json"))?)?;
         assert_eq!(r["ack_regressions"], 0, "{r}");
         assert_eq!(r["joined"], r["bots"], "{r}\n{}", p.log_text());
         for bot in r["per_bot"].as_array().unwrap() {

@@ -19,7 +19,8 @@ fn a_bot_walks_across_the_boundary_and_authority_follows() -> anyhow::Result<()>
     // and past the 10 m hysteresis margin on both sides.
     // The world has hills and cliffs: walk a line without cliffs.
     let z = walkable_line(1970.0, 2030.0, 900.0)?;
-    let report = mesh.dir.path().join("report.json");
+    let report_dir = mesh.dir.path().join("report");
+    let report = report_dir.join("summary.json");
     let mut swarm = Proc::start(
         "bot-swarm",
         "bot-swarm",
@@ -29,7 +30,7 @@ fn a_bot_walks_across_the_boundary_and_authority_follows() -> anyhow::Result<()>
             "--seconds=12".into(),
             format!("--path=1970,10,{z};2030,10,{z}"),
             "--spread-m=0".into(),
-            format!("--report={}", report.display()),
+            format!("--report={}", report_dir.display()),
         ],
         mesh.dir.path(),
     )?;
@@ -65,6 +66,16 @@ fn a_bot_walks_across_the_boundary_and_authority_follows() -> anyhow::Result<()>
 
     // What the bots saw.
     let r: Value = serde_json::from_slice(&std::fs::read(&report)?)?;
+    // The report: figures over time, each server's tick p99 scraped from its
+    // own /metrics, and a page of plots that needs nothing else.
+    assert!(r["rtt_p50_ms"].as_f64() > Some(0.0) && r["up_kbps_per_bot"].as_f64() > Some(0.0), "{r}");
+    assert!(r["down_kbps_per_bot"].as_f64() > Some(0.0), "{r}");
+    assert!(r["handoff_gaps_ms"].as_array().map_or(0, Vec::len) >= 2, "a gap measured at each handoff: {r}");
+    assert!(r["timeline"]["samples"].as_array().map_or(0, Vec::len) >= 10, "one sample a second");
+    let scraped = r["timeline"]["server_tick_p99_ms"].as_object().map_or(0, |m| m.len());
+    assert_eq!(scraped, 2, "both servers' tick p99: {}", r["timeline"]["server_tick_p99_ms"]);
+    let page = std::fs::read_to_string(report_dir.join("report.html"))?;
+    assert!(page.contains("<svg") && page.contains("Round-trip time") && !page.contains("src=\"http"));
     assert_eq!(r["joined"], 2);
     assert_eq!(r["ack_regressions"], 0, "an input was acknowledged out of order");
     for bot in r["per_bot"].as_array().unwrap() {

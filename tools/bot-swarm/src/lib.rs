@@ -6,6 +6,7 @@
 //! pre-connects to neighbours when told to, and records what it saw: snapshot
 //! rate, acknowledged input sequence numbers per server, authority changes.
 
+pub mod report;
 pub mod tls;
 
 use std::collections::{BTreeMap, HashMap};
@@ -43,6 +44,9 @@ pub struct SwarmConfig {
     pub first_player: u64,
     /// Bots start this far apart.
     pub ramp: Duration,
+    /// Bearer token for the coordinator's admin views (the sampler reads
+    /// `/v1/servers`), when it has a viewer token.
+    pub view_token: Option<String>,
 }
 
 /// How bots get in.
@@ -64,6 +68,11 @@ pub struct Live {
     pub snapshots: AtomicU64,
     pub handoffs: AtomicU64,
     pub errors: AtomicU64,
+    /// Bytes at the bots' UDP sockets (QUIC's own included).
+    pub bytes_up: AtomicU64,
+    pub bytes_down: AtomicU64,
+    /// RTT samples (µs) since the sampler last took them.
+    pub rtt_us: std::sync::Mutex<Vec<u32>>,
 }
 
 /// Acknowledgements one bot saw from one server while it was authoritative.
@@ -102,6 +111,10 @@ pub struct BotReport {
     pub stale_snapshots: u64,
     pub max_snapshot_gap_ms: u64,
     pub connections_opened: u32,
+    /// At each handoff: ms from the old server's last authoritative snapshot
+    /// to the new server's first.
+    #[serde(default)]
+    pub handoff_gaps_ms: Vec<f64>,
     pub final_position: Option<[f64; 3]>,
     pub errors: Vec<String>,
 }
@@ -116,6 +129,25 @@ pub struct SwarmReport {
     pub handoffs: u64,
     pub ack_regressions: u64,
     pub errors: u64,
+    /// Over the whole run, from every bot's QUIC connections.
+    #[serde(default)]
+    pub rtt_p50_ms: f64,
+    #[serde(default)]
+    pub rtt_p99_ms: f64,
+    /// Mean bandwidth per connected bot at the UDP socket.
+    #[serde(default)]
+    pub up_kbps_per_bot: f64,
+    #[serde(default)]
+    pub down_kbps_per_bot: f64,
+    #[serde(default)]
+    pub handoff_gap_p50_ms: f64,
+    #[serde(default)]
+    pub handoff_gap_p99_ms: f64,
+    /// Every handoff gap of every bot (for the histogram).
+    #[serde(default)]
+    pub handoff_gaps_ms: Vec<f64>,
+    #[serde(default)]
+    pub timeline: report::Timeline,
     pub per_bot: Vec<BotReport>,
 }
 
@@ -152,6 +184,13 @@ pub async fn run(cfg: SwarmConfig, live: Arc<Live>, stop: CancellationToken) -> 
             s.cancel();
         });
     }
+    let sampler = tokio::spawn(report::sample(
+        live.clone(),
+        http.clone(),
+        cfg.coordinator.clone(),
+        cfg.view_token.clone(),
+        deadline_stop.clone(),
+    ));
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..cfg.bots {
         if deadline_stop.is_cancelled() {
@@ -169,11 +208,26 @@ pub async fn run(cfg: SwarmConfig, live: Arc<Live>, stop: CancellationToken) -> 
         per_bot.push(r.context("a bot task panicked")?);
     }
     endpoint.wait_idle().await;
+    deadline_stop.cancel();
+    let mut timeline = sampler.await.unwrap_or_default();
     per_bot.sort_by_key(|b| b.player);
+    let seconds = started.elapsed().as_secs_f64();
+    let mut gaps: Vec<f64> = per_bot.iter().flat_map(|b| b.handoff_gaps_ms.iter().copied()).collect();
+    let mut rtt = std::mem::take(&mut timeline.rtt_all_ms);
+    let bot_seconds: f64 = timeline.samples.iter().map(|s| s.connected as f64).sum::<f64>().max(1.0);
+    let kbps = |bytes: u64| bytes as f64 * 8.0 / 1000.0 / bot_seconds;
     Ok(SwarmReport {
+        rtt_p50_ms: report::percentile(&mut rtt, 0.5),
+        rtt_p99_ms: report::percentile(&mut rtt, 0.99),
+        up_kbps_per_bot: (kbps(live.bytes_up.load(Ordering::Relaxed)) * 10.0).round() / 10.0,
+        down_kbps_per_bot: (kbps(live.bytes_down.load(Ordering::Relaxed)) * 10.0).round() / 10.0,
+        handoff_gap_p50_ms: report::percentile(&mut gaps, 0.5),
+        handoff_gap_p99_ms: report::percentile(&mut gaps, 0.99),
+        handoff_gaps_ms: gaps,
+        timeline,
         bots: cfg.bots,
         joined: per_bot.iter().filter(|b| b.joined).count() as u32,
-        seconds: started.elapsed().as_secs_f64(),
+        seconds,
         snapshots: per_bot.iter().map(|b| b.snapshots).sum(),
         handoffs: per_bot.iter().map(|b| b.authority_changes.iter().filter(|c| c.from.is_some()).count() as u64).sum(),
         ack_regressions: per_bot.iter().map(|b| b.ack_regressions).sum(),
@@ -302,6 +356,8 @@ impl Bot {
         let mut every = tokio::time::interval(Duration::from_nanos(1_000_000_000 / u64::from(TICK_HZ)));
         every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         let mut buf = Vec::with_capacity(128);
+        // UDP bytes already counted, per connection.
+        let mut counted: HashMap<ServerId, (u64, u64)> = HashMap::new();
         loop {
             tokio::select! {
                 _ = every.tick() => {
@@ -338,6 +394,9 @@ impl Bot {
                         let _ = c.send_datagram(bytes.clone());
                     }
                     self.report.inputs_sent = seq;
+                    if seq.is_multiple_of(TICK_HZ) {
+                        self.account(&links, authority, &mut counted);
+                    }
                 }
                 ev = rx.recv() => {
                     let Some(ev) = ev else { break };
@@ -357,12 +416,18 @@ impl Bot {
                             }
                             newest_auth_tick = snap.tick;
                             let now = Instant::now();
+                            let prev_snapshot = last_snapshot;
                             if let Some(prev) = last_snapshot {
                                 let gap = now.duration_since(prev).as_millis() as u64;
                                 self.report.max_snapshot_gap_ms = self.report.max_snapshot_gap_ms.max(gap);
                             }
                             last_snapshot = Some(now);
                             if authority != Some(server) {
+                                if authority.is_some()
+                                    && let Some(prev) = prev_snapshot
+                                {
+                                    self.report.handoff_gaps_ms.push(now.duration_since(prev).as_secs_f64() * 1000.0);
+                                }
                                 self.report.authority_changes.push(AuthorityChange {
                                     from: authority.map(|s| s.0),
                                     to: server.0,
@@ -429,6 +494,30 @@ impl Bot {
         self.live.connected.fetch_sub(1, Ordering::Relaxed);
         self.report.final_position = Some(pos.to_array());
         self.report
+    }
+
+    /// Adds what the connections moved since the last call to the swarm's
+    /// byte counters, and samples the authoritative connection's RTT.
+    fn account(
+        &self,
+        links: &HashMap<ServerId, quinn::Connection>,
+        authority: Option<ServerId>,
+        counted: &mut HashMap<ServerId, (u64, u64)>,
+    ) {
+        for (server, c) in links {
+            let st = c.stats();
+            let (tx, rx) = (st.udp_tx.bytes, st.udp_rx.bytes);
+            let before = counted.insert(*server, (tx, rx)).unwrap_or((0, 0));
+            self.live.bytes_up.fetch_add(tx.saturating_sub(before.0), Ordering::Relaxed);
+            self.live.bytes_down.fetch_add(rx.saturating_sub(before.1), Ordering::Relaxed);
+        }
+        counted.retain(|s, _| links.contains_key(s));
+        if let Some(c) = authority.and_then(|a| links.get(&a))
+            && let Ok(mut v) = self.live.rtt_us.lock()
+            && v.len() < 1_000_000
+        {
+            v.push(c.rtt().as_micros().min(u128::from(u32::MAX)) as u32);
+        }
     }
 
     fn open_in_background(

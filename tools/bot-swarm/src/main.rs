@@ -46,9 +46,34 @@ struct Cli {
     /// Milliseconds between bot starts.
     #[arg(long, default_value_t = 20)]
     ramp_ms: u64,
-    /// Write the JSON report here.
-    #[arg(long)]
+    /// Write the report into this directory: `summary.json` and a
+    /// self-contained `report.html` with plots (made if missing).
+    #[arg(long, value_name = "DIR")]
     report: Option<PathBuf>,
+    /// Bearer token for the coordinator's admin views, when it has a viewer
+    /// token (the report reads `/v1/servers` to scrape the game servers).
+    #[arg(long, env = "PS_VIEWER_TOKEN", hide_env_values = true)]
+    viewer_token: Option<String>,
+    /// Fail (exit 3) when the round-trip p99 over the run is above this, ms.
+    #[arg(long)]
+    max_rtt_p99_ms: Option<f64>,
+    /// Fail when the p99 handoff gap (old server's last snapshot to the new
+    /// one's first) is above this, ms.
+    #[arg(long)]
+    max_handoff_p99_ms: Option<f64>,
+    /// Fail when bots report more errors than this.
+    #[arg(long)]
+    max_errors: Option<f64>,
+    /// Fail when any bot waited longer than this between authoritative
+    /// snapshots, ms.
+    #[arg(long)]
+    max_snapshot_gap_ms: Option<f64>,
+    /// Fail when inputs were acknowledged out of order more often than this.
+    #[arg(long)]
+    max_ack_regressions: Option<f64>,
+    /// Fail when fewer than this fraction of the bots joined.
+    #[arg(long, default_value_t = 1.0)]
+    min_joined_fraction: f64,
 }
 
 fn parse_path(s: &str) -> anyhow::Result<Vec<DVec3>> {
@@ -83,7 +108,19 @@ async fn main() -> anyhow::Result<()> {
         spread_m: cli.spread_m,
         first_player: cli.first_player,
         ramp: Duration::from_millis(cli.ramp_ms),
+        view_token: cli.viewer_token.clone().filter(|t| !t.is_empty()),
     };
+    let limits = bot_swarm::report::Limits {
+        max_rtt_p99_ms: cli.max_rtt_p99_ms,
+        max_handoff_gap_ms: cli.max_handoff_p99_ms,
+        max_errors: cli.max_errors,
+        min_joined_fraction: Some(cli.min_joined_fraction),
+        max_snapshot_gap_ms: cli.max_snapshot_gap_ms,
+        max_ack_regressions: cli.max_ack_regressions,
+    };
+    if let Some(dir) = &cli.report {
+        std::fs::create_dir_all(dir).with_context(|| format!("making the report directory {}", dir.display()))?;
+    }
     let live = Arc::new(Live::default());
     let stop = CancellationToken::new();
     {
@@ -117,21 +154,32 @@ async fn main() -> anyhow::Result<()> {
     progress.abort();
     eprintln!();
     let report = report?;
+    let verdicts = limits.judge(&report);
     let summary = serde_json::json!({
         "bots": report.bots, "joined": report.joined, "seconds": report.seconds,
         "snapshots": report.snapshots, "handoffs": report.handoffs,
         "ack_regressions": report.ack_regressions, "errors": report.errors,
+        "rtt_p50_ms": report.rtt_p50_ms, "rtt_p99_ms": report.rtt_p99_ms,
+        "up_kbps_per_bot": report.up_kbps_per_bot, "down_kbps_per_bot": report.down_kbps_per_bot,
+        "handoff_gap_p99_ms": report.handoff_gap_p99_ms,
     });
     println!("{summary}");
-    if let Some(path) = cli.report {
-        std::fs::write(&path, serde_json::to_vec_pretty(&report)?)
-            .with_context(|| format!("writing {}", path.display()))?;
+    if let Some(dir) = &cli.report {
+        let mut full = serde_json::to_value(&report)?;
+        full["verdicts"] = serde_json::to_value(&verdicts)?;
+        let json = dir.join("summary.json");
+        std::fs::write(&json, serde_json::to_vec_pretty(&full)?)
+            .with_context(|| format!("writing {}", json.display()))?;
+        let page = dir.join("report.html");
+        std::fs::write(&page, bot_swarm::report::html(&report, &verdicts))
+            .with_context(|| format!("writing {}", page.display()))?;
+        eprintln!("report: {} and {}", json.display(), page.display());
     }
-    anyhow::ensure!(
-        report.joined == report.bots,
-        "{} of {} bots could not join",
-        report.bots - report.joined,
-        report.bots
-    );
+    let failed: Vec<String> =
+        verdicts.iter().filter(|v| !v.ok).map(|v| format!("{} = {:.2} (limit {})", v.name, v.value, v.limit)).collect();
+    if !failed.is_empty() {
+        eprintln!("limits not met: {}", failed.join(", "));
+        std::process::exit(3);
+    }
     Ok(())
 }
