@@ -6,6 +6,7 @@
 //! pre-connects to neighbours when told to, and records what it saw: snapshot
 //! rate, acknowledged input sequence numbers per server, authority changes.
 
+pub mod behaviour;
 pub mod report;
 pub mod tls;
 
@@ -47,6 +48,12 @@ pub struct SwarmConfig {
     /// Bearer token for the coordinator's admin views (the sampler reads
     /// `/v1/servers`), when it has a viewer token.
     pub view_token: Option<String>,
+    /// Behaviours and their weights; `None`: every bot walks `path`.
+    pub mix: Option<Vec<(behaviour::Behaviour, u32)>>,
+    /// Seed of the behaviours' draw and waypoints.
+    pub seed: u64,
+    /// Where crowding bots gather (x, z); default: the middle of the first region.
+    pub hotspot: Option<glam::DVec2>,
 }
 
 /// How bots get in.
@@ -99,6 +106,9 @@ pub struct AuthorityChange {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct BotReport {
     pub player: u64,
+    /// What it did (`wander`, `commute`, `oscillate`, `crowd`, `path`).
+    #[serde(default)]
+    pub behaviour: String,
     pub joined: bool,
     pub inputs_sent: u32,
     pub snapshots: u64,
@@ -167,7 +177,7 @@ enum Event {
 
 /// Runs the swarm until its duration passes or `stop` is cancelled.
 pub async fn run(cfg: SwarmConfig, live: Arc<Live>, stop: CancellationToken) -> anyhow::Result<SwarmReport> {
-    anyhow::ensure!(!cfg.path.is_empty(), "the path needs at least one waypoint");
+    anyhow::ensure!(cfg.mix.is_some() || !cfg.path.is_empty(), "the path needs at least one waypoint");
     let started = Instant::now();
     let http = reqwest::Client::builder().timeout(Duration::from_secs(3)).build()?;
     // Fail fast and clearly when the coordinator is not there at all.
@@ -191,12 +201,25 @@ pub async fn run(cfg: SwarmConfig, live: Arc<Live>, stop: CancellationToken) -> 
         cfg.view_token.clone(),
         deadline_stop.clone(),
     ));
+    let world = match &cfg.mix {
+        Some(_) => Some(world_of(&http, &cfg).await?),
+        None => None,
+    };
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..cfg.bots {
         if deadline_stop.is_cancelled() {
             break;
         }
-        let bot = Bot::new(&cfg, i, endpoint.clone(), http.clone(), live.clone(), deadline_stop.clone());
+        let (behaviour, path) = match (&cfg.mix, world) {
+            (Some(mix), Some((w, first))) => behaviour::plan(mix, cfg.seed, i, w, cfg.hotspot.unwrap_or(first)),
+            _ => {
+                let shift = DVec3::new(0.0, 0.0, f64::from(i) * cfg.spread_m);
+                (behaviour::Behaviour::Path, cfg.path.iter().map(|p| *p + shift).collect())
+            }
+        };
+        let mut bot = Bot::new(&cfg, i, endpoint.clone(), http.clone(), live.clone(), deadline_stop.clone());
+        bot.path = path;
+        bot.report.behaviour = behaviour.name().to_owned();
         tasks.spawn(bot.run());
         tokio::select! {
             _ = tokio::time::sleep(cfg.ramp) => {}
@@ -234,6 +257,32 @@ pub async fn run(cfg: SwarmConfig, live: Arc<Live>, stop: CancellationToken) -> 
         errors: per_bot.iter().map(|b| b.errors.len() as u64).sum(),
         per_bot,
     })
+}
+
+/// The world's horizontal extent and the middle of its first region, from
+/// the coordinator's region map.
+async fn world_of(http: &reqwest::Client, cfg: &SwarmConfig) -> anyhow::Result<(behaviour::World, glam::DVec2)> {
+    let url = format!("{}/v1/regions", cfg.coordinator);
+    let mut req = http.get(&url);
+    if let Some(t) = &cfg.view_token {
+        req = req.bearer_auth(t);
+    }
+    let r = req.send().await.with_context(|| format!("GET {url}"))?;
+    anyhow::ensure!(r.status().is_success(), "{url} answered {} (a viewer token needed?)", r.status());
+    let regions: Vec<serde_json::Value> = r.json().await?;
+    let mut min = glam::DVec2::splat(f64::INFINITY);
+    let mut max = glam::DVec2::splat(f64::NEG_INFINITY);
+    let mut first = None;
+    for g in &regions {
+        let (Some(lo), Some(hi)) = (g["min"].as_array(), g["max"].as_array()) else { continue };
+        let f = |v: &[serde_json::Value], k: usize| v.get(k).and_then(serde_json::Value::as_f64).unwrap_or(0.0);
+        let (a, b) = (glam::DVec2::new(f(lo, 0), f(lo, 2)), glam::DVec2::new(f(hi, 0), f(hi, 2)));
+        min = min.min(a);
+        max = max.max(b);
+        first.get_or_insert((a + b) / 2.0);
+    }
+    let first = first.context("the coordinator lists no regions")?;
+    Ok((behaviour::World { min, max }, first))
 }
 
 struct Bot {

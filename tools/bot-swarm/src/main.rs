@@ -33,10 +33,21 @@ struct Cli {
     /// Password of the bot accounts.
     #[arg(long, env = "PS_BOT_PASSWORD", default_value = "bot-password", hide_env_values = true)]
     password: String,
-    /// Waypoints, `x,y,z;x,y,z;…`, walked in a loop. The default crosses the
-    /// face between the root regions (0,0,0) and (1,0,0) back and forth.
-    #[arg(long, default_value = "1960,10,900;2040,10,900")]
-    path: String,
+    /// Waypoints, `x,y,z;x,y,z;…`, that every bot walks in a loop, instead of
+    /// the behaviour mix.
+    #[arg(long)]
+    path: Option<String>,
+    /// Behaviours and their weights: wander (strolls about its spawn),
+    /// commute (crosses the world), oscillate (back and forth over a region
+    /// boundary), crowd (mills about the hotspot).
+    #[arg(long, default_value = "wander=3,commute=2,oscillate=3,crowd=2")]
+    mix: String,
+    /// Seed of the behaviours' draw and waypoints: the same seed, the same plan.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Where crowding bots gather, `x,z`; default: the middle of the first region.
+    #[arg(long)]
+    hotspot: Option<String>,
     /// Bot i walks the path shifted by i × this along Z, metres.
     #[arg(long, default_value_t = 4.0)]
     spread_m: f64,
@@ -104,7 +115,29 @@ async fn main() -> anyhow::Result<()> {
             Some(t) => bot_swarm::BotAuth::DevToken(t),
             None => bot_swarm::BotAuth::Login { prefix: cli.account_prefix, password: cli.password },
         },
-        path: parse_path(&cli.path)?,
+        path: match &cli.path {
+            Some(p) => parse_path(p)?,
+            None => Vec::new(),
+        },
+        mix: match &cli.path {
+            Some(_) => None,
+            None => Some(bot_swarm::behaviour::parse_mix(&cli.mix).map_err(anyhow::Error::msg)?),
+        },
+        seed: cli.seed,
+        hotspot: match &cli.hotspot {
+            Some(h) => {
+                let v: Vec<f64> = h
+                    .split(',')
+                    .map(|c| c.trim().parse::<f64>())
+                    .collect::<Result<_, _>>()
+                    .with_context(|| format!("bad hotspot {h:?}"))?;
+                match v.as_slice() {
+                    [x, z] if x.is_finite() && z.is_finite() => Some(glam::DVec2::new(*x, *z)),
+                    _ => anyhow::bail!("the hotspot is x,z, got {h:?}"),
+                }
+            }
+            None => None,
+        },
         spread_m: cli.spread_m,
         first_player: cli.first_player,
         ramp: Duration::from_millis(cli.ramp_ms),
