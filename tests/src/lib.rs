@@ -14,7 +14,8 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use serde_json::Value;
 
-/// The directory holding the workspace's binaries, built once per test
+/// The directory holding the workspace's binaries (meshctl too, for the
+/// load run of `.ci/run`), built once per test
 /// process so a test never runs stale ones. They are built into a target
 /// directory of their own: the feature set cargo unifies for this build is
 /// not the one of `cargo test`, and sharing a directory would rebuild both
@@ -28,7 +29,19 @@ pub fn bin_dir() -> &'static Path {
         let own = target.join("integration");
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let status = Command::new(cargo)
-            .args(["build", "--quiet", "-p", "mesh-coordinator", "-p", "game-server", "-p", "bot-swarm", "--bins"])
+            .args([
+                "build",
+                "--quiet",
+                "-p",
+                "mesh-coordinator",
+                "-p",
+                "game-server",
+                "-p",
+                "bot-swarm",
+                "-p",
+                "meshctl",
+                "--bins",
+            ])
             .arg("--target-dir")
             .arg(&own)
             .status()
