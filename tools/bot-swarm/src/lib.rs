@@ -29,6 +29,9 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+/// A bot that hears nothing from any server this long reconnects.
+const SILENCE: Duration = Duration::from_secs(3);
+
 /// What a swarm run is asked to do.
 #[derive(Debug, Clone)]
 pub struct SwarmConfig {
@@ -75,6 +78,10 @@ pub struct Live {
     pub snapshots: AtomicU64,
     pub handoffs: AtomicU64,
     pub errors: AtomicU64,
+    pub reconnects: AtomicU64,
+    /// The sampler's latest RTT p50 and p99, µs (for the progress line).
+    pub rtt_p50_us: AtomicU64,
+    pub rtt_p99_us: AtomicU64,
     /// Bytes at the bots' UDP sockets (QUIC's own included).
     pub bytes_up: AtomicU64,
     pub bytes_down: AtomicU64,
@@ -121,6 +128,9 @@ pub struct BotReport {
     pub stale_snapshots: u64,
     pub max_snapshot_gap_ms: u64,
     pub connections_opened: u32,
+    /// Times it joined again after losing every connection.
+    #[serde(default)]
+    pub reconnects: u32,
     /// At each handoff: ms from the old server's last authoritative snapshot
     /// to the new server's first.
     #[serde(default)]
@@ -349,44 +359,7 @@ impl Bot {
         let (tx, mut rx) = mpsc::channel::<Event>(1024);
         let spawn = self.path[0];
         // Join the server that owns the spawn point; retry while the mesh settles.
-        let mut tries = 0;
-        let primary = loop {
-            tries += 1;
-            let attempt = async {
-                let (route, ticket, spawn) = match self.auth.clone() {
-                    BotAuth::DevToken(token) => (self.route(spawn).await?, token, Some(spawn)),
-                    BotAuth::Login { password, .. } => {
-                        let login = self.login(&password, spawn).await?;
-                        self.player = PlayerId(login.player);
-                        self.report.player = login.player;
-                        self.session = Some(login.session);
-                        let j = login.join;
-                        let route = Route { server_id: j.server_id, quic: j.quic, cert_sha256: j.cert_sha256 };
-                        (route, j.ticket, j.spawn.map(DVec3::from_array))
-                    }
-                };
-                let addr: SocketAddr =
-                    route.quic.parse().with_context(|| format!("bad QUIC address {}", route.quic))?;
-                self.open(addr, &route.cert_sha256, JoinRole::Play, spawn, ticket, tx.clone())
-                    .await
-                    .map(|s| (s, route.server_id))
-            }
-            .await;
-            match attempt {
-                Ok(((server, conn), _)) => break Some((server, conn)),
-                Err(e) if tries < 20 && !self.stop.is_cancelled() => {
-                    debug!(player = %self.player, error = %format!("{e:#}"), "join failed; retrying");
-                    tokio::select! {
-                        _ = tokio::time::sleep(Duration::from_millis(500)) => {}
-                        _ = self.stop.cancelled() => break None,
-                    }
-                }
-                Err(e) => {
-                    self.error(format!("could not join: {e:#}"));
-                    break None;
-                }
-            }
-        };
+        let primary = self.join(spawn, &tx, 20).await;
         let Some((first, conn)) = primary else { return self.report };
         self.report.joined = true;
         self.live.connected.fetch_add(1, Ordering::Relaxed);
@@ -407,6 +380,9 @@ impl Bot {
         let mut buf = Vec::with_capacity(128);
         // UDP bytes already counted, per connection.
         let mut counted: HashMap<ServerId, (u64, u64)> = HashMap::new();
+        // When any server last sent anything: a server that dies without
+        // closing (SIGKILL, a cut) goes silent long before QUIC times out.
+        let mut last_heard = Instant::now();
         loop {
             tokio::select! {
                 _ = every.tick() => {
@@ -445,10 +421,31 @@ impl Bot {
                     self.report.inputs_sent = seq;
                     if seq.is_multiple_of(TICK_HZ) {
                         self.account(&links, authority, &mut counted);
+                        if last_heard.elapsed() > SILENCE {
+                            self.error(format!("no word from any server for {} s", SILENCE.as_secs()));
+                            for c in links.values() {
+                                c.close(0u32.into(), b"silent");
+                            }
+                            links.clear();
+                            match self.reconnect(pos, &tx).await {
+                                Some((server, conn)) => {
+                                    links.insert(server, conn);
+                                    authority = None;
+                                    last_snapshot = None;
+                                    // A new session: acknowledgements start over.
+                                    last_ack = 0;
+                                    last_heard = Instant::now();
+                                }
+                                None => break,
+                            }
+                        }
                     }
                 }
                 ev = rx.recv() => {
                     let Some(ev) = ev else { break };
+                    if matches!(ev, Event::Snapshot(..) | Event::Control(..)) {
+                        last_heard = Instant::now();
+                    }
                     match ev {
                         Event::Snapshot(server, snap) => {
                             self.report.snapshots += 1;
@@ -529,7 +526,17 @@ impl Bot {
                                 self.error(format!("connection to server {} closed: {why}", server.0));
                             }
                             if links.is_empty() {
-                                break;
+                                // Every link is gone (a server died, a network
+                                // cut): join again where it stands, backing off.
+                                match self.reconnect(pos, &tx).await {
+                                    Some((server, conn)) => {
+                                        links.insert(server, conn);
+                                        authority = None;
+                                        last_snapshot = None;
+                                        last_ack = 0;
+                                    }
+                                    None => break,
+                                }
                             }
                         }
                     }
@@ -543,6 +550,74 @@ impl Bot {
         self.live.connected.fetch_sub(1, Ordering::Relaxed);
         self.report.final_position = Some(pos.to_array());
         self.report
+    }
+
+    /// Joins the server that owns `spawn` (logging in again when bots log
+    /// in), trying up to `max_tries` times while the mesh settles.
+    async fn join(
+        &mut self,
+        spawn: DVec3,
+        tx: &mpsc::Sender<Event>,
+        max_tries: u32,
+    ) -> Option<(ServerId, quinn::Connection)> {
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let attempt = async {
+                let (route, ticket, spawn) = match self.auth.clone() {
+                    BotAuth::DevToken(token) => (self.route(spawn).await?, token, Some(spawn)),
+                    BotAuth::Login { password, .. } => {
+                        let login = self.login(&password, spawn).await?;
+                        self.player = PlayerId(login.player);
+                        self.report.player = login.player;
+                        self.session = Some(login.session);
+                        let j = login.join;
+                        let route = Route { server_id: j.server_id, quic: j.quic, cert_sha256: j.cert_sha256 };
+                        (route, j.ticket, j.spawn.map(DVec3::from_array))
+                    }
+                };
+                let addr: SocketAddr =
+                    route.quic.parse().with_context(|| format!("bad QUIC address {}", route.quic))?;
+                self.open(addr, &route.cert_sha256, JoinRole::Play, spawn, ticket, tx.clone())
+                    .await
+                    .map(|s| (s, route.server_id))
+            }
+            .await;
+            match attempt {
+                Ok(((server, conn), _)) => break Some((server, conn)),
+                Err(e) if tries < max_tries && !self.stop.is_cancelled() => {
+                    debug!(player = %self.player, error = %format!("{e:#}"), "join failed; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                        _ = self.stop.cancelled() => break None,
+                    }
+                }
+                Err(e) => {
+                    self.error(format!("could not join: {e:#}"));
+                    break None;
+                }
+            }
+        }
+    }
+
+    /// Joins again after every connection was lost: 0.5 s, then twice as
+    /// long each time up to 8 s, until it works or the run stops.
+    async fn reconnect(&mut self, at: DVec3, tx: &mpsc::Sender<Event>) -> Option<(ServerId, quinn::Connection)> {
+        let mut wait = Duration::from_millis(500);
+        while !self.stop.is_cancelled() {
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = self.stop.cancelled() => return None,
+            }
+            self.report.reconnects += 1;
+            self.live.reconnects.fetch_add(1, Ordering::Relaxed);
+            if let Some(joined) = self.join(at, tx, 1).await {
+                info!(player = %self.player, server = joined.0.0, "reconnected");
+                return Some(joined);
+            }
+            wait = (wait * 2).min(Duration::from_secs(8));
+        }
+        None
     }
 
     /// Adds what the connections moved since the last call to the swarm's

@@ -167,18 +167,23 @@ async fn main() -> anyhow::Result<()> {
         let live = live.clone();
         let tty = std::io::stderr().is_terminal();
         tokio::spawn(async move {
-            let mut last = 0;
+            let (mut last, mut last_handoffs) = (0, 0);
             loop {
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 let snaps = live.snapshots.load(Ordering::Relaxed);
+                let handoffs = live.handoffs.load(Ordering::Relaxed);
                 let line = format!(
-                    "bots connected {} · snapshots/s {} · handoffs {} · errors {}",
+                    "bots connected {} · handoffs/s {} · RTT p50 {:.1} ms p99 {:.1} ms · snapshots/s {} · \
+                     reconnects {} · errors {}",
                     live.connected.load(Ordering::Relaxed),
+                    handoffs - last_handoffs,
+                    live.rtt_p50_us.load(Ordering::Relaxed) as f64 / 1000.0,
+                    live.rtt_p99_us.load(Ordering::Relaxed) as f64 / 1000.0,
                     snaps - last,
-                    live.handoffs.load(Ordering::Relaxed),
+                    live.reconnects.load(Ordering::Relaxed),
                     live.errors.load(Ordering::Relaxed)
                 );
-                last = snaps;
+                (last, last_handoffs) = (snaps, handoffs);
                 if tty { eprint!("\r\x1b[2K{line}") } else { eprintln!("{line}") }
             }
         })

@@ -137,6 +137,11 @@ pub async fn sample(
         };
         tl.rtt_all_ms.extend(&rtt);
         let per_bot = |bytes: u64| bytes as f64 * 8.0 / 1000.0 / connected.max(1) as f64;
+        let (p50, p99) = (percentile(&mut rtt, 0.5), percentile(&mut rtt, 0.99));
+        if !rtt.is_empty() {
+            live.rtt_p50_us.store((p50 * 1000.0) as u64, Ordering::Relaxed);
+            live.rtt_p99_us.store((p99 * 1000.0) as u64, Ordering::Relaxed);
+        }
         tl.samples.push(Sample {
             t,
             connected,
@@ -145,8 +150,8 @@ pub async fn sample(
             errors: live.errors.load(Ordering::Relaxed),
             up_kbps_per_bot: per_bot(now.2 - prev.2),
             down_kbps_per_bot: per_bot(now.3 - prev.3),
-            rtt_p50_ms: percentile(&mut rtt, 0.5),
-            rtt_p99_ms: percentile(&mut rtt, 0.99),
+            rtt_p50_ms: p50,
+            rtt_p99_ms: p99,
         });
         prev = now;
         scrape_mesh(&http, &coordinator, token.as_deref(), t, &mut tl, &mut prev_hist, &mut prev_changes).await;
