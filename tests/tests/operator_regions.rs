@@ -108,8 +108,9 @@ fn drain_hands_players_over_and_bad_operator_writes_change_nothing() -> anyhow::
     let (status, answer) = post(&mesh, &format!("/v1/servers/{second}/drain"), Some(TOKEN), json!({}))?;
     assert_eq!((status, answer["error"].as_str()), (409, Some("last_server")), "{answer}");
 
-    // While they still play: the directory says each is on the second server.
-    std::thread::sleep(Duration::from_secs(2));
+    // While they still play (each got 1.5 s to pre-connect to the new owner
+    // before its handoff): the directory says each is on the second server.
+    std::thread::sleep(Duration::from_secs(4));
     for id in &ids {
         let at = mesh.get(&format!("/v1/players/{id}"))?;
         assert_eq!(at["server_id"].as_u64(), Some(second), "player {id} after the drain: {at}");

@@ -64,6 +64,15 @@ pub struct Authority {
     pub since: Tick,
 }
 
+/// A player held through a region the coordinator gave away: its client was
+/// just told to pre-connect to the new owner, and the handoff waits until
+/// `not_before` so that the client can (a boundary crossing gives it the
+/// whole overlap zone to do so; a region move gives it this).
+#[derive(Component, Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Evicting {
+    pub not_before: shared::Tick,
+}
+
 /// A transfer of the entity to another server, in progress.
 #[derive(Component, Debug, Clone, PartialEq)]
 pub enum Transfer {

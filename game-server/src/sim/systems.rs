@@ -21,6 +21,9 @@ const INBOX_BUDGET: usize = 65_536;
 const TRANSFER_BACKOFF_TICKS: u64 = 45;
 /// Ticks after which an unanswered transfer request is forgotten.
 const TRANSFER_REQUEST_TIMEOUT_TICKS: u64 = 270;
+/// How long a player in a region given away gets to pre-connect to the new
+/// owner before the handoff (1.5 s; the coordinator's release lasts 5 s).
+pub const EVICT_GRACE_TICKS: u64 = 135;
 /// Where a player joins when the client names no spawn point.
 pub const DEFAULT_SPAWN: DVec3 = DVec3::new(1000.0, 10.0, 1000.0);
 
@@ -345,20 +348,35 @@ fn given_away(world: &World, e: Entity) -> bool {
 /// this server hand them over under it for a while, and `authority` does.
 fn revalidate_authority(world: &mut World) {
     let me = world.resource::<SimConfig>().server;
+    let tick = world.resource::<TickState>().tick;
     let map = world.resource::<Map>().0.clone();
     let mut lost = Vec::new();
-    let mut q = world.query::<(Entity, &mut Authority, &Body, Option<&Avatar>)>();
-    for (e, mut auth, body, avatar) in q.iter_mut(world) {
+    let (mut evicting, mut kept) = (Vec::new(), Vec::new());
+    let mut q = world.query::<(Entity, &mut Authority, &Body, Option<&Avatar>, Option<&Evicting>)>();
+    for (e, mut auth, body, avatar, evict) in q.iter_mut(world) {
         let leaf = map.tree.leaf_at(body.pos).unwrap_or(auth.region);
         let region = if map.tree.is_leaf(&auth.region) { auth.region } else { leaf };
         match map.live_owner(&region) {
             Some((owner, epoch)) if owner == me => {
                 auth.region = region;
                 auth.region_epoch = epoch;
+                if evict.is_some() {
+                    kept.push(e);
+                }
             }
-            Some(_) if avatar.is_some() => {}
+            Some(_) if avatar.is_some() => {
+                if evict.is_none() {
+                    evicting.push(e);
+                }
+            }
             _ => lost.push(e),
         }
+    }
+    for e in evicting {
+        world.entity_mut(e).insert(Evicting { not_before: tick + EVICT_GRACE_TICKS });
+    }
+    for e in kept {
+        world.entity_mut(e).remove::<Evicting>();
     }
     let metrics = world.resource::<SimMetrics>().clone();
     for e in lost {
@@ -633,8 +651,9 @@ pub fn authority(world: &mut World) {
     let mut hints = Vec::new();
     let mut local_moves = Vec::new();
     {
-        let mut q = world.query::<(Entity, &NetId, &Body, &Authority, Option<&Avatar>, Option<&Transfer>)>();
-        for (e, net, body, auth, avatar, transfer) in q.iter(world) {
+        let mut q =
+            world.query::<(Entity, &NetId, &Body, &Authority, Option<&Avatar>, Option<&Transfer>, Option<&Evicting>)>();
+        for (e, net, body, auth, avatar, transfer, evicting) in q.iter(world) {
             // Props cannot leave this server yet; their region bookkeeping
             // is refreshed ten times a second, a ninth of them each tick.
             if avatar.is_none() && transfer.is_none() && !(e.index_u32() as u64 + tick).is_multiple_of(9) {
@@ -674,6 +693,11 @@ pub fn authority(world: &mut World) {
                         hints.push((e, owner));
                     }
                 }
+            }
+            // Out of a region given away, the client first gets time to
+            // pre-connect to the new owner (the hint above).
+            if given_away && evicting.is_some_and(|ev| tick < ev.not_before) {
+                continue;
             }
             let target = if given_away {
                 map.tree.leaf_at(body.pos)

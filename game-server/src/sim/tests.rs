@@ -396,6 +396,14 @@ fn a_region_given_away_hands_its_players_over_in_place_and_drops_them_when_refus
     h.send(SimIn::Map(Arc::new(moved)));
     h.step();
     assert!(h.avatar().is_some(), "the player is kept, not dropped");
+    // The client is told to pre-connect at once, and given time to.
+    let told = controls(&mut rx);
+    assert!(told.iter().any(|c| matches!(c, ServerControl::PreConnect { server: ServerId(2), .. })), "{told:?}");
+    for _ in 1..super::systems::EVICT_GRACE_TICKS {
+        assert!(h.next_out().is_err(), "no handoff before the client could pre-connect");
+        h.step();
+    }
+    h.step();
     let req = h.next_out().expect("a transfer request");
     let SimOut::RequestTransfer { entity, from_region, from_region_epoch, to_region, .. } = req else {
         panic!("{req:?}")
@@ -403,7 +411,6 @@ fn a_region_given_away_hands_its_players_over_in_place_and_drops_them_when_refus
     // Out of the region under the old epoch, into the same region, now server 2's.
     let r0 = RegionKey::root(0, 0, 0);
     assert_eq!((from_region, from_region_epoch, to_region), (r0, Epoch(1), r0));
-    assert!(controls(&mut rx).iter().any(|c| matches!(c, ServerControl::PreConnect { server: ServerId(2), .. })));
     // An outage only delays it; a final refusal (the release ended) drops it.
     h.send(SimIn::TransferRefused { entity, reason: "unavailable".into(), permanent: false });
     h.step();
