@@ -374,6 +374,11 @@ fn revalidate_authority(world: &mut World) {
     }
     for e in evicting {
         world.entity_mut(e).insert(Evicting { not_before: tick + EVICT_GRACE_TICKS });
+        // Hint again, even servers hinted before: the client may have lost
+        // (or never made) that link, and now it needs it.
+        if let Some(mut a) = world.get_mut::<Avatar>(e) {
+            a.preconnected.clear();
+        }
     }
     for e in kept {
         world.entity_mut(e).remove::<Evicting>();

@@ -657,23 +657,30 @@ impl Bot {
         let (player, name, auth) = (self.player, self.name.clone(), self.auth.clone());
         let (http, coordinator, session) = (self.http.clone(), self.coordinator.clone(), self.session.clone());
         async move {
-            let ticket = match auth {
-                BotAuth::DevToken(t) => Ok(t),
-                BotAuth::Login { .. } => standby_ticket(&http, &coordinator, session.as_deref(), server).await,
-            };
-            let ticket = match ticket {
-                Ok(t) => t,
-                Err(e) => {
-                    debug!(%addr, error = %format!("{e:#}"), "no ticket to pre-connect");
-                    return;
+            // A few tries, each with a fresh ticket (a ticket is good once): a
+            // busy server may miss the first handshake.
+            for attempt in 1..=3 {
+                let ticket = match &auth {
+                    BotAuth::DevToken(t) => Ok(t.clone()),
+                    BotAuth::Login { .. } => standby_ticket(&http, &coordinator, session.as_deref(), server).await,
+                };
+                match ticket {
+                    Ok(ticket) => {
+                        let hello = hello(player, &name, ticket, JoinRole::Standby, None);
+                        match open(&endpoint, addr, &cert, hello, tx.clone(), stop.clone()).await {
+                            Ok((server, conn)) => {
+                                let _ = tx.send(Event::Linked(server, conn)).await;
+                                return;
+                            }
+                            Err(e) => debug!(%addr, attempt, error = %format!("{e:#}"), "pre-connect failed"),
+                        }
+                    }
+                    Err(e) => debug!(%addr, attempt, error = %format!("{e:#}"), "no ticket to pre-connect"),
                 }
-            };
-            let hello = hello(player, &name, ticket, JoinRole::Standby, None);
-            match open(&endpoint, addr, &cert, hello, tx.clone(), stop).await {
-                Ok((server, conn)) => {
-                    let _ = tx.send(Event::Linked(server, conn)).await;
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                    _ = stop.cancelled() => return,
                 }
-                Err(e) => debug!(%addr, error = %format!("{e:#}"), "pre-connect failed"),
             }
         }
     }
