@@ -29,30 +29,7 @@ use shared::wire::{InputFrame, JoinRole, Pose, buttons};
 use shared::{Epoch, PlayerId, ServerId, TickClock};
 use tokio::sync::mpsc;
 
-/// A small, fast, seeded generator (splitmix64): benchmarks need
-/// repeatable noise, not cryptography.
-#[derive(Debug, Clone)]
-pub struct Rng(u64);
-
-impl Rng {
-    pub fn new(seed: u64) -> Self {
-        Self(seed)
-    }
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    /// Uniform in [0, 1).
-    pub fn f64(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-    }
-    pub fn range(&mut self, lo: f64, hi: f64) -> f64 {
-        lo + (hi - lo) * self.f64()
-    }
-}
+pub use shared::rng::Rng;
 
 /// What a scenario holds.
 #[derive(Debug, Clone)]

@@ -12,6 +12,7 @@ pub mod edit;
 pub mod geom;
 pub mod ids;
 pub mod region;
+pub mod rng;
 pub mod terrain;
 pub mod ticket;
 pub mod time;

@@ -225,6 +225,27 @@ impl Mesh {
         Ok(self.servers.len() - 1)
     }
 
+    /// Starts `bot-swarm` against this mesh as `name`: its bots log in as
+    /// `<name>-<n>` and its report goes to `<dir>/<name>` (returned), with
+    /// `args` for the rest (bots, seconds, path or mix, limits).
+    pub fn swarm(&self, name: &str, args: &[&str]) -> anyhow::Result<(Proc, PathBuf)> {
+        let report = self.dir.path().join(name);
+        let mut all = vec![
+            format!("--coordinator=http://{}", self.http),
+            format!("--account-prefix={name}-"),
+            format!("--report={}", report.display()),
+        ];
+        all.extend(args.iter().map(|a| (*a).to_owned()));
+        Ok((Proc::start(name, "bot-swarm", &all, self.dir.path())?, report))
+    }
+
+    /// The `summary.json` a swarm wrote into `report`.
+    pub fn summary(report: &Path) -> anyhow::Result<Value> {
+        let path = report.join("summary.json");
+        let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+        Ok(serde_json::from_slice(&bytes)?)
+    }
+
     pub fn get(&self, path: &str) -> anyhow::Result<Value> {
         let url = format!("http://{}{path}", self.http);
         reqwest::blocking_get(&url)

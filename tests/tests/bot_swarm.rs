@@ -10,20 +10,10 @@ fn limits_decide_the_exit_code_and_the_report_names_the_failing_ones() -> anyhow
     let mesh = Mesh::start(1, &[])?;
     mesh.wait_regions_owned()?;
     let run = |name: &str, limits: &[&str]| -> anyhow::Result<(Option<i32>, String, Value)> {
-        let dir = mesh.dir.path().join(name);
-        let mut args = vec![
-            format!("--coordinator=http://{}", mesh.http),
-            "--bots=2".into(),
-            "--seconds=4".into(),
-            "--path=500,10,500;520,10,500".into(),
-            format!("--account-prefix={name}-"),
-            format!("--report={}", dir.display()),
-        ];
-        args.extend(limits.iter().map(|s| (*s).to_owned()));
-        let mut p = Proc::start(name, "bot-swarm", &args, mesh.dir.path())?;
+        let args = [&["--bots=2", "--seconds=4", "--path=500,10,500;520,10,500"], limits].concat();
+        let (mut p, report) = mesh.swarm(name, &args)?;
         let status = p.child.wait()?;
-        let summary: Value = serde_json::from_slice(&std::fs::read(dir.join("summary.json"))?)?;
-        Ok((status.code(), p.log_text(), summary))
+        Ok((status.code(), p.log_text(), Mesh::summary(&report)?))
     };
     let (code, log, summary) = run("easy", &["--max-rtt-p99-ms=1000", "--max-errors=0"])?;
     assert_eq!(code, Some(0), "{log}");
@@ -59,21 +49,8 @@ fn bots_that_lose_their_server_reconnect_with_backoff_and_count_it() -> anyhow::
     let mut mesh = Mesh::start(2, &[])?;
     let regions = mesh.wait_regions_owned()?;
     let owner = regions.as_array().unwrap().iter().find(|r| r["region"] == "L0:0,0,0").unwrap()["server_id"].as_u64();
-    let dir = mesh.dir.path().join("lost");
-    let mut swarm = Proc::start(
-        "lost",
-        "bot-swarm",
-        &[
-            format!("--coordinator=http://{}", mesh.http),
-            "--bots=2".into(),
-            "--seconds=14".into(),
-            "--path=500,10,500;520,10,500".into(),
-            "--account-prefix=lost-".into(),
-            "--max-errors=0".into(),
-            format!("--report={}", dir.display()),
-        ],
-        mesh.dir.path(),
-    )?;
+    let (mut swarm, dir) =
+        mesh.swarm("lost", &["--bots=2", "--seconds=14", "--path=500,10,500;520,10,500", "--max-errors=0"])?;
     std::thread::sleep(std::time::Duration::from_secs(4));
     // SIGKILL the server the bots play on; the coordinator gives its region
     // to the other one within 2 s.
@@ -87,7 +64,7 @@ fn bots_that_lose_their_server_reconnect_with_backoff_and_count_it() -> anyhow::
     p.child.kill()?;
     let _ = p.child.wait();
     let status = swarm.child.wait()?;
-    let r: Value = serde_json::from_slice(&std::fs::read(dir.join("summary.json"))?)?;
+    let r = Mesh::summary(&dir)?;
     // The lost connections are errors: the --max-errors=0 limit fails, by name.
     assert_eq!(status.code(), Some(3), "{}", swarm.log_text());
     assert!(swarm.log_text().contains("limits not met: errors"), "{}", swarm.log_text());
@@ -97,5 +74,37 @@ fn bots_that_lose_their_server_reconnect_with_backoff_and_count_it() -> anyhow::
         assert_eq!(servers.len(), 2, "played on the other server after reconnecting: {bot}");
         assert_eq!(bot["ack_regressions"], 0, "{bot}");
     }
+    Ok(())
+}
+
+#[test]
+fn ctrl_c_ends_a_run_with_its_report_and_bots_dig_build_grab_and_throw() -> anyhow::Result<()> {
+    let mesh = Mesh::start(1, &[])?;
+    mesh.wait_regions_owned()?;
+    // No duration: the run lasts until Ctrl-C. Both bots are throwers; with
+    // seed 3 their first builds (their own debris) come within 5 s.
+    let (mut swarm, report) =
+        mesh.swarm("work", &["--bots=2", "--seconds=0", "--mix=grab_throw", "--seed=3", "--max-errors=0"])?;
+    let started = std::time::Instant::now();
+    std::thread::sleep(std::time::Duration::from_secs(22));
+    let pid = nix::unistd::Pid::from_raw(swarm.child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT)?;
+    let status = swarm.child.wait()?;
+    assert_eq!(status.code(), Some(0), "{}", swarm.log_text());
+    let r = Mesh::summary(&report)?;
+    let seconds = r["seconds"].as_f64().unwrap();
+    assert!((20.0..started.elapsed().as_secs_f64()).contains(&seconds), "ended at the signal: {seconds} s");
+    assert!(std::fs::read_to_string(report.join("report.html"))?.contains("Digging, building"), "the page too");
+    let w = &r["work"];
+    // Each bot built and dug at least once; every edit was acknowledged durable.
+    assert!(w["edits_done"].as_u64() >= Some(4), "{w}");
+    assert_eq!(w["edits_done"], w["edits_sent"], "{w}");
+    assert!(w["throws"].as_u64() >= Some(1), "{w}");
+    // The server agrees: its hands held props and let them go.
+    let addr = mesh.servers[0].1["metrics"].as_str().unwrap().to_owned();
+    let metrics = integration_tests::blocking_text(&format!("http://{addr}/metrics"))?;
+    assert!(integration_tests::metric(&metrics, "props_grabbed_total", "") >= 1.0, "{w}");
+    assert!(integration_tests::metric(&metrics, "structures_broken_total", "") >= 1.0, "{w}");
+    assert!(integration_tests::metric(&metrics, "world_edits_total", "") >= 4.0, "{w}");
     Ok(())
 }

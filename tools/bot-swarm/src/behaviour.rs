@@ -16,12 +16,26 @@ pub enum Behaviour {
     Oscillate,
     /// Mills about a hotspot (drives a region split).
     Crowd,
+    /// Strolls near its spawn and, every ten seconds or so, builds a brick
+    /// ball in front of itself and digs its footing away: the world store
+    /// takes the edits, and the ball's top breaks off as debris props.
+    DigBuild,
+    /// Looks for props near it, walks to one, crouches, grabs it, lifts it
+    /// and throws it; makes debris itself (as `dig_build`) when none is near.
+    GrabThrow,
     /// Follows the waypoints given on the command line.
     Path,
 }
 
 impl Behaviour {
-    pub const MIXABLE: [Behaviour; 4] = [Behaviour::Wander, Behaviour::Commute, Behaviour::Oscillate, Behaviour::Crowd];
+    pub const MIXABLE: [Behaviour; 6] = [
+        Behaviour::Wander,
+        Behaviour::Commute,
+        Behaviour::Oscillate,
+        Behaviour::Crowd,
+        Behaviour::DigBuild,
+        Behaviour::GrabThrow,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -29,6 +43,8 @@ impl Behaviour {
             Behaviour::Commute => "commute",
             Behaviour::Oscillate => "oscillate",
             Behaviour::Crowd => "crowd",
+            Behaviour::DigBuild => "dig_build",
+            Behaviour::GrabThrow => "grab_throw",
             Behaviour::Path => "path",
         }
     }
@@ -39,10 +55,9 @@ pub fn parse_mix(s: &str) -> Result<Vec<(Behaviour, u32)>, String> {
     let mut out = Vec::new();
     for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
         let (name, w) = part.split_once('=').unwrap_or((part, "1"));
-        let b = Behaviour::MIXABLE
-            .into_iter()
-            .find(|b| b.name() == name.trim())
-            .ok_or_else(|| format!("unknown behaviour {name:?} (wander, commute, oscillate, crowd)"))?;
+        let b = Behaviour::MIXABLE.into_iter().find(|b| b.name() == name.trim()).ok_or_else(|| {
+            format!("unknown behaviour {name:?} (wander, commute, oscillate, crowd, dig_build, grab_throw)")
+        })?;
         let w: u32 = w.trim().parse().map_err(|_| format!("bad weight in {part:?}"))?;
         out.push((b, w));
     }
@@ -59,28 +74,7 @@ pub struct World {
     pub max: DVec2,
 }
 
-/// SplitMix64: a small seeded generator, so that a seed replays a run's plan.
-#[derive(Debug, Clone)]
-pub struct Rng(u64);
-
-impl Rng {
-    pub fn new(seed: u64) -> Self {
-        Self(seed)
-    }
-
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in [lo, hi).
-    pub fn range(&mut self, lo: f64, hi: f64) -> f64 {
-        lo + (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64 * (hi - lo)
-    }
-}
+pub use shared::rng::Rng;
 
 /// Bot `i`'s behaviour and waypoints, the same for the same seed.
 pub fn plan(mix: &[(Behaviour, u32)], seed: u64, i: u32, world: World, hotspot: DVec2) -> (Behaviour, Vec<DVec3>) {
@@ -122,6 +116,10 @@ pub fn plan(mix: &[(Behaviour, u32)], seed: u64, i: u32, world: World, hotspot: 
             };
             let z = rng.range(lo.y, hi.y);
             vec![clamp(DVec2::new(x - 30.0, z)), clamp(DVec2::new(x + 30.0, z))]
+        }
+        Behaviour::DigBuild | Behaviour::GrabThrow => {
+            let home = DVec2::new(rng.range(lo.x, hi.x), rng.range(lo.y, hi.y));
+            (0..4).map(|_| clamp(home + DVec2::new(rng.range(-25.0, 25.0), rng.range(-25.0, 25.0)))).collect()
         }
         Behaviour::Crowd => {
             (0..4).map(|_| clamp(hotspot + DVec2::new(rng.range(-15.0, 15.0), rng.range(-15.0, 15.0)))).collect()

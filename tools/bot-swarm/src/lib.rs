@@ -9,6 +9,7 @@
 pub mod behaviour;
 pub mod report;
 pub mod tls;
+pub mod work;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -20,11 +21,12 @@ use anyhow::Context;
 use bytes::Bytes;
 use glam::DVec3;
 use serde::{Deserialize, Serialize};
+use shared::edit::EditOp;
 use shared::wire::{
-    ALPN, ClientControl, Datagram, InputFrame, JoinRole, PROTOCOL_VERSION, Pose, ServerControl, Snapshot, buttons,
-    decode_frame, encode_frame, frame_len,
+    ALPN, ClientControl, Datagram, EditOutcome, InputFrame, JoinRole, PROTOCOL_VERSION, Pose, ServerControl, Snapshot,
+    buttons, decode_frame, encode_frame, frame_len,
 };
-use shared::{PlayerId, ServerId, TICK_HZ};
+use shared::{EntityId, PlayerId, ServerId, TICK_HZ};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -137,6 +139,15 @@ pub struct BotReport {
     pub handoff_gaps_ms: Vec<f64>,
     pub final_position: Option<[f64; 3]>,
     pub errors: Vec<String>,
+    /// What a `dig_build` or `grab_throw` bot did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub work: Option<work::WorkStats>,
+    /// Milliseconds from sending an edit to its `Done` (durable in the store).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub edit_ms: Vec<f64>,
+    /// Refused edits by reason.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub edit_rejections: BTreeMap<String, u32>,
 }
 
 /// What the whole swarm saw.
@@ -168,7 +179,53 @@ pub struct SwarmReport {
     pub handoff_gaps_ms: Vec<f64>,
     #[serde(default)]
     pub timeline: report::Timeline,
+    /// What the `dig_build` and `grab_throw` bots did, all together.
+    #[serde(default)]
+    pub work: WorkSummary,
     pub per_bot: Vec<BotReport>,
+}
+
+/// The swarm's edits, grabs and throws.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct WorkSummary {
+    pub edits_sent: u64,
+    pub edits_done: u64,
+    pub edits_rejected: u64,
+    pub edit_rejections: BTreeMap<String, u64>,
+    /// From sending an edit to its `Done` (durable in the world store).
+    pub edit_p50_ms: f64,
+    pub edit_p99_ms: f64,
+    pub edit_ms: Vec<f64>,
+    pub grips: u64,
+    pub throws: u64,
+    pub props_flew: u64,
+    pub props_stayed: u64,
+    pub props_unseen: u64,
+}
+
+impl WorkSummary {
+    fn of(bots: &[BotReport]) -> Self {
+        let mut w = WorkSummary::default();
+        for b in bots {
+            if let Some(s) = &b.work {
+                w.edits_sent += u64::from(s.edits_sent);
+                w.edits_done += u64::from(s.edits_done);
+                w.edits_rejected += u64::from(s.edits_rejected);
+                w.grips += u64::from(s.grips);
+                w.throws += u64::from(s.throws);
+                w.props_flew += u64::from(s.props_flew);
+                w.props_stayed += u64::from(s.props_stayed);
+                w.props_unseen += u64::from(s.props_unseen);
+            }
+            for (reason, n) in &b.edit_rejections {
+                *w.edit_rejections.entry(reason.clone()).or_default() += u64::from(*n);
+            }
+            w.edit_ms.extend_from_slice(&b.edit_ms);
+        }
+        w.edit_p50_ms = report::percentile(&mut w.edit_ms, 0.5);
+        w.edit_p99_ms = report::percentile(&mut w.edit_ms, 0.99);
+        w
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -181,8 +238,25 @@ struct Route {
 enum Event {
     Snapshot(ServerId, Snapshot),
     Control(ServerId, ServerControl),
-    Linked(ServerId, quinn::Connection),
+    Linked(ServerId, Link),
     Closed(ServerId, String),
+}
+
+/// A bot's connection to one server: datagrams go straight onto it, control
+/// frames through its pump task.
+struct Link {
+    conn: quinn::Connection,
+    ctl: mpsc::Sender<ClientControl>,
+}
+
+/// What a bot knows of its current session; a reconnect starts a new one.
+#[derive(Debug, Default)]
+struct Session {
+    /// The server whose snapshots are authoritative for the avatar.
+    authority: Option<ServerId>,
+    /// Newest input acknowledged by an authoritative snapshot.
+    last_ack: u32,
+    last_snapshot: Option<Instant>,
 }
 
 /// Runs the swarm until its duration passes or `stop` is cancelled.
@@ -227,10 +301,9 @@ pub async fn run(cfg: SwarmConfig, live: Arc<Live>, stop: CancellationToken) -> 
                 (behaviour::Behaviour::Path, cfg.path.iter().map(|p| *p + shift).collect())
             }
         };
-        let mut bot = Bot::new(&cfg, i, endpoint.clone(), http.clone(), live.clone(), deadline_stop.clone());
-        bot.path = path;
-        bot.report.behaviour = behaviour.name().to_owned();
-        tasks.spawn(bot.run());
+        let env =
+            BotEnv { endpoint: endpoint.clone(), http: http.clone(), live: live.clone(), stop: deadline_stop.clone() };
+        tasks.spawn(Bot::new(&cfg, i, behaviour, path, env).run());
         tokio::select! {
             _ = tokio::time::sleep(cfg.ramp) => {}
             _ = deadline_stop.cancelled() => {}
@@ -258,6 +331,7 @@ pub async fn run(cfg: SwarmConfig, live: Arc<Live>, stop: CancellationToken) -> 
         handoff_gap_p99_ms: report::percentile(&mut gaps, 0.99),
         handoff_gaps_ms: gaps,
         timeline,
+        work: WorkSummary::of(&per_bot),
         bots: cfg.bots,
         joined: per_bot.iter().filter(|b| b.joined).count() as u32,
         seconds,
@@ -295,48 +369,64 @@ async fn world_of(http: &reqwest::Client, cfg: &SwarmConfig) -> anyhow::Result<(
     Ok((behaviour::World { min, max }, first))
 }
 
+/// What every bot of a swarm shares.
+struct BotEnv {
+    endpoint: quinn::Endpoint,
+    http: reqwest::Client,
+    live: Arc<Live>,
+    stop: CancellationToken,
+}
+
 struct Bot {
     player: PlayerId,
     name: String,
     coordinator: String,
     auth: BotAuth,
-    /// The session of a logged-in bot, for more tickets.
-    session: Option<String>,
+    /// The login session of a logged-in bot, for more tickets.
+    login_session: Option<String>,
     path: Vec<DVec3>,
     endpoint: quinn::Endpoint,
     http: reqwest::Client,
     live: Arc<Live>,
     stop: CancellationToken,
     report: BotReport,
+    /// Hands and tools, for the behaviours that use them.
+    work: Option<work::Work>,
+    next_edit: u32,
+    edits_in_flight: HashMap<u32, Instant>,
 }
 
 impl Bot {
-    fn new(
-        cfg: &SwarmConfig,
-        i: u32,
-        endpoint: quinn::Endpoint,
-        http: reqwest::Client,
-        live: Arc<Live>,
-        stop: CancellationToken,
-    ) -> Self {
-        let shift = DVec3::new(0.0, 0.0, f64::from(i) * cfg.spread_m);
+    /// Bot `i` of the swarm, doing `behaviour` along `path`.
+    fn new(cfg: &SwarmConfig, i: u32, behaviour: behaviour::Behaviour, path: Vec<DVec3>, env: BotEnv) -> Self {
         let player = PlayerId(cfg.first_player + u64::from(i));
         let name = match &cfg.auth {
             BotAuth::Login { prefix, .. } => format!("{prefix}{}", player.0),
             BotAuth::DevToken(_) => format!("bot-{}", player.0),
+        };
+        // Builds are staggered over the build period, the same for a seed.
+        let first_build =
+            (behaviour::Rng::new(cfg.seed ^ u64::from(i)).next_u64() % u64::from(work::BUILD_EVERY)) as u32;
+        let work = match behaviour {
+            behaviour::Behaviour::DigBuild => Some(work::Work::new(work::Trade::DigBuild, first_build + 90)),
+            behaviour::Behaviour::GrabThrow => Some(work::Work::new(work::Trade::GrabThrow, first_build + 90)),
+            _ => None,
         };
         Self {
             player,
             name,
             coordinator: cfg.coordinator.clone(),
             auth: cfg.auth.clone(),
-            session: None,
-            path: cfg.path.iter().map(|p| *p + shift).collect(),
-            endpoint,
-            http,
-            live,
-            stop,
-            report: BotReport { player: player.0, ..Default::default() },
+            login_session: None,
+            path,
+            endpoint: env.endpoint,
+            http: env.http,
+            live: env.live,
+            stop: env.stop,
+            report: BotReport { player: player.0, behaviour: behaviour.name().to_owned(), ..Default::default() },
+            work,
+            next_edit: 0,
+            edits_in_flight: HashMap::new(),
         }
     }
 
@@ -360,21 +450,22 @@ impl Bot {
         let spawn = self.path[0];
         // Join the server that owns the spawn point; retry while the mesh settles.
         let primary = self.join(spawn, &tx, 20).await;
-        let Some((first, conn)) = primary else { return self.report };
+        let Some((first, link)) = primary else { return self.report };
         self.report.joined = true;
         self.live.connected.fetch_add(1, Ordering::Relaxed);
-        let mut links: HashMap<ServerId, quinn::Connection> = HashMap::from([(first, conn)]);
+        let mut links: HashMap<ServerId, Link> = HashMap::from([(first, link)]);
 
         let mut seq: u32 = 0;
         let mut pos = spawn;
+        let mut yaw = 0.0f32;
         let mut waypoint = 1 % self.path.len();
         // Where the bot was when it last made progress, and the input then.
         let mut stall = (spawn, 0u32);
-        let mut authority: Option<ServerId> = None;
-        let mut last_ack: u32 = 0;
+        let mut session = Session::default();
+        // Ticks are the mesh's grid, shared by every server and session.
         let mut newest_tick = 0;
         let mut newest_auth_tick = 0;
-        let mut last_snapshot: Option<Instant> = None;
+        let mut props: Vec<(EntityId, DVec3)> = Vec::new();
         let mut every = tokio::time::interval(Duration::from_nanos(1_000_000_000 / u64::from(TICK_HZ)));
         every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         let mut buf = Vec::with_capacity(128);
@@ -383,61 +474,63 @@ impl Bot {
         // When any server last sent anything: a server that dies without
         // closing (SIGKILL, a cut) goes silent long before QUIC times out.
         let mut last_heard = Instant::now();
+        let mut rejoin = false;
         loop {
             tokio::select! {
                 _ = every.tick() => {
-                    let target = self.path[waypoint];
+                    seq = seq.wrapping_add(1);
+                    let act = self.work.as_mut().map(|w| w.step(seq, work::Sight { pos, yaw, props: &props }));
+                    let walk_to = act.as_ref().and_then(|a| a.walk_to);
+                    if let Some(a) = &act
+                        && let Some(op) = a.edit
+                    {
+                        self.send_edit(session.authority.and_then(|s| links.get(&s)), op);
+                    }
+                    let target = walk_to.unwrap_or(self.path[waypoint]);
                     let d = target - pos;
                     let flat = glam::DVec2::new(d.x, d.z);
-                    if flat.length() < 1.5 {
+                    if walk_to.is_none() && flat.length() < 1.5 {
                         waypoint = (waypoint + 1) % self.path.len();
                     }
                     let dir = if flat.length() > 1e-6 { flat / flat.length().max(2.0) } else { glam::DVec2::ZERO };
-                    seq = seq.wrapping_add(1);
-                    // Blocked by a wall for half a second: jump.
+                    // Blocked by a wall for half a second while walking: jump.
                     let moved = glam::DVec2::new(pos.x - stall.0.x, pos.z - stall.0.z).length();
-                    let jump = if moved > 0.3 {
+                    let jump = if moved > 0.3 || dir.length() < 0.2 {
                         stall = (pos, seq);
                         false
                     } else {
                         seq.wrapping_sub(stall.1) % 45 == 44
                     };
+                    let (head, right, held) = act.map_or(
+                        (Pose { pos: work::HEAD, ..Default::default() }, Pose { pos: work::RIGHT, ..Default::default() }, 0),
+                        |a| (a.head, a.right, a.buttons),
+                    );
                     let frame = InputFrame {
                         seq,
                         ack_tick: newest_tick,
                         locomotion: [dir.x as f32, -dir.y as f32],
-                        head: Pose { pos: [0.0, 1.7, 0.0], ..Default::default() },
+                        head,
                         left: Pose { pos: [-0.25, 1.2, -0.3], ..Default::default() },
-                        right: Pose { pos: [0.25, 1.2, -0.3], ..Default::default() },
-                        buttons: if jump { buttons::JUMP } else { 0 },
+                        right,
+                        buttons: held | if jump { buttons::JUMP } else { 0 },
                         ..Default::default()
                     };
                     buf.clear();
                     frame.encode(&mut buf);
                     let bytes = Bytes::copy_from_slice(&buf);
-                    for c in links.values() {
-                        let _ = c.send_datagram(bytes.clone());
+                    for l in links.values() {
+                        let _ = l.conn.send_datagram(bytes.clone());
                     }
                     self.report.inputs_sent = seq;
                     if seq.is_multiple_of(TICK_HZ) {
-                        self.account(&links, authority, &mut counted);
+                        self.account(&links, session.authority, &mut counted);
                         if last_heard.elapsed() > SILENCE {
                             self.error(format!("no word from any server for {} s", SILENCE.as_secs()));
-                            for c in links.values() {
-                                c.close(0u32.into(), b"silent");
+                            for l in links.values() {
+                                l.conn.close(0u32.into(), b"silent");
                             }
                             links.clear();
-                            match self.reconnect(pos, &tx).await {
-                                Some((server, conn)) => {
-                                    links.insert(server, conn);
-                                    authority = None;
-                                    last_snapshot = None;
-                                    // A new session: acknowledgements start over.
-                                    last_ack = 0;
-                                    last_heard = Instant::now();
-                                }
-                                None => break,
-                            }
+                            rejoin = true;
                         }
                     }
                 }
@@ -461,44 +554,16 @@ impl Bot {
                                 continue;
                             }
                             newest_auth_tick = snap.tick;
-                            let now = Instant::now();
-                            let prev_snapshot = last_snapshot;
-                            if let Some(prev) = last_snapshot {
-                                let gap = now.duration_since(prev).as_millis() as u64;
-                                self.report.max_snapshot_gap_ms = self.report.max_snapshot_gap_ms.max(gap);
-                            }
-                            last_snapshot = Some(now);
-                            if authority != Some(server) {
-                                if authority.is_some()
-                                    && let Some(prev) = prev_snapshot
-                                {
-                                    self.report.handoff_gaps_ms.push(now.duration_since(prev).as_secs_f64() * 1000.0);
-                                }
-                                self.report.authority_changes.push(AuthorityChange {
-                                    from: authority.map(|s| s.0),
-                                    to: server.0,
-                                    tick: snap.tick,
-                                    acked_seq: snap.last_input_seq,
-                                    previous_acked_seq: last_ack,
-                                });
-                                if authority.is_some() {
-                                    self.live.handoffs.fetch_add(1, Ordering::Relaxed);
-                                    info!(player = %self.player, from = ?authority.map(|s| s.0), to = server.0, tick = snap.tick, "authority moved");
-                                }
-                                authority = Some(server);
-                            }
-                            if snap.last_input_seq < last_ack {
-                                self.report.ack_regressions += 1;
-                            }
-                            last_ack = last_ack.max(snap.last_input_seq);
-                            let span = self.report.acks_by_server.entry(server.0).or_insert_with(|| AckSpan {
-                                first_seq: snap.last_input_seq,
-                                ..Default::default()
-                            });
-                            span.last_seq = span.last_seq.max(snap.last_input_seq);
-                            span.snapshots += 1;
+                            self.on_authoritative(server, &snap, &mut session);
                             if let Some(me) = snap.entities.first() {
                                 pos = me.pos;
+                                yaw = glam::Quat::from_array(me.rot).to_euler(glam::EulerRot::YXZ).0;
+                            }
+                            if self.work.is_some() {
+                                props.clear();
+                                props.extend(
+                                    snap.entities.iter().skip(1).filter(|e| e.id.as_player().is_none()).map(|e| (e.id, e.pos)),
+                                );
                             }
                         }
                         Event::Control(server, msg) => match msg {
@@ -514,52 +579,126 @@ impl Bot {
                             ServerControl::AuthorityMoved { to, effective_tick } => {
                                 debug!(player = %self.player, from = server.0, to = to.0, effective_tick, "told authority moves");
                             }
+                            ServerControl::EditResult { id, outcome } => self.edit_answered(id, outcome),
                             ServerControl::Refused { reason } => self.error(format!("server {} refused: {reason}", server.0)),
                             _ => {}
                         },
-                        Event::Linked(server, conn) => {
-                            links.insert(server, conn);
+                        Event::Linked(server, link) => {
+                            links.insert(server, link);
                         }
                         Event::Closed(server, why) => {
                             links.remove(&server);
                             if !self.stop.is_cancelled() {
                                 self.error(format!("connection to server {} closed: {why}", server.0));
                             }
-                            if links.is_empty() {
-                                // Every link is gone (a server died, a network
-                                // cut): join again where it stands, backing off.
-                                match self.reconnect(pos, &tx).await {
-                                    Some((server, conn)) => {
-                                        links.insert(server, conn);
-                                        authority = None;
-                                        last_snapshot = None;
-                                        last_ack = 0;
-                                    }
-                                    None => break,
-                                }
-                            }
+                            // Every link is gone (a server died, a network cut).
+                            rejoin |= links.is_empty();
                         }
                     }
                 }
                 _ = self.stop.cancelled() => break,
             }
+            if rejoin {
+                // Join again where it stands, backing off: a new session,
+                // whose acknowledgements start over.
+                rejoin = false;
+                let Some((server, link)) = self.reconnect(pos, &tx).await else { break };
+                links.insert(server, link);
+                session = Session::default();
+                props.clear();
+                if let Some(w) = &mut self.work {
+                    w.reset();
+                }
+                last_heard = Instant::now();
+            }
         }
-        for c in links.values() {
-            c.close(0u32.into(), b"bye");
+        for l in links.values() {
+            l.conn.close(0u32.into(), b"bye");
         }
         self.live.connected.fetch_sub(1, Ordering::Relaxed);
         self.report.final_position = Some(pos.to_array());
+        if let Some(w) = &self.work {
+            self.report.work = Some(w.stats.clone());
+        }
         self.report
+    }
+
+    /// Books an authoritative snapshot: gaps, authority changes (handoffs)
+    /// and the order of acknowledged inputs.
+    fn on_authoritative(&mut self, server: ServerId, snap: &Snapshot, session: &mut Session) {
+        let now = Instant::now();
+        let prev_snapshot = session.last_snapshot;
+        if let Some(prev) = prev_snapshot {
+            let gap = now.duration_since(prev).as_millis() as u64;
+            self.report.max_snapshot_gap_ms = self.report.max_snapshot_gap_ms.max(gap);
+        }
+        session.last_snapshot = Some(now);
+        if session.authority != Some(server) {
+            if session.authority.is_some()
+                && let Some(prev) = prev_snapshot
+            {
+                self.report.handoff_gaps_ms.push(now.duration_since(prev).as_secs_f64() * 1000.0);
+            }
+            self.report.authority_changes.push(AuthorityChange {
+                from: session.authority.map(|s| s.0),
+                to: server.0,
+                tick: snap.tick,
+                acked_seq: snap.last_input_seq,
+                previous_acked_seq: session.last_ack,
+            });
+            if session.authority.is_some() {
+                self.live.handoffs.fetch_add(1, Ordering::Relaxed);
+                info!(player = %self.player, from = ?session.authority.map(|s| s.0), to = server.0, tick = snap.tick, "authority moved");
+            }
+            session.authority = Some(server);
+        }
+        if snap.last_input_seq < session.last_ack {
+            self.report.ack_regressions += 1;
+        }
+        session.last_ack = session.last_ack.max(snap.last_input_seq);
+        let span = self
+            .report
+            .acks_by_server
+            .entry(server.0)
+            .or_insert_with(|| AckSpan { first_seq: snap.last_input_seq, ..Default::default() });
+        span.last_seq = span.last_seq.max(snap.last_input_seq);
+        span.snapshots += 1;
+    }
+
+    /// Sends an edit to the server authoritative for the avatar.
+    fn send_edit(&mut self, link: Option<&Link>, op: EditOp) {
+        let Some(w) = self.work.as_mut() else { return };
+        w.stats.edits_sent += 1;
+        self.next_edit = self.next_edit.wrapping_add(1);
+        let id = self.next_edit;
+        match link {
+            Some(l) if l.ctl.try_send(ClientControl::Edit { id, op }).is_ok() => {
+                // Bounded: answers that never come (a link lost) age out.
+                if self.edits_in_flight.len() >= 64 {
+                    self.edits_in_flight.clear();
+                }
+                self.edits_in_flight.insert(id, Instant::now());
+            }
+            _ => w.edit_answered(false),
+        }
+    }
+
+    fn edit_answered(&mut self, id: u32, outcome: EditOutcome) {
+        let Some(sent) = self.edits_in_flight.remove(&id) else { return };
+        let done = matches!(outcome, EditOutcome::Done { .. });
+        if let EditOutcome::Rejected { reason } = outcome {
+            *self.report.edit_rejections.entry(reason).or_default() += 1;
+        } else {
+            self.report.edit_ms.push(sent.elapsed().as_secs_f64() * 1000.0);
+        }
+        if let Some(w) = &mut self.work {
+            w.edit_answered(done);
+        }
     }
 
     /// Joins the server that owns `spawn` (logging in again when bots log
     /// in), trying up to `max_tries` times while the mesh settles.
-    async fn join(
-        &mut self,
-        spawn: DVec3,
-        tx: &mpsc::Sender<Event>,
-        max_tries: u32,
-    ) -> Option<(ServerId, quinn::Connection)> {
+    async fn join(&mut self, spawn: DVec3, tx: &mpsc::Sender<Event>, max_tries: u32) -> Option<(ServerId, Link)> {
         let mut tries = 0;
         loop {
             tries += 1;
@@ -570,7 +709,7 @@ impl Bot {
                         let login = self.login(&password, spawn).await?;
                         self.player = PlayerId(login.player);
                         self.report.player = login.player;
-                        self.session = Some(login.session);
+                        self.login_session = Some(login.session);
                         let j = login.join;
                         let route = Route { server_id: j.server_id, quic: j.quic, cert_sha256: j.cert_sha256 };
                         (route, j.ticket, j.spawn.map(DVec3::from_array))
@@ -584,7 +723,7 @@ impl Bot {
             }
             .await;
             match attempt {
-                Ok(((server, conn), _)) => break Some((server, conn)),
+                Ok(((server, link), _)) => break Some((server, link)),
                 Err(e) if tries < max_tries && !self.stop.is_cancelled() => {
                     debug!(player = %self.player, error = %format!("{e:#}"), "join failed; retrying");
                     tokio::select! {
@@ -602,7 +741,7 @@ impl Bot {
 
     /// Joins again after every connection was lost: 0.5 s, then twice as
     /// long each time up to 8 s, until it works or the run stops.
-    async fn reconnect(&mut self, at: DVec3, tx: &mpsc::Sender<Event>) -> Option<(ServerId, quinn::Connection)> {
+    async fn reconnect(&mut self, at: DVec3, tx: &mpsc::Sender<Event>) -> Option<(ServerId, Link)> {
         let mut wait = Duration::from_millis(500);
         while !self.stop.is_cancelled() {
             tokio::select! {
@@ -624,19 +763,19 @@ impl Bot {
     /// byte counters, and samples the authoritative connection's RTT.
     fn account(
         &self,
-        links: &HashMap<ServerId, quinn::Connection>,
+        links: &HashMap<ServerId, Link>,
         authority: Option<ServerId>,
         counted: &mut HashMap<ServerId, (u64, u64)>,
     ) {
-        for (server, c) in links {
-            let st = c.stats();
+        for (server, l) in links {
+            let st = l.conn.stats();
             let (tx, rx) = (st.udp_tx.bytes, st.udp_rx.bytes);
             let before = counted.insert(*server, (tx, rx)).unwrap_or((0, 0));
             self.live.bytes_up.fetch_add(tx.saturating_sub(before.0), Ordering::Relaxed);
             self.live.bytes_down.fetch_add(rx.saturating_sub(before.1), Ordering::Relaxed);
         }
         counted.retain(|s, _| links.contains_key(s));
-        if let Some(c) = authority.and_then(|a| links.get(&a))
+        if let Some(c) = authority.and_then(|a| links.get(&a)).map(|l| &l.conn)
             && let Ok(mut v) = self.live.rtt_us.lock()
             && v.len() < 1_000_000
         {
@@ -655,7 +794,7 @@ impl Bot {
         let endpoint = self.endpoint.clone();
         let stop = self.stop.clone();
         let (player, name, auth) = (self.player, self.name.clone(), self.auth.clone());
-        let (http, coordinator, session) = (self.http.clone(), self.coordinator.clone(), self.session.clone());
+        let (http, coordinator, session) = (self.http.clone(), self.coordinator.clone(), self.login_session.clone());
         async move {
             // A few tries, each with a fresh ticket (a ticket is good once): a
             // busy server may miss the first handshake.
@@ -668,8 +807,8 @@ impl Bot {
                     Ok(ticket) => {
                         let hello = hello(player, &name, ticket, JoinRole::Standby, None);
                         match open(&endpoint, addr, &cert, hello, tx.clone(), stop.clone()).await {
-                            Ok((server, conn)) => {
-                                let _ = tx.send(Event::Linked(server, conn)).await;
+                            Ok((server, link)) => {
+                                let _ = tx.send(Event::Linked(server, link)).await;
                                 return;
                             }
                             Err(e) => debug!(%addr, attempt, error = %format!("{e:#}"), "pre-connect failed"),
@@ -694,7 +833,7 @@ impl Bot {
         spawn: Option<DVec3>,
         ticket: String,
         tx: mpsc::Sender<Event>,
-    ) -> anyhow::Result<(ServerId, quinn::Connection)> {
+    ) -> anyhow::Result<(ServerId, Link)> {
         self.report.connections_opened += 1;
         let hello = hello(self.player, &self.name, ticket, role, spawn);
         open(&self.endpoint, addr, cert, hello, tx, self.stop.clone()).await
@@ -790,7 +929,7 @@ async fn open(
     hello: ClientControl,
     tx: mpsc::Sender<Event>,
     stop: CancellationToken,
-) -> anyhow::Result<(ServerId, quinn::Connection)> {
+) -> anyhow::Result<(ServerId, Link)> {
     let cfg = tls::client_config(cert, ALPN)?;
     let conn = tokio::time::timeout(Duration::from_secs(5), endpoint.connect_with(cfg, addr, "localhost")?)
         .await
@@ -804,9 +943,22 @@ async fn open(
         other => anyhow::bail!("expected a welcome, got {other:?}"),
     };
     let c = conn.clone();
+    let (ctl, mut ctl_rx) = mpsc::channel::<ClientControl>(16);
     tokio::spawn(async move {
+        // The bot dropped its end: nothing more to send, keep reading.
+        let mut bot_sends = true;
         let why = loop {
             tokio::select! {
+                m = ctl_rx.recv(), if bot_sends => match m {
+                    Some(m) => {
+                        let sent = match encode_frame(&m) {
+                            Ok(f) => send.write_all(&f).await.map_err(|e| e.to_string()),
+                            Err(e) => Err(e.to_string()),
+                        };
+                        if let Err(e) = sent { break format!("control stream: {e}"); }
+                    }
+                    None => bot_sends = false,
+                },
                 d = c.read_datagram() => match d {
                     Ok(b) => if let Ok(Datagram::Snapshot(s)) = Datagram::decode(&b)
                         && tx.try_send(Event::Snapshot(server, s)).is_err() && tx.is_closed() { break "bot ended".to_owned(); },
@@ -822,5 +974,5 @@ async fn open(
         let _ = send.finish();
         let _ = tx.send(Event::Closed(server, why)).await;
     });
-    Ok((server, conn))
+    Ok((server, Link { conn, ctl }))
 }

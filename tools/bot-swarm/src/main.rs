@@ -39,8 +39,10 @@ struct Cli {
     path: Option<String>,
     /// Behaviours and their weights: wander (strolls about its spawn),
     /// commute (crosses the world), oscillate (back and forth over a region
-    /// boundary), crowd (mills about the hotspot).
-    #[arg(long, default_value = "wander=3,commute=2,oscillate=3,crowd=2")]
+    /// boundary), crowd (mills about the hotspot), dig_build (builds a brick
+    /// ball and digs its footing away every 10 s), grab_throw (picks up props
+    /// near it and throws them; makes debris when there are none).
+    #[arg(long, default_value = "wander=3,commute=2,oscillate=3,crowd=2,dig_build=1,grab_throw=1")]
     mix: String,
     /// Seed of the behaviours' draw and waypoints: the same seed, the same plan.
     #[arg(long, default_value_t = 1)]
@@ -82,6 +84,10 @@ struct Cli {
     /// Fail when inputs were acknowledged out of order more often than this.
     #[arg(long)]
     max_ack_regressions: Option<f64>,
+    /// Fail when the p99 from sending an edit to its durable
+    /// acknowledgement is above this, ms (`dig_build`, `grab_throw` bots).
+    #[arg(long)]
+    max_edit_p99_ms: Option<f64>,
     /// Fail when fewer than this fraction of the bots joined.
     #[arg(long, default_value_t = 1.0)]
     min_joined_fraction: f64,
@@ -150,6 +156,7 @@ async fn main() -> anyhow::Result<()> {
         min_joined_fraction: Some(cli.min_joined_fraction),
         max_snapshot_gap_ms: cli.max_snapshot_gap_ms,
         max_ack_regressions: cli.max_ack_regressions,
+        max_edit_p99_ms: cli.max_edit_p99_ms,
     };
     if let Some(dir) = &cli.report {
         std::fs::create_dir_all(dir).with_context(|| format!("making the report directory {}", dir.display()))?;
@@ -200,6 +207,8 @@ async fn main() -> anyhow::Result<()> {
         "rtt_p50_ms": report.rtt_p50_ms, "rtt_p99_ms": report.rtt_p99_ms,
         "up_kbps_per_bot": report.up_kbps_per_bot, "down_kbps_per_bot": report.down_kbps_per_bot,
         "handoff_gap_p99_ms": report.handoff_gap_p99_ms,
+        "edits_done": report.work.edits_done, "edits_rejected": report.work.edits_rejected,
+        "edit_p99_ms": report.work.edit_p99_ms, "throws": report.work.throws, "props_flew": report.work.props_flew,
     });
     println!("{summary}");
     if let Some(dir) = &cli.report {

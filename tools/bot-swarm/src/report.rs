@@ -227,6 +227,7 @@ pub struct Limits {
     pub min_joined_fraction: Option<f64>,
     pub max_snapshot_gap_ms: Option<f64>,
     pub max_ack_regressions: Option<f64>,
+    pub max_edit_p99_ms: Option<f64>,
 }
 
 impl Limits {
@@ -244,6 +245,7 @@ impl Limits {
         at_most("errors", self.max_errors, r.errors as f64);
         at_most("max_snapshot_gap_ms", self.max_snapshot_gap_ms, max_gap);
         at_most("ack_regressions", self.max_ack_regressions, r.ack_regressions as f64);
+        at_most("edit_p99_ms", self.max_edit_p99_ms, r.work.edit_p99_ms);
         if let Some(limit) = self.min_joined_fraction {
             out.push(Verdict { name: "joined_fraction".into(), limit, value: joined, ok: joined >= limit });
         }
@@ -345,6 +347,53 @@ fn bar_chart(title: &str, bars: &[(String, u64)]) -> String {
     svg
 }
 
+/// Region changes on a time axis: one row per kind, a mark per change.
+fn timeline_chart(changes: &[RegionChange], seconds: f64) -> String {
+    let mut kinds: Vec<&str> = changes.iter().map(|c| c.kind.as_str()).collect();
+    kinds.sort_unstable();
+    kinds.dedup();
+    let (w, l, row) = (640.0, 70.0, 24.0);
+    let h = 30.0 + row * kinds.len() as f64;
+    let xmax = changes.iter().map(|c| c.t).fold(seconds.max(1.0), f64::max);
+    let x = |t: f64| l + t / xmax * (w - l - 10.0);
+    let mut svg = format!(
+        r#"<figure><figcaption>Region changes over the run (from the coordinator's counters)</figcaption><svg viewBox="0 0 {w} {h}" width="{w}" height="{h}" role="img">"#
+    );
+    for (i, kind) in kinds.iter().enumerate() {
+        let y = 14.0 + row * i as f64;
+        let c = COLOURS[i % COLOURS.len()];
+        let _ = write!(
+            svg,
+            r##"<text x="{}" y="{}" font-size="10" text-anchor="end">{}</text><line x1="{l}" y1="{y}" x2="{}" y2="{y}" stroke="#ddd"/>"##,
+            l - 6.0,
+            y + 3.0,
+            esc(kind),
+            w - 10.0
+        );
+        for ch in changes.iter().filter(|ch| ch.kind == *kind) {
+            let _ = write!(
+                svg,
+                r#"<circle cx="{:.1}" cy="{y}" r="{:.1}" fill="{c}"><title>{} × {} at {:.0} s</title></circle>"#,
+                x(ch.t),
+                (3.0 + ch.count as f64).min(8.0),
+                ch.count,
+                esc(kind),
+                ch.t
+            );
+        }
+    }
+    let _ = write!(
+        svg,
+        r##"<line x1="{l}" y1="{0}" x2="{1}" y2="{0}" stroke="#888"/><text x="{l}" y="{2}" font-size="10">0 s</text><text x="{1}" y="{2}" font-size="10" text-anchor="end">{3:.0} s</text>"##,
+        h - 12.0,
+        w - 10.0,
+        h - 1.0,
+        xmax
+    );
+    svg.push_str("</svg></figure>");
+    svg
+}
+
 /// Counts of `values` in the buckets `edges` (upper bounds, the last open).
 fn histogram(values: &[f64], edges: &[f64]) -> Vec<(String, u64)> {
     let mut out: Vec<(String, u64)> = edges.iter().map(|e| (format!("≤{e}"), 0)).collect();
@@ -429,11 +478,31 @@ pub fn html(r: &SwarmReport, verdicts: &[Verdict]) -> String {
     if tl.region_changes.is_empty() {
         body.push_str("<p>None during the run.</p>");
     } else {
-        body.push_str("<table><tr><th>t (s)</th><th>kind</th><th>count</th></tr>");
-        for c in &tl.region_changes {
-            let _ = write!(body, "<tr><td>{:.0}</td><td>{}</td><td>{}</td></tr>", c.t, esc(&c.kind), c.count);
-        }
-        body.push_str("</table>");
+        body.push_str(&timeline_chart(&tl.region_changes, r.seconds));
+    }
+    let w = &r.work;
+    if w.edits_sent + w.grips > 0 {
+        let reasons: Vec<String> = w.edit_rejections.iter().map(|(k, n)| format!("{} {n}", esc(k))).collect();
+        let _ = write!(
+            body,
+            "<h2>Digging, building, grabbing, throwing</h2><p>{} edits sent, {} done, {} refused{} · edit to durable              p50 {:.1} ms, p99 {:.1} ms · {} grips, {} throws: {} props flew, {} stayed, {} out of view a second \
+             later</p>",
+            w.edits_sent,
+            w.edits_done,
+            w.edits_rejected,
+            if reasons.is_empty() { String::new() } else { format!(" ({})", reasons.join(", ")) },
+            w.edit_p50_ms,
+            w.edit_p99_ms,
+            w.grips,
+            w.throws,
+            w.props_flew,
+            w.props_stayed,
+            w.props_unseen
+        );
+        body.push_str(&bar_chart(
+            "Edit latency: sent to acknowledged durable (ms)",
+            &histogram(&w.edit_ms, &[5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 1000.0]),
+        ));
     }
     format!(
         "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>Bot swarm report</title><style>\
@@ -495,5 +564,27 @@ mod tests {
         assert_eq!(failed, ["errors", "joined_fraction"]);
         let page = html(&r, &v);
         assert!(page.contains("FAILED") && page.contains("<svg") && !page.contains("http"), "self-contained");
+    }
+
+    #[test]
+    fn region_changes_are_plotted_on_a_timeline_and_work_is_shown() {
+        let mut r = SwarmReport { bots: 2, joined: 2, seconds: 60.0, ..Default::default() };
+        r.timeline.region_changes = vec![
+            RegionChange { t: 10.0, kind: "split".into(), count: 1 },
+            RegionChange { t: 30.0, kind: "move".into(), count: 2 },
+            RegionChange { t: 45.0, kind: "split".into(), count: 1 },
+        ];
+        r.work.edits_sent = 4;
+        r.work.edit_ms = vec![3.0, 40.0];
+        r.work.edit_rejections.insert("out_of_reach".into(), 1);
+        let page = html(&r, &[]);
+        // One row per kind, one mark per change, placed along the run.
+        assert_eq!(page.matches("<circle").count(), 3);
+        assert!(page.contains("2 × move at 30 s") && page.contains("1 × split at 45 s"));
+        let row_labels = page.matches(">move</text>").count() + page.matches(">split</text>").count();
+        assert_eq!(row_labels, 2);
+        assert!(page.contains("out_of_reach 1") && page.contains("Edit latency"));
+        let quiet = html(&SwarmReport::default(), &[]);
+        assert!(!quiet.contains("<circle") && !quiet.contains("Edit latency") && quiet.contains("None during the run"));
     }
 }
