@@ -32,6 +32,11 @@ pub struct Config {
     /// 127.0.0.1 when binding all interfaces. In Kubernetes, the pod's DNS name.
     #[arg(long, env = "PS_ADVERTISE_HOST")]
     pub advertise_host: Option<String>,
+    /// Kernel buffer asked for the QUIC socket, each way, bytes. The kernel
+    /// grants at most `net.core.rmem_max` (raise it on hosts with hundreds
+    /// of players a server: 90 datagrams a second from each).
+    #[arg(long, env = "PS_UDP_BUFFER_BYTES", default_value_t = 4 << 20)]
+    pub udp_buffer_bytes: usize,
     /// Players this server accepts.
     #[arg(long, env = "PS_CAPACITY", default_value_t = 1000)]
     pub capacity: u32,

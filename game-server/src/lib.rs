@@ -71,8 +71,21 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
             tls::self_signed(names)?
         }
     };
-    let endpoint = quinn::Endpoint::server(tls::server_config(&identity)?, config.quic_addr)
+    let (socket, granted) = svc::udp_socket(config.quic_addr, config.udp_buffer_bytes)
         .with_context(|| format!("binding QUIC on {}", config.quic_addr))?;
+    if granted < config.udp_buffer_bytes {
+        info!(
+            asked = config.udp_buffer_bytes,
+            granted, "the kernel capped the QUIC socket's receive buffer (net.core.rmem_max)"
+        );
+    }
+    let endpoint = quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        Some(tls::server_config(&identity)?),
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )
+    .with_context(|| format!("starting QUIC on {}", config.quic_addr))?;
     let bind = |addr: SocketAddr, what: &'static str| async move {
         TcpListener::bind(addr).await.with_context(|| format!("binding {what} on {addr}"))
     };

@@ -58,3 +58,69 @@ pub fn unix_nanos() -> u64 {
 pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
+
+/// What this process has used so far: CPU time (user + system) and its peak
+/// resident memory.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize)]
+pub struct Usage {
+    pub cpu_seconds: f64,
+    pub max_rss_kib: u64,
+}
+
+/// This process's [`Usage`], from `getrusage`.
+pub fn usage() -> anyhow::Result<Usage> {
+    use nix::sys::resource::{UsageWho, getrusage};
+    let u = getrusage(UsageWho::RUSAGE_SELF)?;
+    let secs = |t: nix::sys::time::TimeVal| t.tv_sec() as f64 + t.tv_usec() as f64 / 1e6;
+    // Linux reports kibibytes.
+    Ok(Usage { cpu_seconds: secs(u.user_time()) + secs(u.system_time()), max_rss_kib: u.max_rss().max(0) as u64 })
+}
+
+/// A UDP socket bound to `addr`, non-blocking, with kernel buffers of
+/// `buffer_bytes` each way asked for: a QUIC endpoint that serves hundreds
+/// of players at 90 Hz receives tens of thousands of datagrams a second, and
+/// the usual 208 KiB default overflows whenever its task is late (the kernel
+/// drops them: `RcvbufErrors` in `/proc/net/snmp`). The kernel caps the
+/// size at `net.core.rmem_max` / `wmem_max`; the receive size granted is
+/// returned.
+pub fn udp_socket(addr: std::net::SocketAddr, buffer_bytes: usize) -> anyhow::Result<(std::net::UdpSocket, usize)> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let s = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP)).context("making a UDP socket")?;
+    if addr.is_ipv6() {
+        // Accept IPv4 too where the platform allows it (quinn does the same).
+        let _ = s.set_only_v6(false);
+    }
+    // Best effort: a smaller buffer than asked is still a working socket.
+    let _ = s.set_recv_buffer_size(buffer_bytes);
+    let _ = s.set_send_buffer_size(buffer_bytes);
+    s.bind(&addr.into()).with_context(|| format!("binding UDP {addr}"))?;
+    s.set_nonblocking(true)?;
+    let granted = s.recv_buffer_size().unwrap_or(0);
+    Ok((s.into(), granted))
+}
+
+#[cfg(test)]
+mod usage_tests {
+    #[test]
+    fn udp_sockets_get_bigger_buffers_than_the_default() {
+        let (small, _) = super::udp_socket("127.0.0.1:0".parse().unwrap(), 4096).unwrap();
+        let (big, granted) = super::udp_socket("127.0.0.1:0".parse().unwrap(), 1 << 20).unwrap();
+        let small = socket2::SockRef::from(&small).recv_buffer_size().unwrap();
+        assert!(granted > small, "asked 1 MiB, got {granted}; asked 4 KiB, got {small}");
+        assert_ne!(big.local_addr().unwrap().port(), 0);
+    }
+
+    #[test]
+    fn usage_counts_cpu_time_and_peak_memory() {
+        let before = super::usage().unwrap();
+        let block = vec![1u8; 64 << 20];
+        let mut x = 0u64;
+        for i in 0..200_000_000u64 {
+            x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(i));
+        }
+        let after = super::usage().unwrap();
+        assert!(after.max_rss_kib >= 64 * 1024, "{after:?}");
+        assert!(after.cpu_seconds > before.cpu_seconds, "{before:?} {after:?}");
+        assert_eq!(block[block.len() - 1], 1);
+    }
+}

@@ -31,6 +31,12 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+/// How long a login or an account creation may take. The coordinator
+/// hashes passwords a few at a time, so a ramp of hundreds of bots queues
+/// there: a bot that gave up early and asked again would only lengthen the
+/// queue (and spend its name's login allowance).
+const LOGIN_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// A bot that hears nothing from any server this long reconnects.
 const SILENCE: Duration = Duration::from_secs(3);
 
@@ -182,7 +188,28 @@ pub struct SwarmReport {
     /// What the `dig_build` and `grab_throw` bots did, all together.
     #[serde(default)]
     pub work: WorkSummary,
+    /// What the swarm process itself cost, and so what one bot costs.
+    #[serde(default)]
+    pub process: ProcessCost,
     pub per_bot: Vec<BotReport>,
+}
+
+/// The swarm process's own cost.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ProcessCost {
+    /// Peak resident memory of the process, and that before any bot started, MiB.
+    pub rss_peak_mib: f64,
+    pub rss_before_bots_mib: f64,
+    /// (peak − before) ÷ bots that joined, KiB.
+    pub kib_per_bot: f64,
+    /// CPU time (user + system) of the whole run.
+    pub cpu_seconds: f64,
+    /// CPU per bot: milliseconds of CPU per second a bot was connected
+    /// (1000 would be one core per bot).
+    pub cpu_ms_per_bot_second: f64,
+    /// Input frames each connected bot sent a second (90 while the process
+    /// keeps up with its bots).
+    pub input_hz_per_bot: f64,
 }
 
 /// The swarm's edits, grabs and throws.
@@ -269,7 +296,7 @@ pub async fn run(cfg: SwarmConfig, live: Arc<Live>, stop: CancellationToken) -> 
         .send()
         .await
         .with_context(|| format!("the coordinator at {} does not answer", cfg.coordinator))?;
-    let endpoint = quinn::Endpoint::client(SocketAddr::from(([0, 0, 0, 0], 0))).context("binding a UDP socket")?;
+    let mut endpoints: Vec<quinn::Endpoint> = Vec::new();
     let deadline_stop = stop.child_token();
     if let Some(d) = cfg.duration {
         let s = deadline_stop.clone();
@@ -289,6 +316,7 @@ pub async fn run(cfg: SwarmConfig, live: Arc<Live>, stop: CancellationToken) -> 
         Some(_) => Some(world_of(&http, &cfg).await?),
         None => None,
     };
+    let usage_before = svc::usage().unwrap_or_default();
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..cfg.bots {
         if deadline_stop.is_cancelled() {
@@ -301,8 +329,12 @@ pub async fn run(cfg: SwarmConfig, live: Arc<Live>, stop: CancellationToken) -> 
                 (behaviour::Behaviour::Path, cfg.path.iter().map(|p| *p + shift).collect())
             }
         };
-        let env =
-            BotEnv { endpoint: endpoint.clone(), http: http.clone(), live: live.clone(), stop: deadline_stop.clone() };
+        let env = BotEnv {
+            endpoint: endpoint_for(&mut endpoints, i)?,
+            http: http.clone(),
+            live: live.clone(),
+            stop: deadline_stop.clone(),
+        };
         tasks.spawn(Bot::new(&cfg, i, behaviour, path, env).run());
         tokio::select! {
             _ = tokio::time::sleep(cfg.ramp) => {}
@@ -313,7 +345,9 @@ pub async fn run(cfg: SwarmConfig, live: Arc<Live>, stop: CancellationToken) -> 
     while let Some(r) = tasks.join_next().await {
         per_bot.push(r.context("a bot task panicked")?);
     }
-    endpoint.wait_idle().await;
+    for e in &endpoints {
+        e.wait_idle().await;
+    }
     deadline_stop.cancel();
     let mut timeline = sampler.await.unwrap_or_default();
     per_bot.sort_by_key(|b| b.player);
@@ -322,6 +356,18 @@ pub async fn run(cfg: SwarmConfig, live: Arc<Live>, stop: CancellationToken) -> 
     let mut rtt = std::mem::take(&mut timeline.rtt_all_ms);
     let bot_seconds: f64 = timeline.samples.iter().map(|s| s.connected as f64).sum::<f64>().max(1.0);
     let kbps = |bytes: u64| bytes as f64 * 8.0 / 1000.0 / bot_seconds;
+    let usage = svc::usage().unwrap_or_default();
+    let joined = per_bot.iter().filter(|b| b.joined).count();
+    let mib = |kib: u64| (kib as f64 / 1024.0 * 10.0).round() / 10.0;
+    let process = ProcessCost {
+        rss_peak_mib: mib(usage.max_rss_kib),
+        rss_before_bots_mib: mib(usage_before.max_rss_kib),
+        kib_per_bot: (usage.max_rss_kib.saturating_sub(usage_before.max_rss_kib) as f64 / joined.max(1) as f64).round(),
+        cpu_seconds: (usage.cpu_seconds * 100.0).round() / 100.0,
+        cpu_ms_per_bot_second: (usage.cpu_seconds * 1000.0 / bot_seconds * 100.0).round() / 100.0,
+        input_hz_per_bot: (per_bot.iter().map(|b| f64::from(b.inputs_sent)).sum::<f64>() / bot_seconds * 10.0).round()
+            / 10.0,
+    };
     Ok(SwarmReport {
         rtt_p50_ms: report::percentile(&mut rtt, 0.5),
         rtt_p99_ms: report::percentile(&mut rtt, 0.99),
@@ -332,6 +378,7 @@ pub async fn run(cfg: SwarmConfig, live: Arc<Live>, stop: CancellationToken) -> 
         handoff_gaps_ms: gaps,
         timeline,
         work: WorkSummary::of(&per_bot),
+        process,
         bots: cfg.bots,
         joined: per_bot.iter().filter(|b| b.joined).count() as u32,
         seconds,
@@ -341,6 +388,23 @@ pub async fn run(cfg: SwarmConfig, live: Arc<Live>, stop: CancellationToken) -> 
         errors: per_bot.iter().map(|b| b.errors.len() as u64).sum(),
         per_bot,
     })
+}
+
+/// Bots that share one UDP socket (and one endpoint driver task). One
+/// socket for thousands of bots would take hundreds of thousands of
+/// datagrams a second, more than one task and one kernel buffer keep up with.
+const BOTS_PER_SOCKET: u32 = 100;
+
+/// The endpoint of bot `i`, made when its group's first bot starts.
+fn endpoint_for(endpoints: &mut Vec<quinn::Endpoint>, i: u32) -> anyhow::Result<quinn::Endpoint> {
+    let k = (i / BOTS_PER_SOCKET) as usize;
+    while endpoints.len() <= k {
+        let (socket, _) = svc::udp_socket(SocketAddr::from(([0, 0, 0, 0], 0)), 4 << 20)?;
+        let e = quinn::Endpoint::new(quinn::EndpointConfig::default(), None, socket, Arc::new(quinn::TokioRuntime))
+            .context("starting a QUIC client endpoint")?;
+        endpoints.push(e);
+    }
+    Ok(endpoints[k].clone())
 }
 
 /// The world's horizontal extent and the middle of its first region, from
@@ -845,7 +909,8 @@ impl Bot {
         let url = format!("{}/v1/login", self.coordinator);
         let body = serde_json::json!({ "name": self.name, "password": password, "spawn": spawn.to_array() });
         for attempt in 0..2 {
-            let r = self.http.post(&url).json(&body).send().await.with_context(|| format!("POST {url}"))?;
+            let r = self.http.post(&url).timeout(LOGIN_TIMEOUT).json(&body).send().await;
+            let r = r.with_context(|| format!("POST {url}"))?;
             let status = r.status();
             if status.is_success() {
                 return Ok(r.json().await?);
@@ -855,7 +920,8 @@ impl Bot {
                 // First run: make the account, then log in again.
                 let url = format!("{}/v1/accounts", self.coordinator);
                 let body = serde_json::json!({ "name": self.name, "password": password });
-                let r = self.http.post(&url).json(&body).send().await.with_context(|| format!("POST {url}"))?;
+                let r = self.http.post(&url).timeout(LOGIN_TIMEOUT).json(&body).send().await;
+                let r = r.with_context(|| format!("POST {url}"))?;
                 anyhow::ensure!(
                     r.status().is_success() || r.status() == reqwest::StatusCode::CONFLICT,
                     "creating account {}: {} {}",

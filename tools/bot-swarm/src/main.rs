@@ -209,6 +209,7 @@ async fn main() -> anyhow::Result<()> {
         "handoff_gap_p99_ms": report.handoff_gap_p99_ms,
         "edits_done": report.work.edits_done, "edits_rejected": report.work.edits_rejected,
         "edit_p99_ms": report.work.edit_p99_ms, "throws": report.work.throws, "props_flew": report.work.props_flew,
+        "process": report.process,
     });
     println!("{summary}");
     if let Some(dir) = &cli.report {

@@ -428,6 +428,18 @@ pub fn html(r: &SwarmReport, verdicts: &[Verdict]) -> String {
         r.up_kbps_per_bot,
         r.down_kbps_per_bot
     );
+    let p = &r.process;
+    let _ = write!(
+        body,
+        "<p>The swarm process: peak {:.1} MiB ({:.1} before its bots; {:.0} KiB a bot) · {:.1} s of CPU ({:.2} ms a \
+         bot-second) · {:.1} inputs a second a bot</p>",
+        p.rss_peak_mib,
+        p.rss_before_bots_mib,
+        p.kib_per_bot,
+        p.cpu_seconds,
+        p.cpu_ms_per_bot_second,
+        p.input_hz_per_bot
+    );
     if !verdicts.is_empty() {
         body.push_str("<table><tr><th>limit</th><th>value</th><th>allowed</th><th></th></tr>");
         for v in verdicts {
