@@ -239,6 +239,12 @@ impl Mesh {
         Ok((Proc::start(name, "bot-swarm", &all, self.dir.path())?, report))
     }
 
+    /// POSTs JSON to the coordinator's API, from a runtime of its own.
+    pub fn post(&self, path: &str, bearer: Option<&str>, body: Value) -> anyhow::Result<(u16, Value)> {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        rt.block_on(post_json(&format!("http://{}{path}", self.http), bearer, &body))
+    }
+
     /// The `summary.json` a swarm wrote into `report`.
     pub fn summary(report: &Path) -> anyhow::Result<Value> {
         let path = report.join("summary.json");

@@ -31,6 +31,22 @@ fn limits_decide_the_exit_code_and_the_report_names_the_failing_ones() -> anyhow
         .collect();
     assert_eq!(failed, ["rtt_p99_ms"], "{summary}");
 
+    // Credentials the coordinator refuses: no retrying, a clear message, exit 2.
+    let (status, body) =
+        mesh.post("/v1/accounts", None, serde_json::json!({"name": "refused-1", "password": "the-right-one"}))?;
+    assert_eq!(status, 201, "{body}");
+    let started = std::time::Instant::now();
+    let (mut p, _) =
+        mesh.swarm("refused", &["--bots=1", "--seconds=20", "--path=500,10,500", "--password=a-wrong-one"])?;
+    let status = p.child.wait()?;
+    assert_eq!(status.code(), Some(2), "{}", p.log_text());
+    assert!(
+        p.log_text().contains("no bot could join the mesh: could not join: login as refused-1 refused: 401"),
+        "{}",
+        p.log_text()
+    );
+    assert!(started.elapsed().as_secs() < 10, "gave up at once: {:?}", started.elapsed());
+
     // Nobody there: a clear message and a failure, at once.
     let mut p = Proc::start(
         "nowhere",

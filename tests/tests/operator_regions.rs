@@ -6,15 +6,10 @@
 
 use std::time::Duration;
 
-use integration_tests::{Mesh, Proc, post_json, walkable_line};
+use integration_tests::{Mesh, Proc, walkable_line};
 use serde_json::{Value, json};
 
 const TOKEN: &str = "ops-token";
-
-fn post(mesh: &Mesh, path: &str, bearer: Option<&str>, body: Value) -> anyhow::Result<(u16, Value)> {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    rt.block_on(post_json(&format!("http://{}{path}", mesh.http), bearer, &body))
-}
 
 fn owner_of(regions: &Value, key: &str) -> Option<u64> {
     regions.as_array()?.iter().find(|r| r["region"] == key)?["server_id"].as_u64()
@@ -39,7 +34,7 @@ fn drain_hands_players_over_and_bad_operator_writes_change_nothing() -> anyhow::
         ("/v1/regions/L0:0,0,0/move", Some(TOKEN), json!({"to": "two"}), 400, "bad_request"),
     ];
     for (path, bearer, body, status, reason) in refusals {
-        let (got, answer) = post(&mesh, path, bearer, body)?;
+        let (got, answer) = mesh.post(path, bearer, body)?;
         assert_eq!((got, answer["error"].as_str()), (status, Some(reason)), "{path}: {answer}");
     }
     assert_eq!(mesh.get("/v1/regions")?, regions, "refused writes changed the map");
@@ -51,7 +46,7 @@ fn drain_hands_players_over_and_bad_operator_writes_change_nothing() -> anyhow::
     let mut ids = Vec::new();
     for n in 1..=2 {
         let (status, a) =
-            post(&mesh, "/v1/accounts", None, json!({"name": format!("bot-{n}"), "password": "bot-password"}))?;
+            mesh.post("/v1/accounts", None, json!({"name": format!("bot-{n}"), "password": "bot-password"}))?;
         assert_eq!(status, 201, "{a}");
         ids.push(a["player"].as_u64().expect("player id"));
     }
@@ -84,28 +79,28 @@ fn drain_hands_players_over_and_bad_operator_writes_change_nothing() -> anyhow::
     assert!(metrics.contains("\nprocess_resident_memory_bytes "), "process metrics:\n{metrics}");
 
     // Split the region they are in: the children stay with its owner.
-    let (status, map) = post(&mesh, "/v1/regions/L0:0,0,0/split", Some(TOKEN), json!({}))?;
+    let (status, map) = mesh.post("/v1/regions/L0:0,0,0/split", Some(TOKEN), json!({}))?;
     assert_eq!(status, 200, "{map}");
     let kids: Vec<&Value> = map.as_array().unwrap().iter().filter(|r| r["level"] == 1).collect();
     assert_eq!(kids.len(), 8, "{map}");
     assert!(kids.iter().all(|r| r["server_id"].as_u64() == Some(first)), "{map}");
-    let (status, answer) = post(&mesh, "/v1/regions/L1:0,0,0/split", Some(TOKEN), json!({}))?;
+    let (status, answer) = mesh.post("/v1/regions/L1:0,0,0/split", Some(TOKEN), json!({}))?;
     assert_eq!(status, 200, "{answer}");
-    let (status, answer) = post(&mesh, "/v1/regions/L2:0,0,0/split", Some(TOKEN), json!({}))?;
+    let (status, answer) = mesh.post("/v1/regions/L2:0,0,0/split", Some(TOKEN), json!({}))?;
     assert_eq!((status, answer["error"].as_str()), (400, Some("too_small")), "{answer}");
     std::thread::sleep(Duration::from_secs(2));
     for key in ["L1:0,0,0", "L0:0,0,0"] {
-        let (status, answer) = post(&mesh, &format!("/v1/regions/{key}/merge"), Some(TOKEN), json!({}))?;
+        let (status, answer) = mesh.post(&format!("/v1/regions/{key}/merge"), Some(TOKEN), json!({}))?;
         assert_eq!(status, 200, "merge {key}: {answer}");
     }
     std::thread::sleep(Duration::from_secs(2));
 
     // Drain the first server: its region goes to the second, and so do the
     // bots, through the handoff protocol.
-    let (status, map) = post(&mesh, &format!("/v1/servers/{first}/drain"), Some(TOKEN), json!({}))?;
+    let (status, map) = mesh.post(&format!("/v1/servers/{first}/drain"), Some(TOKEN), json!({}))?;
     assert_eq!(status, 200, "{map}");
     assert!(map.as_array().unwrap().iter().all(|r| r["server_id"].as_u64() == Some(second)), "{map}");
-    let (status, answer) = post(&mesh, &format!("/v1/servers/{second}/drain"), Some(TOKEN), json!({}))?;
+    let (status, answer) = mesh.post(&format!("/v1/servers/{second}/drain"), Some(TOKEN), json!({}))?;
     assert_eq!((status, answer["error"].as_str()), (409, Some("last_server")), "{answer}");
 
     // While they still play (each got 1.5 s to pre-connect to the new owner

@@ -788,7 +788,9 @@ impl Bot {
             .await;
             match attempt {
                 Ok(((server, link), _)) => break Some((server, link)),
-                Err(e) if tries < max_tries && !self.stop.is_cancelled() => {
+                Err(e)
+                    if tries < max_tries && !self.stop.is_cancelled() && e.downcast_ref::<LoginRefused>().is_none() =>
+                {
                     debug!(player = %self.player, error = %format!("{e:#}"), "join failed; retrying");
                     tokio::select! {
                         _ = tokio::time::sleep(Duration::from_millis(500)) => {}
@@ -931,11 +933,21 @@ impl Bot {
                 );
                 continue;
             }
-            anyhow::bail!("login as {} refused: {status} {text}", self.name);
+            let refusal = format!("login as {} refused: {status} {text}", self.name);
+            // A wrong password or a bad request will not mend by asking again.
+            if matches!(status.as_u16(), 400 | 401 | 403) {
+                return Err(LoginRefused(refusal).into());
+            }
+            anyhow::bail!(refusal);
         }
         anyhow::bail!("login as {} refused after creating the account", self.name)
     }
 }
+
+/// The coordinator refused a bot's credentials: not worth retrying.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct LoginRefused(String);
 
 /// What `POST /v1/login` answers (the fields a bot uses).
 #[derive(Debug, Deserialize)]

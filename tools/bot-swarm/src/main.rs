@@ -223,6 +223,12 @@ async fn main() -> anyhow::Result<()> {
             .with_context(|| format!("writing {}", page.display()))?;
         eprintln!("report: {} and {}", json.display(), page.display());
     }
+    if report.joined == 0 && report.bots > 0 {
+        // Nothing was measured: say why, plainly, and fail before judging limits.
+        let why = report.per_bot.iter().flat_map(|b| b.errors.first()).next().cloned();
+        eprintln!("no bot could join the mesh: {}", why.as_deref().unwrap_or("the run ended before any bot joined"));
+        std::process::exit(2);
+    }
     let failed: Vec<String> =
         verdicts.iter().filter(|v| !v.ok).map(|v| format!("{} = {:.2} (limit {})", v.name, v.value, v.limit)).collect();
     if !failed.is_empty() {
