@@ -17,7 +17,7 @@ use std::time::Instant;
 use bevy_ecs::prelude::{IntoScheduleConfigs, ResMut, Resource};
 use bevy_ecs::schedule::Schedule;
 use bevy_ecs::world::World;
-use game_server::sim::messages::{MapView, Outbound, PeerInfo, PropSpawn, SimIn, SimOut};
+use game_server::sim::messages::{ConnTx, MapView, PeerInfo, PropSpawn, SimIn, SimOut};
 use game_server::sim::physics::PropShape;
 use game_server::sim::{SimParts, WorldParts, components, edits, schedule, step, terrain, world};
 use glam::{DVec3, IVec3, Quat};
@@ -189,7 +189,7 @@ impl Scenario {
         for i in 0..c.players {
             let centre = centres[i % groups];
             let p = centre + DVec3::new(rng.range(-30.0, 30.0), 0.0, rng.range(-30.0, 30.0));
-            let (otx, orx) = mpsc::channel::<Outbound>(64);
+            let (otx, orx) = ConnTx::channel(64, 64);
             receivers.push(orx);
             tx.try_send(SimIn::Joined {
                 conn: i as u64 + 1,
@@ -218,7 +218,7 @@ impl Scenario {
                 .spawn(move || {
                     while !stop.load(Ordering::Relaxed) {
                         for r in &mut receivers {
-                            while r.try_recv().is_ok() {}
+                            while r.try_recv().is_some() {}
                         }
                         std::thread::sleep(std::time::Duration::from_millis(5));
                     }

@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::metrics::Metrics;
-use crate::sim::messages::{Outbound, SimIn};
+use crate::sim::messages::{ConnTx, Outbound, SimIn};
 
 /// QUIC application close codes the server uses.
 pub mod close {
@@ -28,12 +28,16 @@ pub mod close {
     pub const REFUSED: u32 = 1;
     pub const PROTOCOL: u32 = 2;
     pub const SHUTDOWN: u32 = 3;
+    /// The client left its control stream unread until its queue filled.
+    pub const TOO_SLOW: u32 = 4;
 }
 
 /// Frames a client may wait before sending its hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
-/// Outbound queue per connection; a full queue drops (and counts) datagrams.
+/// Datagrams queued per connection; a full queue drops (and counts) them.
 const OUTBOUND_QUEUE: usize = 256;
+/// Control frames queued per connection; a full queue closes it.
+const CONTROL_QUEUE: usize = 512;
 
 #[derive(Debug, Clone)]
 pub struct NetContext {
@@ -301,7 +305,7 @@ async fn handle(incoming: quinn::Incoming, ctx: NetContext, stop: CancellationTo
     };
 
     let id = ctx.next_conn.fetch_add(1, Ordering::Relaxed);
-    let (tx, mut rx) = mpsc::channel::<Outbound>(OUTBOUND_QUEUE);
+    let (tx, mut rx) = ConnTx::channel(OUTBOUND_QUEUE, CONTROL_QUEUE);
     let joined = SimIn::Joined { conn: id, player, name: name.clone(), role, spawn, tx };
     if ctx.sim.send_timeout(joined, Duration::from_secs(1)).await.is_err() {
         let r = refuse("server_busy", "the simulation is not accepting players".into());
@@ -322,7 +326,21 @@ async fn handle(incoming: quinn::Incoming, ctx: NetContext, stop: CancellationTo
         let metrics = ctx.metrics.clone();
         let cache = ctx.cache.clone();
         tokio::spawn(async move {
-            while let Some(out) = rx.recv().await {
+            loop {
+                // Control frames first: a reliable frame never waits behind
+                // a queue of snapshots.
+                let out = tokio::select! {
+                    biased;
+                    _ = rx.kicked.cancelled() => {
+                        // The frame that did not fit is counted where it was sent.
+                        warn!(%player, "the client does not read its control stream; closing");
+                        conn.close(close::TOO_SLOW.into(), b"control stream not read");
+                        break;
+                    }
+                    c = rx.control.recv() => c.map(Outbound::Control),
+                    d = rx.datagrams.recv() => d.map(Outbound::Datagram),
+                };
+                let Some(out) = out else { break };
                 match out {
                     Outbound::Datagram(b) => {
                         if let Err(e) = conn.send_datagram(b) {

@@ -10,7 +10,7 @@ use shared::wire::{InputFrame, JoinRole, Pose};
 use shared::{EntityId, Epoch, PlayerId, ServerId, Tick, TickClock};
 use tokio::sync::mpsc;
 
-use super::messages::{CommittedTransfer, ConnId, HandoffState, MapView, Outbound, SimIn, SimOut};
+use super::messages::{CommittedTransfer, ConnId, HandoffState, MapView, SimIn, SimOut};
 use crate::metrics::Metrics;
 
 /// Inputs kept per player beyond the newest applied: enough for a second of
@@ -127,7 +127,7 @@ pub struct Map(pub Arc<MapView>);
 pub struct Conn {
     pub player: PlayerId,
     pub role: JoinRole,
-    pub tx: mpsc::Sender<Outbound>,
+    pub tx: super::messages::ConnTx,
 }
 
 /// Player connections open on this server.

@@ -21,6 +21,88 @@ pub enum Outbound {
     Control(ServerControl),
 }
 
+/// The tick thread's end of one connection's writer. Datagrams and control
+/// frames queue apart: snapshots that pile up (a late writer, a slow client)
+/// are dropped and counted, and never push out a control frame, which is
+/// reliable. A control frame that finds its own queue full means the client
+/// has not read its stream for a long time: the connection is closed
+/// (`kicked`) rather than lose the frame silently.
+#[derive(Debug, Clone)]
+pub struct ConnTx {
+    datagrams: mpsc::Sender<Bytes>,
+    control: mpsc::Sender<ServerControl>,
+    kicked: tokio_util::sync::CancellationToken,
+}
+
+/// The writer's end of [`ConnTx`].
+#[derive(Debug)]
+pub struct ConnRx {
+    pub datagrams: mpsc::Receiver<Bytes>,
+    pub control: mpsc::Receiver<ServerControl>,
+    /// Cancelled when a control frame found its queue full.
+    pub kicked: tokio_util::sync::CancellationToken,
+}
+
+/// Why [`ConnTx::try_send`] did not queue a message. `reason()` is a metric label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SendFailed {
+    DatagramsFull,
+    ControlFull,
+    Closed,
+}
+
+impl SendFailed {
+    pub fn reason(self) -> &'static str {
+        match self {
+            SendFailed::DatagramsFull => "outbound_full",
+            SendFailed::ControlFull => "control_full",
+            SendFailed::Closed => "conn_closed",
+        }
+    }
+}
+
+impl ConnTx {
+    /// A writer's two queues, `datagrams` and `control` deep.
+    pub fn channel(datagrams: usize, control: usize) -> (ConnTx, ConnRx) {
+        let (dtx, drx) = mpsc::channel(datagrams);
+        let (ctx, crx) = mpsc::channel(control);
+        let kicked = tokio_util::sync::CancellationToken::new();
+        (
+            ConnTx { datagrams: dtx, control: ctx, kicked: kicked.clone() },
+            ConnRx { datagrams: drx, control: crx, kicked },
+        )
+    }
+
+    /// Queues without waiting (the tick thread never waits).
+    pub fn try_send(&self, msg: Outbound) -> Result<(), SendFailed> {
+        use mpsc::error::TrySendError;
+        match msg {
+            Outbound::Datagram(b) => self.datagrams.try_send(b).map_err(|e| match e {
+                TrySendError::Full(_) => SendFailed::DatagramsFull,
+                TrySendError::Closed(_) => SendFailed::Closed,
+            }),
+            Outbound::Control(c) => self.control.try_send(c).map_err(|e| match e {
+                TrySendError::Full(_) => {
+                    self.kicked.cancel();
+                    SendFailed::ControlFull
+                }
+                TrySendError::Closed(_) => SendFailed::Closed,
+            }),
+        }
+    }
+}
+
+impl ConnRx {
+    /// What is queued, control frames first (tests and benchmarks).
+    pub fn try_recv(&mut self) -> Option<Outbound> {
+        self.control
+            .try_recv()
+            .map(Outbound::Control)
+            .or_else(|_| self.datagrams.try_recv().map(Outbound::Datagram))
+            .ok()
+    }
+}
+
 /// What the tick thread knows of another server.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PeerInfo {
@@ -98,7 +180,7 @@ pub enum SimIn {
         name: String,
         role: JoinRole,
         spawn: Option<DVec3>,
-        tx: mpsc::Sender<Outbound>,
+        tx: ConnTx,
     },
     Input {
         conn: ConnId,
@@ -197,5 +279,33 @@ impl AdoptError {
             AdoptError::StaleRegionEpoch { .. } | AdoptError::StaleEntityEpoch(..) => "stale_epoch",
             AdoptError::Unavailable => "unavailable",
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_datagram_queue_never_pushes_out_a_control_frame() {
+        let (tx, mut rx) = ConnTx::channel(2, 2);
+        let snap = || Outbound::Datagram(Bytes::from_static(b"s"));
+        let hint = || Outbound::Control(ServerControl::Notice { text: "pre-connect".into() });
+        assert_eq!(tx.try_send(snap()), Ok(()));
+        assert_eq!(tx.try_send(snap()), Ok(()));
+        assert_eq!(tx.try_send(snap()), Err(SendFailed::DatagramsFull));
+        assert_eq!(tx.try_send(hint()), Ok(()), "snapshots piling up leave control frames room");
+        assert!(!rx.kicked.is_cancelled());
+        // Control frames come out first.
+        assert!(matches!(rx.try_recv(), Some(Outbound::Control(_))));
+        assert!(matches!(rx.try_recv(), Some(Outbound::Datagram(_))));
+        // A control queue that fills up closes the connection instead of losing a frame quietly.
+        assert_eq!(tx.try_send(hint()), Ok(()));
+        assert_eq!(tx.try_send(hint()), Ok(()));
+        assert_eq!(tx.try_send(hint()), Err(SendFailed::ControlFull));
+        assert!(rx.kicked.is_cancelled());
+        assert_eq!(SendFailed::ControlFull.reason(), "control_full");
+        drop(rx);
+        assert_eq!(tx.try_send(hint()), Err(SendFailed::Closed));
     }
 }

@@ -27,12 +27,13 @@ pub const EVICT_GRACE_TICKS: u64 = 135;
 /// Where a player joins when the client names no spawn point.
 pub const DEFAULT_SPAWN: DVec3 = DVec3::new(1000.0, 10.0, 1000.0);
 
-/// Queues a message for one connection; a full queue drops and counts.
+/// Queues a message for one connection; what does not fit is counted (a
+/// datagram dropped; for a control frame, the connection is closed).
 pub(super) fn send(conns: &Conns, conn: u64, msg: Outbound, metrics: &SimMetrics) {
     if let Some(c) = conns.0.get(&conn)
-        && c.tx.try_send(msg).is_err()
+        && let Err(e) = c.tx.try_send(msg)
     {
-        metrics.0.datagrams_dropped.with_label_values(&["outbound_full"]).inc();
+        metrics.0.datagrams_dropped.with_label_values(&[e.reason()]).inc();
     }
 }
 
@@ -85,8 +86,8 @@ pub fn ingest(world: &mut World) {
             SimIn::Broadcast(msg) => {
                 let metrics = world.resource::<SimMetrics>().clone();
                 for c in world.resource::<Conns>().0.values().filter(|c| c.role == JoinRole::Play) {
-                    if c.tx.try_send(Outbound::Control(msg.clone())).is_err() {
-                        metrics.0.datagrams_dropped.with_label_values(&["outbound_full"]).inc();
+                    if let Err(e) = c.tx.try_send(Outbound::Control(msg.clone())) {
+                        metrics.0.datagrams_dropped.with_label_values(&[e.reason()]).inc();
                     }
                 }
             }
@@ -137,7 +138,7 @@ fn joined(
     name: String,
     role: JoinRole,
     spawn: Option<DVec3>,
-    tx: tokio::sync::mpsc::Sender<Outbound>,
+    tx: super::messages::ConnTx,
 ) {
     let cfg = world.resource::<SimConfig>().clone();
     let tick = world.resource::<TickState>().tick;
@@ -687,9 +688,11 @@ pub fn authority(world: &mut World) {
                 continue;
             }
             if let Some(a) = avatar.filter(|a| a.conn.is_some()) {
-                // Out of a region given away, the new owner of the player's
-                // own leaf is the one to pre-connect to.
-                let home = given_away.then(|| map.tree.leaf_at(body.pos)).flatten();
+                // The owner of the leaf the player stands in counts too: out
+                // of a region given away, and inside the margin of a
+                // neighbour whose owner just changed (the overlap zone of a
+                // leaf is outside it), that is the server it goes to next.
+                let home = map.tree.leaf_at(body.pos);
                 for leaf in map.tree.overlapping_leaves(body.pos, cfg.overlap_m).into_iter().chain(home) {
                     if let Some((owner, _)) = map.live_owner(&leaf)
                         && owner != cfg.server
@@ -740,11 +743,13 @@ pub fn authority(world: &mut World) {
             a.preconnected.insert(owner);
             a.conn
         });
+        debug!(entity = ?world.get::<NetId>(e).map(|n| n.0), to = %owner, ?conn, "pre-connect hinted");
         if let Some(c) = conn {
             send(world.resource::<Conns>(), c, Outbound::Control(msg), &metrics);
         }
     }
     for (e, entity, auth, target, pos) in requests {
+        debug!(%entity, from = %auth.region, to = %target, "transfer requested");
         let req = SimOut::RequestTransfer {
             entity,
             from_region: auth.region,

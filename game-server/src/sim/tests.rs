@@ -128,8 +128,8 @@ impl Harness {
         assert!(a.on_ground, "avatar did not land");
     }
 
-    pub(super) fn join(&self, conn: u64, role: JoinRole, spawn: DVec3) -> mpsc::Receiver<Outbound> {
-        let (tx, rx) = mpsc::channel(4096);
+    pub(super) fn join(&self, conn: u64, role: JoinRole, spawn: DVec3) -> ConnRx {
+        let (tx, rx) = ConnTx::channel(4096, 4096);
         self.send(SimIn::Joined { conn, player: PlayerId(7), name: "p".into(), role, spawn: Some(spawn), tx });
         rx
     }
@@ -145,9 +145,9 @@ fn input(seq: u32, x: f32) -> InputFrame {
 }
 
 /// Everything queued for a connection: its control frames and its newest snapshot.
-fn drain(rx: &mut mpsc::Receiver<Outbound>) -> (Vec<ServerControl>, Option<shared::wire::Snapshot>) {
+fn drain(rx: &mut ConnRx) -> (Vec<ServerControl>, Option<shared::wire::Snapshot>) {
     let (mut controls, mut last) = (Vec::new(), None);
-    while let Ok(o) = rx.try_recv() {
+    while let Some(o) = rx.try_recv() {
         match o {
             Outbound::Control(c) => controls.push(c),
             Outbound::Datagram(b) => {
@@ -160,11 +160,11 @@ fn drain(rx: &mut mpsc::Receiver<Outbound>) -> (Vec<ServerControl>, Option<share
     (controls, last)
 }
 
-pub(super) fn controls(rx: &mut mpsc::Receiver<Outbound>) -> Vec<ServerControl> {
+pub(super) fn controls(rx: &mut ConnRx) -> Vec<ServerControl> {
     drain(rx).0
 }
 
-fn last_snapshot(rx: &mut mpsc::Receiver<Outbound>) -> Option<shared::wire::Snapshot> {
+fn last_snapshot(rx: &mut ConnRx) -> Option<shared::wire::Snapshot> {
     drain(rx).1
 }
 
@@ -251,6 +251,42 @@ fn crossing_the_line_requests_a_transfer_and_releases_at_the_committed_tick() {
     assert!(applied_before < 122);
     assert!(h.avatar().is_none(), "the source no longer simulates the avatar");
     assert!(controls(&mut rx).iter().any(|c| matches!(c, ServerControl::AuthorityMoved { to: ServerId(2), effective_tick } if *effective_tick == effective)));
+}
+
+#[test]
+fn a_player_inside_the_margin_of_a_region_that_changes_owner_is_hinted_before_any_request() {
+    // Both roots are this server's; the player walks 5 m into the second,
+    // within the hysteresis margin, so it still belongs to the first.
+    let mut h = Harness::new(1);
+    let one_owner = {
+        let mut m = (*map()).clone();
+        m.owners.insert(RegionKey::root(1, 0, 0), (Some(ServerId(1)), Epoch(3)));
+        Arc::new(m)
+    };
+    h.send(SimIn::Map(one_owner.clone()));
+    let mut rx = h.join(1, JoinRole::Play, DVec3::new(1995.0, 10.0, 1000.0));
+    h.step();
+    for s in 1..=100 {
+        h.send(SimIn::Input { conn: 1, frame: input(s, 1.0) });
+        h.step();
+    }
+    h.send(SimIn::Input { conn: 1, frame: input(101, 0.0) });
+    h.step();
+    let (body, _) = h.avatar().expect("avatar");
+    assert!(body.pos.x > 2003.0 && body.pos.x < 2010.0, "{}", body.pos);
+    assert!(!controls(&mut rx).iter().any(|c| matches!(c, ServerControl::PreConnect { .. })), "one owner: no hint");
+    assert!(h.next_out().is_err());
+    // The second root goes to server 2 (a balancer move): the player stands
+    // in it, so it must pre-connect there before it walks any deeper.
+    let mut moved = (*one_owner).clone();
+    moved.version = 3;
+    moved.owners.insert(RegionKey::root(1, 0, 0), (Some(ServerId(2)), Epoch(4)));
+    h.send(SimIn::Map(Arc::new(moved)));
+    h.step();
+    assert!(
+        controls(&mut rx).iter().any(|c| matches!(c, ServerControl::PreConnect { server: ServerId(2), .. })),
+        "hinted to the owner of the region it stands in"
+    );
 }
 
 #[test]

@@ -11,7 +11,7 @@ pub mod report;
 pub mod tls;
 pub mod work;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -266,6 +266,8 @@ enum Event {
     Snapshot(ServerId, Snapshot),
     Control(ServerId, ServerControl),
     Linked(ServerId, Link),
+    /// A pre-connect gave up after its tries.
+    NotLinked(ServerId),
     Closed(ServerId, String),
 }
 
@@ -539,6 +541,9 @@ impl Bot {
         // closing (SIGKILL, a cut) goes silent long before QUIC times out.
         let mut last_heard = Instant::now();
         let mut rejoin = false;
+        // Servers being pre-connected to, and the addresses hints gave.
+        let mut pending: HashSet<ServerId> = HashSet::new();
+        let mut known: HashMap<ServerId, (SocketAddr, String)> = HashMap::new();
         loop {
             tokio::select! {
                 _ = every.tick() => {
@@ -631,24 +636,31 @@ impl Bot {
                             }
                         }
                         Event::Control(server, msg) => match msg {
-                            ServerControl::PreConnect { server: to, quic_addr, cert_sha256 } if !links.contains_key(&to) => {
+                            ServerControl::PreConnect { server: to, quic_addr, cert_sha256 } => {
                                 match quic_addr.parse::<SocketAddr>() {
                                     Ok(addr) => {
-                                        let me = self.open_in_background(addr, to, cert_sha256, tx.clone());
-                                        tokio::spawn(me);
+                                        known.insert(to, (addr, cert_sha256));
+                                        self.pre_connect(to, &links, &mut pending, &known, &tx);
                                     }
                                     Err(_) => self.error(format!("server {} sent a bad address {quic_addr:?}", server.0)),
                                 }
                             }
                             ServerControl::AuthorityMoved { to, effective_tick } => {
                                 debug!(player = %self.player, from = server.0, to = to.0, effective_tick, "told authority moves");
+                                // Authority went where the bot has no link (a hint
+                                // lost, a pre-connect that failed): link now.
+                                self.pre_connect(to, &links, &mut pending, &known, &tx);
                             }
                             ServerControl::EditResult { id, outcome } => self.edit_answered(id, outcome),
                             ServerControl::Refused { reason } => self.error(format!("server {} refused: {reason}", server.0)),
                             _ => {}
                         },
                         Event::Linked(server, link) => {
+                            pending.remove(&server);
                             links.insert(server, link);
+                        }
+                        Event::NotLinked(server) => {
+                            pending.remove(&server);
                         }
                         Event::Closed(server, why) => {
                             links.remove(&server);
@@ -849,6 +861,25 @@ impl Bot {
         }
     }
 
+    /// Starts a standby link to `to` unless there is one or one is on its way.
+    fn pre_connect(
+        &mut self,
+        to: ServerId,
+        links: &HashMap<ServerId, Link>,
+        pending: &mut HashSet<ServerId>,
+        known: &HashMap<ServerId, (SocketAddr, String)>,
+        tx: &mpsc::Sender<Event>,
+    ) {
+        if links.contains_key(&to) || pending.contains(&to) {
+            return;
+        }
+        let Some((addr, cert)) = known.get(&to) else { return };
+        debug!(player = %self.player, to = to.0, "pre-connecting");
+        pending.insert(to);
+        let me = self.open_in_background(*addr, to, cert.clone(), tx.clone());
+        tokio::spawn(me);
+    }
+
     fn open_in_background(
         &mut self,
         addr: SocketAddr,
@@ -874,6 +905,7 @@ impl Bot {
                         let hello = hello(player, &name, ticket, JoinRole::Standby, None);
                         match open(&endpoint, addr, &cert, hello, tx.clone(), stop.clone()).await {
                             Ok((server, link)) => {
+                                debug!(%player, server = server.0, attempt, "pre-connected");
                                 let _ = tx.send(Event::Linked(server, link)).await;
                                 return;
                             }
@@ -887,6 +919,7 @@ impl Bot {
                     _ = stop.cancelled() => return,
                 }
             }
+            let _ = tx.send(Event::NotLinked(server)).await;
         }
     }
 
