@@ -13,6 +13,7 @@ pub mod geom;
 pub mod ids;
 pub mod region;
 pub mod rng;
+pub mod snapshot;
 pub mod terrain;
 pub mod ticket;
 pub mod time;

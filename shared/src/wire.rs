@@ -52,6 +52,10 @@ pub enum DecodeError {
     BadFrame,
     #[error("control frame exceeds {MAX_CONTROL_FRAME} bytes")]
     FrameTooLarge,
+    #[error("a variable-length integer is too long or out of range")]
+    BadVarint,
+    #[error("a delta snapshot names a baseline this side does not hold")]
+    UnknownBaseline,
 }
 
 impl DecodeError {
@@ -64,6 +68,8 @@ impl DecodeError {
             DecodeError::TooManyEntities => "too_many_entities",
             DecodeError::BadFrame => "bad_frame",
             DecodeError::FrameTooLarge => "frame_too_large",
+            DecodeError::BadVarint => "bad_varint",
+            DecodeError::UnknownBaseline => "unknown_baseline",
         }
     }
 }

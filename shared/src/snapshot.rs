@@ -1,0 +1,680 @@
+//! Snapshot encoding: quantised, delta-compressed against a snapshot the
+//! client acknowledged, written within a byte budget in priority order.
+//!
+//! - Positions travel in millimetres: relative to the per-snapshot origin
+//!   (whole metres, near the receiving player) for an entity the baseline
+//!   lacks, relative to its baseline value otherwise.
+//! - Rotations travel as smallest-three quaternions: the index of the
+//!   largest component (2 bits) and the other three in 15 bits each, 6 bytes.
+//! - Velocities travel in cm/s.
+//! - Against a baseline, an entity whose quantised state did not change
+//!   costs nothing; a changed one sends only the fields that changed; one
+//!   that left the view is listed as removed.
+//!
+//! The encoder returns the [`View`] the client will hold after decoding
+//! (what it was sent on top of the baseline, the baseline's values for what
+//! did not fit the budget). The server keeps these views as baselines, so
+//! both sides delta from exactly the same integers and errors never add up.
+//!
+//! Integers are LEB128 varints (zigzag for signed). Every decode error is a
+//! [`DecodeError`] with a stable reason.
+
+use glam::{DVec3, Quat};
+
+use crate::ids::{EntityId, ServerId};
+use crate::time::Tick;
+use crate::wire::{DecodeError, EntityState, MAX_DATAGRAM, Snapshot};
+
+/// Datagram kind of a snapshot.
+pub const KIND_SNAPSHOT: u8 = 2;
+/// Position quantum, metres.
+pub const POS_QUANTUM_M: f64 = 0.001;
+/// Velocity quantum, m/s.
+pub const VEL_QUANTUM: f32 = 0.01;
+/// Bits per smallest-three component.
+const ROT_BITS: u32 = 15;
+const ROT_MAX: f32 = ((1u32 << ROT_BITS) - 1) as f32;
+/// The smaller three components of a unit quaternion lie in ±1/√2.
+const ROT_RANGE: f32 = std::f32::consts::FRAC_1_SQRT_2;
+/// Snapshots a side keeps as baselines (0.7 s at 90 Hz).
+pub const HISTORY: usize = 64;
+/// Most entities a decoded view holds (a bound on what a peer can make us allocate).
+pub const MAX_VIEW_ENTITIES: usize = 1024;
+
+const FLAG_AUTHORITATIVE: u8 = 1;
+const FLAG_DELTA: u8 = 2;
+const HAS_POS: u8 = 1;
+const HAS_ROT: u8 = 2;
+const HAS_VEL: u8 = 4;
+const HAS_AUTHORITY: u8 = 8;
+
+/// An entity as the wire carries it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QEntity {
+    pub id: EntityId,
+    /// Millimetres.
+    pub pos: [i64; 3],
+    /// Smallest-three, 47 bits.
+    pub rot: u64,
+    /// Centimetres a second.
+    pub vel: [i16; 3],
+    pub authority: ServerId,
+}
+
+fn quantise_rot(r: [f32; 4]) -> u64 {
+    let mut q = Quat::from_array(r);
+    q = if q.is_finite() && q.length_squared() > 1e-12 { q.normalize() } else { Quat::IDENTITY };
+    let a = q.to_array();
+    let (big, _) = a.iter().enumerate().fold((0, -1.0f32), |m, (i, v)| if v.abs() > m.1 { (i, v.abs()) } else { m });
+    let sign = if a[big] < 0.0 { -1.0 } else { 1.0 };
+    let mut packed = big as u64;
+    let mut shift = 2;
+    for (i, v) in a.iter().enumerate() {
+        if i == big {
+            continue;
+        }
+        let unit = ((v * sign + ROT_RANGE) / (2.0 * ROT_RANGE)).clamp(0.0, 1.0);
+        packed |= ((unit * ROT_MAX).round() as u64) << shift;
+        shift += ROT_BITS;
+    }
+    packed
+}
+
+fn rot_of(packed: u64) -> [f32; 4] {
+    let big = (packed & 3) as usize;
+    let mut a = [0.0f32; 4];
+    let mut shift = 2;
+    let mut sum = 0.0;
+    for (i, slot) in a.iter_mut().enumerate() {
+        if i == big {
+            continue;
+        }
+        let raw = ((packed >> shift) & ((1 << ROT_BITS) - 1)) as f32;
+        *slot = raw / ROT_MAX * 2.0 * ROT_RANGE - ROT_RANGE;
+        sum += *slot * *slot;
+        shift += ROT_BITS;
+    }
+    a[big] = (1.0 - sum).max(0.0).sqrt();
+    a
+}
+
+impl QEntity {
+    pub fn quantise(e: &EntityState) -> Self {
+        let mm = |v: f64| (v / POS_QUANTUM_M).round() as i64;
+        let cms = |v: f32| (v / VEL_QUANTUM).round().clamp(f32::from(i16::MIN), f32::from(i16::MAX)) as i16;
+        Self {
+            id: e.id,
+            pos: [mm(e.pos.x), mm(e.pos.y), mm(e.pos.z)],
+            rot: quantise_rot(e.rot),
+            vel: [cms(e.vel[0]), cms(e.vel[1]), cms(e.vel[2])],
+            authority: e.authority,
+        }
+    }
+
+    pub fn state(&self) -> EntityState {
+        EntityState {
+            id: self.id,
+            pos: DVec3::new(self.pos[0] as f64, self.pos[1] as f64, self.pos[2] as f64) * POS_QUANTUM_M,
+            rot: rot_of(self.rot),
+            vel: self.vel.map(|v| f32::from(v) * VEL_QUANTUM),
+            authority: self.authority,
+        }
+    }
+}
+
+/// What a client holds of one server's world after one snapshot: entities
+/// sorted by id.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct View {
+    pub tick: Tick,
+    pub entities: Vec<QEntity>,
+}
+
+impl View {
+    fn get(&self, id: EntityId) -> Option<&QEntity> {
+        self.entities.binary_search_by_key(&id, |e| e.id).ok().map(|i| &self.entities[i])
+    }
+}
+
+/// The fields of a snapshot besides its entities.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Header {
+    pub tick: Tick,
+    pub server: ServerId,
+    pub authoritative: bool,
+    pub last_input_seq: u32,
+}
+
+fn varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+fn varint_len(v: u64) -> usize {
+    (64 - v.max(1).leading_zeros() as usize).div_ceil(7).max(1)
+}
+
+fn zigzag(v: i64) -> u64 {
+    ((v << 1) ^ (v >> 63)) as u64
+}
+
+fn unzigzag(v: u64) -> i64 {
+    ((v >> 1) as i64) ^ -((v & 1) as i64)
+}
+
+struct Reader<'a>(&'a [u8]);
+
+impl Reader<'_> {
+    fn u8(&mut self) -> Result<u8, DecodeError> {
+        let (b, rest) = self.0.split_first().ok_or(DecodeError::Truncated)?;
+        self.0 = rest;
+        Ok(*b)
+    }
+    fn varint(&mut self) -> Result<u64, DecodeError> {
+        let mut v = 0u64;
+        for shift in (0..64).step_by(7) {
+            let b = self.u8()?;
+            v |= u64::from(b & 0x7f) << shift;
+            if b & 0x80 == 0 {
+                return Ok(v);
+            }
+        }
+        Err(DecodeError::BadVarint)
+    }
+    fn signed(&mut self) -> Result<i64, DecodeError> {
+        Ok(unzigzag(self.varint()?))
+    }
+    fn u32(&mut self) -> Result<u32, DecodeError> {
+        u32::try_from(self.varint()?).map_err(|_| DecodeError::BadVarint)
+    }
+    fn rot(&mut self) -> Result<u64, DecodeError> {
+        let mut v = 0u64;
+        for i in 0..6 {
+            v |= u64::from(self.u8()?) << (8 * i);
+        }
+        if (v >> (2 + 3 * ROT_BITS)) != 0 {
+            return Err(DecodeError::BadFrame);
+        }
+        Ok(v)
+    }
+}
+
+/// Metres of the origin: the receiving player's position, rounded.
+fn origin_mm(origin: DVec3) -> [i64; 3] {
+    let m = |v: f64| if v.is_finite() { v.round() as i64 } else { 0 };
+    [m(origin.x) * 1000, m(origin.y) * 1000, m(origin.z) * 1000]
+}
+
+/// One entity's record: what changed against `base` (all of it without one).
+fn record(e: &QEntity, base: Option<&QEntity>, origin: [i64; 3], prev_id: u64, out: &mut Vec<u8>) {
+    let mut mask = 0;
+    if base.is_none_or(|b| b.pos != e.pos) {
+        mask |= HAS_POS;
+    }
+    if base.is_none_or(|b| b.rot != e.rot) {
+        mask |= HAS_ROT;
+    }
+    if base.is_none_or(|b| b.vel != e.vel) {
+        mask |= HAS_VEL;
+    }
+    if base.is_none_or(|b| b.authority != e.authority) {
+        mask |= HAS_AUTHORITY;
+    }
+    varint(out, e.id.0 - prev_id);
+    out.push(mask);
+    if mask & HAS_POS != 0 {
+        let from = base.map_or(origin, |b| b.pos);
+        for k in 0..3 {
+            varint(out, zigzag(e.pos[k].wrapping_sub(from[k])));
+        }
+    }
+    if mask & HAS_ROT != 0 {
+        out.extend_from_slice(&e.rot.to_le_bytes()[..6]);
+    }
+    if mask & HAS_VEL != 0 {
+        for v in e.vel {
+            varint(out, zigzag(i64::from(v)));
+        }
+    }
+    if mask & HAS_AUTHORITY != 0 {
+        varint(out, u64::from(e.authority.0));
+    }
+}
+
+/// Encodes a snapshot into `out` (appended): the entities of `wanted`, in
+/// priority order (highest first), as deltas against `baseline` (a full
+/// state without one), in at most `budget` bytes (never more than
+/// [`MAX_DATAGRAM`]). Entities that did not fit keep, for the client, their
+/// baseline state or stay unknown to it; entities of the baseline that are
+/// not wanted are removed. Returns the view the client will hold.
+pub fn encode(
+    header: &Header,
+    origin: DVec3,
+    wanted: &[QEntity],
+    baseline: Option<&View>,
+    budget: usize,
+    out: &mut Vec<u8>,
+) -> View {
+    let budget = budget.min(MAX_DATAGRAM);
+    let start = out.len();
+    let origin_q = origin_mm(origin);
+    let mut head = Vec::with_capacity(32);
+    head.push(KIND_SNAPSHOT);
+    let mut flags = if header.authoritative { FLAG_AUTHORITATIVE } else { 0 };
+    if baseline.is_some() {
+        flags |= FLAG_DELTA;
+    }
+    head.push(flags);
+    varint(&mut head, header.tick);
+    varint(&mut head, u64::from(header.server.0));
+    varint(&mut head, u64::from(header.last_input_seq));
+    if let Some(b) = baseline {
+        varint(&mut head, header.tick.saturating_sub(b.tick));
+    }
+    for v in origin_q {
+        varint(&mut head, zigzag(v / 1000));
+    }
+    let mut used = head.len() + 2 * 3; // two counts, up to 3 bytes each
+    // Removals first: a client must not keep ghosts of what left its view.
+    let mut wanted_ids: Vec<EntityId> = wanted.iter().map(|e| e.id).collect();
+    wanted_ids.sort_unstable();
+    let mut removed = Vec::new();
+    if let Some(b) = baseline {
+        let mut prev = 0;
+        for e in &b.entities {
+            if wanted_ids.binary_search(&e.id).is_err() {
+                let cost = varint_len(e.id.0 - prev);
+                if used + cost > budget {
+                    break;
+                }
+                used += cost;
+                prev = e.id.0;
+                removed.push(e.id);
+            }
+        }
+    }
+    // Then what changed, in priority order, while it fits. The id is costed
+    // in full here; written as a difference it only gets shorter.
+    let mut chosen: Vec<(QEntity, Option<QEntity>)> = Vec::new();
+    let mut scratch = Vec::with_capacity(64);
+    for e in wanted.iter().take(MAX_VIEW_ENTITIES) {
+        let base = baseline.and_then(|b| b.get(e.id)).copied();
+        if base == Some(*e) {
+            continue;
+        }
+        scratch.clear();
+        record(e, base.as_ref(), origin_q, 0, &mut scratch);
+        if used + scratch.len() <= budget {
+            used += scratch.len();
+            chosen.push((*e, base));
+        }
+    }
+    // Ids are unique in `wanted`; a caller's duplicate is sent once.
+    chosen.sort_by_key(|(e, _)| e.id);
+    chosen.dedup_by_key(|(e, _)| e.id);
+    // The view the client ends with.
+    let mut view: Vec<QEntity> = match baseline {
+        Some(b) => b.entities.iter().filter(|e| removed.binary_search(&e.id).is_err()).copied().collect(),
+        None => Vec::new(),
+    };
+    for (e, _) in &chosen {
+        match view.binary_search_by_key(&e.id, |v| v.id) {
+            Ok(i) => view[i] = *e,
+            Err(i) => view.insert(i, *e),
+        }
+    }
+    out.extend_from_slice(&head);
+    varint(out, removed.len() as u64);
+    let mut prev = 0;
+    for id in &removed {
+        varint(out, id.0 - prev);
+        prev = id.0;
+    }
+    varint(out, chosen.len() as u64);
+    let mut prev = 0;
+    for (e, base) in &chosen {
+        record(e, base.as_ref(), origin_q, prev, out);
+        prev = e.id.0;
+    }
+    debug_assert!(out.len() - start <= budget.max(head.len() + 2), "{} > {budget}", out.len() - start);
+    View { tick: header.tick, entities: view }
+}
+
+/// Decodes a snapshot datagram; `baseline` finds the view of a tick this
+/// side holds (a delta against one it lacks is refused: `unknown_baseline`).
+pub fn decode<'a>(
+    bytes: &[u8],
+    baseline: impl FnOnce(Tick) -> Option<&'a View>,
+) -> Result<(Header, View), DecodeError> {
+    let mut r = Reader(bytes);
+    if r.u8()? != KIND_SNAPSHOT {
+        return Err(DecodeError::UnknownKind(bytes[0]));
+    }
+    let flags = r.u8()?;
+    if flags & !(FLAG_AUTHORITATIVE | FLAG_DELTA) != 0 {
+        return Err(DecodeError::BadFrame);
+    }
+    let tick = r.varint()?;
+    let server = ServerId(r.u32()?);
+    let last_input_seq = r.u32()?;
+    let base = if flags & FLAG_DELTA != 0 {
+        let back = r.varint()?;
+        let t = tick.checked_sub(back).ok_or(DecodeError::UnknownBaseline)?;
+        Some(baseline(t).filter(|v| v.tick == t).ok_or(DecodeError::UnknownBaseline)?)
+    } else {
+        None
+    };
+    let mut origin = [0i64; 3];
+    for o in &mut origin {
+        *o = r.signed()?.checked_mul(1000).ok_or(DecodeError::BadVarint)?;
+    }
+    let mut view: Vec<QEntity> = base.map(|b| b.entities.clone()).unwrap_or_default();
+    let n_removed = r.varint()?;
+    if n_removed > view.len() as u64 {
+        return Err(DecodeError::TooManyEntities);
+    }
+    let mut id = 0u64;
+    for _ in 0..n_removed {
+        id = id.checked_add(r.varint()?).ok_or(DecodeError::BadVarint)?;
+        match view.binary_search_by_key(&EntityId(id), |e| e.id) {
+            Ok(i) => {
+                view.remove(i);
+            }
+            Err(_) => return Err(DecodeError::BadFrame),
+        }
+    }
+    let n = r.varint()?;
+    if n > MAX_VIEW_ENTITIES as u64 {
+        return Err(DecodeError::TooManyEntities);
+    }
+    let mut id = 0u64;
+    for k in 0..n {
+        let step = r.varint()?;
+        if k > 0 && step == 0 {
+            return Err(DecodeError::BadFrame);
+        }
+        id = id.checked_add(step).ok_or(DecodeError::BadVarint)?;
+        let mask = r.u8()?;
+        if mask & !(HAS_POS | HAS_ROT | HAS_VEL | HAS_AUTHORITY) != 0 {
+            return Err(DecodeError::BadFrame);
+        }
+        let slot = view.binary_search_by_key(&EntityId(id), |e| e.id);
+        let prior = match slot {
+            Ok(i) => Some(view[i]),
+            Err(_) if mask != HAS_POS | HAS_ROT | HAS_VEL | HAS_AUTHORITY => return Err(DecodeError::BadFrame),
+            Err(_) => None,
+        };
+        let mut e =
+            prior.unwrap_or(QEntity { id: EntityId(id), pos: [0; 3], rot: 0, vel: [0; 3], authority: ServerId(0) });
+        if mask & HAS_POS != 0 {
+            let from = prior.map_or(origin, |p| p.pos);
+            for k in 0..3 {
+                e.pos[k] = from[k].wrapping_add(r.signed()?);
+            }
+        }
+        if mask & HAS_ROT != 0 {
+            e.rot = r.rot()?;
+        }
+        if mask & HAS_VEL != 0 {
+            for v in &mut e.vel {
+                *v = i16::try_from(r.signed()?).map_err(|_| DecodeError::BadVarint)?;
+            }
+        }
+        if mask & HAS_AUTHORITY != 0 {
+            e.authority = ServerId(r.u32()?);
+        }
+        match slot {
+            Ok(i) => view[i] = e,
+            Err(i) if view.len() < MAX_VIEW_ENTITIES => view.insert(i, e),
+            Err(_) => return Err(DecodeError::TooManyEntities),
+        }
+    }
+    if !r.0.is_empty() {
+        return Err(DecodeError::TrailingBytes(r.0.len()));
+    }
+    let header = Header { tick, server, authoritative: flags & FLAG_AUTHORITATIVE != 0, last_input_seq };
+    Ok((header, View { tick, entities: view }))
+}
+
+/// The views one side keeps, newest last, at most [`HISTORY`].
+#[derive(Debug, Clone, Default)]
+pub struct History(std::collections::VecDeque<View>);
+
+impl History {
+    pub fn get(&self, tick: Tick) -> Option<&View> {
+        self.0.iter().rev().find(|v| v.tick == tick)
+    }
+
+    pub fn push(&mut self, view: View) {
+        if self.0.len() == HISTORY {
+            self.0.pop_front();
+        }
+        self.0.push_back(view);
+    }
+
+    pub fn newest_tick(&self) -> Option<Tick> {
+        self.0.back().map(|v| v.tick)
+    }
+}
+
+/// A client's receiving end of one server's snapshots.
+#[derive(Debug, Clone, Default)]
+pub struct Receiver {
+    history: History,
+}
+
+impl Receiver {
+    /// Decodes a datagram against the views received before.
+    pub fn receive(&mut self, bytes: &[u8]) -> Result<Snapshot, DecodeError> {
+        let (h, view) = decode(bytes, |t| self.history.get(t))?;
+        let snapshot = Snapshot {
+            tick: h.tick,
+            server: h.server,
+            authoritative: h.authoritative,
+            last_input_seq: h.last_input_seq,
+            entities: view.entities.iter().map(QEntity::state).collect(),
+        };
+        if self.history.newest_tick().is_none_or(|t| h.tick > t) {
+            self.history.push(view);
+        }
+        Ok(snapshot)
+    }
+
+    /// The tick to acknowledge: the newest snapshot decoded (0: none).
+    pub fn ack(&self) -> Tick {
+        self.history.newest_tick().unwrap_or(0)
+    }
+}
+
+/// A server's sending end for one client: encodes against the newest
+/// snapshot the client acknowledged, keeping what it sent as baselines.
+#[derive(Debug, Clone, Default)]
+pub struct Sender {
+    history: History,
+}
+
+impl Sender {
+    pub fn encode(
+        &mut self,
+        header: &Header,
+        origin: DVec3,
+        wanted: &[QEntity],
+        acked: Tick,
+        budget: usize,
+        out: &mut Vec<u8>,
+    ) -> usize {
+        let before = out.len();
+        let view = encode(header, origin, wanted, self.history.get(acked), budget, out);
+        self.history.push(view);
+        out.len() - before
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn entity() -> impl Strategy<Value = EntityState> {
+        (
+            0u64..40,
+            proptest::array::uniform3(-5000.0f64..5000.0),
+            proptest::array::uniform4(-1.0f32..1.0),
+            proptest::array::uniform3(-50.0f32..50.0),
+            1u32..4,
+        )
+            .prop_map(|(id, p, r, v, a)| EntityState {
+                id: EntityId((id << 36) | id),
+                pos: DVec3::from_array(p),
+                rot: r,
+                vel: v,
+                authority: ServerId(a),
+            })
+    }
+
+    fn unique(v: Vec<EntityState>) -> Vec<EntityState> {
+        let mut seen = std::collections::HashSet::new();
+        v.into_iter().filter(|e| seen.insert(e.id)).collect()
+    }
+
+    fn same_rotation(a: [f32; 4], b: [f32; 4]) -> bool {
+        let (a, b) = (Quat::from_array(a), Quat::from_array(b));
+        let a = if a.length_squared() > 1e-12 { a.normalize() } else { Quat::IDENTITY };
+        a.dot(b).abs() > 1.0 - 1e-6
+    }
+
+    fn close(x: &EntityState, y: &EntityState) -> bool {
+        x.id == y.id
+            && (x.pos - y.pos).abs().max_element() <= POS_QUANTUM_M / 2.0 + 1e-9
+            && same_rotation(x.rot, y.rot)
+            && x.vel.iter().zip(y.vel).all(|(a, b)| (a - b).abs() <= VEL_QUANTUM / 2.0 + 1e-4)
+            && x.authority == y.authority
+    }
+
+    const HEADER: Header = Header { tick: 100, server: ServerId(1), authoritative: true, last_input_seq: 7 };
+
+    proptest! {
+        #[test]
+        fn decode_of_encode_is_within_quantisation_for_any_baseline(
+            now in proptest::collection::vec(entity(), 0..30),
+            before in proptest::collection::vec(entity(), 0..30),
+            origin in proptest::array::uniform3(-3000.0f64..3000.0),
+            with_baseline in any::<bool>(),
+        ) {
+            let now = unique(now);
+            let base = View {
+                tick: 90,
+                entities: {
+                    let mut q: Vec<QEntity> = unique(before).iter().map(QEntity::quantise).collect();
+                    q.sort_by_key(|e| e.id);
+                    q
+                },
+            };
+            let baseline = with_baseline.then_some(&base);
+            let wanted: Vec<QEntity> = now.iter().map(QEntity::quantise).collect();
+            let mut out = Vec::new();
+            let sent = encode(&HEADER, DVec3::from_array(origin), &wanted, baseline, usize::MAX, &mut out);
+            let (h, got) = decode(&out, |t| baseline.filter(|b| b.tick == t)).unwrap();
+            prop_assert_eq!(h, HEADER);
+            // What the server records is exactly what the client holds.
+            prop_assert_eq!(&got, &sent);
+            // With room for all, the client has every wanted entity and nothing else.
+            if out.len() < MAX_DATAGRAM {
+                prop_assert_eq!(got.entities.len(), now.len());
+                for e in &now {
+                    let d = got.entities.iter().find(|g| g.id == e.id).expect("present").state();
+                    prop_assert!(close(e, &d), "{:?} vs {:?}", e, d);
+                }
+            }
+        }
+
+        #[test]
+        fn a_budget_is_never_exceeded_and_both_sides_still_agree(
+            now in proptest::collection::vec(entity(), 0..40),
+            before in proptest::collection::vec(entity(), 0..40),
+            budget in 40usize..600,
+            with_baseline in any::<bool>(),
+        ) {
+            let wanted: Vec<QEntity> = unique(now).iter().map(QEntity::quantise).collect();
+            let mut base: Vec<QEntity> = unique(before).iter().map(QEntity::quantise).collect();
+            base.sort_by_key(|e| e.id);
+            let base = View { tick: 99, entities: base };
+            let baseline = with_baseline.then_some(&base);
+            let mut out = Vec::new();
+            let sent = encode(&HEADER, DVec3::ZERO, &wanted, baseline, budget, &mut out);
+            prop_assert!(out.len() <= budget, "{} > {budget}", out.len());
+            let (_, got) = decode(&out, |t| baseline.filter(|b| b.tick == t)).unwrap();
+            prop_assert_eq!(got, sent);
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..1200)) {
+            let base = View { tick: 5, entities: vec![] };
+            let _ = decode(&bytes, |_| Some(&base));
+            let _ = decode(&bytes, |_| None);
+        }
+    }
+
+    #[test]
+    fn unchanged_entities_cost_nothing_and_priority_decides_what_fits() {
+        let e = |n: u64, x: f64| EntityState {
+            id: EntityId(n),
+            pos: DVec3::new(x, 10.0, 0.0),
+            rot: [0.0, 0.0, 0.0, 1.0],
+            vel: [0.0; 3],
+            authority: ServerId(1),
+        };
+        let all: Vec<QEntity> = (1..=50).map(|n| QEntity::quantise(&e(n, n as f64))).collect();
+        let mut sender = Sender::default();
+        let mut client = Receiver::default();
+        let mut out = Vec::new();
+        let h = |tick| Header { tick, ..HEADER };
+        sender.encode(&h(1), DVec3::ZERO, &all, 0, usize::MAX, &mut out);
+        let full = out.len();
+        client.receive(&out).unwrap();
+        // Nothing moved: a delta against the acknowledged tick is a header.
+        out.clear();
+        sender.encode(&h(2), DVec3::ZERO, &all, client.ack(), usize::MAX, &mut out);
+        assert!(out.len() < 16, "{} bytes for no change (full: {full})", out.len());
+        let s = client.receive(&out).unwrap();
+        assert_eq!(s.entities.len(), 50);
+        // Everything moves, the budget holds about half: the first in
+        // priority order are sent, the rest keep their old state.
+        let moved: Vec<QEntity> = (1..=50).map(|n| QEntity::quantise(&e(n, n as f64 + 0.5))).collect();
+        let mut by_priority = moved.clone();
+        by_priority.reverse();
+        out.clear();
+        sender.encode(&h(3), DVec3::ZERO, &by_priority, client.ack(), 200, &mut out);
+        assert!(out.len() <= 200);
+        let s = client.receive(&out).unwrap();
+        let updated: Vec<u64> = s.entities.iter().filter(|x| x.pos.x.fract() != 0.0).map(|x| x.id.0).collect();
+        assert!(updated.len() > 5 && updated.len() < 50, "{updated:?}");
+        assert!(updated.iter().all(|id| *id > 50 - updated.len() as u64), "highest priority first: {updated:?}");
+        // A delta against a tick the client does not hold is refused, counted by reason.
+        out.clear();
+        let mut other = Sender::default();
+        other.encode(&h(4), DVec3::ZERO, &all, 0, usize::MAX, &mut out);
+        let mut fresh = Receiver::default();
+        out.clear();
+        sender.encode(&h(5), DVec3::ZERO, &all, 3, usize::MAX, &mut out);
+        assert_eq!(fresh.receive(&out).unwrap_err().reason(), "unknown_baseline");
+    }
+
+    #[test]
+    fn smallest_three_round_trips_every_axis() {
+        for q in [
+            Quat::IDENTITY,
+            Quat::from_rotation_y(1.0),
+            Quat::from_rotation_x(-2.5),
+            Quat::from_rotation_z(3.1),
+            Quat::from_xyzw(-0.5, 0.5, -0.5, -0.5),
+        ] {
+            let back = Quat::from_array(rot_of(quantise_rot(q.to_array())));
+            assert!(q.dot(back).abs() > 1.0 - 1e-6, "{q} -> {back}");
+        }
+        assert_eq!(rot_of(quantise_rot([f32::NAN, 0.0, 0.0, 1.0])), rot_of(quantise_rot([0.0, 0.0, 0.0, 1.0])));
+    }
+}
