@@ -227,8 +227,8 @@ fn record(e: &QEntity, base: Option<&QEntity>, origin: [i64; 3], prev_id: u64, o
     out.push(mask);
     if mask & HAS_POS != 0 {
         let from = base.map_or(origin, |b| b.pos);
-        for k in 0..3 {
-            varint(out, zigzag(e.pos[k].wrapping_sub(from[k])));
+        for (p, f) in e.pos.iter().zip(from) {
+            varint(out, zigzag(p.wrapping_sub(f)));
         }
     }
     if mask & HAS_ROT != 0 {
@@ -411,8 +411,8 @@ pub fn decode<'a>(
             prior.unwrap_or(QEntity { id: EntityId(id), pos: [0; 3], rot: 0, vel: [0; 3], authority: ServerId(0) });
         if mask & HAS_POS != 0 {
             let from = prior.map_or(origin, |p| p.pos);
-            for k in 0..3 {
-                e.pos[k] = from[k].wrapping_add(r.signed()?);
+            for (p, f) in e.pos.iter_mut().zip(from) {
+                *p = f.wrapping_add(r.signed()?);
             }
         }
         if mask & HAS_ROT != 0 {
