@@ -157,6 +157,7 @@ impl Scenario {
                 character: shared::controller::CharacterParams::default(),
                 world_seed: c.seed,
                 view_radius_m: 500.0,
+                snapshot_budget: components::snapshot_budget(512, 90),
             },
             inbox,
             outbox,

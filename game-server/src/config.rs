@@ -37,6 +37,11 @@ pub struct Config {
     /// of players a server: 90 datagrams a second from each).
     #[arg(long, env = "PS_UDP_BUFFER_BYTES", default_value_t = 4 << 20)]
     pub udp_buffer_bytes: usize,
+    /// Downstream budget of each player's snapshots, kbit/s at the UDP
+    /// socket. Near and fast entities fill it first; the rest wait their
+    /// turn (a priority accumulator: nothing starves).
+    #[arg(long, env = "PS_PLAYER_BANDWIDTH_KBPS", default_value_t = 512)]
+    pub player_bandwidth_kbps: u32,
     /// Players this server accepts.
     #[arg(long, env = "PS_CAPACITY", default_value_t = 1000)]
     pub capacity: u32,

@@ -167,6 +167,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
                 character: shared::controller::CharacterParams::default(),
                 world_seed: reg.world_seed,
                 view_radius_m: 500.0,
+                snapshot_budget: sim::components::snapshot_budget(config.player_bandwidth_kbps, reg.clock.hz),
             },
             inbox: sim_rx,
             outbox: out_tx,

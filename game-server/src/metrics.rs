@@ -27,6 +27,7 @@ pub struct Metrics {
     pub handoff_late_ticks: Histogram,
     pub fps_avg: Gauge,
     pub physics_step: Histogram,
+    pub snapshot_encode: Histogram,
     pub physics_step_ms: Gauge,
     pub terrain_chunks_loaded: IntGauge,
     pub chunk_generate: Histogram,
@@ -114,6 +115,11 @@ impl Metrics {
                 vec![0.0, 1.0, 2.0, 4.0, 9.0, 18.0, 45.0, 90.0],
             ),
             fps_avg: gauge("server_fps_avg", "Ticks run over the last second (target 90)"),
+            snapshot_encode: histogram(
+                "server_snapshot_encode_seconds",
+                "Time to pick, quantise and delta-encode one player's snapshot",
+                vec![0.000_005, 0.00001, 0.000_025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001],
+            ),
             physics_step: histogram(
                 "server_physics_step_seconds",
                 "Time of one rigid-body step",
@@ -182,6 +188,7 @@ impl Metrics {
             Box::new(m.handoff_late_ticks.clone()),
             Box::new(m.fps_avg.clone()),
             Box::new(m.physics_step.clone()),
+            Box::new(m.snapshot_encode.clone()),
             Box::new(m.physics_step_ms.clone()),
             Box::new(m.terrain_chunks_loaded.clone()),
             Box::new(m.chunk_generate.clone()),

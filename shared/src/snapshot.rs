@@ -36,8 +36,9 @@ const ROT_BITS: u32 = 15;
 const ROT_MAX: f32 = ((1u32 << ROT_BITS) - 1) as f32;
 /// The smaller three components of a unit quaternion lie in ±1/√2.
 const ROT_RANGE: f32 = std::f32::consts::FRAC_1_SQRT_2;
-/// Snapshots a side keeps as baselines (0.7 s at 90 Hz).
-pub const HISTORY: usize = 64;
+/// Snapshots a side keeps as baselines (0.35 s at 90 Hz: acknowledgements
+/// older than that fall back to a full state).
+pub const HISTORY: usize = 32;
 /// Most entities a decoded view holds (a bound on what a peer can make us allocate).
 pub const MAX_VIEW_ENTITIES: usize = 1024;
 
@@ -505,11 +506,10 @@ impl Sender {
         acked: Tick,
         budget: usize,
         out: &mut Vec<u8>,
-    ) -> usize {
-        let before = out.len();
+    ) -> &View {
         let view = encode(header, origin, wanted, self.history.get(acked), budget, out);
         self.history.push(view);
-        out.len() - before
+        self.history.0.back().expect("just pushed")
     }
 }
 

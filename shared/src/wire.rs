@@ -8,9 +8,9 @@
 //! - one reliable bidirectional stream per connection, opened by the client,
 //!   carrying length-prefixed [`ClientControl`] / [`ServerControl`] frames.
 //!
-//! This is the walking skeleton's format; positions travel as `f64` and
-//! snapshots are full states. Quantisation and delta encoding replace the
-//! snapshot body later without changing the framing.
+//! Snapshots are encoded by [`crate::snapshot`] (quantised, delta against
+//! the newest snapshot the client acknowledged); this module holds their
+//! decoded form, [`Snapshot`].
 
 use glam::DVec3;
 use serde::{Deserialize, Serialize};
@@ -21,8 +21,8 @@ use crate::time::Tick;
 /// ALPN of the player protocol. A client offering anything else is refused
 /// during the TLS handshake.
 pub const ALPN: &[u8] = b"planetary-survival/1";
-/// Version carried in the client's hello.
-pub const PROTOCOL_VERSION: u16 = 1;
+/// Version carried in the client's hello (2: quantised delta snapshots).
+pub const PROTOCOL_VERSION: u16 = 2;
 /// Largest datagram payload either side sends. QUIC guarantees only 1200-byte
 /// UDP packets; its short header (up to a 20-byte connection id), packet
 /// number, AEAD tag and DATAGRAM frame header leave about 1150 bytes, so 1100
@@ -32,7 +32,6 @@ pub const MAX_DATAGRAM: usize = 1100;
 pub const MAX_CONTROL_FRAME: usize = 64 * 1024;
 
 const KIND_INPUT: u8 = 1;
-const KIND_SNAPSHOT: u8 = 2;
 
 /// Why a datagram or frame was refused. `reason()` names are metric labels:
 /// never rename one.
@@ -140,29 +139,22 @@ pub struct Snapshot {
     pub entities: Vec<EntityState>,
 }
 
-/// Either kind of datagram, decoded.
+/// A datagram a server decodes. (Snapshots, the other kind, need the
+/// client's baselines: [`crate::snapshot::Receiver`].)
 #[derive(Debug, Clone, PartialEq)]
 pub enum Datagram {
     Input(InputFrame),
-    Snapshot(Snapshot),
 }
 
 const POSE_BYTES: usize = 7 * 4;
 /// Size of an encoded input datagram.
 pub const INPUT_BYTES: usize = 1 + 4 + 8 + 3 * POSE_BYTES + 2 * 4 + 4 + 4;
-const SNAPSHOT_HEADER_BYTES: usize = 1 + 8 + 4 + 1 + 4 + 2;
-const ENTITY_BYTES: usize = 8 + 3 * 8 + 4 * 4 + 3 * 4 + 4;
-/// Most entities one snapshot datagram carries.
-pub const MAX_SNAPSHOT_ENTITIES: usize = (MAX_DATAGRAM - SNAPSHOT_HEADER_BYTES) / ENTITY_BYTES;
 
 struct Writer<'a>(&'a mut Vec<u8>);
 
 impl Writer<'_> {
     fn u8(&mut self, v: u8) {
         self.0.push(v);
-    }
-    fn u16(&mut self, v: u16) {
-        self.0.extend_from_slice(&v.to_le_bytes());
     }
     fn u32(&mut self, v: u32) {
         self.0.extend_from_slice(&v.to_le_bytes());
@@ -171,9 +163,6 @@ impl Writer<'_> {
         self.0.extend_from_slice(&v.to_le_bytes());
     }
     fn f32(&mut self, v: f32) {
-        self.0.extend_from_slice(&v.to_le_bytes());
-    }
-    fn f64(&mut self, v: f64) {
         self.0.extend_from_slice(&v.to_le_bytes());
     }
     fn pose(&mut self, p: &Pose) {
@@ -192,9 +181,6 @@ impl Reader<'_> {
     fn u8(&mut self) -> Result<u8, DecodeError> {
         Ok(self.take::<1>()?[0])
     }
-    fn u16(&mut self) -> Result<u16, DecodeError> {
-        Ok(u16::from_le_bytes(self.take()?))
-    }
     fn u32(&mut self) -> Result<u32, DecodeError> {
         Ok(u32::from_le_bytes(self.take()?))
     }
@@ -203,10 +189,6 @@ impl Reader<'_> {
     }
     fn f32(&mut self) -> Result<f32, DecodeError> {
         let v = f32::from_le_bytes(self.take()?);
-        if v.is_finite() { Ok(v) } else { Err(DecodeError::NonFinite) }
-    }
-    fn f64(&mut self) -> Result<f64, DecodeError> {
-        let v = f64::from_le_bytes(self.take()?);
         if v.is_finite() { Ok(v) } else { Err(DecodeError::NonFinite) }
     }
     fn pose(&mut self) -> Result<Pose, DecodeError> {
@@ -250,59 +232,11 @@ impl InputFrame {
     }
 }
 
-impl Snapshot {
-    /// Appends the datagram encoding to `out`. Entities beyond
-    /// [`MAX_SNAPSHOT_ENTITIES`] are not written; returns how many were.
-    pub fn encode(&self, out: &mut Vec<u8>) -> usize {
-        let n = self.entities.len().min(MAX_SNAPSHOT_ENTITIES);
-        let mut w = Writer(out);
-        w.u8(KIND_SNAPSHOT);
-        w.u64(self.tick);
-        w.u32(self.server.0);
-        w.u8(u8::from(self.authoritative));
-        w.u32(self.last_input_seq);
-        w.u16(n as u16);
-        for e in &self.entities[..n] {
-            w.u64(e.id.0);
-            w.f64(e.pos.x);
-            w.f64(e.pos.y);
-            w.f64(e.pos.z);
-            e.rot.iter().for_each(|v| w.f32(*v));
-            e.vel.iter().for_each(|v| w.f32(*v));
-            w.u32(e.authority.0);
-        }
-        n
-    }
-
-    fn decode_body(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
-        let tick = r.u64()?;
-        let server = ServerId(r.u32()?);
-        let authoritative = r.u8()? != 0;
-        let last_input_seq = r.u32()?;
-        let n = r.u16()? as usize;
-        if n > MAX_SNAPSHOT_ENTITIES {
-            return Err(DecodeError::TooManyEntities);
-        }
-        let mut entities = Vec::with_capacity(n);
-        for _ in 0..n {
-            entities.push(EntityState {
-                id: EntityId(r.u64()?),
-                pos: DVec3::new(r.f64()?, r.f64()?, r.f64()?),
-                rot: [r.f32()?, r.f32()?, r.f32()?, r.f32()?],
-                vel: [r.f32()?, r.f32()?, r.f32()?],
-                authority: ServerId(r.u32()?),
-            });
-        }
-        Ok(Self { tick, server, authoritative, last_input_seq, entities })
-    }
-}
-
 impl Datagram {
     pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
         let mut r = Reader(bytes);
         let d = match r.u8()? {
             KIND_INPUT => Datagram::Input(InputFrame::decode_body(&mut r)?),
-            KIND_SNAPSHOT => Datagram::Snapshot(Snapshot::decode_body(&mut r)?),
             k => return Err(DecodeError::UnknownKind(k)),
         };
         r.finish()?;
@@ -476,24 +410,6 @@ mod tests {
     }
 
     #[test]
-    fn snapshot_caps_its_entities_to_one_datagram() {
-        let e = EntityState {
-            id: EntityId(7),
-            pos: DVec3::ONE,
-            rot: [0.0, 0.0, 0.0, 1.0],
-            vel: [0.0; 3],
-            authority: ServerId(1),
-        };
-        let s =
-            Snapshot { tick: 1, server: ServerId(1), authoritative: true, last_input_seq: 3, entities: vec![e; 100] };
-        let mut b = Vec::new();
-        assert_eq!(s.encode(&mut b), MAX_SNAPSHOT_ENTITIES);
-        assert!(b.len() <= MAX_DATAGRAM);
-        let Datagram::Snapshot(d) = Datagram::decode(&b).unwrap() else { panic!("not a snapshot") };
-        assert_eq!(d.entities.len(), MAX_SNAPSHOT_ENTITIES);
-    }
-
-    #[test]
     fn malformed_datagrams_have_stable_reasons() {
         assert_eq!(Datagram::decode(&[]).unwrap_err().reason(), "truncated");
         assert_eq!(Datagram::decode(&[9, 0]).unwrap_err().reason(), "unknown_kind");
@@ -505,8 +421,8 @@ mod tests {
         InputFrame { locomotion: [f32::NAN, 0.0], ..Default::default() }.encode(&mut b);
         assert_eq!(Datagram::decode_input(&b).unwrap_err().reason(), "non_finite");
         let mut s = Vec::new();
-        Snapshot { tick: 0, server: ServerId(1), authoritative: false, last_input_seq: 0, entities: vec![] }
-            .encode(&mut s);
+        let h = crate::snapshot::Header { tick: 0, server: ServerId(1), authoritative: false, last_input_seq: 0 };
+        crate::snapshot::encode(&h, DVec3::ZERO, &[], None, 200, &mut s);
         assert_eq!(Datagram::decode_input(&s).unwrap_err().reason(), "unknown_kind");
     }
 

@@ -101,6 +101,18 @@ pub struct SimConfig {
     pub world_seed: u64,
     /// Entities farther than this from a player are left out of its snapshots.
     pub view_radius_m: f64,
+    /// Bytes one snapshot datagram may carry (the player's downstream
+    /// budget a tick, less QUIC's own overhead).
+    pub snapshot_budget: usize,
+}
+
+/// The snapshot payload a tick for `kbps` kbit/s at the socket: QUIC adds
+/// about 45 bytes to each datagram (short header, packet number, AEAD tag,
+/// DATAGRAM frame).
+pub fn snapshot_budget(kbps: u32, tick_hz: u32) -> usize {
+    (u64::from(kbps) * 1000 / 8 / u64::from(tick_hz.max(1)))
+        .saturating_sub(45)
+        .clamp(64, shared::wire::MAX_DATAGRAM as u64) as usize
 }
 
 /// The tick being simulated.
@@ -128,6 +140,8 @@ pub struct Conn {
     pub player: PlayerId,
     pub role: JoinRole,
     pub tx: super::messages::ConnTx,
+    /// Newest snapshot tick the client acknowledged on this connection.
+    pub acked: shared::Tick,
 }
 
 /// Player connections open on this server.

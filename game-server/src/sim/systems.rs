@@ -7,7 +7,8 @@ use glam::{DVec3, Quat, Vec2, Vec3, Vec4};
 use shared::chunk::floor_i32;
 use shared::controller::{CharacterState, move_character};
 use shared::region::handoff_target;
-use shared::wire::{EntityState, InputFrame, JoinRole, MAX_SNAPSHOT_ENTITIES, Pose, ServerControl, Snapshot, buttons};
+use shared::snapshot::{self, QEntity};
+use shared::wire::{EntityState, InputFrame, JoinRole, Pose, ServerControl, buttons};
 use shared::{EntityId, Epoch, PlayerId};
 use tracing::{debug, info, warn};
 
@@ -54,7 +55,13 @@ pub fn ingest(world: &mut World) {
         match m {
             SimIn::Joined { conn, player, name, role, spawn, tx } => joined(world, conn, player, name, role, spawn, tx),
             SimIn::Input { conn, frame } => {
-                let Some(player) = world.resource::<Conns>().0.get(&conn).map(|c| c.player) else { continue };
+                let Some(player) = world.resource_mut::<Conns>().0.get_mut(&conn).map(|c| {
+                    // The newest snapshot this link has: the next one's baseline.
+                    c.acked = c.acked.max(frame.ack_tick);
+                    c.player
+                }) else {
+                    continue;
+                };
                 let avatar_entity = world.resource::<Index>().by_player.get(&player).copied();
                 match avatar_entity.and_then(|e| world.get_mut::<Avatar>(e)) {
                     Some(mut a) => {
@@ -166,7 +173,7 @@ fn joined(
                 a.conn = Some(conn);
             }
             let _ = tx.try_send(Outbound::Control(welcome(true, entity_id)));
-            world.resource_mut::<Conns>().0.insert(conn, Conn { player, role, tx });
+            world.resource_mut::<Conns>().0.insert(conn, Conn { player, role, tx, acked: 0 });
         }
         (JoinRole::Play, None) => {
             let mut p = spawn.unwrap_or(DEFAULT_SPAWN);
@@ -183,7 +190,7 @@ fn joined(
             match map.live_owner(&leaf) {
                 Some((owner, epoch)) if owner == cfg.server => {
                     let _ = tx.try_send(Outbound::Control(welcome(true, entity_id)));
-                    world.resource_mut::<Conns>().0.insert(conn, Conn { player, role, tx });
+                    world.resource_mut::<Conns>().0.insert(conn, Conn { player, role, tx, acked: 0 });
                     let e = world
                         .spawn((
                             NetId(entity_id),
@@ -205,7 +212,7 @@ fn joined(
         }
         (JoinRole::Standby, _) => {
             let _ = tx.try_send(Outbound::Control(welcome(existing.is_some(), entity_id)));
-            world.resource_mut::<Conns>().0.insert(conn, Conn { player, role, tx });
+            world.resource_mut::<Conns>().0.insert(conn, Conn { player, role, tx, acked: 0 });
             if let Some(mut a) = existing.and_then(|e| world.get_mut::<Avatar>(e)) {
                 a.conn.get_or_insert(conn);
             }
@@ -841,7 +848,31 @@ pub struct ReplicationScratch {
     grid: rustc_hash::FxHashMap<(i32, i32), Vec<u32>>,
     near: Vec<(f64, u32)>,
     buf: Vec<u8>,
-    entities: Vec<EntityState>,
+    wanted: Vec<(f32, QEntity)>,
+    sorted: Vec<QEntity>,
+    /// Per connection: what was sent (baselines) and each entity's
+    /// accumulated priority.
+    links: rustc_hash::FxHashMap<super::messages::ConnId, Link>,
+}
+
+/// One connection's replication state.
+#[derive(Debug, Default)]
+struct Link {
+    sender: snapshot::Sender,
+    priority: rustc_hash::FxHashMap<EntityId, f32>,
+    /// Tick this link was last served (stale links are dropped).
+    served: shared::Tick,
+}
+
+/// Entities a snapshot considers, nearest first (the budget decides how
+/// many of them change hands each tick).
+const MAX_CANDIDATES: usize = 128;
+
+/// How much an entity's update matters this tick: near and fast first.
+/// Accumulated every tick it is not sent, so far and slow ones get their
+/// turn (nothing starves).
+fn priority(distance_m: f64, speed: f32) -> f32 {
+    (1.0 / (1.0 + distance_m as f32 / 8.0)) * (1.0 + speed / 4.0)
 }
 
 fn cell_of(p: DVec3) -> (i32, i32) {
@@ -880,7 +911,7 @@ pub fn replication(
     let occupied = sc.grid.values().filter(|c| !c.is_empty()).count();
     let r2 = cfg.view_radius_m * cfg.view_radius_m;
     let max_ring = (cfg.view_radius_m / GRID_CELL_M).ceil() as i32;
-    let keep = MAX_SNAPSHOT_ENTITIES - 1;
+    let keep = MAX_CANDIDATES;
     let (mut sent, mut bytes) = (0u64, 0u64);
     for (net, body, avatar, _) in &q {
         let Some(a) = avatar else { continue };
@@ -930,29 +961,55 @@ pub fn replication(
             sc.near.select_nth_unstable_by(keep, |x, y| x.0.total_cmp(&y.0));
             sc.near.truncate(keep);
         }
-        let mut entities = std::mem::take(&mut sc.entities);
-        entities.clear();
-        entities.push(EntityState {
+        let link = sc.links.entry(conn).or_default();
+        link.served = tick.tick;
+        // Priority order: the player itself, then by accumulated priority.
+        sc.wanted.clear();
+        for (d2, i) in &sc.near {
+            let e = &sc.states[*i as usize];
+            let p = link.priority.entry(e.id).or_insert(0.0);
+            *p += priority(d2.sqrt(), glam::Vec3::from(e.vel).length());
+            sc.wanted.push((*p, QEntity::quantise(e)));
+        }
+        sc.wanted.sort_unstable_by(|x, y| y.0.total_cmp(&x.0));
+        sc.sorted.clear();
+        sc.sorted.push(QEntity::quantise(&EntityState {
             id: net.0,
             pos: body.pos,
             rot: Quat::from_rotation_y(body.yaw).to_array(),
             vel: body.vel.to_array(),
             authority: cfg.server,
-        });
-        entities.extend(sc.near.iter().map(|(_, i)| sc.states[*i as usize]));
-        let snap = Snapshot {
+        }));
+        sc.sorted.extend(sc.wanted.iter().map(|(_, q)| *q));
+        let header = snapshot::Header {
             tick: tick.tick,
             server: cfg.server,
             authoritative: true,
             last_input_seq: a.last_applied,
-            entities,
         };
+        let acked = conns.0.get(&conn).map_or(0, |c| c.acked);
         sc.buf.clear();
-        snap.encode(&mut sc.buf);
-        sc.entities = snap.entities;
+        let started = std::time::Instant::now();
+        let view = link.sender.encode(&header, body.pos, &sc.sorted, acked, cfg.snapshot_budget, &mut sc.buf);
+        metrics.0.snapshot_encode.observe(started.elapsed().as_secs_f64());
+        // What the client now holds as wanted is up to date: its priority
+        // starts over; the rest keep accumulating.
+        for q in &sc.sorted[1..] {
+            if view.entities.binary_search_by_key(&q.id, |v| v.id).is_ok_and(|k| view.entities[k] == *q) {
+                link.priority.insert(q.id, 0.0);
+            }
+        }
+        if link.priority.len() > 4 * MAX_CANDIDATES {
+            let near: rustc_hash::FxHashSet<EntityId> = sc.sorted.iter().map(|q| q.id).collect();
+            link.priority.retain(|id, _| near.contains(id));
+        }
         bytes += sc.buf.len() as u64;
         sent += 1;
         send(&conns, conn, Outbound::Datagram(bytes::Bytes::copy_from_slice(&sc.buf)), &metrics);
+    }
+    // Connections gone (or no longer served here) drop their baselines.
+    if tick.tick.is_multiple_of(90) {
+        sc.links.retain(|c, l| conns.0.contains_key(c) && l.served + 90 > tick.tick);
     }
     metrics.0.snapshots_sent.inc_by(sent);
     metrics.0.bytes_sent.inc_by(bytes);

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use glam::{DVec3, IVec3};
 use shared::region::{RegionKey, RegionTree};
-use shared::wire::{Datagram, InputFrame, JoinRole, ServerControl};
+use shared::wire::{InputFrame, JoinRole, ServerControl};
 use shared::{EntityId, Epoch, PlayerId, ServerId, TickClock};
 use tokio::sync::{mpsc, oneshot};
 
@@ -87,6 +87,7 @@ impl Harness {
                 character: shared::controller::CharacterParams::default(),
                 world_seed: 1,
                 view_radius_m: 500.0,
+                snapshot_budget: snapshot_budget(512, 90),
             },
             inbox,
             outbox,
@@ -129,8 +130,12 @@ impl Harness {
     }
 
     pub(super) fn join(&self, conn: u64, role: JoinRole, spawn: DVec3) -> ConnRx {
+        self.join_as(conn, PlayerId(7), role, spawn)
+    }
+
+    pub(super) fn join_as(&self, conn: u64, player: PlayerId, role: JoinRole, spawn: DVec3) -> ConnRx {
         let (tx, rx) = ConnTx::channel(4096, 4096);
-        self.send(SimIn::Joined { conn, player: PlayerId(7), name: "p".into(), role, spawn: Some(spawn), tx });
+        self.send(SimIn::Joined { conn, player, name: "p".into(), role, spawn: Some(spawn), tx });
         rx
     }
 
@@ -147,14 +152,12 @@ fn input(seq: u32, x: f32) -> InputFrame {
 /// Everything queued for a connection: its control frames and its newest snapshot.
 fn drain(rx: &mut ConnRx) -> (Vec<ServerControl>, Option<shared::wire::Snapshot>) {
     let (mut controls, mut last) = (Vec::new(), None);
+    // The tests' clients acknowledge no snapshot: each one is a full state.
+    let mut snapshots = shared::snapshot::Receiver::default();
     while let Some(o) = rx.try_recv() {
         match o {
             Outbound::Control(c) => controls.push(c),
-            Outbound::Datagram(b) => {
-                if let Ok(Datagram::Snapshot(s)) = Datagram::decode(&b) {
-                    last = Some(s);
-                }
-            }
+            Outbound::Datagram(b) => last = Some(snapshots.receive(&b).expect("a snapshot decodes")),
         }
     }
     (controls, last)
@@ -191,6 +194,68 @@ fn inputs_apply_once_in_order_and_snapshots_acknowledge_them() {
     h.send(SimIn::Input { conn: 1, frame: input(3, -1.0) });
     h.step();
     assert_eq!(h.avatar().map(|(_, a)| a.locomotion), Some([1.0, 0.0]));
+}
+
+#[test]
+fn snapshots_keep_to_the_budget_near_movers_update_most_and_nothing_starves() {
+    let mut h = Harness::new(1);
+    let centre = DVec3::new(1000.0, 10.0, 1000.0);
+    let mut me = h.join(1, JoinRole::Play, centre);
+    // Eighty players around, 3 to 90 m away, all walking, with ids spread
+    // like real accounts' (39 bits).
+    let pid = |i: u64| PlayerId((i + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 25);
+    let mut others = Vec::new();
+    for i in 0..80u64 {
+        let r = 3.0 + 1.1 * i as f64;
+        let a = i as f64 * 2.4;
+        let at = centre + DVec3::new(r * a.cos(), 0.0, r * a.sin());
+        others.push((h.join_as(100 + i, pid(i), JoinRole::Play, at), r));
+    }
+    let mut client = shared::snapshot::Receiver::default();
+    let mut last: HashMap<EntityId, DVec3> = HashMap::new();
+    let mut updates: HashMap<EntityId, Vec<u64>> = HashMap::new();
+    let budget = snapshot_budget(512, 90);
+    let (mut max_len, mut seq) = (0, 0);
+    for t in 0..180u64 {
+        seq += 1;
+        let ack = client.ack();
+        h.send(SimIn::Input { conn: 1, frame: InputFrame { seq, ack_tick: ack, ..Default::default() } });
+        for i in 0..80u64 {
+            let x = if (t / 45 + i).is_multiple_of(2) { 1.0 } else { -1.0 };
+            h.send(SimIn::Input { conn: 100 + i, frame: input(seq, x) });
+        }
+        h.step();
+        for (rx, _) in &mut others {
+            while rx.try_recv().is_some() {}
+        }
+        while let Some(o) = me.try_recv() {
+            let Outbound::Datagram(b) = o else { continue };
+            max_len = max_len.max(b.len());
+            let snap = client.receive(&b).expect("decodes against what it acknowledged");
+            for e in snap.entities.iter().filter(|e| e.id != EntityId(7)) {
+                if last.insert(e.id, e.pos).is_none_or(|p| p != e.pos) {
+                    updates.entry(e.id).or_default().push(t);
+                }
+            }
+        }
+    }
+    assert!(max_len <= budget, "{max_len} > {budget}");
+    assert_eq!(updates.len(), 80, "every player in view is known");
+    // Over the last second (everyone walking): the nearest ten update more
+    // often than the farthest ten, and each of those still gets updates.
+    let id = |i: u64| EntityId::player(pid(i)).unwrap();
+    let recent = |i: u64| updates[&id(i)].iter().filter(|t| **t >= 90).count();
+    let near: usize = (0..10).map(recent).sum();
+    let far: usize = (70..80).map(recent).sum();
+    eprintln!(
+        "updates over the last 90 ticks: nearest ten {near}, farthest ten {far}, largest datagram {max_len} of {budget}"
+    );
+    assert!(near > far, "near {near} vs far {far}");
+    for i in 70..80 {
+        let ticks = &updates[&id(i)];
+        let gaps = ticks.windows(2).filter(|w| w[0] >= 90).map(|w| w[1] - w[0]).max().unwrap_or(0);
+        assert!(recent(i) >= 3 && gaps <= 45, "player {i} starves: {ticks:?}");
+    }
 }
 
 #[test]

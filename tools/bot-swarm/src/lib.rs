@@ -23,8 +23,8 @@ use glam::DVec3;
 use serde::{Deserialize, Serialize};
 use shared::edit::EditOp;
 use shared::wire::{
-    ALPN, ClientControl, Datagram, EditOutcome, InputFrame, JoinRole, PROTOCOL_VERSION, Pose, ServerControl, Snapshot,
-    buttons, decode_frame, encode_frame, frame_len,
+    ALPN, ClientControl, EditOutcome, InputFrame, JoinRole, PROTOCOL_VERSION, Pose, ServerControl, Snapshot, buttons,
+    decode_frame, encode_frame, frame_len,
 };
 use shared::{EntityId, PlayerId, ServerId, TICK_HZ};
 use tokio::sync::mpsc;
@@ -87,6 +87,8 @@ pub struct Live {
     pub handoffs: AtomicU64,
     pub errors: AtomicU64,
     pub reconnects: AtomicU64,
+    /// Snapshots that could not be decoded (their baseline was lost).
+    pub undecoded: Arc<AtomicU64>,
     /// The sampler's latest RTT p50 and p99, µs (for the progress line).
     pub rtt_p50_us: AtomicU64,
     pub rtt_p99_us: AtomicU64,
@@ -166,6 +168,9 @@ pub struct SwarmReport {
     pub handoffs: u64,
     pub ack_regressions: u64,
     pub errors: u64,
+    /// Snapshots a bot could not decode (a delta against a baseline lost on the way).
+    #[serde(default)]
+    pub undecoded_snapshots: u64,
     /// Over the whole run, from every bot's QUIC connections.
     #[serde(default)]
     pub rtt_p50_ms: f64,
@@ -276,6 +281,8 @@ enum Event {
 struct Link {
     conn: quinn::Connection,
     ctl: mpsc::Sender<ClientControl>,
+    /// Newest snapshot tick decoded from this server (its next baseline).
+    acked: Arc<AtomicU64>,
 }
 
 /// What a bot knows of its current session; a reconnect starts a new one.
@@ -380,6 +387,7 @@ pub async fn run(cfg: SwarmConfig, live: Arc<Live>, stop: CancellationToken) -> 
         handoff_gaps_ms: gaps,
         timeline,
         work: WorkSummary::of(&per_bot),
+        undecoded_snapshots: live.undecoded.load(Ordering::Relaxed),
         process,
         bots: cfg.bots,
         joined: per_bot.iter().filter(|b| b.joined).count() as u32,
@@ -529,7 +537,6 @@ impl Bot {
         let mut stall = (spawn, 0u32);
         let mut session = Session::default();
         // Ticks are the mesh's grid, shared by every server and session.
-        let mut newest_tick = 0;
         let mut newest_auth_tick = 0;
         let mut props: Vec<(EntityId, DVec3)> = Vec::new();
         let mut every = tokio::time::interval(Duration::from_nanos(1_000_000_000 / u64::from(TICK_HZ)));
@@ -574,9 +581,9 @@ impl Bot {
                         (Pose { pos: work::HEAD, ..Default::default() }, Pose { pos: work::RIGHT, ..Default::default() }, 0),
                         |a| (a.head, a.right, a.buttons),
                     );
-                    let frame = InputFrame {
+                    let mut frame = InputFrame {
                         seq,
-                        ack_tick: newest_tick,
+                        ack_tick: 0,
                         locomotion: [dir.x as f32, -dir.y as f32],
                         head,
                         left: Pose { pos: [-0.25, 1.2, -0.3], ..Default::default() },
@@ -584,11 +591,12 @@ impl Bot {
                         buttons: held | if jump { buttons::JUMP } else { 0 },
                         ..Default::default()
                     };
-                    buf.clear();
-                    frame.encode(&mut buf);
-                    let bytes = Bytes::copy_from_slice(&buf);
+                    // Each server deltas from the newest snapshot it sent that arrived.
                     for l in links.values() {
-                        let _ = l.conn.send_datagram(bytes.clone());
+                        frame.ack_tick = l.acked.load(Ordering::Relaxed);
+                        buf.clear();
+                        frame.encode(&mut buf);
+                        let _ = l.conn.send_datagram(Bytes::copy_from_slice(&buf));
                     }
                     self.report.inputs_sent = seq;
                     if seq.is_multiple_of(TICK_HZ) {
@@ -612,7 +620,6 @@ impl Bot {
                         Event::Snapshot(server, snap) => {
                             self.report.snapshots += 1;
                             self.live.snapshots.fetch_add(1, Ordering::Relaxed);
-                            newest_tick = newest_tick.max(snap.tick);
                             if !snap.authoritative {
                                 continue;
                             }
@@ -624,14 +631,16 @@ impl Bot {
                             }
                             newest_auth_tick = snap.tick;
                             self.on_authoritative(server, &snap, &mut session);
-                            if let Some(me) = snap.entities.first() {
+                            // Entities come sorted by id: find itself.
+                            let me_id = EntityId::player(self.player).ok();
+                            if let Some(me) = snap.entities.iter().find(|e| Some(e.id) == me_id) {
                                 pos = me.pos;
                                 yaw = glam::Quat::from_array(me.rot).to_euler(glam::EulerRot::YXZ).0;
                             }
                             if self.work.is_some() {
                                 props.clear();
                                 props.extend(
-                                    snap.entities.iter().skip(1).filter(|e| e.id.as_player().is_none()).map(|e| (e.id, e.pos)),
+                                    snap.entities.iter().filter(|e| e.id.as_player().is_none()).map(|e| (e.id, e.pos)),
                                 );
                             }
                         }
@@ -892,6 +901,7 @@ impl Bot {
         let stop = self.stop.clone();
         let (player, name, auth) = (self.player, self.name.clone(), self.auth.clone());
         let (http, coordinator, session) = (self.http.clone(), self.coordinator.clone(), self.login_session.clone());
+        let undecoded = self.live.undecoded.clone();
         async move {
             // A few tries, each with a fresh ticket (a ticket is good once): a
             // busy server may miss the first handshake.
@@ -903,7 +913,7 @@ impl Bot {
                 match ticket {
                     Ok(ticket) => {
                         let hello = hello(player, &name, ticket, JoinRole::Standby, None);
-                        match open(&endpoint, addr, &cert, hello, tx.clone(), stop.clone()).await {
+                        match open(&endpoint, addr, &cert, hello, tx.clone(), stop.clone(), undecoded.clone()).await {
                             Ok((server, link)) => {
                                 debug!(%player, server = server.0, attempt, "pre-connected");
                                 let _ = tx.send(Event::Linked(server, link)).await;
@@ -935,7 +945,7 @@ impl Bot {
     ) -> anyhow::Result<(ServerId, Link)> {
         self.report.connections_opened += 1;
         let hello = hello(self.player, &self.name, ticket, role, spawn);
-        open(&self.endpoint, addr, cert, hello, tx, self.stop.clone()).await
+        open(&self.endpoint, addr, cert, hello, tx, self.stop.clone(), self.live.undecoded.clone()).await
     }
 
     /// Logs in (creating the account the first time) and returns the
@@ -1040,6 +1050,7 @@ async fn open(
     hello: ClientControl,
     tx: mpsc::Sender<Event>,
     stop: CancellationToken,
+    undecoded: Arc<AtomicU64>,
 ) -> anyhow::Result<(ServerId, Link)> {
     let cfg = tls::client_config(cert, ALPN)?;
     let conn = tokio::time::timeout(Duration::from_secs(5), endpoint.connect_with(cfg, addr, "localhost")?)
@@ -1055,6 +1066,9 @@ async fn open(
     };
     let c = conn.clone();
     let (ctl, mut ctl_rx) = mpsc::channel::<ClientControl>(16);
+    let acked = Arc::new(AtomicU64::new(0));
+    let acked_by_pump = acked.clone();
+    let mut snapshots = shared::snapshot::Receiver::default();
     tokio::spawn(async move {
         // The bot dropped its end: nothing more to send, keep reading.
         let mut bot_sends = true;
@@ -1071,8 +1085,20 @@ async fn open(
                     None => bot_sends = false,
                 },
                 d = c.read_datagram() => match d {
-                    Ok(b) => if let Ok(Datagram::Snapshot(s)) = Datagram::decode(&b)
-                        && tx.try_send(Event::Snapshot(server, s)).is_err() && tx.is_closed() { break "bot ended".to_owned(); },
+                    Ok(b) => match snapshots.receive(&b) {
+                        Ok(s) => {
+                            acked_by_pump.store(snapshots.ack(), Ordering::Relaxed);
+                            if tx.try_send(Event::Snapshot(server, s)).is_err() && tx.is_closed() {
+                                break "bot ended".to_owned();
+                            }
+                        }
+                        Err(e) => {
+                            // A baseline lost with its datagram: the next
+                            // acknowledgement names one the server still has.
+                            debug!(server = server.0, reason = e.reason(), "snapshot not decoded");
+                            undecoded.fetch_add(1, Ordering::Relaxed);
+                        }
+                    },
                     Err(e) => break e.to_string(),
                 },
                 f = read_frame(&mut recv) => match f {
@@ -1085,5 +1111,5 @@ async fn open(
         let _ = send.finish();
         let _ = tx.send(Event::Closed(server, why)).await;
     });
-    Ok((server, Link { conn, ctl }))
+    Ok((server, Link { conn, ctl, acked }))
 }
