@@ -31,12 +31,12 @@ struct Replica {
     args: Vec<String>,
 }
 
-fn free_port() -> anyhow::Result<u16> {
+pub(crate) fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
 /// The release binaries beside this one, built first so they are current.
-fn bin_dir() -> anyhow::Result<PathBuf> {
+pub(crate) fn bin_dir() -> anyhow::Result<PathBuf> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let status = Command::new(cargo)
         .args(["build", "--release", "--quiet", "-p", "mesh-coordinator", "-p", "game-server", "--bins"])
@@ -47,7 +47,7 @@ fn bin_dir() -> anyhow::Result<PathBuf> {
     Ok(exe.parent().context("the bench's directory")?.to_path_buf())
 }
 
-fn spawn(bin: &Path, args: &[String], log: &Path) -> anyhow::Result<Child> {
+pub(crate) fn spawn(bin: &Path, args: &[String], log: &Path) -> anyhow::Result<Child> {
     let out = std::fs::File::create(log)?;
     Command::new(bin)
         .args(args)

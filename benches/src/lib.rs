@@ -6,6 +6,7 @@
 //! world and play the same inputs.
 
 pub mod failover;
+pub mod netcode;
 pub mod persist;
 
 use std::collections::HashMap;

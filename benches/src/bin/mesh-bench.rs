@@ -48,6 +48,18 @@ enum Cmd {
         #[arg(long, default_value_t = 200)]
         writes: usize,
     },
+    /// One game server and `visible + 1` bots crowding one spot: bandwidth
+    /// per player at the UDP socket and the snapshot encoding time.
+    Netcode {
+        /// Avatars each player sees.
+        #[arg(long, default_value_t = 50)]
+        visible: u32,
+        #[arg(long, default_value_t = 20)]
+        seconds: u64,
+        /// The server's per-player downstream budget, kbit/s.
+        #[arg(long, default_value_t = 512)]
+        bandwidth_kbps: u32,
+    },
     /// World edits from game-server writers to the store.
     Persist {
         /// `postgres://…`, `sqlite:PATH` or `memory:`.
@@ -72,6 +84,12 @@ enum Cmd {
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().cmd {
+        Cmd::Netcode { visible, seconds, bandwidth_kbps } => {
+            println!(
+                "{}",
+                benches::netcode::run(&benches::netcode::NetcodeConfig { visible, seconds, bandwidth_kbps })?
+            );
+        }
         Cmd::Failover { kills, servers, writes } => {
             println!("{}", benches::failover::run(&benches::failover::FailoverConfig { kills, servers, writes })?);
         }
