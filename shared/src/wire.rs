@@ -146,9 +146,62 @@ pub enum Datagram {
     Input(InputFrame),
 }
 
-const POSE_BYTES: usize = 7 * 4;
-/// Size of an encoded input datagram.
-pub const INPUT_BYTES: usize = 1 + 4 + 8 + 3 * POSE_BYTES + 2 * 4 + 4 + 4;
+/// Largest encoded input datagram: kind, seq, the acknowledged tick (a
+/// varint), three poses (millimetres as `i16`, a 32-bit smallest-three
+/// rotation), the stick, the turn rate and the buttons (a varint).
+pub const MAX_INPUT_BYTES: usize = 1 + 4 + 10 + 3 * POSE_BYTES + 2 + 2 + 5;
+const POSE_BYTES: usize = 3 * 2 + 4;
+/// Turn rates travel in units of this, rad/s (±6.5 rad/s fits an `i16`).
+const TURN_QUANTUM: f32 = 0.0002;
+/// Pose positions travel in millimetres, rotations in 10 bits a component.
+const ROT_BITS: u32 = 10;
+
+/// A unit quaternion as 32 bits: which component is largest, and the other
+/// three in ±1/√2. Arbitrary bits decode to a quaternion that may not be
+/// unit: the server's pose check refuses those (`bad_rotation`).
+fn rot32(r: [f32; 4]) -> u32 {
+    let max = ((1u32 << ROT_BITS) - 1) as f32;
+    let range = std::f32::consts::FRAC_1_SQRT_2;
+    let len = r.iter().map(|v| v * v).sum::<f32>().sqrt();
+    let a = if len.is_finite() && len > 1e-6 { r.map(|v| v / len) } else { [0.0, 0.0, 0.0, 1.0] };
+    let (big, _) = a.iter().enumerate().fold((0, -1.0f32), |m, (i, v)| if v.abs() > m.1 { (i, v.abs()) } else { m });
+    let sign = if a[big] < 0.0 { -1.0 } else { 1.0 };
+    let mut packed = big as u32;
+    let mut shift = 2;
+    for (i, v) in a.iter().enumerate() {
+        if i != big {
+            let unit = ((v * sign + range) / (2.0 * range)).clamp(0.0, 1.0);
+            packed |= ((unit * max).round() as u32) << shift;
+            shift += ROT_BITS;
+        }
+    }
+    packed
+}
+
+fn unrot32(packed: u32) -> [f32; 4] {
+    let max = ((1u32 << ROT_BITS) - 1) as f32;
+    let range = std::f32::consts::FRAC_1_SQRT_2;
+    let big = (packed & 3) as usize;
+    let (mut a, mut shift, mut sum) = ([0.0f32; 4], 2, 0.0);
+    for (i, slot) in a.iter_mut().enumerate() {
+        if i != big {
+            *slot = ((packed >> shift) & ((1 << ROT_BITS) - 1)) as f32 / max * 2.0 * range - range;
+            sum += *slot * *slot;
+            shift += ROT_BITS;
+        }
+    }
+    a[big] = (1.0 - sum).max(0.0).sqrt();
+    a
+}
+
+/// `v` in units of `q`, clamped to the integer's range (NaN: 0).
+fn quant<T: TryFrom<i64> + Copy>(v: f32, q: f32, lo: T, hi: T) -> T {
+    let x = (v / q).round();
+    if x.is_nan() {
+        return T::try_from(0).unwrap_or(lo);
+    }
+    T::try_from(x as i64).unwrap_or(if x < 0.0 { lo } else { hi })
+}
 
 struct Writer<'a>(&'a mut Vec<u8>);
 
@@ -159,14 +212,21 @@ impl Writer<'_> {
     fn u32(&mut self, v: u32) {
         self.0.extend_from_slice(&v.to_le_bytes());
     }
-    fn u64(&mut self, v: u64) {
+    fn i16(&mut self, v: i16) {
         self.0.extend_from_slice(&v.to_le_bytes());
     }
-    fn f32(&mut self, v: f32) {
-        self.0.extend_from_slice(&v.to_le_bytes());
+    fn varint(&mut self, mut v: u64) {
+        while v >= 0x80 {
+            self.0.push((v as u8) | 0x80);
+            v >>= 7;
+        }
+        self.0.push(v as u8);
     }
     fn pose(&mut self, p: &Pose) {
-        p.pos.iter().chain(p.rot.iter()).for_each(|v| self.f32(*v));
+        for v in p.pos {
+            self.i16(quant(v, 0.001, i16::MIN, i16::MAX));
+        }
+        self.u32(rot32(p.rot));
     }
 }
 
@@ -184,18 +244,23 @@ impl Reader<'_> {
     fn u32(&mut self) -> Result<u32, DecodeError> {
         Ok(u32::from_le_bytes(self.take()?))
     }
-    fn u64(&mut self) -> Result<u64, DecodeError> {
-        Ok(u64::from_le_bytes(self.take()?))
+    fn i16(&mut self) -> Result<i16, DecodeError> {
+        Ok(i16::from_le_bytes(self.take()?))
     }
-    fn f32(&mut self) -> Result<f32, DecodeError> {
-        let v = f32::from_le_bytes(self.take()?);
-        if v.is_finite() { Ok(v) } else { Err(DecodeError::NonFinite) }
+    fn varint(&mut self) -> Result<u64, DecodeError> {
+        let mut v = 0u64;
+        for shift in (0..64).step_by(7) {
+            let b = self.u8()?;
+            v |= u64::from(b & 0x7f) << shift;
+            if b & 0x80 == 0 {
+                return Ok(v);
+            }
+        }
+        Err(DecodeError::BadVarint)
     }
     fn pose(&mut self) -> Result<Pose, DecodeError> {
-        Ok(Pose {
-            pos: [self.f32()?, self.f32()?, self.f32()?],
-            rot: [self.f32()?, self.f32()?, self.f32()?, self.f32()?],
-        })
+        let mm = |v: i16| f32::from(v) * 0.001;
+        Ok(Pose { pos: [mm(self.i16()?), mm(self.i16()?), mm(self.i16()?)], rot: unrot32(self.u32()?) })
     }
     fn finish(&self) -> Result<(), DecodeError> {
         if self.0.is_empty() { Ok(()) } else { Err(DecodeError::TrailingBytes(self.0.len())) }
@@ -203,32 +268,40 @@ impl Reader<'_> {
 }
 
 impl InputFrame {
-    /// Appends the datagram encoding to `out`.
+    /// Appends the datagram encoding to `out` (at most [`MAX_INPUT_BYTES`]):
+    /// poses in millimetres and 32-bit rotations, the stick in 1/127ths,
+    /// the turn rate in 0.0002 rad/s. Decoding gives those quantised values.
     pub fn encode(&self, out: &mut Vec<u8>) {
         let mut w = Writer(out);
         w.u8(KIND_INPUT);
         w.u32(self.seq);
-        w.u64(self.ack_tick);
+        w.varint(self.ack_tick);
         w.pose(&self.head);
         w.pose(&self.left);
         w.pose(&self.right);
-        w.f32(self.locomotion[0]);
-        w.f32(self.locomotion[1]);
-        w.f32(self.turn);
-        w.u32(self.buttons);
+        for v in self.locomotion {
+            w.u8(quant::<i8>(v.clamp(-1.0, 1.0), 1.0 / 127.0, -127, 127) as u8);
+        }
+        w.i16(quant(self.turn, TURN_QUANTUM, i16::MIN, i16::MAX));
+        w.varint(u64::from(self.buttons));
     }
 
     fn decode_body(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
-        Ok(Self {
-            seq: r.u32()?,
-            ack_tick: r.u64()?,
-            head: r.pose()?,
-            left: r.pose()?,
-            right: r.pose()?,
-            locomotion: [r.f32()?, r.f32()?],
-            turn: r.f32()?,
-            buttons: r.u32()?,
-        })
+        let seq = r.u32()?;
+        let ack_tick = r.varint()?;
+        let (head, left, right) = (r.pose()?, r.pose()?, r.pose()?);
+        let stick = |b: u8| f32::from((b as i8).max(-127)) / 127.0;
+        let locomotion = [stick(r.u8()?), stick(r.u8()?)];
+        let turn = f32::from(r.i16()?) * TURN_QUANTUM;
+        let buttons = u32::try_from(r.varint()?).map_err(|_| DecodeError::BadVarint)?;
+        Ok(Self { seq, ack_tick, head, left, right, locomotion, turn, buttons })
+    }
+
+    /// This frame as the server will see it (quantised as the wire carries it).
+    pub fn quantised(&self) -> Self {
+        let mut b = Vec::with_capacity(MAX_INPUT_BYTES);
+        self.encode(&mut b);
+        Datagram::decode_input(&b).expect("an encoded input decodes")
     }
 }
 
@@ -403,10 +476,14 @@ mod tests {
     }
 
     #[test]
-    fn input_has_its_documented_size() {
+    fn inputs_are_small() {
         let mut b = Vec::new();
         InputFrame::default().encode(&mut b);
-        assert_eq!(b.len(), INPUT_BYTES);
+        assert_eq!(b.len(), 41, "a frame at rest");
+        let big = InputFrame { ack_tick: u64::MAX, buttons: u32::MAX, ..Default::default() };
+        b.clear();
+        big.encode(&mut b);
+        assert_eq!(b.len(), MAX_INPUT_BYTES);
     }
 
     #[test]
@@ -417,9 +494,11 @@ mod tests {
         InputFrame::default().encode(&mut b);
         b.push(0);
         assert_eq!(Datagram::decode(&b).unwrap_err().reason(), "trailing_bytes");
-        let mut b = Vec::new();
-        InputFrame { locomotion: [f32::NAN, 0.0], ..Default::default() }.encode(&mut b);
-        assert_eq!(Datagram::decode_input(&b).unwrap_err().reason(), "non_finite");
+        // Not-a-number cannot travel: it goes as zero.
+        let nan = InputFrame { locomotion: [f32::NAN, 0.0], turn: f32::INFINITY, ..Default::default() };
+        let q = nan.quantised();
+        assert_eq!(q.locomotion, [0.0, 0.0]);
+        assert!((q.turn - f32::from(i16::MAX) * TURN_QUANTUM).abs() < 1e-6);
         let mut s = Vec::new();
         let h = crate::snapshot::Header { tick: 0, server: ServerId(1), authoritative: false, last_input_seq: 0 };
         crate::snapshot::encode(&h, DVec3::ZERO, &[], None, 200, &mut s);
@@ -445,11 +524,24 @@ mod tests {
 
     proptest! {
         #[test]
-        fn input_round_trips(f in input()) {
+        fn input_round_trips_within_quantisation(f in input()) {
             let mut b = Vec::new();
             f.encode(&mut b);
-            prop_assert_eq!(Datagram::decode_input(&b).unwrap(), f);
-            prop_assert_eq!(Datagram::decode(&b).unwrap(), Datagram::Input(f));
+            let d = Datagram::decode_input(&b).unwrap();
+            prop_assert_eq!(Datagram::decode(&b).unwrap(), Datagram::Input(d));
+            prop_assert_eq!((d.seq, d.ack_tick, d.buttons), (f.seq, f.ack_tick, f.buttons));
+            for (a, b) in [(d.head, f.head), (d.left, f.left), (d.right, f.right)] {
+                for k in 0..3 {
+                    prop_assert!((a.pos[k] - b.pos[k]).abs() <= 0.0005 + 1e-6, "{:?} {:?}", a, b);
+                }
+                let (qa, qb) = (glam::Quat::from_array(a.rot), glam::Quat::from_array(b.rot));
+                if qb.length() > 0.1 {
+                    prop_assert!(qa.dot(qb.normalize()).abs() > 0.999, "{:?} {:?}", a.rot, b.rot);
+                }
+            }
+            for k in 0..2 {
+                prop_assert!((d.locomotion[k] - f.locomotion[k]).abs() <= 0.5 / 127.0 + 1e-6);
+            }
         }
 
         #[test]
@@ -460,9 +552,10 @@ mod tests {
         }
 
         #[test]
-        fn truncations_are_refused(f in input(), cut in 0usize..INPUT_BYTES) {
+        fn truncations_are_refused(f in input(), cut in 0usize..MAX_INPUT_BYTES) {
             let mut b = Vec::new();
             f.encode(&mut b);
+            let cut = cut.min(b.len() - 1);
             prop_assert_eq!(Datagram::decode_input(&b[..cut]).unwrap_err(), DecodeError::Truncated);
         }
     }
