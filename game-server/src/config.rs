@@ -42,6 +42,15 @@ pub struct Config {
     /// turn (a priority accumulator: nothing starves).
     #[arg(long, env = "PS_PLAYER_BANDWIDTH_KBPS", default_value_t = 512)]
     pub player_bandwidth_kbps: u32,
+    /// Input datagrams one connection may send a second (a client sends 90);
+    /// more are dropped and counted (`datagrams_dropped_total{reason="rate_limited"}`).
+    #[arg(long, env = "PS_INPUTS_PER_S", default_value_t = 135.0)]
+    pub inputs_per_s: f64,
+    /// Connection attempts one IP address may make a second (20 in a
+    /// burst); more are refused before the handshake
+    /// (`connections_refused_total{reason="rate_limited"}`).
+    #[arg(long, env = "PS_CONNECTS_PER_IP_PER_S", default_value_t = 5.0)]
+    pub connects_per_ip_per_s: f64,
     /// Players this server accepts.
     #[arg(long, env = "PS_CAPACITY", default_value_t = 1000)]
     pub capacity: u32,
@@ -108,6 +117,18 @@ impl Config {
             "walk speed must be in (0, 100) m/s"
         );
         anyhow::ensure!(self.capacity > 0, "capacity must be positive");
+        anyhow::ensure!(
+            self.inputs_per_s.is_finite() && self.inputs_per_s >= 90.0,
+            "inputs per second must be at least 90 (a client's rate)"
+        );
+        anyhow::ensure!(
+            self.connects_per_ip_per_s.is_finite() && self.connects_per_ip_per_s > 0.0,
+            "connection attempts per address must be positive"
+        );
+        anyhow::ensure!(
+            (64..=1_000_000).contains(&self.player_bandwidth_kbps),
+            "player bandwidth must be 64..=1000000 kbit/s"
+        );
         anyhow::ensure!((1..=16).contains(&self.chunk_workers), "chunk workers must be 1..=16");
         anyhow::ensure!(
             self.chunk_radius_m.is_finite() && (4.0..=256.0).contains(&self.chunk_radius_m),

@@ -198,7 +198,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
     tasks.spawn(net::serve(
         endpoint,
         {
-            let ctx = net::NetContext::new(sim_tx.clone(), tickets.clone(), metrics.clone(), cache.clone());
+            let limits = net::NetLimits {
+                inputs_per_s: config.inputs_per_s,
+                connects_per_ip_per_s: config.connects_per_ip_per_s,
+                ..Default::default()
+            };
+            let ctx = net::NetContext::new(sim_tx.clone(), tickets.clone(), metrics.clone(), cache.clone(), limits);
             net::relay_world_events(&ctx);
             ctx
         },

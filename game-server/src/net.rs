@@ -46,8 +46,36 @@ pub struct NetContext {
     pub metrics: Metrics,
     /// Where players are (Redis): set on join, cleared when they leave.
     pub cache: Arc<persistence::cache::Cache>,
+    pub limits: NetLimits,
     next_conn: Arc<AtomicU64>,
 }
+
+/// Rate limits of the player endpoint (token buckets).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct NetLimits {
+    /// Input datagrams a connection may send a second (90 expected), and in a burst.
+    pub inputs_per_s: f64,
+    pub inputs_burst: f64,
+    /// Connection attempts one IP address may make a second, and in a burst.
+    pub connects_per_ip_per_s: f64,
+    pub connects_per_ip_burst: f64,
+}
+
+impl Default for NetLimits {
+    fn default() -> Self {
+        Self { inputs_per_s: 135.0, inputs_burst: 45.0, connects_per_ip_per_s: 5.0, connects_per_ip_burst: 20.0 }
+    }
+}
+
+/// Seconds on the process's monotonic clock (what the buckets count in).
+fn now_s() -> f64 {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    START.get_or_init(std::time::Instant::now).elapsed().as_secs_f64()
+}
+
+/// Addresses remembered by the connection-attempt limit before full
+/// buckets (no recent attempts) are forgotten.
+const MAX_TRACKED_ADDRESSES: usize = 10_000;
 
 impl NetContext {
     pub fn new(
@@ -55,8 +83,9 @@ impl NetContext {
         tickets: Arc<Tickets>,
         metrics: Metrics,
         cache: Arc<persistence::cache::Cache>,
+        limits: NetLimits,
     ) -> Self {
-        Self { sim, tickets, metrics, cache, next_conn: Arc::new(AtomicU64::new(1)) }
+        Self { sim, tickets, metrics, cache, limits, next_conn: Arc::new(AtomicU64::new(1)) }
     }
 }
 
@@ -170,10 +199,28 @@ pub fn relay_world_events(ctx: &NetContext) {
 
 /// Accepts players until `stop` is cancelled, then closes every connection.
 pub async fn serve(endpoint: quinn::Endpoint, ctx: NetContext, stop: CancellationToken) {
+    let mut attempts: std::collections::HashMap<std::net::IpAddr, shared::rate::TokenBucket> =
+        std::collections::HashMap::new();
+    let l = ctx.limits;
     loop {
         tokio::select! {
             incoming = endpoint.accept() => {
                 let Some(incoming) = incoming else { break };
+                // One address hammering the endpoint is refused before any
+                // handshake work, so players elsewhere do not pay for it.
+                let now = now_s();
+                if attempts.len() >= MAX_TRACKED_ADDRESSES {
+                    attempts.retain(|_, b| !b.is_full(now));
+                }
+                let ip = incoming.remote_address().ip();
+                let bucket = attempts
+                    .entry(ip)
+                    .or_insert_with(|| shared::rate::TokenBucket::new(l.connects_per_ip_per_s, l.connects_per_ip_burst, now));
+                if !bucket.take(now) {
+                    ctx.metrics.connections_refused.with_label_values(&["rate_limited"]).inc();
+                    incoming.refuse();
+                    continue;
+                }
                 tokio::spawn(handle(incoming, ctx.clone(), stop.clone()));
             }
             _ = stop.cancelled() => break,
@@ -375,10 +422,11 @@ async fn handle(incoming: quinn::Incoming, ctx: NetContext, stop: CancellationTo
     };
 
     // Reader: datagrams and control frames from the client.
+    let mut inputs = shared::rate::TokenBucket::new(ctx.limits.inputs_per_s, ctx.limits.inputs_burst, now_s());
     let reason = loop {
         tokio::select! {
             d = conn.read_datagram() => match d {
-                Ok(bytes) => on_datagram(&ctx, id, bytes),
+                Ok(bytes) => on_datagram(&ctx, id, bytes, &mut inputs),
                 Err(e) => break format!("{e}"),
             },
             f = read_frame::<ClientControl>(&mut recv) => match f {
@@ -426,8 +474,12 @@ async fn handle(incoming: quinn::Incoming, ctx: NetContext, stop: CancellationTo
     info!(%remote, conn = id, %player, %reason, "player disconnected");
 }
 
-fn on_datagram(ctx: &NetContext, conn: u64, bytes: Bytes) {
+fn on_datagram(ctx: &NetContext, conn: u64, bytes: Bytes, inputs: &mut shared::rate::TokenBucket) {
     ctx.metrics.bytes_received.inc_by(bytes.len() as u64);
+    if !inputs.take(now_s()) {
+        ctx.metrics.datagrams_dropped.with_label_values(&["rate_limited"]).inc();
+        return;
+    }
     match Datagram::decode_input(&bytes) {
         Ok(frame) => {
             if ctx.sim.try_send(SimIn::Input { conn, frame }).is_err() {

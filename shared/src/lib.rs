@@ -11,6 +11,7 @@ pub mod controller;
 pub mod edit;
 pub mod geom;
 pub mod ids;
+pub mod rate;
 pub mod region;
 pub mod rng;
 pub mod snapshot;

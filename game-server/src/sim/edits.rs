@@ -16,6 +16,7 @@ use shared::PlayerId;
 use shared::chunk::{ChunkKey, VoxelCoord};
 use shared::edit::{EditOp, VoxelDelta};
 use shared::ids::EntityIdAllocator;
+use shared::rate::TokenBucket;
 use shared::terrain::Material;
 use shared::wire::{EditOutcome, ServerControl};
 use tracing::warn;
@@ -65,12 +66,6 @@ pub struct EditRequest {
     pub op: EditOp,
 }
 
-#[derive(Debug, Clone, Copy)]
-struct Bucket {
-    tokens: f64,
-    at: u64,
-}
-
 /// Edits in flight and the bookkeeping around them.
 #[derive(Resource, Debug)]
 pub struct Edits {
@@ -82,7 +77,7 @@ pub struct Edits {
     acks: VecDeque<(u64, Option<ConnId>, u32, u32)>,
     /// Batches the writer's queue had no room for; sent first next tick.
     backlog: VecDeque<DeltaBatch>,
-    buckets: FxHashMap<PlayerId, Bucket>,
+    buckets: FxHashMap<PlayerId, TokenBucket>,
     ids: Option<EntityIdAllocator>,
 }
 
@@ -160,14 +155,9 @@ fn check(world: &mut World, r: &EditRequest) -> Result<(), &'static str> {
     let tick = world.resource::<TickState>().tick;
     let hz = f64::from(world.resource::<SimConfig>().clock.hz);
     let mut edits = world.resource_mut::<Edits>();
-    let b = edits.buckets.entry(r.player).or_insert(Bucket { tokens: settings.burst, at: tick });
-    b.tokens = (b.tokens + (tick.saturating_sub(b.at)) as f64 / hz * settings.rate_per_s).min(settings.burst);
-    b.at = tick;
-    if b.tokens < 1.0 {
-        return Err("rate_limited");
-    }
-    b.tokens -= 1.0;
-    Ok(())
+    let now = tick as f64 / hz;
+    let b = edits.buckets.entry(r.player).or_insert_with(|| TokenBucket::new(settings.rate_per_s, settings.burst, now));
+    if b.take(now) { Ok(()) } else { Err("rate_limited") }
 }
 
 /// The edit stage of a tick.

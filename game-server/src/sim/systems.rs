@@ -63,15 +63,19 @@ pub fn ingest(world: &mut World) {
                     continue;
                 };
                 let avatar_entity = world.resource::<Index>().by_player.get(&player).copied();
-                match avatar_entity.and_then(|e| world.get_mut::<Avatar>(e)) {
+                let buffered = match avatar_entity.and_then(|e| world.get_mut::<Avatar>(e)) {
                     Some(mut a) => {
                         let applied = a.last_applied;
-                        buffer_input(&mut a.pending, frame, applied);
+                        buffer_input(&mut a.pending, frame, applied)
                     }
                     None => {
                         let mut standby = world.resource_mut::<StandbyInputs>();
-                        buffer_input(standby.0.entry(player).or_default(), frame, 0);
+                        buffer_input(standby.0.entry(player).or_default(), frame, 0)
                     }
+                };
+                if !buffered {
+                    // Replayed, duplicated or older than what was applied.
+                    world.resource::<SimMetrics>().0.inputs_rejected.with_label_values(&["stale_or_duplicate"]).inc();
                 }
             }
             SimIn::Left { conn } => left(world, conn),

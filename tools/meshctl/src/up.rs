@@ -254,6 +254,8 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
                         "--grpc-addr=127.0.0.1:0".into(),
                         format!("--walk-speed={}", args.walk_speed),
                         format!("--ports-file={}", ports.display()),
+                        // Every local bot connects from 127.0.0.1.
+                        "--connects-per-ip-per-s=100000".into(),
                         storage.clone(),
                     ],
                     redis.clone(),
