@@ -249,6 +249,36 @@ mod tests {
         assert_eq!(handoff_from_pb(&r), Err(BadMessage::Missing("state")));
     }
 
+    proptest::proptest! {
+        /// Fuzzing the peer and coordinator decoders: any bytes, and valid
+        /// messages with bytes flipped, decode to a value or a refusal,
+        /// never a panic.
+        #[test]
+        fn arbitrary_peer_and_map_messages_never_panic(
+            bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..600),
+            flips in proptest::collection::vec((0usize..200, proptest::prelude::any::<u8>()), 0..8),
+        ) {
+            use prost::Message;
+            if let Ok(r) = ppb::HandoffRequest::decode(bytes.as_slice()) {
+                let _ = handoff_from_pb(&r);
+            }
+            if let Ok(m) = mpb::RegionMap::decode(bytes.as_slice()) {
+                let _ = map_from_pb(&m);
+            }
+            if let Ok(f) = ppb::InputFrame::decode(bytes.as_slice()) {
+                let _ = input_from_pb(&f);
+            }
+            let mut valid = handoff_to_pb(&state()).encode_to_vec();
+            for (at, b) in flips {
+                let n = valid.len();
+                valid[at % n] ^= b;
+            }
+            if let Ok(r) = ppb::HandoffRequest::decode(valid.as_slice()) {
+                let _ = handoff_from_pb(&r);
+            }
+        }
+    }
+
     #[test]
     fn trees_rebuild_from_their_leaves() {
         let mut t = RegionTree::grid(glam::IVec3::ZERO, 2, 1, 1);
