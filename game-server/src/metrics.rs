@@ -28,6 +28,7 @@ pub struct Metrics {
     pub fps_avg: Gauge,
     pub physics_step: Histogram,
     pub snapshot_encode: Histogram,
+    pub chunk_edits_sent: IntCounter,
     pub physics_step_ms: Gauge,
     pub terrain_chunks_loaded: IntGauge,
     pub chunk_generate: Histogram,
@@ -115,6 +116,10 @@ impl Metrics {
                 vec![0.0, 1.0, 2.0, 4.0, 9.0, 18.0, 45.0, 90.0],
             ),
             fps_avg: gauge("server_fps_avg", "Ticks run over the last second (target 90)"),
+            chunk_edits_sent: counter(
+                "chunk_edits_sent_total",
+                "Chunks whose player edits were streamed to a player (again when they change)",
+            ),
             snapshot_encode: histogram(
                 "server_snapshot_encode_seconds",
                 "Time to pick, quantise and delta-encode one player's snapshot",
@@ -189,6 +194,7 @@ impl Metrics {
             Box::new(m.fps_avg.clone()),
             Box::new(m.physics_step.clone()),
             Box::new(m.snapshot_encode.clone()),
+            Box::new(m.chunk_edits_sent.clone()),
             Box::new(m.physics_step_ms.clone()),
             Box::new(m.terrain_chunks_loaded.clone()),
             Box::new(m.chunk_generate.clone()),

@@ -417,7 +417,23 @@ pub enum ServerControl {
     Chat { from: PlayerId, name: String, text: String },
     /// A notice from the operators, to every player of the mesh.
     Notice { text: String },
+    /// What players changed in one chunk near the player, on top of the
+    /// world the client generates from `world_seed`: voxel index (as
+    /// `ChunkLayout::local_index`) → material. `replace`: these are all of
+    /// the chunk's changes at `version` (forget earlier ones); otherwise
+    /// more of them (a chunk too big for one frame). Sent nearest first,
+    /// again whenever the chunk changes.
+    ChunkEdits {
+        chunk: crate::chunk::ChunkKey,
+        version: u64,
+        replace: bool,
+        voxels: Vec<(u32, crate::terrain::Material)>,
+    },
 }
+
+/// Most voxels one [`ServerControl::ChunkEdits`] frame carries (well inside
+/// [`MAX_CONTROL_FRAME`]: at most 3 bytes of index and 1 of material each).
+pub const MAX_CHUNK_EDITS_PER_FRAME: usize = 12_000;
 
 fn frame_config() -> impl bincode::config::Config {
     bincode::config::standard().with_limit::<MAX_CONTROL_FRAME>()

@@ -77,7 +77,7 @@ pub fn schedule() -> Schedule {
         (physics::hands, physics::step).chain().in_set(SimSet::Physics),
         edits::world_edits.in_set(SimSet::WorldEdits),
         (systems::log_authority, systems::authority).chain().in_set(SimSet::Authority),
-        systems::replication.in_set(SimSet::Replication),
+        (systems::replication, systems::chunk_edits).in_set(SimSet::Replication),
         systems::report.in_set(SimSet::Metrics),
     ));
     s

@@ -1019,6 +1019,69 @@ pub fn replication(
     metrics.0.bytes_sent.inc_by(bytes);
 }
 
+/// Edited chunks farther than this from a player are not streamed to it.
+pub const CHUNK_STREAM_RADIUS_M: f64 = 128.0;
+/// Chunks one player is sent in one turn (a player's turn comes every 9
+/// ticks: 40 chunks a second at most).
+pub const CHUNKS_PER_TURN: usize = 4;
+
+/// Per connection: the version of each chunk it was sent.
+#[derive(Debug, Default)]
+pub struct ChunkStreams {
+    sent: rustc_hash::FxHashMap<super::messages::ConnId, rustc_hash::FxHashMap<shared::chunk::ChunkKey, u64>>,
+}
+
+/// Streams what players changed in the terrain to the players near it,
+/// nearest chunk first, a few chunks a turn, each again when it changes.
+/// Clients generate the rest of the world from the seed. A ninth of the
+/// players each tick (every player ten times a second).
+pub fn chunk_edits(
+    players: Query<(&Body, &Avatar), With<Authority>>,
+    terrain: Res<super::terrain::Terrain>,
+    conns: Res<Conns>,
+    tick: Res<TickState>,
+    metrics: Res<SimMetrics>,
+    mut streams: Local<ChunkStreams>,
+) {
+    if tick.tick.is_multiple_of(90) {
+        streams.sent.retain(|c, _| conns.0.contains_key(c));
+    }
+    if terrain.edited.is_empty() {
+        return;
+    }
+    let slice = tick.tick % 9;
+    let layout = terrain.layout;
+    let mut near: Vec<(f64, shared::chunk::ChunkKey)> = Vec::new();
+    for (i, (body, a)) in players.iter().enumerate() {
+        let Some(conn) = a.conn.filter(|_| i as u64 % 9 == slice) else { continue };
+        let sent = streams.sent.entry(conn).or_default();
+        near.clear();
+        for key in &terrain.edited {
+            let d = layout.chunk_aabb(*key).linf_distance(body.pos);
+            let version = terrain.chunks.get(key).map_or(0, |c| c.version);
+            if d <= CHUNK_STREAM_RADIUS_M && sent.get(key) != Some(&version) {
+                near.push((d, *key));
+            }
+        }
+        near.sort_unstable_by(|x, y| x.0.total_cmp(&y.0));
+        for (_, key) in near.iter().take(CHUNKS_PER_TURN) {
+            let Some(c) = terrain.chunks.get(key) else { continue };
+            let voxels: Vec<(u32, shared::terrain::Material)> = c.edits.iter().map(|(i, m)| (*i, *m)).collect();
+            for (k, part) in voxels.chunks(shared::wire::MAX_CHUNK_EDITS_PER_FRAME).enumerate() {
+                let msg = ServerControl::ChunkEdits {
+                    chunk: *key,
+                    version: c.version,
+                    replace: k == 0,
+                    voxels: part.to_vec(),
+                };
+                send(&conns, conn, Outbound::Control(msg), &metrics);
+            }
+            sent.insert(*key, c.version);
+            metrics.0.chunk_edits_sent.inc();
+        }
+    }
+}
+
 /// Gauges and the heartbeat's load figures.
 pub fn report(
     players: Query<&Authority, With<Avatar>>,

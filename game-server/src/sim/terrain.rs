@@ -70,7 +70,8 @@ const UNLOADS_PER_TICK: usize = 4;
 #[derive(Debug)]
 pub struct ChunkReady {
     pub key: ChunkKey,
-    pub result: Result<(ChunkVoxels, Option<SharedShape>), String>,
+    /// Voxels, collider shape, and the stored deltas on top of the procedural world.
+    pub result: Result<(ChunkVoxels, Option<SharedShape>, Vec<VoxelDelta>), String>,
     pub took: Duration,
 }
 
@@ -96,7 +97,7 @@ pub fn build_chunk(generator: &TerrainGen, store: &WorldStore, key: ChunkKey) ->
         .map(|deltas| {
             let voxels = rebuild(generator, key, &deltas);
             let shape = chunk_shape(&voxels, &generator.layout);
-            (voxels, shape)
+            (voxels, shape, deltas)
         })
         .map_err(|e| e.to_string());
     ChunkReady { key, result, took: t0.elapsed() }
@@ -163,6 +164,21 @@ pub struct LoadedChunk {
     pub collider: Option<ColliderHandle>,
     /// Last tick something wanted it loaded.
     pub wanted_at: Tick,
+    /// What players changed on top of the procedural world: voxel index →
+    /// material now (a client that generates the world from the seed needs
+    /// only these).
+    pub edits: std::collections::BTreeMap<u32, Material>,
+    /// Grows with every change to `edits` (clients are sent a chunk again
+    /// when it grew).
+    pub version: u64,
+}
+
+impl LoadedChunk {
+    fn new(voxels: ChunkVoxels, collider: Option<ColliderHandle>, wanted_at: Tick, deltas: &[VoxelDelta]) -> Self {
+        let edits: std::collections::BTreeMap<u32, Material> = deltas.iter().map(|d| (d.index, d.material)).collect();
+        let version = edits.len() as u64;
+        Self { voxels, collider, wanted_at, edits, version }
+    }
 }
 
 /// The terrain the tick thread simulates against.
@@ -172,6 +188,8 @@ pub struct Terrain {
     pub generator: Arc<TerrainGen>,
     pub settings: TerrainSettings,
     pub chunks: FxHashMap<ChunkKey, LoadedChunk>,
+    /// Loaded chunks that players changed (what clients are sent).
+    pub edited: FxHashSet<ChunkKey>,
     /// log2 of the chunk edge in voxels, when it is a power of two.
     shift: Option<u32>,
     in_flight: FxHashSet<ChunkKey>,
@@ -222,6 +240,7 @@ impl Terrain {
             settings,
             chunks: FxHashMap::default(),
             in_flight: FxHashSet::default(),
+            edited: FxHashSet::default(),
             unflushed: FxHashMap::default(),
             loader,
             frozen: FxHashMap::default(),
@@ -316,8 +335,15 @@ impl Terrain {
     pub fn set(&mut self, v: VoxelCoord, m: Material) -> Option<Material> {
         let len = (self.layout.chunk_voxels as usize).pow(3);
         let i = self.layout.local_index(v);
-        let c = self.chunks.get_mut(&self.layout.chunk_of(v))?;
-        Some(c.voxels.set(i, m, len))
+        let key = self.layout.chunk_of(v);
+        let c = self.chunks.get_mut(&key)?;
+        let old = c.voxels.set(i, m, len);
+        if old != m {
+            c.edits.insert(i as u32, m);
+            c.version += 1;
+            self.edited.insert(key);
+        }
+        Some(old)
     }
 
     /// Forgets unflushed deltas of edits up to `durable`.
@@ -386,7 +412,7 @@ pub fn stream(
     for ready in terrain.take_ready(budget) {
         terrain.in_flight.remove(&ready.key);
         metrics.0.chunk_generate.observe(ready.took.as_secs_f64());
-        let (mut voxels, mut shape) = match ready.result {
+        let (mut voxels, mut shape, mut deltas) = match ready.result {
             Ok(v) => v,
             Err(e) => {
                 // Asked again by whoever still wants it.
@@ -398,11 +424,15 @@ pub fn stream(
         if let Some(mine) = terrain.unflushed.get(&ready.key) {
             shared::edit::apply_deltas(&mut voxels, &terrain.layout, mine.iter().map(|(_, d)| d));
             shape = chunk_shape(&voxels, &terrain.layout);
+            deltas.extend(mine.iter().map(|(_, d)| *d));
         }
         let mut collider = None;
         let at = physics.to_local(terrain.layout.chunk_aabb(ready.key).min);
         replace_collider(&mut physics, &mut collider, shape, at);
-        terrain.chunks.insert(ready.key, LoadedChunk { voxels, collider, wanted_at: tick });
+        if !deltas.is_empty() {
+            terrain.edited.insert(ready.key);
+        }
+        terrain.chunks.insert(ready.key, LoadedChunk::new(voxels, collider, tick, &deltas));
         thaw(terrain, &mut physics, ready.key);
     }
 
@@ -460,6 +490,7 @@ pub fn stream(
             if !sleepers.is_empty() {
                 terrain.frozen.entry(k).or_default().extend(sleepers);
             }
+            terrain.edited.remove(&k);
             if let Some(c) = terrain.chunks.remove(&k)
                 && let Some(h) = c.collider
             {
@@ -549,7 +580,7 @@ mod tests {
         for y in 2..6 {
             let key = ChunkKey { x: 3, y, z: 1 };
             let ready = build_chunk(&generator, &crate::store::memory_world_store(&layout), key);
-            let (voxels, shape) = ready.result.expect("memory store never fails");
+            let (voxels, shape, _) = ready.result.expect("memory store never fails");
             let Some(shape) = shape else {
                 assert!(voxels.is_uniform(Material::Air));
                 continue;

@@ -488,3 +488,75 @@ fn an_unsupported_structure_breaks_into_falling_props() {
     let l = t.layout;
     assert_eq!(t.material(l.voxel_at(base + DVec3::new(0.0, 1.0, 0.0))), Some(Material::Air));
 }
+
+/// Streamed chunks: key, version, the voxels players changed.
+type Streamed = Vec<(ChunkKey, u64, Vec<(u32, Material)>)>;
+
+fn chunk_edits_of(controls: &[ServerControl]) -> Streamed {
+    controls
+        .iter()
+        .filter_map(|c| match c {
+            ServerControl::ChunkEdits { chunk, version, replace: true, voxels } => {
+                Some((*chunk, *version, voxels.clone()))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn players_are_sent_the_edits_near_them_nearest_first_and_again_when_they_change() {
+    let mut h = Harness::new(1);
+    let mut rx = h.join(1, JoinRole::Play, DVec3::new(1000.5, 70.0, 1000.5));
+    h.settle();
+    let (b, _) = h.avatar().expect("avatar");
+    let streamed = |rx: &mut ConnRx| chunk_edits_of(&controls(rx));
+    // Nothing was changed: nothing to stream (the client has the seed).
+    for _ in 0..20 {
+        h.step();
+    }
+    assert!(streamed(&mut rx).is_empty());
+    // Two holes, 4 m and 1.5 m away (different chunks when possible), dug in one tick.
+    let far = b.pos + DVec3::new(4.0, -1.0, 0.0);
+    let near = b.pos + DVec3::new(-1.5, -1.0, 0.0);
+    for (i, c) in [far, near].into_iter().enumerate() {
+        h.send(SimIn::Edit { conn: 1, id: i as u32, op: EditOp::Dig { center: c, radius: 0.6 } });
+    }
+    for _ in 0..20 {
+        h.step();
+    }
+    let got = streamed(&mut rx);
+    let layout = h.world.resource::<Terrain>().layout;
+    let terrain = h.world.resource::<Terrain>();
+    let edited: Vec<ChunkKey> = {
+        let mut e: Vec<ChunkKey> = terrain.edited.iter().copied().collect();
+        e.sort();
+        e
+    };
+    assert!(!edited.is_empty());
+    let mut keys: Vec<ChunkKey> = got.iter().map(|g| g.0).collect();
+    keys.sort();
+    assert_eq!(keys, edited, "each changed chunk once");
+    for (key, version, voxels) in &got {
+        let c = &terrain.chunks[key];
+        assert_eq!(*version, c.version);
+        // Exactly the chunk's changes: air where the holes are.
+        assert_eq!(voxels.len(), c.edits.len());
+        assert!(voxels.iter().all(|(i, m)| c.voxels.get(*i as usize) == *m && *m == Material::Air));
+    }
+    // Nearest first.
+    let d = |k: &ChunkKey| layout.chunk_aabb(*k).linf_distance(b.pos);
+    assert!(got.windows(2).all(|w| d(&w[0].0) <= d(&w[1].0)), "{got:?}");
+    // Another hole in the near chunk: that chunk again, with more voxels.
+    let key = layout.chunk_of(layout.voxel_at(near));
+    let before = got.iter().find(|g| g.0 == key).map(|g| g.2.len()).unwrap_or(0);
+    h.send(SimIn::Edit { conn: 1, id: 9, op: EditOp::Dig { center: near + DVec3::new(0.0, -1.0, 0.0), radius: 1.2 } });
+    for _ in 0..20 {
+        h.step();
+    }
+    let all = controls(&mut rx);
+    let again = chunk_edits_of(&all);
+    assert_eq!(again.len(), 1, "only the changed chunk: {all:?}");
+    assert_eq!(again[0].0, key);
+    assert!(again[0].2.len() > before);
+}

@@ -156,6 +156,11 @@ pub struct BotReport {
     /// Refused edits by reason.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub edit_rejections: BTreeMap<String, u32>,
+    /// Chunks of player edits streamed to it (terrain beyond the seed), and their voxels.
+    #[serde(default)]
+    pub chunk_edits: u32,
+    #[serde(default)]
+    pub chunk_edit_voxels: u64,
 }
 
 /// What the whole swarm saw.
@@ -171,6 +176,9 @@ pub struct SwarmReport {
     /// Snapshots a bot could not decode (a delta against a baseline lost on the way).
     #[serde(default)]
     pub undecoded_snapshots: u64,
+    /// Chunks of player edits streamed to the bots.
+    #[serde(default)]
+    pub chunk_edits: u64,
     /// Over the whole run, from every bot's QUIC connections.
     #[serde(default)]
     pub rtt_p50_ms: f64,
@@ -388,6 +396,7 @@ pub async fn run(cfg: SwarmConfig, live: Arc<Live>, stop: CancellationToken) -> 
         timeline,
         work: WorkSummary::of(&per_bot),
         undecoded_snapshots: live.undecoded.load(Ordering::Relaxed),
+        chunk_edits: per_bot.iter().map(|b| u64::from(b.chunk_edits)).sum(),
         process,
         bots: cfg.bots,
         joined: per_bot.iter().filter(|b| b.joined).count() as u32,
@@ -661,6 +670,10 @@ impl Bot {
                                 self.pre_connect(to, &links, &mut pending, &known, &tx);
                             }
                             ServerControl::EditResult { id, outcome } => self.edit_answered(id, outcome),
+                            ServerControl::ChunkEdits { voxels, .. } => {
+                                self.report.chunk_edits += 1;
+                                self.report.chunk_edit_voxels += voxels.len() as u64;
+                            }
                             ServerControl::Refused { reason } => self.error(format!("server {} refused: {reason}", server.0)),
                             _ => {}
                         },
