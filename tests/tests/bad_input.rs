@@ -206,6 +206,19 @@ fn a_flood_from_one_address_does_not_slow_the_tick_for_others() -> anyhow::Resul
         anyhow::Ok((attempts, refused))
     })?;
     let after = blocking_text(&metrics_url)?;
+    // The query port answers one line of JSON, the two players included.
+    let line = {
+        use std::io::Read;
+        let mut s = std::net::TcpStream::connect(ports["query"].as_str().unwrap())?;
+        let mut text = String::new();
+        s.read_to_string(&mut text)?;
+        text
+    };
+    assert!(line.ends_with('\n') && line.lines().count() == 1, "{line:?}");
+    let q: serde_json::Value = serde_json::from_str(&line)?;
+    assert_eq!((q["players"].as_u64(), q["capacity"].as_u64()), (Some(2), Some(1000)), "{q}");
+    assert!(q["name"].is_string() && q["version"].is_string(), "{q}");
+    assert!(q["regions"].as_array().is_some_and(|r| !r.is_empty()), "{q}");
     let status = swarm.child.wait()?;
     let r = Mesh::summary(&report)?;
     let counted = metric(&after, "player_connections_refused_total", r#"reason="rate_limited""#);
