@@ -7,6 +7,7 @@
 //! edges of the crates that speak gRPC.
 
 pub mod chunk;
+mod codec;
 pub mod controller;
 pub mod edit;
 pub mod geom;

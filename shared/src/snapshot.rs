@@ -19,8 +19,9 @@
 //! Integers are LEB128 varints (zigzag for signed). Every decode error is a
 //! [`DecodeError`] with a stable reason.
 
-use glam::{DVec3, Quat};
+use glam::DVec3;
 
+use crate::codec::{from_smallest_three, put_varint as varint, smallest_three, take_varint, unzigzag, zigzag};
 use crate::ids::{EntityId, ServerId};
 use crate::time::Tick;
 use crate::wire::{DecodeError, EntityState, MAX_DATAGRAM, Snapshot};
@@ -33,9 +34,6 @@ pub const POS_QUANTUM_M: f64 = 0.001;
 pub const VEL_QUANTUM: f32 = 0.01;
 /// Bits per smallest-three component.
 const ROT_BITS: u32 = 15;
-const ROT_MAX: f32 = ((1u32 << ROT_BITS) - 1) as f32;
-/// The smaller three components of a unit quaternion lie in ±1/√2.
-const ROT_RANGE: f32 = std::f32::consts::FRAC_1_SQRT_2;
 /// Snapshots a side keeps as baselines (0.35 s at 90 Hz: acknowledgements
 /// older than that fall back to a full state).
 pub const HISTORY: usize = 32;
@@ -62,43 +60,6 @@ pub struct QEntity {
     pub authority: ServerId,
 }
 
-fn quantise_rot(r: [f32; 4]) -> u64 {
-    let mut q = Quat::from_array(r);
-    q = if q.is_finite() && q.length_squared() > 1e-12 { q.normalize() } else { Quat::IDENTITY };
-    let a = q.to_array();
-    let (big, _) = a.iter().enumerate().fold((0, -1.0f32), |m, (i, v)| if v.abs() > m.1 { (i, v.abs()) } else { m });
-    let sign = if a[big] < 0.0 { -1.0 } else { 1.0 };
-    let mut packed = big as u64;
-    let mut shift = 2;
-    for (i, v) in a.iter().enumerate() {
-        if i == big {
-            continue;
-        }
-        let unit = ((v * sign + ROT_RANGE) / (2.0 * ROT_RANGE)).clamp(0.0, 1.0);
-        packed |= ((unit * ROT_MAX).round() as u64) << shift;
-        shift += ROT_BITS;
-    }
-    packed
-}
-
-fn rot_of(packed: u64) -> [f32; 4] {
-    let big = (packed & 3) as usize;
-    let mut a = [0.0f32; 4];
-    let mut shift = 2;
-    let mut sum = 0.0;
-    for (i, slot) in a.iter_mut().enumerate() {
-        if i == big {
-            continue;
-        }
-        let raw = ((packed >> shift) & ((1 << ROT_BITS) - 1)) as f32;
-        *slot = raw / ROT_MAX * 2.0 * ROT_RANGE - ROT_RANGE;
-        sum += *slot * *slot;
-        shift += ROT_BITS;
-    }
-    a[big] = (1.0 - sum).max(0.0).sqrt();
-    a
-}
-
 impl QEntity {
     pub fn quantise(e: &EntityState) -> Self {
         let mm = |v: f64| (v / POS_QUANTUM_M).round() as i64;
@@ -106,7 +67,7 @@ impl QEntity {
         Self {
             id: e.id,
             pos: [mm(e.pos.x), mm(e.pos.y), mm(e.pos.z)],
-            rot: quantise_rot(e.rot),
+            rot: smallest_three(e.rot, ROT_BITS),
             vel: [cms(e.vel[0]), cms(e.vel[1]), cms(e.vel[2])],
             authority: e.authority,
         }
@@ -116,7 +77,7 @@ impl QEntity {
         EntityState {
             id: self.id,
             pos: DVec3::new(self.pos[0] as f64, self.pos[1] as f64, self.pos[2] as f64) * POS_QUANTUM_M,
-            rot: rot_of(self.rot),
+            rot: from_smallest_three(self.rot, ROT_BITS),
             vel: self.vel.map(|v| f32::from(v) * VEL_QUANTUM),
             authority: self.authority,
         }
@@ -146,24 +107,8 @@ pub struct Header {
     pub last_input_seq: u32,
 }
 
-fn varint(out: &mut Vec<u8>, mut v: u64) {
-    while v >= 0x80 {
-        out.push((v as u8) | 0x80);
-        v >>= 7;
-    }
-    out.push(v as u8);
-}
-
 fn varint_len(v: u64) -> usize {
     (64 - v.max(1).leading_zeros() as usize).div_ceil(7).max(1)
-}
-
-fn zigzag(v: i64) -> u64 {
-    ((v << 1) ^ (v >> 63)) as u64
-}
-
-fn unzigzag(v: u64) -> i64 {
-    ((v >> 1) as i64) ^ -((v & 1) as i64)
 }
 
 struct Reader<'a>(&'a [u8]);
@@ -175,15 +120,7 @@ impl Reader<'_> {
         Ok(*b)
     }
     fn varint(&mut self) -> Result<u64, DecodeError> {
-        let mut v = 0u64;
-        for shift in (0..64).step_by(7) {
-            let b = self.u8()?;
-            v |= u64::from(b & 0x7f) << shift;
-            if b & 0x80 == 0 {
-                return Ok(v);
-            }
-        }
-        Err(DecodeError::BadVarint)
+        take_varint(&mut self.0)
     }
     fn signed(&mut self) -> Result<i64, DecodeError> {
         Ok(unzigzag(self.varint()?))
@@ -516,6 +453,7 @@ impl Sender {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use glam::Quat;
     use proptest::prelude::*;
 
     fn entity() -> impl Strategy<Value = EntityState> {
@@ -661,20 +599,5 @@ mod tests {
         out.clear();
         sender.encode(&h(5), DVec3::ZERO, &all, 3, usize::MAX, &mut out);
         assert_eq!(fresh.receive(&out).unwrap_err().reason(), "unknown_baseline");
-    }
-
-    #[test]
-    fn smallest_three_round_trips_every_axis() {
-        for q in [
-            Quat::IDENTITY,
-            Quat::from_rotation_y(1.0),
-            Quat::from_rotation_x(-2.5),
-            Quat::from_rotation_z(3.1),
-            Quat::from_xyzw(-0.5, 0.5, -0.5, -0.5),
-        ] {
-            let back = Quat::from_array(rot_of(quantise_rot(q.to_array())));
-            assert!(q.dot(back).abs() > 1.0 - 1e-6, "{q} -> {back}");
-        }
-        assert_eq!(rot_of(quantise_rot([f32::NAN, 0.0, 0.0, 1.0])), rot_of(quantise_rot([0.0, 0.0, 0.0, 1.0])));
     }
 }

@@ -156,44 +156,6 @@ const TURN_QUANTUM: f32 = 0.0002;
 /// Pose positions travel in millimetres, rotations in 10 bits a component.
 const ROT_BITS: u32 = 10;
 
-/// A unit quaternion as 32 bits: which component is largest, and the other
-/// three in ±1/√2. Arbitrary bits decode to a quaternion that may not be
-/// unit: the server's pose check refuses those (`bad_rotation`).
-fn rot32(r: [f32; 4]) -> u32 {
-    let max = ((1u32 << ROT_BITS) - 1) as f32;
-    let range = std::f32::consts::FRAC_1_SQRT_2;
-    let len = r.iter().map(|v| v * v).sum::<f32>().sqrt();
-    let a = if len.is_finite() && len > 1e-6 { r.map(|v| v / len) } else { [0.0, 0.0, 0.0, 1.0] };
-    let (big, _) = a.iter().enumerate().fold((0, -1.0f32), |m, (i, v)| if v.abs() > m.1 { (i, v.abs()) } else { m });
-    let sign = if a[big] < 0.0 { -1.0 } else { 1.0 };
-    let mut packed = big as u32;
-    let mut shift = 2;
-    for (i, v) in a.iter().enumerate() {
-        if i != big {
-            let unit = ((v * sign + range) / (2.0 * range)).clamp(0.0, 1.0);
-            packed |= ((unit * max).round() as u32) << shift;
-            shift += ROT_BITS;
-        }
-    }
-    packed
-}
-
-fn unrot32(packed: u32) -> [f32; 4] {
-    let max = ((1u32 << ROT_BITS) - 1) as f32;
-    let range = std::f32::consts::FRAC_1_SQRT_2;
-    let big = (packed & 3) as usize;
-    let (mut a, mut shift, mut sum) = ([0.0f32; 4], 2, 0.0);
-    for (i, slot) in a.iter_mut().enumerate() {
-        if i != big {
-            *slot = ((packed >> shift) & ((1 << ROT_BITS) - 1)) as f32 / max * 2.0 * range - range;
-            sum += *slot * *slot;
-            shift += ROT_BITS;
-        }
-    }
-    a[big] = (1.0 - sum).max(0.0).sqrt();
-    a
-}
-
 /// `v` in units of `q`, clamped to the integer's range (NaN: 0).
 fn quant<T: TryFrom<i64> + Copy>(v: f32, q: f32, lo: T, hi: T) -> T {
     let x = (v / q).round();
@@ -215,18 +177,14 @@ impl Writer<'_> {
     fn i16(&mut self, v: i16) {
         self.0.extend_from_slice(&v.to_le_bytes());
     }
-    fn varint(&mut self, mut v: u64) {
-        while v >= 0x80 {
-            self.0.push((v as u8) | 0x80);
-            v >>= 7;
-        }
-        self.0.push(v as u8);
+    fn varint(&mut self, v: u64) {
+        crate::codec::put_varint(self.0, v);
     }
     fn pose(&mut self, p: &Pose) {
         for v in p.pos {
             self.i16(quant(v, 0.001, i16::MIN, i16::MAX));
         }
-        self.u32(rot32(p.rot));
+        self.u32(crate::codec::smallest_three(p.rot, ROT_BITS) as u32);
     }
 }
 
@@ -248,19 +206,14 @@ impl Reader<'_> {
         Ok(i16::from_le_bytes(self.take()?))
     }
     fn varint(&mut self) -> Result<u64, DecodeError> {
-        let mut v = 0u64;
-        for shift in (0..64).step_by(7) {
-            let b = self.u8()?;
-            v |= u64::from(b & 0x7f) << shift;
-            if b & 0x80 == 0 {
-                return Ok(v);
-            }
-        }
-        Err(DecodeError::BadVarint)
+        crate::codec::take_varint(&mut self.0)
     }
     fn pose(&mut self) -> Result<Pose, DecodeError> {
         let mm = |v: i16| f32::from(v) * 0.001;
-        Ok(Pose { pos: [mm(self.i16()?), mm(self.i16()?), mm(self.i16()?)], rot: unrot32(self.u32()?) })
+        Ok(Pose {
+            pos: [mm(self.i16()?), mm(self.i16()?), mm(self.i16()?)],
+            rot: crate::codec::from_smallest_three(u64::from(self.u32()?), ROT_BITS),
+        })
     }
     fn finish(&self) -> Result<(), DecodeError> {
         if self.0.is_empty() { Ok(()) } else { Err(DecodeError::TrailingBytes(self.0.len())) }
