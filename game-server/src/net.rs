@@ -211,6 +211,11 @@ pub async fn serve(endpoint: quinn::Endpoint, ctx: NetContext, stop: Cancellatio
                 let now = now_s();
                 if attempts.len() >= MAX_TRACKED_ADDRESSES {
                     attempts.retain(|_, b| !b.is_full(now));
+                    // Still full (a flood from very many addresses): forget
+                    // them all rather than scan the map at every attempt.
+                    if attempts.len() >= MAX_TRACKED_ADDRESSES {
+                        attempts.clear();
+                    }
                 }
                 let ip = incoming.remote_address().ip();
                 let bucket = attempts

@@ -849,6 +849,8 @@ type Replicated = (&'static NetId, &'static Body, Option<&'static Avatar>, Optio
 #[derive(Debug, Default)]
 pub struct ReplicationScratch {
     states: Vec<EntityState>,
+    /// `states` as the wire carries them: quantised once a tick, not once per viewer.
+    quantised: Vec<QEntity>,
     grid: rustc_hash::FxHashMap<(i32, i32), Vec<u32>>,
     near: Vec<(f64, u32)>,
     buf: Vec<u8>,
@@ -896,6 +898,7 @@ pub fn replication(
 ) {
     let sc = &mut *scratch;
     sc.states.clear();
+    sc.quantised.clear();
     if tick.tick.is_multiple_of(90) {
         sc.grid.clear();
     } else {
@@ -911,6 +914,7 @@ pub fn replication(
             vel: b.vel.to_array(),
             authority: cfg.server,
         });
+        sc.quantised.push(QEntity::quantise(sc.states.last().expect("just pushed")));
     }
     let occupied = sc.grid.values().filter(|c| !c.is_empty()).count();
     let r2 = cfg.view_radius_m * cfg.view_radius_m;
@@ -973,7 +977,7 @@ pub fn replication(
             let e = &sc.states[*i as usize];
             let p = link.priority.entry(e.id).or_insert(0.0);
             *p += priority(d2.sqrt(), glam::Vec3::from(e.vel).length());
-            sc.wanted.push((*p, QEntity::quantise(e)));
+            sc.wanted.push((*p, sc.quantised[*i as usize]));
         }
         sc.wanted.sort_unstable_by(|x, y| y.0.total_cmp(&x.0));
         sc.sorted.clear();

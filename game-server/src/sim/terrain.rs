@@ -168,15 +168,22 @@ pub struct LoadedChunk {
     /// material now (a client that generates the world from the seed needs
     /// only these).
     pub edits: std::collections::BTreeMap<u32, Material>,
-    /// Grows with every change to `edits` (clients are sent a chunk again
-    /// when it grew).
+    /// Drawn from the terrain's clock at every load and every change, so a
+    /// version never names two different sets of edits (a chunk unloaded
+    /// and read back gets a new one): clients are sent a chunk again when
+    /// its version is not the one they were sent.
     pub version: u64,
 }
 
 impl LoadedChunk {
-    fn new(voxels: ChunkVoxels, collider: Option<ColliderHandle>, wanted_at: Tick, deltas: &[VoxelDelta]) -> Self {
+    fn new(
+        voxels: ChunkVoxels,
+        collider: Option<ColliderHandle>,
+        wanted_at: Tick,
+        deltas: &[VoxelDelta],
+        version: u64,
+    ) -> Self {
         let edits: std::collections::BTreeMap<u32, Material> = deltas.iter().map(|d| (d.index, d.material)).collect();
-        let version = edits.len() as u64;
         Self { voxels, collider, wanted_at, edits, version }
     }
 }
@@ -190,6 +197,8 @@ pub struct Terrain {
     pub chunks: FxHashMap<ChunkKey, LoadedChunk>,
     /// Loaded chunks that players changed (what clients are sent).
     pub edited: FxHashSet<ChunkKey>,
+    /// The source of chunk versions.
+    versions: u64,
     /// log2 of the chunk edge in voxels, when it is a power of two.
     shift: Option<u32>,
     in_flight: FxHashSet<ChunkKey>,
@@ -241,6 +250,7 @@ impl Terrain {
             chunks: FxHashMap::default(),
             in_flight: FxHashSet::default(),
             edited: FxHashSet::default(),
+            versions: 0,
             unflushed: FxHashMap::default(),
             loader,
             frozen: FxHashMap::default(),
@@ -340,7 +350,8 @@ impl Terrain {
         let old = c.voxels.set(i, m, len);
         if old != m {
             c.edits.insert(i as u32, m);
-            c.version += 1;
+            self.versions += 1;
+            c.version = self.versions;
             self.edited.insert(key);
         }
         Some(old)
@@ -432,7 +443,9 @@ pub fn stream(
         if !deltas.is_empty() {
             terrain.edited.insert(ready.key);
         }
-        terrain.chunks.insert(ready.key, LoadedChunk::new(voxels, collider, tick, &deltas));
+        terrain.versions += 1;
+        let version = terrain.versions;
+        terrain.chunks.insert(ready.key, LoadedChunk::new(voxels, collider, tick, &deltas, version));
         thaw(terrain, &mut physics, ready.key);
     }
 
