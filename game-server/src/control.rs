@@ -20,7 +20,8 @@ use tracing::{error, info, warn};
 use crate::convert::{handoff_to_pb, map_from_pb, mesh_key_to_pb};
 use crate::metrics::Metrics;
 use crate::sim::components::LoadShared;
-use crate::sim::messages::{CommittedTransfer, MapView, SimIn, SimOut};
+use crate::sim::messages::{CommittedTransfer, ConnTx, MapView, Outbound, SimIn, SimOut};
+use shared::wire::ServerControl;
 
 const RPC_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -283,6 +284,9 @@ pub struct TransferExecutor {
     peers: Arc<Mutex<PeerClients>>,
 }
 
+/// How long a pre-connect hint may wait for its standby ticket.
+const HINT_TICKET_WAIT: Duration = Duration::from_secs(1);
+
 impl TransferExecutor {
     pub fn new(
         me: ServerId,
@@ -312,9 +316,50 @@ impl TransferExecutor {
                 match out {
                     SimOut::RequestTransfer { .. } => this.request(out).await,
                     SimOut::Handoff(state) => this.hand_off(*state).await,
+                    SimOut::Hint { player, name, hint, tx } => this.hint(player, name, hint, tx).await,
                     SimOut::Presence { .. } => {}
                 }
             });
+        }
+    }
+
+    /// Puts a standby ticket into a pre-connect hint and sends it. The
+    /// coordinator refuses while the directory does not yet list the player
+    /// here (a hint right after the join): asked again a few times within a
+    /// second; after that, or with the coordinator unreachable, the hint
+    /// goes without a ticket and the client buys one with its session.
+    async fn hint(self, player: shared::PlayerId, name: String, mut hint: ServerControl, tx: ConnTx) {
+        let ServerControl::PreConnect { server: to, ticket, .. } = &mut hint else { return };
+        let req = mpb::StandbyTicketRequest { server_id: self.me.0, player_id: player.0, name, to_server_id: to.0 };
+        let deadline = tokio::time::Instant::now() + HINT_TICKET_WAIT;
+        loop {
+            let asked = tokio::time::timeout_at(
+                deadline,
+                self.coordinator.call(|mut c| {
+                    let req = req.clone();
+                    async move { c.standby_ticket(req).await }
+                }),
+            )
+            .await;
+            match asked {
+                Ok(Ok(r)) => {
+                    *ticket = Some(r.ticket);
+                    break;
+                }
+                Ok(Err(s)) if s.code() == tonic::Code::FailedPrecondition && tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(150)).await;
+                }
+                Ok(Err(s)) => {
+                    warn!(%player, to = %req.to_server_id, error = %s.message(), "no standby ticket for a pre-connect hint");
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+        let label = if ticket.is_some() { "with_ticket" } else { "without_ticket" };
+        self.metrics.hints.with_label_values(&[label]).inc();
+        if let Err(e) = tx.try_send(Outbound::Control(hint)) {
+            self.metrics.datagrams_dropped.with_label_values(&[e.reason()]).inc();
         }
     }
 

@@ -29,6 +29,7 @@ pub struct Metrics {
     pub physics_step: Histogram,
     pub snapshot_encode: Histogram,
     pub chunk_edits_sent: IntCounter,
+    pub hints: IntCounterVec,
     pub physics_step_ms: Gauge,
     pub terrain_chunks_loaded: IntGauge,
     pub chunk_generate: Histogram,
@@ -116,6 +117,11 @@ impl Metrics {
                 vec![0.0, 1.0, 2.0, 4.0, 9.0, 18.0, 45.0, 90.0],
             ),
             fps_avg: gauge("server_fps_avg", "Ticks run over the last second (target 90)"),
+            hints: counter_vec(
+                "preconnect_hints_total",
+                "Pre-connect hints sent to players, with or without a standby ticket",
+                "ticket",
+            ),
             chunk_edits_sent: counter(
                 "chunk_edits_sent_total",
                 "Chunks whose player edits were streamed to a player (again when they change)",
@@ -195,6 +201,7 @@ impl Metrics {
             Box::new(m.physics_step.clone()),
             Box::new(m.snapshot_encode.clone()),
             Box::new(m.chunk_edits_sent.clone()),
+            Box::new(m.hints.clone()),
             Box::new(m.physics_step_ms.clone()),
             Box::new(m.terrain_chunks_loaded.clone()),
             Box::new(m.chunk_generate.clone()),

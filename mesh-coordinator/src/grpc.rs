@@ -7,6 +7,7 @@ use proto::mesh::mesh_coordinator_server::MeshCoordinator;
 use shared::{EntityId, Epoch, ServerId};
 use tonic::{Request, Response, Status};
 
+use crate::auth::Auth;
 use crate::convert::{addresses_from_pb, addresses_to_pb, key_from_pb, load_from_pb, map_to_pb};
 use crate::node::{Node, now_nanos};
 use crate::state::{Command, CommandError, Response as SmResponse, TransferRequest};
@@ -14,15 +15,17 @@ use crate::state::{Command, CommandError, Response as SmResponse, TransferReques
 #[derive(Debug, Clone)]
 pub struct CoordinatorGrpc {
     node: Arc<Node>,
+    auth: Arc<Auth>,
+    /// The public keys game servers accept tickets from.
     ticket_keys: Vec<[u8; 32]>,
     cluster: String,
 }
 
 impl CoordinatorGrpc {
-    /// `ticket_keys`: the public keys game servers accept tickets from;
-    /// `cluster`: the mesh's name in shared storage.
-    pub fn new(node: Arc<Node>, ticket_keys: Vec<[u8; 32]>, cluster: String) -> Self {
-        Self { node, ticket_keys, cluster }
+    /// `auth` signs tickets; `cluster`: the mesh's name in shared storage.
+    pub fn new(node: Arc<Node>, auth: Arc<Auth>, cluster: String) -> Self {
+        let ticket_keys = vec![auth.public_key()];
+        Self { node, auth, ticket_keys, cluster }
     }
 
     fn refuse(&self, reason: &'static str, msg: impl std::fmt::Display) -> Status {
@@ -176,5 +179,42 @@ impl MeshCoordinator for CoordinatorGrpc {
         };
         self.node.propose(cmd).await.map_err(status_of)?;
         Ok(Response::new(pb::PresenceResponse {}))
+    }
+
+    async fn standby_ticket(
+        &self,
+        req: Request<pb::StandbyTicketRequest>,
+    ) -> Result<Response<pb::StandbyTicketResponse>, Status> {
+        let r = req.into_inner();
+        let (from, to, player) = (ServerId(r.server_id), ServerId(r.to_server_id), shared::PlayerId(r.player_id));
+        if r.name.is_empty() || r.name.len() > 64 {
+            return Err(self.refuse("bad_request", "a player name is 1..=64 bytes"));
+        }
+        // Only for a player the caller holds, to join another live server:
+        // a game server cannot mint itself tickets for players elsewhere.
+        let checked = self.node.read(|s| {
+            let live = |id: ServerId| s.server(id).is_some_and(|rec| rec.alive);
+            if !live(from) {
+                return Err(("unknown_server", format!("server {from} is not a live server")));
+            }
+            if from == to || !live(to) {
+                return Err(("unknown_server", format!("server {to} is not another live server")));
+            }
+            match s.player_location(player) {
+                Some(at) if at.server == from || at.server == to => Ok(()),
+                Some(at) => Err(("not_yours", format!("player {player} is on server {}", at.server))),
+                None => Err(("not_yours", format!("player {player} is not in the directory"))),
+            }
+        });
+        if let Err((reason, msg)) = checked {
+            self.node.metrics.auth.with_label_values(&[reason]).inc();
+            return Err(match reason {
+                "not_yours" => Status::failed_precondition(format!("{reason}: {msg}")),
+                _ => Status::not_found(format!("{reason}: {msg}")),
+            });
+        }
+        let (ticket, expires_unix_ms) = self.auth.ticket(player, &r.name, to, shared::wire::JoinRole::Standby, None);
+        self.node.metrics.auth.with_label_values(&["hint_ticket"]).inc();
+        Ok(Response::new(pb::StandbyTicketResponse { ticket, expires_unix_ms }))
     }
 }

@@ -365,7 +365,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
     let grpc_task = tokio::spawn({
         let svc = proto::mesh::mesh_coordinator_server::MeshCoordinatorServer::new(grpc::CoordinatorGrpc::new(
             node.clone(),
-            vec![auth.public_key()],
+            auth.clone(),
             config.cluster.clone(),
         ));
         let stop = stop.clone().cancelled_owned();

@@ -21,8 +21,9 @@ use crate::time::Tick;
 /// ALPN of the player protocol. A client offering anything else is refused
 /// during the TLS handshake.
 pub const ALPN: &[u8] = b"planetary-survival/1";
-/// Version carried in the client's hello (2: quantised delta snapshots).
-pub const PROTOCOL_VERSION: u16 = 2;
+/// Version carried in the client's hello (2: quantised delta snapshots;
+/// 3: pre-connect hints carry a standby ticket).
+pub const PROTOCOL_VERSION: u16 = 3;
 /// Largest datagram payload either side sends. QUIC guarantees only 1200-byte
 /// UDP packets; its short header (up to a 20-byte connection id), packet
 /// number, AEAD tag and DATAGRAM frame header leave about 1150 bytes, so 1100
@@ -357,6 +358,10 @@ pub enum ServerControl {
         quic_addr: String,
         /// SHA-256 of the neighbour's certificate (DER), for pinning.
         cert_sha256: String,
+        /// A standby ticket for this neighbour, good once and for a short
+        /// while (`None` when the coordinator could not be asked: the client
+        /// buys one with its session, `POST /v1/tickets`).
+        ticket: Option<String>,
     },
     /// Authority over the player's avatar moves to `to` from `effective_tick` on.
     AuthorityMoved { to: ServerId, effective_tick: Tick },

@@ -50,6 +50,7 @@ fn bad_input_is_refused_and_counted() -> anyhow::Result<()> {
     let owner =
         regions.as_array().unwrap().iter().find(|r| r["region"] == "L0:0,0,0").unwrap()["server_id"].as_u64().unwrap();
     let (_, ports) = mesh.servers.iter().find(|(_, v)| v["server_id"].as_u64() == Some(owner)).unwrap();
+    let other = mesh.servers.iter().find_map(|(_, v)| v["server_id"].as_u64().filter(|s| *s != owner)).unwrap();
     let quic: SocketAddr = ports["quic"].as_str().unwrap().parse()?;
     let cert = ports["cert_sha256"].as_str().unwrap().to_owned();
     let metrics_url = format!("http://{}/metrics", ports["metrics"].as_str().unwrap());
@@ -105,6 +106,21 @@ fn bad_input_is_refused_and_counted() -> anyhow::Result<()> {
             .await
             .expect_err("level 9 does not exist");
         assert_eq!(deep.code(), tonic::Code::InvalidArgument);
+        // A server asks for a standby ticket for a player it does not hold,
+        // or in the name of a server that does not exist: no ticket.
+        let ask = |server_id: u32, to_server_id: u32| mpb::StandbyTicketRequest {
+            server_id,
+            player_id: 4_000_000,
+            name: "mallory".into(),
+            to_server_id,
+        };
+        let not_held = coord.standby_ticket(ask(owner as u32, other as u32)).await.expect_err("not its player");
+        assert_eq!(not_held.code(), tonic::Code::FailedPrecondition, "{}", not_held.message());
+        assert!(not_held.message().starts_with("not_yours"), "{}", not_held.message());
+        let unknown = coord.standby_ticket(ask(4242, owner as u32)).await.expect_err("no such server");
+        assert!(unknown.message().starts_with("unknown_server"), "{}", unknown.message());
+        let to_itself = coord.standby_ticket(ask(owner as u32, owner as u32)).await.expect_err("to itself");
+        assert!(to_itself.message().starts_with("unknown_server"), "{}", to_itself.message());
 
         // A handoff addressed to another server is refused by the peer.
         let mut peer =

@@ -132,6 +132,8 @@ fn drain_hands_players_over_and_bad_operator_writes_change_nothing() -> anyhow::
     assert_eq!(r["ack_regressions"], 0, "{}", said());
     for bot in r["per_bot"].as_array().unwrap() {
         assert!(bot["errors"].as_array().unwrap().is_empty(), "bot errors: {}", said());
+        // The hint to pre-connect to the new owner carried a standby ticket.
+        assert!(bot["hinted_tickets"].as_u64() >= Some(1), "pre-connected with the hint's ticket: {}", said());
         let changes = bot["authority_changes"].as_array().unwrap();
         let handoffs: Vec<&Value> = changes.iter().filter(|c| !c["from"].is_null()).collect();
         assert_eq!(handoffs.len(), 1, "one handoff, at the drain: {}", said());

@@ -250,6 +250,16 @@ pub enum SimOut {
         not_before_tick: Tick,
     },
     Handoff(Box<HandoffState>),
+    /// Tell the client to pre-connect to a neighbour (`hint` is a
+    /// [`ServerControl::PreConnect`] without its ticket): the control task
+    /// asks the coordinator for a standby ticket, puts it in, and sends the
+    /// hint on `tx`.
+    Hint {
+        player: PlayerId,
+        name: String,
+        hint: ServerControl,
+        tx: ConnTx,
+    },
     /// A player's avatar was spawned here (`online`) or left: for the
     /// coordinator's player directory (handoffs move entries by themselves).
     Presence {

@@ -10,6 +10,7 @@ use shared::region::handoff_target;
 use shared::snapshot::{self, QEntity};
 use shared::wire::{EntityState, InputFrame, JoinRole, Pose, ServerControl, buttons};
 use shared::{EntityId, Epoch, PlayerId};
+use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
 use super::components::*;
@@ -745,18 +746,26 @@ pub fn authority(world: &mut World) {
     }
     for (e, owner) in hints {
         let Some(peer) = map.servers.get(&owner) else { continue };
-        let msg = ServerControl::PreConnect {
+        let hint = ServerControl::PreConnect {
             server: owner,
             quic_addr: peer.quic.clone(),
             cert_sha256: peer.cert_sha256.clone(),
+            ticket: None,
         };
-        let conn = world.get_mut::<Avatar>(e).and_then(|mut a| {
-            a.preconnected.insert(owner);
-            a.conn
-        });
-        debug!(entity = ?world.get::<NetId>(e).map(|n| n.0), to = %owner, ?conn, "pre-connect hinted");
-        if let Some(c) = conn {
-            send(world.resource::<Conns>(), c, Outbound::Control(msg), &metrics);
+        let Some(mut a) = world.get_mut::<Avatar>(e) else { continue };
+        a.preconnected.insert(owner);
+        let (player, name, conn) = (a.player, a.name.clone(), a.conn);
+        debug!(%player, to = %owner, ?conn, "pre-connect hinted");
+        let Some(c) = conn else { continue };
+        let Some(tx) = world.resource::<Conns>().0.get(&c).map(|c| c.tx.clone()) else { continue };
+        // The control task asks the coordinator for a standby ticket and
+        // sends the hint with it; with the outbox full, the hint goes now,
+        // without one (the client then buys its own).
+        if let Err(mpsc::error::TrySendError::Full(SimOut::Hint { hint, .. })) =
+            out.0.try_send(SimOut::Hint { player, name, hint, tx })
+        {
+            metrics.0.hints.with_label_values(&["without_ticket"]).inc();
+            send(world.resource::<Conns>(), c, Outbound::Control(hint), &metrics);
         }
     }
     for (e, entity, auth, target, pos) in requests {

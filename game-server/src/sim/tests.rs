@@ -1,7 +1,7 @@
 //! The simulation without sockets: a headless world ticked by hand, with the
 //! channels standing in for QUIC and gRPC.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
 use glam::{DVec3, IVec3};
@@ -20,8 +20,12 @@ pub(super) struct Harness {
     schedule: bevy_ecs::schedule::Schedule,
     tx: mpsc::Sender<SimIn>,
     out: mpsc::Receiver<SimOut>,
-    /// Directory updates seen by `next_out`, in order.
+    /// Directory updates seen by `step`, in order.
     pub(super) presence: Vec<(PlayerId, bool)>,
+    /// Pre-connect hints the control task would have put a ticket in.
+    pub(super) hints: Vec<(PlayerId, ServerControl)>,
+    /// The rest of the outbox, for `next_out`.
+    outbox: VecDeque<SimOut>,
     pub(super) tick: u64,
 }
 
@@ -97,27 +101,43 @@ impl Harness {
             authority_log: None,
             world: world_parts,
         };
-        Self { world: world(parts), schedule: schedule(), tx, out, presence: Vec::new(), tick: 100 }
+        Self {
+            world: world(parts),
+            schedule: schedule(),
+            tx,
+            out,
+            presence: Vec::new(),
+            hints: Vec::new(),
+            outbox: VecDeque::new(),
+            tick: 100,
+        }
     }
 
     pub(super) fn send(&self, m: SimIn) {
         self.tx.try_send(m).expect("inbox has room");
     }
 
-    /// The next outbox message that is not a directory update (those are
-    /// kept in `presence`).
+    /// The next outbox message that is not a directory update or a hint.
     pub(super) fn next_out(&mut self) -> Result<SimOut, mpsc::error::TryRecvError> {
-        loop {
-            match self.out.try_recv() {
-                Ok(SimOut::Presence { player, online, .. }) => self.presence.push((player, online)),
-                other => return other,
-            }
-        }
+        self.outbox.pop_front().ok_or(mpsc::error::TryRecvError::Empty)
     }
 
+    /// Runs one tick, then does what the control task does with hints (sends
+    /// them on, here without a ticket) and keeps directory updates in
+    /// `presence`.
     pub(super) fn step(&mut self) {
         self.tick += 1;
         step(&mut self.world, &mut self.schedule, self.tick, 1);
+        while let Ok(out) = self.out.try_recv() {
+            match out {
+                SimOut::Presence { player, online, .. } => self.presence.push((player, online)),
+                SimOut::Hint { player, hint, tx, .. } => {
+                    self.hints.push((player, hint.clone()));
+                    tx.try_send(Outbound::Control(hint)).expect("the client's queue has room");
+                }
+                other => self.outbox.push_back(other),
+            }
+        }
     }
 
     /// Ticks until the terrain around the avatar has loaded and it stands.

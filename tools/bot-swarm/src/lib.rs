@@ -138,6 +138,10 @@ pub struct BotReport {
     pub stale_snapshots: u64,
     pub max_snapshot_gap_ms: u64,
     pub connections_opened: u32,
+    /// Pre-connects that began with the standby ticket that came in the
+    /// server's hint (no round trip to the coordinator).
+    #[serde(default)]
+    pub hinted_tickets: u32,
     /// Times it joined again after losing every connection.
     #[serde(default)]
     pub reconnects: u32,
@@ -654,11 +658,11 @@ impl Bot {
                             }
                         }
                         Event::Control(server, msg) => match msg {
-                            ServerControl::PreConnect { server: to, quic_addr, cert_sha256 } => {
+                            ServerControl::PreConnect { server: to, quic_addr, cert_sha256, ticket } => {
                                 match quic_addr.parse::<SocketAddr>() {
                                     Ok(addr) => {
                                         known.insert(to, (addr, cert_sha256));
-                                        self.pre_connect(to, &links, &mut pending, &known, &tx);
+                                        self.pre_connect(to, &links, &mut pending, &known, &tx, ticket);
                                     }
                                     Err(_) => self.error(format!("server {} sent a bad address {quic_addr:?}", server.0)),
                                 }
@@ -667,7 +671,7 @@ impl Bot {
                                 debug!(player = %self.player, from = server.0, to = to.0, effective_tick, "told authority moves");
                                 // Authority went where the bot has no link (a hint
                                 // lost, a pre-connect that failed): link now.
-                                self.pre_connect(to, &links, &mut pending, &known, &tx);
+                                self.pre_connect(to, &links, &mut pending, &known, &tx, None);
                             }
                             ServerControl::EditResult { id, outcome } => self.edit_answered(id, outcome),
                             ServerControl::ChunkEdits { voxels, .. } => {
@@ -891,14 +895,15 @@ impl Bot {
         pending: &mut HashSet<ServerId>,
         known: &HashMap<ServerId, (SocketAddr, String)>,
         tx: &mpsc::Sender<Event>,
+        ticket: Option<String>,
     ) {
         if links.contains_key(&to) || pending.contains(&to) {
             return;
         }
         let Some((addr, cert)) = known.get(&to) else { return };
-        debug!(player = %self.player, to = to.0, "pre-connecting");
+        debug!(player = %self.player, to = to.0, hinted_ticket = ticket.is_some(), "pre-connecting");
         pending.insert(to);
-        let me = self.open_in_background(*addr, to, cert.clone(), tx.clone());
+        let me = self.open_in_background(*addr, to, cert.clone(), tx.clone(), ticket);
         tokio::spawn(me);
     }
 
@@ -908,8 +913,13 @@ impl Bot {
         server: ServerId,
         cert: String,
         tx: mpsc::Sender<Event>,
+        mut hinted: Option<String>,
     ) -> impl Future<Output = ()> + Send + 'static {
         self.report.connections_opened += 1;
+        if !matches!(self.auth, BotAuth::Login { .. }) {
+            hinted = None;
+        }
+        self.report.hinted_tickets += u32::from(hinted.is_some());
         let endpoint = self.endpoint.clone();
         let stop = self.stop.clone();
         let (player, name, auth) = (self.player, self.name.clone(), self.auth.clone());
@@ -919,9 +929,12 @@ impl Bot {
             // A few tries, each with a fresh ticket (a ticket is good once): a
             // busy server may miss the first handshake.
             for attempt in 1..=3 {
-                let ticket = match &auth {
-                    BotAuth::DevToken(t) => Ok(t.clone()),
-                    BotAuth::Login { .. } => standby_ticket(&http, &coordinator, session.as_deref(), server).await,
+                let ticket = match (&auth, hinted.take()) {
+                    (BotAuth::DevToken(t), _) => Ok(t.clone()),
+                    (BotAuth::Login { .. }, Some(t)) => Ok(t),
+                    (BotAuth::Login { .. }, None) => {
+                        standby_ticket(&http, &coordinator, session.as_deref(), server).await
+                    }
                 };
                 match ticket {
                     Ok(ticket) => {
