@@ -304,7 +304,12 @@ impl TransferExecutor {
         // overtakes its join.
         let (presence_tx, presence_rx) = mpsc::channel(4096);
         tokio::spawn(self.clone().report_presence(presence_rx));
+        let mut ghosts = crate::sync::GhostLinks::new(self.me, self.maps.clone(), self.metrics.clone());
         while let Some(out) = rx.recv().await {
+            if let SimOut::Ghosts { to, tick, ghosts: list } = out {
+                ghosts.send(to, tick, list);
+                continue;
+            }
             if let SimOut::Presence { player, entity, online } = out {
                 if presence_tx.try_send((player, entity, online)).is_err() {
                     self.metrics.transfers.with_label_values(&["presence_dropped"]).inc();
@@ -317,7 +322,7 @@ impl TransferExecutor {
                     SimOut::RequestTransfer { .. } => this.request(out).await,
                     SimOut::Handoff(state) => this.hand_off(*state).await,
                     SimOut::Hint { player, name, hint, tx } => this.hint(player, name, hint, tx).await,
-                    SimOut::Presence { .. } => {}
+                    SimOut::Presence { .. } | SimOut::Ghosts { .. } => {}
                 }
             });
         }

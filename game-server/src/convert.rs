@@ -8,6 +8,7 @@ use shared::region::{MAX_LEVEL, RegionKey, RegionTree};
 use shared::wire::{InputFrame, Pose};
 use shared::{EntityId, Epoch, PlayerId, ServerId};
 
+use crate::sim::ghosts::{GhostBatch, GhostKind, GhostState};
 use crate::sim::messages::{HandoffState, MapView, PeerInfo};
 
 /// A wire message that does not make sense. `reason()` is a metric label.
@@ -21,6 +22,12 @@ pub enum BadMessage {
     NonFinite(&'static str),
     #[error("{0} pending inputs is more than a handoff carries")]
     TooManyInputs(usize),
+    #[error("{0} is more than a ghost batch carries")]
+    TooManyGhosts(usize),
+    #[error("ghost {0} names region {1}, the batch has {2}")]
+    GhostRegion(u64, u32, usize),
+    #[error("ghost {0}: {1}")]
+    BadGhost(u64, &'static str),
 }
 
 impl BadMessage {
@@ -203,6 +210,109 @@ pub fn handoff_from_pb(r: &ppb::HandoffRequest) -> Result<HandoffState, BadMessa
         player: is_player.then_some(PlayerId(r.player_id)),
         last_applied_input: r.last_applied_input_seq,
         pending_inputs: r.pending_inputs.iter().map(input_from_pb).collect::<Result<_, _>>()?,
+    })
+}
+
+/// Most ghosts (and removals) one batch may carry.
+pub const MAX_BATCH_GHOSTS: usize = 8192;
+/// Positions beyond this many millimetres from the origin are not in any world.
+const MAX_GHOST_MM: i64 = 1 << 40;
+
+fn peer_key_to_pb(k: &RegionKey) -> ppb::RegionKey {
+    ppb::RegionKey { level: u32::from(k.level), x: k.x, y: k.y, z: k.z }
+}
+
+/// A batch for the wire: `ghosts` are what changed (all of them when
+/// `full`), `removed` what left.
+pub fn ghost_batch_to_pb(
+    from: ServerId,
+    tick: shared::Tick,
+    full: bool,
+    ghosts: &[GhostState],
+    removed: &[EntityId],
+) -> ppb::GhostBatch {
+    let mut regions: Vec<(RegionKey, Epoch)> = Vec::new();
+    let ghosts = ghosts
+        .iter()
+        .map(|g| {
+            let at = regions.iter().position(|r| *r == (g.region, g.region_epoch)).unwrap_or_else(|| {
+                regions.push((g.region, g.region_epoch));
+                regions.len() - 1
+            });
+            ppb::Ghost {
+                id: g.q.id.0,
+                region: at as u32,
+                kind: match g.kind {
+                    GhostKind::Player => ppb::EntityKind::Player,
+                    GhostKind::Prop => ppb::EntityKind::Prop,
+                } as i32,
+                x_mm: g.q.pos[0],
+                y_mm: g.q.pos[1],
+                z_mm: g.q.pos[2],
+                rot: g.q.rot,
+                vx_cms: i32::from(g.q.vel[0]),
+                vy_cms: i32::from(g.q.vel[1]),
+                vz_cms: i32::from(g.q.vel[2]),
+            }
+        })
+        .collect();
+    ppb::GhostBatch {
+        from_server: from.0,
+        tick,
+        full,
+        regions: regions.iter().map(|(k, e)| ppb::GhostRegion { key: Some(peer_key_to_pb(k)), epoch: e.0 }).collect(),
+        ghosts,
+        removed: removed.iter().map(|id| id.0).collect(),
+    }
+}
+
+pub fn ghost_batch_from_pb(b: &ppb::GhostBatch) -> Result<GhostBatch, BadMessage> {
+    if b.ghosts.len() > MAX_BATCH_GHOSTS || b.removed.len() > MAX_BATCH_GHOSTS || b.regions.len() > MAX_BATCH_GHOSTS {
+        return Err(BadMessage::TooManyGhosts(b.ghosts.len().max(b.removed.len()).max(b.regions.len())));
+    }
+    let regions: Vec<(RegionKey, Epoch)> =
+        b.regions.iter().map(|r| Ok((peer_key(r.key.as_ref())?, Epoch(r.epoch)))).collect::<Result<_, _>>()?;
+    let from = ServerId(b.from_server);
+    let ghosts = b
+        .ghosts
+        .iter()
+        .map(|g| {
+            let (region, region_epoch) =
+                *regions.get(g.region as usize).ok_or(BadMessage::GhostRegion(g.id, g.region, regions.len()))?;
+            let id = EntityId(g.id);
+            let kind = match ppb::EntityKind::try_from(g.kind) {
+                Ok(ppb::EntityKind::Player) if id.as_player().is_some() => GhostKind::Player,
+                Ok(ppb::EntityKind::Prop) if id.as_player().is_none() => GhostKind::Prop,
+                _ => return Err(BadMessage::BadGhost(g.id, "kind does not match the id")),
+            };
+            let pos = [g.x_mm, g.y_mm, g.z_mm];
+            if pos.iter().any(|v| v.abs() > MAX_GHOST_MM) {
+                return Err(BadMessage::BadGhost(g.id, "position out of range"));
+            }
+            if g.rot >> 47 != 0 {
+                return Err(BadMessage::BadGhost(g.id, "rotation wider than 47 bits"));
+            }
+            let cms = |v: i32| i16::try_from(v).map_err(|_| BadMessage::BadGhost(g.id, "velocity out of range"));
+            Ok(GhostState {
+                region,
+                region_epoch,
+                kind,
+                q: shared::snapshot::QEntity {
+                    id,
+                    pos,
+                    rot: g.rot,
+                    vel: [cms(g.vx_cms)?, cms(g.vy_cms)?, cms(g.vz_cms)?],
+                    authority: from,
+                },
+            })
+        })
+        .collect::<Result<_, _>>()?;
+    Ok(GhostBatch {
+        from,
+        tick: b.tick,
+        full: b.full,
+        ghosts,
+        removed: b.removed.iter().map(|id| EntityId(*id)).collect(),
     })
 }
 

@@ -15,6 +15,7 @@ pub mod net;
 pub mod peer;
 pub mod sim;
 pub mod store;
+pub mod sync;
 pub mod tls;
 
 use std::net::SocketAddr;

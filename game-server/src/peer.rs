@@ -7,7 +7,7 @@ use proto::peer::game_server_peer_server::GameServerPeer;
 use tokio::sync::{mpsc, oneshot};
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::convert::handoff_from_pb;
+use crate::convert::{ghost_batch_from_pb, handoff_from_pb};
 use crate::metrics::Metrics;
 use crate::sim::messages::SimIn;
 
@@ -48,8 +48,33 @@ impl GameServerPeer for PeerService {
 
     async fn sync_ghosts(
         &self,
-        _req: Request<Streaming<ppb::GhostBatch>>,
+        req: Request<Streaming<ppb::GhostBatch>>,
     ) -> Result<Response<ppb::GhostSyncSummary>, Status> {
-        Err(self.refuse("unimplemented", Status::unimplemented("overlap ghost sync is not built yet")))
+        let mut stream = req.into_inner();
+        let mut summary = ppb::GhostSyncSummary::default();
+        let mut sender = None;
+        let received = || self.metrics.ghost_batches.with_label_values(&["received"]);
+        while let Some(b) = stream.message().await? {
+            let batch = match ghost_batch_from_pb(&b) {
+                // One stream, one sender.
+                Ok(batch) if *sender.get_or_insert(batch.from) == batch.from => batch,
+                refused => {
+                    let reason = refused.err().map_or("sender_changed", |e| e.reason());
+                    summary.batches_refused += 1;
+                    self.metrics.ghost_batches.with_label_values(&["refused"]).inc();
+                    self.metrics.peer_refused.with_label_values(&[reason]).inc();
+                    continue;
+                }
+            };
+            received().inc();
+            // A tick thread too busy to take it: the owner's next batch
+            // carries the newer state anyway.
+            if self.sim.try_send(SimIn::Ghosts(batch)).is_err() {
+                self.metrics.ghost_batches.with_label_values(&["dropped"]).inc();
+                continue;
+            }
+            summary.batches_accepted += 1;
+        }
+        Ok(Response::new(summary))
     }
 }

@@ -219,6 +219,8 @@ pub enum SimIn {
         /// an outage: asking again will not help.
         permanent: bool,
     },
+    /// A neighbour's overlap sync for one tick.
+    Ghosts(super::ghosts::GhostBatch),
     /// A neighbour hands an entity over; the reply says whether it was taken.
     Adopt {
         state: Box<HandoffState>,
@@ -250,6 +252,13 @@ pub enum SimOut {
         not_before_tick: Tick,
     },
     Handoff(Box<HandoffState>),
+    /// The entities this server owns in `to`'s overlap zone this tick (the
+    /// control task sends what changed since the last batch).
+    Ghosts {
+        to: ServerId,
+        tick: Tick,
+        ghosts: Vec<super::ghosts::GhostState>,
+    },
     /// Tell the client to pre-connect to a neighbour (`hint` is a
     /// [`ServerControl::PreConnect`] without its ticket): the control task
     /// asks the coordinator for a standby ticket, puts it in, and sends the

@@ -7,6 +7,9 @@
 
 pub mod components;
 pub mod edits;
+#[cfg(test)]
+mod ghost_tests;
+pub mod ghosts;
 pub mod messages;
 pub mod physics;
 pub mod systems;
@@ -72,12 +75,12 @@ pub fn schedule() -> Schedule {
             .chain(),
     );
     s.add_systems((
-        (systems::ingest, terrain::stream).chain().in_set(SimSet::Ingest),
+        (systems::ingest, ghosts::expire, terrain::stream).chain().in_set(SimSet::Ingest),
         systems::player_bodies.in_set(SimSet::PlayerBodies),
         (physics::hands, physics::step).chain().in_set(SimSet::Physics),
         edits::world_edits.in_set(SimSet::WorldEdits),
         (systems::log_authority, systems::authority).chain().in_set(SimSet::Authority),
-        (systems::replication, systems::chunk_edits).in_set(SimSet::Replication),
+        (systems::replication, systems::chunk_edits, ghosts::sync_out).in_set(SimSet::Replication),
         systems::report.in_set(SimSet::Metrics),
     ));
     s
@@ -127,6 +130,7 @@ pub fn world(p: SimParts) -> World {
     w.insert_resource(StandbyInputs::default());
     w.insert_resource(PendingAdoptions::default());
     w.insert_resource(Index::default());
+    w.insert_resource(ghosts::Ghosts::default());
     w.insert_resource(AuthorityLog { tx: p.authority_log, catch_up: Vec::new() });
     w.insert_resource(TickTimes::default());
     w.insert_resource(systems::OpenFaces::default());

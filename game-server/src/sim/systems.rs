@@ -128,6 +128,7 @@ pub fn ingest(world: &mut World) {
                     *t = Transfer::Backoff { until };
                 }
             }
+            SimIn::Ghosts(batch) => super::ghosts::receive(world, batch),
             SimIn::Adopt { state, reply } => {
                 let verdict = check_adoption(world, &state);
                 if verdict.is_ok() {
@@ -447,6 +448,7 @@ fn adopt_due(world: &mut World) {
         if let Some(old) = world.resource::<Index>().by_net.get(&s.entity).copied() {
             despawn(world, old);
         }
+        super::ghosts::adopted(world, s.entity);
         let late = tick - s.effective_tick;
         metrics.0.handoff_late_ticks.observe(late as f64);
         metrics.0.transfers.with_label_values(&["in"]).inc();
@@ -845,7 +847,15 @@ fn release(
         }
     }
     info!(entity = %net.0, to = %t.to, transfer = t.id, effective_tick, "authority released");
+    // Its players keep seeing it, now as a ghost of the new owner.
+    let cfg = world.resource::<SimConfig>().clone();
+    let rot = world.get::<super::physics::Prop>(e).map(|p| p.rot);
+    let auth =
+        Authority { region: t.to_region, region_epoch: t.to_region_epoch, entity_epoch: t.entity_epoch, since: tick };
+    let mut ghost = super::ghosts::ghost_state(&cfg, &net, &body, &auth, avatar.as_ref(), rot);
+    ghost.q.authority = t.to;
     despawn(world, e);
+    super::ghosts::released(world, ghost);
 }
 
 /// Edge of the cells replication buckets entities in, metres.
@@ -899,6 +909,7 @@ fn cell_of(p: DVec3) -> (i32, i32) {
 /// grid of the entities rebuilt every tick.
 pub fn replication(
     q: Query<Replicated, With<Authority>>,
+    ghosts: Res<super::ghosts::Ghosts>,
     conns: Res<Conns>,
     cfg: Res<SimConfig>,
     tick: Res<TickState>,
@@ -924,6 +935,12 @@ pub fn replication(
             authority: cfg.server,
         });
         sc.quantised.push(QEntity::quantise(sc.states.last().expect("just pushed")));
+    }
+    // Neighbours' entities near our regions, as their owners simulate them.
+    for (state, q) in ghosts.states() {
+        sc.grid.entry(cell_of(state.pos)).or_default().push(sc.states.len() as u32);
+        sc.states.push(state);
+        sc.quantised.push(q);
     }
     let occupied = sc.grid.values().filter(|c| !c.is_empty()).count();
     let r2 = cfg.view_radius_m * cfg.view_radius_m;

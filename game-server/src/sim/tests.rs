@@ -24,6 +24,8 @@ pub(super) struct Harness {
     pub(super) presence: Vec<(PlayerId, bool)>,
     /// Pre-connect hints the control task would have put a ticket in.
     pub(super) hints: Vec<(PlayerId, ServerControl)>,
+    /// Overlap-sync lists, per tick: (to, tick, ghosts).
+    pub(super) synced: Vec<(ServerId, u64, Vec<super::ghosts::GhostState>)>,
     /// The rest of the outbox, for `next_out`.
     outbox: VecDeque<SimOut>,
     pub(super) tick: u64,
@@ -108,6 +110,7 @@ impl Harness {
             out,
             presence: Vec::new(),
             hints: Vec::new(),
+            synced: Vec::new(),
             outbox: VecDeque::new(),
             tick: 100,
         }
@@ -135,6 +138,7 @@ impl Harness {
                     self.hints.push((player, hint.clone()));
                     tx.try_send(Outbound::Control(hint)).expect("the client's queue has room");
                 }
+                SimOut::Ghosts { to, tick, ghosts } => self.synced.push((to, tick, ghosts)),
                 other => self.outbox.push_back(other),
             }
         }
@@ -187,7 +191,7 @@ pub(super) fn controls(rx: &mut ConnRx) -> Vec<ServerControl> {
     drain(rx).0
 }
 
-fn last_snapshot(rx: &mut ConnRx) -> Option<shared::wire::Snapshot> {
+pub(super) fn last_snapshot(rx: &mut ConnRx) -> Option<shared::wire::Snapshot> {
     drain(rx).1
 }
 
@@ -336,6 +340,9 @@ fn crossing_the_line_requests_a_transfer_and_releases_at_the_committed_tick() {
     assert!(applied_before < 122);
     assert!(h.avatar().is_none(), "the source no longer simulates the avatar");
     assert!(controls(&mut rx).iter().any(|c| matches!(c, ServerControl::AuthorityMoved { to: ServerId(2), effective_tick } if *effective_tick == effective)));
+    // It stays in view here, as a ghost of its new owner.
+    let ghost = h.world.resource::<super::ghosts::Ghosts>().by_id.get(&EntityId(7)).copied().expect("a ghost");
+    assert_eq!((ghost.state.q.authority, ghost.state.region), (ServerId(2), RegionKey::root(1, 0, 0)));
 }
 
 #[test]

@@ -1,0 +1,239 @@
+//! Overlap sync on the tick thread: what goes to neighbours, and what is
+//! kept of what they send.
+//!
+//! The harness map: root (0,0,0), x 0–2000, is server 1's under epoch 1;
+//! root (1,0,0), x 2000–4000, is server 2's under epoch 2.
+
+use glam::DVec3;
+use shared::region::RegionKey;
+use shared::snapshot::QEntity;
+use shared::wire::{EntityState, JoinRole};
+use shared::{EntityId, Epoch, ServerId};
+
+use super::ghosts::{GHOST_TIMEOUT_TICKS, GhostBatch, GhostKind, GhostState, Ghosts};
+use super::messages::SimIn;
+use super::tests::{GROUND, Harness, last_snapshot, spawn_box};
+
+fn prop(serial: u64, pos: DVec3, region: RegionKey, epoch: u64) -> GhostState {
+    GhostState {
+        region,
+        region_epoch: Epoch(epoch),
+        kind: GhostKind::Prop,
+        q: QEntity::quantise(&EntityState {
+            id: EntityId((2 << 40) | serial),
+            pos,
+            rot: [0.0, 0.0, 0.0, 1.0],
+            vel: [1.0, 0.0, 0.0],
+            authority: ServerId(2),
+        }),
+    }
+}
+
+fn batch(h: &Harness, full: bool, ghosts: Vec<GhostState>, removed: Vec<EntityId>) -> SimIn {
+    SimIn::Ghosts(GhostBatch { from: ServerId(2), tick: h.tick, full, ghosts, removed })
+}
+
+fn refused(h: &Harness, reason: &str) -> u64 {
+    h.world.resource::<super::components::SimMetrics>().0.ghost_updates.with_label_values(&[reason]).get()
+}
+
+fn held(h: &Harness) -> Vec<EntityId> {
+    let mut ids: Vec<EntityId> = h.world.resource::<Ghosts>().by_id.keys().copied().collect();
+    ids.sort();
+    ids
+}
+
+#[test]
+fn entities_in_a_neighbours_overlap_zone_are_sent_to_it_every_tick() {
+    let mut h = Harness::new(1);
+    // One player 50 m from the boundary, one deep inside.
+    let _near = h.join_as(1, shared::PlayerId(7), JoinRole::Play, DVec3::new(1950.0, GROUND + 1.0, 1000.0));
+    let _deep = h.join_as(2, shared::PlayerId(8), JoinRole::Play, DVec3::new(1000.0, GROUND + 1.0, 1000.0));
+    h.step();
+    let boxed = spawn_box(&mut h, DVec3::new(1990.0, GROUND + 1.0, 1010.0));
+    h.synced.clear();
+    for _ in 0..3 {
+        h.step();
+    }
+    assert_eq!(h.synced.len(), 3, "one list a tick: {:?}", h.synced);
+    for (to, tick, list) in &h.synced {
+        assert_eq!(*to, ServerId(2));
+        let mut ids: Vec<(EntityId, GhostKind)> = list.iter().map(|g| (g.q.id, g.kind)).collect();
+        ids.sort();
+        assert_eq!(ids, vec![(EntityId(7), GhostKind::Player), (boxed, GhostKind::Prop)], "tick {tick}");
+        assert!(list.iter().all(|g| g.region == RegionKey::root(0, 0, 0) && g.region_epoch == Epoch(1)));
+        assert!(list.iter().all(|g| g.q.authority == ServerId(1)));
+    }
+    // The list for a neighbour that has nothing left goes once, empty.
+    h.send(SimIn::Left { conn: 1 });
+    let e = *h.world.resource::<super::components::Index>().by_net.get(&boxed).unwrap();
+    super::physics::release_physics(&mut h.world, e);
+    h.world.despawn(e);
+    h.world.resource_mut::<super::components::Index>().by_net.remove(&boxed);
+    h.synced.clear();
+    for _ in 0..3 {
+        h.step();
+    }
+    let lists: Vec<usize> = h.synced.iter().map(|(_, _, l)| l.len()).collect();
+    assert_eq!(lists, vec![0], "{:?}", h.synced);
+}
+
+#[test]
+fn ghosts_are_shown_to_players_with_their_owner_and_never_simulated() {
+    let mut h = Harness::new(1);
+    let mut rx = h.join(1, JoinRole::Play, DVec3::new(1960.0, GROUND + 1.0, 1000.0));
+    h.settle();
+    let g = prop(1, DVec3::new(2030.0, GROUND + 5.0, 1000.0), RegionKey::root(1, 0, 0), 2);
+    h.send(batch(&h, true, vec![g], vec![]));
+    for _ in 0..5 {
+        h.step();
+    }
+    let snap = last_snapshot(&mut rx).expect("a snapshot");
+    let seen = snap.entities.iter().find(|e| e.id == g.q.id).expect("the ghost is in the snapshot");
+    assert_eq!(seen.authority, ServerId(2));
+    // Held as sent: in the air with a velocity, yet not falling or moving
+    // here (only its owner simulates it).
+    assert!((seen.pos - DVec3::new(2030.0, GROUND + 5.0, 1000.0)).length() < 0.002, "{}", seen.pos);
+    assert!(!h.world.resource::<super::components::Index>().by_net.contains_key(&g.q.id));
+    // The owner moves it: the next snapshot follows.
+    let mut moved = prop(1, DVec3::new(2031.0, GROUND + 4.0, 1000.0), RegionKey::root(1, 0, 0), 2);
+    moved.q.vel = [0; 3];
+    h.send(batch(&h, false, vec![moved], vec![]));
+    h.step();
+    let snap = last_snapshot(&mut rx).unwrap();
+    let seen = snap.entities.iter().find(|e| e.id == g.q.id).unwrap();
+    assert!((seen.pos.x - 2031.0).abs() < 0.002, "{}", seen.pos);
+    // The owner says it left: gone from the next snapshot.
+    h.send(batch(&h, false, vec![], vec![g.q.id]));
+    h.step();
+    let snap = last_snapshot(&mut rx).unwrap();
+    assert!(!snap.entities.iter().any(|e| e.id == g.q.id));
+    assert_eq!(refused(&h, "applied"), 3);
+}
+
+#[test]
+fn bad_ghosts_are_refused_counted_and_change_nothing() {
+    let mut h = Harness::new(1);
+    let _rx = h.join(1, JoinRole::Play, DVec3::new(1960.0, GROUND + 1.0, 1000.0));
+    h.settle();
+    let theirs = RegionKey::root(1, 0, 0);
+    let good = prop(1, DVec3::new(2030.0, GROUND, 1000.0), theirs, 2);
+    h.send(batch(&h, true, vec![good], vec![]));
+    h.step();
+    assert_eq!(held(&h), vec![good.q.id]);
+    let cases: Vec<(&str, GhostState)> = vec![
+        // An epoch older than the map's.
+        ("stale_epoch", prop(2, DVec3::new(2030.0, GROUND, 1000.0), theirs, 1)),
+        // A region the sender does not own (it is this server's).
+        ("not_owner", prop(3, DVec3::new(1990.0, GROUND, 1000.0), RegionKey::root(0, 0, 0), 1)),
+        // A region that is not in the map.
+        ("unknown_region", prop(4, DVec3::new(2030.0, GROUND, 1000.0), RegionKey::root(5, 0, 0), 2)),
+        // Far from every region of this server.
+        ("outside_zone", prop(5, DVec3::new(3500.0, GROUND, 1000.0), theirs, 2)),
+        // This server's own player.
+        ("own_entity", {
+            let mut p = prop(6, DVec3::new(2030.0, GROUND, 1000.0), theirs, 2);
+            p.q.id = EntityId(7);
+            p.kind = GhostKind::Player;
+            p
+        }),
+    ];
+    for (reason, g) in cases {
+        let before = refused(&h, reason);
+        h.send(batch(&h, false, vec![g], vec![]));
+        h.step();
+        assert_eq!(refused(&h, reason), before + 1, "{reason}");
+        assert_eq!(held(&h), vec![good.q.id], "{reason} changed nothing");
+    }
+    // A removal of an entity the sender has no ghost of here.
+    h.send(batch(&h, false, vec![], vec![EntityId((2 << 40) | 99)]));
+    h.step();
+    assert_eq!(refused(&h, "unknown_entity"), 1);
+    // A sender that is not in the map, or that claims to be this server.
+    for (from, reason) in [(ServerId(9), "unknown_server"), (ServerId(1), "own_server")] {
+        let g = prop(7, DVec3::new(2030.0, GROUND, 1000.0), theirs, 2);
+        h.send(SimIn::Ghosts(GhostBatch { from, tick: h.tick, full: true, ghosts: vec![g], removed: vec![] }));
+        h.step();
+        assert_eq!(refused(&h, reason), 1, "{reason}");
+        assert_eq!(held(&h), vec![good.q.id], "{reason} changed nothing");
+    }
+    // The good ghost never moved.
+    let kept = h.world.resource::<Ghosts>().by_id[&good.q.id];
+    assert_eq!(kept.state, good);
+}
+
+#[test]
+fn ghosts_go_when_a_full_batch_omits_them_or_their_owner_falls_silent() {
+    let mut h = Harness::new(1);
+    let _rx = h.join(1, JoinRole::Play, DVec3::new(1960.0, GROUND + 1.0, 1000.0));
+    h.settle();
+    let theirs = RegionKey::root(1, 0, 0);
+    let a = prop(1, DVec3::new(2030.0, GROUND, 1000.0), theirs, 2);
+    let b = prop(2, DVec3::new(2040.0, GROUND, 1000.0), theirs, 2);
+    h.send(batch(&h, true, vec![a, b], vec![]));
+    h.step();
+    assert_eq!(held(&h), vec![a.q.id, b.q.id]);
+    // A full batch lists only `a`: `b` is gone.
+    h.send(batch(&h, true, vec![a], vec![]));
+    h.step();
+    assert_eq!(held(&h), vec![a.q.id]);
+    // Empty batches keep `a` alive, at rest and unmentioned.
+    for _ in 0..2 * GHOST_TIMEOUT_TICKS {
+        h.send(batch(&h, false, vec![], vec![]));
+        h.step();
+    }
+    assert_eq!(held(&h), vec![a.q.id]);
+    // Then the owner says nothing: dropped after the timeout, not before.
+    for _ in 0..GHOST_TIMEOUT_TICKS - 1 {
+        h.step();
+    }
+    assert_eq!(held(&h), vec![a.q.id]);
+    h.step();
+    h.step();
+    assert!(held(&h).is_empty());
+    assert_eq!(refused(&h, "expired"), 1);
+}
+
+#[test]
+fn an_entity_handed_to_this_server_stops_being_a_ghost_and_its_late_removal_is_expected() {
+    let mut h = Harness::new(1);
+    let _rx = h.join(1, JoinRole::Play, DVec3::new(1960.0, GROUND + 1.0, 1000.0));
+    h.settle();
+    // Player 8, on server 2, walks toward this server's region.
+    let mut g = prop(0, DVec3::new(2005.0, GROUND + 0.9, 1000.0), RegionKey::root(1, 0, 0), 2);
+    g.q.id = EntityId(8);
+    g.kind = GhostKind::Player;
+    h.send(batch(&h, true, vec![g], vec![]));
+    h.step();
+    assert_eq!(held(&h), vec![EntityId(8)]);
+    let (reply, verdict) = tokio::sync::oneshot::channel();
+    let state = super::messages::HandoffState {
+        transfer_id: 5,
+        from: ServerId(2),
+        to: ServerId(1),
+        entity: EntityId(8),
+        entity_epoch: Epoch(2),
+        to_region: RegionKey::root(0, 0, 0),
+        to_region_epoch: Epoch(1),
+        effective_tick: h.tick + 2,
+        pos: DVec3::new(1989.0, GROUND + 0.9, 1000.0),
+        yaw: 0.0,
+        vel: glam::Vec3::ZERO,
+        player: Some(shared::PlayerId(8)),
+        last_applied_input: 0,
+        pending_inputs: Vec::new(),
+    };
+    h.send(SimIn::Adopt { state: Box::new(state), reply });
+    h.step();
+    assert_eq!(verdict.blocking_recv().unwrap(), Ok(()));
+    assert_eq!(held(&h), vec![EntityId(8)], "a ghost until the effective tick");
+    h.step();
+    assert!(held(&h).is_empty(), "simulated here now: no ghost of it");
+    // The old owner's batches still in flight: its last state of the entity
+    // is refused, its removal is expected; neither brings the ghost back.
+    h.send(batch(&h, false, vec![g], vec![]));
+    h.send(batch(&h, false, vec![], vec![EntityId(8)]));
+    h.step();
+    assert!(held(&h).is_empty());
+    assert_eq!((refused(&h, "own_entity"), refused(&h, "unknown_entity")), (1, 0));
+}

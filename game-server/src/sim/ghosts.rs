@@ -1,0 +1,349 @@
+//! Overlap-zone sync, on the tick thread: what this server sends its
+//! neighbours of the entities it owns near their regions, and the read-only
+//! ghosts it holds of theirs near its own.
+//!
+//! Each tick, every entity this server is authoritative for that lies in a
+//! neighbour's overlap zone (or inside the neighbour's region, within the
+//! handoff hysteresis) goes into that neighbour's list ([`sync_out`]); the
+//! control task turns the lists into deltas on one gRPC stream per neighbour
+//! (`crate::sync`). Received batches are checked against this server's
+//! region map ([`receive`]) and kept as [`Ghosts`]: never simulated, shown
+//! to players through the normal snapshot path with their owner as the
+//! authority, dropped when their owner says they left, when a full batch no
+//! longer lists them, or when their owner falls silent.
+
+use std::collections::{HashMap, HashSet};
+
+use bevy_ecs::prelude::*;
+use glam::Quat;
+use shared::region::RegionKey;
+use shared::snapshot::QEntity;
+use shared::wire::EntityState;
+use shared::{EntityId, Epoch, ServerId, Tick};
+use tracing::debug;
+
+use super::components::*;
+use super::messages::SimOut;
+
+/// A ghost whose owner has said nothing of it for this long is dropped
+/// (owners send every tick they have ghosts for us, and a full batch about
+/// once a second).
+pub const GHOST_TIMEOUT_TICKS: Tick = 45;
+/// Most ghosts one server holds (a bound on what peers can make it keep).
+pub const MAX_GHOSTS: usize = 16_384;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum GhostKind {
+    Player,
+    Prop,
+}
+
+/// One entity as its owner sends it to a neighbour: its state, quantised as
+/// snapshots carry it (`q.authority` is the owner), and the region it is
+/// owned through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GhostState {
+    pub region: RegionKey,
+    pub region_epoch: Epoch,
+    pub kind: GhostKind,
+    pub q: QEntity,
+}
+
+/// One tick of overlap sync from one neighbour, as decoded at the gRPC edge.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GhostBatch {
+    pub from: ServerId,
+    pub tick: Tick,
+    /// Lists every ghost the sender has for us: the rest are gone.
+    pub full: bool,
+    pub ghosts: Vec<GhostState>,
+    pub removed: Vec<EntityId>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Ghost {
+    pub state: GhostState,
+    /// The tick it was last sent or confirmed.
+    pub seen: Tick,
+}
+
+/// The ghosts this server holds, by entity.
+#[derive(Resource, Debug, Default)]
+pub struct Ghosts {
+    pub by_id: HashMap<EntityId, Ghost>,
+    /// When each neighbour last sent a batch.
+    heard: HashMap<ServerId, Tick>,
+}
+
+impl Ghosts {
+    /// Ghosts as snapshots carry them.
+    pub fn states(&self) -> impl Iterator<Item = (EntityState, QEntity)> + '_ {
+        self.by_id.values().map(|g| (g.state.q.state(), g.state.q))
+    }
+}
+
+/// Why a ghost update was refused. `reason()` is a metric label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GhostRefusal {
+    /// The batch claims to come from this server.
+    OwnServer,
+    /// The sender is not a live server of the map.
+    UnknownServer,
+    UnknownRegion,
+    /// The region's epoch is older than the map's.
+    StaleEpoch,
+    /// The map says someone else owns the region (or the epoch is newer
+    /// than the map this server has).
+    NotOwner,
+    /// The entity is nowhere near the sender's region or this server's.
+    OutsideZone,
+    /// This server is authoritative for the entity.
+    OwnEntity,
+    /// A removal of an entity the sender has no ghost of here.
+    UnknownEntity,
+    /// [`MAX_GHOSTS`] are held.
+    Full,
+}
+
+impl GhostRefusal {
+    pub fn reason(self) -> &'static str {
+        match self {
+            GhostRefusal::OwnServer => "own_server",
+            GhostRefusal::UnknownServer => "unknown_server",
+            GhostRefusal::UnknownRegion => "unknown_region",
+            GhostRefusal::StaleEpoch => "stale_epoch",
+            GhostRefusal::NotOwner => "not_owner",
+            GhostRefusal::OutsideZone => "outside_zone",
+            GhostRefusal::OwnEntity => "own_entity",
+            GhostRefusal::UnknownEntity => "unknown_entity",
+            GhostRefusal::Full => "full",
+        }
+    }
+}
+
+/// Whether `g`, sent by `from`, may be held here as a ghost.
+fn check(world: &World, from: ServerId, g: &GhostState) -> Result<(), GhostRefusal> {
+    let cfg = world.resource::<SimConfig>();
+    let map = &world.resource::<Map>().0;
+    let Some((owner, epoch)) = map.owners.get(&g.region) else { return Err(GhostRefusal::UnknownRegion) };
+    if g.region_epoch < *epoch {
+        return Err(GhostRefusal::StaleEpoch);
+    }
+    if *owner != Some(from) || g.region_epoch != *epoch {
+        return Err(GhostRefusal::NotOwner);
+    }
+    let pos = g.q.state().pos;
+    // Owned through its region, it can be past the region's face by the
+    // hysteresis margin (and a little more while its handoff is under way);
+    // and it must be near one of this server's regions.
+    let near_sender = g.region.aabb().expanded(cfg.overlap_m).contains(pos);
+    let near_me = map
+        .tree
+        .leaf_at(pos)
+        .into_iter()
+        .chain(map.tree.overlapping_leaves(pos, cfg.overlap_m))
+        .any(|l| matches!(map.owners.get(&l), Some((Some(o), _)) if *o == cfg.server));
+    if !near_sender || !near_me {
+        return Err(GhostRefusal::OutsideZone);
+    }
+    if world.resource::<Index>().by_net.contains_key(&g.q.id) {
+        return Err(GhostRefusal::OwnEntity);
+    }
+    Ok(())
+}
+
+/// Applies a neighbour's batch: every update checked against the map, each
+/// refusal counted by reason and changing nothing.
+pub fn receive(world: &mut World, batch: GhostBatch) {
+    let tick = world.resource::<TickState>().tick;
+    let metrics = world.resource::<SimMetrics>().0.clone();
+    let count = |r: GhostRefusal, n: usize| metrics.ghost_updates.with_label_values(&[r.reason()]).inc_by(n as u64);
+    let me = world.resource::<SimConfig>().server;
+    let from = batch.from;
+    if from == me {
+        return count(GhostRefusal::OwnServer, batch.ghosts.len() + batch.removed.len());
+    }
+    if !world.resource::<Map>().0.servers.get(&from).is_some_and(|p| p.alive) {
+        return count(GhostRefusal::UnknownServer, batch.ghosts.len() + batch.removed.len());
+    }
+    let verdicts: Vec<Result<(), GhostRefusal>> = batch.ghosts.iter().map(|g| check(world, from, g)).collect();
+    // Removals of entities handed to this server since are expected.
+    let owned: HashSet<EntityId> = {
+        let index = world.resource::<Index>();
+        batch.removed.iter().copied().filter(|id| index.by_net.contains_key(id)).collect()
+    };
+    let mut ghosts = world.resource_mut::<Ghosts>();
+    ghosts.heard.insert(from, tick);
+    let (mut applied, mut listed) = (0u64, HashSet::new());
+    for (g, verdict) in batch.ghosts.iter().zip(verdicts) {
+        if let Err(r) = verdict {
+            count(r, 1);
+            continue;
+        }
+        if ghosts.by_id.len() >= MAX_GHOSTS && !ghosts.by_id.contains_key(&g.q.id) {
+            count(GhostRefusal::Full, 1);
+            continue;
+        }
+        listed.insert(g.q.id);
+        ghosts.by_id.insert(g.q.id, Ghost { state: *g, seen: tick });
+        applied += 1;
+    }
+    for id in &batch.removed {
+        match ghosts.by_id.get(id) {
+            Some(g) if g.state.q.authority == from => {
+                ghosts.by_id.remove(id);
+                applied += 1;
+            }
+            // Handed on since (to this server or another): nothing to drop.
+            Some(_) => {}
+            None if owned.contains(id) => {}
+            None => count(GhostRefusal::UnknownEntity, 1),
+        }
+    }
+    if batch.full {
+        // A full batch confirms every ghost it lists, unchanged or not.
+        for id in &listed {
+            if let Some(g) = ghosts.by_id.get_mut(id) {
+                g.seen = tick;
+            }
+        }
+        let before = ghosts.by_id.len();
+        ghosts.by_id.retain(|id, g| g.state.q.authority != from || listed.contains(id));
+        applied += (before - ghosts.by_id.len()) as u64;
+    }
+    metrics.ghost_updates.with_label_values(&["applied"]).inc_by(applied);
+    metrics.ghosts.set(ghosts.by_id.len() as i64);
+}
+
+/// Drops the ghosts whose owner fell silent or died: nothing heard of them
+/// for [`GHOST_TIMEOUT_TICKS`].
+pub fn expire(world: &mut World) {
+    let tick = world.resource::<TickState>().tick;
+    let map = world.resource::<Map>().0.clone();
+    let metrics = world.resource::<SimMetrics>().0.clone();
+    let mut ghosts = world.resource_mut::<Ghosts>();
+    let Ghosts { by_id, heard } = &mut *ghosts;
+    let before = by_id.len();
+    by_id.retain(|_, g| {
+        let owner = g.state.q.authority;
+        let last = heard.get(&owner).copied().unwrap_or(0).max(g.seen);
+        let alive = map.servers.get(&owner).is_some_and(|p| p.alive);
+        alive && tick.saturating_sub(last) <= GHOST_TIMEOUT_TICKS
+    });
+    heard.retain(|s, t| {
+        tick.saturating_sub(*t) <= GHOST_TIMEOUT_TICKS || by_id.values().any(|g| g.state.q.authority == *s)
+    });
+    let dropped = before - by_id.len();
+    if dropped > 0 {
+        debug!(dropped, "ghosts expired");
+        metrics.ghost_updates.with_label_values(&["expired"]).inc_by(dropped as u64);
+    }
+    metrics.ghosts.set(by_id.len() as i64);
+}
+
+/// The entity is simulated here from now on: no ghost of it.
+pub fn adopted(world: &mut World, id: EntityId) {
+    world.resource_mut::<Ghosts>().by_id.remove(&id);
+}
+
+/// The entity was just handed to `to`: it stays in view here as a ghost of
+/// its new owner until that owner's sync takes over (or says nothing of it
+/// and it expires).
+pub fn released(world: &mut World, state: GhostState) {
+    let tick = world.resource::<TickState>().tick;
+    world.resource_mut::<Ghosts>().by_id.insert(state.q.id, Ghost { state, seen: tick });
+}
+
+/// Per neighbour: the entities sent last tick (so that a neighbour whose
+/// list emptied still gets the batch that says so).
+#[derive(Debug, Default)]
+pub struct SyncScratch {
+    lists: HashMap<ServerId, Vec<GhostState>>,
+    last: HashSet<ServerId>,
+    dests: Vec<ServerId>,
+}
+
+/// What sync reads of an entity.
+type Synced =
+    (&'static NetId, &'static Body, &'static Authority, Option<&'static Avatar>, Option<&'static super::physics::Prop>);
+
+/// The state of an entity as neighbours hold it.
+pub fn ghost_state(
+    cfg: &SimConfig,
+    net: &NetId,
+    body: &Body,
+    auth: &Authority,
+    avatar: Option<&Avatar>,
+    rot: Option<Quat>,
+) -> GhostState {
+    let rot = rot.unwrap_or_else(|| Quat::from_rotation_y(body.yaw));
+    GhostState {
+        region: auth.region,
+        region_epoch: auth.region_epoch,
+        kind: if avatar.is_some() { GhostKind::Player } else { GhostKind::Prop },
+        q: QEntity::quantise(&EntityState {
+            id: net.0,
+            pos: body.pos,
+            rot: rot.to_array(),
+            vel: body.vel.to_array(),
+            authority: cfg.server,
+        }),
+    }
+}
+
+/// Sends each neighbour the entities this server owns in its overlap zone
+/// (or inside its region, within the hysteresis), every tick.
+pub fn sync_out(
+    q: Query<Synced>,
+    map: Res<Map>,
+    cfg: Res<SimConfig>,
+    tick: Res<TickState>,
+    out: Res<Outbox>,
+    metrics: Res<SimMetrics>,
+    mut sc: Local<SyncScratch>,
+) {
+    let map = &map.0;
+    let sc = &mut *sc;
+    sc.lists.values_mut().for_each(Vec::clear);
+    for (net, body, auth, avatar, prop) in &q {
+        // Deeper in its region than the overlap zone reaches: no neighbour
+        // sees it (leaves tile space, so no other leaf is that near).
+        if map.tree.is_leaf(&auth.region) && auth.region.aabb().expanded(-cfg.overlap_m).contains(body.pos) {
+            continue;
+        }
+        sc.dests.clear();
+        for leaf in map.tree.leaf_at(body.pos).into_iter().chain(map.tree.overlapping_leaves(body.pos, cfg.overlap_m)) {
+            if let Some((owner, _)) = map.live_owner(&leaf)
+                && owner != cfg.server
+                && !sc.dests.contains(&owner)
+            {
+                sc.dests.push(owner);
+            }
+        }
+        if sc.dests.is_empty() {
+            continue;
+        }
+        let g = ghost_state(&cfg, net, body, auth, avatar, prop.map(|p| p.rot));
+        for d in &sc.dests {
+            sc.lists.entry(*d).or_default().push(g);
+        }
+    }
+    let mut now = HashSet::new();
+    for (to, list) in &mut sc.lists {
+        // An empty list goes once, to say that everything left.
+        if list.is_empty() && !sc.last.contains(to) {
+            continue;
+        }
+        if !list.is_empty() {
+            now.insert(*to);
+        }
+        let msg = SimOut::Ghosts { to: *to, tick: tick.tick, ghosts: std::mem::take(list) };
+        if out.0.try_send(msg).is_err() {
+            metrics.0.ghost_batches.with_label_values(&["dropped"]).inc();
+        }
+    }
+    sc.last = now;
+    if tick.tick.is_multiple_of(90) {
+        sc.lists.retain(|to, _| sc.last.contains(to));
+    }
+}
