@@ -9,7 +9,8 @@ use shared::wire::{InputFrame, Pose};
 use shared::{EntityId, Epoch, PlayerId, ServerId};
 
 use crate::sim::ghosts::{GhostBatch, GhostKind, GhostState};
-use crate::sim::messages::{HandoffState, MapView, PeerInfo};
+use crate::sim::messages::{HandoffState, MapView, PeerInfo, PropHandoff};
+use crate::sim::physics::PropShape;
 
 /// A wire message that does not make sense. `reason()` is a metric label.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -28,6 +29,8 @@ pub enum BadMessage {
     GhostRegion(u64, u32, usize),
     #[error("ghost {0}: {1}")]
     BadGhost(u64, &'static str),
+    #[error("prop: {0}")]
+    BadProp(&'static str),
 }
 
 impl BadMessage {
@@ -182,7 +185,41 @@ pub fn handoff_to_pb(h: &HandoffState) -> ppb::HandoffRequest {
         player_id: h.player.map_or(0, |p| p.0),
         last_applied_input_seq: h.last_applied_input,
         pending_inputs: h.pending_inputs.iter().map(input_to_pb).collect(),
+        prop: h.prop.map(|p| ppb::PropState {
+            rx: p.rot.x,
+            ry: p.rot.y,
+            rz: p.rot.z,
+            rw: p.rot.w,
+            angular_velocity: Some(v3(p.angvel.as_dvec3())),
+            shape: Some(match p.shape {
+                PropShape::Box { half } => {
+                    ppb::prop_state::Shape::BoxHalfExtents(v3(glam::Vec3::from(half).as_dvec3()))
+                }
+                PropShape::Ball { radius } => ppb::prop_state::Shape::BallRadius(radius),
+            }),
+            sleeping: p.sleeping,
+        }),
     }
+}
+
+fn prop_from_pb(p: &ppb::PropState) -> Result<PropHandoff, BadMessage> {
+    let shape = match &p.shape {
+        Some(ppb::prop_state::Shape::BoxHalfExtents(h)) => {
+            PropShape::Box { half: finite_v3(Some(h), "prop.shape")?.as_vec3().to_array() }
+        }
+        Some(ppb::prop_state::Shape::BallRadius(r)) => PropShape::Ball { radius: *r },
+        None => return Err(BadMessage::Missing("prop.shape")),
+    };
+    shape.validate().map_err(|_| BadMessage::BadProp("shape out of range"))?;
+    let rot = glam::Quat::from_xyzw(p.rx, p.ry, p.rz, p.rw);
+    if !rot.is_finite() || (rot.length_squared() - 1.0).abs() > 0.01 {
+        return Err(BadMessage::BadProp("rotation is not a unit quaternion"));
+    }
+    let angvel = finite_v3(p.angular_velocity.as_ref(), "prop.angular_velocity")?.as_vec3();
+    if angvel.length() > 1000.0 {
+        return Err(BadMessage::BadProp("spinning faster than 1000 rad/s"));
+    }
+    Ok(PropHandoff { shape, rot: rot.normalize(), angvel, sleeping: p.sleeping })
 }
 
 /// Most pending inputs a handoff may carry (the sender's buffer is smaller).
@@ -210,6 +247,11 @@ pub fn handoff_from_pb(r: &ppb::HandoffRequest) -> Result<HandoffState, BadMessa
         player: is_player.then_some(PlayerId(r.player_id)),
         last_applied_input: r.last_applied_input_seq,
         pending_inputs: r.pending_inputs.iter().map(input_from_pb).collect::<Result<_, _>>()?,
+        prop: match (is_player, &r.prop) {
+            (false, Some(p)) => Some(prop_from_pb(p)?),
+            (false, None) => return Err(BadMessage::Missing("prop")),
+            (true, _) => None,
+        },
     })
 }
 
@@ -337,6 +379,23 @@ mod tests {
             player: Some(PlayerId(42)),
             last_applied_input: 77,
             pending_inputs: vec![InputFrame { seq: 78, locomotion: [1.0, 0.0], ..Default::default() }],
+            prop: None,
+        }
+    }
+
+    fn prop_state() -> HandoffState {
+        HandoffState {
+            entity: EntityId((3 << 40) | 5),
+            player: None,
+            last_applied_input: 0,
+            pending_inputs: Vec::new(),
+            prop: Some(PropHandoff {
+                shape: PropShape::Box { half: [0.25, 0.5, 0.25] },
+                rot: glam::Quat::from_rotation_z(0.7),
+                angvel: Vec3::new(0.0, 3.0, -1.0),
+                sleeping: false,
+            }),
+            ..state()
         }
     }
 
@@ -344,6 +403,24 @@ mod tests {
     fn handoff_round_trips() {
         let s = state();
         assert_eq!(handoff_from_pb(&handoff_to_pb(&s)), Ok(s));
+        let p = prop_state();
+        assert_eq!(handoff_from_pb(&handoff_to_pb(&p)), Ok(p));
+    }
+
+    #[test]
+    fn a_prop_handoff_without_a_sane_body_is_refused() {
+        let mut r = handoff_to_pb(&prop_state());
+        r.prop = None;
+        assert_eq!(handoff_from_pb(&r), Err(BadMessage::Missing("prop")));
+        let mut r = handoff_to_pb(&prop_state());
+        r.prop.as_mut().unwrap().rw = 3.0;
+        assert_eq!(handoff_from_pb(&r), Err(BadMessage::BadProp("rotation is not a unit quaternion")));
+        let mut r = handoff_to_pb(&prop_state());
+        r.prop.as_mut().unwrap().shape = Some(ppb::prop_state::Shape::BallRadius(40.0));
+        assert_eq!(handoff_from_pb(&r), Err(BadMessage::BadProp("shape out of range")));
+        let mut r = handoff_to_pb(&prop_state());
+        r.prop.as_mut().unwrap().angular_velocity.as_mut().unwrap().y = f64::INFINITY;
+        assert_eq!(handoff_from_pb(&r), Err(BadMessage::NonFinite("prop.angular_velocity")));
     }
 
     #[test]

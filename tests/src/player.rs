@@ -19,6 +19,8 @@ pub struct TestPlayer {
     send: quinn::SendStream,
     /// Frames the reader task decoded from the control stream.
     frames: tokio::sync::mpsc::UnboundedReceiver<ServerControl>,
+    /// Decodes snapshots (this client acknowledges none: each is a full state).
+    snapshots: shared::snapshot::Receiver,
     _endpoint: quinn::Endpoint,
 }
 
@@ -69,7 +71,7 @@ impl TestPlayer {
                 }
             }
         });
-        let mut p = Self { conn, send, frames, _endpoint: endpoint };
+        let mut p = Self { conn, send, frames, snapshots: Default::default(), _endpoint: endpoint };
         p.send(&hello).await?;
         let answer = p.next(Duration::from_secs(10)).await?.context("no answer to hello")?;
         Ok((p, answer))
@@ -89,6 +91,14 @@ impl TestPlayer {
         match tokio::time::timeout(wait, self.frames.recv()).await {
             Ok(Some(f)) => Ok(Some(f)),
             Ok(None) => anyhow::bail!("the control stream closed"),
+            Err(_) => Ok(None),
+        }
+    }
+
+    /// The next snapshot, or `None` if none came within `wait`.
+    pub async fn snapshot(&mut self, wait: Duration) -> anyhow::Result<Option<shared::wire::Snapshot>> {
+        match tokio::time::timeout(wait, self.conn.read_datagram()).await {
+            Ok(d) => Ok(Some(self.snapshots.receive(&d?)?)),
             Err(_) => Ok(None),
         }
     }

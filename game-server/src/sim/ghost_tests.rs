@@ -222,6 +222,7 @@ fn an_entity_handed_to_this_server_stops_being_a_ghost_and_its_late_removal_is_e
         player: Some(shared::PlayerId(8)),
         last_applied_input: 0,
         pending_inputs: Vec::new(),
+        prop: None,
     };
     h.send(SimIn::Adopt { state: Box::new(state), reply });
     h.step();
@@ -236,4 +237,106 @@ fn an_entity_handed_to_this_server_stops_being_a_ghost_and_its_late_removal_is_e
     h.step();
     assert!(held(&h).is_empty());
     assert_eq!((refused(&h, "own_entity"), refused(&h, "unknown_entity")), (1, 0));
+}
+
+/// Two servers' simulations ticked in lockstep in one process, the
+/// coordinator's part played by the test: a prop thrown over the boundary
+/// is asked for, released with its rigid body, adopted, and goes on flying
+/// on the neighbour; the source keeps it in view as a ghost.
+#[test]
+fn a_thrown_prop_crosses_to_the_neighbour_with_its_rigid_body() {
+    use super::messages::{CommittedTransfer, PropSpawn, SimOut};
+    use super::physics::{Prop, PropShape};
+    let mut a = Harness::new(1);
+    let mut b = Harness::new(2);
+    // Players on both sides keep the terrain loaded.
+    let _pa = a.join(1, JoinRole::Play, DVec3::new(1990.0, GROUND + 1.0, 1000.0));
+    let _pb = b.join_as(1, shared::PlayerId(8), JoinRole::Play, DVec3::new(2030.0, GROUND + 1.0, 1000.0));
+    for _ in 0..30 {
+        a.step();
+        b.step();
+    }
+    let (reply, ids) = tokio::sync::oneshot::channel();
+    let shape = PropShape::Box { half: [0.2, 0.2, 0.2] };
+    a.send(SimIn::SpawnProps {
+        props: vec![PropSpawn { pos: DVec3::new(1996.0, GROUND + 1.0, 1000.0), shape, vel: [14.0, 5.0, 0.0] }],
+        reply,
+    });
+    a.step();
+    b.step();
+    let id = ids.blocking_recv().unwrap().unwrap()[0];
+    // Spinning about the vertical.
+    let pe = *a.world.resource::<super::components::Index>().by_net.get(&id).unwrap();
+    super::physics::set_spin(&mut a.world, pe, glam::Vec3::new(0.0, 6.0, 0.0), false);
+    // It flies past the handoff line (x = 2010): a asks once.
+    let mut asked = None;
+    for _ in 0..90 {
+        a.step();
+        b.step();
+        if let Ok(out) = a.next_out() {
+            asked = Some(out);
+            break;
+        }
+    }
+    let Some(SimOut::RequestTransfer { entity, to_region, from_region_epoch, entity_epoch, position, .. }) = asked
+    else {
+        panic!("no transfer asked for: {asked:?}");
+    };
+    assert_eq!((entity, to_region, from_region_epoch), (id, RegionKey::root(1, 0, 0), Epoch(1)));
+    assert!(position.x > 2010.0, "past the line: {position}");
+    let effective = a.tick + 3;
+    a.send(SimIn::TransferCommitted {
+        entity,
+        transfer: CommittedTransfer {
+            id: 11,
+            to: ServerId(2),
+            to_region,
+            to_region_epoch: Epoch(2),
+            entity_epoch: entity_epoch.next(),
+            effective_tick: effective,
+        },
+    });
+    let mut shipped = None;
+    for _ in 0..5 {
+        a.step();
+        b.step();
+        if let Ok(SimOut::Handoff(s)) = a.next_out() {
+            shipped = Some(s);
+            break;
+        }
+    }
+    let state = shipped.expect("the prop was shipped");
+    assert_eq!(state.effective_tick, effective);
+    let body = state.prop.expect("with its rigid body");
+    assert_eq!(body.shape, shape);
+    assert!(state.vel.x > 10.0, "still flying: {}", state.vel);
+    assert!(body.angvel.y > 4.0, "still spinning: {}", body.angvel);
+    assert!(body.rot.angle_between(glam::Quat::IDENTITY) > 0.1, "turned as it spun: {}", body.rot);
+    assert!(!a.world.resource::<super::components::Index>().by_net.contains_key(&id), "a no longer simulates it");
+    let ghost = a.world.resource::<Ghosts>().by_id[&id];
+    assert_eq!(ghost.state.q.authority, ServerId(2), "a shows it as b's");
+    // b adopts it at the effective tick and simulates it from there.
+    let (reply, verdict) = tokio::sync::oneshot::channel();
+    let shipped_at = state.pos;
+    b.send(SimIn::Adopt { state: state.clone(), reply });
+    b.step();
+    a.step();
+    assert_eq!(verdict.blocking_recv().unwrap(), Ok(()));
+    assert_eq!(b.tick, effective);
+    let e = *b.world.resource::<super::components::Index>().by_net.get(&id).expect("b simulates it");
+    let rb = b.world.get::<Prop>(e).expect("as a rigid body").body;
+    {
+        let physics = b.world.resource::<super::physics::Physics>();
+        let rb = &physics.world.bodies[rb];
+        assert!((rb.angvel() - body.angvel).length() < 0.5, "spin kept: {} vs {}", rb.angvel(), body.angvel);
+    }
+    let rot = b.world.get::<Prop>(e).unwrap().rot;
+    assert!(rot.angle_between(body.rot) < 0.2, "orientation kept: {rot} vs {}", body.rot);
+    for _ in 0..10 {
+        a.step();
+        b.step();
+    }
+    let now = b.world.get::<super::components::Body>(e).unwrap().pos;
+    assert!(now.x > shipped_at.x + 1.0, "it went on flying on b: {shipped_at} → {now}");
+    assert_eq!(b.world.get::<super::components::Authority>(e).unwrap().entity_epoch, entity_epoch.next());
 }

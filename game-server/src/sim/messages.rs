@@ -159,6 +159,18 @@ pub struct HandoffState {
     pub player: Option<PlayerId>,
     pub last_applied_input: u32,
     pub pending_inputs: Vec<InputFrame>,
+    /// For a prop: the rest of its rigid body.
+    pub prop: Option<PropHandoff>,
+}
+
+/// What a prop's rigid body needs besides position and velocity to go on
+/// on another server exactly where it was.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PropHandoff {
+    pub shape: super::physics::PropShape,
+    pub rot: glam::Quat,
+    pub angvel: Vec3,
+    pub sleeping: bool,
 }
 
 /// I/O threads → tick thread.

@@ -202,6 +202,18 @@ pub fn spawn_prop(world: &mut World, id: EntityId, shape: PropShape, pos: DVec3,
     e
 }
 
+/// Gives a prop's body its spin, and puts it to sleep if it was asleep.
+pub fn set_spin(world: &mut World, e: Entity, angvel: Vec3, sleeping: bool) {
+    let Some(body) = world.get::<Prop>(e).map(|p| p.body) else { return };
+    let mut physics = world.resource_mut::<Physics>();
+    if let Some(rb) = physics.world.bodies.get_mut(body) {
+        rb.set_angvel(angvel, true);
+        if sleeping {
+            rb.sleep();
+        }
+    }
+}
+
 /// Removes what an entity has in the physics world, before it is despawned:
 /// a prop's body (letting go of it first if a hand holds it), a player's
 /// hand balls (dropping what they hold).

@@ -470,16 +470,22 @@ fn adopt_due(world: &mut World) {
                 buffer_input(&mut pending, f, s.last_applied_input);
             }
         }
-        let mut e = world.spawn((
-            NetId(s.entity),
-            Body { pos: s.pos, yaw: s.yaw, vel: s.vel },
-            Authority {
-                region: s.to_region,
-                region_epoch: s.to_region_epoch,
-                entity_epoch: s.entity_epoch,
-                since: s.effective_tick,
-            },
-        ));
+        let authority = Authority {
+            region: s.to_region,
+            region_epoch: s.to_region_epoch,
+            entity_epoch: s.entity_epoch,
+            since: s.effective_tick,
+        };
+        if let Some(p) = s.prop {
+            // A late prop goes on from where it would be by now.
+            let pos = s.pos + s.vel.as_dvec3() * (late as f64 / cfg_hz(world));
+            let e = super::physics::spawn_prop(world, s.entity, p.shape, pos, p.rot, s.vel);
+            super::physics::set_spin(world, e, p.angvel, p.sleeping);
+            world.entity_mut(e).insert(authority);
+            info!(entity = %s.entity, from = %s.from, transfer = s.transfer_id, late_ticks = late, "authority gained");
+            continue;
+        }
+        let mut e = world.spawn((NetId(s.entity), Body { pos: s.pos, yaw: s.yaw, vel: s.vel }, authority));
         if let Some(player) = s.player {
             e.insert(Hands::default());
             e.insert(Avatar {
@@ -523,6 +529,10 @@ fn adopt_due(world: &mut World) {
         }
         info!(entity = %s.entity, from = %s.from, transfer = s.transfer_id, late_ticks = late, "authority gained");
     }
+}
+
+fn cfg_hz(world: &World) -> f64 {
+    f64::from(world.resource::<SimConfig>().clock.hz.max(1))
 }
 
 /// Limits on tracked poses, relative to the body (the play-space origin).
@@ -670,13 +680,23 @@ pub fn authority(world: &mut World) {
     let mut requests = Vec::new();
     let mut hints = Vec::new();
     let mut local_moves = Vec::new();
+    // A prop in a hand goes where its holder goes, not on its own.
+    let held: rustc_hash::FxHashSet<Entity> = world
+        .query::<&super::physics::Hands>()
+        .iter(world)
+        .flat_map(|h| h.hands.iter().filter_map(|h| h.held.map(|held| held.prop)))
+        .collect();
     {
         let mut q =
             world.query::<(Entity, &NetId, &Body, &Authority, Option<&Avatar>, Option<&Transfer>, Option<&Evicting>)>();
         for (e, net, body, auth, avatar, transfer, evicting) in q.iter(world) {
-            // Props cannot leave this server yet; their region bookkeeping
-            // is refreshed ten times a second, a ninth of them each tick.
-            if avatar.is_none() && transfer.is_none() && !(e.index_u32() as u64 + tick).is_multiple_of(9) {
+            // Props at rest are looked at ten times a second, a ninth of
+            // them each tick; moving ones every tick.
+            if avatar.is_none()
+                && transfer.is_none()
+                && (held.contains(&e)
+                    || (body.vel.length_squared() < 0.01 && !(e.index_u32() as u64 + tick).is_multiple_of(9)))
+            {
                 continue;
             }
             match transfer {
@@ -731,9 +751,6 @@ pub fn authority(world: &mut World) {
             };
             match map.live_owner(&target) {
                 Some((owner, epoch)) if owner == cfg.server => local_moves.push((e, target, epoch)),
-                // Props stay with the server that spawned them until the
-                // handoff protocol carries rigid-body state.
-                Some(_) if avatar.is_none() => {}
                 Some(_) => requests.push((e, net.0, *auth, target, body.pos)),
                 None => {}
             }
@@ -807,6 +824,16 @@ fn release(
     let me = world.resource::<SimConfig>().server;
     let (Some(net), Some(body)) = (world.get::<NetId>(e).copied(), world.get::<Body>(e).copied()) else { return };
     let avatar = world.get::<Avatar>(e).cloned();
+    let prop = world.get::<super::physics::Prop>(e).copied().map(|p| {
+        let physics = world.resource::<super::physics::Physics>();
+        let rb = physics.world.bodies.get(p.body);
+        super::messages::PropHandoff {
+            shape: p.shape,
+            rot: p.rot,
+            angvel: rb.map_or(Vec3::ZERO, |rb| rb.angvel()),
+            sleeping: rb.is_some_and(|rb| rb.is_sleeping()),
+        }
+    });
     let effective_tick = tick + 1;
     if effective_tick > t.effective_tick {
         warn!(entity = %net.0, planned = t.effective_tick, actual = effective_tick, "transfer released late");
@@ -826,6 +853,7 @@ fn release(
         player: avatar.as_ref().map(|a| a.player),
         last_applied_input: avatar.as_ref().map_or(0, |a| a.last_applied),
         pending_inputs: avatar.as_ref().map(|a| a.pending.iter().copied().collect()).unwrap_or_default(),
+        prop,
     };
     if out.0.try_send(SimOut::Handoff(Box::new(state))).is_err() {
         // Authority already moved in the coordinator's log; without the state

@@ -407,6 +407,7 @@ fn the_target_adopts_at_the_effective_tick_and_merges_buffered_inputs() {
         player: Some(PlayerId(7)),
         last_applied_input: 11,
         pending_inputs: vec![input(12, 1.0)],
+        prop: None,
     };
     let (reply, verdict) = oneshot::channel();
     h.send(SimIn::Adopt { state: Box::new(state.clone()), reply });
@@ -449,6 +450,7 @@ fn a_handoff_for_another_server_is_refused() {
         player: None,
         last_applied_input: 0,
         pending_inputs: vec![],
+        prop: None,
     };
     h.send(SimIn::Adopt { state: Box::new(state), reply });
     h.step();
