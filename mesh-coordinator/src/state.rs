@@ -212,6 +212,16 @@ pub enum TransferOutcome {
     Committed,
     Delivered,
     Failed,
+    /// The handoff could not be delivered (the target died or refused) and
+    /// the source took the entity back under a new epoch.
+    Returned,
+    /// The source died before it reported a delivery: the target resumes
+    /// the entity from its ghost of it (it is told in its heartbeats).
+    Orphaned,
+    /// The target resumed an orphaned transfer's entity from its ghost.
+    Adopted,
+    /// The target had nothing to resume an orphaned transfer's entity from.
+    Lost,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -314,6 +324,22 @@ pub enum Command {
         regions: Vec<(RegionKey, u32)>,
         now: u64,
     },
+    /// The source of a committed transfer could not deliver it (the target
+    /// died, or refused it): it takes the entity back under a new epoch.
+    ReclaimTransfer {
+        transfer_id: u64,
+        from: ServerId,
+        error: String,
+        now: u64,
+    },
+    /// The target of an orphaned transfer resumed its entity from its ghost
+    /// (`adopted`), or had nothing to resume it from.
+    ResolveOrphan {
+        transfer_id: u64,
+        server: ServerId,
+        adopted: bool,
+        now: u64,
+    },
 }
 
 /// What the first leader of a mesh fixes for good.
@@ -346,6 +372,8 @@ impl Command {
             Command::Drain { undo: true, .. } => "undrain",
             Command::Report { .. } => "heartbeat",
             Command::Presence { .. } => "presence",
+            Command::ReclaimTransfer { .. } => "reclaim_transfer",
+            Command::ResolveOrphan { .. } => "resolve_orphan",
         }
     }
 }
@@ -367,6 +395,8 @@ pub enum Response {
     Registered { server: ServerId },
     HeartbeatAck { fenced: bool },
     Transfer(TransferRecord),
+    /// The entity is the reclaiming source's again, under this epoch.
+    Reclaimed { entity_epoch: Epoch },
     Done,
 }
 
@@ -728,6 +758,12 @@ impl CoordinatorState {
             Command::CompleteTransfer { transfer_id, from, delivered, error, now: _ } => {
                 self.complete_transfer(transfer_id, from, delivered, error, &mut events)
             }
+            Command::ReclaimTransfer { transfer_id, from, error, now } => {
+                self.reclaim_transfer(transfer_id, from, error, now, &mut events)
+            }
+            Command::ResolveOrphan { transfer_id, server, adopted, now: _ } => {
+                self.resolve_orphan(transfer_id, server, adopted, &mut events)
+            }
         };
         if events.iter().any(|e| !matches!(e, Event::TransferCompleted { .. })) {
             self.map_version += 1;
@@ -821,6 +857,12 @@ impl CoordinatorState {
             // Authority over the dead server's entities is void; whoever
             // resumes them (from persistence) starts a new record.
             self.entities.retain(|_, a| a.server != id);
+            // Transfers it committed but never reported delivered: the
+            // target resumes the entity from its ghost.
+            for t in self.transfers.iter_mut().filter(|t| t.from == id && t.outcome == TransferOutcome::Committed) {
+                t.outcome = TransferOutcome::Orphaned;
+                events.push(Event::TransferCompleted { id: t.id, outcome: t.outcome });
+            }
             let gone: Vec<PlayerId> =
                 self.ext.players.iter().filter(|(_, l)| l.server == id).map(|(p, _)| *p).collect();
             for p in gone {
@@ -907,6 +949,19 @@ impl CoordinatorState {
         }
         let held = self.entities.get(&req.entity).copied();
         let (holder, current) = held.map_or((req.from, Epoch(0)), |a| (a.server, a.epoch));
+        // The same request again (its answer was lost with a leader that
+        // died after committing it): the same transfer, not a refusal that
+        // would leave the source holding what the log gave away.
+        if let Some(t) = self.transfers.iter().rev().find(|t| {
+            t.entity == req.entity
+                && t.from == req.from
+                && t.entity_epoch == req.entity_epoch.next()
+                && t.outcome == TransferOutcome::Committed
+                && holder == t.to
+                && current == t.entity_epoch
+        }) {
+            return Ok(Response::Transfer(t.clone()));
+        }
         if holder != req.from || current != req.entity_epoch {
             return Err(CommandError::StaleEntityEpoch {
                 entity: req.entity,
@@ -1265,6 +1320,85 @@ impl CoordinatorState {
         }
         Ok(Response::Done)
     }
+
+    /// The source takes back an entity whose handoff it could not deliver:
+    /// allowed while the log still has the entity with the target under the
+    /// transfer's epoch (or with nobody, the target having died).
+    fn reclaim_transfer(
+        &mut self,
+        id: u64,
+        from: ServerId,
+        error: String,
+        now: u64,
+        events: &mut Vec<Event>,
+    ) -> Result<Response, CommandError> {
+        self.live_server(from)?;
+        let rec = self
+            .transfers
+            .iter()
+            .rev()
+            .find(|t| t.id == id && t.from == from)
+            .cloned()
+            .ok_or(CommandError::UnknownTransfer(id))?;
+        let held = self.entities.get(&rec.entity).copied();
+        let untouched = match held {
+            Some(a) => a.server == rec.to && a.epoch == rec.entity_epoch,
+            None => !self.servers.get(&rec.to).is_some_and(|s| s.alive),
+        };
+        if !matches!(rec.outcome, TransferOutcome::Committed | TransferOutcome::Failed) || !untouched {
+            let (holder, current) = held.map_or((rec.to, rec.entity_epoch), |a| (a.server, a.epoch));
+            return Err(CommandError::StaleEntityEpoch {
+                entity: rec.entity,
+                server: from,
+                claimed: rec.entity_epoch,
+                holder,
+                current,
+            });
+        }
+        let entity_epoch = rec.entity_epoch.next();
+        self.entities.insert(rec.entity, EntityAuthority { server: from, epoch: entity_epoch });
+        // A player's directory entry follows (the target's death dropped it).
+        if let Some(p) = self.ext.avatars.get(&rec.entity).copied().or_else(|| rec.entity.as_player()) {
+            self.ext.players.insert(p, PlayerLocation { server: from, entity: rec.entity, since: now });
+            self.ext.avatars.insert(rec.entity, p);
+        }
+        if let Some(t) = self.transfers.iter_mut().rev().find(|t| t.id == id) {
+            t.outcome = TransferOutcome::Returned;
+            t.error = error;
+        }
+        events.push(Event::TransferCompleted { id, outcome: TransferOutcome::Returned });
+        Ok(Response::Reclaimed { entity_epoch })
+    }
+
+    /// Transfers to `server` whose source died before delivering them.
+    pub fn orphans_for(&self, server: ServerId) -> impl Iterator<Item = &TransferRecord> {
+        self.transfers.iter().filter(move |t| t.to == server && t.outcome == TransferOutcome::Orphaned)
+    }
+
+    fn resolve_orphan(
+        &mut self,
+        id: u64,
+        server: ServerId,
+        adopted: bool,
+        events: &mut Vec<Event>,
+    ) -> Result<Response, CommandError> {
+        let rec = self
+            .transfers
+            .iter_mut()
+            .rev()
+            .find(|t| t.id == id && t.to == server && t.outcome == TransferOutcome::Orphaned)
+            .ok_or(CommandError::UnknownTransfer(id))?;
+        rec.outcome = if adopted { TransferOutcome::Adopted } else { TransferOutcome::Lost };
+        let (entity, outcome) = (rec.entity, rec.outcome);
+        if !adopted {
+            self.entities.remove(&entity);
+            if let Some(p) = self.ext.avatars.remove(&entity) {
+                self.ext.players.remove(&p);
+            }
+        }
+        events.push(Event::TransferCompleted { id, outcome });
+        Ok(Response::Done)
+    }
 }
 
 #[cfg(test)]
@@ -1363,8 +1497,14 @@ mod tests {
         assert_eq!(t.effective_tick, s.clock.tick_at(now) + Policy::default().handoff_lead_ticks);
         assert!(matches!(ev[0], Event::TransferCommitted(_)));
         assert_eq!(s.entity_authority(EntityId(7)), Some(EntityAuthority { server: b, epoch: Epoch(1) }));
-        // Asking again with the old epoch is stale: the entity is b's now.
-        let (r, _) = s.apply(Command::RequestTransfer(transfer_req(&s, a, Epoch(0), now)));
+        // The same request again (its answer lost with a leader): the same
+        // transfer, nothing new committed.
+        let (r, ev) = s.apply(Command::RequestTransfer(transfer_req(&s, a, Epoch(0), now + 5 * MS)));
+        assert_eq!(r, Ok(Response::Transfer(t.clone())));
+        assert!(ev.is_empty());
+        assert_eq!(s.transfers().len(), 1);
+        // Another server with the old epoch is stale: the entity is b's now.
+        let (r, _) = s.apply(Command::RequestTransfer(transfer_req(&s, b, Epoch(0), now)));
         assert_eq!(r.unwrap_err().reason(), "stale_epoch");
         let (r, _) = s.apply(Command::CompleteTransfer {
             transfer_id: t.id,
@@ -1375,6 +1515,91 @@ mod tests {
         });
         assert_eq!(r, Ok(Response::Done));
         assert_eq!(s.transfers()[0].outcome, TransferOutcome::Delivered);
+        // Delivered: asking again is stale, not the old transfer.
+        let (r, _) = s.apply(Command::RequestTransfer(transfer_req(&s, a, Epoch(0), now)));
+        assert_eq!(r.unwrap_err().reason(), "stale_epoch");
+    }
+
+    fn beat(s: &mut CoordinatorState, server: ServerId, now: u64) {
+        let _ = s.apply(Command::Heartbeat { server, load: Load::default(), now });
+    }
+
+    #[test]
+    fn a_source_takes_back_what_a_dead_target_never_got() {
+        let mut s = state(2);
+        let a = register(&mut s, "a", T0);
+        let b = register(&mut s, "b", T0);
+        let (r, _) = s.apply(Command::RequestTransfer(transfer_req(&s, a, Epoch(0), T0 + 100 * MS)));
+        let Ok(Response::Transfer(t)) = r else { panic!("{r:?}") };
+        // b dies before the state reaches it: a keeps beating, b does not.
+        let mut now = T0 + 100 * MS;
+        while s.server(b).is_some_and(|r| r.alive) {
+            now += 500 * MS;
+            beat(&mut s, a, now);
+            let _ = s.apply(Command::Tick { now });
+        }
+        let reclaim = |s: &mut CoordinatorState, from| {
+            s.apply(Command::ReclaimTransfer { transfer_id: t.id, from, error: "target died".into(), now }).0
+        };
+        // Only the transfer's source may take it back.
+        assert!(matches!(reclaim(&mut s, b), Err(CommandError::Fenced(_))));
+        assert_eq!(reclaim(&mut s, a), Ok(Response::Reclaimed { entity_epoch: Epoch(2) }));
+        assert_eq!(s.entity_authority(EntityId(7)), Some(EntityAuthority { server: a, epoch: Epoch(2) }));
+        assert_eq!(s.transfers()[0].outcome, TransferOutcome::Returned);
+        assert_eq!(s.player_location(PlayerId(7)).map(|l| l.server), Some(a), "the directory follows the player");
+        // Once is all: the second time is stale.
+        assert_eq!(reclaim(&mut s, a).unwrap_err().reason(), "stale_epoch");
+    }
+
+    #[test]
+    fn nothing_is_taken_back_that_the_target_already_handed_on() {
+        let mut s = state(3);
+        let a = register(&mut s, "a", T0);
+        let b = register(&mut s, "b", T0);
+        let c = register(&mut s, "c", T0);
+        let (r, _) = s.apply(Command::RequestTransfer(transfer_req(&s, a, Epoch(0), T0)));
+        let Ok(Response::Transfer(t)) = r else { panic!("{r:?}") };
+        // b got it and handed it to c's region (L0:2,0,0).
+        let mut on = transfer_req(&s, b, Epoch(1), T0 + 10 * MS);
+        on.from_region = RegionKey::root(1, 0, 0);
+        on.from_region_epoch = s.assignments()[&on.from_region].epoch;
+        on.to_region = RegionKey::root(2, 0, 0);
+        let (r, _) = s.apply(Command::RequestTransfer(on));
+        assert!(matches!(r, Ok(Response::Transfer(ref t2)) if t2.to == c), "{r:?}");
+        let (r, _) =
+            s.apply(Command::ReclaimTransfer { transfer_id: t.id, from: a, error: String::new(), now: T0 + 20 * MS });
+        assert_eq!(r.unwrap_err().reason(), "stale_epoch");
+        assert_eq!(s.entity_authority(EntityId(7)).map(|e| e.server), Some(c));
+    }
+
+    #[test]
+    fn a_dead_sources_transfers_are_orphaned_for_the_target_to_resume() {
+        let mut s = state(2);
+        let a = register(&mut s, "a", T0);
+        let b = register(&mut s, "b", T0);
+        let (r, _) = s.apply(Command::RequestTransfer(transfer_req(&s, a, Epoch(0), T0 + 100 * MS)));
+        let Ok(Response::Transfer(t)) = r else { panic!("{r:?}") };
+        assert_eq!(s.orphans_for(b).count(), 0);
+        let mut now = T0 + 100 * MS;
+        while s.server(a).is_some_and(|r| r.alive) {
+            now += 500 * MS;
+            beat(&mut s, b, now);
+            let _ = s.apply(Command::Tick { now });
+        }
+        assert_eq!(s.transfers()[0].outcome, TransferOutcome::Orphaned);
+        let orphans: Vec<u64> = s.orphans_for(b).map(|t| t.id).collect();
+        assert_eq!(orphans, vec![t.id]);
+        assert_eq!(s.entity_authority(EntityId(7)), Some(EntityAuthority { server: b, epoch: Epoch(1) }));
+        // Only the target resolves it, once.
+        let resolve = |s: &mut CoordinatorState, server, adopted| {
+            s.apply(Command::ResolveOrphan { transfer_id: t.id, server, adopted, now }).0
+        };
+        assert!(resolve(&mut s, a, true).is_err());
+        assert_eq!(resolve(&mut s, b, true), Ok(Response::Done));
+        assert!(resolve(&mut s, b, false).is_err());
+        assert_eq!(s.transfers()[0].outcome, TransferOutcome::Adopted);
+        assert_eq!(s.orphans_for(b).count(), 0);
+        assert_eq!(s.entity_authority(EntityId(7)).map(|e| e.server), Some(b));
     }
 
     #[test]

@@ -131,6 +131,7 @@ fn bad_input_is_refused_and_counted() -> anyhow::Result<()> {
                 to_region: Some(ppb::RegionKey { level: 0, x: 0, y: 0, z: 0 }),
                 state: Some(ppb::EntityState {
                     id: 7,
+                    kind: ppb::EntityKind::Player as i32,
                     position: Some(ppb::Vec3 { x: 1.0, y: 1.0, z: 1.0 }),
                     velocity: Some(ppb::Vec3::default()),
                     ..Default::default()
