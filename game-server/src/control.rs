@@ -218,6 +218,25 @@ pub async fn heartbeat_loop(
                     fenced.cancel();
                     return;
                 }
+                if !r.orphans.is_empty() {
+                    let orphans = r
+                        .orphans
+                        .iter()
+                        .filter_map(|o| {
+                            Some(crate::sim::messages::Orphan {
+                                transfer_id: o.transfer_id,
+                                from: ServerId(o.from_server),
+                                entity: shared::EntityId(o.entity_id),
+                                entity_epoch: Epoch(o.entity_epoch),
+                                to_region: crate::convert::mesh_key(o.to_region.as_ref()).ok()?,
+                                to_region_epoch: Epoch(o.to_region_epoch),
+                            })
+                        })
+                        .collect();
+                    if sim.send(SimIn::Orphans(orphans)).await.is_err() {
+                        return;
+                    }
+                }
                 if let Some(m) = r.map {
                     let (view, bad) = map_from_pb(&m);
                     if bad > 0 {
@@ -284,6 +303,10 @@ pub struct TransferExecutor {
     peers: Arc<Mutex<PeerClients>>,
 }
 
+/// How long a source keeps trying to deliver a handoff to a live target
+/// before it takes the entity back.
+const HANDOFF_DEADLINE: Duration = Duration::from_secs(10);
+
 /// How long a pre-connect hint may wait for its standby ticket.
 const HINT_TICKET_WAIT: Duration = Duration::from_secs(1);
 
@@ -322,6 +345,18 @@ impl TransferExecutor {
                     SimOut::RequestTransfer { .. } => this.request(out).await,
                     SimOut::Handoff(state) => this.hand_off(*state).await,
                     SimOut::Hint { player, name, hint, tx } => this.hint(player, name, hint, tx).await,
+                    SimOut::OrphanResolved { transfer_id, adopted } => {
+                        let req = mpb::CompleteTransferRequest {
+                            transfer_id,
+                            from_server: this.me.0,
+                            delivered: adopted,
+                            orphan: true,
+                            ..Default::default()
+                        };
+                        if let Err(s) = this.complete(req).await {
+                            warn!(transfer = transfer_id, error = %s.message(), "could not report an orphaned transfer");
+                        }
+                    }
                     SimOut::Presence { .. } | SimOut::Ghosts { .. } => {}
                 }
             });
@@ -462,36 +497,96 @@ impl TransferExecutor {
 
     async fn hand_off(self, state: crate::sim::messages::HandoffState) {
         let id = state.transfer_id;
-        let result = async {
-            let mut peer = self.peer(state.to).await?;
-            let r =
-                peer.handoff(handoff_to_pb(&state)).await.map_err(|s| anyhow::anyhow!("{}", s.message()))?.into_inner();
-            anyhow::ensure!(r.accepted, "target refused: {}", r.reason);
-            Ok(())
+        match self.deliver(&state).await {
+            Ok(()) => {
+                self.metrics.transfers.with_label_values(&["delivered"]).inc();
+                let req = mpb::CompleteTransferRequest {
+                    transfer_id: id,
+                    from_server: self.me.0,
+                    delivered: true,
+                    ..Default::default()
+                };
+                match self.complete(req).await {
+                    Ok(_) => info!(transfer = id, "transfer completed"),
+                    Err(s) => warn!(transfer = id, error = %s.message(), "could not report the transfer's completion"),
+                }
+            }
+            Err(error) => {
+                self.metrics.transfers.with_label_values(&["failed"]).inc();
+                error!(transfer = id, entity = %state.entity, to = %state.to, %error, "handoff failed: taking it back");
+                // The target never got it: the entity comes back here under
+                // a new epoch (the coordinator checks that nobody has it).
+                let req = mpb::CompleteTransferRequest {
+                    transfer_id: id,
+                    from_server: self.me.0,
+                    delivered: false,
+                    error,
+                    reclaim: true,
+                    orphan: false,
+                };
+                match self.complete(req).await {
+                    Ok(r) if r.reclaimed => {
+                        let msg = SimIn::Reclaimed { state: Box::new(state), entity_epoch: Epoch(r.entity_epoch) };
+                        let _ = self.sim.send(msg).await;
+                    }
+                    Ok(_) => warn!(transfer = id, "the coordinator did not give the entity back"),
+                    Err(s) => {
+                        self.metrics.transfers.with_label_values(&["lost"]).inc();
+                        error!(transfer = id, error = %s.message(), "the entity could not be taken back");
+                    }
+                }
+            }
         }
-        .await;
-        let (delivered, error) = match &result {
-            Ok(()) => (true, String::new()),
-            Err(e) => (false, format!("{e:#}")),
-        };
-        if delivered {
-            self.metrics.transfers.with_label_values(&["delivered"]).inc();
-        } else {
-            self.metrics.transfers.with_label_values(&["failed"]).inc();
-            error!(transfer = id, entity = %state.entity, to = %state.to, %error, "handoff failed");
+    }
+
+    /// Sends the state to the target until it takes it (or says it already
+    /// has it: an earlier attempt got through). Gives up when the target
+    /// refuses it, when the coordinator declares the target dead, or after
+    /// [`HANDOFF_DEADLINE`] of failed attempts.
+    async fn deliver(&self, state: &crate::sim::messages::HandoffState) -> Result<(), String> {
+        let req = handoff_to_pb(state);
+        let deadline = tokio::time::Instant::now() + HANDOFF_DEADLINE;
+        loop {
+            let attempt = match self.peer(state.to).await {
+                Ok(mut peer) => tokio::time::timeout(Duration::from_secs(2), peer.handoff(req.clone()))
+                    .await
+                    .unwrap_or_else(|_| Err(tonic::Status::deadline_exceeded("the target did not answer within 2 s"))),
+                Err(e) => Err(tonic::Status::unavailable(format!("{e:#}"))),
+            };
+            match attempt {
+                Ok(r) if r.get_ref().accepted => return Ok(()),
+                Ok(r) => return Err(format!("target refused: {}", r.get_ref().reason)),
+                Err(s) if s.message().starts_with(crate::sim::messages::ALREADY_HELD) => return Ok(()),
+                Err(s) if s.code() == tonic::Code::FailedPrecondition || s.code() == tonic::Code::InvalidArgument => {
+                    return Err(format!("target refused: {}", s.message()));
+                }
+                Err(_) => {}
+            }
+            let last = match &attempt {
+                Err(s) => s.message().to_owned(),
+                Ok(_) => String::new(),
+            };
+            let dead = !self.maps.borrow().servers.get(&state.to).is_some_and(|p| p.alive);
+            if dead {
+                return Err(format!("the target died ({last})"));
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(format!("the target was unreachable for {HANDOFF_DEADLINE:?} ({last})"));
+            }
+            self.metrics.transfers.with_label_values(&["handoff_retried"]).inc();
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        let req = mpb::CompleteTransferRequest { transfer_id: id, from_server: self.me.0, delivered, error };
-        let done = self
-            .coordinator
+    }
+
+    async fn complete(
+        &self,
+        req: mpb::CompleteTransferRequest,
+    ) -> Result<mpb::CompleteTransferResponse, tonic::Status> {
+        self.coordinator
             .call(|mut c| {
                 let req = req.clone();
                 async move { c.complete_transfer(req).await }
             })
-            .await;
-        if let Err(s) = done {
-            warn!(transfer = id, error = %s.message(), "could not report the transfer's completion");
-        } else {
-            info!(transfer = id, delivered, "transfer completed");
-        }
+            .await
     }
 }

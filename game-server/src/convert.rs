@@ -191,26 +191,39 @@ pub fn handoff_to_pb(h: &HandoffState) -> ppb::HandoffRequest {
             rz: p.rot.z,
             rw: p.rot.w,
             angular_velocity: Some(v3(p.angvel.as_dvec3())),
-            shape: Some(match p.shape {
-                PropShape::Box { half } => {
-                    ppb::prop_state::Shape::BoxHalfExtents(v3(glam::Vec3::from(half).as_dvec3()))
-                }
-                PropShape::Ball { radius } => ppb::prop_state::Shape::BallRadius(radius),
+            shape: Some(match shape_to_pb(p.shape) {
+                ppb::ghost::Shape::BoxHalfExtents(h) => ppb::prop_state::Shape::BoxHalfExtents(h),
+                ppb::ghost::Shape::BallRadius(r) => ppb::prop_state::Shape::BallRadius(r),
             }),
             sleeping: p.sleeping,
         }),
     }
 }
 
-fn prop_from_pb(p: &ppb::PropState) -> Result<PropHandoff, BadMessage> {
-    let shape = match &p.shape {
-        Some(ppb::prop_state::Shape::BoxHalfExtents(h)) => {
+fn shape_to_pb(s: PropShape) -> ppb::ghost::Shape {
+    match s {
+        PropShape::Box { half } => ppb::ghost::Shape::BoxHalfExtents(v3(glam::Vec3::from(half).as_dvec3())),
+        PropShape::Ball { radius } => ppb::ghost::Shape::BallRadius(radius),
+    }
+}
+
+fn shape_from_pb(s: &ppb::ghost::Shape) -> Result<PropShape, BadMessage> {
+    let shape = match s {
+        ppb::ghost::Shape::BoxHalfExtents(h) => {
             PropShape::Box { half: finite_v3(Some(h), "prop.shape")?.as_vec3().to_array() }
         }
-        Some(ppb::prop_state::Shape::BallRadius(r)) => PropShape::Ball { radius: *r },
-        None => return Err(BadMessage::Missing("prop.shape")),
+        ppb::ghost::Shape::BallRadius(r) => PropShape::Ball { radius: *r },
     };
     shape.validate().map_err(|_| BadMessage::BadProp("shape out of range"))?;
+    Ok(shape)
+}
+
+fn prop_from_pb(p: &ppb::PropState) -> Result<PropHandoff, BadMessage> {
+    let shape = match &p.shape {
+        Some(ppb::prop_state::Shape::BoxHalfExtents(h)) => shape_from_pb(&ppb::ghost::Shape::BoxHalfExtents(*h))?,
+        Some(ppb::prop_state::Shape::BallRadius(r)) => shape_from_pb(&ppb::ghost::Shape::BallRadius(*r))?,
+        None => return Err(BadMessage::Missing("prop.shape")),
+    };
     let rot = glam::Quat::from_xyzw(p.rx, p.ry, p.rz, p.rw);
     if !rot.is_finite() || (rot.length_squared() - 1.0).abs() > 0.01 {
         return Err(BadMessage::BadProp("rotation is not a unit quaternion"));
@@ -295,6 +308,8 @@ pub fn ghost_batch_to_pb(
                 vx_cms: i32::from(g.q.vel[0]),
                 vy_cms: i32::from(g.q.vel[1]),
                 vz_cms: i32::from(g.q.vel[2]),
+                last_input_seq: g.last_input,
+                shape: g.shape.map(shape_to_pb),
             }
         })
         .collect();
@@ -335,10 +350,19 @@ pub fn ghost_batch_from_pb(b: &ppb::GhostBatch) -> Result<GhostBatch, BadMessage
                 return Err(BadMessage::BadGhost(g.id, "rotation wider than 47 bits"));
             }
             let cms = |v: i32| i16::try_from(v).map_err(|_| BadMessage::BadGhost(g.id, "velocity out of range"));
+            let shape = match (&g.shape, kind) {
+                (None, GhostKind::Player) => None,
+                (Some(sh), GhostKind::Prop) => {
+                    Some(shape_from_pb(sh).map_err(|_| BadMessage::BadGhost(g.id, "bad prop shape"))?)
+                }
+                _ => return Err(BadMessage::BadGhost(g.id, "a prop has a shape, a player none")),
+            };
             Ok(GhostState {
                 region,
                 region_epoch,
                 kind,
+                last_input: g.last_input_seq,
+                shape,
                 q: shared::snapshot::QEntity {
                     id,
                     pos,

@@ -177,6 +177,8 @@ mod tests {
             region: RegionKey::root(0, 0, 0),
             region_epoch: Epoch(3),
             kind: GhostKind::Prop,
+            last_input: 0,
+            shape: Some(crate::sim::physics::PropShape::Ball { radius: 0.2 }),
             q: QEntity { id: EntityId((1 << 40) | id), pos: [x, 0, 0], rot: 0, vel: [0; 3], authority: ServerId(1) },
         }
     }

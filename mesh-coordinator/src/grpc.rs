@@ -105,9 +105,22 @@ impl MeshCoordinator for CoordinatorGrpc {
         let cmd =
             Command::Report { server: ServerId(r.server_id), load: load_from_pb(r.load), regions, now: now_nanos() };
         match self.node.propose(cmd).await.map_err(status_of)? {
-            SmResponse::HeartbeatAck { fenced } => Ok(Response::new(self.node.read(|s| pb::HeartbeatResponse {
-                map: (s.map_version() != r.known_map_version).then(|| map_to_pb(s)),
-                fenced,
+            SmResponse::HeartbeatAck { fenced } => Ok(Response::new(self.node.read(|s| {
+                pb::HeartbeatResponse {
+                    map: (s.map_version() != r.known_map_version).then(|| map_to_pb(s)),
+                    fenced,
+                    orphans: s
+                        .orphans_for(ServerId(r.server_id))
+                        .map(|t| pb::OrphanedTransfer {
+                            transfer_id: t.id,
+                            entity_id: t.entity.0,
+                            entity_epoch: t.entity_epoch.0,
+                            to_region: Some(crate::convert::key_to_pb(&t.to_region)),
+                            to_region_epoch: t.to_region_epoch.0,
+                            from_server: t.from.0,
+                        })
+                        .collect(),
+                }
             }))),
             other => Err(unexpected(other)),
         }
@@ -157,15 +170,21 @@ impl MeshCoordinator for CoordinatorGrpc {
         req: Request<pb::CompleteTransferRequest>,
     ) -> Result<Response<pb::CompleteTransferResponse>, Status> {
         let r = req.into_inner();
-        let cmd = Command::CompleteTransfer {
-            transfer_id: r.transfer_id,
-            from: ServerId(r.from_server),
-            delivered: r.delivered,
-            error: r.error.chars().take(1024).collect(),
-            now: now_nanos(),
+        let error: String = r.error.chars().take(1024).collect();
+        let (transfer_id, from, now) = (r.transfer_id, ServerId(r.from_server), now_nanos());
+        let cmd = match (r.reclaim, r.orphan) {
+            (true, true) => return Err(self.refuse("bad_request", "reclaim and orphan exclude each other")),
+            (true, false) => Command::ReclaimTransfer { transfer_id, from, error, now },
+            (false, true) => Command::ResolveOrphan { transfer_id, server: from, adopted: r.delivered, now },
+            (false, false) => Command::CompleteTransfer { transfer_id, from, delivered: r.delivered, error, now },
         };
-        self.node.propose(cmd).await.map_err(status_of)?;
-        Ok(Response::new(pb::CompleteTransferResponse {}))
+        match self.node.propose(cmd).await.map_err(status_of)? {
+            SmResponse::Reclaimed { entity_epoch } => {
+                Ok(Response::new(pb::CompleteTransferResponse { reclaimed: true, entity_epoch: entity_epoch.0 }))
+            }
+            SmResponse::Done => Ok(Response::new(pb::CompleteTransferResponse::default())),
+            other => Err(unexpected(other)),
+        }
     }
 
     async fn presence(&self, req: Request<pb::PresenceRequest>) -> Result<Response<pb::PresenceResponse>, Status> {

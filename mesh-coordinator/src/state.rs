@@ -392,11 +392,17 @@ pub struct TransferRequest {
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Response {
-    Registered { server: ServerId },
-    HeartbeatAck { fenced: bool },
+    Registered {
+        server: ServerId,
+    },
+    HeartbeatAck {
+        fenced: bool,
+    },
     Transfer(TransferRecord),
     /// The entity is the reclaiming source's again, under this epoch.
-    Reclaimed { entity_epoch: Epoch },
+    Reclaimed {
+        entity_epoch: Epoch,
+    },
     Done,
 }
 

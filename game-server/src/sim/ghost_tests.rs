@@ -19,6 +19,8 @@ fn prop(serial: u64, pos: DVec3, region: RegionKey, epoch: u64) -> GhostState {
         region,
         region_epoch: Epoch(epoch),
         kind: GhostKind::Prop,
+        last_input: 0,
+        shape: Some(super::physics::PropShape::Ball { radius: 0.2 }),
         q: QEntity::quantise(&EntityState {
             id: EntityId((2 << 40) | serial),
             pos,
@@ -135,6 +137,7 @@ fn bad_ghosts_are_refused_counted_and_change_nothing() {
             let mut p = prop(6, DVec3::new(2030.0, GROUND, 1000.0), theirs, 2);
             p.q.id = EntityId(7);
             p.kind = GhostKind::Player;
+            p.shape = None;
             p
         }),
     ];
@@ -203,6 +206,7 @@ fn an_entity_handed_to_this_server_stops_being_a_ghost_and_its_late_removal_is_e
     let mut g = prop(0, DVec3::new(2005.0, GROUND + 0.9, 1000.0), RegionKey::root(1, 0, 0), 2);
     g.q.id = EntityId(8);
     g.kind = GhostKind::Player;
+    g.shape = None;
     h.send(batch(&h, true, vec![g], vec![]));
     h.step();
     assert_eq!(held(&h), vec![EntityId(8)]);
@@ -339,4 +343,175 @@ fn a_thrown_prop_crosses_to_the_neighbour_with_its_rigid_body() {
     let now = b.world.get::<super::components::Body>(e).unwrap().pos;
     assert!(now.x > shipped_at.x + 1.0, "it went on flying on b: {shipped_at} → {now}");
     assert_eq!(b.world.get::<super::components::Authority>(e).unwrap().entity_epoch, entity_epoch.next());
+}
+
+/// Walks player 7 on `a` (server 1) from x = 1999 past the handoff line
+/// (x = 2010), feeding `b` (server 2, if any) the overlap sync and the
+/// player's inputs on its standby connection, until `a` asks for the
+/// transfer. Returns the next input sequence number.
+fn walk_over(a: &mut Harness, mut b: Option<&mut Harness>) -> (u32, super::messages::SimOut) {
+    use super::tests::input;
+    for s in 1..=200 {
+        a.send(SimIn::Input { conn: 1, frame: input(s, 1.0) });
+        a.step();
+        if let Some(b) = b.as_deref_mut() {
+            b.send(SimIn::Input { conn: 1, frame: input(s, 1.0) });
+            for (to, tick, ghosts) in std::mem::take(&mut a.synced) {
+                assert_eq!(to, ServerId(2));
+                b.send(SimIn::Ghosts(GhostBatch { from: ServerId(1), tick, full: true, ghosts, removed: vec![] }));
+            }
+            b.step();
+        }
+        if let Ok(out) = a.next_out() {
+            return (s + 1, out);
+        }
+    }
+    panic!("no transfer requested");
+}
+
+fn commit(a: &mut Harness, entity: EntityId, effective: u64) {
+    a.send(SimIn::TransferCommitted {
+        entity,
+        transfer: super::messages::CommittedTransfer {
+            id: 21,
+            to: ServerId(2),
+            to_region: RegionKey::root(1, 0, 0),
+            to_region_epoch: Epoch(2),
+            entity_epoch: Epoch(1),
+            effective_tick: effective,
+        },
+    });
+}
+
+#[test]
+fn a_handoff_the_target_never_got_comes_back_to_the_source() {
+    use super::messages::SimOut;
+    use super::tests::{controls, input};
+    use shared::wire::ServerControl;
+    let mut a = Harness::new(1);
+    let mut rx = a.join(1, JoinRole::Play, DVec3::new(1999.0, GROUND + 1.0, 1000.0));
+    a.step();
+    let (mut seq, asked) = walk_over(&mut a, None);
+    let SimOut::RequestTransfer { entity, .. } = asked else { panic!("{asked:?}") };
+    let effective = a.tick + 3;
+    commit(&mut a, entity, effective);
+    let mut shipped = None;
+    for _ in 0..4 {
+        a.send(SimIn::Input { conn: 1, frame: input(seq, 1.0) });
+        seq += 1;
+        a.step();
+        if let Ok(SimOut::Handoff(s)) = a.next_out() {
+            shipped = Some(s);
+        }
+    }
+    let state = shipped.expect("shipped");
+    assert!(a.avatar().is_none());
+    let (released_at, shipped_applied) = (state.pos, state.last_applied_input);
+    // The target is dead: the client goes on sending to the source's
+    // standby connection; the coordinator gives the entity back.
+    for _ in 0..5 {
+        a.send(SimIn::Input { conn: 1, frame: input(seq, 1.0) });
+        seq += 1;
+        a.step();
+    }
+    controls(&mut rx);
+    a.send(SimIn::Reclaimed { state, entity_epoch: Epoch(2) });
+    a.step();
+    let (body, avatar) = a.avatar().expect("simulated here again");
+    let auth = *a
+        .world
+        .get::<super::components::Authority>(
+            *a.world.resource::<super::components::Index>().by_net.get(&entity).unwrap(),
+        )
+        .unwrap();
+    assert_eq!((auth.region, auth.region_epoch, auth.entity_epoch), (RegionKey::root(0, 0, 0), Epoch(1), Epoch(2)));
+    assert!((body.pos - released_at).length() < 0.5, "from where it was shipped: {released_at} → {}", body.pos);
+    assert!(held(&a).is_empty(), "no ghost of what is simulated here");
+    assert!(controls(&mut rx).iter().any(|c| matches!(c, ServerControl::AuthorityGained { .. })));
+    // Every input the client sent is applied, once and in order: the ones
+    // shipped with the state, then the ones buffered since.
+    assert!(avatar.last_applied > shipped_applied, "the buffered inputs apply");
+    for _ in 0..20 {
+        a.step();
+    }
+    let (_, avatar) = a.avatar().unwrap();
+    assert!(shipped_applied < seq - 5);
+    assert_eq!(avatar.last_applied, seq - 1, "all {} inputs applied", seq - 1);
+}
+
+#[test]
+fn a_transfer_whose_source_died_resumes_on_the_target_from_its_ghost() {
+    use super::messages::{Orphan, SimOut};
+    use super::tests::{controls, input};
+    use shared::wire::ServerControl;
+    let mut a = Harness::new(1);
+    let mut b = Harness::new(2);
+    let _ra = a.join(1, JoinRole::Play, DVec3::new(1999.0, GROUND + 1.0, 1000.0));
+    let mut rb = b.join(1, JoinRole::Standby, DVec3::new(1999.0, GROUND + 1.0, 1000.0));
+    a.step();
+    b.step();
+    let (mut seq, asked) = walk_over(&mut a, Some(&mut b));
+    let SimOut::RequestTransfer { entity, .. } = asked else { panic!("{asked:?}") };
+    let ghost = b.world.resource::<Ghosts>().by_id[&entity];
+    assert_eq!(ghost.state.kind, GhostKind::Player);
+    assert!(ghost.state.last_input > 0, "the ghost says which input its owner applied");
+    // The transfer commits; then a dies before it ships anything. The client
+    // goes on sending its inputs to b.
+    let effective = a.tick + 9;
+    commit(&mut a, entity, effective);
+    for _ in 0..3 * GHOST_TIMEOUT_TICKS {
+        b.send(SimIn::Input { conn: 1, frame: input(seq, 1.0) });
+        seq += 1;
+        b.step();
+    }
+    assert!(held(&b).is_empty(), "the silent owner's ghosts are gone from view");
+    // The coordinator declares a dead and lists the orphaned transfer.
+    let mut dead = (*super::tests::map()).clone();
+    dead.version += 1;
+    dead.servers.get_mut(&ServerId(1)).unwrap().alive = false;
+    b.send(SimIn::Map(std::sync::Arc::new(dead)));
+    let orphan = Orphan {
+        transfer_id: 21,
+        from: ServerId(1),
+        entity,
+        entity_epoch: Epoch(1),
+        to_region: RegionKey::root(1, 0, 0),
+        to_region_epoch: Epoch(2),
+    };
+    b.send(SimIn::Orphans(vec![orphan]));
+    b.step();
+    // Listed again by the next heartbeat: acted on once.
+    b.send(SimIn::Orphans(vec![orphan]));
+    b.step();
+    let answers: Vec<_> = std::iter::from_fn(|| b.next_out().ok()).collect();
+    assert!(matches!(answers.as_slice(), [SimOut::OrphanResolved { transfer_id: 21, adopted: true }]), "{answers:?}");
+    let (body, avatar) = b.avatar().expect("b simulates the player now");
+    let g = ghost.state.q.state();
+    assert!((body.pos - g.pos).length() < 2.0, "from its ghost: {} vs {}", body.pos, g.pos);
+    assert!(controls(&mut rb).iter().any(|c| matches!(c, ServerControl::AuthorityGained { .. })));
+    // The inputs after the ghost's last applied one are applied, once each,
+    // in order (the buffer keeps the newest 128).
+    assert!(avatar.last_applied >= ghost.state.last_input);
+    for _ in 0..200 {
+        b.step();
+    }
+    assert_eq!(b.avatar().unwrap().1.last_applied, seq - 1);
+}
+
+#[test]
+fn an_orphan_with_no_ghost_is_reported_lost() {
+    use super::messages::{Orphan, SimOut};
+    let mut b = Harness::new(2);
+    b.step();
+    b.send(SimIn::Orphans(vec![Orphan {
+        transfer_id: 4,
+        from: ServerId(1),
+        entity: EntityId(77),
+        entity_epoch: Epoch(1),
+        to_region: RegionKey::root(1, 0, 0),
+        to_region_epoch: Epoch(2),
+    }]));
+    b.step();
+    assert!(matches!(b.next_out(), Ok(SimOut::OrphanResolved { transfer_id: 4, adopted: false })));
+    assert!(!b.world.resource::<super::components::Index>().by_net.contains_key(&EntityId(77)));
 }

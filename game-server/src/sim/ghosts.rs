@@ -41,12 +41,16 @@ pub enum GhostKind {
 /// One entity as its owner sends it to a neighbour: its state, quantised as
 /// snapshots carry it (`q.authority` is the owner), and the region it is
 /// owned through.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct GhostState {
     pub region: RegionKey,
     pub region_epoch: Epoch,
     pub kind: GhostKind,
     pub q: QEntity,
+    /// Players: the newest input applied.
+    pub last_input: u32,
+    /// Props: their shape.
+    pub shape: Option<super::physics::PropShape>,
 }
 
 /// One tick of overlap sync from one neighbour, as decoded at the gRPC edge.
@@ -73,9 +77,22 @@ pub struct Ghosts {
     pub by_id: HashMap<EntityId, Ghost>,
     /// When each neighbour last sent a batch.
     heard: HashMap<ServerId, Tick>,
+    /// Ghosts dropped because their owner fell silent, kept a while: if the
+    /// owner died handing one to this server, it is resumed from here.
+    recent: HashMap<EntityId, (Ghost, Tick)>,
 }
 
+/// How long a ghost whose owner fell silent is remembered (the coordinator
+/// declares a server dead after 2 s of silence).
+pub const REMEMBER_TICKS: Tick = 900;
+
 impl Ghosts {
+    /// The newest state this server has of a neighbour's entity: its ghost,
+    /// or the ghost it had until its owner fell silent.
+    pub fn last_known(&self, id: EntityId) -> Option<&Ghost> {
+        self.by_id.get(&id).or_else(|| self.recent.get(&id).map(|(g, _)| g))
+    }
+
     /// Ghosts as snapshots carry them.
     pub fn states(&self) -> impl Iterator<Item = (EntityState, QEntity)> + '_ {
         self.by_id.values().map(|g| (g.state.q.state(), g.state.q))
@@ -222,14 +239,21 @@ pub fn expire(world: &mut World) {
     let map = world.resource::<Map>().0.clone();
     let metrics = world.resource::<SimMetrics>().0.clone();
     let mut ghosts = world.resource_mut::<Ghosts>();
-    let Ghosts { by_id, heard } = &mut *ghosts;
+    let Ghosts { by_id, heard, recent } = &mut *ghosts;
     let before = by_id.len();
-    by_id.retain(|_, g| {
+    by_id.retain(|id, g| {
         let owner = g.state.q.authority;
         let last = heard.get(&owner).copied().unwrap_or(0).max(g.seen);
         let alive = map.servers.get(&owner).is_some_and(|p| p.alive);
-        alive && tick.saturating_sub(last) <= GHOST_TIMEOUT_TICKS
+        let keep = alive && tick.saturating_sub(last) <= GHOST_TIMEOUT_TICKS;
+        if !keep && recent.len() < MAX_GHOSTS {
+            recent.insert(*id, (*g, tick));
+        }
+        keep
     });
+    if tick.is_multiple_of(90) {
+        recent.retain(|_, (_, at)| tick.saturating_sub(*at) <= REMEMBER_TICKS);
+    }
     heard.retain(|s, t| {
         tick.saturating_sub(*t) <= GHOST_TIMEOUT_TICKS || by_id.values().any(|g| g.state.q.authority == *s)
     });
@@ -243,7 +267,9 @@ pub fn expire(world: &mut World) {
 
 /// The entity is simulated here from now on: no ghost of it.
 pub fn adopted(world: &mut World, id: EntityId) {
-    world.resource_mut::<Ghosts>().by_id.remove(&id);
+    let mut ghosts = world.resource_mut::<Ghosts>();
+    ghosts.by_id.remove(&id);
+    ghosts.recent.remove(&id);
 }
 
 /// The entity was just handed to `to`: it stays in view here as a ghost of
@@ -274,10 +300,12 @@ pub fn ghost_state(
     body: &Body,
     auth: &Authority,
     avatar: Option<&Avatar>,
-    rot: Option<Quat>,
+    prop: Option<&super::physics::Prop>,
 ) -> GhostState {
-    let rot = rot.unwrap_or_else(|| Quat::from_rotation_y(body.yaw));
+    let rot = prop.map_or_else(|| Quat::from_rotation_y(body.yaw), |p| p.rot);
     GhostState {
+        last_input: avatar.map_or(0, |a| a.last_applied),
+        shape: prop.map(|p| p.shape),
         region: auth.region,
         region_epoch: auth.region_epoch,
         kind: if avatar.is_some() { GhostKind::Player } else { GhostKind::Prop },
@@ -323,7 +351,7 @@ pub fn sync_out(
         if sc.dests.is_empty() {
             continue;
         }
-        let g = ghost_state(&cfg, net, body, auth, avatar, prop.map(|p| p.rot));
+        let g = ghost_state(&cfg, net, body, auth, avatar, prop);
         for d in &sc.dests {
             sc.lists.entry(*d).or_default().push(g);
         }

@@ -130,6 +130,17 @@ impl MapView {
     }
 }
 
+/// A transfer to this server whose source died before delivering it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Orphan {
+    pub transfer_id: u64,
+    pub from: ServerId,
+    pub entity: EntityId,
+    pub entity_epoch: Epoch,
+    pub to_region: RegionKey,
+    pub to_region_epoch: Epoch,
+}
+
 /// A transfer the coordinator committed for an entity this server owns.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CommittedTransfer {
@@ -233,6 +244,15 @@ pub enum SimIn {
     },
     /// A neighbour's overlap sync for one tick.
     Ghosts(super::ghosts::GhostBatch),
+    /// Transfers to this server whose source died before delivering them
+    /// (from the heartbeat; listed until resolved).
+    Orphans(Vec<Orphan>),
+    /// A handoff this server could not deliver was taken back: the entity
+    /// is this server's again under `entity_epoch`.
+    Reclaimed {
+        state: Box<HandoffState>,
+        entity_epoch: Epoch,
+    },
     /// A neighbour hands an entity over; the reply says whether it was taken.
     Adopt {
         state: Box<HandoffState>,
@@ -271,6 +291,11 @@ pub enum SimOut {
         tick: Tick,
         ghosts: Vec<super::ghosts::GhostState>,
     },
+    /// An orphaned transfer was resumed from the ghost (`adopted`) or not.
+    OrphanResolved {
+        transfer_id: u64,
+        adopted: bool,
+    },
     /// Tell the client to pre-connect to a neighbour (`hint` is a
     /// [`ServerControl::PreConnect`] without its ticket): the control task
     /// asks the coordinator for a standby ticket, puts it in, and sends the
@@ -290,6 +315,10 @@ pub enum SimOut {
     },
 }
 
+/// The refusal of a handoff the target already has (an earlier attempt got
+/// through): the sender counts it as delivered.
+pub const ALREADY_HELD: &str = "already_held";
+
 /// Why an incoming handoff was refused. `reason()` is a metric label.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AdoptError {
@@ -307,7 +336,8 @@ impl AdoptError {
     pub fn reason(&self) -> &'static str {
         match self {
             AdoptError::WrongServer(_) => "wrong_server",
-            AdoptError::StaleRegionEpoch { .. } | AdoptError::StaleEntityEpoch(..) => "stale_epoch",
+            AdoptError::StaleRegionEpoch { .. } => "stale_epoch",
+            AdoptError::StaleEntityEpoch(..) => ALREADY_HELD,
             AdoptError::Unavailable => "unavailable",
         }
     }

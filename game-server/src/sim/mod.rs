@@ -131,6 +131,8 @@ pub fn world(p: SimParts) -> World {
     w.insert_resource(PendingAdoptions::default());
     w.insert_resource(Index::default());
     w.insert_resource(ghosts::Ghosts::default());
+    w.insert_resource(systems::Released::default());
+    w.insert_resource(systems::ResolvedOrphans::default());
     w.insert_resource(AuthorityLog { tx: p.authority_log, catch_up: Vec::new() });
     w.insert_resource(TickTimes::default());
     w.insert_resource(systems::OpenFaces::default());

@@ -129,6 +129,12 @@ pub fn ingest(world: &mut World) {
                 }
             }
             SimIn::Ghosts(batch) => super::ghosts::receive(world, batch),
+            SimIn::Reclaimed { state, entity_epoch } => reclaimed(world, *state, entity_epoch),
+            SimIn::Orphans(orphans) => {
+                for o in orphans {
+                    resume_orphan(world, o);
+                }
+            }
             SimIn::Adopt { state, reply } => {
                 let verdict = check_adoption(world, &state);
                 if verdict.is_ok() {
@@ -435,6 +441,113 @@ fn check_adoption(world: &World, s: &HandoffState) -> Result<(), AdoptError> {
 
 /// Spawns the adopted entities whose effective tick has come. One that comes
 /// late is simulated forward at once for the ticks it missed.
+/// A handoff this server could not deliver came back: the entity is
+/// simulated here again from the state it was shipped with, through the
+/// region it was held through, under the epoch the coordinator gave back.
+fn reclaimed(world: &mut World, state: HandoffState, entity_epoch: Epoch) {
+    let me = world.resource::<SimConfig>().server;
+    let tick = world.resource::<TickState>().tick;
+    let metrics = world.resource::<SimMetrics>().clone();
+    let Some((auth, _)) = world.resource_mut::<Released>().0.remove(&state.transfer_id) else {
+        warn!(transfer = state.transfer_id, entity = %state.entity, "reclaimed a transfer this server does not remember");
+        metrics.0.transfers.with_label_values(&["reclaim_unknown"]).inc();
+        return;
+    };
+    let map = world.resource::<Map>().0.clone();
+    let region_epoch = match map.live_owner(&auth.region) {
+        Some((owner, epoch)) if owner == me => epoch,
+        _ => auth.region_epoch,
+    };
+    info!(transfer = state.transfer_id, entity = %state.entity, %entity_epoch, "handoff taken back");
+    metrics.0.transfers.with_label_values(&["reclaimed"]).inc();
+    world.resource_mut::<PendingAdoptions>().0.push(HandoffState {
+        from: state.to,
+        to: me,
+        to_region: auth.region,
+        to_region_epoch: region_epoch,
+        entity_epoch,
+        effective_tick: tick,
+        ..state
+    });
+}
+
+/// A transfer to this server whose source died before delivering it: the
+/// entity goes on here from the newest state its ghost had (position,
+/// velocity, orientation; a player's last applied input, so the inputs its
+/// standby connection buffered since apply once). Without a ghost, it is
+/// lost, and the coordinator is told so.
+fn resume_orphan(world: &mut World, o: super::messages::Orphan) {
+    let tick = world.resource::<TickState>().tick;
+    let me = world.resource::<SimConfig>().server;
+    if !world.resource_mut::<ResolvedOrphans>().0.insert(o.transfer_id) {
+        return;
+    }
+    let metrics = world.resource::<SimMetrics>().clone();
+    let out = world.resource::<Outbox>().clone();
+    let ghost = world.resource::<super::ghosts::Ghosts>().last_known(o.entity).copied();
+    let state = ghost.filter(|g| g.state.q.authority == o.from).map(|g| {
+        let e = g.state.q.state();
+        let rot = Quat::from_array(e.rot);
+        HandoffState {
+            transfer_id: o.transfer_id,
+            from: o.from,
+            to: me,
+            entity: o.entity,
+            entity_epoch: o.entity_epoch,
+            to_region: o.to_region,
+            to_region_epoch: o.to_region_epoch,
+            effective_tick: tick,
+            pos: e.pos,
+            yaw: rot.to_euler(glam::EulerRot::YXZ).0,
+            vel: Vec3::from(e.vel),
+            player: o.entity.as_player(),
+            last_applied_input: g.state.last_input,
+            pending_inputs: Vec::new(),
+            prop: g.state.shape.map(|shape| super::messages::PropHandoff {
+                shape,
+                rot,
+                angvel: Vec3::ZERO,
+                sleeping: false,
+            }),
+        }
+    });
+    let adopted = match state.map(|s| (check_adoption(world, &s), s)) {
+        Some((Ok(()), s)) => {
+            info!(transfer = o.transfer_id, entity = %o.entity, from = %o.from, "orphaned transfer resumed from its ghost");
+            world.resource_mut::<PendingAdoptions>().0.push(s);
+            metrics.0.transfers.with_label_values(&["orphan_resumed"]).inc();
+            true
+        }
+        Some((Err(e), _)) => {
+            warn!(transfer = o.transfer_id, entity = %o.entity, error = %e, "orphaned transfer refused");
+            metrics.0.transfers.with_label_values(&["orphan_lost"]).inc();
+            false
+        }
+        None => {
+            warn!(transfer = o.transfer_id, entity = %o.entity, from = %o.from, "orphaned transfer: no ghost to resume it from");
+            metrics.0.transfers.with_label_values(&["orphan_lost"]).inc();
+            false
+        }
+    };
+    if out.0.try_send(SimOut::OrphanResolved { transfer_id: o.transfer_id, adopted }).is_err() {
+        // Listed again by the next heartbeat; answered then.
+        world.resource_mut::<ResolvedOrphans>().0.remove(&o.transfer_id);
+    }
+}
+
+/// Orphaned transfers already acted on (the heartbeat lists them until the
+/// coordinator hears back).
+#[derive(Resource, Debug, Default)]
+pub struct ResolvedOrphans(pub std::collections::HashSet<u64>);
+
+/// Entities handed off recently, by transfer: the authority they had here,
+/// for taking one back if its handoff cannot be delivered.
+#[derive(Resource, Debug, Default)]
+pub struct Released(pub std::collections::HashMap<u64, (Authority, shared::Tick)>);
+
+/// How long a released entity's authority is remembered.
+const RELEASED_MEMORY_TICKS: shared::Tick = 90 * 60;
+
 fn adopt_due(world: &mut World) {
     let tick = world.resource::<TickState>().tick;
     let due: Vec<HandoffState> = {
@@ -875,12 +988,19 @@ fn release(
         }
     }
     info!(entity = %net.0, to = %t.to, transfer = t.id, effective_tick, "authority released");
+    if let Some(a) = world.get::<Authority>(e).copied() {
+        let mut released = world.resource_mut::<Released>();
+        if tick.is_multiple_of(90) {
+            released.0.retain(|_, (_, at)| tick.saturating_sub(*at) <= RELEASED_MEMORY_TICKS);
+        }
+        released.0.insert(t.id, (a, tick));
+    }
     // Its players keep seeing it, now as a ghost of the new owner.
     let cfg = world.resource::<SimConfig>().clone();
-    let rot = world.get::<super::physics::Prop>(e).map(|p| p.rot);
+    let prop_now = world.get::<super::physics::Prop>(e).copied();
     let auth =
         Authority { region: t.to_region, region_epoch: t.to_region_epoch, entity_epoch: t.entity_epoch, since: tick };
-    let mut ghost = super::ghosts::ghost_state(&cfg, &net, &body, &auth, avatar.as_ref(), rot);
+    let mut ghost = super::ghosts::ghost_state(&cfg, &net, &body, &auth, avatar.as_ref(), prop_now.as_ref());
     ghost.q.authority = t.to;
     despawn(world, e);
     super::ghosts::released(world, ghost);

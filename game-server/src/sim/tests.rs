@@ -31,7 +31,7 @@ pub(super) struct Harness {
     pub(super) tick: u64,
 }
 
-fn map() -> Arc<MapView> {
+pub(super) fn map() -> Arc<MapView> {
     let tree = RegionTree::grid(IVec3::ZERO, 2, 1, 1);
     let owners = HashMap::from([
         (RegionKey::root(0, 0, 0), (Some(ServerId(1)), Epoch(1))),
@@ -169,7 +169,7 @@ impl Harness {
     }
 }
 
-fn input(seq: u32, x: f32) -> InputFrame {
+pub(super) fn input(seq: u32, x: f32) -> InputFrame {
     InputFrame { seq, locomotion: [x, 0.0], ..Default::default() }
 }
 
