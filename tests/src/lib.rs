@@ -2,6 +2,7 @@
 //! 127.0.0.1 with port 0, read their ports files, stop them with SIGTERM.
 
 pub mod cluster;
+pub mod invariants;
 pub mod player;
 pub mod proxy;
 pub mod redis;
@@ -195,6 +196,12 @@ impl Mesh {
         self.http = c["http"].as_str().context("http")?.to_owned();
         self.grpc = c["grpc"].as_str().context("grpc")?.to_owned();
         Ok(())
+    }
+
+    /// The authority invariants over every game server's log so far.
+    pub fn invariants(&self) -> anyhow::Result<invariants::Invariants> {
+        let names: Vec<String> = self.servers.iter().map(|(p, _)| p.name.clone()).collect();
+        invariants::Invariants::read(self.dir.path(), &names)
     }
 
     /// Starts one more game server; returns its index in `servers`.

@@ -123,6 +123,8 @@ fn drain_hands_players_over_and_bad_operator_writes_change_nothing() -> anyhow::
     for (p, _) in &mut mesh.servers {
         assert!(p.stop(), "{} did not stop cleanly:\n{}", p.name, p.log_text());
     }
+    // One authority per entity at every tick; inputs applied once, in order.
+    mesh.invariants()?.assert_hold();
 
     // Every bot moved from the first server to the second once, losing and
     // repeating no input, and kept playing there.
@@ -218,6 +220,8 @@ fn a_crowd_makes_its_region_split_and_part_of_it_move_without_dropping_anyone() 
     for (p, _) in &mut mesh.servers {
         assert!(p.stop(), "{} did not stop cleanly:\n{}", p.name, p.log_text());
     }
+    // One authority per entity at every tick; inputs applied once, in order.
+    mesh.invariants()?.assert_hold();
 
     let said = || format!("map: {map}\n{logs}");
     let splits = integration_tests::metric(&metrics, "mesh_region_changes_total", r#"kind="split""#);

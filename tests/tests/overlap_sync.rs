@@ -94,6 +94,7 @@ fn a_neighbours_entities_near_the_boundary_are_seen_as_ghosts_until_it_stops() -
     assert!(gone_after < Duration::from_secs(3), "{gone_after:?}");
     let ma = metrics(&pa)?;
     assert_eq!(metric(&ma, "ghosts", ""), 0.0);
+    mesh.invariants()?.assert_hold();
     assert!(metric(&ma, "ghost_updates_total", r#"result="expired""#) >= 1.0);
     Ok(())
 }

@@ -38,6 +38,8 @@ pub struct Avatar {
     pub conn: Option<ConnId>,
     /// Newest input sequence applied (0: none).
     pub last_applied: u32,
+    /// Inputs applied this tick: first and last sequence, and how many.
+    pub applied_now: Option<(u32, u32, u32)>,
     /// Received, not yet applied, in sequence order.
     pub pending: VecDeque<InputFrame>,
     pub locomotion: [f32; 2],
@@ -190,15 +192,21 @@ pub struct Load(pub Arc<LoadShared>);
 #[derive(Resource, Debug, Default)]
 pub struct TickTimes(pub VecDeque<u32>);
 
-/// Pushes `frame` into a bounded, sequence-ordered input buffer; drops
-/// duplicates and frames at or below `applied`. Returns whether it was kept.
-pub fn buffer_input(buf: &mut VecDeque<InputFrame>, frame: InputFrame, applied: u32) -> bool {
+/// Inputs a standby connection keeps: enough to cover a source that dies
+/// while handing the player over (2 s until the coordinator declares it
+/// dead, a heartbeat to hear of it), so the target resumes with every input.
+pub const STANDBY_INPUT_BUFFER: usize = 360;
+
+/// Pushes `frame` into a sequence-ordered input buffer of at most `cap`
+/// frames (the oldest go first); drops duplicates and frames at or below
+/// `applied`. Returns whether it was kept.
+pub fn buffer_input(buf: &mut VecDeque<InputFrame>, frame: InputFrame, applied: u32, cap: usize) -> bool {
     if frame.seq <= applied || buf.iter().any(|f| f.seq == frame.seq) {
         return false;
     }
     let at = buf.iter().position(|f| f.seq > frame.seq).unwrap_or(buf.len());
     buf.insert(at, frame);
-    while buf.len() > INPUT_BUFFER {
+    while buf.len() > cap {
         buf.pop_front();
     }
     true
@@ -215,14 +223,14 @@ mod tests {
     #[test]
     fn input_buffer_orders_dedups_and_bounds() {
         let mut b = VecDeque::new();
-        assert!(buffer_input(&mut b, f(3), 0));
-        assert!(buffer_input(&mut b, f(1), 0));
-        assert!(!buffer_input(&mut b, f(3), 0));
-        assert!(!buffer_input(&mut b, f(5), 7));
-        assert!(buffer_input(&mut b, f(2), 0));
+        assert!(buffer_input(&mut b, f(3), 0, INPUT_BUFFER));
+        assert!(buffer_input(&mut b, f(1), 0, INPUT_BUFFER));
+        assert!(!buffer_input(&mut b, f(3), 0, INPUT_BUFFER));
+        assert!(!buffer_input(&mut b, f(5), 7, INPUT_BUFFER));
+        assert!(buffer_input(&mut b, f(2), 0, INPUT_BUFFER));
         assert_eq!(b.iter().map(|f| f.seq).collect::<Vec<_>>(), vec![1, 2, 3]);
         for s in 10..10 + INPUT_BUFFER as u32 {
-            buffer_input(&mut b, f(s), 0);
+            buffer_input(&mut b, f(s), 0, INPUT_BUFFER);
         }
         assert_eq!(b.len(), INPUT_BUFFER);
         assert_eq!(b.front().map(|f| f.seq), Some(10));

@@ -67,11 +67,11 @@ pub fn ingest(world: &mut World) {
                 let buffered = match avatar_entity.and_then(|e| world.get_mut::<Avatar>(e)) {
                     Some(mut a) => {
                         let applied = a.last_applied;
-                        buffer_input(&mut a.pending, frame, applied)
+                        buffer_input(&mut a.pending, frame, applied, INPUT_BUFFER)
                     }
                     None => {
                         let mut standby = world.resource_mut::<StandbyInputs>();
-                        buffer_input(standby.0.entry(player).or_default(), frame, 0)
+                        buffer_input(standby.0.entry(player).or_default(), frame, 0, STANDBY_INPUT_BUFFER)
                     }
                 };
                 if !buffered {
@@ -580,7 +580,7 @@ fn adopt_due(world: &mut World) {
             && let Some(buf) = world.resource_mut::<StandbyInputs>().0.remove(&p)
         {
             for f in buf {
-                buffer_input(&mut pending, f, s.last_applied_input);
+                buffer_input(&mut pending, f, s.last_applied_input, STANDBY_INPUT_BUFFER);
             }
         }
         let authority = Authority {
@@ -694,8 +694,13 @@ pub fn player_bodies(
         let steps = 1 + a.catch_up.min(90);
         a.catch_up = 0;
         let mut jump = false;
+        a.applied_now = None;
         while let Some(f) = a.pending.pop_front() {
             a.last_applied = f.seq;
+            a.applied_now = Some(match a.applied_now {
+                Some((first, _, n)) => (first, f.seq, n + 1),
+                None => (f.seq, f.seq, 1),
+            });
             if let Err(reason) = check_input(&f, &a.head) {
                 metrics.0.inputs_rejected.with_label_values(&[reason]).inc();
                 continue;
@@ -1293,7 +1298,7 @@ pub fn report(
 /// authoritatively in it (plus ticks simulated retroactively after a late
 /// handoff). Runs right after the bodies moved, before any release.
 pub fn log_authority(
-    entities: Query<&NetId, With<Authority>>,
+    entities: Query<(&NetId, Option<&Avatar>), With<Authority>>,
     tick: Res<TickState>,
     cfg: Res<SimConfig>,
     metrics: Res<SimMetrics>,
@@ -1306,8 +1311,19 @@ pub fn log_authority(
     for (t, e) in catch_up {
         lines.push(format!(r#"{{"tick":{t},"server":{},"auth":[{}],"catch_up":true}}"#, cfg.server.0, e.0));
     }
-    let ids: Vec<String> = entities.iter().map(|n| n.0.0.to_string()).collect();
-    lines.push(format!(r#"{{"tick":{},"server":{},"auth":[{}]}}"#, tick.tick, cfg.server.0, ids.join(",")));
+    let ids: Vec<String> = entities.iter().map(|(n, _)| n.0.0.to_string()).collect();
+    // Inputs applied this tick, per avatar: [entity, first seq, last seq, count].
+    let inputs: Vec<String> = entities
+        .iter()
+        .filter_map(|(n, a)| a.and_then(|a| a.applied_now).map(|(f, l, c)| format!("[{},{f},{l},{c}]", n.0.0)))
+        .collect();
+    lines.push(format!(
+        r#"{{"tick":{},"server":{},"auth":[{}],"inputs":[{}]}}"#,
+        tick.tick,
+        cfg.server.0,
+        ids.join(","),
+        inputs.join(",")
+    ));
     for l in lines {
         if tx.try_send(l).is_err() {
             metrics.0.datagrams_dropped.with_label_values(&["authority_log_full"]).inc();
