@@ -14,6 +14,10 @@ use std::path::Path;
 
 use serde_json::Value;
 
+/// Inputs one server applied to one avatar in one tick: (tick, server,
+/// first seq, last seq, count).
+type Applied = (u64, u64, u64, u64, u64);
+
 /// What the logs showed.
 #[derive(Debug, Default, Clone)]
 pub struct Invariants {
@@ -44,7 +48,7 @@ impl Invariants {
         let mut logged: BTreeMap<u64, BTreeSet<u64>> = BTreeMap::new();
         let mut claims: BTreeMap<u64, BTreeMap<u64, Vec<u64>>> = BTreeMap::new();
         // entity -> (tick, server, first, last, count)
-        let mut inputs: BTreeMap<u64, Vec<(u64, u64, u64, u64, u64)>> = BTreeMap::new();
+        let mut inputs: BTreeMap<u64, Vec<Applied>> = BTreeMap::new();
         let mut servers = BTreeSet::new();
         for name in names {
             let path = dir.join(format!("{name}.authority.jsonl"));
@@ -74,12 +78,14 @@ impl Invariants {
         let all = servers.len();
         let mut checked = BTreeSet::new();
         for (entity, ticks) in &claims {
+            let (Some(first), Some(last)) = (ticks.keys().next().copied(), ticks.keys().last().copied()) else {
+                continue;
+            };
             for (tick, s) in ticks {
                 if s.len() > 1 {
                     out.duplicated.push((*entity, *tick, s.clone()));
                 }
             }
-            let (first, last) = (*ticks.keys().next().unwrap(), *ticks.keys().last().unwrap());
             for t in first..=last {
                 if logged.get(&t).is_some_and(|s| s.len() == all) {
                     checked.insert(t);
