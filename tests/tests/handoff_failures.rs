@@ -16,8 +16,9 @@ enum Victim {
     Source,
 }
 
-fn owner(regions: &Value, key: &str) -> u64 {
-    regions.as_array().unwrap().iter().find(|r| r["region"] == key).unwrap()["server_id"].as_u64().unwrap()
+fn owner(regions: &Value, key: &str) -> anyhow::Result<u64> {
+    let r = regions.as_array().into_iter().flatten().find(|r| r["region"] == key);
+    r.and_then(|r| r["server_id"].as_u64()).ok_or_else(|| anyhow::anyhow!("no owner of {key} in {regions}"))
 }
 
 fn wait_for<T>(what: &str, within: Duration, mut f: impl FnMut() -> anyhow::Result<Option<T>>) -> anyhow::Result<T> {
@@ -31,10 +32,12 @@ fn wait_for<T>(what: &str, within: Duration, mut f: impl FnMut() -> anyhow::Resu
     }
 }
 
+// The body of the two tests below: as in them, a panic is a failure report.
+#[allow(clippy::unwrap_used)]
 fn kill_during_a_transfer(victim: Victim) -> anyhow::Result<()> {
     let mut mesh = Mesh::start_with(2, &["--handoff-lead-ticks=360"], &[])?;
     let regions = mesh.wait_regions_owned()?;
-    let (a, b) = (owner(&regions, "L0:0,0,0"), owner(&regions, "L0:1,0,0"));
+    let (a, b) = (owner(&regions, "L0:0,0,0")?, owner(&regions, "L0:1,0,0")?);
     assert_ne!(a, b);
     // One bot walks from a's region into b's, and back.
     let z = walkable_line(1960.0, 2060.0, 1000.0)?;
