@@ -10,6 +10,8 @@ pub mod edits;
 #[cfg(test)]
 mod ghost_tests;
 pub mod ghosts;
+#[cfg(test)]
+mod mesh_tests;
 pub mod messages;
 pub mod physics;
 pub mod systems;

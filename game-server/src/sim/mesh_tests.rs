@@ -1,0 +1,595 @@
+//! A whole mesh in one process, in virtual time: the coordinator's state
+//! machine and several simulations, ticked in lockstep, with every message
+//! between them routed by the test (overlap sync, transfer requests and
+//! commits, handoffs, completions, reclaims, orphans, heartbeats). Races
+//! are played out deterministically, and the authority invariants are
+//! checked at every tick:
+//!
+//! - no entity has two authoritative servers; while every server is alive,
+//!   each player's avatar has exactly one;
+//! - each player's inputs are applied once, in increasing order, across all
+//!   servers, and none is skipped.
+
+use std::collections::{BTreeMap, HashMap};
+
+use glam::{DVec3, IVec3};
+use mesh_coordinator::state::{
+    Addresses, Command, CommandError, CoordinatorState, Policy, Response as CResponse, TransferRequest,
+};
+use shared::region::{RegionKey, RegionTree};
+use shared::wire::{InputFrame, JoinRole};
+use shared::{EntityId, PlayerId, ServerId, TickClock};
+use tokio::sync::oneshot;
+
+use super::components::{Authority, Avatar, Index};
+use super::ghosts::GhostBatch;
+use super::messages::ConnRx;
+use super::messages::{AdoptError, CommittedTransfer, HandoffState, SimIn, SimOut};
+use super::tests::{GROUND, Harness};
+
+const EPOCH: u64 = 1_700_000_000_000_000_000;
+
+pub(super) struct Node {
+    pub(super) id: ServerId,
+    pub(super) h: Harness,
+    pub(super) alive: bool,
+    /// The player's connection here (`Play` or `Standby`), kept open.
+    conns: Vec<ConnRx>,
+}
+
+/// A handoff shipped and not yet answered.
+struct InFlight {
+    state: HandoffState,
+    verdict: Option<oneshot::Receiver<Result<(), AdoptError>>>,
+}
+
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub(super) struct Counts {
+    /// Times an avatar's authoritative server changed.
+    pub(super) handoffs: u64,
+    pub(super) reclaimed: u64,
+    pub(super) orphans_adopted: u64,
+    /// Ticks where some player had no authoritative server (only while a
+    /// server is dead).
+    pub(super) unowned_ticks: u64,
+    pub(super) inputs_applied: u64,
+}
+
+pub(super) struct MeshSim {
+    pub(super) coord: CoordinatorState,
+    pub(super) nodes: Vec<Node>,
+    pub(super) tick: u64,
+    map_version: u64,
+    in_flight: Vec<InFlight>,
+    /// Emulates a coordinator leader that dies after committing: the next
+    /// this many transfer answers are lost (the source asks again).
+    pub(super) lose_answers: u32,
+    /// Per player: newest input applied anywhere, and where it is simulated.
+    newest: HashMap<EntityId, u32>,
+    pub(super) owner: BTreeMap<EntityId, ServerId>,
+    pub(super) counts: Counts,
+    /// Next input sequence per player.
+    seq: HashMap<PlayerId, u32>,
+    /// Per entity: the servers it was synced to this tick.
+    pub(super) fanout: BTreeMap<EntityId, std::collections::BTreeSet<ServerId>>,
+}
+
+impl MeshSim {
+    /// A grid of `nx` × `ny` × `nz` roots from `origin`, one server per root.
+    pub(super) fn new(origin: IVec3, nx: u32, ny: u32, nz: u32) -> Self {
+        let tree = RegionTree::grid(origin, nx, ny, nz);
+        let clock = TickClock::new(EPOCH);
+        let mut coord = CoordinatorState::new(Policy::default(), tree, clock);
+        let n = nx * ny * nz;
+        let tick = 100;
+        let now = clock.tick_start(tick) + 1;
+        let mut nodes = Vec::new();
+        for i in 0..n {
+            let (r, _) = coord.apply(Command::Register {
+                name: format!("gs-{i}"),
+                addresses: Addresses { quic: format!("127.0.0.1:{}", 7000 + i), ..Default::default() },
+                cert_sha256: "ab".into(),
+                capacity_players: 100,
+                version: "test".into(),
+                now,
+            });
+            let Ok(CResponse::Registered { server }) = r else { panic!("{r:?}") };
+            let mut h = Harness::new(server.0);
+            h.tick = tick;
+            nodes.push(Node { id: server, h, alive: true, conns: Vec::new() });
+        }
+        let mut sim = Self {
+            coord,
+            nodes,
+            tick,
+            map_version: 0,
+            in_flight: Vec::new(),
+            lose_answers: 0,
+            newest: HashMap::new(),
+            owner: BTreeMap::new(),
+            counts: Counts::default(),
+            seq: HashMap::new(),
+            fanout: BTreeMap::new(),
+        };
+        sim.push_map();
+        sim
+    }
+
+    fn now(&self) -> u64 {
+        self.coord.clock.tick_start(self.tick) + 1
+    }
+
+    fn node(&mut self, id: ServerId) -> Option<&mut Node> {
+        self.nodes.iter_mut().find(|n| n.id == id && n.alive)
+    }
+
+    pub(super) fn owner_of_region(&self, key: RegionKey) -> ServerId {
+        self.coord.assignments()[&key].server.expect("owned")
+    }
+
+    fn push_map(&mut self) {
+        if self.coord.map_version() == self.map_version {
+            return;
+        }
+        self.map_version = self.coord.map_version();
+        let (view, bad) = crate::convert::map_from_pb(&mesh_coordinator::convert::map_to_pb(&self.coord));
+        assert_eq!(bad, 0);
+        let view = std::sync::Arc::new(view);
+        for n in self.nodes.iter().filter(|n| n.alive) {
+            n.h.send(SimIn::Map(view.clone()));
+        }
+    }
+
+    /// A player joins where it stands: `Play` on the owner of the spot,
+    /// `Standby` on every other server (a client near every boundary).
+    pub(super) fn join(&mut self, player: PlayerId, at: DVec3) {
+        let (_, owner) = self.coord.owner_at(at).map(|(l, r)| (l, r.id)).expect("inside the world");
+        for n in self.nodes.iter_mut().filter(|n| n.alive) {
+            let role = if n.id == owner { JoinRole::Play } else { JoinRole::Standby };
+            n.conns.push(n.h.join_as(player.0, player, role, at));
+        }
+        self.seq.insert(player, 1);
+    }
+
+    /// One tick: every player sends `stick(player, tick)` as its input to
+    /// every live server; the coordinator and the servers tick; messages are
+    /// routed; the invariants are checked.
+    pub(super) fn step(&mut self, stick: &dyn Fn(PlayerId, u64) -> [f32; 2]) {
+        self.tick += 1;
+        let now = self.now();
+        let players: Vec<PlayerId> = self.seq.keys().copied().collect();
+        for p in players {
+            let seq = self.seq[&p];
+            let frame = InputFrame { seq, locomotion: stick(p, self.tick), ..Default::default() };
+            for n in self.nodes.iter().filter(|n| n.alive) {
+                n.h.send(SimIn::Input { conn: p.0, frame });
+            }
+            self.seq.insert(p, seq + 1);
+        }
+        // Heartbeats twice a second, and the coordinator's clock.
+        if self.tick.is_multiple_of(45) {
+            for n in self.nodes.iter().filter(|n| n.alive) {
+                let _ = self.coord.apply(Command::Heartbeat { server: n.id, load: Default::default(), now });
+                let orphans: Vec<_> = self
+                    .coord
+                    .orphans_for(n.id)
+                    .map(|t| super::messages::Orphan {
+                        transfer_id: t.id,
+                        from: t.from,
+                        entity: t.entity,
+                        entity_epoch: t.entity_epoch,
+                        to_region: t.to_region,
+                        to_region_epoch: t.to_region_epoch,
+                    })
+                    .collect();
+                if !orphans.is_empty() {
+                    n.h.send(SimIn::Orphans(orphans));
+                }
+            }
+        }
+        let _ = self.coord.apply(Command::Tick { now });
+        self.push_map();
+        for n in self.nodes.iter_mut().filter(|n| n.alive) {
+            n.h.step();
+            assert_eq!(n.h.tick, self.tick);
+        }
+        self.route(now);
+        self.check();
+    }
+
+    fn route(&mut self, now: u64) {
+        self.fanout.clear();
+        let mut outs = Vec::new();
+        for n in self.nodes.iter_mut().filter(|n| n.alive) {
+            for (to, tick, ghosts) in std::mem::take(&mut n.h.synced) {
+                outs.push((n.id, SimOut::Ghosts { to, tick, ghosts }));
+            }
+            n.h.hints.clear();
+            for (player, online) in std::mem::take(&mut n.h.presence) {
+                let entity = EntityId::player(player).expect("a player id");
+                let _ = self.coord.apply(Command::Presence { server: n.id, player, entity, online, now });
+            }
+            while let Ok(o) = n.h.next_out() {
+                outs.push((n.id, o));
+            }
+            for c in &mut n.conns {
+                super::tests::controls(c);
+            }
+        }
+        for (from, out) in outs {
+            match out {
+                SimOut::Ghosts { to, tick, ghosts } => {
+                    for g in &ghosts {
+                        self.fanout.entry(g.q.id).or_default().insert(to);
+                    }
+                    if let Some(t) = self.node(to) {
+                        t.h.send(SimIn::Ghosts(GhostBatch { from, tick, full: true, ghosts, removed: vec![] }));
+                    }
+                }
+                SimOut::RequestTransfer {
+                    entity,
+                    from_region,
+                    from_region_epoch,
+                    entity_epoch,
+                    to_region,
+                    not_before_tick,
+                    ..
+                } => {
+                    let (r, _) = self.coord.apply(Command::RequestTransfer(TransferRequest {
+                        entity,
+                        from,
+                        from_region,
+                        from_region_epoch,
+                        entity_epoch,
+                        to_region,
+                        not_before_tick,
+                        now,
+                    }));
+                    if self.lose_answers > 0 && r.is_ok() {
+                        self.lose_answers -= 1;
+                        continue;
+                    }
+                    let msg = match r {
+                        Ok(CResponse::Transfer(t)) => SimIn::TransferCommitted {
+                            entity,
+                            transfer: CommittedTransfer {
+                                id: t.id,
+                                to: t.to,
+                                to_region: t.to_region,
+                                to_region_epoch: t.to_region_epoch,
+                                entity_epoch: t.entity_epoch,
+                                effective_tick: t.effective_tick,
+                            },
+                        },
+                        Ok(other) => panic!("{other:?}"),
+                        Err(e) => {
+                            eprintln!("tick {}: transfer of {entity} refused: {e}", self.tick);
+                            SimIn::TransferRefused {
+                                entity,
+                                reason: e.to_string(),
+                                permanent: !matches!(e, CommandError::NoOwner(_) | CommandError::Unavailable(_)),
+                            }
+                        }
+                    };
+                    if let Some(n) = self.node(from) {
+                        n.h.send(msg);
+                    }
+                }
+                SimOut::Handoff(state) => {
+                    let (reply, verdict) = oneshot::channel();
+                    let verdict = self.node(state.to).map(|t| {
+                        t.h.send(SimIn::Adopt { state: state.clone(), reply });
+                        verdict
+                    });
+                    self.in_flight.push(InFlight { state: *state, verdict });
+                }
+                SimOut::OrphanResolved { transfer_id, adopted } => {
+                    let r = self.coord.apply(Command::ResolveOrphan { transfer_id, server: from, adopted, now }).0;
+                    assert_eq!(r, Ok(CResponse::Done));
+                    self.counts.orphans_adopted += u64::from(adopted);
+                }
+                SimOut::Presence { .. } | SimOut::Hint { .. } => {}
+            }
+        }
+        // Answers to handoffs: delivered, or taken back once the target is
+        // known dead (or refused it).
+        let mut still = Vec::new();
+        for mut f in std::mem::take(&mut self.in_flight) {
+            let target_dead = !self.coord.server(f.state.to).is_some_and(|s| s.alive);
+            let answer = match f.verdict.as_mut().map(|v| v.try_recv()) {
+                // The coordinator declared the target dead: take it back.
+                _ if target_dead => Some(false),
+                Some(Ok(Ok(()))) | Some(Ok(Err(AdoptError::StaleEntityEpoch(..)))) => Some(true),
+                Some(Ok(Err(e))) => {
+                    eprintln!("tick {}: handoff {} refused: {e}", self.tick, f.state.transfer_id);
+                    Some(false)
+                }
+                Some(Err(_)) | None => None,
+            };
+            match answer {
+                None => still.push(f),
+                Some(true) => {
+                    let (r, _) = self.coord.apply(Command::CompleteTransfer {
+                        transfer_id: f.state.transfer_id,
+                        from: f.state.from,
+                        delivered: true,
+                        error: String::new(),
+                        now,
+                    });
+                    assert_eq!(r, Ok(CResponse::Done));
+                }
+                Some(false) => {
+                    let (r, _) = self.coord.apply(Command::ReclaimTransfer {
+                        transfer_id: f.state.transfer_id,
+                        from: f.state.from,
+                        error: "not delivered".into(),
+                        now,
+                    });
+                    if let Ok(CResponse::Reclaimed { entity_epoch }) = r
+                        && let Some(n) = self.node(f.state.from)
+                    {
+                        n.h.send(SimIn::Reclaimed { state: Box::new(f.state), entity_epoch });
+                        self.counts.reclaimed += 1;
+                    }
+                }
+            }
+        }
+        self.in_flight = still;
+    }
+
+    /// The invariants, at this tick.
+    fn check(&mut self) {
+        let all_alive = self.nodes.iter().all(|n| n.alive);
+        let mut seen: BTreeMap<EntityId, Vec<ServerId>> = BTreeMap::new();
+        for n in self.nodes.iter_mut().filter(|n| n.alive) {
+            let world = &mut n.h.world;
+            let mut q = world.query::<(&super::components::NetId, &Avatar, &Authority)>();
+            for (net, a, _) in q.iter(world) {
+                seen.entry(net.0).or_default().push(n.id);
+                if let Some((first, last, count)) = a.applied_now {
+                    let newest = self.newest.entry(net.0).or_insert(0);
+                    assert!(
+                        first == *newest + 1 && last - first + 1 == count,
+                        "tick {}: server {} applied inputs {first}..={last} ({count}) of {} after {}",
+                        self.tick,
+                        n.id,
+                        net.0,
+                        newest
+                    );
+                    *newest = last;
+                    self.counts.inputs_applied += u64::from(count);
+                }
+            }
+        }
+        // Released at the end of this tick, adopted at the start of the
+        // next: the source simulated this tick.
+        for f in &self.in_flight {
+            if f.state.effective_tick == self.tick + 1 && !seen.contains_key(&f.state.entity) {
+                seen.entry(f.state.entity).or_default().push(f.state.from);
+                // What it applied this tick before letting go.
+                if f.state.player.is_some() {
+                    let newest = self.newest.entry(f.state.entity).or_insert(0);
+                    assert!(f.state.last_applied_input >= *newest, "tick {}: shipped {:?}", self.tick, f.state);
+                    self.counts.inputs_applied += u64::from(f.state.last_applied_input - *newest);
+                    *newest = f.state.last_applied_input;
+                }
+            }
+        }
+        for (e, servers) in &seen {
+            assert!(servers.len() == 1, "tick {}: {e} is simulated by {servers:?}", self.tick);
+            if let Some(old) = self.owner.insert(*e, servers[0])
+                && old != servers[0]
+            {
+                self.counts.handoffs += 1;
+            }
+        }
+        let players: Vec<EntityId> = self.seq.keys().filter_map(|p| EntityId::player(*p).ok()).collect();
+        let unowned = players.iter().filter(|p| !seen.contains_key(p)).count();
+        if unowned > 0 {
+            assert!(
+                !all_alive,
+                "tick {}: a player has no authoritative server with every server up; in flight: {:?}; transfers: {:?}",
+                self.tick,
+                self.in_flight.iter().map(|f| (&f.state.transfer_id, f.state.effective_tick)).collect::<Vec<_>>(),
+                self.coord.transfers()
+            );
+            self.counts.unowned_ticks += 1;
+        }
+    }
+
+    /// The server a player's avatar is simulated by.
+    pub(super) fn where_is(&mut self, player: PlayerId) -> Option<(ServerId, DVec3)> {
+        let id = EntityId::player(player).ok()?;
+        for n in self.nodes.iter().filter(|n| n.alive) {
+            if let Some(e) = n.h.world.resource::<Index>().by_net.get(&id) {
+                return Some((n.id, n.h.world.get::<super::components::Body>(*e)?.pos));
+            }
+        }
+        None
+    }
+
+    /// Where a player is, simulated or in transit between two servers.
+    pub(super) fn pos(&mut self, player: PlayerId) -> DVec3 {
+        if let Some((_, p)) = self.where_is(player) {
+            return p;
+        }
+        let id = EntityId::player(player).expect("a player id");
+        self.in_flight.iter().find(|f| f.state.entity == id).map(|f| f.state.pos).expect("somewhere")
+    }
+
+    pub(super) fn kill(&mut self, id: ServerId) {
+        let n = self.nodes.iter_mut().find(|n| n.id == id).expect("a server");
+        n.alive = false;
+    }
+
+    pub(super) fn run(&mut self, ticks: u64, stick: &dyn Fn(PlayerId, u64) -> [f32; 2]) {
+        for _ in 0..ticks {
+            self.step(stick);
+        }
+    }
+}
+
+/// Walking speed (m/s) of the simulations: 9; a stick of 1 is 0.1 m a tick.
+fn towards(x: f64, target: f64) -> f32 {
+    ((target - x) / 0.1).clamp(-1.0, 1.0) as f32
+}
+
+#[test]
+fn a_player_oscillating_on_the_line_is_not_handed_back_and_forth() {
+    let mut m = MeshSim::new(IVec3::ZERO, 2, 1, 1);
+    let p = PlayerId(1);
+    m.join(p, DVec3::new(1995.0, GROUND + 1.0, 1000.0));
+    m.run(30, &|_, _| [0.0, 0.0]);
+    // ±8 m around the face, inside the 10 m margin on both sides.
+    for k in 0..12 {
+        let target = if k % 2 == 0 { 2008.0 } else { 1992.0 };
+        for _ in 0..200 {
+            let x = m.pos(p).x;
+            m.step(&|_, _| [towards(x, target), 0.0]);
+        }
+    }
+    assert_eq!(m.counts.handoffs, 0, "never past the line: {:?}", m.counts);
+    // ±15 m: past the line each way, one handoff per crossing, no more.
+    for k in 0..6 {
+        let target = if k % 2 == 0 { 2015.0 } else { 1985.0 };
+        for _ in 0..400 {
+            let x = m.pos(p).x;
+            m.step(&|_, _| [towards(x, target), 0.0]);
+        }
+        let (owner, pos) = m.where_is(p).unwrap();
+        let expected = m.owner_of_region(if k % 2 == 0 { RegionKey::root(1, 0, 0) } else { RegionKey::root(0, 0, 0) });
+        assert_eq!(owner, expected, "swing {k}: at {pos}");
+    }
+    assert_eq!(m.counts.handoffs, 6, "{:?}", m.counts);
+    assert_eq!(m.coord.transfers_total(), 6);
+    assert!(m.counts.inputs_applied > 4000);
+}
+
+/// Runs until the coordinator has committed a transfer of `player`'s
+/// avatar; returns its source and target.
+fn until_committed(m: &mut MeshSim, target: DVec3, within: u64) -> (ServerId, ServerId) {
+    for _ in 0..within {
+        let p = m.pos(PlayerId(1));
+        m.step(&|_, _| [towards(p.x, target.x), 0.0]);
+        if let Some(t) =
+            m.coord.transfers().iter().find(|t| t.outcome == mesh_coordinator::state::TransferOutcome::Committed)
+        {
+            return (t.from, t.to);
+        }
+    }
+    panic!("no transfer committed");
+}
+
+#[test]
+fn a_player_where_eight_regions_meet_is_synced_to_all_seven_neighbours_and_circles_the_corner() {
+    // Eight roots meet at (2000, 0, 2000); the ground is 64 m above, within
+    // every one's 100 m overlap zone.
+    let mut m = MeshSim::new(IVec3::new(0, -1, 0), 2, 2, 2);
+    let p = PlayerId(1);
+    m.join(p, DVec3::new(1995.0, GROUND + 1.0, 1995.0));
+    m.run(30, &|_, _| [0.0, 0.0]);
+    let id = EntityId::player(p).unwrap();
+    assert_eq!(m.fanout[&id].len(), 7, "synced to every other owner: {:?}", m.fanout);
+    // Around the corner, 20 m out, four times: through the four upper roots.
+    let corners = [(2020.0, 1980.0), (2020.0, 2020.0), (1980.0, 2020.0), (1980.0, 1980.0)];
+    let mut owners = std::collections::BTreeSet::new();
+    for _ in 0..2 {
+        for (x, z) in corners {
+            for _ in 0..450 {
+                let at = m.pos(p);
+                // The stick's y walks forward (-z at yaw 0).
+                m.step(&|_, _| [towards(at.x, x), -towards(at.z, z)]);
+            }
+            let at = m.pos(p);
+            assert!((at.x - x).abs() < 1.0 && (at.z - z).abs() < 1.0, "reached ({x}, {z}): {at}");
+            owners.insert(m.where_is(p).unwrap().0);
+        }
+    }
+    assert_eq!(owners.len(), 4, "owned by each upper root's server in turn: {:?}", m.counts);
+    assert_eq!(m.counts.handoffs, 8, "one handoff a side, no ping-pong: {:?}", m.counts);
+}
+
+#[test]
+fn a_region_that_splits_and_moves_with_a_player_inside_keeps_it_in_play() {
+    use mesh_coordinator::state::Command;
+    let mut m = MeshSim::new(IVec3::ZERO, 2, 1, 1);
+    let p = PlayerId(1);
+    m.join(p, DVec3::new(995.0, GROUND + 1.0, 900.0));
+    m.run(30, &|_, _| [0.0, 0.0]);
+    let first = m.where_is(p).unwrap().0;
+    let now = m.coord.clock.tick_start(m.tick);
+    let (r, _) = m.coord.apply(Command::SplitRegion { region: RegionKey::root(0, 0, 0), now });
+    assert!(r.is_ok(), "{r:?}");
+    // Walking across the children's faces (x = 1000): the children are all
+    // the same server's, so no handoff.
+    for _ in 0..400 {
+        let x = m.pos(p).x;
+        m.step(&|_, _| [towards(x, 1030.0), 0.0]);
+    }
+    assert_eq!((m.where_is(p).unwrap().0, m.counts.handoffs), (first, 0));
+    assert!(m.pos(p).x > 1020.0, "walked over: {}", m.pos(p));
+    // The child it stands in moves to the other server: it is handed over.
+    let child = RegionKey::new(1, 1, 0, 0);
+    let other = m.owner_of_region(RegionKey::root(1, 0, 0));
+    let now = m.coord.clock.tick_start(m.tick);
+    let (r, _) = m.coord.apply(Command::MoveRegion { region: child, to: other, now });
+    assert!(r.is_ok(), "{r:?}");
+    m.run(400, &|_, _| [0.0, 0.0]);
+    assert_eq!((m.where_is(p).unwrap().0, m.counts.handoffs), (other, 1), "{:?}", m.counts);
+}
+
+#[test]
+fn a_target_that_dies_mid_transfer_leaves_the_player_with_its_source() {
+    let mut m = MeshSim::new(IVec3::ZERO, 2, 1, 1);
+    let p = PlayerId(1);
+    m.join(p, DVec3::new(1990.0, GROUND + 1.0, 1000.0));
+    m.run(30, &|_, _| [0.0, 0.0]);
+    let (from, to) = until_committed(&mut m, DVec3::new(2030.0, 0.0, 1000.0), 600);
+    m.kill(to);
+    m.run(400, &|_, _| [0.0, 0.0]);
+    assert_eq!(m.where_is(p).map(|w| w.0), Some(from));
+    assert_eq!(m.counts.reclaimed, 1, "{:?}", m.counts);
+    assert_eq!(m.coord.transfers()[0].outcome, mesh_coordinator::state::TransferOutcome::Returned);
+    // It plays on: inputs keep being applied, in order (checked every tick).
+    let before = m.counts.inputs_applied;
+    m.run(90, &|_, _| [1.0, 0.0]);
+    assert_eq!(m.counts.inputs_applied - before, 90);
+}
+
+#[test]
+fn a_source_that_dies_mid_transfer_leaves_the_player_with_its_target() {
+    let mut m = MeshSim::new(IVec3::ZERO, 2, 1, 1);
+    let p = PlayerId(1);
+    m.join(p, DVec3::new(1990.0, GROUND + 1.0, 1000.0));
+    m.run(30, &|_, _| [0.0, 0.0]);
+    let (from, to) = until_committed(&mut m, DVec3::new(2030.0, 0.0, 1000.0), 600);
+    m.kill(from);
+    m.run(400, &|_, _| [0.0, 0.0]);
+    assert_eq!(m.where_is(p).map(|w| w.0), Some(to));
+    assert_eq!(m.counts.orphans_adopted, 1, "{:?}", m.counts);
+    assert_eq!(m.coord.transfers()[0].outcome, mesh_coordinator::state::TransferOutcome::Adopted);
+    // Every input the client sent while nobody simulated it is applied,
+    // once, in order: the per-tick check saw no gap.
+    assert!(m.counts.unowned_ticks > 90, "{:?}", m.counts);
+    let before = m.counts.inputs_applied;
+    m.run(90, &|_, _| [1.0, 0.0]);
+    assert_eq!(m.counts.inputs_applied - before, 90);
+}
+
+#[test]
+fn a_transfer_whose_answer_is_lost_with_the_leader_is_not_committed_twice() {
+    let mut m = MeshSim::new(IVec3::ZERO, 2, 1, 1);
+    let p = PlayerId(1);
+    m.join(p, DVec3::new(1990.0, GROUND + 1.0, 1000.0));
+    m.run(30, &|_, _| [0.0, 0.0]);
+    m.lose_answers = 1;
+    let (from, to) = until_committed(&mut m, DVec3::new(2030.0, 0.0, 1000.0), 600);
+    // The source never heard: it goes on simulating, and asks again after
+    // its request times out (3 s); the coordinator answers with the same
+    // transfer, and the handoff happens.
+    m.run(400, &|_, _| [0.0, 0.0]);
+    assert_eq!(m.where_is(p).map(|w| w.0), Some(to), "{:?}", m.coord.transfers());
+    assert_eq!(m.coord.transfers().len(), 1, "one transfer: {:?}", m.coord.transfers());
+    assert_eq!((m.counts.handoffs, m.counts.unowned_ticks), (1, 0));
+    let _ = from;
+}
