@@ -153,6 +153,7 @@ impl Scenario {
                 server: ServerId(1),
                 clock: TickClock::new(0),
                 handoff_margin_m: 10.0,
+                handoff_predict_ticks: 12,
                 overlap_m: 100.0,
                 walk_speed: 1.4,
                 character: shared::controller::CharacterParams::default(),

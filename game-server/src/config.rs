@@ -74,6 +74,13 @@ pub struct Config {
     /// Metres an entity must be past a region's face before its authority moves.
     #[arg(long, env = "PS_HANDOFF_MARGIN_M", default_value_t = 10.0)]
     pub handoff_margin_m: f64,
+    /// Ticks ahead a moving entity's path is projected: a transfer is asked
+    /// for when it will pass the handoff line within them, to take effect
+    /// at the tick it does (so a handoff costs about one tick); 0 asks only
+    /// once it has passed. Keep it above the coordinator's
+    /// --handoff-lead-ticks.
+    #[arg(long, env = "PS_HANDOFF_PREDICT_TICKS", default_value_t = 12)]
+    pub handoff_predict_ticks: u64,
     /// Width of the overlap zone, metres.
     #[arg(long, env = "PS_OVERLAP_M", default_value_t = shared::region::DEFAULT_OVERLAP_M)]
     pub overlap_m: f64,

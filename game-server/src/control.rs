@@ -345,6 +345,24 @@ impl TransferExecutor {
                     SimOut::RequestTransfer { .. } => this.request(out).await,
                     SimOut::Handoff(state) => this.hand_off(*state).await,
                     SimOut::Hint { player, name, hint, tx } => this.hint(player, name, hint, tx).await,
+                    SimOut::CancelTransfer { entity, transfer_id } => {
+                        let req = mpb::CompleteTransferRequest {
+                            transfer_id,
+                            from_server: this.me.0,
+                            error: "the entity did not pass the line".into(),
+                            reclaim: true,
+                            ..Default::default()
+                        };
+                        let entity_epoch = match this.complete(req).await {
+                            Ok(r) if r.reclaimed => Some(Epoch(r.entity_epoch)),
+                            Ok(_) => None,
+                            Err(s) => {
+                                warn!(transfer = transfer_id, error = %s.message(), "could not give up a transfer");
+                                None
+                            }
+                        };
+                        let _ = this.sim.send(SimIn::TransferCancelled { entity, entity_epoch }).await;
+                    }
                     SimOut::OrphanResolved { transfer_id, adopted } => {
                         let req = mpb::CompleteTransferRequest {
                             transfer_id,

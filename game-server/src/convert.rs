@@ -185,6 +185,7 @@ pub fn handoff_to_pb(h: &HandoffState) -> ppb::HandoffRequest {
         player_id: h.player.map_or(0, |p| p.0),
         last_applied_input_seq: h.last_applied_input,
         pending_inputs: h.pending_inputs.iter().map(input_to_pb).collect(),
+        crossed_tick: h.crossed_tick.unwrap_or(0),
         prop: h.prop.map(|p| ppb::PropState {
             rx: p.rot.x,
             ry: p.rot.y,
@@ -260,6 +261,7 @@ pub fn handoff_from_pb(r: &ppb::HandoffRequest) -> Result<HandoffState, BadMessa
         player: is_player.then_some(PlayerId(r.player_id)),
         last_applied_input: r.last_applied_input_seq,
         pending_inputs: r.pending_inputs.iter().map(input_from_pb).collect::<Result<_, _>>()?,
+        crossed_tick: (r.crossed_tick > 0).then_some(r.crossed_tick),
         prop: match (is_player, &r.prop) {
             (false, Some(p)) => Some(prop_from_pb(p)?),
             (false, None) => return Err(BadMessage::Missing("prop")),
@@ -404,6 +406,7 @@ mod tests {
             last_applied_input: 77,
             pending_inputs: vec![InputFrame { seq: 78, locomotion: [1.0, 0.0], ..Default::default() }],
             prop: None,
+            crossed_tick: Some(990),
         }
     }
 

@@ -163,6 +163,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
                 server: reg.server,
                 clock: reg.clock,
                 handoff_margin_m: config.handoff_margin_m,
+                handoff_predict_ticks: config.handoff_predict_ticks.min(90),
                 overlap_m: config.overlap_m,
                 walk_speed: config.walk_speed,
                 character: shared::controller::CharacterParams::default(),

@@ -81,13 +81,26 @@ pub enum Transfer {
     /// Asked the coordinator at this tick.
     Requested {
         at: Tick,
+        /// The region asked for: asked again, unchanged, if no answer
+        /// comes (the coordinator may have committed it and lost the
+        /// answer; the same request gets the same transfer).
+        to_region: RegionKey,
+        not_before: Tick,
     },
     Committed(CommittedTransfer),
+    /// Asked early, and the entity did not pass the line after all: the
+    /// coordinator is asked to give it back (under a new epoch).
+    Cancelling(CommittedTransfer),
     /// Refused; do not ask again before this tick.
     Backoff {
         until: Tick,
     },
 }
+
+/// The tick an entity was first seen past the handoff line (for the
+/// handoff's latency: from here to the tick the new owner simulates it).
+#[derive(Component, Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Crossed(pub Tick);
 
 /// Static facts and knobs of this server's simulation.
 #[derive(Resource, Debug, Clone)]
@@ -95,6 +108,9 @@ pub struct SimConfig {
     pub server: ServerId,
     pub clock: TickClock,
     pub handoff_margin_m: f64,
+    /// Ticks ahead a moving entity's path is projected for an early
+    /// transfer request (0: none).
+    pub handoff_predict_ticks: u64,
     pub overlap_m: f64,
     pub walk_speed: f32,
     /// The player body's dimensions and motion limits.

@@ -227,6 +227,7 @@ fn an_entity_handed_to_this_server_stops_being_a_ghost_and_its_late_removal_is_e
         last_applied_input: 0,
         pending_inputs: Vec::new(),
         prop: None,
+        crossed_tick: None,
     };
     h.send(SimIn::Adopt { state: Box::new(state), reply });
     h.step();
@@ -282,13 +283,24 @@ fn a_thrown_prop_crosses_to_the_neighbour_with_its_rigid_body() {
             break;
         }
     }
-    let Some(SimOut::RequestTransfer { entity, to_region, from_region_epoch, entity_epoch, position, .. }) = asked
+    let Some(SimOut::RequestTransfer {
+        entity,
+        to_region,
+        from_region_epoch,
+        entity_epoch,
+        position,
+        not_before_tick,
+        ..
+    }) = asked
     else {
         panic!("no transfer asked for: {asked:?}");
     };
     assert_eq!((entity, to_region, from_region_epoch), (id, RegionKey::root(1, 0, 0), Epoch(1)));
-    assert!(position.x > 2010.0, "past the line: {position}");
-    let effective = a.tick + 3;
+    // Asked early: its path passes the line (x = 2010) within 12 ticks, for
+    // the tick it does.
+    assert!(position.x < 2010.0, "before the line: {position}");
+    assert!(not_before_tick > a.tick + 1 && not_before_tick <= a.tick + 13, "{not_before_tick} at {}", a.tick);
+    let effective = not_before_tick;
     a.send(SimIn::TransferCommitted {
         entity,
         transfer: CommittedTransfer {
@@ -301,7 +313,7 @@ fn a_thrown_prop_crosses_to_the_neighbour_with_its_rigid_body() {
         },
     });
     let mut shipped = None;
-    for _ in 0..5 {
+    for _ in 0..20 {
         a.step();
         b.step();
         if let Ok(SimOut::Handoff(s)) = a.next_out() {
@@ -311,6 +323,9 @@ fn a_thrown_prop_crosses_to_the_neighbour_with_its_rigid_body() {
     }
     let state = shipped.expect("the prop was shipped");
     assert_eq!(state.effective_tick, effective);
+    // Released the tick it passed the line: the handoff costs one tick.
+    assert_eq!(state.crossed_tick, Some(a.tick), "{state:?}");
+    assert!(state.pos.x > 2010.0, "past the line: {}", state.pos);
     let body = state.prop.expect("with its rigid body");
     assert_eq!(body.shape, shape);
     assert!(state.vel.x > 10.0, "still flying: {}", state.vel);
@@ -327,6 +342,8 @@ fn a_thrown_prop_crosses_to_the_neighbour_with_its_rigid_body() {
     a.step();
     assert_eq!(verdict.blocking_recv().unwrap(), Ok(()));
     assert_eq!(b.tick, effective);
+    let latency = b.world.resource::<super::components::SimMetrics>().0.handoff_latency_ticks.get_sample_sum();
+    assert_eq!(latency, 1.0, "one tick from the line to the new owner");
     let e = *b.world.resource::<super::components::Index>().by_net.get(&id).expect("b simulates it");
     let rb = b.world.get::<Prop>(e).expect("as a rigid body").body;
     {
@@ -392,11 +409,15 @@ fn a_handoff_the_target_never_got_comes_back_to_the_source() {
     let mut rx = a.join(1, JoinRole::Play, DVec3::new(1999.0, GROUND + 1.0, 1000.0));
     a.step();
     let (mut seq, asked) = walk_over(&mut a, None);
-    let SimOut::RequestTransfer { entity, .. } = asked else { panic!("{asked:?}") };
-    let effective = a.tick + 3;
+    let SimOut::RequestTransfer { entity, not_before_tick, .. } = asked else { panic!("{asked:?}") };
+    // As the coordinator would: at the predicted crossing, or later.
+    let effective = not_before_tick.max(a.tick + 3);
     commit(&mut a, entity, effective);
     let mut shipped = None;
-    for _ in 0..4 {
+    for _ in 0..20 {
+        if shipped.is_some() {
+            break;
+        }
         a.send(SimIn::Input { conn: 1, frame: input(seq, 1.0) });
         seq += 1;
         a.step();

@@ -48,6 +48,8 @@ pub(super) struct Counts {
     /// Times an avatar's authoritative server changed.
     pub(super) handoffs: u64,
     pub(super) reclaimed: u64,
+    /// Early transfers given up (the entity did not pass the line).
+    pub(super) cancelled: u64,
     pub(super) orphans_adopted: u64,
     /// Ticks where some player had no authoritative server (only while a
     /// server is dead).
@@ -283,6 +285,22 @@ impl MeshSim {
                     });
                     self.in_flight.push(InFlight { state: *state, verdict });
                 }
+                SimOut::CancelTransfer { entity, transfer_id } => {
+                    let (r, _) = self.coord.apply(Command::ReclaimTransfer {
+                        transfer_id,
+                        from,
+                        error: "did not pass the line".into(),
+                        now,
+                    });
+                    let entity_epoch = match r {
+                        Ok(CResponse::Reclaimed { entity_epoch }) => Some(entity_epoch),
+                        _ => None,
+                    };
+                    self.counts.cancelled += u64::from(entity_epoch.is_some());
+                    if let Some(n) = self.node(from) {
+                        n.h.send(SimIn::TransferCancelled { entity, entity_epoch });
+                    }
+                }
                 SimOut::OrphanResolved { transfer_id, adopted } => {
                     let r = self.coord.apply(Command::ResolveOrphan { transfer_id, server: from, adopted, now }).0;
                     assert_eq!(r, Ok(CResponse::Done));
@@ -417,6 +435,15 @@ impl MeshSim {
         self.in_flight.iter().find(|f| f.state.entity == id).map(|f| f.state.pos).expect("somewhere")
     }
 
+    /// Handoffs whose latency the targets measured, and the sum of those
+    /// latencies in ticks (from the tick an entity passed the line).
+    pub(super) fn latencies(&self) -> (u64, f64) {
+        self.nodes.iter().fold((0, 0.0), |(n, sum), node| {
+            let h = &node.h.world.resource::<super::components::SimMetrics>().0.handoff_latency_ticks;
+            (n + h.get_sample_count(), sum + h.get_sample_sum())
+        })
+    }
+
     pub(super) fn kill(&mut self, id: ServerId) {
         let n = self.nodes.iter_mut().find(|n| n.id == id).expect("a server");
         n.alive = false;
@@ -462,6 +489,8 @@ fn a_player_oscillating_on_the_line_is_not_handed_back_and_forth() {
     }
     assert_eq!(m.counts.handoffs, 6, "{:?}", m.counts);
     assert_eq!(m.coord.transfers_total(), 6);
+    // Each asked for early, taking effect the tick after it passed the line.
+    assert_eq!(m.latencies(), (6, 6.0), "one tick each");
     assert!(m.counts.inputs_applied > 4000);
 }
 
@@ -546,13 +575,14 @@ fn a_target_that_dies_mid_transfer_leaves_the_player_with_its_source() {
     m.run(30, &|_, _| [0.0, 0.0]);
     let (from, to) = until_committed(&mut m, DVec3::new(2030.0, 0.0, 1000.0), 600);
     m.kill(to);
-    m.run(400, &|_, _| [0.0, 0.0]);
+    // It walks on over the line; the handoff finds the target dead.
+    m.run(400, &|_, _| [1.0, 0.0]);
     assert_eq!(m.where_is(p).map(|w| w.0), Some(from));
     assert_eq!(m.counts.reclaimed, 1, "{:?}", m.counts);
     assert_eq!(m.coord.transfers()[0].outcome, mesh_coordinator::state::TransferOutcome::Returned);
     // It plays on: inputs keep being applied, in order (checked every tick).
     let before = m.counts.inputs_applied;
-    m.run(90, &|_, _| [1.0, 0.0]);
+    m.run(90, &|_, _| [-1.0, 0.0]);
     assert_eq!(m.counts.inputs_applied - before, 90);
 }
 
@@ -564,7 +594,7 @@ fn a_source_that_dies_mid_transfer_leaves_the_player_with_its_target() {
     m.run(30, &|_, _| [0.0, 0.0]);
     let (from, to) = until_committed(&mut m, DVec3::new(2030.0, 0.0, 1000.0), 600);
     m.kill(from);
-    m.run(400, &|_, _| [0.0, 0.0]);
+    m.run(400, &|_, _| [1.0, 0.0]);
     assert_eq!(m.where_is(p).map(|w| w.0), Some(to));
     assert_eq!(m.counts.orphans_adopted, 1, "{:?}", m.counts);
     assert_eq!(m.coord.transfers()[0].outcome, mesh_coordinator::state::TransferOutcome::Adopted);
@@ -584,12 +614,39 @@ fn a_transfer_whose_answer_is_lost_with_the_leader_is_not_committed_twice() {
     m.run(30, &|_, _| [0.0, 0.0]);
     m.lose_answers = 1;
     let (from, to) = until_committed(&mut m, DVec3::new(2030.0, 0.0, 1000.0), 600);
-    // The source never heard: it goes on simulating, and asks again after
-    // its request times out (3 s); the coordinator answers with the same
-    // transfer, and the handoff happens.
-    m.run(400, &|_, _| [0.0, 0.0]);
+    // The source never heard: it goes on simulating (over the line), and
+    // asks again after its request times out (3 s); the coordinator answers
+    // with the same transfer, and the handoff happens.
+    for _ in 0..400 {
+        let x = m.pos(p).x;
+        m.step(&|_, _| [towards(x, 2040.0), 0.0]);
+    }
     assert_eq!(m.where_is(p).map(|w| w.0), Some(to), "{:?}", m.coord.transfers());
     assert_eq!(m.coord.transfers().len(), 1, "one transfer: {:?}", m.coord.transfers());
     assert_eq!((m.counts.handoffs, m.counts.unowned_ticks), (1, 0));
     let _ = from;
+}
+
+#[test]
+fn an_early_transfer_for_a_player_who_stops_short_of_the_line_is_given_up() {
+    let mut m = MeshSim::new(IVec3::ZERO, 2, 1, 1);
+    let p = PlayerId(1);
+    m.join(p, DVec3::new(1990.0, GROUND + 1.0, 1000.0));
+    m.run(30, &|_, _| [0.0, 0.0]);
+    // Full speed at the line, then a stop 0.5 m before it.
+    for _ in 0..400 {
+        let x = m.pos(p).x;
+        m.step(&|_, _| [if x < 2009.2 { 1.0 } else { 0.0 }, 0.0]);
+    }
+    let at = m.pos(p).x;
+    assert!(at < 2010.0, "stopped short: {at}");
+    assert_eq!(m.coord.transfers_total(), 1, "asked early: {:?}", m.coord.transfers());
+    assert_eq!((m.counts.cancelled, m.counts.handoffs), (1, 0), "{:?}", m.counts);
+    assert_eq!(m.coord.transfers()[0].outcome, mesh_coordinator::state::TransferOutcome::Returned);
+    let first = m.owner_of_region(RegionKey::root(0, 0, 0));
+    assert_eq!(m.where_is(p).map(|w| w.0), Some(first));
+    // Under the epoch the coordinator gave back, it crosses later as usual.
+    m.run(200, &|_, _| [1.0, 0.0]);
+    assert_eq!(m.counts.handoffs, 1, "{:?}", m.counts);
+    assert_eq!(m.where_is(p).map(|w| w.0), Some(m.owner_of_region(RegionKey::root(1, 0, 0))));
 }

@@ -172,6 +172,9 @@ pub struct HandoffState {
     pub pending_inputs: Vec<InputFrame>,
     /// For a prop: the rest of its rigid body.
     pub prop: Option<PropHandoff>,
+    /// The tick the source first saw it past the handoff line (`None` for a
+    /// handoff out of a region given away).
+    pub crossed_tick: Option<Tick>,
 }
 
 /// What a prop's rigid body needs besides position and velocity to go on
@@ -253,6 +256,12 @@ pub enum SimIn {
         state: Box<HandoffState>,
         entity_epoch: Epoch,
     },
+    /// The answer to [`SimOut::CancelTransfer`]: the entity's new epoch, or
+    /// `None` if the coordinator could not give it back (asked again later).
+    TransferCancelled {
+        entity: EntityId,
+        entity_epoch: Option<Epoch>,
+    },
     /// A neighbour hands an entity over; the reply says whether it was taken.
     Adopt {
         state: Box<HandoffState>,
@@ -290,6 +299,12 @@ pub enum SimOut {
         to: ServerId,
         tick: Tick,
         ghosts: Vec<super::ghosts::GhostState>,
+    },
+    /// A transfer asked early whose entity did not pass the line: take it
+    /// back (the target never got anything).
+    CancelTransfer {
+        entity: EntityId,
+        transfer_id: u64,
     },
     /// An orphaned transfer was resumed from the ghost (`adopted`) or not.
     OrphanResolved {

@@ -129,6 +129,28 @@ pub fn ingest(world: &mut World) {
                 }
             }
             SimIn::Ghosts(batch) => super::ghosts::receive(world, batch),
+            SimIn::TransferCancelled { entity, entity_epoch } => {
+                let Some(e) = world.resource::<Index>().by_net.get(&entity).copied() else { continue };
+                let Some(Transfer::Cancelling(t)) = world.get::<Transfer>(e).cloned() else { continue };
+                let tick = world.resource::<TickState>().tick;
+                match entity_epoch {
+                    Some(epoch) => {
+                        if let Some(mut a) = world.get_mut::<Authority>(e) {
+                            a.entity_epoch = epoch;
+                        }
+                        world.entity_mut(e).insert(Transfer::Backoff { until: tick + CANCEL_AFTER_TICKS });
+                        world.resource::<SimMetrics>().0.transfers.with_label_values(&["cancelled"]).inc();
+                    }
+                    // Asked again after a while (or released, if it passes
+                    // the line meanwhile).
+                    None => {
+                        world.entity_mut(e).insert(Transfer::Committed(super::messages::CommittedTransfer {
+                            effective_tick: tick,
+                            ..t
+                        }));
+                    }
+                }
+            }
             SimIn::Reclaimed { state, entity_epoch } => reclaimed(world, *state, entity_epoch),
             SimIn::Orphans(orphans) => {
                 for o in orphans {
@@ -277,7 +299,9 @@ fn left(world: &mut World, conn: u64) {
     {
         a.conn = other;
     }
-    if !still_connected && world.get::<Transfer>(e).is_none_or(|t| !matches!(t, Transfer::Committed(_))) {
+    if !still_connected
+        && world.get::<Transfer>(e).is_none_or(|t| !matches!(t, Transfer::Committed(_) | Transfer::Cancelling(_)))
+    {
         save_progress(world, e);
         let entity = world.get::<NetId>(e).map(|n| n.0);
         despawn(world, e);
@@ -406,7 +430,7 @@ fn revalidate_authority(world: &mut World) {
     let metrics = world.resource::<SimMetrics>().clone();
     for e in lost {
         let id = world.get::<NetId>(e).map(|n| n.0);
-        let in_transfer = matches!(world.get::<Transfer>(e), Some(Transfer::Committed(_)));
+        let in_transfer = matches!(world.get::<Transfer>(e), Some(Transfer::Committed(_) | Transfer::Cancelling(_)));
         if in_transfer {
             continue;
         }
@@ -509,6 +533,7 @@ fn resume_orphan(world: &mut World, o: super::messages::Orphan) {
                 angvel: Vec3::ZERO,
                 sleeping: false,
             }),
+            crossed_tick: None,
         }
     });
     let adopted = match state.map(|s| (check_adoption(world, &s), s)) {
@@ -564,6 +589,9 @@ fn adopt_due(world: &mut World) {
         super::ghosts::adopted(world, s.entity);
         let late = tick - s.effective_tick;
         metrics.0.handoff_late_ticks.observe(late as f64);
+        if let Some(c) = s.crossed_tick {
+            metrics.0.handoff_latency_ticks.observe(tick.saturating_sub(c) as f64);
+        }
         metrics.0.transfers.with_label_values(&["in"]).inc();
         let mut pending: VecDeque<_> =
             s.pending_inputs.iter().copied().filter(|f| f.seq > s.last_applied_input).collect();
@@ -798,6 +826,8 @@ pub fn authority(world: &mut World) {
     let mut requests = Vec::new();
     let mut hints = Vec::new();
     let mut local_moves = Vec::new();
+    let mut cancels = Vec::new();
+    let mut crossed = Vec::new();
     // A prop in a hand goes where its holder goes, not on its own.
     let held: rustc_hash::FxHashSet<Entity> = world
         .query::<&super::physics::Hands>()
@@ -805,9 +835,17 @@ pub fn authority(world: &mut World) {
         .flat_map(|h| h.hands.iter().filter_map(|h| h.held.map(|held| held.prop)))
         .collect();
     {
-        let mut q =
-            world.query::<(Entity, &NetId, &Body, &Authority, Option<&Avatar>, Option<&Transfer>, Option<&Evicting>)>();
-        for (e, net, body, auth, avatar, transfer, evicting) in q.iter(world) {
+        let mut q = world.query::<(
+            Entity,
+            &NetId,
+            &Body,
+            &Authority,
+            Option<&Avatar>,
+            Option<&Transfer>,
+            Option<&Evicting>,
+            Has<Crossed>,
+        )>();
+        for (e, net, body, auth, avatar, transfer, evicting, has_crossed) in q.iter(world) {
             // Props at rest are looked at ten times a second, a ninth of
             // them each tick; moving ones every tick.
             if avatar.is_none()
@@ -817,19 +855,35 @@ pub fn authority(world: &mut World) {
             {
                 continue;
             }
+            let given_away = !matches!(map.live_owner(&auth.region), Some((o, _)) if o == cfg.server);
             match transfer {
-                Some(Transfer::Committed(t)) if tick + 1 >= t.effective_tick => {
-                    releases.push((e, t.clone()));
+                Some(Transfer::Committed(t)) => {
+                    // Asked for early: it goes once it has passed the line
+                    // (the tick the transfer takes effect, or later); if it
+                    // turned back, the transfer is given up.
+                    let past =
+                        given_away || handoff_target(&map.tree, &auth.region, body.pos, cfg.handoff_margin_m).is_some();
+                    if past && !has_crossed && !given_away {
+                        crossed.push(e);
+                    }
+                    if tick + 1 >= t.effective_tick && past {
+                        releases.push((e, t.clone()));
+                    } else if tick + 1 >= t.effective_tick + CANCEL_AFTER_TICKS {
+                        cancels.push((e, t.clone()));
+                    }
                     continue;
                 }
-                Some(Transfer::Committed(_)) => continue,
-                Some(Transfer::Requested { at }) if tick < at + TRANSFER_REQUEST_TIMEOUT_TICKS => continue,
+                Some(Transfer::Cancelling(_)) => continue,
+                Some(Transfer::Requested { at, .. }) if tick < at + TRANSFER_REQUEST_TIMEOUT_TICKS => continue,
+                Some(Transfer::Requested { to_region, not_before, .. }) => {
+                    requests.push((e, net.0, *auth, *to_region, body.pos, *not_before));
+                    continue;
+                }
                 Some(Transfer::Backoff { until }) if tick < *until => continue,
                 _ => {}
             }
-            // A region given away: hand the entity to whoever holds the
-            // place it is in now, margin or not.
-            let given_away = !matches!(map.live_owner(&auth.region), Some((o, _)) if o == cfg.server);
+            // A region given away (`given_away`): hand the entity to
+            // whoever holds the place it is in now, margin or not.
             // Deep inside its region (farther from every face than the
             // overlap zone and the handoff margin), nothing can change at a
             // boundary this tick.
@@ -860,16 +914,26 @@ pub fn authority(world: &mut World) {
                 continue;
             }
             let target = if given_away {
-                map.tree.leaf_at(body.pos)
+                map.tree.leaf_at(body.pos).map(|t| (t, tick + 1))
             } else {
                 handoff_target(&map.tree, &auth.region, body.pos, cfg.handoff_margin_m)
+                    .map(|t| (t, tick + 1))
+                    .or_else(|| predicted_crossing(&map, &cfg, auth, body, tick))
             };
-            let Some(target) = target else {
+            let Some((target, not_before)) = target else {
+                if has_crossed {
+                    crossed.push(e);
+                }
                 continue;
             };
             match map.live_owner(&target) {
                 Some((owner, epoch)) if owner == cfg.server => local_moves.push((e, target, epoch)),
-                Some(_) => requests.push((e, net.0, *auth, target, body.pos)),
+                Some(_) => {
+                    if not_before == tick + 1 && !given_away && !has_crossed {
+                        crossed.push(e);
+                    }
+                    requests.push((e, net.0, *auth, target, body.pos, not_before));
+                }
                 None => {}
             }
         }
@@ -905,8 +969,27 @@ pub fn authority(world: &mut World) {
             send(world.resource::<Conns>(), c, Outbound::Control(hint), &metrics);
         }
     }
-    for (e, entity, auth, target, pos) in requests {
-        debug!(%entity, from = %auth.region, to = %target, "transfer requested");
+    // Crossings seen (or, for an entity back behind the line, forgotten).
+    for e in crossed {
+        let mut ent = world.entity_mut(e);
+        if ent.contains::<Crossed>() {
+            ent.remove::<Crossed>();
+        } else {
+            ent.insert(Crossed(tick));
+        }
+    }
+    for (e, t) in cancels {
+        let entity = world.get::<NetId>(e).map(|n| n.0);
+        if let Some(entity) = entity
+            && out.0.try_send(SimOut::CancelTransfer { entity, transfer_id: t.id }).is_ok()
+        {
+            debug!(%entity, transfer = t.id, "early transfer given up: the entity did not pass the line");
+            world.entity_mut(e).insert(Transfer::Cancelling(t));
+            metrics.0.transfers.with_label_values(&["cancel_requested"]).inc();
+        }
+    }
+    for (e, entity, auth, target, pos, not_before) in requests {
+        debug!(%entity, from = %auth.region, to = %target, not_before, "transfer requested");
         let req = SimOut::RequestTransfer {
             entity,
             from_region: auth.region,
@@ -914,10 +997,10 @@ pub fn authority(world: &mut World) {
             entity_epoch: auth.entity_epoch,
             to_region: target,
             position: pos,
-            not_before_tick: tick + 1,
+            not_before_tick: not_before,
         };
         if out.0.try_send(req).is_ok() {
-            world.entity_mut(e).insert(Transfer::Requested { at: tick });
+            world.entity_mut(e).insert(Transfer::Requested { at: tick, to_region: target, not_before });
             metrics.0.transfers.with_label_values(&["requested"]).inc();
         } else {
             metrics.0.transfers.with_label_values(&["request_dropped"]).inc();
@@ -927,6 +1010,32 @@ pub fn authority(world: &mut World) {
         release(world, e, t, tick, &out, &metrics);
     }
     *world.resource_mut::<OpenFaces>() = faces;
+}
+
+/// Ticks past its effective tick an early transfer waits for its entity to
+/// pass the line before it is given up.
+const CANCEL_AFTER_TICKS: u64 = 9;
+
+/// Where a moving entity's path passes the handoff line within the next
+/// `handoff_predict_ticks` ticks: the region it enters and the first tick
+/// the new owner would simulate it.
+fn predicted_crossing(
+    map: &super::messages::MapView,
+    cfg: &SimConfig,
+    auth: &Authority,
+    body: &Body,
+    tick: u64,
+) -> Option<(shared::RegionKey, u64)> {
+    if cfg.handoff_predict_ticks == 0 || body.vel.length_squared() < 1.0 {
+        return None;
+    }
+    let dt = 1.0 / f64::from(cfg.clock.hz.max(1));
+    (1..=cfg.handoff_predict_ticks).find_map(|k| {
+        let p = body.pos + body.vel.as_dvec3() * (k as f64 * dt);
+        // Past the line at the end of tick + k: the new owner takes over at
+        // the next.
+        handoff_target(&map.tree, &auth.region, p, cfg.handoff_margin_m).map(|t| (t, tick + k + 1))
+    })
 }
 
 /// Ships the entity to its new owner and stops simulating it here: this
@@ -972,6 +1081,7 @@ fn release(
         last_applied_input: avatar.as_ref().map_or(0, |a| a.last_applied),
         pending_inputs: avatar.as_ref().map(|a| a.pending.iter().copied().collect()).unwrap_or_default(),
         prop,
+        crossed_tick: world.get::<Crossed>(e).map(|c| c.0),
     };
     if out.0.try_send(SimOut::Handoff(Box::new(state))).is_err() {
         // Authority already moved in the coordinator's log; without the state

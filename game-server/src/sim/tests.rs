@@ -88,6 +88,7 @@ impl Harness {
                 server: ServerId(server),
                 clock: TickClock::new(0),
                 handoff_margin_m: 10.0,
+                handoff_predict_ticks: 12,
                 overlap_m: 100.0,
                 walk_speed: 9.0,
                 character: shared::controller::CharacterParams::default(),
@@ -408,6 +409,7 @@ fn the_target_adopts_at_the_effective_tick_and_merges_buffered_inputs() {
         last_applied_input: 11,
         pending_inputs: vec![input(12, 1.0)],
         prop: None,
+        crossed_tick: None,
     };
     let (reply, verdict) = oneshot::channel();
     h.send(SimIn::Adopt { state: Box::new(state.clone()), reply });
@@ -451,6 +453,7 @@ fn a_handoff_for_another_server_is_refused() {
         last_applied_input: 0,
         pending_inputs: vec![],
         prop: None,
+        crossed_tick: None,
     };
     h.send(SimIn::Adopt { state: Box::new(state), reply });
     h.step();
