@@ -6,6 +6,7 @@
 //! world and play the same inputs.
 
 pub mod failover;
+pub mod handoff;
 pub mod netcode;
 pub mod persist;
 

@@ -60,6 +60,19 @@ enum Cmd {
         #[arg(long, default_value_t = 512)]
         bandwidth_kbps: u32,
     },
+    /// Three coordinators and four game servers on a 2 × 2 grid, bots
+    /// oscillating across, commuting over and throwing props over the
+    /// region faces: handoff count, latency and the authority invariants.
+    Handoff {
+        #[arg(long, default_value_t = 200)]
+        bots: u32,
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        #[arg(long, default_value = "oscillate=6,commute=1,throw_over=3")]
+        mix: String,
+    },
     /// World edits from game-server writers to the store.
     Persist {
         /// `postgres://…`, `sqlite:PATH` or `memory:`.
@@ -84,6 +97,9 @@ enum Cmd {
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().cmd {
+        Cmd::Handoff { bots, seconds, seed, mix } => {
+            println!("{}", benches::handoff::run(&benches::handoff::HandoffConfig { bots, seconds, seed, mix })?);
+        }
         Cmd::Netcode { visible, seconds, bandwidth_kbps } => {
             println!(
                 "{}",

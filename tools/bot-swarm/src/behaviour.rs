@@ -23,18 +23,21 @@ pub enum Behaviour {
     /// Looks for props near it, walks to one, crouches, grabs it, lifts it
     /// and throws it; makes debris itself (as `dig_build`) when none is near.
     GrabThrow,
+    /// `grab_throw` astride a region boundary: its throws fly over it.
+    ThrowOver,
     /// Follows the waypoints given on the command line.
     Path,
 }
 
 impl Behaviour {
-    pub const MIXABLE: [Behaviour; 6] = [
+    pub const MIXABLE: [Behaviour; 7] = [
         Behaviour::Wander,
         Behaviour::Commute,
         Behaviour::Oscillate,
         Behaviour::Crowd,
         Behaviour::DigBuild,
         Behaviour::GrabThrow,
+        Behaviour::ThrowOver,
     ];
 
     pub fn name(self) -> &'static str {
@@ -45,6 +48,7 @@ impl Behaviour {
             Behaviour::Crowd => "crowd",
             Behaviour::DigBuild => "dig_build",
             Behaviour::GrabThrow => "grab_throw",
+            Behaviour::ThrowOver => "throw_over",
             Behaviour::Path => "path",
         }
     }
@@ -56,7 +60,7 @@ pub fn parse_mix(s: &str) -> Result<Vec<(Behaviour, u32)>, String> {
     for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
         let (name, w) = part.split_once('=').unwrap_or((part, "1"));
         let b = Behaviour::MIXABLE.into_iter().find(|b| b.name() == name.trim()).ok_or_else(|| {
-            format!("unknown behaviour {name:?} (wander, commute, oscillate, crowd, dig_build, grab_throw)")
+            format!("unknown behaviour {name:?} (wander, commute, oscillate, crowd, dig_build, grab_throw, throw_over)")
         })?;
         let w: u32 = w.trim().parse().map_err(|_| format!("bad weight in {part:?}"))?;
         out.push((b, w));
@@ -75,6 +79,29 @@ pub struct World {
 }
 
 pub use shared::rng::Rng;
+
+/// A point on a face between root cubes inside the world (the middle of
+/// the world when it has none), and the axis the face is across (0: x, 1: z).
+fn face(rng: &mut Rng, world: World, lo: DVec2, hi: DVec2) -> (usize, DVec2) {
+    let faces = |min: f64, max: f64| -> Vec<f64> {
+        (1..)
+            .map(|k| (min / 2000.0).floor() * 2000.0 + 2000.0 * f64::from(k))
+            .take_while(|v| *v < max)
+            .filter(|v| *v > min)
+            .collect()
+    };
+    let (xs, zs) = (faces(world.min.x, world.max.x), faces(world.min.y, world.max.y));
+    let n = (xs.len() + zs.len()) as u64;
+    if n == 0 {
+        return (0, (world.min + world.max) / 2.0);
+    }
+    let k = (rng.next_u64() % n) as usize;
+    if k < xs.len() {
+        (0, DVec2::new(xs[k], rng.range(lo.y, hi.y)))
+    } else {
+        (1, DVec2::new(rng.range(lo.x, hi.x), zs[k - xs.len()]))
+    }
+}
 
 /// Bot `i`'s behaviour and waypoints, the same for the same seed.
 pub fn plan(mix: &[(Behaviour, u32)], seed: u64, i: u32, world: World, hotspot: DVec2) -> (Behaviour, Vec<DVec3>) {
@@ -103,19 +130,19 @@ pub fn plan(mix: &[(Behaviour, u32)], seed: u64, i: u32, world: World, hotspot: 
             vec![DVec2::new(lo.x, z), DVec2::new(hi.x, z)]
         }
         Behaviour::Oscillate => {
-            // A face between root cubes inside the world, else its middle.
-            let faces: Vec<f64> = (1..)
-                .map(|k| (world.min.x / 2000.0).floor() * 2000.0 + 2000.0 * f64::from(k))
-                .take_while(|x| *x < world.max.x)
-                .filter(|x| *x > world.min.x)
-                .collect();
-            let x = if faces.is_empty() {
-                (world.min.x + world.max.x) / 2.0
+            // 20 m either side of a face between root cubes (along x or z,
+            // whichever the world has), past the hysteresis both ways.
+            let (axis, p) = face(&mut rng, world, lo, hi);
+            let (a, b) = if axis == 0 {
+                (DVec2::new(p.x - 20.0, p.y), DVec2::new(p.x + 20.0, p.y))
             } else {
-                faces[(rng.next_u64() % faces.len() as u64) as usize]
+                (DVec2::new(p.x, p.y - 20.0), DVec2::new(p.x, p.y + 20.0))
             };
-            let z = rng.range(lo.y, hi.y);
-            vec![clamp(DVec2::new(x - 30.0, z)), clamp(DVec2::new(x + 30.0, z))]
+            vec![clamp(a), clamp(b)]
+        }
+        Behaviour::ThrowOver => {
+            let (_, home) = face(&mut rng, world, lo, hi);
+            (0..4).map(|_| clamp(home + DVec2::new(rng.range(-6.0, 6.0), rng.range(-6.0, 6.0)))).collect()
         }
         Behaviour::DigBuild | Behaviour::GrabThrow => {
             let home = DVec2::new(rng.range(lo.x, hi.x), rng.range(lo.y, hi.y));
@@ -160,7 +187,21 @@ mod tests {
             }
         }
         let (_, osc) = plan(&parse_mix("oscillate").unwrap(), 1, 0, WORLD, hot);
-        assert_eq!((osc[0].x, osc[1].x), (1970.0, 2030.0), "across the face at x = 2000");
+        assert_eq!((osc[0].x, osc[1].x), (1980.0, 2020.0), "across the face at x = 2000");
+        // In a 2 × 2 world, faces along both axes; throwers stand astride one.
+        let square = World { min: DVec2::ZERO, max: DVec2::splat(4000.0) };
+        let (mut across_x, mut across_z) = (0, 0);
+        for i in 0..40 {
+            let (_, o) = plan(&parse_mix("oscillate").unwrap(), 7, i, square, hot);
+            if o[0].z == o[1].z && o[0].x == 1980.0 && o[1].x == 2020.0 {
+                across_x += 1;
+            } else if o[0].x == o[1].x && o[0].z == 1980.0 && o[1].z == 2020.0 {
+                across_z += 1;
+            }
+            let (_, t) = plan(&parse_mix("throw_over").unwrap(), 7, i, square, hot);
+            assert!(t.iter().all(|p| (p.x - 2000.0).abs() <= 6.0 || (p.z - 2000.0).abs() <= 6.0), "{t:?}");
+        }
+        assert!(across_x > 5 && across_z > 5 && across_x + across_z == 40, "{across_x} {across_z}");
     }
 
     #[test]

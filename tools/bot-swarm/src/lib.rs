@@ -496,7 +496,9 @@ impl Bot {
             (behaviour::Rng::new(cfg.seed ^ u64::from(i)).next_u64() % u64::from(work::BUILD_EVERY)) as u32;
         let work = match behaviour {
             behaviour::Behaviour::DigBuild => Some(work::Work::new(work::Trade::DigBuild, first_build + 90)),
-            behaviour::Behaviour::GrabThrow => Some(work::Work::new(work::Trade::GrabThrow, first_build + 90)),
+            behaviour::Behaviour::GrabThrow | behaviour::Behaviour::ThrowOver => {
+                Some(work::Work::new(work::Trade::GrabThrow, first_build + 90))
+            }
             _ => None,
         };
         Self {

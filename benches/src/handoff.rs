@@ -1,0 +1,209 @@
+//! The handoff benchmark: a loopback mesh of three coordinator replicas
+//! and four game servers on a 2 × 2 grid of root regions (release builds),
+//! and a swarm of real bots that oscillate across the region faces, commute
+//! over them and throw props over them. It reports how many handoffs
+//! happened and how long they took (from the tick an entity passed the
+//! handoff line, on its old owner, to the first tick its new owner
+//! simulated it: `handoff_latency_ticks`), and checks the authority
+//! invariants over every server's per-tick log: no entity with two
+//! authorities (`duplicated`), none without one (`unowned_entity_ticks`),
+//! none dropped (`lost`), each bot's inputs applied once and in order.
+
+use std::process::Child;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use serde_json::{Value, json};
+
+use crate::failover::{bin_dir, free_port, spawn};
+
+#[derive(Debug, Clone)]
+pub struct HandoffConfig {
+    pub bots: u32,
+    pub seconds: u64,
+    pub seed: u64,
+    /// `oscillate=…,commute=…,throw_over=…`.
+    pub mix: String,
+}
+
+/// Kills the processes when the bench ends, however it ends.
+struct Procs(Vec<Child>);
+
+impl Drop for Procs {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+const DEV_TOKEN: &str = "handoff-bench";
+const TICK_MS: f64 = 1000.0 / 90.0;
+
+/// Counters of `authority_transfers_total` by kind, summed over servers.
+fn transfers(texts: &[String]) -> std::collections::BTreeMap<String, f64> {
+    let mut out = std::collections::BTreeMap::new();
+    for t in texts {
+        for (k, v) in bot_swarm::report::counters_by(t, "authority_transfers_total", "kind") {
+            *out.entry(k).or_insert(0.0) += v;
+        }
+    }
+    out
+}
+
+/// The buckets of `name` summed over servers.
+fn summed_buckets(texts: &[String], name: &str) -> Vec<(f64, f64)> {
+    let mut out: Vec<(f64, f64)> = Vec::new();
+    for t in texts {
+        for (le, v) in bot_swarm::report::buckets(t, name) {
+            match out.iter_mut().find(|(l, _)| *l == le) {
+                Some(e) => e.1 += v,
+                None => out.push((le, v)),
+            }
+        }
+    }
+    out.sort_by(|a, b| a.0.total_cmp(&b.0));
+    out
+}
+
+pub fn run(cfg: &HandoffConfig) -> anyhow::Result<Value> {
+    anyhow::ensure!((1..=2000).contains(&cfg.bots), "bots must be 1..=2000");
+    let mix = bot_swarm::behaviour::parse_mix(&cfg.mix).map_err(|e| anyhow::anyhow!(e))?;
+    let bins = bin_dir()?;
+    let dir = tempfile::tempdir()?;
+    let mut procs = Procs(Vec::new());
+    let ports: Vec<(u16, u16, u16)> =
+        (0..3).map(|_| Ok((free_port()?, free_port()?, free_port()?))).collect::<anyhow::Result<_>>()?;
+    let peers: Vec<String> = ports.iter().enumerate().map(|(i, p)| format!("{}=127.0.0.1:{}", i + 1, p.2)).collect();
+    for (i, (http, grpc, raft)) in ports.iter().enumerate() {
+        procs.0.push(spawn(
+            &bins.join("mesh-coordinator"),
+            &[
+                format!("--http-addr=127.0.0.1:{http}"),
+                format!("--grpc-addr=127.0.0.1:{grpc}"),
+                format!("--raft-addr=127.0.0.1:{raft}"),
+                format!("--raft-id={}", i + 1),
+                format!("--raft-peers={}", peers.join(",")),
+                format!("--raft-dir={}", dir.path().join(format!("raft-{}", i + 1)).display()),
+                "--database-url=memory:".into(),
+                "--world-size=2x1x2".into(),
+            ],
+            &dir.path().join(format!("coordinator-{}.log", i + 1)),
+        )?);
+    }
+    let coordinators: Vec<String> = ports.iter().map(|p| format!("http://127.0.0.1:{}", p.1)).collect();
+    let mut metrics_ports = Vec::new();
+    let mut names = Vec::new();
+    for s in 0..4 {
+        let metrics = free_port()?;
+        let name = format!("gs-{s}");
+        procs.0.push(spawn(
+            &bins.join("game-server"),
+            &[
+                format!("--name={name}"),
+                format!("--coordinator={}", coordinators.join(",")),
+                "--quic-addr=127.0.0.1:0".into(),
+                "--query-addr=127.0.0.1:0".into(),
+                "--http-addr=127.0.0.1:0".into(),
+                format!("--metrics-addr=127.0.0.1:{metrics}"),
+                "--grpc-addr=127.0.0.1:0".into(),
+                "--database-url=memory:".into(),
+                format!("--dev-token={DEV_TOKEN}"),
+                "--connects-per-ip-per-s=100000".into(),
+                format!("--authority-log={}", dir.path().join(format!("{name}.authority.jsonl")).display()),
+            ],
+            &dir.path().join(format!("{name}.log")),
+        )?);
+        metrics_ports.push(metrics);
+        names.push(name);
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    rt.block_on(async {
+        let client = reqwest::Client::new();
+        // The four regions, each with its own live owner.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+        let coordinator = loop {
+            let mut found = None;
+            for (http, _, _) in &ports {
+                let url = format!("http://127.0.0.1:{http}");
+                let owners = async {
+                    let v: Value = client.get(format!("{url}/v1/regions")).send().await.ok()?.json().await.ok()?;
+                    let owners: std::collections::BTreeSet<u64> =
+                        v.as_array()?.iter().map(|r| r["server_id"].as_u64()).collect::<Option<_>>()?;
+                    (owners.len() == 4).then_some(())
+                };
+                if owners.await.is_some() {
+                    found = Some(url);
+                    break;
+                }
+            }
+            if let Some(url) = found {
+                break url;
+            }
+            anyhow::ensure!(tokio::time::Instant::now() < deadline, "the four regions never got four owners");
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        };
+        let scrape = || async {
+            let mut texts = Vec::new();
+            for p in &metrics_ports {
+                texts.push(client.get(format!("http://127.0.0.1:{p}/metrics")).send().await?.text().await?);
+            }
+            anyhow::Ok(texts)
+        };
+        let swarm = bot_swarm::SwarmConfig {
+            coordinator: coordinator.clone(),
+            bots: cfg.bots,
+            duration: Some(Duration::from_secs(cfg.seconds)),
+            auth: bot_swarm::BotAuth::DevToken(DEV_TOKEN.into()),
+            path: Vec::new(),
+            spread_m: 0.0,
+            first_player: 1,
+            ramp: Duration::from_millis(20),
+            view_token: None,
+            mix: Some(mix),
+            seed: cfg.seed,
+            hotspot: None,
+        };
+        let live = Arc::new(bot_swarm::Live::default());
+        let before = scrape().await.context("scraping the game servers")?;
+        let r = bot_swarm::run(swarm, live, tokio_util::sync::CancellationToken::new()).await?;
+        let after = scrape().await.context("scraping the game servers")?;
+        let (t0, t1) = (transfers(&before), transfers(&after));
+        let delta = |k: &str| t1.get(k).copied().unwrap_or(0.0) - t0.get(k).copied().unwrap_or(0.0);
+        let (l0, l1) =
+            (summed_buckets(&before, "handoff_latency_ticks"), summed_buckets(&after, "handoff_latency_ticks"));
+        let latency_ms =
+            |p| bot_swarm::report::quantile_between(&l0, &l1, p).map(|ticks| (ticks * TICK_MS * 10.0).round() / 10.0);
+        let measured = l1.last().map_or(0.0, |b| b.1) - l0.last().map_or(0.0, |b| b.1);
+        let inv = integration_tests::invariants::Invariants::read(dir.path(), &names)?;
+        let max_gap_ms = r.per_bot.iter().map(|b| b.max_snapshot_gap_ms).max().unwrap_or(0);
+        let lost = delta("lost") + delta("orphan_lost") + delta("handoff_dropped");
+        Ok(json!({
+            "bots": r.bots,
+            "joined": r.joined,
+            "seconds": cfg.seconds,
+            "mix": cfg.mix,
+            "handoffs": delta("in"),
+            "handoffs_timed": measured,
+            "handoff_p50_ms": latency_ms(0.5),
+            "handoff_p99_ms": latency_ms(0.99),
+            "lost": lost,
+            "duplicated": inv.duplicated.len(),
+            "unowned_entity_ticks": inv.unowned.len(),
+            "input_regressions": inv.input_regressions.len(),
+            "inputs_skipped": inv.inputs_skipped,
+            "ticks_checked": inv.ticks_checked,
+            "entities_checked": inv.entities,
+            "max_snapshot_gap_ticks": (max_gap_ms as f64 / TICK_MS).ceil(),
+            "bot_handoffs": r.handoffs,
+            "ack_regressions": r.ack_regressions,
+            "handoff_gap_p99_ms": r.handoff_gap_p99_ms,
+            "transfers_cancelled": delta("cancelled"),
+            "transfers_reclaimed": delta("reclaimed"),
+            "throws": r.work.throws,
+            "errors": r.errors,
+        }))
+    })
+}
