@@ -40,6 +40,7 @@ impl Drop for Procs {
 }
 
 const DEV_TOKEN: &str = "handoff-bench";
+const ADMIN_TOKEN: &str = "handoff-bench-admin";
 const TICK_MS: f64 = 1000.0 / 90.0;
 
 /// Counters of `authority_transfers_total` by kind, summed over servers.
@@ -89,6 +90,7 @@ pub fn run(cfg: &HandoffConfig) -> anyhow::Result<Value> {
                 format!("--raft-dir={}", dir.path().join(format!("raft-{}", i + 1)).display()),
                 "--database-url=memory:".into(),
                 "--world-size=2x1x2".into(),
+                format!("--admin-token={ADMIN_TOKEN}"),
             ],
             &dir.path().join(format!("coordinator-{}.log", i + 1)),
         )?);
@@ -145,6 +147,24 @@ pub fn run(cfg: &HandoffConfig) -> anyhow::Result<Value> {
             anyhow::ensure!(tokio::time::Instant::now() < deadline, "the four regions never got four owners");
             tokio::time::sleep(Duration::from_millis(250)).await;
         };
+        // The grid stays 2 × 2: no split or move by the balancer (a bench of
+        // handoffs across fixed boundaries; region moves are the operator
+        // tests' and the load run's).
+        let fixed = json!({"split_players": 100_000, "split_cpu": 64.0, "merge_players": 0, "merge_cpu": 0.0, "cooldown_ms": 60_000});
+        let mut put = false;
+        for (http, _, _) in &ports {
+            let r = client
+                .put(format!("http://127.0.0.1:{http}/v1/thresholds"))
+                .bearer_auth(ADMIN_TOKEN)
+                .json(&fixed)
+                .send()
+                .await;
+            if r.is_ok_and(|r| r.status().is_success()) {
+                put = true;
+                break;
+            }
+        }
+        anyhow::ensure!(put, "no coordinator replica took the thresholds");
         let scrape = || async {
             let mut texts = Vec::new();
             for p in &metrics_ports {
@@ -180,7 +200,15 @@ pub fn run(cfg: &HandoffConfig) -> anyhow::Result<Value> {
         let inv = integration_tests::invariants::Invariants::read(dir.path(), &names)?;
         let max_gap_ms = r.per_bot.iter().map(|b| b.max_snapshot_gap_ms).max().unwrap_or(0);
         let lost = delta("lost") + delta("orphan_lost") + delta("handoff_dropped");
+        let kinds: serde_json::Map<String, Value> =
+            t1.keys().map(|k| (k.clone(), json!(delta(k)))).filter(|(_, v)| v.as_f64() != Some(0.0)).collect();
+        if std::env::var_os("PS_BENCH_KEEP").is_some() {
+            let kept = dir.path().to_path_buf();
+            std::mem::forget(dir);
+            eprintln!("logs kept in {}", kept.display());
+        }
         Ok(json!({
+            "transfers_by_kind": kinds,
             "bots": r.bots,
             "joined": r.joined,
             "seconds": cfg.seconds,

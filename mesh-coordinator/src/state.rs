@@ -934,13 +934,14 @@ impl CoordinatorState {
     fn request_transfer(&mut self, req: TransferRequest, events: &mut Vec<Event>) -> Result<Response, CommandError> {
         self.live_server(req.from)?;
         // The owner hands entities out of its region; a previous owner out of
-        // a region moved away from it (or merged), under its old epoch, while
-        // its release lasts.
+        // a region moved away from it (or merged), under its old epoch (or an
+        // older one: that of the parent it held before a split it learnt of
+        // together with the move), while its release lasts.
         let released = self
             .ext
             .releases
             .get(&req.from_region)
-            .is_some_and(|r| r.server == req.from && r.epoch == req.from_region_epoch && req.now < r.until);
+            .is_some_and(|r| r.server == req.from && req.from_region_epoch <= r.epoch && req.now < r.until);
         if !released {
             let from_assignment =
                 self.assignments.get(&req.from_region).ok_or(CommandError::UnknownRegion(req.from_region))?;

@@ -156,6 +156,8 @@ pub struct Map(pub Arc<MapView>);
 #[derive(Debug)]
 pub struct Conn {
     pub player: PlayerId,
+    /// The name the player joined with (an avatar handed over here takes it).
+    pub name: String,
     pub role: JoinRole,
     pub tx: super::messages::ConnTx,
     /// Newest snapshot tick the client acknowledged on this connection.

@@ -650,3 +650,44 @@ fn an_early_transfer_for_a_player_who_stops_short_of_the_line_is_given_up() {
     assert_eq!(m.counts.handoffs, 1, "{:?}", m.counts);
     assert_eq!(m.where_is(p).map(|w| w.0), Some(m.owner_of_region(RegionKey::root(1, 0, 0))));
 }
+
+#[test]
+fn a_split_and_a_move_learnt_in_one_map_update_hand_over_players_and_props() {
+    use super::messages::PropSpawn;
+    use mesh_coordinator::state::Command;
+    let mut m = MeshSim::new(IVec3::ZERO, 2, 1, 1);
+    let p = PlayerId(1);
+    m.join(p, DVec3::new(1500.0, GROUND + 1.0, 500.0));
+    m.run(30, &|_, _| [0.0, 0.0]);
+    let (first, _) = m.where_is(p).unwrap();
+    // A box beside the player.
+    let (reply, ids) = oneshot::channel();
+    let n = m.nodes.iter().position(|n| n.id == first).unwrap();
+    m.nodes[n].h.send(SimIn::SpawnProps {
+        props: vec![PropSpawn {
+            pos: DVec3::new(1503.0, GROUND + 1.0, 500.0),
+            shape: super::physics::PropShape::Box { half: [0.3; 3] },
+            vel: [0.0; 3],
+        }],
+        reply,
+    });
+    m.run(60, &|_, _| [0.0, 0.0]);
+    let prop = ids.blocking_recv().unwrap().unwrap()[0];
+    // The coordinator splits the root and moves the child they stand in
+    // (x 1000–2000, z 0–1000) before the server hears of either.
+    let other = m.owner_of_region(RegionKey::root(1, 0, 0));
+    let now = m.coord.clock.tick_start(m.tick);
+    assert!(m.coord.apply(Command::SplitRegion { region: RegionKey::root(0, 0, 0), now }).0.is_ok());
+    let child = RegionKey::new(1, 1, 0, 0);
+    assert!(m.coord.apply(Command::MoveRegion { region: child, to: other, now }).0.is_ok());
+    m.run(400, &|_, _| [0.0, 0.0]);
+    assert_eq!(m.where_is(p).map(|w| w.0), Some(other), "{:?}", m.counts);
+    let on_other = m.nodes.iter().find(|n| n.id == other).unwrap();
+    assert!(on_other.h.world.resource::<Index>().by_net.contains_key(&prop), "the prop was handed over too");
+    let lost = m
+        .nodes
+        .iter()
+        .map(|n| n.h.world.resource::<super::components::SimMetrics>().0.transfers.with_label_values(&["lost"]).get())
+        .sum::<u64>();
+    assert_eq!(lost, 0);
+}

@@ -207,7 +207,7 @@ fn joined(
                 a.conn = Some(conn);
             }
             let _ = tx.try_send(Outbound::Control(welcome(true, entity_id)));
-            world.resource_mut::<Conns>().0.insert(conn, Conn { player, role, tx, acked: 0 });
+            world.resource_mut::<Conns>().0.insert(conn, Conn { player, name: name.clone(), role, tx, acked: 0 });
         }
         (JoinRole::Play, None) => {
             let mut p = spawn.unwrap_or(DEFAULT_SPAWN);
@@ -224,7 +224,10 @@ fn joined(
             match map.live_owner(&leaf) {
                 Some((owner, epoch)) if owner == cfg.server => {
                     let _ = tx.try_send(Outbound::Control(welcome(true, entity_id)));
-                    world.resource_mut::<Conns>().0.insert(conn, Conn { player, role, tx, acked: 0 });
+                    world
+                        .resource_mut::<Conns>()
+                        .0
+                        .insert(conn, Conn { player, name: name.clone(), role, tx, acked: 0 });
                     let e = world
                         .spawn((
                             NetId(entity_id),
@@ -246,7 +249,7 @@ fn joined(
         }
         (JoinRole::Standby, _) => {
             let _ = tx.try_send(Outbound::Control(welcome(existing.is_some(), entity_id)));
-            world.resource_mut::<Conns>().0.insert(conn, Conn { player, role, tx, acked: 0 });
+            world.resource_mut::<Conns>().0.insert(conn, Conn { player, name: name.clone(), role, tx, acked: 0 });
             if let Some(mut a) = existing.and_then(|e| world.get_mut::<Avatar>(e)) {
                 a.conn.get_or_insert(conn);
             }
@@ -408,16 +411,23 @@ fn revalidate_authority(world: &mut World) {
                     kept.push(e);
                 }
             }
-            Some(_) if avatar.is_some() => {
+            // Given away (moved, or split and part moved, in one update):
+            // handed to the new owner under the release the coordinator
+            // left this server, through the leaf it is in now (under the
+            // epoch it had here: the release allows up to its own).
+            Some(_) => {
+                auth.region = region;
                 if evict.is_none() {
-                    evicting.push(e);
+                    evicting.push((e, avatar.is_some()));
                 }
             }
-            _ => lost.push(e),
+            None => lost.push(e),
         }
     }
-    for e in evicting {
-        world.entity_mut(e).insert(Evicting { not_before: tick + EVICT_GRACE_TICKS });
+    for (e, player) in evicting {
+        // Players get time to pre-connect to the new owner; props go at once.
+        let grace = if player { EVICT_GRACE_TICKS } else { 0 };
+        world.entity_mut(e).insert(Evicting { not_before: tick + grace });
         // Hint again, even servers hinted before: the client may have lost
         // (or never made) that link, and now it needs it.
         if let Some(mut a) = world.get_mut::<Avatar>(e) {
@@ -604,6 +614,7 @@ fn adopt_due(world: &mut World) {
                 .max_by_key(|(_, c)| c.role == JoinRole::Play)
                 .map(|(id, _)| *id)
         });
+        let name = conn.and_then(|c| world.resource::<Conns>().0.get(&c).map(|c| c.name.clone())).unwrap_or_default();
         if let Some(p) = s.player
             && let Some(buf) = world.resource_mut::<StandbyInputs>().0.remove(&p)
         {
@@ -618,8 +629,9 @@ fn adopt_due(world: &mut World) {
             since: s.effective_tick,
         };
         if let Some(p) = s.prop {
-            // A late prop goes on from where it would be by now.
-            let pos = s.pos + s.vel.as_dvec3() * (late as f64 / cfg_hz(world));
+            // A late prop goes on from where it would be by now (a few
+            // ticks at most: a straight line soon leaves its real path).
+            let pos = s.pos + s.vel.as_dvec3() * (late.min(9) as f64 / cfg_hz(world));
             let e = super::physics::spawn_prop(world, s.entity, p.shape, pos, p.rot, s.vel);
             super::physics::set_spin(world, e, p.angvel, p.sleeping);
             world.entity_mut(e).insert(authority);
@@ -631,7 +643,7 @@ fn adopt_due(world: &mut World) {
             e.insert(Hands::default());
             e.insert(Avatar {
                 player,
-                name: String::new(),
+                name,
                 conn,
                 last_applied: s.last_applied_input,
                 pending,
