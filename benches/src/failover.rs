@@ -47,6 +47,18 @@ pub(crate) fn bin_dir() -> anyhow::Result<PathBuf> {
     Ok(exe.parent().context("the bench's directory")?.to_path_buf())
 }
 
+/// Kills the processes when a bench ends, however it ends.
+pub(crate) struct Procs(pub Vec<Child>);
+
+impl Drop for Procs {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
 pub(crate) fn spawn(bin: &Path, args: &[String], log: &Path) -> anyhow::Result<Child> {
     let out = std::fs::File::create(log)?;
     Command::new(bin)

@@ -9,14 +9,13 @@
 //! authorities (`duplicated`), none without one (`unowned_entity_ticks`),
 //! none dropped (`lost`), each bot's inputs applied once and in order.
 
-use std::process::Child;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use serde_json::{Value, json};
 
-use crate::failover::{bin_dir, free_port, spawn};
+use crate::failover::{Procs, bin_dir, free_port, spawn};
 
 #[derive(Debug, Clone)]
 pub struct HandoffConfig {
@@ -25,18 +24,6 @@ pub struct HandoffConfig {
     pub seed: u64,
     /// `oscillate=…,commute=…,throw_over=…`.
     pub mix: String,
-}
-
-/// Kills the processes when the bench ends, however it ends.
-struct Procs(Vec<Child>);
-
-impl Drop for Procs {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
 }
 
 const DEV_TOKEN: &str = "handoff-bench";

@@ -4,14 +4,13 @@
 //! counted at the bots' UDP sockets (QUIC's own included); the snapshot
 //! encoding time comes from the server's `server_snapshot_encode_seconds`.
 
-use std::process::Child;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use serde_json::{Value, json};
 
-use crate::failover::{bin_dir, free_port, spawn};
+use crate::failover::{Procs, bin_dir, free_port, spawn};
 
 #[derive(Debug, Clone)]
 pub struct NetcodeConfig {
@@ -20,18 +19,6 @@ pub struct NetcodeConfig {
     pub seconds: u64,
     /// The game server's per-player downstream budget.
     pub bandwidth_kbps: u32,
-}
-
-/// Kills the processes when the bench ends, however it ends.
-struct Procs(Vec<Child>);
-
-impl Drop for Procs {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
 }
 
 const DEV_TOKEN: &str = "netcode-bench";
