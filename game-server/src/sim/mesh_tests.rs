@@ -691,3 +691,35 @@ fn a_split_and_a_move_learnt_in_one_map_update_hand_over_players_and_props() {
         .sum::<u64>();
     assert_eq!(lost, 0);
 }
+
+#[test]
+fn a_split_while_a_player_stands_past_the_face_keeps_it_with_its_server() {
+    use mesh_coordinator::state::Command;
+    let mut m = MeshSim::new(IVec3::ZERO, 2, 1, 1);
+    let p = PlayerId(1);
+    m.join(p, DVec3::new(1995.0, GROUND + 1.0, 500.0));
+    m.run(30, &|_, _| [0.0, 0.0]);
+    // 5 m into the neighbour's region, inside the hysteresis margin: still
+    // its first server's, held through L0:0,0,0.
+    for _ in 0..100 {
+        let x = m.pos(p).x;
+        m.step(&|_, _| [towards(x, 2005.0), 0.0]);
+    }
+    let first = m.owner_of_region(RegionKey::root(0, 0, 0));
+    assert_eq!(m.where_is(p).map(|w| w.0), Some(first));
+    // Its region splits: it is held through the child nearest to it.
+    let now = m.coord.clock.tick_start(m.tick);
+    assert!(m.coord.apply(Command::SplitRegion { region: RegionKey::root(0, 0, 0), now }).0.is_ok());
+    m.run(300, &|_, _| [0.0, 0.0]);
+    assert_eq!((m.where_is(p).map(|w| w.0), m.counts.handoffs), (Some(first), 0), "{:?}", m.counts);
+    let lost = m
+        .nodes
+        .iter()
+        .map(|n| n.h.world.resource::<super::components::SimMetrics>().0.transfers.with_label_values(&["lost"]).get())
+        .sum::<u64>();
+    assert_eq!(lost, 0);
+    // And walks on over the line: handed over as usual.
+    m.run(200, &|_, _| [1.0, 0.0]);
+    assert_eq!(m.where_is(p).map(|w| w.0), Some(m.owner_of_region(RegionKey::root(1, 0, 0))));
+    assert_eq!(m.counts.handoffs, 1);
+}

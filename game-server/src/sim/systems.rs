@@ -401,8 +401,16 @@ fn revalidate_authority(world: &mut World) {
     let (mut evicting, mut kept) = (Vec::new(), Vec::new());
     let mut q = world.query::<(Entity, &mut Authority, &Body, Option<&Avatar>, Option<&Evicting>)>();
     for (e, mut auth, body, avatar, evict) in q.iter_mut(world) {
-        let leaf = map.tree.leaf_at(body.pos).unwrap_or(auth.region);
-        let region = if map.tree.is_leaf(&auth.region) { auth.region } else { leaf };
+        // Split: the child of the region it was held through nearest to it
+        // (it may stand past the region's face, within the hysteresis
+        // margin, in a neighbour's region); merged: the parent.
+        let region = if map.tree.is_leaf(&auth.region) {
+            auth.region
+        } else {
+            let a = auth.region.aabb();
+            let inside = body.pos.clamp(a.min, a.max - DVec3::splat(1e-6));
+            map.tree.leaf_at(inside).unwrap_or(auth.region)
+        };
         match map.live_owner(&region) {
             Some((owner, epoch)) if owner == me => {
                 auth.region = region;
