@@ -1036,9 +1036,16 @@ impl CoordinatorState {
                 self.ext.avatars.remove(&old.entity);
             }
             self.ext.avatars.insert(entity, player);
-        } else if self.ext.players.get(&player).is_some_and(|l| l.server == server && l.entity == entity) {
-            self.ext.players.remove(&player);
-            self.ext.avatars.remove(&entity);
+        } else {
+            if self.ext.players.get(&player).is_some_and(|l| l.server == server && l.entity == entity) {
+                self.ext.players.remove(&player);
+                self.ext.avatars.remove(&entity);
+            }
+            // The avatar is gone from its holder: the player's next session
+            // starts a new one at epoch 0, which an old record would fence.
+            if self.entities.get(&entity).is_some_and(|a| a.server == server) {
+                self.entities.remove(&entity);
+            }
         }
         Ok(Response::Done)
     }
@@ -1529,6 +1536,27 @@ mod tests {
 
     fn beat(s: &mut CoordinatorState, server: ServerId, now: u64) {
         let _ = s.apply(Command::Heartbeat { server, load: Load::default(), now });
+    }
+
+    #[test]
+    fn a_player_who_leaves_and_comes_back_can_be_handed_over_again() {
+        let mut s = state(2);
+        let a = register(&mut s, "a", T0);
+        let b = register(&mut s, "b", T0);
+        let (r, _) = s.apply(Command::RequestTransfer(transfer_req(&s, a, Epoch(0), T0)));
+        assert!(matches!(r, Ok(Response::Transfer(_))), "{r:?}");
+        assert_eq!(s.entity_authority(EntityId(7)).map(|e| (e.server, e.epoch)), Some((b, Epoch(1))));
+        // It leaves b; a leave from a server that does not hold it changes nothing.
+        let leave = |s: &mut CoordinatorState, server| {
+            s.apply(Command::Presence { server, player: PlayerId(7), entity: EntityId(7), online: false, now: T0 }).0
+        };
+        assert_eq!(leave(&mut s, a), Ok(Response::Done));
+        assert!(s.entity_authority(EntityId(7)).is_some());
+        assert_eq!(leave(&mut s, b), Ok(Response::Done));
+        assert_eq!(s.entity_authority(EntityId(7)), None);
+        // Back on a, a new avatar at epoch 0 is handed over as any other.
+        let (r, _) = s.apply(Command::RequestTransfer(transfer_req(&s, a, Epoch(0), T0 + MS)));
+        assert!(matches!(r, Ok(Response::Transfer(ref t)) if t.to == b), "{r:?}");
     }
 
     #[test]
