@@ -41,6 +41,21 @@ fn transfers(texts: &[String]) -> std::collections::BTreeMap<String, f64> {
     out
 }
 
+/// `interactions_total` summed over servers, by `kind:result`.
+fn interactions(texts: &[String]) -> std::collections::BTreeMap<String, f64> {
+    let mut out = std::collections::BTreeMap::new();
+    for line in texts.iter().flat_map(|t| t.lines()).filter(|l| l.starts_with("interactions_total{")) {
+        let label = |name: &str| line.split(&format!("{name}=\"")).nth(1)?.split('"').next();
+        let (Some(kind), Some(result), Some(v)) =
+            (label("kind"), label("result"), line.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
+        else {
+            continue;
+        };
+        *out.entry(format!("{kind}:{result}")).or_insert(0.0) += v;
+    }
+    out
+}
+
 /// The buckets of `name` summed over servers.
 fn summed_buckets(texts: &[String], name: &str) -> Vec<(f64, f64)> {
     let mut out: Vec<(f64, f64)> = Vec::new();
@@ -189,6 +204,12 @@ pub fn run(cfg: &HandoffConfig) -> anyhow::Result<Value> {
         let lost = delta("lost") + delta("orphan_lost") + delta("handoff_dropped");
         let kinds: serde_json::Map<String, Value> =
             t1.keys().map(|k| (k.clone(), json!(delta(k)))).filter(|(_, v)| v.as_f64() != Some(0.0)).collect();
+        let (i0, i1) = (interactions(&before), interactions(&after));
+        let interactions: serde_json::Map<String, Value> = i1
+            .iter()
+            .map(|(k, v)| (k.clone(), json!(v - i0.get(k).copied().unwrap_or(0.0))))
+            .filter(|(_, v)| v.as_f64() != Some(0.0))
+            .collect();
         if std::env::var_os("PS_BENCH_KEEP").is_some() {
             let kept = dir.path().to_path_buf();
             std::mem::forget(dir);
@@ -218,6 +239,7 @@ pub fn run(cfg: &HandoffConfig) -> anyhow::Result<Value> {
             "transfers_cancelled": delta("cancelled"),
             "transfers_reclaimed": delta("reclaimed"),
             "throws": r.work.throws,
+            "interactions": interactions,
             "errors": r.errors,
         }))
     })

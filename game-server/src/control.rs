@@ -15,7 +15,7 @@ use shared::{Epoch, ServerId, TickClock};
 use tokio::sync::{Mutex, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::convert::{handoff_to_pb, map_from_pb, mesh_key_to_pb};
 use crate::metrics::Metrics;
@@ -375,6 +375,7 @@ impl TransferExecutor {
                             warn!(transfer = transfer_id, error = %s.message(), "could not report an orphaned transfer");
                         }
                     }
+                    SimOut::Interact { to, interaction } => this.interact(to, interaction).await,
                     SimOut::Presence { .. } | SimOut::Ghosts { .. } => {}
                 }
             });
@@ -492,6 +493,34 @@ impl TransferExecutor {
             }
         };
         let _ = self.sim.send(msg).await;
+    }
+
+    /// Sends a player's push or grab to the prop's owner. Not retried: the
+    /// hand acts again on its next contact or grip.
+    async fn interact(self, to: ServerId, interaction: crate::sim::interact::Interaction) {
+        let label = interaction.kind.label();
+        let result = match self.peer(to).await {
+            Ok(mut client) => {
+                let req = crate::convert::interaction_to_pb(&interaction);
+                match tokio::time::timeout(Duration::from_secs(2), client.interact(req)).await {
+                    Ok(Ok(r)) if r.get_ref().applied => "delivered",
+                    Ok(Ok(r)) => {
+                        debug!(entity = %interaction.entity, %to, reason = %r.get_ref().reason, "interaction refused");
+                        "refused"
+                    }
+                    Ok(Err(s)) => {
+                        debug!(entity = %interaction.entity, %to, error = %s.message(), "interaction not delivered");
+                        "send_failed"
+                    }
+                    Err(_) => "send_failed",
+                }
+            }
+            Err(e) => {
+                debug!(entity = %interaction.entity, %to, error = %e, "interaction not delivered");
+                "send_failed"
+            }
+        };
+        self.metrics.interactions.with_label_values(&[label, result]).inc();
     }
 
     async fn peer(&self, server: ServerId) -> anyhow::Result<GameServerPeerClient<Channel>> {

@@ -9,6 +9,7 @@ use shared::wire::{InputFrame, Pose};
 use shared::{EntityId, Epoch, PlayerId, ServerId};
 
 use crate::sim::ghosts::{GhostBatch, GhostKind, GhostState};
+use crate::sim::interact::{InteractKind, Interaction};
 use crate::sim::messages::{HandoffState, MapView, PeerInfo, PropHandoff};
 use crate::sim::physics::PropShape;
 
@@ -31,6 +32,8 @@ pub enum BadMessage {
     BadGhost(u64, &'static str),
     #[error("prop: {0}")]
     BadProp(&'static str),
+    #[error("interaction: {0}")]
+    BadInteraction(&'static str),
 }
 
 impl BadMessage {
@@ -54,7 +57,11 @@ pub fn mesh_key_to_pb(k: &RegionKey) -> mpb::RegionKey {
 }
 
 fn peer_key(k: Option<&ppb::RegionKey>) -> Result<RegionKey, BadMessage> {
-    let k = k.ok_or(BadMessage::Missing("to_region"))?;
+    peer_key_named(k, "to_region")
+}
+
+fn peer_key_named(k: Option<&ppb::RegionKey>, field: &'static str) -> Result<RegionKey, BadMessage> {
+    let k = k.ok_or(BadMessage::Missing(field))?;
     key(k.level, k.x, k.y, k.z)
 }
 
@@ -384,6 +391,57 @@ pub fn ghost_batch_from_pb(b: &ppb::GhostBatch) -> Result<GhostBatch, BadMessage
     })
 }
 
+/// Fastest hand a push may claim, m/s (a tracked hand moves at most a few
+/// tens; more is a bad message, not a hard hit).
+const MAX_HAND_SPEED: f64 = 100.0;
+
+pub fn interaction_to_pb(i: &Interaction) -> ppb::InteractRequest {
+    use ppb::interact_request::Kind;
+    ppb::InteractRequest {
+        from_server: i.from.0,
+        entity: i.entity.0,
+        region: Some(peer_key_to_pb(&i.region)),
+        region_epoch: i.region_epoch.0,
+        point: Some(v3(i.point)),
+        kind: Some(match i.kind {
+            InteractKind::Push { hand_vel } => Kind::Push(ppb::Push { hand_velocity: Some(v3(hand_vel.as_dvec3())) }),
+            InteractKind::Grab { to_region, to_region_epoch } => Kind::Grab(ppb::Grab {
+                to_region: Some(peer_key_to_pb(&to_region)),
+                to_region_epoch: to_region_epoch.0,
+            }),
+        }),
+    }
+}
+
+pub fn interaction_from_pb(r: &ppb::InteractRequest) -> Result<Interaction, BadMessage> {
+    use ppb::interact_request::Kind;
+    let kind = match r.kind.as_ref().ok_or(BadMessage::Missing("kind"))? {
+        Kind::Push(p) => {
+            let v = finite_v3(p.hand_velocity.as_ref(), "push.hand_velocity")?;
+            if v.length() > MAX_HAND_SPEED {
+                return Err(BadMessage::BadInteraction("the hand is faster than any hand"));
+            }
+            InteractKind::Push { hand_vel: v.as_vec3() }
+        }
+        Kind::Grab(g) => InteractKind::Grab {
+            to_region: peer_key_named(g.to_region.as_ref(), "grab.to_region")?,
+            to_region_epoch: Epoch(g.to_region_epoch),
+        },
+    };
+    let point = finite_v3(r.point.as_ref(), "point")?;
+    if point.abs().max_element() * 1000.0 > MAX_GHOST_MM as f64 {
+        return Err(BadMessage::BadInteraction("the hand is outside any world"));
+    }
+    Ok(Interaction {
+        from: ServerId(r.from_server),
+        entity: EntityId(r.entity),
+        region: peer_key_named(r.region.as_ref(), "region")?,
+        region_epoch: Epoch(r.region_epoch),
+        point,
+        kind,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -463,6 +521,45 @@ mod tests {
         assert_eq!(handoff_from_pb(&r), Err(BadMessage::Missing("state")));
     }
 
+    fn push() -> Interaction {
+        Interaction {
+            from: ServerId(2),
+            entity: EntityId((1 << 40) | 3),
+            region: RegionKey::root(0, 0, 0),
+            region_epoch: Epoch(1),
+            point: DVec3::new(1999.5, 64.25, 1000.0),
+            kind: InteractKind::Push { hand_vel: Vec3::new(4.5, 0.0, 0.0) },
+        }
+    }
+
+    #[test]
+    fn interactions_round_trip_and_bad_ones_are_refused() {
+        let p = push();
+        assert_eq!(interaction_from_pb(&interaction_to_pb(&p)), Ok(p));
+        let g = Interaction {
+            kind: InteractKind::Grab { to_region: RegionKey::root(1, 0, 0), to_region_epoch: Epoch(2) },
+            ..push()
+        };
+        assert_eq!(interaction_from_pb(&interaction_to_pb(&g)), Ok(g));
+        let mut r = interaction_to_pb(&p);
+        r.point.as_mut().unwrap().y = f64::NAN;
+        assert_eq!(interaction_from_pb(&r), Err(BadMessage::NonFinite("point")));
+        let mut r = interaction_to_pb(&p);
+        r.kind = None;
+        assert_eq!(interaction_from_pb(&r), Err(BadMessage::Missing("kind")));
+        let mut r = interaction_to_pb(&p);
+        r.kind = Some(ppb::interact_request::Kind::Push(ppb::Push {
+            hand_velocity: Some(ppb::Vec3 { x: 1e6, y: 0.0, z: 0.0 }),
+        }));
+        assert_eq!(interaction_from_pb(&r), Err(BadMessage::BadInteraction("the hand is faster than any hand")));
+        let mut r = interaction_to_pb(&g);
+        r.region = None;
+        assert_eq!(interaction_from_pb(&r), Err(BadMessage::Missing("region")));
+        let mut r = interaction_to_pb(&g);
+        r.point.as_mut().unwrap().x = 1e300;
+        assert_eq!(interaction_from_pb(&r), Err(BadMessage::BadInteraction("the hand is outside any world")));
+    }
+
     proptest::proptest! {
         /// Fuzzing the peer and coordinator decoders: any bytes, and valid
         /// messages with bytes flipped, decode to a value or a refusal,
@@ -481,6 +578,9 @@ mod tests {
             }
             if let Ok(f) = ppb::InputFrame::decode(bytes.as_slice()) {
                 let _ = input_from_pb(&f);
+            }
+            if let Ok(i) = ppb::InteractRequest::decode(bytes.as_slice()) {
+                let _ = interaction_from_pb(&i);
             }
             let mut valid = handoff_to_pb(&state()).encode_to_vec();
             for (at, b) in flips {

@@ -41,6 +41,7 @@ pub struct Metrics {
     pub props_awake: IntGauge,
     pub props_removed: IntCounterVec,
     pub grabs: IntCounter,
+    pub interactions: IntCounterVec,
     pub throws: IntCounter,
     pub inputs_rejected: IntCounterVec,
     pub bodies_stuck: IntCounter,
@@ -167,6 +168,15 @@ impl Metrics {
             props_awake: int_gauge("props_awake", "Dynamic props not asleep"),
             props_removed: counter_vec("props_removed_total", "Props removed, by reason", "reason"),
             grabs: counter("props_grabbed_total", "Props grabbed by a hand"),
+            interactions: IntCounterVec::new(
+                Opts::new(
+                    "interactions_total",
+                    "Pushes and grabs of a neighbour's prop: sent or dropped by the player's server; applied or \
+                     refused (by reason) by the owner; arrived in the hand",
+                ),
+                &["kind", "result"],
+            )
+            .expect("static metric definition"),
             throws: counter("props_released_total", "Props let go of (thrown or dropped)"),
             inputs_rejected: counter_vec(
                 "inputs_rejected_total",
@@ -233,6 +243,7 @@ impl Metrics {
             Box::new(m.props_awake.clone()),
             Box::new(m.props_removed.clone()),
             Box::new(m.grabs.clone()),
+            Box::new(m.interactions.clone()),
             Box::new(m.throws.clone()),
             Box::new(m.inputs_rejected.clone()),
             Box::new(m.bodies_stuck.clone()),

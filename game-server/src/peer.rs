@@ -7,7 +7,7 @@ use proto::peer::game_server_peer_server::GameServerPeer;
 use tokio::sync::{mpsc, oneshot};
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::convert::{ghost_batch_from_pb, handoff_from_pb};
+use crate::convert::{ghost_batch_from_pb, handoff_from_pb, interaction_from_pb};
 use crate::metrics::Metrics;
 use crate::sim::messages::SimIn;
 
@@ -42,6 +42,23 @@ impl GameServerPeer for PeerService {
             Ok(Ok(Ok(()))) => Ok(Response::new(ppb::HandoffResponse { accepted: true, reason: String::new() })),
             // Counted by the simulation, which knows the reason.
             Ok(Ok(Err(e))) => Err(Status::failed_precondition(format!("{}: {e}", e.reason()))),
+            _ => Err(self.refuse("sim_busy", Status::unavailable("the simulation did not answer"))),
+        }
+    }
+
+    async fn interact(&self, req: Request<ppb::InteractRequest>) -> Result<Response<ppb::InteractResponse>, Status> {
+        let interaction = interaction_from_pb(req.get_ref())
+            .map_err(|e| self.refuse(e.reason(), Status::invalid_argument(format!("bad_request: {e}"))))?;
+        let (reply, verdict) = oneshot::channel();
+        // A tick thread too busy to take it: the hand tries again (a push
+        // on its next contact, a grab on its next grip).
+        self.sim
+            .try_send(SimIn::Interact { interaction, reply: Some(reply) })
+            .map_err(|_| self.refuse("sim_busy", Status::unavailable("the simulation is not accepting requests")))?;
+        match tokio::time::timeout(Duration::from_secs(2), verdict).await {
+            Ok(Ok(Ok(()))) => Ok(Response::new(ppb::InteractResponse { applied: true, reason: String::new() })),
+            // Counted by the simulation.
+            Ok(Ok(Err(r))) => Ok(Response::new(ppb::InteractResponse { applied: false, reason: r.reason().into() })),
             _ => Err(self.refuse("sim_busy", Status::unavailable("the simulation did not answer"))),
         }
     }

@@ -1313,6 +1313,15 @@ impl CoordinatorState {
         Ok(Response::Done)
     }
 
+    /// The transfer `id` (newest first) if `ok` says the caller may act on it.
+    fn transfer_mut(
+        &mut self,
+        id: u64,
+        ok: impl Fn(&TransferRecord) -> bool,
+    ) -> Result<&mut TransferRecord, CommandError> {
+        self.transfers.iter_mut().rev().find(|t| t.id == id && ok(t)).ok_or(CommandError::UnknownTransfer(id))
+    }
+
     fn complete_transfer(
         &mut self,
         id: u64,
@@ -1321,12 +1330,7 @@ impl CoordinatorState {
         error: String,
         events: &mut Vec<Event>,
     ) -> Result<Response, CommandError> {
-        let rec = self
-            .transfers
-            .iter_mut()
-            .rev()
-            .find(|t| t.id == id && t.from == from)
-            .ok_or(CommandError::UnknownTransfer(id))?;
+        let rec = self.transfer_mut(id, |t| t.from == from)?;
         if rec.outcome == TransferOutcome::Committed {
             rec.outcome = if delivered { TransferOutcome::Delivered } else { TransferOutcome::Failed };
             rec.error = error;
@@ -1347,13 +1351,7 @@ impl CoordinatorState {
         events: &mut Vec<Event>,
     ) -> Result<Response, CommandError> {
         self.live_server(from)?;
-        let rec = self
-            .transfers
-            .iter()
-            .rev()
-            .find(|t| t.id == id && t.from == from)
-            .cloned()
-            .ok_or(CommandError::UnknownTransfer(id))?;
+        let rec = self.transfer_mut(id, |t| t.from == from)?.clone();
         let held = self.entities.get(&rec.entity).copied();
         let untouched = match held {
             Some(a) => a.server == rec.to && a.epoch == rec.entity_epoch,
@@ -1376,10 +1374,9 @@ impl CoordinatorState {
             self.ext.players.insert(p, PlayerLocation { server: from, entity: rec.entity, since: now });
             self.ext.avatars.insert(rec.entity, p);
         }
-        if let Some(t) = self.transfers.iter_mut().rev().find(|t| t.id == id) {
-            t.outcome = TransferOutcome::Returned;
-            t.error = error;
-        }
+        let t = self.transfer_mut(id, |_| true)?;
+        t.outcome = TransferOutcome::Returned;
+        t.error = error;
         events.push(Event::TransferCompleted { id, outcome: TransferOutcome::Returned });
         Ok(Response::Reclaimed { entity_epoch })
     }
@@ -1396,12 +1393,7 @@ impl CoordinatorState {
         adopted: bool,
         events: &mut Vec<Event>,
     ) -> Result<Response, CommandError> {
-        let rec = self
-            .transfers
-            .iter_mut()
-            .rev()
-            .find(|t| t.id == id && t.to == server && t.outcome == TransferOutcome::Orphaned)
-            .ok_or(CommandError::UnknownTransfer(id))?;
+        let rec = self.transfer_mut(id, |t| t.to == server && t.outcome == TransferOutcome::Orphaned)?;
         rec.outcome = if adopted { TransferOutcome::Adopted } else { TransferOutcome::Lost };
         let (entity, outcome) = (rec.entity, rec.outcome);
         if !adopted {

@@ -113,6 +113,7 @@ impl Cluster {
             "--metrics-addr=127.0.0.1:0".into(),
             "--grpc-addr=127.0.0.1:0".into(),
             format!("--ports-file={}", ports.display()),
+            format!("--authority-log={}", d.join(format!("{name}.authority.jsonl")).display()),
             format!("--data-dir={}", d.join("world").display()),
             format!("--dev-token={}", crate::DEV_TOKEN),
         ];
@@ -121,6 +122,24 @@ impl Cluster {
         let v = wait_ports(&ports, &mut p)?;
         self.servers.push((p, v));
         Ok(self.servers.len() - 1)
+    }
+
+    /// Starts `bot-swarm` routed by replica `i`, as [`crate::Mesh::swarm`].
+    pub fn swarm(&self, i: usize, name: &str, args: &[&str]) -> anyhow::Result<(Proc, std::path::PathBuf)> {
+        let report = self.dir.path().join(name);
+        let mut all = vec![
+            format!("--coordinator=http://{}", self.replicas[i].http),
+            format!("--account-prefix={name}-"),
+            format!("--report={}", report.display()),
+        ];
+        all.extend(args.iter().map(|a| (*a).to_owned()));
+        Ok((Proc::start(name, "bot-swarm", &all, self.dir.path())?, report))
+    }
+
+    /// The authority invariants over every game server's log so far.
+    pub fn invariants(&self) -> anyhow::Result<crate::invariants::Invariants> {
+        let names: Vec<String> = self.servers.iter().map(|(p, _)| p.name.clone()).collect();
+        crate::invariants::Invariants::read(self.dir.path(), &names)
     }
 
     /// GET from replica `i`'s admin API.

@@ -3,7 +3,8 @@
 //! the test can kill the target, or the source, between the commit and the
 //! handoff. Authority ends with exactly one live server, which the
 //! directory names; the player keeps playing there and no input is applied
-//! out of order.
+//! out of order. And the coordinator's leader dies between the commit and
+//! the handoff: the handoff goes through, reported to the new leader.
 
 use std::time::{Duration, Instant};
 
@@ -110,4 +111,58 @@ fn a_target_that_dies_during_a_transfer_leaves_the_entity_with_the_source() -> a
 #[test]
 fn a_source_that_dies_during_a_transfer_leaves_the_entity_with_the_target() -> anyhow::Result<()> {
     kill_during_a_transfer(Victim::Source)
+}
+
+#[test]
+#[allow(clippy::unwrap_used)]
+fn a_leader_that_dies_during_a_transfer_leaves_the_handoff_to_its_successor() -> anyhow::Result<()> {
+    use integration_tests::cluster::Cluster;
+    let mut c = Cluster::start(3, 2, &["--handoff-lead-ticks=360"])?;
+    let leader = c.wait_leader(Duration::from_secs(20))?;
+    let regions = c.wait_regions_owned(leader)?;
+    let (a, b) = (owner(&regions, "L0:0,0,0")?, owner(&regions, "L0:1,0,0")?);
+    assert_ne!(a, b);
+    // The bot is routed by a replica that stays up.
+    let router = (leader + 1) % 3;
+    let z = walkable_line(1960.0, 2060.0, 1000.0)?;
+    let (mut swarm, report) = c.swarm(
+        router,
+        "cross",
+        &["--bots=1", "--seconds=20", &format!("--path=1975,10,{z};2060,10,{z}"), "--spread-m=0"],
+    )?;
+    let t = wait_for("a committed transfer", Duration::from_secs(20), || {
+        let ts = c.get(leader, "/v1/transfers?limit=10")?;
+        Ok(ts.as_array().unwrap().iter().find(|t| t["outcome"] == "Committed").cloned())
+    })?;
+    assert_eq!((t["from"].as_u64(), t["to"].as_u64()), (Some(a), Some(b)), "{t}");
+    let id = t["id"].as_u64().unwrap();
+    // The leader dies with the transfer committed and not yet carried out.
+    c.kill_replica(leader);
+    let next = c.wait_leader(Duration::from_secs(20))?;
+    assert_ne!(next, leader);
+    // The new leader has the transfer from the log; the source hands the
+    // player over at its tick and reports it to whichever replica leads.
+    let ended = wait_for("the transfer's outcome", Duration::from_secs(20), || {
+        let ts = c.get(next, "/v1/transfers?limit=20")?;
+        let rec = ts.as_array().unwrap().iter().find(|r| r["id"].as_u64() == Some(id)).cloned();
+        Ok(rec.filter(|r| r["outcome"] != "Committed"))
+    })?;
+    let logs = || c.servers.iter().map(|(p, _)| p.log_text()).collect::<String>();
+    assert_eq!(ended["outcome"], "Delivered", "{ended}\n{}", logs());
+    let player = t["entity"].as_u64().unwrap();
+    wait_for("the directory", Duration::from_secs(5), || {
+        Ok((c.get(next, &format!("/v1/players/{player}"))?["server_id"].as_u64() == Some(b)).then_some(()))
+    })?;
+    let exit = swarm.child.wait()?;
+    let r = Mesh::summary(&report)?;
+    let said = || format!("exit {exit:?}\n{r}\n{}\n{}", swarm.log_text(), logs());
+    assert_eq!(r["joined"], 1, "{}", said());
+    assert_eq!(r["errors"], 0, "{}", said());
+    assert_eq!(r["ack_regressions"], 0, "{}", said());
+    assert_eq!(r["per_bot"][0]["reconnects"], 0, "the player was never dropped: {}", said());
+    let inv = c.invariants()?;
+    inv.assert_hold();
+    assert_eq!(inv.inputs_skipped, 0, "no input lost: {inv:?}");
+    eprintln!("leader killed: transfer {ended}\nbot: max gap {} ms", r["per_bot"][0]["max_snapshot_gap_ms"]);
+    Ok(())
 }

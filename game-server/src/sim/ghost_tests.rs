@@ -386,7 +386,7 @@ fn walk_over(a: &mut Harness, mut b: Option<&mut Harness>) -> (u32, super::messa
     panic!("no transfer requested");
 }
 
-fn commit(a: &mut Harness, entity: EntityId, effective: u64) {
+pub(super) fn commit(a: &mut Harness, entity: EntityId, effective: u64) {
     a.send(SimIn::TransferCommitted {
         entity,
         transfer: super::messages::CommittedTransfer {

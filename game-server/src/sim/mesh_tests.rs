@@ -55,6 +55,8 @@ pub(super) struct Counts {
     /// server is dead).
     pub(super) unowned_ticks: u64,
     pub(super) inputs_applied: u64,
+    /// Pushes and grabs sent to a prop's owner.
+    pub(super) interactions: u64,
 }
 
 pub(super) struct MeshSim {
@@ -157,12 +159,18 @@ impl MeshSim {
     /// every live server; the coordinator and the servers tick; messages are
     /// routed; the invariants are checked.
     pub(super) fn step(&mut self, stick: &dyn Fn(PlayerId, u64) -> [f32; 2]) {
+        self.step_frames(&|p, t| InputFrame { locomotion: stick(p, t), ..Default::default() });
+    }
+
+    /// One tick, every player sending `frame(player, tick)` (its sequence
+    /// number set here).
+    pub(super) fn step_frames(&mut self, frame: &dyn Fn(PlayerId, u64) -> InputFrame) {
         self.tick += 1;
         let now = self.now();
         let players: Vec<PlayerId> = self.seq.keys().copied().collect();
         for p in players {
             let seq = self.seq[&p];
-            let frame = InputFrame { seq, locomotion: stick(p, self.tick), ..Default::default() };
+            let frame = InputFrame { seq, ..frame(p, self.tick) };
             for n in self.nodes.iter().filter(|n| n.alive) {
                 n.h.send(SimIn::Input { conn: p.0, frame });
             }
@@ -305,6 +313,12 @@ impl MeshSim {
                     let r = self.coord.apply(Command::ResolveOrphan { transfer_id, server: from, adopted, now }).0;
                     assert_eq!(r, Ok(CResponse::Done));
                     self.counts.orphans_adopted += u64::from(adopted);
+                }
+                SimOut::Interact { to, interaction } => {
+                    self.counts.interactions += 1;
+                    if let Some(t) = self.node(to) {
+                        t.h.send(SimIn::Interact { interaction, reply: None });
+                    }
                 }
                 SimOut::Presence { .. } | SimOut::Hint { .. } => {}
             }
@@ -722,4 +736,150 @@ fn a_split_while_a_player_stands_past_the_face_keeps_it_with_its_server() {
     m.run(200, &|_, _| [1.0, 0.0]);
     assert_eq!(m.where_is(p).map(|w| w.0), Some(m.owner_of_region(RegionKey::root(1, 0, 0))));
     assert_eq!(m.counts.handoffs, 1);
+}
+
+/// A frame that holds the head still, leaning towards +x, and puts the
+/// right hand at `hand` (relative to the body), gripping if `grip`.
+fn reach_frame(hand: [f32; 3], grip: bool) -> InputFrame {
+    use shared::wire::{Pose, buttons};
+    let at = |pos| Pose { pos, rot: [0.0, 0.0, 0.0, 1.0] };
+    InputFrame {
+        head: at([0.8, 1.0, 0.0]),
+        left: at([0.3, 0.6, 0.2]),
+        right: at(hand),
+        buttons: if grip { buttons::GRIP_RIGHT } else { 0 },
+        ..Default::default()
+    }
+}
+
+/// Two servers side by side; a player on the first stands 1 m from the
+/// face at x = 2000, and a box the second owns rests 0.4 m past it. Returns
+/// the mesh, the prop and its owner's index.
+fn a_prop_across_the_line() -> (MeshSim, EntityId, ServerId, ServerId) {
+    use super::messages::PropSpawn;
+    let mut m = MeshSim::new(IVec3::ZERO, 2, 1, 1);
+    let p = PlayerId(1);
+    m.join(p, DVec3::new(1999.0, GROUND + 1.0, 500.0));
+    let (a, b) = (m.owner_of_region(RegionKey::root(0, 0, 0)), m.owner_of_region(RegionKey::root(1, 0, 0)));
+    let (reply, ids) = oneshot::channel();
+    let n = m.nodes.iter().position(|n| n.id == b).unwrap();
+    m.nodes[n].h.send(SimIn::SpawnProps {
+        props: vec![PropSpawn {
+            pos: DVec3::new(2000.4, GROUND + 1.0, 500.0),
+            shape: super::physics::PropShape::Box { half: [0.25; 3] },
+            vel: [0.0; 3],
+        }],
+        reply,
+    });
+    m.run(120, &|_, _| [0.0, 0.0]);
+    let prop = ids.blocking_recv().unwrap().unwrap()[0];
+    assert_eq!(m.where_is(p).map(|w| w.0), Some(a));
+    (m, prop, a, b)
+}
+
+impl MeshSim {
+    fn node_of(&self, id: ServerId) -> &Node {
+        self.nodes.iter().find(|n| n.id == id).expect("a server")
+    }
+
+    /// The servers simulating `e`, and its position on the first.
+    fn holders(&self, e: EntityId) -> (Vec<ServerId>, Option<DVec3>) {
+        let mut pos = None;
+        let servers = self
+            .nodes
+            .iter()
+            .filter(|n| n.alive)
+            .filter_map(|n| {
+                let ent = *n.h.world.resource::<Index>().by_net.get(&e)?;
+                pos = pos.or(n.h.world.get::<super::components::Body>(ent).map(|b| b.pos));
+                Some(n.id)
+            })
+            .collect();
+        (servers, pos)
+    }
+
+    fn ghost_on(&self, server: ServerId, e: EntityId) -> Option<DVec3> {
+        self.node_of(server).h.world.resource::<super::ghosts::Ghosts>().by_id.get(&e).map(|g| g.state.q.state().pos)
+    }
+
+    fn interactions(&self, server: ServerId, kind: &str, result: &str) -> u64 {
+        let m = &self.node_of(server).h.world.resource::<super::components::SimMetrics>().0;
+        m.interactions.with_label_values(&[kind, result]).get()
+    }
+
+    /// Transfers the servers had to give up as lost.
+    fn lost(&self) -> u64 {
+        self.nodes
+            .iter()
+            .map(|n| {
+                n.h.world.resource::<super::components::SimMetrics>().0.transfers.with_label_values(&["lost"]).get()
+            })
+            .sum()
+    }
+}
+
+#[test]
+fn a_hand_pushing_a_neighbours_prop_moves_it_on_its_owner() {
+    let (mut m, prop, a, b) = a_prop_across_the_line();
+    let (_, rest) = m.holders(prop);
+    let rest = rest.expect("simulated");
+    let ghost = m.ghost_on(a, prop).expect("the player's server holds a ghost of the box");
+    assert!(ghost.distance(rest) < 0.01, "{ghost} vs {rest}");
+    // The hand sweeps +x through where the box is, at 4.5 m/s.
+    let t0 = m.tick;
+    for _ in 0..90 {
+        m.step_frames(&|_, t| reach_frame([(0.8 + 0.05 * (t - t0) as f32).min(1.6), 0.25, 0.0], false));
+        let (holders, _) = m.holders(prop);
+        assert_eq!(holders, vec![b], "tick {}: only its owner simulates it", m.tick);
+    }
+    let (_, moved) = m.holders(prop);
+    let moved = moved.unwrap();
+    assert!(moved.x - rest.x > 0.3, "the owner moved the box away from the hand: {rest} -> {moved}");
+    assert!(m.interactions(a, "push", "sent") >= 1);
+    assert!(m.interactions(b, "push", "applied") >= 1);
+    assert_eq!(m.interactions(b, "push", "out_of_reach") + m.interactions(b, "push", "stale_epoch"), 0);
+    // And the player's server sees it where its owner put it.
+    let ghost = m.ghost_on(a, prop).expect("still a ghost");
+    assert!(ghost.distance(moved) < 0.05, "the ghost follows: {ghost} vs {moved}");
+}
+
+#[test]
+fn a_grabbed_neighbours_prop_arrives_in_the_hand_and_goes_back_when_thrown_over() {
+    let (mut m, prop, a, b) = a_prop_across_the_line();
+    let p = PlayerId(1);
+    // Grip closes with the hand inside the box's ghost.
+    let mut arrived_at = None;
+    for i in 0..60 {
+        m.step_frames(&|_, _| reach_frame([1.35, 0.25, 0.0], true));
+        let (holders, _) = m.holders(prop);
+        assert!(holders.len() <= 1, "tick {}: {holders:?} simulate the box", m.tick);
+        let held = {
+            let n = m.node_of(a);
+            let e = n.h.world.resource::<Index>().by_player.get(&p).copied().unwrap();
+            n.h.world.get::<super::physics::Hands>(e).unwrap().hands[1].held.is_some()
+        };
+        if held && arrived_at.is_none() {
+            assert_eq!(holders, vec![a]);
+            arrived_at = Some(i);
+        }
+    }
+    let arrived_at = arrived_at.expect("the box arrived in the hand");
+    // The coordinator's lead (9 ticks) and a tick each way.
+    assert!(arrived_at <= 14, "arrived after {arrived_at} ticks");
+    assert_eq!(m.interactions(b, "grab", "applied"), 1);
+    assert_eq!(m.interactions(a, "grab", "arrived"), 1);
+    assert!(m.ghost_on(b, prop).is_some(), "the old owner keeps it in view");
+    // Thrown hard, up and over into the owner's region: handed back there.
+    m.step_frames(&|_, _| reach_frame([1.65, 0.55, 0.0], true));
+    m.step_frames(&|_, _| reach_frame([1.95, 0.85, 0.0], false));
+    for _ in 0..500 {
+        m.step_frames(&|_, _| reach_frame([0.5, 0.5, 0.0], false));
+        let (holders, _) = m.holders(prop);
+        assert!(holders.len() <= 1, "tick {}: {holders:?} simulate the box", m.tick);
+    }
+    let (holders, pos) = m.holders(prop);
+    let pos = pos.expect("not lost");
+    assert!(pos.x > 2020.0, "it flew over: {pos}");
+    assert_eq!(holders, vec![b], "back with the owner of where it landed");
+    assert_eq!(m.lost(), 0);
 }

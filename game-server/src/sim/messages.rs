@@ -247,6 +247,12 @@ pub enum SimIn {
     },
     /// A neighbour's overlap sync for one tick.
     Ghosts(super::ghosts::GhostBatch),
+    /// A neighbour's player pushed or grabbed an entity this server owns;
+    /// the verdict goes back to the neighbour, if it waits for one.
+    Interact {
+        interaction: super::interact::Interaction,
+        reply: Option<oneshot::Sender<Result<(), super::interact::InteractRefusal>>>,
+    },
     /// Transfers to this server whose source died before delivering them
     /// (from the heartbeat; listed until resolved).
     Orphans(Vec<Orphan>),
@@ -299,6 +305,11 @@ pub enum SimOut {
         to: ServerId,
         tick: Tick,
         ghosts: Vec<super::ghosts::GhostState>,
+    },
+    /// A player here pushed or grabbed a prop `to` owns: tell `to`.
+    Interact {
+        to: ServerId,
+        interaction: super::interact::Interaction,
     },
     /// A transfer asked early whose entity did not pass the line: take it
     /// back (the target never got anything).

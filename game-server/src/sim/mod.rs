@@ -10,6 +10,9 @@ pub mod edits;
 #[cfg(test)]
 mod ghost_tests;
 pub mod ghosts;
+pub mod interact;
+#[cfg(test)]
+mod interact_tests;
 #[cfg(test)]
 mod mesh_tests;
 pub mod messages;
@@ -77,9 +80,9 @@ pub fn schedule() -> Schedule {
             .chain(),
     );
     s.add_systems((
-        (systems::ingest, ghosts::expire, terrain::stream).chain().in_set(SimSet::Ingest),
+        (systems::ingest, ghosts::expire, interact::ghost_bodies, terrain::stream).chain().in_set(SimSet::Ingest),
         systems::player_bodies.in_set(SimSet::PlayerBodies),
-        (physics::hands, physics::step).chain().in_set(SimSet::Physics),
+        (physics::hands, interact::reach, physics::step).chain().in_set(SimSet::Physics),
         edits::world_edits.in_set(SimSet::WorldEdits),
         (systems::log_authority, systems::authority).chain().in_set(SimSet::Authority),
         (systems::replication, systems::chunk_edits, ghosts::sync_out).in_set(SimSet::Replication),
@@ -133,6 +136,7 @@ pub fn world(p: SimParts) -> World {
     w.insert_resource(PendingAdoptions::default());
     w.insert_resource(Index::default());
     w.insert_resource(ghosts::Ghosts::default());
+    w.insert_resource(interact::GhostBodies::default());
     w.insert_resource(systems::Released::default());
     w.insert_resource(systems::ResolvedOrphans::default());
     w.insert_resource(AuthorityLog { tx: p.authority_log, catch_up: Vec::new() });

@@ -35,7 +35,7 @@ fn hand_groups() -> InteractionGroups {
     InteractionGroups::new(HAND_GROUP, PROP_GROUP, InteractionTestMode::And)
 }
 
-fn prop_groups() -> InteractionGroups {
+pub fn prop_groups() -> InteractionGroups {
     InteractionGroups::new(PROP_GROUP, Group::ALL, InteractionTestMode::And)
 }
 
@@ -112,7 +112,7 @@ impl PropShape {
         }
     }
 
-    fn collider(&self) -> ColliderBuilder {
+    pub fn collider(&self) -> ColliderBuilder {
         match *self {
             PropShape::Box { half } => ColliderBuilder::cuboid(half[0], half[1], half[2]),
             PropShape::Ball { radius } => ColliderBuilder::ball(radius),
@@ -137,6 +137,13 @@ pub struct Hand {
     /// Where it was a tick ago, for throw speeds.
     pub prev_pos: DVec3,
     pub grip: bool,
+    /// The tick the grip last closed.
+    pub pressed_at: u64,
+    /// The tick this hand last pushed a neighbour's prop.
+    pub pushed_at: u64,
+    /// A neighbour's prop this hand closed on, asked of its owner at this
+    /// tick: it arrives in the hand if the grip is still closed.
+    pub pending_grab: Option<(EntityId, u64)>,
     /// The kinematic ball in the physics world, while props are near.
     pub proxy: Option<RigidBodyHandle>,
     pub held: Option<Held>,
@@ -311,6 +318,9 @@ pub fn hands(
             let pressed = grips[k] && !hand.grip;
             let released = !grips[k] && hand.grip;
             hand.grip = grips[k];
+            if pressed {
+                hand.pressed_at = tick;
+            }
             if pressed && hand.held.is_none() {
                 let ball = Ball::new(GRAB_RADIUS);
                 let at = rapier3d::math::Pose::from_parts(physics.to_local(pos), Quat::IDENTITY);

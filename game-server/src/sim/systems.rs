@@ -123,12 +123,21 @@ pub fn ingest(world: &mut World) {
                     warn!(%entity, %reason, "authority lost: the region was given away and the handoff refused");
                     world.resource::<SimMetrics>().0.transfers.with_label_values(&["lost"]).inc();
                     despawn(world, e);
-                } else if let Some(mut t) = e.and_then(|e| world.get_mut::<Transfer>(e)) {
+                } else if let Some(e) = e
+                    && let Some(mut t) = world.get_mut::<Transfer>(e)
+                {
                     debug!(%entity, %reason, "transfer refused");
                     *t = Transfer::Backoff { until };
+                    world.entity_mut(e).remove::<super::interact::RemoteGrab>();
                 }
             }
             SimIn::Ghosts(batch) => super::ghosts::receive(world, batch),
+            SimIn::Interact { interaction, reply } => {
+                let verdict = super::interact::apply(world, &interaction);
+                if let Some(reply) = reply {
+                    let _ = reply.send(verdict);
+                }
+            }
             SimIn::TransferCancelled { entity, entity_epoch } => {
                 let Some(e) = world.resource::<Index>().by_net.get(&entity).copied() else { continue };
                 let Some(Transfer::Cancelling(t)) = world.get::<Transfer>(e).cloned() else { continue };
@@ -643,6 +652,7 @@ fn adopt_due(world: &mut World) {
             let e = super::physics::spawn_prop(world, s.entity, p.shape, pos, p.rot, s.vel);
             super::physics::set_spin(world, e, p.angvel, p.sleeping);
             world.entity_mut(e).insert(authority);
+            super::interact::arrived(world, e, s.entity);
             info!(entity = %s.entity, from = %s.from, transfer = s.transfer_id, late_ticks = late, "authority gained");
             continue;
         }
@@ -864,8 +874,9 @@ pub fn authority(world: &mut World) {
             Option<&Transfer>,
             Option<&Evicting>,
             Has<Crossed>,
+            Has<super::interact::RemoteGrab>,
         )>();
-        for (e, net, body, auth, avatar, transfer, evicting, has_crossed) in q.iter(world) {
+        for (e, net, body, auth, avatar, transfer, evicting, has_crossed, grabbed) in q.iter(world) {
             // Props at rest are looked at ten times a second, a ninth of
             // them each tick; moving ones every tick.
             if avatar.is_none()
@@ -880,10 +891,12 @@ pub fn authority(world: &mut World) {
                 Some(Transfer::Committed(t)) => {
                     // Asked for early: it goes once it has passed the line
                     // (the tick the transfer takes effect, or later); if it
-                    // turned back, the transfer is given up.
-                    let past =
-                        given_away || handoff_target(&map.tree, &auth.region, body.pos, cfg.handoff_margin_m).is_some();
-                    if past && !has_crossed && !given_away {
+                    // turned back, the transfer is given up. A prop a
+                    // neighbour's player grabbed goes wherever it is.
+                    let past = given_away
+                        || grabbed
+                        || handoff_target(&map.tree, &auth.region, body.pos, cfg.handoff_margin_m).is_some();
+                    if past && !has_crossed && !given_away && !grabbed {
                         crossed.push(e);
                     }
                     if tick + 1 >= t.effective_tick && past {
@@ -1009,27 +1022,45 @@ pub fn authority(world: &mut World) {
         }
     }
     for (e, entity, auth, target, pos, not_before) in requests {
-        debug!(%entity, from = %auth.region, to = %target, not_before, "transfer requested");
-        let req = SimOut::RequestTransfer {
-            entity,
-            from_region: auth.region,
-            from_region_epoch: auth.region_epoch,
-            entity_epoch: auth.entity_epoch,
-            to_region: target,
-            position: pos,
-            not_before_tick: not_before,
-        };
-        if out.0.try_send(req).is_ok() {
-            world.entity_mut(e).insert(Transfer::Requested { at: tick, to_region: target, not_before });
-            metrics.0.transfers.with_label_values(&["requested"]).inc();
-        } else {
-            metrics.0.transfers.with_label_values(&["request_dropped"]).inc();
-        }
+        request_transfer(world, e, entity, auth, target, pos, not_before);
     }
     for (e, t) in releases {
         release(world, e, t, tick, &out, &metrics);
     }
     *world.resource_mut::<OpenFaces>() = faces;
+}
+
+/// Asks the coordinator to hand `e` into `target` from `not_before` on;
+/// false if the control task's queue is full (asked again later).
+pub(super) fn request_transfer(
+    world: &mut World,
+    e: Entity,
+    entity: shared::EntityId,
+    auth: Authority,
+    target: shared::RegionKey,
+    pos: DVec3,
+    not_before: u64,
+) -> bool {
+    debug!(%entity, from = %auth.region, to = %target, not_before, "transfer requested");
+    let req = SimOut::RequestTransfer {
+        entity,
+        from_region: auth.region,
+        from_region_epoch: auth.region_epoch,
+        entity_epoch: auth.entity_epoch,
+        to_region: target,
+        position: pos,
+        not_before_tick: not_before,
+    };
+    let metrics = world.resource::<SimMetrics>().clone();
+    if world.resource::<Outbox>().0.try_send(req).is_ok() {
+        let tick = world.resource::<TickState>().tick;
+        world.entity_mut(e).insert(Transfer::Requested { at: tick, to_region: target, not_before });
+        metrics.0.transfers.with_label_values(&["requested"]).inc();
+        true
+    } else {
+        metrics.0.transfers.with_label_values(&["request_dropped"]).inc();
+        false
+    }
 }
 
 /// Ticks past its effective tick an early transfer waits for its entity to
