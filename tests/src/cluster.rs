@@ -44,6 +44,10 @@ impl Cluster {
         }
         let peers: Vec<String> =
             ports.iter().enumerate().map(|(i, (_, _, raft))| format!("{}=127.0.0.1:{raft}", i + 1)).collect();
+        // One ticket key for every replica (as `meshctl up` and the chart
+        // give them): a ticket any of them signs is good on every server.
+        let key = dir.path().join("ticket.key");
+        std::fs::write(&key, "5a".repeat(32))?;
         let mut cluster = Self { dir, replicas: Vec::new(), servers: Vec::new() };
         for (i, (http, grpc, raft)) in ports.iter().enumerate() {
             let id = i + 1;
@@ -59,6 +63,7 @@ impl Cluster {
                 format!("--ports-file={}", d.join(format!("coordinator-{id}.json")).display()),
                 format!("--data-dir={}", d.join("world").display()),
                 format!("--admin-token={ADMIN_TOKEN}"),
+                format!("--ticket-key-file={}", key.display()),
             ];
             args.extend(coordinator_args.iter().map(|s| (*s).to_owned()));
             cluster.replicas.push(Replica {

@@ -127,12 +127,19 @@ fn a_leader_that_dies_during_a_transfer_leaves_the_handoff_to_its_successor() ->
     let z = walkable_line(1960.0, 2060.0, 1000.0)?;
     let (mut swarm, report) = c.swarm(
         router,
-        "cross",
+        // Its own account names: the rate limits on logins are shared
+        // through Redis with the tests beside it.
+        "relay",
         &["--bots=1", "--seconds=20", &format!("--path=1975,10,{z};2060,10,{z}"), "--spread-m=0"],
     )?;
     let t = wait_for("a committed transfer", Duration::from_secs(20), || {
         let ts = c.get(leader, "/v1/transfers?limit=10")?;
         Ok(ts.as_array().unwrap().iter().find(|t| t["outcome"] == "Committed").cloned())
+    });
+    let t = t.map_err(|e| {
+        let servers = c.servers.iter().map(|(p, _)| p.log_text()).collect::<String>();
+        let router_log = c.replicas[router].proc.as_ref().map(|p| p.log_text()).unwrap_or_default();
+        anyhow::anyhow!("{e}\nswarm:\n{}\nservers:\n{servers}\nrouter:\n{router_log}", swarm.log_text())
     })?;
     assert_eq!((t["from"].as_u64(), t["to"].as_u64()), (Some(a), Some(b)), "{t}");
     let id = t["id"].as_u64().unwrap();
