@@ -60,8 +60,16 @@ fn a_bot_walks_across_the_boundary_and_authority_follows() -> anyhow::Result<()>
     for m in &metrics_text {
         assert!(metric(m, "authority_transfers_total", r#"kind="out""#) >= 1.0, "{}", bots_said());
         assert!(metric(m, "authority_transfers_total", r#"kind="in""#) >= 1.0, "{}", bots_said());
-        let drops: Vec<&str> = m.lines().filter(|l| l.starts_with("packets_dropped_total")).collect();
-        assert_eq!(metric(m, "packets_dropped_total", ""), 0.0, "no datagram dropped: {drops:?}");
+        // Except to connections that just closed: the bots quit at the end
+        // of the run, and a snapshot or two may go out to one before the
+        // tick thread hears it left.
+        let drops: Vec<&str> = m
+            .lines()
+            .filter(|l| l.starts_with("packets_dropped_total") && !l.contains(r#"reason="conn_closed""#))
+            .collect();
+        let dropped =
+            metric(m, "packets_dropped_total", "") - metric(m, "packets_dropped_total", r#"reason="conn_closed""#);
+        assert_eq!(dropped, 0.0, "no datagram dropped: {drops:?}");
     }
 
     // What the bots saw.
