@@ -198,6 +198,9 @@ pub fn run(cfg: &HandoffConfig) -> anyhow::Result<Value> {
             (summed_buckets(&before, "handoff_latency_ticks"), summed_buckets(&after, "handoff_latency_ticks"));
         let latency_ms =
             |p| bot_swarm::report::quantile_between(&l0, &l1, p).map(|ticks| (ticks * TICK_MS * 10.0).round() / 10.0);
+        let (d0, d1) =
+            (summed_buckets(&before, "server_tick_duration_seconds"), summed_buckets(&after, "server_tick_duration_seconds"));
+        let tick_ms = |p| bot_swarm::report::quantile_between(&d0, &d1, p).map(|s| (s * 1e4).round() / 10.0);
         let measured = l1.last().map_or(0.0, |b| b.1) - l0.last().map_or(0.0, |b| b.1);
         let inv = integration_tests::invariants::Invariants::read(dir.path(), &names)?;
         let max_gap_ms = r.per_bot.iter().map(|b| b.max_snapshot_gap_ms).max().unwrap_or(0);
@@ -225,9 +228,12 @@ pub fn run(cfg: &HandoffConfig) -> anyhow::Result<Value> {
             "handoffs_timed": measured,
             "handoff_p50_ms": latency_ms(0.5),
             "handoff_p99_ms": latency_ms(0.99),
+            "tick_p50_ms": tick_ms(0.5),
+            "tick_p99_ms": tick_ms(0.99),
             "lost": lost,
             "duplicated": inv.duplicated.len(),
             "unowned_entity_ticks": inv.unowned.len(),
+            "unowned_sample": inv.unowned.iter().take(5).collect::<Vec<_>>(),
             "input_regressions": inv.input_regressions.len(),
             "inputs_skipped": inv.inputs_skipped,
             "ticks_checked": inv.ticks_checked,

@@ -536,3 +536,51 @@ fn an_orphan_with_no_ghost_is_reported_lost() {
     assert!(matches!(b.next_out(), Ok(SimOut::OrphanResolved { transfer_id: 4, adopted: false })));
     assert!(!b.world.resource::<super::components::Index>().by_net.contains_key(&EntityId(77)));
 }
+
+#[test]
+fn a_prop_handed_over_late_logs_the_ticks_it_was_carried_through() {
+    use super::components::AuthorityLog;
+    use super::messages::{HandoffState, PropHandoff};
+    let mut h = Harness::new(2);
+    let (tx, rx) = std::sync::mpsc::sync_channel(1024);
+    h.world.resource_mut::<AuthorityLog>().tx = Some(tx);
+    for _ in 0..5 {
+        h.step();
+    }
+    let id = EntityId((1 << 40) | 77);
+    // Released by server 1 for tick h.tick - 1: it arrives two ticks late.
+    let effective = h.tick - 1;
+    let state = HandoffState {
+        transfer_id: 5,
+        from: ServerId(1),
+        to: ServerId(2),
+        entity: id,
+        entity_epoch: Epoch(1),
+        to_region: RegionKey::root(1, 0, 0),
+        to_region_epoch: Epoch(2),
+        effective_tick: effective,
+        pos: DVec3::new(2005.0, GROUND + 3.0, 1000.0),
+        yaw: 0.0,
+        vel: glam::Vec3::new(5.0, 0.0, 0.0),
+        player: None,
+        last_applied_input: 0,
+        pending_inputs: Vec::new(),
+        prop: Some(PropHandoff {
+            shape: super::physics::PropShape::Ball { radius: 0.2 },
+            rot: glam::Quat::IDENTITY,
+            angvel: glam::Vec3::ZERO,
+            sleeping: false,
+        }),
+        crossed_tick: Some(effective - 1),
+    };
+    let (reply, verdict) = tokio::sync::oneshot::channel();
+    h.send(SimIn::Adopt { state: Box::new(state), reply });
+    h.step();
+    assert_eq!(verdict.blocking_recv().unwrap(), Ok(()));
+    let lines: Vec<serde_json::Value> = rx.try_iter().map(|l| serde_json::from_str(&l).unwrap()).collect();
+    let logged =
+        |t: u64| lines.iter().any(|l| l["tick"] == t && l["auth"].as_array().unwrap().iter().any(|e| e == id.0));
+    for t in effective..=h.tick {
+        assert!(logged(t), "tick {t} of {id} is logged: {lines:?}");
+    }
+}

@@ -645,6 +645,15 @@ fn adopt_due(world: &mut World) {
             entity_epoch: s.entity_epoch,
             since: s.effective_tick,
         };
+        // The ticks it missed, simulated at once here (a player's inputs
+        // through `catch_up`, a prop along its path), are logged as this
+        // server's.
+        {
+            let mut log = world.resource_mut::<AuthorityLog>();
+            if log.tx.is_some() {
+                log.catch_up.extend((s.effective_tick..tick).map(|t| (t, s.entity)));
+            }
+        }
         if let Some(p) = s.prop {
             // A late prop goes on from where it would be by now (a few
             // ticks at most: a straight line soon leaves its real path).
@@ -675,12 +684,6 @@ fn adopt_due(world: &mut World) {
             index.by_net.insert(s.entity, e);
             if let Some(p) = s.player {
                 index.by_player.insert(p, e);
-            }
-        }
-        {
-            let mut log = world.resource_mut::<AuthorityLog>();
-            if log.tx.is_some() {
-                log.catch_up.extend((s.effective_tick..tick).map(|t| (t, s.entity)));
             }
         }
         if let Some(c) = conn {
@@ -1051,16 +1054,14 @@ pub(super) fn request_transfer(
         position: pos,
         not_before_tick: not_before,
     };
-    let metrics = world.resource::<SimMetrics>().clone();
-    if world.resource::<Outbox>().0.try_send(req).is_ok() {
+    let sent = world.resource::<Outbox>().0.try_send(req).is_ok();
+    if sent {
         let tick = world.resource::<TickState>().tick;
         world.entity_mut(e).insert(Transfer::Requested { at: tick, to_region: target, not_before });
-        metrics.0.transfers.with_label_values(&["requested"]).inc();
-        true
-    } else {
-        metrics.0.transfers.with_label_values(&["request_dropped"]).inc();
-        false
     }
+    let kind = if sent { "requested" } else { "request_dropped" };
+    world.resource::<SimMetrics>().0.transfers.with_label_values(&[kind]).inc();
+    sent
 }
 
 /// Ticks past its effective tick an early transfer waits for its entity to
