@@ -204,6 +204,11 @@ pub fn run(cfg: &HandoffConfig) -> anyhow::Result<Value> {
         let measured = l1.last().map_or(0.0, |b| b.1) - l0.last().map_or(0.0, |b| b.1);
         let inv = integration_tests::invariants::Invariants::read(dir.path(), &names)?;
         let max_gap_ms = r.per_bot.iter().map(|b| b.max_snapshot_gap_ms).max().unwrap_or(0);
+        let max_gap_ticks = r.per_bot.iter().map(|b| b.max_snapshot_gap_ticks).max().unwrap_or(0);
+        let mut handoff_gap_ticks: Vec<u64> = r.per_bot.iter().flat_map(|b| b.handoff_gap_ticks.iter().copied()).collect();
+        handoff_gap_ticks.sort_unstable();
+        let handoff_gap_ticks_p99 = (!handoff_gap_ticks.is_empty())
+            .then(|| handoff_gap_ticks[((handoff_gap_ticks.len() - 1) as f64 * 0.99).round() as usize]);
         let lost = delta("lost") + delta("orphan_lost") + delta("handoff_dropped");
         let kinds: serde_json::Map<String, Value> =
             t1.keys().map(|k| (k.clone(), json!(delta(k)))).filter(|(_, v)| v.as_f64() != Some(0.0)).collect();
@@ -238,7 +243,11 @@ pub fn run(cfg: &HandoffConfig) -> anyhow::Result<Value> {
             "inputs_skipped": inv.inputs_skipped,
             "ticks_checked": inv.ticks_checked,
             "entities_checked": inv.entities,
-            "max_snapshot_gap_ticks": (max_gap_ms as f64 / TICK_MS).ceil(),
+            "max_snapshot_gap_ticks": max_gap_ticks,
+            "bots_over_2_ticks": r.per_bot.iter().filter(|b| b.max_snapshot_gap_ticks > 2).count(),
+            "handoff_gap_ticks_p99": handoff_gap_ticks_p99,
+            "handoff_gap_ticks_max": handoff_gap_ticks.last(),
+            "max_snapshot_gap_wall_ms": max_gap_ms,
             "bot_handoffs": r.handoffs,
             "ack_regressions": r.ack_regressions,
             "handoff_gap_p99_ms": r.handoff_gap_p99_ms,

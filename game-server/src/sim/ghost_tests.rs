@@ -584,3 +584,38 @@ fn a_prop_handed_over_late_logs_the_ticks_it_was_carried_through() {
         assert!(logged(t), "tick {t} of {id} is logged: {lines:?}");
     }
 }
+
+#[test]
+fn the_source_sends_the_snapshot_of_the_last_tick_it_simulated_before_it_lets_go() {
+    use super::messages::SimOut;
+    use super::tests::{drain_all, input};
+    use shared::wire::ServerControl;
+    let mut a = Harness::new(1);
+    let mut rx = a.join(1, JoinRole::Play, DVec3::new(1999.0, GROUND + 1.0, 1000.0));
+    a.step();
+    let (mut seq, asked) = walk_over(&mut a, None);
+    let SimOut::RequestTransfer { entity, not_before_tick, .. } = asked else { panic!("{asked:?}") };
+    let effective = not_before_tick.max(a.tick + 3);
+    commit(&mut a, entity, effective);
+    let _ = drain_all(&mut rx);
+    let mut shipped = None;
+    let mut seen = Vec::new();
+    for _ in 0..20 {
+        a.send(SimIn::Input { conn: 1, frame: input(seq, 1.0) });
+        seq += 1;
+        a.step();
+        seen.extend(drain_all(&mut rx));
+        if let Ok(SimOut::Handoff(s)) = a.next_out() {
+            shipped = Some(s);
+            break;
+        }
+    }
+    let state = shipped.expect("shipped");
+    // The newest snapshot is of the tick released, with the inputs applied
+    // in it (the new owner simulates the next tick), and the client was told.
+    let Some(Ok(snap)) = seen.iter().rfind(|o| o.is_ok()) else { panic!("{seen:?}") };
+    assert_eq!((snap.tick, snap.authoritative), (state.effective_tick - 1, true));
+    assert_eq!(snap.last_input_seq, state.last_applied_input);
+    assert!(seen.iter().any(|o| matches!(o, Err(ServerControl::AuthorityMoved { effective_tick, .. })
+        if *effective_tick == state.effective_tick)));
+}

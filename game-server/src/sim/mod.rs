@@ -55,7 +55,8 @@ pub enum SimSet {
     WorldEdits,
     /// Boundary checks, transfer requests, releases.
     Authority,
-    /// Snapshots to players.
+    /// Snapshots to players, then the releases `Authority` decided (after
+    /// the snapshot of the last tick simulated here), then overlap sync.
     Replication,
     /// Gauges and load figures.
     Metrics,
@@ -85,7 +86,8 @@ pub fn schedule() -> Schedule {
         (physics::hands, interact::reach, physics::step).chain().in_set(SimSet::Physics),
         edits::world_edits.in_set(SimSet::WorldEdits),
         (systems::log_authority, systems::authority).chain().in_set(SimSet::Authority),
-        (systems::replication, systems::chunk_edits, ghosts::sync_out).in_set(SimSet::Replication),
+        ((systems::replication, systems::release_due, ghosts::sync_out).chain(), systems::chunk_edits)
+            .in_set(SimSet::Replication),
         systems::report.in_set(SimSet::Metrics),
     ));
     s
@@ -138,6 +140,7 @@ pub fn world(p: SimParts) -> World {
     w.insert_resource(ghosts::Ghosts::default());
     w.insert_resource(interact::GhostBodies::default());
     w.insert_resource(systems::Released::default());
+    w.insert_resource(systems::DueReleases::default());
     w.insert_resource(systems::ResolvedOrphans::default());
     w.insert_resource(AuthorityLog { tx: p.authority_log, catch_up: Vec::new() });
     w.insert_resource(TickTimes::default());

@@ -1027,10 +1027,27 @@ pub fn authority(world: &mut World) {
     for (e, entity, auth, target, pos, not_before) in requests {
         request_transfer(world, e, entity, auth, target, pos, not_before);
     }
-    for (e, t) in releases {
+    world.resource_mut::<DueReleases>().0.extend(releases);
+    *world.resource_mut::<OpenFaces>() = faces;
+}
+
+/// Entities to hand over at the end of this tick, after replication: the
+/// player gets this tick's snapshot from the server that simulated it, so
+/// the new owner's first (next tick) follows it without a gap.
+#[derive(Resource, Debug, Default)]
+pub struct DueReleases(pub Vec<(Entity, super::messages::CommittedTransfer)>);
+
+pub fn release_due(world: &mut World) {
+    let due = std::mem::take(&mut world.resource_mut::<DueReleases>().0);
+    if due.is_empty() {
+        return;
+    }
+    let tick = world.resource::<TickState>().tick;
+    let out = world.resource::<Outbox>().clone();
+    let metrics = world.resource::<SimMetrics>().clone();
+    for (e, t) in due {
         release(world, e, t, tick, &out, &metrics);
     }
-    *world.resource_mut::<OpenFaces>() = faces;
 }
 
 /// Asks the coordinator to hand `e` into `target` from `not_before` on;

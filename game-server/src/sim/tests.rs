@@ -188,6 +188,20 @@ fn drain(rx: &mut ConnRx) -> (Vec<ServerControl>, Option<shared::wire::Snapshot>
     (controls, last)
 }
 
+/// Everything sent on a connection, in order: snapshots as `Ok`, control
+/// messages as `Err`.
+pub(super) fn drain_all(rx: &mut ConnRx) -> Vec<Result<shared::wire::Snapshot, ServerControl>> {
+    let mut snapshots = shared::snapshot::Receiver::default();
+    let mut out = Vec::new();
+    while let Some(o) = rx.try_recv() {
+        out.push(match o {
+            Outbound::Control(c) => Err(c),
+            Outbound::Datagram(b) => Ok(snapshots.receive(&b).expect("a snapshot decodes")),
+        });
+    }
+    out
+}
+
 pub(super) fn controls(rx: &mut ConnRx) -> Vec<ServerControl> {
     drain(rx).0
 }

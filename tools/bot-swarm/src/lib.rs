@@ -137,6 +137,15 @@ pub struct BotReport {
     /// Authoritative snapshots that arrived after a newer one and were ignored.
     pub stale_snapshots: u64,
     pub max_snapshot_gap_ms: u64,
+    /// Largest step between the ticks of two successive authoritative
+    /// snapshots (1: none missed), across handoffs too: what the mesh sent,
+    /// apart from how late this process got to read it.
+    #[serde(default)]
+    pub max_snapshot_gap_ticks: u64,
+    /// At each handoff: the new server's first snapshot tick less the old
+    /// server's last.
+    #[serde(default)]
+    pub handoff_gap_ticks: Vec<u64>,
     pub connections_opened: u32,
     /// Pre-connects that began with the standby ticket that came in the
     /// server's hint (no round trip to the coordinator).
@@ -305,6 +314,8 @@ struct Session {
     /// Newest input acknowledged by an authoritative snapshot.
     last_ack: u32,
     last_snapshot: Option<Instant>,
+    /// The tick of the newest authoritative snapshot.
+    last_snapshot_tick: Option<u64>,
 }
 
 /// Runs the swarm until its duration passes or `stop` is cancelled.
@@ -737,11 +748,17 @@ impl Bot {
             self.report.max_snapshot_gap_ms = self.report.max_snapshot_gap_ms.max(gap);
         }
         session.last_snapshot = Some(now);
+        let tick_gap = session.last_snapshot_tick.map(|t| snap.tick.saturating_sub(t));
+        if let Some(g) = tick_gap {
+            self.report.max_snapshot_gap_ticks = self.report.max_snapshot_gap_ticks.max(g);
+        }
+        session.last_snapshot_tick = Some(snap.tick);
         if session.authority != Some(server) {
             if session.authority.is_some()
                 && let Some(prev) = prev_snapshot
             {
                 self.report.handoff_gaps_ms.push(now.duration_since(prev).as_secs_f64() * 1000.0);
+                self.report.handoff_gap_ticks.extend(tick_gap);
             }
             self.report.authority_changes.push(AuthorityChange {
                 from: session.authority.map(|s| s.0),
