@@ -247,6 +247,10 @@ pub fn run(cfg: &HandoffConfig) -> anyhow::Result<Value> {
             "bots_over_2_ticks": r.per_bot.iter().filter(|b| b.max_snapshot_gap_ticks > 2).count(),
             "handoff_gap_ticks_p99": handoff_gap_ticks_p99,
             "handoff_gap_ticks_max": handoff_gap_ticks.last(),
+            "handoff_gap_ticks_counts": handoff_gap_ticks.iter().fold(std::collections::BTreeMap::new(), |mut m, g| {
+                *m.entry(g.to_string()).or_insert(0u32) += 1;
+                m
+            }),
             "max_snapshot_gap_wall_ms": max_gap_ms,
             "bot_handoffs": r.handoffs,
             "ack_regressions": r.ack_regressions,
