@@ -1,6 +1,7 @@
 //! The gRPC service other game servers call (port 9090).
 
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use proto::peer as ppb;
 use proto::peer::game_server_peer_server::GameServerPeer;
@@ -15,11 +16,37 @@ use crate::sim::messages::SimIn;
 pub struct PeerService {
     sim: mpsc::Sender<SimIn>,
     metrics: Metrics,
+    interactions: Arc<Mutex<Window>>,
+}
+
+/// Most interactions all peers together may ask for in a second. Each goes
+/// through the tick thread's inbox, which player inputs share: a peer that
+/// floods it is refused here (`interact_rate_limited`), not let crowd them
+/// out. A thousand players reaching over one boundary push a few times a
+/// second each.
+pub const MAX_INTERACTIONS_PER_S: u32 = 4000;
+
+/// A fixed one-second window of interactions taken.
+#[derive(Debug)]
+struct Window {
+    start: Instant,
+    taken: u32,
+}
+
+impl Window {
+    fn take(&mut self, now: Instant, limit: u32) -> bool {
+        if now.duration_since(self.start) >= Duration::from_secs(1) {
+            *self = Window { start: now, taken: 0 };
+        }
+        self.taken += 1;
+        self.taken <= limit
+    }
 }
 
 impl PeerService {
     pub fn new(sim: mpsc::Sender<SimIn>, metrics: Metrics) -> Self {
-        Self { sim, metrics }
+        let window = Window { start: Instant::now(), taken: 0 };
+        Self { sim, metrics, interactions: Arc::new(Mutex::new(window)) }
     }
 
     fn refuse(&self, reason: &'static str, status: Status) -> Status {
@@ -47,6 +74,11 @@ impl GameServerPeer for PeerService {
     }
 
     async fn interact(&self, req: Request<ppb::InteractRequest>) -> Result<Response<ppb::InteractResponse>, Status> {
+        let allowed =
+            self.interactions.lock().unwrap_or_else(|p| p.into_inner()).take(Instant::now(), MAX_INTERACTIONS_PER_S);
+        if !allowed {
+            return Err(self.refuse("interact_rate_limited", Status::resource_exhausted("too many interactions")));
+        }
         let interaction = interaction_from_pb(req.get_ref())
             .map_err(|e| self.refuse(e.reason(), Status::invalid_argument(format!("bad_request: {e}"))))?;
         let (reply, verdict) = oneshot::channel();
@@ -93,5 +125,21 @@ impl GameServerPeer for PeerService {
             summary.batches_accepted += 1;
         }
         Ok(Response::new(summary))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_interaction_window_refuses_past_its_limit_and_starts_over_each_second() {
+        let t0 = Instant::now();
+        let mut w = Window { start: t0, taken: 0 };
+        let taken = (0..10).filter(|_| w.take(t0, 4)).count();
+        assert_eq!(taken, 4);
+        assert!(!w.take(t0 + Duration::from_millis(999), 4));
+        assert!(w.take(t0 + Duration::from_secs(1), 4), "a new second");
+        assert_eq!(w.taken, 1);
     }
 }
