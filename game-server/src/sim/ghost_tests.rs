@@ -400,19 +400,28 @@ pub(super) fn commit(a: &mut Harness, entity: EntityId, effective: u64) {
     });
 }
 
+/// Player 7 on server 1 (no server 2 here) walked over the line; its
+/// transfer is committed, as the coordinator would: at the predicted
+/// crossing, or later. Returns the server, the player's connection, the
+/// next input sequence number and the player's entity.
+fn walked_over_and_committed() -> (Harness, super::messages::ConnRx, u32, EntityId) {
+    use super::messages::SimOut;
+    let mut a = Harness::new(1);
+    let rx = a.join(1, JoinRole::Play, DVec3::new(1999.0, GROUND + 1.0, 1000.0));
+    a.step();
+    let (seq, asked) = walk_over(&mut a, None);
+    let SimOut::RequestTransfer { entity, not_before_tick, .. } = asked else { panic!("{asked:?}") };
+    let effective = not_before_tick.max(a.tick + 3);
+    commit(&mut a, entity, effective);
+    (a, rx, seq, entity)
+}
+
 #[test]
 fn a_handoff_the_target_never_got_comes_back_to_the_source() {
     use super::messages::SimOut;
     use super::tests::{controls, input};
     use shared::wire::ServerControl;
-    let mut a = Harness::new(1);
-    let mut rx = a.join(1, JoinRole::Play, DVec3::new(1999.0, GROUND + 1.0, 1000.0));
-    a.step();
-    let (mut seq, asked) = walk_over(&mut a, None);
-    let SimOut::RequestTransfer { entity, not_before_tick, .. } = asked else { panic!("{asked:?}") };
-    // As the coordinator would: at the predicted crossing, or later.
-    let effective = not_before_tick.max(a.tick + 3);
-    commit(&mut a, entity, effective);
+    let (mut a, mut rx, mut seq, entity) = walked_over_and_committed();
     let mut shipped = None;
     for _ in 0..20 {
         if shipped.is_some() {
@@ -590,13 +599,7 @@ fn the_source_sends_the_snapshot_of_the_last_tick_it_simulated_before_it_lets_go
     use super::messages::SimOut;
     use super::tests::{drain_all, input};
     use shared::wire::ServerControl;
-    let mut a = Harness::new(1);
-    let mut rx = a.join(1, JoinRole::Play, DVec3::new(1999.0, GROUND + 1.0, 1000.0));
-    a.step();
-    let (mut seq, asked) = walk_over(&mut a, None);
-    let SimOut::RequestTransfer { entity, not_before_tick, .. } = asked else { panic!("{asked:?}") };
-    let effective = not_before_tick.max(a.tick + 3);
-    commit(&mut a, entity, effective);
+    let (mut a, mut rx, mut seq, _) = walked_over_and_committed();
     let _ = drain_all(&mut rx);
     let mut shipped = None;
     let mut seen = Vec::new();

@@ -48,6 +48,14 @@ fn push_from_2(id: EntityId) -> Interaction {
     }
 }
 
+/// Server 2's player closes its grip on `id`, from root (1,0,0).
+fn grab_from_2(id: EntityId) -> Interaction {
+    Interaction {
+        kind: InteractKind::Grab { to_region: RegionKey::root(1, 0, 0), to_region_epoch: Epoch(2) },
+        ..push_from_2(id)
+    }
+}
+
 #[test]
 fn a_neighbours_push_moves_the_prop_and_bad_ones_change_nothing() {
     let (mut h, id, _rx) = a_box_by_the_face();
@@ -107,10 +115,7 @@ fn a_neighbours_push_moves_the_prop_and_bad_ones_change_nothing() {
 #[test]
 fn a_neighbours_grab_hands_the_prop_over_wherever_it_is() {
     let (mut h, id, _rx) = a_box_by_the_face();
-    let grab = Interaction {
-        kind: InteractKind::Grab { to_region: RegionKey::root(1, 0, 0), to_region_epoch: Epoch(2) },
-        ..push_from_2(id)
-    };
+    let grab = grab_from_2(id);
     h.send(SimIn::Interact { interaction: grab, reply: None });
     h.step();
     assert_eq!(count(&h, "grab", "applied"), 1);
@@ -147,10 +152,7 @@ fn a_neighbours_grab_hands_the_prop_over_wherever_it_is() {
 #[test]
 fn a_refused_grab_leaves_the_prop_where_it_was() {
     let (mut h, id, _rx) = a_box_by_the_face();
-    let grab = Interaction {
-        kind: InteractKind::Grab { to_region: RegionKey::root(1, 0, 0), to_region_epoch: Epoch(2) },
-        ..push_from_2(id)
-    };
+    let grab = grab_from_2(id);
     h.send(SimIn::Interact { interaction: grab, reply: None });
     h.step();
     assert!(matches!(h.next_out(), Ok(SimOut::RequestTransfer { .. })));
@@ -162,48 +164,4 @@ fn a_refused_grab_leaves_the_prop_where_it_was() {
     assert!(h.world.get::<RemoteGrab>(e).is_none());
     assert!(h.next_out().is_err(), "not asked for again: it is not past any line");
     assert!(h.world.resource::<Index>().by_net.contains_key(&id));
-}
-
-#[test]
-fn this_servers_props_land_on_a_neighbours_ghost_prop() {
-    use super::ghosts::{GhostBatch, GhostKind, GhostState};
-    use shared::snapshot::QEntity;
-    use shared::wire::EntityState;
-    let mut h = Harness::new(1);
-    let _rx = h.join(1, JoinRole::Play, DVec3::new(1960.0, GROUND + 1.0, 1000.0));
-    h.settle();
-    // Server 2's slab, 2 × 0.5 × 2 m, on the ground just past the face (in
-    // its margin).
-    let slab = GhostState {
-        region: RegionKey::root(1, 0, 0),
-        region_epoch: Epoch(2),
-        kind: GhostKind::Prop,
-        last_input: 0,
-        shape: Some(super::physics::PropShape::Box { half: [1.0, 0.25, 1.0] }),
-        q: QEntity::quantise(&EntityState {
-            id: EntityId((2 << 40) | 1),
-            pos: DVec3::new(1999.0, GROUND + 0.25, 1000.0),
-            rot: [0.0, 0.0, 0.0, 1.0],
-            vel: [0.0; 3],
-            authority: ServerId(2),
-        }),
-    };
-    let batch = |h: &Harness| {
-        SimIn::Ghosts(GhostBatch { from: ServerId(2), tick: h.tick, full: true, ghosts: vec![slab], removed: vec![] })
-    };
-    h.send(batch(&h));
-    h.step();
-    // A box of this server's dropped onto it comes to rest on top.
-    let id = spawn_box(&mut h, DVec3::new(1999.0, GROUND + 2.0, 1000.0));
-    for i in 0..120 {
-        if i % 20 == 0 {
-            h.send(batch(&h));
-        }
-        h.step();
-    }
-    let rest = body(&h, id).pos;
-    assert!((rest.y - (GROUND + 0.75)).abs() < 0.05, "on the slab: {rest}");
-    // And nothing here moved the slab.
-    let g = h.world.resource::<super::ghosts::Ghosts>().by_id[&slab.q.id];
-    assert_eq!(g.state, slab);
 }

@@ -81,7 +81,7 @@ pub fn schedule() -> Schedule {
             .chain(),
     );
     s.add_systems((
-        (systems::ingest, ghosts::expire, interact::ghost_bodies, terrain::stream).chain().in_set(SimSet::Ingest),
+        (systems::ingest, ghosts::expire, terrain::stream).chain().in_set(SimSet::Ingest),
         systems::player_bodies.in_set(SimSet::PlayerBodies),
         (physics::hands, interact::reach, physics::step).chain().in_set(SimSet::Physics),
         edits::world_edits.in_set(SimSet::WorldEdits),
@@ -138,7 +138,6 @@ pub fn world(p: SimParts) -> World {
     w.insert_resource(PendingAdoptions::default());
     w.insert_resource(Index::default());
     w.insert_resource(ghosts::Ghosts::default());
-    w.insert_resource(interact::GhostBodies::default());
     w.insert_resource(systems::Released::default());
     w.insert_resource(systems::DueReleases::default());
     w.insert_resource(systems::ResolvedOrphans::default());

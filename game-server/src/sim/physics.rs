@@ -35,7 +35,7 @@ fn hand_groups() -> InteractionGroups {
     InteractionGroups::new(HAND_GROUP, PROP_GROUP, InteractionTestMode::And)
 }
 
-pub fn prop_groups() -> InteractionGroups {
+fn prop_groups() -> InteractionGroups {
     InteractionGroups::new(PROP_GROUP, Group::ALL, InteractionTestMode::And)
 }
 
@@ -112,7 +112,7 @@ impl PropShape {
         }
     }
 
-    pub fn collider(&self) -> ColliderBuilder {
+    fn collider(&self) -> ColliderBuilder {
         match *self {
             PropShape::Box { half } => ColliderBuilder::cuboid(half[0], half[1], half[2]),
             PropShape::Ball { radius } => ColliderBuilder::ball(radius),
