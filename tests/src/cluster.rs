@@ -131,20 +131,12 @@ impl Cluster {
 
     /// Starts `bot-swarm` routed by replica `i`, as [`crate::Mesh::swarm`].
     pub fn swarm(&self, i: usize, name: &str, args: &[&str]) -> anyhow::Result<(Proc, std::path::PathBuf)> {
-        let report = self.dir.path().join(name);
-        let mut all = vec![
-            format!("--coordinator=http://{}", self.replicas[i].http),
-            format!("--account-prefix={name}-"),
-            format!("--report={}", report.display()),
-        ];
-        all.extend(args.iter().map(|a| (*a).to_owned()));
-        Ok((Proc::start(name, "bot-swarm", &all, self.dir.path())?, report))
+        crate::swarm_at(self.dir.path(), &self.replicas[i].http, name, args)
     }
 
     /// The authority invariants over every game server's log so far.
     pub fn invariants(&self) -> anyhow::Result<crate::invariants::Invariants> {
-        let names: Vec<String> = self.servers.iter().map(|(p, _)| p.name.clone()).collect();
-        crate::invariants::Invariants::read(self.dir.path(), &names)
+        crate::invariants_of(self.dir.path(), &self.servers)
     }
 
     /// GET from replica `i`'s admin API.

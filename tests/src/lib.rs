@@ -200,8 +200,7 @@ impl Mesh {
 
     /// The authority invariants over every game server's log so far.
     pub fn invariants(&self) -> anyhow::Result<invariants::Invariants> {
-        let names: Vec<String> = self.servers.iter().map(|(p, _)| p.name.clone()).collect();
-        invariants::Invariants::read(self.dir.path(), &names)
+        invariants_of(self.dir.path(), &self.servers)
     }
 
     /// Starts one more game server; returns its index in `servers`.
@@ -236,14 +235,7 @@ impl Mesh {
     /// `<name>-<n>` and its report goes to `<dir>/<name>` (returned), with
     /// `args` for the rest (bots, seconds, path or mix, limits).
     pub fn swarm(&self, name: &str, args: &[&str]) -> anyhow::Result<(Proc, PathBuf)> {
-        let report = self.dir.path().join(name);
-        let mut all = vec![
-            format!("--coordinator=http://{}", self.http),
-            format!("--account-prefix={name}-"),
-            format!("--report={}", report.display()),
-        ];
-        all.extend(args.iter().map(|a| (*a).to_owned()));
-        Ok((Proc::start(name, "bot-swarm", &all, self.dir.path())?, report))
+        swarm_at(self.dir.path(), &self.http, name, args)
     }
 
     /// POSTs JSON to the coordinator's API, from a runtime of its own.
@@ -286,6 +278,26 @@ impl Mesh {
 }
 
 /// Reads a Prometheus counter (summed over label sets matching `labels`).
+/// Starts `bot-swarm` in `dir`, routed by the coordinator API at `http`:
+/// its bots log in as `<name>-<n>` and its report goes to `<dir>/<name>`
+/// (returned), with `args` for the rest.
+pub fn swarm_at(dir: &Path, http: &str, name: &str, args: &[&str]) -> anyhow::Result<(Proc, PathBuf)> {
+    let report = dir.join(name);
+    let mut all = vec![
+        format!("--coordinator=http://{http}"),
+        format!("--account-prefix={name}-"),
+        format!("--report={}", report.display()),
+    ];
+    all.extend(args.iter().map(|a| (*a).to_owned()));
+    Ok((Proc::start(name, "bot-swarm", &all, dir)?, report))
+}
+
+/// The authority invariants over the logs `servers` wrote in `dir`.
+pub fn invariants_of(dir: &Path, servers: &[(Proc, Value)]) -> anyhow::Result<invariants::Invariants> {
+    let names: Vec<String> = servers.iter().map(|(p, _)| p.name.clone()).collect();
+    invariants::Invariants::read(dir, &names)
+}
+
 pub fn metric(text: &str, name: &str, labels: &str) -> f64 {
     text.lines()
         .filter(|l| !l.starts_with('#'))

@@ -667,7 +667,6 @@ fn an_early_transfer_for_a_player_who_stops_short_of_the_line_is_given_up() {
 
 #[test]
 fn a_split_and_a_move_learnt_in_one_map_update_hand_over_players_and_props() {
-    use super::messages::PropSpawn;
     use mesh_coordinator::state::Command;
     let mut m = MeshSim::new(IVec3::ZERO, 2, 1, 1);
     let p = PlayerId(1);
@@ -675,18 +674,7 @@ fn a_split_and_a_move_learnt_in_one_map_update_hand_over_players_and_props() {
     m.run(30, &|_, _| [0.0, 0.0]);
     let (first, _) = m.where_is(p).unwrap();
     // A box beside the player.
-    let (reply, ids) = oneshot::channel();
-    let n = m.nodes.iter().position(|n| n.id == first).unwrap();
-    m.nodes[n].h.send(SimIn::SpawnProps {
-        props: vec![PropSpawn {
-            pos: DVec3::new(1503.0, GROUND + 1.0, 500.0),
-            shape: super::physics::PropShape::Box { half: [0.3; 3] },
-            vel: [0.0; 3],
-        }],
-        reply,
-    });
-    m.run(60, &|_, _| [0.0, 0.0]);
-    let prop = ids.blocking_recv().unwrap().unwrap()[0];
+    let prop = m.spawn_box(first, DVec3::new(1503.0, GROUND + 1.0, 500.0), 0.3, 60);
     // The coordinator splits the root and moves the child they stand in
     // (x 1000–2000, z 0–1000) before the server hears of either.
     let other = m.owner_of_region(RegionKey::root(1, 0, 0));
@@ -696,14 +684,9 @@ fn a_split_and_a_move_learnt_in_one_map_update_hand_over_players_and_props() {
     assert!(m.coord.apply(Command::MoveRegion { region: child, to: other, now }).0.is_ok());
     m.run(400, &|_, _| [0.0, 0.0]);
     assert_eq!(m.where_is(p).map(|w| w.0), Some(other), "{:?}", m.counts);
-    let on_other = m.nodes.iter().find(|n| n.id == other).unwrap();
+    let on_other = m.node_of(other);
     assert!(on_other.h.world.resource::<Index>().by_net.contains_key(&prop), "the prop was handed over too");
-    let lost = m
-        .nodes
-        .iter()
-        .map(|n| n.h.world.resource::<super::components::SimMetrics>().0.transfers.with_label_values(&["lost"]).get())
-        .sum::<u64>();
-    assert_eq!(lost, 0);
+    assert_eq!(m.lost(), 0);
 }
 
 #[test]
@@ -726,12 +709,7 @@ fn a_split_while_a_player_stands_past_the_face_keeps_it_with_its_server() {
     assert!(m.coord.apply(Command::SplitRegion { region: RegionKey::root(0, 0, 0), now }).0.is_ok());
     m.run(300, &|_, _| [0.0, 0.0]);
     assert_eq!((m.where_is(p).map(|w| w.0), m.counts.handoffs), (Some(first), 0), "{:?}", m.counts);
-    let lost = m
-        .nodes
-        .iter()
-        .map(|n| n.h.world.resource::<super::components::SimMetrics>().0.transfers.with_label_values(&["lost"]).get())
-        .sum::<u64>();
-    assert_eq!(lost, 0);
+    assert_eq!(m.lost(), 0);
     // And walks on over the line: handed over as usual.
     m.run(200, &|_, _| [1.0, 0.0]);
     assert_eq!(m.where_is(p).map(|w| w.0), Some(m.owner_of_region(RegionKey::root(1, 0, 0))));
@@ -756,28 +734,32 @@ fn reach_frame(hand: [f32; 3], grip: bool) -> InputFrame {
 /// face at x = 2000, and a box the second owns rests 0.4 m past it. Returns
 /// the mesh, the prop and its owner's index.
 fn a_prop_across_the_line() -> (MeshSim, EntityId, ServerId, ServerId) {
-    use super::messages::PropSpawn;
     let mut m = MeshSim::new(IVec3::ZERO, 2, 1, 1);
     let p = PlayerId(1);
     m.join(p, DVec3::new(1999.0, GROUND + 1.0, 500.0));
     let (a, b) = (m.owner_of_region(RegionKey::root(0, 0, 0)), m.owner_of_region(RegionKey::root(1, 0, 0)));
-    let (reply, ids) = oneshot::channel();
-    let n = m.nodes.iter().position(|n| n.id == b).unwrap();
-    m.nodes[n].h.send(SimIn::SpawnProps {
-        props: vec![PropSpawn {
-            pos: DVec3::new(2000.4, GROUND + 1.0, 500.0),
-            shape: super::physics::PropShape::Box { half: [0.25; 3] },
-            vel: [0.0; 3],
-        }],
-        reply,
-    });
-    m.run(120, &|_, _| [0.0, 0.0]);
-    let prop = ids.blocking_recv().unwrap().unwrap()[0];
+    let prop = m.spawn_box(b, DVec3::new(2000.4, GROUND + 1.0, 500.0), 0.25, 120);
     assert_eq!(m.where_is(p).map(|w| w.0), Some(a));
     (m, prop, a, b)
 }
 
 impl MeshSim {
+    /// Has `server` spawn a box (half extent `half`) at `pos`, runs `ticks`
+    /// ticks with every stick at rest, and returns its id.
+    fn spawn_box(&mut self, server: ServerId, pos: DVec3, half: f32, ticks: u64) -> EntityId {
+        let (reply, ids) = oneshot::channel();
+        self.node_of(server).h.send(SimIn::SpawnProps {
+            props: vec![super::messages::PropSpawn {
+                pos,
+                shape: super::physics::PropShape::Box { half: [half; 3] },
+                vel: [0.0; 3],
+            }],
+            reply,
+        });
+        self.run(ticks, &|_, _| [0.0, 0.0]);
+        ids.blocking_recv().expect("answered").expect("spawned")[0]
+    }
+
     fn node_of(&self, id: ServerId) -> &Node {
         self.nodes.iter().find(|n| n.id == id).expect("a server")
     }
