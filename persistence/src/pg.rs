@@ -198,7 +198,8 @@ impl PgStore {
 
     /// Runs schema work that several processes may run at once: besides
     /// serialization failures, concurrent `CREATE … IF NOT EXISTS` collide
-    /// as unique violations on PostgreSQL's catalog; the loser retries.
+    /// on PostgreSQL's catalog (a unique violation, or the table's row type
+    /// "already exists"); the loser retries.
     async fn ddl_retry<T, F, Fut>(&self, op: F) -> Result<T, StoreError>
     where
         F: Fn() -> Fut,
@@ -209,8 +210,11 @@ impl PgStore {
             match with_retry(self.backoff, &op).await {
                 Err(e)
                     if tries < 5
-                        && sqlstate(&e)
-                            .is_some_and(|c| *c == SqlState::UNIQUE_VIOLATION || *c == SqlState::DUPLICATE_TABLE) =>
+                        && sqlstate(&e).is_some_and(|c| {
+                            *c == SqlState::UNIQUE_VIOLATION
+                                || *c == SqlState::DUPLICATE_TABLE
+                                || *c == SqlState::DUPLICATE_OBJECT
+                        }) =>
                 {
                     tries += 1;
                     tokio::time::sleep(self.backoff.delay(tries)).await;
