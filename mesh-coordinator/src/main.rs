@@ -12,8 +12,8 @@ struct Cli {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     svc::init_logging(&cli.log_format, "info");
-    mesh_coordinator::run(cli.config, svc::shutdown_signal()).await
+    svc::exit_code(mesh_coordinator::run(cli.config, svc::shutdown_signal()).await)
 }

@@ -13,8 +13,30 @@ use tracing_subscriber::EnvFilter;
 /// with `format == "json"`, one JSON object per line.
 pub fn init_logging(format: &str, default_level: &str) {
     let filter = EnvFilter::try_from_env("PS_LOG").unwrap_or_else(|_| EnvFilter::new(default_level));
-    let fmt = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // Colours only on a terminal: a log file (`meshctl up`'s, a pod's)
+    // stays plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let fmt = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
     if format == "json" { fmt.json().init() } else { fmt.init() }
+}
+
+/// An error and its causes on one line, `what: why: root cause`.
+pub fn one_line(e: &anyhow::Error) -> String {
+    format!("{e:#}").split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// How a daemon or tool ends: `Ok` exits 0; an error (a port taken, a bad
+/// flag value, a store that cannot be opened) is logged as one line and
+/// exits 1. Never anyhow's report, which spreads over several lines and
+/// adds a backtrace whenever `RUST_BACKTRACE` is set.
+pub fn exit_code(result: anyhow::Result<()>) -> std::process::ExitCode {
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("exiting: {}", one_line(&e));
+            std::process::ExitCode::FAILURE
+        }
+    }
 }
 
 /// Resolves on Ctrl-C or SIGTERM (what Kubernetes and `meshctl up` send).

@@ -110,9 +110,13 @@ fn parse_path(s: &str) -> anyhow::Result<Vec<DVec3>> {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     svc::init_logging("text", "warn");
+    svc::exit_code(run(cli).await)
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
     let cfg = SwarmConfig {
         coordinator: cli.coordinator.trim_end_matches('/').to_owned(),
         bots: cli.bots,

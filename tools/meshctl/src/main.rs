@@ -95,9 +95,44 @@ enum Command {
     },
 }
 
+/// An expected failure (a coordinator that cannot be reached, a refusal, a
+/// member of `meshctl up` that exited) is one line on stderr and exit code
+/// 1: never anyhow's report, which would add a backtrace under
+/// `RUST_BACKTRACE`.
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+async fn main() -> std::process::ExitCode {
+    match run(Cli::parse()).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("meshctl: {}", svc::one_line(&e));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// A client for the admin API that gives up on a coordinator that does not
+/// answer, instead of waiting forever.
+fn http_client() -> anyhow::Result<reqwest::Client> {
+    Ok(reqwest::Client::builder()
+        .connect_timeout(std::time::Duration::from_secs(3))
+        .timeout(std::time::Duration::from_secs(15))
+        .build()?)
+}
+
+/// What went wrong with a request, at its root (`Connection refused`, a
+/// timeout), not reqwest's outer "error sending request".
+fn request_error(base: &str, e: &reqwest::Error) -> anyhow::Error {
+    let mut root: &dyn std::error::Error = e;
+    while let Some(next) = root.source() {
+        root = next;
+    }
+    let why = if e.is_timeout() { "timed out".to_owned() } else { root.to_string() };
+    anyhow::anyhow!(
+        "cannot reach the coordinator at {base}: {why} (is it running? --coordinator or PS_COORDINATOR_HTTP names it)"
+    )
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
     let base = cli.coordinator.trim_end_matches('/').to_owned();
     let _ = READ_TOKEN.set(cli.token.clone().or_else(|| std::env::var("PS_VIEWER_TOKEN").ok()));
     match cli.command {
@@ -199,11 +234,11 @@ fn regions_table(v: &Value) -> String {
 /// fails with the coordinator's reason.
 async fn write(base: &str, path: &str, token: Option<&str>, body: Value, json: bool) -> anyhow::Result<()> {
     let url = format!("{base}{path}");
-    let mut req = reqwest::Client::new().post(&url).json(&body);
+    let mut req = http_client()?.post(&url).json(&body);
     if let Some(t) = token {
         req = req.bearer_auth(t);
     }
-    let resp = req.send().await.map_err(|e| anyhow::anyhow!("cannot reach the coordinator at {base}: {e}"))?;
+    let resp = req.send().await.map_err(|e| request_error(base, &e))?;
     let status = resp.status();
     let v: Value = resp.json().await.unwrap_or(Value::Null);
     if !status.is_success() {
@@ -271,11 +306,11 @@ static READ_TOKEN: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::ne
 /// GETs an admin view, with the read token when there is one.
 async fn get(base: &str, url: &str) -> anyhow::Result<Value> {
     let token = READ_TOKEN.get().cloned().flatten();
-    let mut req = reqwest::Client::new().get(url);
+    let mut req = http_client()?.get(url);
     if let Some(t) = token.filter(|t| !t.is_empty()) {
         req = req.bearer_auth(t);
     }
-    let resp = req.send().await.map_err(|e| anyhow::anyhow!("cannot reach the coordinator at {base}: {e}"))?;
+    let resp = req.send().await.map_err(|e| request_error(base, &e))?;
     let status = resp.status();
     if status.as_u16() == 401 {
         anyhow::bail!("{url} answered 401: set PS_VIEWER_TOKEN (or PS_ADMIN_TOKEN) to a token the coordinator accepts");

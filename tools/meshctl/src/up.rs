@@ -68,6 +68,13 @@ pub struct UpArgs {
 struct Proc {
     name: String,
     child: Child,
+    log: PathBuf,
+}
+
+/// The last line of a log that is not blank, for a one-line error.
+fn last_line(log: &Path) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    text.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("(empty)").trim().to_owned()
 }
 
 fn binary(dir: &Path, name: &str) -> anyhow::Result<PathBuf> {
@@ -93,7 +100,7 @@ fn spawn(name: &str, bin: &Path, args: &[String], log: &Path) -> anyhow::Result<
         .kill_on_drop(true)
         .spawn()
         .with_context(|| format!("starting {}", bin.display()))?;
-    Ok(Proc { name: name.to_owned(), child })
+    Ok(Proc { name: name.to_owned(), child, log: log.to_path_buf() })
 }
 
 async fn wait_for_file(path: &Path, proc: &mut Proc, log: &Path) -> anyhow::Result<Value> {
@@ -105,9 +112,12 @@ async fn wait_for_file(path: &Path, proc: &mut Proc, log: &Path) -> anyhow::Resu
             return Ok(v);
         }
         if let Some(status) = proc.child.try_wait()? {
-            let tail = std::fs::read_to_string(log).unwrap_or_default();
-            let tail: Vec<&str> = tail.lines().rev().take(8).collect::<Vec<_>>().into_iter().rev().collect();
-            anyhow::bail!("{} exited ({status}) before it was ready; its log says:\n{}", proc.name, tail.join("\n"));
+            anyhow::bail!(
+                "{} exited ({status}) before it was ready; its log {} ends: {}",
+                proc.name,
+                log.display(),
+                last_line(log)
+            );
         }
         anyhow::ensure!(Instant::now() < deadline, "{} did not become ready; see {}", proc.name, log.display());
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -309,7 +319,11 @@ async fn status_loop(
         }
         for p in coordinator.iter_mut().chain(servers.iter_mut()).chain(bots.iter_mut()) {
             if let Some(status) = p.child.try_wait()? {
-                anyhow::bail!("{} exited unexpectedly ({status})", p.name);
+                anyhow::bail!(
+                    "{} exited unexpectedly ({status}), so the mesh was stopped; see {}",
+                    p.name,
+                    p.log.display()
+                );
             }
         }
         let line = match client.get(format!("http://{http}/v1/status")).send().await {
