@@ -8,6 +8,10 @@
 //!   entity between its first and last appearance has exactly one.
 //! - Each player's inputs are applied in increasing order across all
 //!   servers, none twice; skipped sequence numbers (lost inputs) are counted.
+//!   A server that resumes a dead source's player from its ghost logs the
+//!   last input the ghost had (`resumed`): the inputs the source applied
+//!   after it, in ticks whose state never left it, died with it, and are
+//!   counted as rolled back, not as applied (the survivor applies them).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -33,8 +37,11 @@ pub struct Invariants {
     /// (entity, tick, first seq that tick, newest seq applied before) where an
     /// input was applied again or out of order.
     pub input_regressions: Vec<(u64, u64, u64, u64)>,
-    /// Inputs applied, all players.
+    /// Inputs applied, all players (on the timeline that survived).
     pub inputs_applied: u64,
+    /// Inputs a server applied in ticks whose state died with it (after the
+    /// ghost a successor resumed its player from).
+    pub inputs_rolled_back: u64,
     /// Sequence numbers skipped between two applied inputs, all players.
     pub inputs_skipped: u64,
     /// Players whose inputs were applied by more than one server.
@@ -49,6 +56,8 @@ impl Invariants {
         let mut claims: BTreeMap<u64, BTreeMap<u64, Vec<u64>>> = BTreeMap::new();
         // entity -> (tick, server, first, last, count)
         let mut inputs: BTreeMap<u64, Vec<Applied>> = BTreeMap::new();
+        // entity -> (tick, dead source, last input its ghost had)
+        let mut resumed: BTreeMap<u64, Vec<(u64, u64, u64)>> = BTreeMap::new();
         let mut servers = BTreeSet::new();
         for name in names {
             let path = dir.join(format!("{name}.authority.jsonl"));
@@ -70,6 +79,12 @@ impl Invariants {
                     let v: Vec<u64> = i.as_array().into_iter().flatten().filter_map(Value::as_u64).collect();
                     if let [e, first, last, n] = v[..] {
                         inputs.entry(e).or_default().push((tick, server, first, last, n));
+                    }
+                }
+                for r in d["resumed"].as_array().into_iter().flatten() {
+                    let v: Vec<u64> = r.as_array().into_iter().flatten().filter_map(Value::as_u64).collect();
+                    if let [e, from, last_input] = v[..] {
+                        resumed.entry(e).or_default().push((tick, from, last_input));
                     }
                 }
             }
@@ -97,6 +112,20 @@ impl Invariants {
         }
         out.ticks_checked = checked.len() as u64;
         for (entity, mut applied) in inputs {
+            // What a dead source applied after the ghost its successor
+            // resumed from is gone with it.
+            for &(at, from, kept) in resumed.get(&entity).into_iter().flatten() {
+                applied.retain_mut(|(tick, server, first, last, n)| {
+                    if *server != from || *tick >= at || *last <= kept {
+                        return true;
+                    }
+                    let gone = (*last - kept.max(first.saturating_sub(1))).min(*n);
+                    out.inputs_rolled_back += gone;
+                    *n -= gone;
+                    *last = kept;
+                    *n > 0
+                });
+            }
             applied.sort();
             let mut newest = 0u64;
             let by: BTreeSet<u64> = applied.iter().map(|a| a.1).collect();
@@ -169,5 +198,28 @@ mod tests {
         assert_eq!(inv.input_regressions, vec![(7, 2, 2, 2)]);
         assert_eq!(inv.inputs_skipped, 2);
         assert!(std::panic::catch_unwind(|| inv.assert_hold()).is_err());
+    }
+
+    #[test]
+    fn inputs_a_dead_source_applied_after_its_last_ghost_are_rolled_back() {
+        // Server 1 applies 1..=3, its ghost only got out with 2 applied; it
+        // dies; server 2 resumes from the ghost and applies 3 and 4.
+        let dead = "{\"tick\":1,\"server\":1,\"auth\":[7],\"inputs\":[[7,1,2,2]]}\n\
+                    {\"tick\":2,\"server\":1,\"auth\":[7],\"inputs\":[[7,3,3,1]]}\n";
+        let inv = logs(
+            dead,
+            "{\"tick\":1,\"server\":2,\"auth\":[],\"inputs\":[]}\n\
+             {\"tick\":2,\"server\":2,\"auth\":[],\"inputs\":[]}\n\
+             {\"tick\":5,\"server\":2,\"auth\":[7],\"inputs\":[[7,3,4,2]],\"resumed\":[[7,1,2]]}\n",
+        );
+        inv.assert_hold();
+        assert_eq!((inv.inputs_applied, inv.inputs_rolled_back, inv.inputs_skipped), (4, 1, 0));
+        // Without the resume record, input 3 was applied twice.
+        let inv = logs(dead, "{\"tick\":5,\"server\":2,\"auth\":[7],\"inputs\":[[7,3,4,2]]}\n");
+        assert_eq!(inv.input_regressions, vec![(7, 5, 3, 3)]);
+        // A resume names its source: another server's re-application is
+        // still caught.
+        let inv = logs(dead, "{\"tick\":5,\"server\":2,\"auth\":[7],\"inputs\":[[7,3,4,2]],\"resumed\":[[7,9,2]]}\n");
+        assert_eq!(inv.input_regressions, vec![(7, 5, 3, 3)]);
     }
 }

@@ -189,6 +189,11 @@ pub struct AuthorityLog {
     pub tx: Option<std::sync::mpsc::SyncSender<String>>,
     /// Lines for ticks simulated retroactively after a late handoff.
     pub catch_up: Vec<(Tick, EntityId)>,
+    /// Orphaned transfers resumed from a ghost since the last line: the
+    /// entity, its dead source and the last input the ghost had applied.
+    /// The source may have applied (and logged) later ones in ticks whose
+    /// state never left it: those died with it and are applied again here.
+    pub resumed: Vec<(EntityId, shared::ServerId, u64)>,
 }
 
 /// Load figures the heartbeat reports, refreshed by the metrics system.

@@ -508,8 +508,16 @@ fn a_transfer_whose_source_died_resumes_on_the_target_from_its_ghost() {
         to_region: RegionKey::root(1, 0, 0),
         to_region_epoch: Epoch(2),
     };
+    let (log_tx, log) = std::sync::mpsc::sync_channel(64);
+    b.world.resource_mut::<super::components::AuthorityLog>().tx = Some(log_tx);
     b.send(SimIn::Orphans(vec![orphan]));
     b.step();
+    // The authority log says where it resumed from: inputs the dead source
+    // logged after the ghost's last one died with it.
+    let lines: Vec<String> = log.try_iter().collect();
+    let resumed = format!(r#""resumed":[[{},1,{}]]"#, entity.0, ghost.state.last_input);
+    assert!(lines.iter().any(|l| l.contains(&resumed)), "{resumed} in {lines:?}");
+    b.world.resource_mut::<super::components::AuthorityLog>().tx = None;
     // Listed again by the next heartbeat: acted on once.
     b.send(SimIn::Orphans(vec![orphan]));
     b.step();

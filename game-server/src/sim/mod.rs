@@ -141,7 +141,7 @@ pub fn world(p: SimParts) -> World {
     w.insert_resource(systems::Released::default());
     w.insert_resource(systems::DueReleases::default());
     w.insert_resource(systems::ResolvedOrphans::default());
-    w.insert_resource(AuthorityLog { tx: p.authority_log, catch_up: Vec::new() });
+    w.insert_resource(AuthorityLog { tx: p.authority_log, ..Default::default() });
     w.insert_resource(TickTimes::default());
     w.insert_resource(systems::OpenFaces::default());
     w

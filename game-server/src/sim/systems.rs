@@ -566,6 +566,9 @@ fn resume_orphan(world: &mut World, o: super::messages::Orphan) {
     let adopted = match state.map(|s| (check_adoption(world, &s), s)) {
         Some((Ok(()), s)) => {
             info!(transfer = o.transfer_id, entity = %o.entity, from = %o.from, "orphaned transfer resumed from its ghost");
+            if s.player.is_some() {
+                world.resource_mut::<AuthorityLog>().resumed.push((s.entity, s.from, u64::from(s.last_applied_input)));
+            }
             world.resource_mut::<PendingAdoptions>().0.push(s);
             metrics.0.transfers.with_label_values(&["orphan_resumed"]).inc();
             true
@@ -1496,12 +1499,16 @@ pub fn log_authority(
         .iter()
         .filter_map(|(n, a)| a.and_then(|a| a.applied_now).map(|(f, l, c)| format!("[{},{f},{l},{c}]", n.0.0)))
         .collect();
+    // Orphans resumed this tick: [entity, dead source, last input its ghost had].
+    let resumed: Vec<String> =
+        std::mem::take(&mut log.resumed).iter().map(|(e, from, last)| format!("[{},{},{last}]", e.0, from.0)).collect();
     lines.push(format!(
-        r#"{{"tick":{},"server":{},"auth":[{}],"inputs":[{}]}}"#,
+        r#"{{"tick":{},"server":{},"auth":[{}],"inputs":[{}],"resumed":[{}]}}"#,
         tick.tick,
         cfg.server.0,
         ids.join(","),
-        inputs.join(",")
+        inputs.join(","),
+        resumed.join(",")
     ));
     for l in lines {
         if tx.try_send(l).is_err() {
