@@ -2,7 +2,7 @@
 //! with the coordinator, and the execution of transfers (commit through the
 //! coordinator, then hand the state to the target server).
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -17,10 +17,11 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 use tracing::{debug, error, info, warn};
 
-use crate::convert::{handoff_to_pb, map_from_pb, mesh_key_to_pb};
+use crate::convert::{handoff_answer, handoff_to_pb, map_from_pb, mesh_key_to_pb, refusal_from_coordinator};
+use crate::handoff::{Action, Event, HandoffDriver, Millis, ReclaimFor, Refusal, Refused, TransferAsk};
 use crate::metrics::Metrics;
 use crate::sim::components::LoadShared;
-use crate::sim::messages::{CommittedTransfer, ConnTx, MapView, Outbound, SimIn, SimOut};
+use crate::sim::messages::{CommittedTransfer, ConnTx, HandoffState, MapView, Outbound, SimIn, SimOut};
 use shared::wire::ServerControl;
 
 const RPC_TIMEOUT: Duration = Duration::from_secs(2);
@@ -303,12 +304,21 @@ pub struct TransferExecutor {
     peers: Arc<Mutex<PeerClients>>,
 }
 
-/// How long a source keeps trying to deliver a handoff to a live target
-/// before it takes the entity back.
-const HANDOFF_DEADLINE: Duration = Duration::from_secs(10);
-
 /// How long a pre-connect hint may wait for its standby ticket.
 const HINT_TICKET_WAIT: Duration = Duration::from_secs(1);
+
+/// The servers `map` lists as dead.
+fn dead_servers(map: &MapView) -> BTreeSet<ServerId> {
+    map.servers.iter().filter(|(_, p)| !p.alive).map(|(id, _)| *id).collect()
+}
+
+/// Sleeps until `t`, or forever without one.
+async fn sleep_until_some(t: Option<tokio::time::Instant>) {
+    match t {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
+}
 
 impl TransferExecutor {
     pub fn new(
@@ -321,64 +331,138 @@ impl TransferExecutor {
         Self { me, coordinator, sim, maps, metrics, peers: Arc::default() }
     }
 
-    /// Runs until the simulation's outbox closes.
+    /// Runs until the simulation's outbox closes. The handoff protocol's
+    /// decisions are the [`HandoffDriver`]'s; this loop feeds it what the
+    /// simulation asks, the answers of the calls it made and the map's
+    /// dead servers, performs its actions and wakes it at its timeouts.
     pub async fn run(self, mut rx: mpsc::Receiver<SimOut>) {
         // Directory updates go one at a time, in order, so a leave never
         // overtakes its join.
         let (presence_tx, presence_rx) = mpsc::channel(4096);
         tokio::spawn(self.clone().report_presence(presence_rx));
         let mut ghosts = crate::sync::GhostLinks::new(self.me, self.maps.clone(), self.metrics.clone());
-        while let Some(out) = rx.recv().await {
-            if let SimOut::Ghosts { to, tick, ghosts: list } = out {
-                ghosts.send(to, tick, list);
-                continue;
-            }
-            if let SimOut::Presence { player, entity, online } = out {
-                if presence_tx.try_send((player, entity, online)).is_err() {
-                    self.metrics.transfers.with_label_values(&["presence_dropped"]).inc();
+        let mut driver = HandoffDriver::new();
+        // The driver's messages for the simulation, in order: one task
+        // forwards them, waiting while the inbox is full.
+        let (to_sim, mut to_sim_rx) = mpsc::unbounded_channel::<SimIn>();
+        let sim = self.sim.clone();
+        tokio::spawn(async move {
+            while let Some(msg) = to_sim_rx.recv().await {
+                if sim.send(msg).await.is_err() {
+                    break;
                 }
-                continue;
             }
-            let this = self.clone();
-            tokio::spawn(async move {
-                match out {
-                    SimOut::RequestTransfer { .. } => this.request(out).await,
-                    SimOut::Handoff(state) => this.hand_off(*state).await,
-                    SimOut::Hint { player, name, hint, tx } => this.hint(player, name, hint, tx).await,
-                    SimOut::CancelTransfer { entity, transfer_id } => {
-                        let req = mpb::CompleteTransferRequest {
-                            transfer_id,
-                            from_server: this.me.0,
-                            error: "the entity did not pass the line".into(),
-                            reclaim: true,
-                            ..Default::default()
-                        };
-                        let entity_epoch = match this.complete(req).await {
-                            Ok(r) if r.reclaimed => Some(Epoch(r.entity_epoch)),
-                            Ok(_) => None,
-                            Err(s) => {
-                                warn!(transfer = transfer_id, error = %s.message(), "could not give up a transfer");
-                                None
-                            }
-                        };
-                        let _ = this.sim.send(SimIn::TransferCancelled { entity, entity_epoch }).await;
-                    }
-                    SimOut::OrphanResolved { transfer_id, adopted } => {
-                        let req = mpb::CompleteTransferRequest {
-                            transfer_id,
-                            from_server: this.me.0,
-                            delivered: adopted,
-                            orphan: true,
-                            ..Default::default()
-                        };
-                        if let Err(s) = this.complete(req).await {
-                            warn!(transfer = transfer_id, error = %s.message(), "could not report an orphaned transfer");
+        });
+        // Answers of the calls the driver asked for: one per call.
+        let (answers_tx, mut answers) = mpsc::unbounded_channel::<Event>();
+        let origin = tokio::time::Instant::now();
+        let now = || origin.elapsed().as_millis() as Millis;
+        let mut maps = self.maps.clone();
+        driver.handle(now(), Event::Dead(dead_servers(&maps.borrow())));
+        loop {
+            let wake = driver.poll_timeout().map(|t| origin + Duration::from_millis(t));
+            tokio::select! {
+                out = rx.recv() => match out {
+                    None => break,
+                    Some(SimOut::Ghosts { to, tick, ghosts: list }) => ghosts.send(to, tick, list),
+                    Some(SimOut::Presence { player, entity, online }) => {
+                        if presence_tx.try_send((player, entity, online)).is_err() {
+                            self.metrics.transfers.with_label_values(&["presence_dropped"]).inc();
                         }
                     }
-                    SimOut::Interact { to, interaction } => this.interact(to, interaction).await,
-                    SimOut::Presence { .. } | SimOut::Ghosts { .. } => {}
+                    Some(SimOut::Hint { player, name, hint, tx }) => {
+                        tokio::spawn(self.clone().hint(player, name, hint, tx));
+                    }
+                    Some(SimOut::Interact { to, interaction }) => {
+                        tokio::spawn(self.clone().interact(to, interaction));
+                    }
+                    Some(out) => driver.handle(now(), Event::Sim(out)),
+                },
+                Some(answer) = answers.recv() => driver.handle(now(), answer),
+                Ok(()) = maps.changed() => {
+                    let dead = dead_servers(&maps.borrow_and_update());
+                    driver.handle(now(), Event::Dead(dead));
                 }
-            });
+                () = sleep_until_some(wake) => driver.handle_timeout(now()),
+            }
+            while let Some(action) = driver.poll_action() {
+                self.perform(action, &answers_tx, &to_sim);
+            }
+        }
+    }
+
+    /// Carries out one of the driver's actions; a call's answer comes back
+    /// on `answers`.
+    fn perform(&self, action: Action, answers: &mpsc::UnboundedSender<Event>, to_sim: &mpsc::UnboundedSender<SimIn>) {
+        let this = self.clone();
+        let answers = answers.clone();
+        match action {
+            Action::Count(label) => self.metrics.transfers.with_label_values(&[label]).inc(),
+            Action::ToSim(msg) => {
+                let _ = to_sim.send(msg);
+            }
+            Action::RequestTransfer(ask) => {
+                tokio::spawn(async move {
+                    let answer = this.request(&ask).await;
+                    let _ = answers.send(Event::TransferAnswered { entity: ask.entity, answer });
+                });
+            }
+            Action::SendHandoff(state) => {
+                tokio::spawn(async move {
+                    let answer = this.send_handoff(&state).await;
+                    let _ = answers.send(Event::HandoffAnswered { transfer_id: state.transfer_id, answer });
+                });
+            }
+            Action::Complete { transfer_id } => {
+                tokio::spawn(async move {
+                    let req = mpb::CompleteTransferRequest {
+                        transfer_id,
+                        from_server: this.me.0,
+                        delivered: true,
+                        ..Default::default()
+                    };
+                    match this.complete(req).await {
+                        Ok(_) => info!(transfer = transfer_id, "transfer completed"),
+                        Err(s) => {
+                            warn!(transfer = transfer_id, error = %s.message(), "could not report the transfer's completion")
+                        }
+                    }
+                });
+            }
+            Action::Reclaim { transfer_id, error, why } => {
+                tokio::spawn(async move {
+                    let req = mpb::CompleteTransferRequest {
+                        transfer_id,
+                        from_server: this.me.0,
+                        error,
+                        reclaim: true,
+                        ..Default::default()
+                    };
+                    let answer = match this.complete(req).await {
+                        Ok(r) => Ok(r.reclaimed.then_some(Epoch(r.entity_epoch))),
+                        Err(s) => Err(s.message().to_owned()),
+                    };
+                    let event = match why {
+                        ReclaimFor::Undelivered => Event::ReclaimAnswered { transfer_id, answer },
+                        ReclaimFor::Cancel { entity } => Event::CancelAnswered { entity, answer },
+                    };
+                    let _ = answers.send(event);
+                });
+            }
+            Action::ReportOrphan { transfer_id, adopted } => {
+                tokio::spawn(async move {
+                    let req = mpb::CompleteTransferRequest {
+                        transfer_id,
+                        from_server: this.me.0,
+                        delivered: adopted,
+                        orphan: true,
+                        ..Default::default()
+                    };
+                    if let Err(s) = this.complete(req).await {
+                        warn!(transfer = transfer_id, error = %s.message(), "could not report an orphaned transfer");
+                    }
+                });
+            }
         }
     }
 
@@ -444,55 +528,30 @@ impl TransferExecutor {
         }
     }
 
-    async fn request(self, out: SimOut) {
-        let SimOut::RequestTransfer {
-            entity,
-            from_region,
-            from_region_epoch,
-            entity_epoch,
-            to_region,
-            position,
-            not_before_tick,
-        } = out
-        else {
-            return;
-        };
+    /// Asks the coordinator for a transfer. A retried request (its answer
+    /// lost with a leader) gets the committed transfer back.
+    async fn request(&self, ask: &TransferAsk) -> Result<CommittedTransfer, Refused> {
         let req = mpb::TransferRequest {
-            entity_id: entity.0,
+            entity_id: ask.entity.0,
             from_server: self.me.0,
-            from_region: Some(mesh_key_to_pb(&from_region)),
-            from_region_epoch: from_region_epoch.0,
-            entity_epoch: entity_epoch.0,
-            to_region: Some(mesh_key_to_pb(&to_region)),
-            position: Some(mpb::Vec3 { x: position.x, y: position.y, z: position.z }),
-            not_before_tick,
+            from_region: Some(mesh_key_to_pb(&ask.from_region)),
+            from_region_epoch: ask.from_region_epoch.0,
+            entity_epoch: ask.entity_epoch.0,
+            to_region: Some(mesh_key_to_pb(&ask.to_region)),
+            position: Some(mpb::Vec3 { x: ask.position.x, y: ask.position.y, z: ask.position.z }),
+            not_before_tick: ask.not_before_tick,
         };
-        // A transfer that timed out may still have committed; asking another
-        // replica again is then refused as stale, and the transfer stays
-        // committed without this server knowing (the handoff issue's
-        // leader-change case).
-        let msg = match self.coordinator.call(|mut c| async move { c.request_transfer(req).await }).await {
-            Ok(r) => SimIn::TransferCommitted {
-                entity,
-                transfer: CommittedTransfer {
-                    id: r.transfer_id,
-                    to: ServerId(r.to_server),
-                    to_region,
-                    to_region_epoch: Epoch(r.to_region_epoch),
-                    entity_epoch: Epoch(r.entity_epoch),
-                    effective_tick: r.effective_tick,
-                },
-            },
-            Err(status) => {
-                self.metrics.transfers.with_label_values(&["refused"]).inc();
-                SimIn::TransferRefused {
-                    entity,
-                    reason: status.message().to_owned(),
-                    permanent: status.code() == tonic::Code::FailedPrecondition,
-                }
-            }
-        };
-        let _ = self.sim.send(msg).await;
+        match self.coordinator.call(|mut c| async move { c.request_transfer(req).await }).await {
+            Ok(r) => Ok(CommittedTransfer {
+                id: r.transfer_id,
+                to: ServerId(r.to_server),
+                to_region: ask.to_region,
+                to_region_epoch: Epoch(r.to_region_epoch),
+                entity_epoch: Epoch(r.entity_epoch),
+                effective_tick: r.effective_tick,
+            }),
+            Err(status) => Err(refusal_from_coordinator(&status)),
+        }
     }
 
     /// Sends a player's push or grab to the prop's owner. Not retried: the
@@ -542,86 +601,13 @@ impl TransferExecutor {
         Ok(client)
     }
 
-    async fn hand_off(self, state: crate::sim::messages::HandoffState) {
-        let id = state.transfer_id;
-        match self.deliver(&state).await {
-            Ok(()) => {
-                self.metrics.transfers.with_label_values(&["delivered"]).inc();
-                let req = mpb::CompleteTransferRequest {
-                    transfer_id: id,
-                    from_server: self.me.0,
-                    delivered: true,
-                    ..Default::default()
-                };
-                match self.complete(req).await {
-                    Ok(_) => info!(transfer = id, "transfer completed"),
-                    Err(s) => warn!(transfer = id, error = %s.message(), "could not report the transfer's completion"),
-                }
-            }
-            Err(error) => {
-                self.metrics.transfers.with_label_values(&["failed"]).inc();
-                error!(transfer = id, entity = %state.entity, to = %state.to, %error, "handoff failed: taking it back");
-                // The target never got it: the entity comes back here under
-                // a new epoch (the coordinator checks that nobody has it).
-                let req = mpb::CompleteTransferRequest {
-                    transfer_id: id,
-                    from_server: self.me.0,
-                    delivered: false,
-                    error,
-                    reclaim: true,
-                    orphan: false,
-                };
-                match self.complete(req).await {
-                    Ok(r) if r.reclaimed => {
-                        let msg = SimIn::Reclaimed { state: Box::new(state), entity_epoch: Epoch(r.entity_epoch) };
-                        let _ = self.sim.send(msg).await;
-                    }
-                    Ok(_) => warn!(transfer = id, "the coordinator did not give the entity back"),
-                    Err(s) => {
-                        self.metrics.transfers.with_label_values(&["lost"]).inc();
-                        error!(transfer = id, error = %s.message(), "the entity could not be taken back");
-                    }
-                }
-            }
-        }
-    }
-
-    /// Sends the state to the target until it takes it (or says it already
-    /// has it: an earlier attempt got through). Gives up when the target
-    /// refuses it, when the coordinator declares the target dead, or after
-    /// [`HANDOFF_DEADLINE`] of failed attempts.
-    async fn deliver(&self, state: &crate::sim::messages::HandoffState) -> Result<(), String> {
-        let req = handoff_to_pb(state);
-        let deadline = tokio::time::Instant::now() + HANDOFF_DEADLINE;
-        loop {
-            let attempt = match self.peer(state.to).await {
-                Ok(mut peer) => tokio::time::timeout(Duration::from_secs(2), peer.handoff(req.clone()))
-                    .await
-                    .unwrap_or_else(|_| Err(tonic::Status::deadline_exceeded("the target did not answer within 2 s"))),
-                Err(e) => Err(tonic::Status::unavailable(format!("{e:#}"))),
-            };
-            match attempt {
-                Ok(r) if r.get_ref().accepted => return Ok(()),
-                Ok(r) => return Err(format!("target refused: {}", r.get_ref().reason)),
-                Err(s) if s.message().starts_with(crate::sim::messages::ALREADY_HELD) => return Ok(()),
-                Err(s) if s.code() == tonic::Code::FailedPrecondition || s.code() == tonic::Code::InvalidArgument => {
-                    return Err(format!("target refused: {}", s.message()));
-                }
-                Err(_) => {}
-            }
-            let last = match &attempt {
-                Err(s) => s.message().to_owned(),
-                Ok(_) => String::new(),
-            };
-            let dead = !self.maps.borrow().servers.get(&state.to).is_some_and(|p| p.alive);
-            if dead {
-                return Err(format!("the target died ({last})"));
-            }
-            if tokio::time::Instant::now() >= deadline {
-                return Err(format!("the target was unreachable for {HANDOFF_DEADLINE:?} ({last})"));
-            }
-            self.metrics.transfers.with_label_values(&["handoff_retried"]).inc();
-            tokio::time::sleep(Duration::from_millis(200)).await;
+    /// One attempt to hand `state` to its target, within 2 s.
+    async fn send_handoff(&self, state: &HandoffState) -> Result<(), Refused> {
+        let mut peer = self.peer(state.to).await.map_err(|e| Refused::new(Refusal::Unreachable, format!("{e:#}")))?;
+        match tokio::time::timeout(Duration::from_secs(2), peer.handoff(handoff_to_pb(state))).await {
+            Ok(Ok(r)) => handoff_answer(Ok(r.get_ref())),
+            Ok(Err(s)) => handoff_answer(Err(&s)),
+            Err(_) => Err(Refused::new(Refusal::Unreachable, "the target did not answer within 2 s")),
         }
     }
 

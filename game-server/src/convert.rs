@@ -8,6 +8,7 @@ use shared::region::{MAX_LEVEL, RegionKey, RegionTree};
 use shared::wire::{InputFrame, Pose};
 use shared::{EntityId, Epoch, PlayerId, ServerId};
 
+use crate::handoff::{Refusal, Refused};
 use crate::sim::ghosts::{GhostBatch, GhostKind, GhostState};
 use crate::sim::interact::{InteractKind, Interaction};
 use crate::sim::messages::{HandoffState, MapView, PeerInfo, PropHandoff};
@@ -599,5 +600,210 @@ mod tests {
         let kids = t.split(RegionKey::root(1, 0, 0)).unwrap();
         t.split(kids[3]).unwrap();
         assert_eq!(tree_from_leaves(t.leaves()), t);
+    }
+}
+
+/// The coordinator's refusal of a command: the typed code in the status
+/// details, else (a coordinator of the previous release) the reason its
+/// message starts with, else the status code.
+pub fn refusal_from_coordinator(s: &tonic::Status) -> Refused {
+    use mpb::RefusalCode as C;
+    let typed = <mpb::Refusal as prost::Message>::decode(s.details()).ok().and_then(|r| {
+        let refusal = match C::try_from(r.code).ok()? {
+            C::Unspecified => return None,
+            C::Fenced => Refusal::Fenced,
+            C::StaleRegionEpoch => Refusal::StaleRegionEpoch,
+            C::StaleEntityEpoch => Refusal::StaleEntityEpoch,
+            C::SameServer => Refusal::SameServer,
+            C::UnknownRegion => Refusal::UnknownRegion,
+            C::NoOwner => Refusal::NoOwner,
+            C::NotCommitted => Refusal::NotCommitted,
+            C::Exhausted => Refusal::Exhausted,
+            // Refusals of operator commands and lookups: not decisions
+            // about a transfer.
+            C::UnknownServer
+            | C::UnknownTransfer
+            | C::Draining
+            | C::LastServer
+            | C::TooSmall
+            | C::NotMergeable
+            | C::BadThresholds => Refusal::Unknown,
+        };
+        Some(Refused::new(refusal, r.detail))
+    });
+    typed.unwrap_or_else(|| {
+        let reason = s.message().split(':').next().unwrap_or_default();
+        let refusal = match reason {
+            "fenced" => Refusal::Fenced,
+            "stale_epoch" => Refusal::StaleEntityEpoch,
+            "same_server" => Refusal::SameServer,
+            "unknown_region" => Refusal::UnknownRegion,
+            "no_owner" => Refusal::NoOwner,
+            "not_bootstrapped" | "unavailable" => Refusal::NotCommitted,
+            "ids_exhausted" | "directory_full" => Refusal::Exhausted,
+            _ if s.code() == tonic::Code::FailedPrecondition => Refusal::StaleEntityEpoch,
+            _ if s.code() == tonic::Code::NotFound => Refusal::Unknown,
+            _ => Refusal::NotCommitted,
+        };
+        Refused::new(refusal, s.message())
+    })
+}
+
+/// A target's refusal of a handoff as the wire carries it.
+fn handoff_refusal_to_pb(r: Refusal) -> ppb::HandoffRefusal {
+    match r {
+        Refusal::WrongServer => ppb::HandoffRefusal::WrongServer,
+        Refusal::TargetStaleEpoch => ppb::HandoffRefusal::StaleEpoch,
+        Refusal::AlreadyHeld => ppb::HandoffRefusal::AlreadyHeld,
+        Refusal::BadRequest => ppb::HandoffRefusal::BadRequest,
+        _ => ppb::HandoffRefusal::Busy,
+    }
+}
+
+/// A handoff refused by this server, as it answers: the status the
+/// previous release reads (`code`, `<reason>: <words>`), with the typed
+/// refusal in its details.
+pub fn handoff_refusal_status(code: tonic::Code, refused: &Refused) -> tonic::Status {
+    let answer = ppb::HandoffResponse {
+        accepted: false,
+        reason: refused.to_string(),
+        refusal: handoff_refusal_to_pb(refused.refusal) as i32,
+    };
+    let details = bytes::Bytes::from(prost::Message::encode_to_vec(&answer));
+    tonic::Status::with_details(code, refused.to_string(), details)
+}
+
+/// The simulation's refusal to adopt a handoff, as this server answers it.
+pub fn adopt_refusal_status(e: &crate::sim::messages::AdoptError) -> tonic::Status {
+    use crate::sim::messages::AdoptError;
+    let (code, refusal) = match e {
+        AdoptError::WrongServer(_) => (tonic::Code::FailedPrecondition, Refusal::WrongServer),
+        AdoptError::StaleRegionEpoch { .. } => (tonic::Code::FailedPrecondition, Refusal::TargetStaleEpoch),
+        AdoptError::StaleEntityEpoch(..) => (tonic::Code::FailedPrecondition, Refusal::AlreadyHeld),
+        // Busy, not a decision: the source tries again.
+        AdoptError::Unavailable => (tonic::Code::Unavailable, Refusal::Busy),
+    };
+    handoff_refusal_status(code, &Refused::new(refusal, e.to_string()))
+}
+
+/// A handoff answer that is not `accepted`, typed.
+pub fn refusal_from_handoff_answer(a: &ppb::HandoffResponse) -> Option<Refused> {
+    let refusal = match ppb::HandoffRefusal::try_from(a.refusal).unwrap_or(ppb::HandoffRefusal::Unspecified) {
+        ppb::HandoffRefusal::Unspecified => return None,
+        ppb::HandoffRefusal::WrongServer => Refusal::WrongServer,
+        ppb::HandoffRefusal::StaleEpoch => Refusal::TargetStaleEpoch,
+        ppb::HandoffRefusal::AlreadyHeld => Refusal::AlreadyHeld,
+        ppb::HandoffRefusal::Busy => Refusal::Busy,
+        ppb::HandoffRefusal::BadRequest => Refusal::BadRequest,
+    };
+    Some(Refused::new(refusal, a.reason.clone()))
+}
+
+/// What a target's answer to a handoff means: taken, or refused and why.
+/// Reads the typed refusal (in an answer, or in a status's details), else
+/// what a target of the previous release says: `already_held` leading its
+/// message, failed precondition or invalid argument (final), any other
+/// status (the target busy or unreachable: try again).
+pub fn handoff_answer(answer: Result<&ppb::HandoffResponse, &tonic::Status>) -> Result<(), Refused> {
+    match answer {
+        Ok(a) if a.accepted => Ok(()),
+        // The previous release never answers `accepted: false`; a target
+        // that does without a code refused it for good.
+        Ok(a) => {
+            Err(refusal_from_handoff_answer(a).unwrap_or_else(|| Refused::new(Refusal::BadRequest, a.reason.clone())))
+        }
+        Err(s) => {
+            if let Ok(a) = <ppb::HandoffResponse as prost::Message>::decode(s.details())
+                && let Some(r) = refusal_from_handoff_answer(&a)
+            {
+                return Err(r);
+            }
+            let reason = s.message().split(':').next().unwrap_or_default();
+            let named = Refusal::from_label(reason).filter(|r| r.class() != crate::handoff::Class::Transient);
+            let refusal = named.unwrap_or(match s.code() {
+                tonic::Code::FailedPrecondition => Refusal::TargetStaleEpoch,
+                tonic::Code::InvalidArgument => Refusal::BadRequest,
+                tonic::Code::Unavailable | tonic::Code::ResourceExhausted => Refusal::Busy,
+                _ => Refusal::Unreachable,
+            });
+            Err(Refused::new(refusal, s.message()))
+        }
+    }
+}
+
+#[cfg(test)]
+mod refusal_tests {
+    use super::*;
+    use crate::handoff::Class;
+    use crate::sim::messages::AdoptError;
+    use mesh_coordinator::state::CommandError;
+
+    /// A status as the previous release sent it: code and message, no details.
+    fn legacy(s: &tonic::Status) -> tonic::Status {
+        tonic::Status::new(s.code(), s.message())
+    }
+
+    #[test]
+    fn a_targets_refusal_reads_the_same_typed_and_in_the_previous_releases_form() {
+        let region = RegionKey::root(1, 0, 0);
+        let cases = [
+            (AdoptError::WrongServer(ServerId(3)), Refusal::WrongServer),
+            (AdoptError::StaleRegionEpoch { region, known: Epoch(4), claimed: Epoch(3) }, Refusal::TargetStaleEpoch),
+            (AdoptError::StaleEntityEpoch(EntityId(9), Epoch(2)), Refusal::AlreadyHeld),
+            // Busy is not a decision: the source sends it again.
+            (AdoptError::Unavailable, Refusal::Busy),
+        ];
+        for (e, want) in cases {
+            let status = adopt_refusal_status(&e);
+            assert_eq!(handoff_answer(Err(&status)).map_err(|r| r.refusal), Err(want), "{e:?}");
+            // What this release sends, read by the previous one: its code and
+            // the reason leading its message.
+            assert_eq!(status.message().split(':').next(), Some(want.label()), "{e:?}");
+            let old_reads_final =
+                matches!(status.code(), tonic::Code::FailedPrecondition | tonic::Code::InvalidArgument);
+            assert_eq!(old_reads_final, want.class() == Class::Permanent || want == Refusal::AlreadyHeld, "{e:?}");
+            // Without the details (an older target), the same class.
+            let old = handoff_answer(Err(&legacy(&status))).map_err(|r| r.refusal.class());
+            assert_eq!(old, Err(want.class()), "{e:?}");
+        }
+        assert_eq!(handoff_answer(Ok(&ppb::HandoffResponse { accepted: true, ..Default::default() })), Ok(()));
+        let unreachable = tonic::Status::deadline_exceeded("no answer");
+        assert_eq!(handoff_answer(Err(&unreachable)).map_err(|r| r.refusal), Err(Refusal::Unreachable));
+    }
+
+    #[test]
+    fn a_coordinators_refusal_reads_the_same_typed_and_in_the_previous_releases_form() {
+        use mesh_coordinator::grpc::status_of;
+        let region = RegionKey::root(1, 0, 0);
+        let cases = [
+            (CommandError::Fenced(ServerId(1)), Refusal::Fenced),
+            (
+                CommandError::StaleRegionEpoch { region, server: ServerId(1), claimed: Epoch(1), current: Epoch(2) },
+                Refusal::StaleRegionEpoch,
+            ),
+            (
+                CommandError::StaleEntityEpoch {
+                    entity: EntityId(9),
+                    server: ServerId(1),
+                    claimed: Epoch(1),
+                    holder: ServerId(2),
+                    current: Epoch(2),
+                },
+                Refusal::StaleEntityEpoch,
+            ),
+            (CommandError::SameServer(region), Refusal::SameServer),
+            (CommandError::UnknownRegion(region), Refusal::UnknownRegion),
+            (CommandError::NoOwner(region), Refusal::NoOwner),
+            (CommandError::NotBootstrapped, Refusal::NotCommitted),
+            (CommandError::Unavailable("no leader".into()), Refusal::NotCommitted),
+            (CommandError::DirectoryFull, Refusal::Exhausted),
+            (CommandError::UnknownTransfer(5), Refusal::Unknown),
+        ];
+        for (e, want) in cases {
+            let status = status_of(e.clone());
+            assert_eq!(refusal_from_coordinator(&status).refusal, want, "{e:?}");
+            let old = refusal_from_coordinator(&legacy(&status)).refusal.class();
+            assert_eq!(old, want.class(), "{e:?} from a coordinator of the previous release");
+        }
     }
 }

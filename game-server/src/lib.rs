@@ -9,6 +9,7 @@
 pub mod config;
 pub mod control;
 pub mod convert;
+pub mod handoff;
 pub mod http;
 pub mod metrics;
 pub mod net;

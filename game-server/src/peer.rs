@@ -6,9 +6,12 @@ use std::time::{Duration, Instant};
 use proto::peer as ppb;
 use proto::peer::game_server_peer_server::GameServerPeer;
 use tokio::sync::{mpsc, oneshot};
-use tonic::{Request, Response, Status, Streaming};
+use tonic::{Code, Request, Response, Status, Streaming};
 
-use crate::convert::{ghost_batch_from_pb, handoff_from_pb, interaction_from_pb};
+use crate::convert::{
+    adopt_refusal_status, ghost_batch_from_pb, handoff_from_pb, handoff_refusal_status, interaction_from_pb,
+};
+use crate::handoff::{Refusal, Refused};
 use crate::metrics::Metrics;
 use crate::sim::messages::SimIn;
 
@@ -58,18 +61,21 @@ impl PeerService {
 #[tonic::async_trait]
 impl GameServerPeer for PeerService {
     async fn handoff(&self, req: Request<ppb::HandoffRequest>) -> Result<Response<ppb::HandoffResponse>, Status> {
-        let state = handoff_from_pb(req.get_ref())
-            .map_err(|e| self.refuse(e.reason(), Status::invalid_argument(format!("bad_request: {e}"))))?;
+        let busy = |words: &str| handoff_refusal_status(Code::Unavailable, &Refused::new(Refusal::Busy, words));
+        let state = handoff_from_pb(req.get_ref()).map_err(|e| {
+            let refused = Refused::new(Refusal::BadRequest, e.to_string());
+            self.refuse(e.reason(), handoff_refusal_status(Code::InvalidArgument, &refused))
+        })?;
         let (reply, verdict) = oneshot::channel();
         self.sim
             .send_timeout(SimIn::Adopt { state: Box::new(state), reply }, Duration::from_secs(1))
             .await
-            .map_err(|_| self.refuse("sim_busy", Status::unavailable("the simulation is not accepting handoffs")))?;
+            .map_err(|_| self.refuse("sim_busy", busy("the simulation is not accepting handoffs")))?;
         match tokio::time::timeout(Duration::from_secs(2), verdict).await {
-            Ok(Ok(Ok(()))) => Ok(Response::new(ppb::HandoffResponse { accepted: true, reason: String::new() })),
+            Ok(Ok(Ok(()))) => Ok(Response::new(ppb::HandoffResponse { accepted: true, ..Default::default() })),
             // Counted by the simulation, which knows the reason.
-            Ok(Ok(Err(e))) => Err(Status::failed_precondition(format!("{}: {e}", e.reason()))),
-            _ => Err(self.refuse("sim_busy", Status::unavailable("the simulation did not answer"))),
+            Ok(Ok(Err(e))) => Err(adopt_refusal_status(&e)),
+            _ => Err(self.refuse("sim_busy", busy("the simulation did not answer"))),
         }
     }
 

@@ -36,9 +36,11 @@ impl CoordinatorGrpc {
 
 /// Maps a refused command to a gRPC status whose message starts with the
 /// stable reason, so callers can tell fencing from other failures.
-fn status_of(e: CommandError) -> Status {
+pub fn status_of(e: CommandError) -> Status {
     let msg = format!("{}: {e}", e.reason());
-    match e {
+    let refusal = pb::Refusal { code: refusal_code(&e) as i32, detail: e.to_string() };
+    let details = bytes::Bytes::from(prost::Message::encode_to_vec(&refusal));
+    let status = match e {
         CommandError::UnknownServer(_) | CommandError::UnknownTransfer(_) => Status::not_found(msg),
         CommandError::UnknownRegion(_) | CommandError::BadThresholds(_) | CommandError::TooSmall(_) => {
             Status::invalid_argument(msg)
@@ -54,6 +56,29 @@ fn status_of(e: CommandError) -> Status {
         | CommandError::Draining(_)
         | CommandError::LastServer(_)
         | CommandError::NotMergeable(..) => Status::failed_precondition(msg),
+    };
+    Status::with_details(status.code(), status.message(), details)
+}
+
+/// The typed code of a refusal on the wire.
+fn refusal_code(e: &CommandError) -> pb::RefusalCode {
+    use pb::RefusalCode as C;
+    match e {
+        CommandError::UnknownServer(_) => C::UnknownServer,
+        CommandError::Fenced(_) => C::Fenced,
+        CommandError::ServerIdsExhausted | CommandError::DirectoryFull => C::Exhausted,
+        CommandError::StaleRegionEpoch { .. } => C::StaleRegionEpoch,
+        CommandError::StaleEntityEpoch { .. } => C::StaleEntityEpoch,
+        CommandError::UnknownRegion(_) => C::UnknownRegion,
+        CommandError::NoOwner(_) => C::NoOwner,
+        CommandError::SameServer(_) => C::SameServer,
+        CommandError::UnknownTransfer(_) => C::UnknownTransfer,
+        CommandError::BadThresholds(_) => C::BadThresholds,
+        CommandError::NotBootstrapped | CommandError::Unavailable(_) => C::NotCommitted,
+        CommandError::Draining(_) => C::Draining,
+        CommandError::LastServer(_) => C::LastServer,
+        CommandError::TooSmall(_) => C::TooSmall,
+        CommandError::NotMergeable(..) => C::NotMergeable,
     }
 }
 

@@ -13,9 +13,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use glam::{DVec3, IVec3};
-use mesh_coordinator::state::{
-    Addresses, Command, CommandError, CoordinatorState, Policy, Response as CResponse, TransferRequest,
-};
+use mesh_coordinator::state::{Addresses, Command, CoordinatorState, Policy, Response as CResponse, TransferRequest};
 use shared::region::{RegionKey, RegionTree};
 use shared::wire::{InputFrame, JoinRole};
 use shared::{EntityId, PlayerId, ServerId, TickClock};
@@ -26,6 +24,7 @@ use super::ghosts::GhostBatch;
 use super::messages::ConnRx;
 use super::messages::{AdoptError, CommittedTransfer, HandoffState, SimIn, SimOut};
 use super::tests::{GROUND, Harness};
+use crate::handoff::{Action, Event, HandoffDriver, ReclaimFor, Refusal, Refused};
 
 const EPOCH: u64 = 1_700_000_000_000_000_000;
 
@@ -35,6 +34,8 @@ pub(super) struct Node {
     pub(super) alive: bool,
     /// The player's connection here (`Play` or `Standby`), kept open.
     conns: Vec<ConnRx>,
+    /// The handoff protocol's control-plane half, production's own.
+    driver: HandoffDriver,
 }
 
 /// A handoff shipped and not yet answered.
@@ -100,7 +101,7 @@ impl MeshSim {
             let Ok(CResponse::Registered { server }) = r else { panic!("{r:?}") };
             let mut h = Harness::new(server.0);
             h.tick = tick;
-            nodes.push(Node { id: server, h, alive: true, conns: Vec::new() });
+            nodes.push(Node { id: server, h, alive: true, conns: Vec::new(), driver: HandoffDriver::new() });
         }
         let mut sim = Self {
             coord,
@@ -226,6 +227,13 @@ impl MeshSim {
                 super::tests::controls(c);
             }
         }
+        let ms = now / 1_000_000;
+        let dead: std::collections::BTreeSet<ServerId> =
+            self.nodes.iter().map(|n| n.id).filter(|id| !self.coord.server(*id).is_some_and(|s| s.alive)).collect();
+        for n in self.nodes.iter_mut().filter(|n| n.alive) {
+            n.driver.handle(ms, Event::Dead(dead.clone()));
+            n.driver.handle_timeout(ms);
+        }
         for (from, out) in outs {
             match out {
                 SimOut::Ghosts { to, tick, ghosts } => {
@@ -236,84 +244,6 @@ impl MeshSim {
                         t.h.send(SimIn::Ghosts(GhostBatch { from, tick, full: true, ghosts, removed: vec![] }));
                     }
                 }
-                SimOut::RequestTransfer {
-                    entity,
-                    from_region,
-                    from_region_epoch,
-                    entity_epoch,
-                    to_region,
-                    not_before_tick,
-                    ..
-                } => {
-                    let (r, _) = self.coord.apply(Command::RequestTransfer(TransferRequest {
-                        entity,
-                        from,
-                        from_region,
-                        from_region_epoch,
-                        entity_epoch,
-                        to_region,
-                        not_before_tick,
-                        now,
-                    }));
-                    if self.lose_answers > 0 && r.is_ok() {
-                        self.lose_answers -= 1;
-                        continue;
-                    }
-                    let msg = match r {
-                        Ok(CResponse::Transfer(t)) => SimIn::TransferCommitted {
-                            entity,
-                            transfer: CommittedTransfer {
-                                id: t.id,
-                                to: t.to,
-                                to_region: t.to_region,
-                                to_region_epoch: t.to_region_epoch,
-                                entity_epoch: t.entity_epoch,
-                                effective_tick: t.effective_tick,
-                            },
-                        },
-                        Ok(other) => panic!("{other:?}"),
-                        Err(e) => {
-                            eprintln!("tick {}: transfer of {entity} refused: {e}", self.tick);
-                            SimIn::TransferRefused {
-                                entity,
-                                reason: e.to_string(),
-                                permanent: !matches!(e, CommandError::NoOwner(_) | CommandError::Unavailable(_)),
-                            }
-                        }
-                    };
-                    if let Some(n) = self.node(from) {
-                        n.h.send(msg);
-                    }
-                }
-                SimOut::Handoff(state) => {
-                    let (reply, verdict) = oneshot::channel();
-                    let verdict = self.node(state.to).map(|t| {
-                        t.h.send(SimIn::Adopt { state: state.clone(), reply });
-                        verdict
-                    });
-                    self.in_flight.push(InFlight { state: *state, verdict });
-                }
-                SimOut::CancelTransfer { entity, transfer_id } => {
-                    let (r, _) = self.coord.apply(Command::ReclaimTransfer {
-                        transfer_id,
-                        from,
-                        error: "did not pass the line".into(),
-                        now,
-                    });
-                    let entity_epoch = match r {
-                        Ok(CResponse::Reclaimed { entity_epoch }) => Some(entity_epoch),
-                        _ => None,
-                    };
-                    self.counts.cancelled += u64::from(entity_epoch.is_some());
-                    if let Some(n) = self.node(from) {
-                        n.h.send(SimIn::TransferCancelled { entity, entity_epoch });
-                    }
-                }
-                SimOut::OrphanResolved { transfer_id, adopted } => {
-                    let r = self.coord.apply(Command::ResolveOrphan { transfer_id, server: from, adopted, now }).0;
-                    assert_eq!(r, Ok(CResponse::Done));
-                    self.counts.orphans_adopted += u64::from(adopted);
-                }
                 SimOut::Interact { to, interaction } => {
                     self.counts.interactions += 1;
                     if let Some(t) = self.node(to) {
@@ -321,52 +251,157 @@ impl MeshSim {
                     }
                 }
                 SimOut::Presence { .. } | SimOut::Hint { .. } => {}
+                // The handoff protocol: production's driver decides.
+                out => {
+                    if let Some(n) = self.node(from) {
+                        n.driver.handle(ms, Event::Sim(out));
+                    }
+                }
             }
         }
-        // Answers to handoffs: delivered, or taken back once the target is
-        // known dead (or refused it).
-        let mut still = Vec::new();
-        for mut f in std::mem::take(&mut self.in_flight) {
-            let target_dead = !self.coord.server(f.state.to).is_some_and(|s| s.alive);
-            let answer = match f.verdict.as_mut().map(|v| v.try_recv()) {
-                // The coordinator declared the target dead: take it back.
-                _ if target_dead => Some(false),
-                Some(Ok(Ok(()))) | Some(Ok(Err(AdoptError::StaleEntityEpoch(..)))) => Some(true),
-                Some(Ok(Err(e))) => {
-                    eprintln!("tick {}: handoff {} refused: {e}", self.tick, f.state.transfer_id);
-                    Some(false)
-                }
-                Some(Err(_)) | None => None,
+        // Handoffs on the wire: answered by their target, or, from a dead
+        // one, as production's transport answers (no connection).
+        for f in std::mem::take(&mut self.in_flight) {
+            let target_alive = self.node(f.state.to).is_some();
+            let answer = match f.verdict {
+                _ if !target_alive => Some(Err(Refused::new(Refusal::Unreachable, "connection refused"))),
+                Some(mut v) => match v.try_recv() {
+                    Ok(Ok(())) => Some(Ok(())),
+                    Ok(Err(e)) => {
+                        eprintln!("tick {}: handoff {} refused: {e}", self.tick, f.state.transfer_id);
+                        // Through the wire's own encoding, as production.
+                        Some(crate::convert::handoff_answer(Err(&crate::convert::adopt_refusal_status(&e))))
+                    }
+                    Err(oneshot::error::TryRecvError::Empty) => {
+                        self.in_flight.push(InFlight { state: f.state.clone(), verdict: Some(v) });
+                        None
+                    }
+                    Err(oneshot::error::TryRecvError::Closed) => Some(Err(Refused::new(Refusal::Busy, "no verdict"))),
+                },
+                None => Some(Err(Refused::new(Refusal::Unreachable, "no target"))),
             };
-            match answer {
-                None => still.push(f),
-                Some(true) => {
+            if let Some(answer) = answer
+                && let Some(n) = self.node(f.state.from)
+            {
+                n.driver.handle(ms, Event::HandoffAnswered { transfer_id: f.state.transfer_id, answer });
+            }
+        }
+        for i in 0..self.nodes.len() {
+            if self.nodes[i].alive {
+                self.perform(i, now);
+            }
+        }
+    }
+
+    /// Carries out node `i`'s driver actions against the coordinator's
+    /// state machine and the other simulations, feeding the answers back,
+    /// until it has nothing more to do.
+    fn perform(&mut self, i: usize, now: u64) {
+        let ms = now / 1_000_000;
+        let from = self.nodes[i].id;
+        while let Some(action) = self.nodes[i].driver.poll_action() {
+            let event = match action {
+                Action::RequestTransfer(ask) => {
+                    let (r, _) = self.coord.apply(Command::RequestTransfer(TransferRequest {
+                        entity: ask.entity,
+                        from,
+                        from_region: ask.from_region,
+                        from_region_epoch: ask.from_region_epoch,
+                        entity_epoch: ask.entity_epoch,
+                        to_region: ask.to_region,
+                        not_before_tick: ask.not_before_tick,
+                        now,
+                    }));
+                    if self.lose_answers > 0 && r.is_ok() {
+                        self.lose_answers -= 1;
+                        continue;
+                    }
+                    let answer = match r {
+                        Ok(CResponse::Transfer(t)) => Ok(CommittedTransfer {
+                            id: t.id,
+                            to: t.to,
+                            to_region: t.to_region,
+                            to_region_epoch: t.to_region_epoch,
+                            entity_epoch: t.entity_epoch,
+                            effective_tick: t.effective_tick,
+                        }),
+                        Ok(other) => panic!("{other:?}"),
+                        Err(e) => {
+                            eprintln!("tick {}: transfer of {} refused: {e}", self.tick, ask.entity);
+                            // Through the wire's own encoding, as production.
+                            Err(crate::convert::refusal_from_coordinator(&mesh_coordinator::grpc::status_of(e)))
+                        }
+                    };
+                    Some(Event::TransferAnswered { entity: ask.entity, answer })
+                }
+                Action::SendHandoff(state) => {
+                    let (reply, verdict) = oneshot::channel();
+                    let verdict = self.node(state.to).map(|t| {
+                        t.h.send(SimIn::Adopt { state: state.clone(), reply });
+                        verdict
+                    });
+                    self.in_flight.push(InFlight { state: *state, verdict });
+                    None
+                }
+                Action::Complete { transfer_id } => {
                     let (r, _) = self.coord.apply(Command::CompleteTransfer {
-                        transfer_id: f.state.transfer_id,
-                        from: f.state.from,
+                        transfer_id,
+                        from,
                         delivered: true,
                         error: String::new(),
                         now,
                     });
                     assert_eq!(r, Ok(CResponse::Done));
+                    None
                 }
-                Some(false) => {
-                    let (r, _) = self.coord.apply(Command::ReclaimTransfer {
-                        transfer_id: f.state.transfer_id,
-                        from: f.state.from,
-                        error: "not delivered".into(),
-                        now,
-                    });
-                    if let Ok(CResponse::Reclaimed { entity_epoch }) = r
-                        && let Some(n) = self.node(f.state.from)
-                    {
-                        n.h.send(SimIn::Reclaimed { state: Box::new(f.state), entity_epoch });
-                        self.counts.reclaimed += 1;
-                    }
+                Action::Reclaim { transfer_id, error, why } => {
+                    let (r, _) = self.coord.apply(Command::ReclaimTransfer { transfer_id, from, error, now });
+                    let answer = match r {
+                        Ok(CResponse::Reclaimed { entity_epoch }) => Ok(Some(entity_epoch)),
+                        Ok(_) => Ok(None),
+                        Err(e) => Err(e.to_string()),
+                    };
+                    Some(match why {
+                        ReclaimFor::Undelivered => {
+                            self.counts.reclaimed += u64::from(matches!(answer, Ok(Some(_))));
+                            Event::ReclaimAnswered { transfer_id, answer }
+                        }
+                        ReclaimFor::Cancel { entity } => {
+                            self.counts.cancelled += u64::from(matches!(answer, Ok(Some(_))));
+                            Event::CancelAnswered { entity, answer }
+                        }
+                    })
+                }
+                Action::ReportOrphan { transfer_id, adopted } => {
+                    let r = self.coord.apply(Command::ResolveOrphan { transfer_id, server: from, adopted, now }).0;
+                    assert_eq!(r, Ok(CResponse::Done));
+                    self.counts.orphans_adopted += u64::from(adopted);
+                    None
+                }
+                Action::ToSim(msg) => {
+                    self.nodes[i].h.send(msg);
+                    None
+                }
+                Action::Count(_) => None,
+            };
+            if let Some(event) = event {
+                self.nodes[i].driver.handle(ms, event);
+            }
+        }
+    }
+
+    /// Entities between two servers: handoffs on the wire, and those a live
+    /// source's driver still holds (being delivered or taken back).
+    fn in_transit(&self) -> Vec<&HandoffState> {
+        let mut v: Vec<&HandoffState> = self.in_flight.iter().map(|f| &f.state).collect();
+        for n in self.nodes.iter().filter(|n| n.alive) {
+            for s in n.driver.states() {
+                if !v.iter().any(|x| x.transfer_id == s.transfer_id) {
+                    v.push(s);
                 }
             }
         }
-        self.in_flight = still;
+        v
     }
 
     /// The invariants, at this tick.
@@ -395,15 +430,16 @@ impl MeshSim {
         }
         // Released at the end of this tick, adopted at the start of the
         // next: the source simulated this tick.
-        for f in &self.in_flight {
-            if f.state.effective_tick == self.tick + 1 && !seen.contains_key(&f.state.entity) {
-                seen.entry(f.state.entity).or_default().push(f.state.from);
+        let shipped: Vec<HandoffState> = self.in_transit().into_iter().cloned().collect();
+        for state in &shipped {
+            if state.effective_tick == self.tick + 1 && !seen.contains_key(&state.entity) {
+                seen.entry(state.entity).or_default().push(state.from);
                 // What it applied this tick before letting go.
-                if f.state.player.is_some() {
-                    let newest = self.newest.entry(f.state.entity).or_insert(0);
-                    assert!(f.state.last_applied_input >= *newest, "tick {}: shipped {:?}", self.tick, f.state);
-                    self.counts.inputs_applied += u64::from(f.state.last_applied_input - *newest);
-                    *newest = f.state.last_applied_input;
+                if state.player.is_some() {
+                    let newest = self.newest.entry(state.entity).or_insert(0);
+                    assert!(state.last_applied_input >= *newest, "tick {}: shipped {state:?}", self.tick);
+                    self.counts.inputs_applied += u64::from(state.last_applied_input - *newest);
+                    *newest = state.last_applied_input;
                 }
             }
         }
@@ -422,7 +458,7 @@ impl MeshSim {
                 !all_alive,
                 "tick {}: a player has no authoritative server with every server up; in flight: {:?}; transfers: {:?}",
                 self.tick,
-                self.in_flight.iter().map(|f| (&f.state.transfer_id, f.state.effective_tick)).collect::<Vec<_>>(),
+                shipped.iter().map(|s| (s.transfer_id, s.effective_tick)).collect::<Vec<_>>(),
                 self.coord.transfers()
             );
             self.counts.unowned_ticks += 1;
@@ -446,7 +482,7 @@ impl MeshSim {
             return p;
         }
         let id = EntityId::player(player).expect("a player id");
-        self.in_flight.iter().find(|f| f.state.entity == id).map(|f| f.state.pos).expect("somewhere")
+        self.in_transit().into_iter().find(|s| s.entity == id).map(|s| s.pos).expect("somewhere")
     }
 
     /// Handoffs whose latency the targets measured, and the sum of those
@@ -514,8 +550,12 @@ fn until_committed(m: &mut MeshSim, target: DVec3, within: u64) -> (ServerId, Se
     for _ in 0..within {
         let p = m.pos(PlayerId(1));
         m.step(&|_, _| [towards(p.x, target.x), 0.0]);
-        if let Some(t) =
-            m.coord.transfers().iter().find(|t| t.outcome == mesh_coordinator::state::TransferOutcome::Committed)
+        if let Some(t) = m
+            .coord
+            .transfers()
+            .recent()
+            .into_iter()
+            .find(|t| t.outcome == mesh_coordinator::state::TransferOutcome::Committed)
         {
             return (t.from, t.to);
         }
