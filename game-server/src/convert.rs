@@ -640,7 +640,7 @@ pub fn refusal_from_coordinator(s: &tonic::Status) -> Refused {
             "unknown_region" => Refusal::UnknownRegion,
             "no_owner" => Refusal::NoOwner,
             "not_bootstrapped" | "unavailable" => Refusal::NotCommitted,
-            "ids_exhausted" | "directory_full" => Refusal::Exhausted,
+            "ids_exhausted" | "directory_full" | "transfers_full" => Refusal::Exhausted,
             _ if s.code() == tonic::Code::FailedPrecondition => Refusal::StaleEntityEpoch,
             _ if s.code() == tonic::Code::NotFound => Refusal::Unknown,
             _ => Refusal::NotCommitted,
@@ -797,6 +797,7 @@ mod refusal_tests {
             (CommandError::NotBootstrapped, Refusal::NotCommitted),
             (CommandError::Unavailable("no leader".into()), Refusal::NotCommitted),
             (CommandError::DirectoryFull, Refusal::Exhausted),
+            (CommandError::TooManyTransfers(5), Refusal::Exhausted),
             (CommandError::UnknownTransfer(5), Refusal::Unknown),
         ];
         for (e, want) in cases {

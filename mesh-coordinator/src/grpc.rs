@@ -45,7 +45,9 @@ pub fn status_of(e: CommandError) -> Status {
         CommandError::UnknownRegion(_) | CommandError::BadThresholds(_) | CommandError::TooSmall(_) => {
             Status::invalid_argument(msg)
         }
-        CommandError::ServerIdsExhausted | CommandError::DirectoryFull => Status::resource_exhausted(msg),
+        CommandError::ServerIdsExhausted | CommandError::DirectoryFull | CommandError::TooManyTransfers(_) => {
+            Status::resource_exhausted(msg)
+        }
         CommandError::NoOwner(_) | CommandError::NotBootstrapped | CommandError::Unavailable(_) => {
             Status::unavailable(msg)
         }
@@ -66,7 +68,9 @@ fn refusal_code(e: &CommandError) -> pb::RefusalCode {
     match e {
         CommandError::UnknownServer(_) => C::UnknownServer,
         CommandError::Fenced(_) => C::Fenced,
-        CommandError::ServerIdsExhausted | CommandError::DirectoryFull => C::Exhausted,
+        CommandError::ServerIdsExhausted | CommandError::DirectoryFull | CommandError::TooManyTransfers(_) => {
+            C::Exhausted
+        }
         CommandError::StaleRegionEpoch { .. } => C::StaleRegionEpoch,
         CommandError::StaleEntityEpoch { .. } => C::StaleEntityEpoch,
         CommandError::UnknownRegion(_) => C::UnknownRegion,

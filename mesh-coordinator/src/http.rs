@@ -177,7 +177,7 @@ struct TransfersQuery {
 
 async fn transfers(State(node): State<Arc<Node>>, Query(q): Query<TransfersQuery>) -> Json<Vec<TransferRecord>> {
     let limit = q.limit.unwrap_or(100).min(10_000);
-    Json(node.read(|s| s.transfers().iter().rev().take(limit).cloned().collect()))
+    Json(node.read(|s| s.transfers().newest(limit).into_iter().cloned().collect()))
 }
 
 #[derive(Debug, Serialize, Deserialize)]

@@ -90,13 +90,14 @@ pub async fn run(node: Arc<Node>, store: Arc<dyn Store>, cluster: String, stop: 
             }
             if logged_upto == 0 {
                 // Whatever the log still holds in memory is written again.
-                logged_upto = s.transfers().front().map_or(0, |t| t.id.saturating_sub(1));
+                logged_upto = s.transfers().recent().first().map_or(0, |t| t.id.saturating_sub(1));
             }
             let mark = (s.map_version(), s.transfers_total());
             let data = (saved != Some(mark)).then(|| s.to_bytes());
             let finished: Vec<_> = s
                 .transfers()
-                .iter()
+                .recent()
+                .into_iter()
                 .filter(|t| t.id > logged_upto)
                 .filter(|t| {
                     t.outcome != TransferOutcome::Committed || now.saturating_sub(t.committed_at) > 30_000_000_000

@@ -633,7 +633,7 @@ fn a_target_that_dies_mid_transfer_leaves_the_player_with_its_source() {
     m.run(400, &|_, _| [1.0, 0.0]);
     assert_eq!(m.where_is(p).map(|w| w.0), Some(from));
     assert_eq!(m.counts.reclaimed, 1, "{:?}", m.counts);
-    assert_eq!(m.coord.transfers()[0].outcome, mesh_coordinator::state::TransferOutcome::Returned);
+    assert_eq!(m.coord.transfers().recent()[0].outcome, mesh_coordinator::state::TransferOutcome::Returned);
     // It plays on: inputs keep being applied, in order (checked every tick).
     let before = m.counts.inputs_applied;
     m.run(90, &|_, _| [-1.0, 0.0]);
@@ -651,7 +651,7 @@ fn a_source_that_dies_mid_transfer_leaves_the_player_with_its_target() {
     m.run(400, &|_, _| [1.0, 0.0]);
     assert_eq!(m.where_is(p).map(|w| w.0), Some(to));
     assert_eq!(m.counts.orphans_adopted, 1, "{:?}", m.counts);
-    assert_eq!(m.coord.transfers()[0].outcome, mesh_coordinator::state::TransferOutcome::Adopted);
+    assert_eq!(m.coord.transfers().recent()[0].outcome, mesh_coordinator::state::TransferOutcome::Adopted);
     // Every input the client sent while nobody simulated it is applied,
     // once, in order: the per-tick check saw no gap.
     assert!(m.counts.unowned_ticks > 90, "{:?}", m.counts);
@@ -676,7 +676,7 @@ fn a_transfer_whose_answer_is_lost_with_the_leader_is_not_committed_twice() {
         m.step(&|_, _| [towards(x, 2040.0), 0.0]);
     }
     assert_eq!(m.where_is(p).map(|w| w.0), Some(to), "{:?}", m.coord.transfers());
-    assert_eq!(m.coord.transfers().len(), 1, "one transfer: {:?}", m.coord.transfers());
+    assert_eq!(m.coord.transfers().recent().len(), 1, "one transfer: {:?}", m.coord.transfers());
     assert_eq!((m.counts.handoffs, m.counts.unowned_ticks), (1, 0));
     let _ = from;
 }
@@ -696,7 +696,7 @@ fn an_early_transfer_for_a_player_who_stops_short_of_the_line_is_given_up() {
     assert!(at < 2010.0, "stopped short: {at}");
     assert_eq!(m.coord.transfers_total(), 1, "asked early: {:?}", m.coord.transfers());
     assert_eq!((m.counts.cancelled, m.counts.handoffs), (1, 0), "{:?}", m.counts);
-    assert_eq!(m.coord.transfers()[0].outcome, mesh_coordinator::state::TransferOutcome::Returned);
+    assert_eq!(m.coord.transfers().recent()[0].outcome, mesh_coordinator::state::TransferOutcome::Returned);
     let first = m.owner_of_region(RegionKey::root(0, 0, 0));
     assert_eq!(m.where_is(p).map(|w| w.0), Some(first));
     // Under the epoch the coordinator gave back, it crosses later as usual.

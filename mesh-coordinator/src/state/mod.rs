@@ -11,6 +11,13 @@ use serde::{Deserialize, Serialize};
 use shared::region::{RegionKey, RegionTree};
 use shared::{EntityId, Epoch, PlayerId, ServerId, Tick, TickClock};
 
+mod directory;
+mod format;
+mod transfers;
+
+pub use directory::{Directory, MAX_DIRECTORY, PlayerLocation};
+pub use transfers::{MAX_IN_FLIGHT, Transfers};
+
 /// Policy knobs of the state machine (part of the replicated state).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Policy {
@@ -126,12 +133,9 @@ pub struct Release {
     pub until: u64,
 }
 
-/// State added after format 2, serialised after the core (see
-/// [`CoordinatorState::to_bytes`]) so format 2 snapshots still load.
+/// What the balancer remembers between its passes.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-struct Extension {
-    drained: BTreeSet<ServerId>,
-    releases: BTreeMap<RegionKey, Release>,
+pub struct BalancerMemory {
     /// Players per region, as each server last reported them.
     region_players: BTreeMap<ServerId, Vec<(RegionKey, u32)>>,
     /// When a region last split (key: the region) or merged (key: the
@@ -140,23 +144,7 @@ struct Extension {
     /// When the balancer last changed a server's regions: it waits for a
     /// report that reflects the change before acting on that server again.
     acted: BTreeMap<ServerId, u64>,
-    /// The player directory: where each online player's avatar is
-    /// simulated, and the player of each avatar.
-    players: BTreeMap<PlayerId, PlayerLocation>,
-    avatars: BTreeMap<EntityId, PlayerId>,
 }
-
-/// Where a player's avatar is simulated, as the log last decided it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PlayerLocation {
-    pub server: ServerId,
-    pub entity: EntityId,
-    /// When it got there (Unix ns).
-    pub since: u64,
-}
-
-/// Players the directory holds at most (a bound on the state's size).
-pub const MAX_DIRECTORY: usize = 1_000_000;
 
 /// Where a server can be reached (host:port strings).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -441,6 +429,8 @@ pub enum CommandError {
     NotMergeable(RegionKey, String),
     #[error("the player directory is full ({MAX_DIRECTORY} players)")]
     DirectoryFull,
+    #[error("{0} transfers are in flight, the most the coordinator keeps; ask again later")]
+    TooManyTransfers(usize),
     /// Not a decision of the state machine: the command could not be
     /// committed (no leader, or it did not commit in time). Retry.
     #[error("not committed: {0}")]
@@ -465,6 +455,7 @@ impl CommandError {
             CommandError::TooSmall(_) => "too_small",
             CommandError::NotMergeable(..) => "not_mergeable",
             CommandError::DirectoryFull => "directory_full",
+            CommandError::TooManyTransfers(_) => "transfers_full",
             CommandError::Unavailable(_) => "unavailable",
         }
     }
@@ -525,18 +516,26 @@ pub struct CoordinatorState {
     tree: RegionTree,
     assignments: BTreeMap<RegionKey, Assignment>,
     servers: BTreeMap<ServerId, ServerRecord>,
+    /// Who holds each entity that ever changed servers, under which
+    /// epoch. Changed only together with `transfers` (a commit, a reclaim,
+    /// an orphan lost) and by a holder's death or a player's leave.
     entities: BTreeMap<EntityId, EntityAuthority>,
-    transfers: VecDeque<TransferRecord>,
-    transfers_total: u64,
+    transfers: Transfers,
+    /// Follows `entities` for avatars: a commit, a reclaim or a lost orphan
+    /// moves a player where its avatar went.
+    directory: Directory,
     audit: VecDeque<AuditRecord>,
     audit_total: u64,
     next_server_id: u32,
     next_epoch: u64,
-    next_transfer_id: u64,
     map_version: u64,
     first_registration: Option<u64>,
-    #[serde(skip)]
-    ext: Extension,
+    /// Servers an operator drained: they take no regions.
+    drained: BTreeSet<ServerId>,
+    /// Regions moved away whose previous owner may still hand out what it
+    /// holds there.
+    releases: BTreeMap<RegionKey, Release>,
+    balancer: BalancerMemory,
 }
 
 impl CoordinatorState {
@@ -570,16 +569,17 @@ impl CoordinatorState {
             assignments,
             servers: BTreeMap::new(),
             entities: BTreeMap::new(),
-            transfers: VecDeque::new(),
-            transfers_total: 0,
+            transfers: Transfers::default(),
+            directory: Directory::default(),
             audit: VecDeque::new(),
             audit_total: 0,
             next_server_id: 1,
             next_epoch: 1,
-            next_transfer_id: 1,
             map_version: 1,
             first_registration: None,
-            ext: Extension::default(),
+            drained: BTreeSet::new(),
+            releases: BTreeMap::new(),
+            balancer: BalancerMemory::default(),
         }
     }
 
@@ -604,13 +604,13 @@ impl CoordinatorState {
         self.entities.get(&e).copied()
     }
 
-    /// The most recent transfers, oldest first.
-    pub fn transfers(&self) -> &VecDeque<TransferRecord> {
+    /// The transfers in flight and the most recent ended ones.
+    pub fn transfers(&self) -> &Transfers {
         &self.transfers
     }
 
     pub fn transfers_total(&self) -> u64 {
-        self.transfers_total
+        self.transfers.total()
     }
 
     /// The most recent operator writes, oldest first.
@@ -644,27 +644,27 @@ impl CoordinatorState {
 
     /// Whether an operator drained the server (it takes no regions).
     pub fn is_draining(&self, server: ServerId) -> bool {
-        self.ext.drained.contains(&server)
+        self.drained.contains(&server)
     }
 
     /// Where the directory says the player's avatar is simulated.
     pub fn player_location(&self, player: PlayerId) -> Option<PlayerLocation> {
-        self.ext.players.get(&player).copied()
+        self.directory.get(player)
     }
 
     /// Players in the directory.
     pub fn directory_len(&self) -> usize {
-        self.ext.players.len()
+        self.directory.len()
     }
 
     /// Players per region, as `server` last reported them.
     pub fn region_players(&self, server: ServerId) -> &[(RegionKey, u32)] {
-        self.ext.region_players.get(&server).map_or(&[], Vec::as_slice)
+        self.balancer.region_players.get(&server).map_or(&[], Vec::as_slice)
     }
 
     /// Regions whose previous owner may still hand entities out of them.
     pub fn releases(&self) -> &BTreeMap<RegionKey, Release> {
-        &self.ext.releases
+        &self.releases
     }
 
     /// Whether a leader has bootstrapped the mesh (fixed its tick grid).
@@ -673,41 +673,14 @@ impl CoordinatorState {
     }
 
     /// The state as bytes: a format byte, then bincode. Raft snapshots and
-    /// the database's topology snapshot both use it. Format 2 added the
-    /// thresholds; format 3 appends drains and releases after the same core,
-    /// so format 2 still loads (with none). Format 1 (before Raft) is refused
-    /// with a clear error.
+    /// the database's topology snapshot both use it; see [`format`] for the
+    /// formats this build reads.
     pub fn to_bytes(&self) -> Vec<u8> {
-        let config = bincode::config::standard();
-        let mut out = vec![3u8];
-        out.extend(bincode::serde::encode_to_vec(self, config).expect("the state serialises"));
-        out.extend(bincode::serde::encode_to_vec(&self.ext, config).expect("the state serialises"));
-        out
+        format::encode(self)
     }
 
     pub fn from_bytes(bytes: &[u8]) -> Result<CoordinatorState, String> {
-        let config = bincode::config::standard();
-        let core = |body: &[u8]| -> Result<(CoordinatorState, usize), String> {
-            bincode::serde::decode_from_slice(body, config).map_err(|e| format!("snapshot does not decode: {e}"))
-        };
-        match bytes.split_first() {
-            Some((3, body)) => {
-                let (mut s, used) = core(body)?;
-                let (ext, rest) = bincode::serde::decode_from_slice::<Extension, _>(&body[used..], config)
-                    .map_err(|e| format!("snapshot extension does not decode: {e}"))?;
-                if used + rest != body.len() {
-                    return Err(format!("snapshot has {} trailing bytes", body.len() - used - rest));
-                }
-                s.ext = ext;
-                Ok(s)
-            }
-            Some((2, body)) => core(body).map(|(s, _)| s),
-            Some((1, _)) => Err("snapshot format 1 was written by a build before Raft; start a new mesh (another \
-                                 --cluster, or delete the development data directory)"
-                .into()),
-            Some((v, _)) => Err(format!("snapshot format {v} is unknown to this build")),
-            None => Err("empty snapshot".into()),
-        }
+        format::decode(bytes)
     }
 
     pub fn apply(&mut self, cmd: Command) -> (Result<Response, CommandError>, Vec<Event>) {
@@ -724,7 +697,7 @@ impl CoordinatorState {
                 let r = self.heartbeat(server, load, now);
                 if matches!(r, Ok(Response::HeartbeatAck { fenced: false })) {
                     regions.truncate(MAX_REPORTED_REGIONS);
-                    self.ext.region_players.insert(server, regions);
+                    self.balancer.region_players.insert(server, regions);
                 }
                 r
             }
@@ -747,7 +720,7 @@ impl CoordinatorState {
             },
             Command::Tick { .. } if !self.is_bootstrapped() => Ok(Response::Done),
             Command::Tick { now } => {
-                self.ext.releases.retain(|_, r| r.until > now);
+                self.releases.retain(|_, r| r.until > now);
                 self.detect_failures(now, &mut events);
                 self.place_unowned(now, &mut events);
                 self.balance(now, &mut events);
@@ -864,18 +837,24 @@ impl CoordinatorState {
             // resumes them (from persistence) starts a new record.
             self.entities.retain(|_, a| a.server != id);
             // Transfers it committed but never reported delivered: the
-            // target resumes the entity from its ghost.
-            for t in self.transfers.iter_mut().filter(|t| t.from == id && t.outcome == TransferOutcome::Committed) {
-                t.outcome = TransferOutcome::Orphaned;
-                events.push(Event::TransferCompleted { id: t.id, outcome: t.outcome });
+            // target resumes the entity from its ghost. Those it reported
+            // undelivered it can no longer take back, and orphans it was
+            // to resume it never will: nobody has those entities.
+            let ends: Vec<(u64, TransferOutcome)> = self
+                .transfers
+                .in_flight()
+                .filter_map(|t| match t.outcome {
+                    TransferOutcome::Committed if t.from == id => Some((t.id, TransferOutcome::Orphaned)),
+                    TransferOutcome::Failed if t.from == id => Some((t.id, TransferOutcome::Lost)),
+                    TransferOutcome::Orphaned if t.to == id => Some((t.id, TransferOutcome::Lost)),
+                    _ => None,
+                })
+                .collect();
+            for (t, outcome) in ends {
+                self.transfers.set_outcome(t, outcome, None, self.policy.transfer_log_len);
+                events.push(Event::TransferCompleted { id: t, outcome });
             }
-            let gone: Vec<PlayerId> =
-                self.ext.players.iter().filter(|(_, l)| l.server == id).map(|(p, _)| *p).collect();
-            for p in gone {
-                if let Some(l) = self.ext.players.remove(&p) {
-                    self.ext.avatars.remove(&l.entity);
-                }
-            }
+            self.directory.drop_server(id);
         }
     }
 
@@ -908,7 +887,7 @@ impl CoordinatorState {
             self.tree.neighbours(region).map(|n| n.into_iter().map(|(k, _)| k).collect()).unwrap_or_default();
         self.servers
             .values()
-            .filter(|s| s.alive && Some(s.id) != exclude && !self.ext.drained.contains(&s.id))
+            .filter(|s| s.alive && Some(s.id) != exclude && !self.drained.contains(&s.id))
             .min_by_key(|s| {
                 let count = self.regions_of(s.id).count();
                 let adjacent =
@@ -938,7 +917,6 @@ impl CoordinatorState {
         // older one: that of the parent it held before a split it learnt of
         // together with the move), while its release lasts.
         let released = self
-            .ext
             .releases
             .get(&req.from_region)
             .is_some_and(|r| r.server == req.from && req.from_region_epoch <= r.epoch && req.now < r.until);
@@ -959,7 +937,7 @@ impl CoordinatorState {
         // The same request again (its answer was lost with a leader that
         // died after committing it): the same transfer, not a refusal that
         // would leave the source holding what the log gave away.
-        if let Some(t) = self.transfers.iter().rev().find(|t| {
+        if let Some(t) = self.transfers.in_flight().find(|t| {
             t.entity == req.entity
                 && t.from == req.from
                 && t.entity_epoch == req.entity_epoch.next()
@@ -988,8 +966,8 @@ impl CoordinatorState {
         }
         let entity_epoch = current.next();
         let effective_tick = (self.clock.tick_at(req.now) + self.policy.handoff_lead_ticks).max(req.not_before_tick);
-        let record = TransferRecord {
-            id: self.next_transfer_id,
+        let record = self.transfers.commit(|id| TransferRecord {
+            id,
             entity: req.entity,
             from: req.from,
             to: to_server,
@@ -1001,20 +979,9 @@ impl CoordinatorState {
             committed_at: req.now,
             outcome: TransferOutcome::Committed,
             error: String::new(),
-        };
-        self.next_transfer_id += 1;
-        self.transfers_total += 1;
+        })?;
         self.entities.insert(req.entity, EntityAuthority { server: to_server, epoch: entity_epoch });
-        if let Some(p) = self.ext.avatars.get(&req.entity)
-            && let Some(loc) = self.ext.players.get_mut(p)
-        {
-            loc.server = to_server;
-            loc.since = req.now;
-        }
-        self.transfers.push_back(record.clone());
-        while self.transfers.len() > self.policy.transfer_log_len {
-            self.transfers.pop_front();
-        }
+        self.directory.follow(req.entity, to_server, req.now);
         events.push(Event::TransferCommitted(record.clone()));
         Ok(Response::Transfer(record))
     }
@@ -1029,18 +996,9 @@ impl CoordinatorState {
     ) -> Result<Response, CommandError> {
         self.live_server(server)?;
         if online {
-            if self.ext.players.len() >= MAX_DIRECTORY && !self.ext.players.contains_key(&player) {
-                return Err(CommandError::DirectoryFull);
-            }
-            if let Some(old) = self.ext.players.insert(player, PlayerLocation { server, entity, since: now }) {
-                self.ext.avatars.remove(&old.entity);
-            }
-            self.ext.avatars.insert(entity, player);
+            self.directory.join(player, entity, server, now)?;
         } else {
-            if self.ext.players.get(&player).is_some_and(|l| l.server == server && l.entity == entity) {
-                self.ext.players.remove(&player);
-                self.ext.avatars.remove(&entity);
-            }
+            self.directory.leave(player, entity, server);
             // The avatar is gone from its holder: the player's next session
             // starts a new one at epoch 0, which an old record would fence.
             if self.entities.get(&entity).is_some_and(|a| a.server == server) {
@@ -1058,8 +1016,7 @@ impl CoordinatorState {
             && from != to
             && self.servers.get(&from).is_some_and(|s| s.alive)
         {
-            self.ext
-                .releases
+            self.releases
                 .insert(region, Release { server: from, epoch: prev.epoch, until: now + RELEASE_MS * 1_000_000 });
         }
         self.assign(region, Some(to), events);
@@ -1068,7 +1025,7 @@ impl CoordinatorState {
     /// A live server that takes regions.
     fn placeable(&self, id: ServerId) -> Result<(), CommandError> {
         self.live_server(id)?;
-        if self.ext.drained.contains(&id) {
+        if self.drained.contains(&id) {
             return Err(CommandError::Draining(id));
         }
         Ok(())
@@ -1110,7 +1067,7 @@ impl CoordinatorState {
         for child in children {
             self.assign(child, parent.server, events);
         }
-        self.ext.last_change.insert(region, now);
+        self.balancer.last_change.insert(region, now);
         events.push(Event::RegionSplit { region });
         Ok(())
     }
@@ -1147,14 +1104,12 @@ impl CoordinatorState {
                 && Some(from) != owner
                 && self.servers.get(&from).is_some_and(|s| s.alive)
             {
-                self.ext
-                    .releases
-                    .insert(*c, Release { server: from, epoch: a.epoch, until: now + RELEASE_MS * 1_000_000 });
+                self.releases.insert(*c, Release { server: from, epoch: a.epoch, until: now + RELEASE_MS * 1_000_000 });
             }
         }
         let owner = owner.or_else(|| self.choose_owner(&region, None));
         self.assign(region, owner, events);
-        self.ext.last_change.insert(region, now);
+        self.balancer.last_change.insert(region, now);
         events.push(Event::RegionsMerged { region });
         Ok(())
     }
@@ -1162,11 +1117,14 @@ impl CoordinatorState {
     /// Players in a leaf, as its owner last reported them.
     fn leaf_players(&self, leaf: &RegionKey) -> u32 {
         let Some(owner) = self.assignments.get(leaf).and_then(|a| a.server) else { return 0 };
-        self.ext.region_players.get(&owner).and_then(|r| r.iter().find(|(k, _)| k == leaf)).map_or(0, |(_, n)| *n)
+        self.balancer.region_players.get(&owner).and_then(|r| r.iter().find(|(k, _)| k == leaf)).map_or(0, |(_, n)| *n)
     }
 
     fn cooled(&self, key: &RegionKey, now: u64) -> bool {
-        self.ext.last_change.get(key).is_none_or(|t| now.saturating_sub(*t) >= self.thresholds.cooldown_ms * 1_000_000)
+        self.balancer
+            .last_change
+            .get(key)
+            .is_none_or(|t| now.saturating_sub(*t) >= self.thresholds.cooldown_ms * 1_000_000)
     }
 
     /// The load balancer, run on every tick. An overloaded server (more
@@ -1184,12 +1142,12 @@ impl CoordinatorState {
         let spacing = 2 * self.policy.heartbeat_interval_ms * 1_000_000;
         let fresh = |s: &Self, id: ServerId| {
             let heard = s.servers.get(&id).map_or(0, |r| r.last_heartbeat);
-            s.ext.acted.get(&id).is_none_or(|at| heard >= at.saturating_add(spacing))
+            s.balancer.acted.get(&id).is_none_or(|at| heard >= at.saturating_add(spacing))
         };
         let overloaded: Vec<ServerId> = self
             .servers
             .values()
-            .filter(|r| r.alive && !self.ext.drained.contains(&r.id))
+            .filter(|r| r.alive && !self.drained.contains(&r.id))
             .filter(|r| r.load.players > t.split_players || r.load.cpu > t.split_cpu)
             .map(|r| r.id)
             .collect();
@@ -1208,8 +1166,8 @@ impl CoordinatorState {
             if let Some((region, players, to)) = shed {
                 self.hand_over(region, to, now, events);
                 events.push(Event::RegionRebalanced { region, from, to, players });
-                self.ext.acted.insert(from, now);
-                self.ext.acted.insert(to, now);
+                self.balancer.acted.insert(from, now);
+                self.balancer.acted.insert(to, now);
                 continue;
             }
             let splittable =
@@ -1217,7 +1175,7 @@ impl CoordinatorState {
             if let Some(region) = splittable
                 && self.split_leaf(region, now, events).is_ok()
             {
-                self.ext.acted.insert(from, now);
+                self.balancer.acted.insert(from, now);
             }
         }
         let parents: Vec<RegionKey> = self
@@ -1252,7 +1210,7 @@ impl CoordinatorState {
             self.tree.neighbours(region).map(|n| n.into_iter().map(|(k, _)| k).collect()).unwrap_or_default();
         self.servers
             .values()
-            .filter(|s| s.alive && s.id != from && !self.ext.drained.contains(&s.id))
+            .filter(|s| s.alive && s.id != from && !self.drained.contains(&s.id))
             .filter(|s| s.load.players + players <= room && s.load.cpu < t.split_cpu * RELIEF_FILL)
             .filter(|s| s.capacity_players == 0 || s.load.players + players <= s.capacity_players)
             .min_by_key(|s| {
@@ -1274,7 +1232,7 @@ impl CoordinatorState {
         let per = ((t.split_players as f32 * RELIEF_FILL) as u32).max(1);
         let by_players = players.div_ceil(per);
         let hot = !live.is_empty() && live.iter().all(|s| s.load.cpu > t.split_cpu);
-        let serving = live.iter().filter(|s| !self.ext.drained.contains(&s.id)).count() as u32;
+        let serving = live.iter().filter(|s| !self.drained.contains(&s.id)).count() as u32;
         by_players.max(if hot { serving + 1 } else { 0 }).max(1)
     }
 
@@ -1287,21 +1245,21 @@ impl CoordinatorState {
     ) -> Result<Response, CommandError> {
         if undo {
             self.servers.get(&server).ok_or(CommandError::UnknownServer(server))?;
-            if self.ext.drained.remove(&server) {
+            if self.drained.remove(&server) {
                 events.push(Event::ServerDraining { server, draining: false });
                 self.audit("undrain", format!(r#"{{"server":{}}}"#, server.0), now);
             }
             return Ok(Response::Done);
         }
         self.live_server(server)?;
-        if self.ext.drained.contains(&server) {
+        if self.drained.contains(&server) {
             return Ok(Response::Done);
         }
-        let others = self.servers.values().any(|s| s.alive && s.id != server && !self.ext.drained.contains(&s.id));
+        let others = self.servers.values().any(|s| s.alive && s.id != server && !self.drained.contains(&s.id));
         if !others {
             return Err(CommandError::LastServer(server));
         }
-        self.ext.drained.insert(server);
+        self.drained.insert(server);
         let regions: Vec<RegionKey> = self.regions_of(server).map(|(k, _)| *k).collect();
         for region in regions {
             if let Some(to) = self.choose_owner(&region, Some(server)) {
@@ -1313,13 +1271,16 @@ impl CoordinatorState {
         Ok(Response::Done)
     }
 
-    /// The transfer `id` (newest first) if `ok` says the caller may act on it.
-    fn transfer_mut(
-        &mut self,
-        id: u64,
-        ok: impl Fn(&TransferRecord) -> bool,
-    ) -> Result<&mut TransferRecord, CommandError> {
-        self.transfers.iter_mut().rev().find(|t| t.id == id && ok(t)).ok_or(CommandError::UnknownTransfer(id))
+    /// The transfer `id`, in flight or recently ended, if `ok` says the
+    /// caller may act on it.
+    fn transfer(&self, id: u64, ok: impl Fn(&TransferRecord) -> bool) -> Result<&TransferRecord, CommandError> {
+        self.transfers.get(id).filter(|t| ok(t)).ok_or(CommandError::UnknownTransfer(id))
+    }
+
+    fn end_transfer(&mut self, id: u64, outcome: TransferOutcome, error: Option<String>, events: &mut Vec<Event>) {
+        if self.transfers.set_outcome(id, outcome, error, self.policy.transfer_log_len) {
+            events.push(Event::TransferCompleted { id, outcome });
+        }
     }
 
     fn complete_transfer(
@@ -1330,11 +1291,10 @@ impl CoordinatorState {
         error: String,
         events: &mut Vec<Event>,
     ) -> Result<Response, CommandError> {
-        let rec = self.transfer_mut(id, |t| t.from == from)?;
+        let rec = self.transfer(id, |t| t.from == from)?;
         if rec.outcome == TransferOutcome::Committed {
-            rec.outcome = if delivered { TransferOutcome::Delivered } else { TransferOutcome::Failed };
-            rec.error = error;
-            events.push(Event::TransferCompleted { id, outcome: rec.outcome });
+            let outcome = if delivered { TransferOutcome::Delivered } else { TransferOutcome::Failed };
+            self.end_transfer(id, outcome, Some(error), events);
         }
         Ok(Response::Done)
     }
@@ -1351,7 +1311,7 @@ impl CoordinatorState {
         events: &mut Vec<Event>,
     ) -> Result<Response, CommandError> {
         self.live_server(from)?;
-        let rec = self.transfer_mut(id, |t| t.from == from)?.clone();
+        let rec = self.transfer(id, |t| t.from == from)?.clone();
         let held = self.entities.get(&rec.entity).copied();
         let untouched = match held {
             Some(a) => a.server == rec.to && a.epoch == rec.entity_epoch,
@@ -1370,20 +1330,14 @@ impl CoordinatorState {
         let entity_epoch = rec.entity_epoch.next();
         self.entities.insert(rec.entity, EntityAuthority { server: from, epoch: entity_epoch });
         // A player's directory entry follows (the target's death dropped it).
-        if let Some(p) = self.ext.avatars.get(&rec.entity).copied().or_else(|| rec.entity.as_player()) {
-            self.ext.players.insert(p, PlayerLocation { server: from, entity: rec.entity, since: now });
-            self.ext.avatars.insert(rec.entity, p);
-        }
-        let t = self.transfer_mut(id, |_| true)?;
-        t.outcome = TransferOutcome::Returned;
-        t.error = error;
-        events.push(Event::TransferCompleted { id, outcome: TransferOutcome::Returned });
+        self.directory.reclaimed(rec.entity, from, now);
+        self.end_transfer(id, TransferOutcome::Returned, Some(error), events);
         Ok(Response::Reclaimed { entity_epoch })
     }
 
     /// Transfers to `server` whose source died before delivering them.
     pub fn orphans_for(&self, server: ServerId) -> impl Iterator<Item = &TransferRecord> {
-        self.transfers.iter().filter(move |t| t.to == server && t.outcome == TransferOutcome::Orphaned)
+        self.transfers.in_flight().filter(move |t| t.to == server && t.outcome == TransferOutcome::Orphaned)
     }
 
     fn resolve_orphan(
@@ -1393,16 +1347,13 @@ impl CoordinatorState {
         adopted: bool,
         events: &mut Vec<Event>,
     ) -> Result<Response, CommandError> {
-        let rec = self.transfer_mut(id, |t| t.to == server && t.outcome == TransferOutcome::Orphaned)?;
-        rec.outcome = if adopted { TransferOutcome::Adopted } else { TransferOutcome::Lost };
-        let (entity, outcome) = (rec.entity, rec.outcome);
+        let entity = self.transfer(id, |t| t.to == server && t.outcome == TransferOutcome::Orphaned)?.entity;
+        let outcome = if adopted { TransferOutcome::Adopted } else { TransferOutcome::Lost };
         if !adopted {
             self.entities.remove(&entity);
-            if let Some(p) = self.ext.avatars.remove(&entity) {
-                self.ext.players.remove(&p);
-            }
+            self.directory.drop_avatar(entity);
         }
-        events.push(Event::TransferCompleted { id, outcome });
+        self.end_transfer(id, outcome, None, events);
         Ok(Response::Done)
     }
 }
@@ -1508,7 +1459,7 @@ mod tests {
         let (r, ev) = s.apply(Command::RequestTransfer(transfer_req(&s, a, Epoch(0), now + 5 * MS)));
         assert_eq!(r, Ok(Response::Transfer(t.clone())));
         assert!(ev.is_empty());
-        assert_eq!(s.transfers().len(), 1);
+        assert_eq!(s.transfers().recent().len(), 1);
         // Another server with the old epoch is stale: the entity is b's now.
         let (r, _) = s.apply(Command::RequestTransfer(transfer_req(&s, b, Epoch(0), now)));
         assert_eq!(r.unwrap_err().reason(), "stale_epoch");
@@ -1520,7 +1471,7 @@ mod tests {
             now,
         });
         assert_eq!(r, Ok(Response::Done));
-        assert_eq!(s.transfers()[0].outcome, TransferOutcome::Delivered);
+        assert_eq!(s.transfers().recent()[0].outcome, TransferOutcome::Delivered);
         // Delivered: asking again is stale, not the old transfer.
         let (r, _) = s.apply(Command::RequestTransfer(transfer_req(&s, a, Epoch(0), now)));
         assert_eq!(r.unwrap_err().reason(), "stale_epoch");
@@ -1572,10 +1523,38 @@ mod tests {
         assert!(matches!(reclaim(&mut s, b), Err(CommandError::Fenced(_))));
         assert_eq!(reclaim(&mut s, a), Ok(Response::Reclaimed { entity_epoch: Epoch(2) }));
         assert_eq!(s.entity_authority(EntityId(7)), Some(EntityAuthority { server: a, epoch: Epoch(2) }));
-        assert_eq!(s.transfers()[0].outcome, TransferOutcome::Returned);
+        assert_eq!(s.transfers().recent()[0].outcome, TransferOutcome::Returned);
         assert_eq!(s.player_location(PlayerId(7)).map(|l| l.server), Some(a), "the directory follows the player");
         // Once is all: the second time is stale.
         assert_eq!(reclaim(&mut s, a).unwrap_err().reason(), "stale_epoch");
+    }
+
+    #[test]
+    fn an_in_flight_transfer_is_not_forgotten_when_the_history_is_full() {
+        let mut s = CoordinatorState::new(
+            Policy { transfer_log_len: 4, ..Policy::default() },
+            RegionTree::grid(IVec3::ZERO, 2, 1, 1),
+            TickClock::new(T0),
+        );
+        let a = register(&mut s, "a", T0);
+        let _b = register(&mut s, "b", T0);
+        let (r0, r1) = (RegionKey::root(0, 0, 0), RegionKey::root(1, 0, 0));
+        let now = T0 + 100 * MS;
+        let Ok(Response::Transfer(slow)) = s.apply(request(a, 100, held(&s, r0), r1, now)).0 else { panic!() };
+        // Six more, delivered: more than the history keeps.
+        for e in 0..6 {
+            let Ok(Response::Transfer(t)) = s.apply(request(a, 200 + e, held(&s, r0), r1, now)).0 else { panic!() };
+            let done =
+                Command::CompleteTransfer { transfer_id: t.id, from: a, delivered: true, error: String::new(), now };
+            assert_eq!(s.apply(done).0, Ok(Response::Done));
+        }
+        assert_eq!(s.transfers().recent().len(), 5, "four ended and the one in flight");
+        // The slow one is still live protocol state: its retried request
+        // gets it back, and its source may still take it back.
+        assert_eq!(s.apply(request(a, 100, held(&s, r0), r1, now + MS)).0, Ok(Response::Transfer(slow.clone())));
+        let reclaim = Command::ReclaimTransfer { transfer_id: slow.id, from: a, error: "refused".into(), now };
+        assert_eq!(s.apply(reclaim).0, Ok(Response::Reclaimed { entity_epoch: Epoch(2) }));
+        assert_eq!(s.transfers().in_flight_len(), 0);
     }
 
     #[test]
@@ -1613,7 +1592,7 @@ mod tests {
             beat(&mut s, b, now);
             let _ = s.apply(Command::Tick { now });
         }
-        assert_eq!(s.transfers()[0].outcome, TransferOutcome::Orphaned);
+        assert_eq!(s.transfers().recent()[0].outcome, TransferOutcome::Orphaned);
         let orphans: Vec<u64> = s.orphans_for(b).map(|t| t.id).collect();
         assert_eq!(orphans, vec![t.id]);
         assert_eq!(s.entity_authority(EntityId(7)), Some(EntityAuthority { server: b, epoch: Epoch(1) }));
@@ -1624,7 +1603,7 @@ mod tests {
         assert!(resolve(&mut s, a, true).is_err());
         assert_eq!(resolve(&mut s, b, true), Ok(Response::Done));
         assert!(resolve(&mut s, b, false).is_err());
-        assert_eq!(s.transfers()[0].outcome, TransferOutcome::Adopted);
+        assert_eq!(s.transfers().recent()[0].outcome, TransferOutcome::Adopted);
         assert_eq!(s.orphans_for(b).count(), 0);
         assert_eq!(s.entity_authority(EntityId(7)).map(|e| e.server), Some(b));
     }
@@ -1788,7 +1767,7 @@ mod tests {
     }
 
     #[test]
-    fn drains_and_releases_survive_snapshots_and_format_2_still_loads() {
+    fn drains_and_releases_survive_snapshots() {
         let mut s = state(2);
         let a = register(&mut s, "a", T0);
         let _b = register(&mut s, "b", T0);
@@ -1796,12 +1775,6 @@ mod tests {
         let back = CoordinatorState::from_bytes(&s.to_bytes()).unwrap();
         assert_eq!(back, s);
         assert!(back.is_draining(a) && !back.releases().is_empty());
-        // Format 2: the same core, no extension.
-        let mut v2 = vec![2u8];
-        v2.extend(bincode::serde::encode_to_vec(&s, bincode::config::standard()).unwrap());
-        let old = CoordinatorState::from_bytes(&v2).unwrap();
-        assert!(!old.is_draining(a) && old.releases().is_empty());
-        assert_eq!(old.assignments(), s.assignments());
         let mut trailing = s.to_bytes();
         trailing.push(0);
         assert!(CoordinatorState::from_bytes(&trailing).is_err());
