@@ -9,6 +9,8 @@ use prometheus::{Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, Int
 #[derive(Debug, Clone)]
 pub struct Metrics {
     pub registry: Registry,
+    /// The names of the metrics registered (for the list in ARCHITECTURE.md).
+    names: Vec<String>,
     pub tick_duration: Histogram,
     pub ticks: IntCounter,
     pub ticks_overrun: IntCounter,
@@ -34,7 +36,7 @@ pub struct Metrics {
     pub ghosts: IntGauge,
     pub ghost_updates: IntCounterVec,
     pub ghost_batches: IntCounterVec,
-    pub physics_step_ms: Gauge,
+    pub physics_step_mean: Gauge,
     pub terrain_chunks_loaded: IntGauge,
     pub chunk_generate: Histogram,
     pub chunk_failures: IntCounter,
@@ -85,7 +87,8 @@ fn counter_vec(name: &str, help: &str, label: &str) -> IntCounterVec {
 impl Metrics {
     pub fn new() -> Self {
         let registry = Registry::new();
-        let m = Self {
+        let mut m = Self {
+            names: Vec::new(),
             tick_duration: histogram(
                 "server_tick_duration_seconds",
                 "Time to run one simulation tick",
@@ -157,7 +160,10 @@ impl Metrics {
                 "Time of one rigid-body step",
                 vec![0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.004, 0.008, 0.016],
             ),
-            physics_step_ms: gauge("physics_step_ms", "Mean rigid-body step time over the last second, ms"),
+            physics_step_mean: gauge(
+                "server_physics_step_mean_seconds",
+                "Mean rigid-body step time over the last second (the infrastructure document's physics_step_ms)",
+            ),
             terrain_chunks_loaded: int_gauge("terrain_chunks_loaded", "Terrain chunks held by the simulation"),
             chunk_generate: histogram(
                 "terrain_chunk_load_seconds",
@@ -236,7 +242,7 @@ impl Metrics {
             Box::new(m.ghosts.clone()),
             Box::new(m.ghost_updates.clone()),
             Box::new(m.ghost_batches.clone()),
-            Box::new(m.physics_step_ms.clone()),
+            Box::new(m.physics_step_mean.clone()),
             Box::new(m.terrain_chunks_loaded.clone()),
             Box::new(m.chunk_generate.clone()),
             Box::new(m.chunk_failures.clone()),
@@ -261,6 +267,7 @@ impl Metrics {
             Box::new(m.store_last_flush.clone()),
         ];
         for c in collectors {
+            m.names.extend(c.desc().into_iter().map(|d| d.fq_name.clone()));
             m.registry.register(c).expect("metric names are unique");
         }
         #[cfg(target_os = "linux")]
@@ -268,6 +275,11 @@ impl Metrics {
             let _ = m.registry.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()));
         }
         m
+    }
+
+    /// The names of the metrics it registered (the process's own aside).
+    pub fn names(&self) -> &[String] {
+        &self.names
     }
 
     /// Copies the edit writer's figures into the registry (called about once a second).
@@ -291,5 +303,78 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+#[cfg(test)]
+mod list_tests {
+    use std::collections::BTreeSet;
+
+    use super::Metrics;
+
+    /// The metric names ARCHITECTURE.md lists: every word in backticks in
+    /// its "Metric names" section outside parentheses, labels (`{…}`) aside.
+    fn listed() -> BTreeSet<String> {
+        let md = include_str!("../../ARCHITECTURE.md");
+        let section = md.split("\n## Metric names").nth(1).expect("ARCHITECTURE.md has a metric section");
+        let section = section.split("\n## ").next().unwrap_or_default();
+        let mut depth = 0usize;
+        let outside: String = section
+            .chars()
+            .filter(|c| {
+                match c {
+                    '(' => depth += 1,
+                    ')' => depth = depth.saturating_sub(1),
+                    _ => {}
+                }
+                depth == 0 && *c != ')'
+            })
+            .collect();
+        outside.split('`').skip(1).step_by(2).filter_map(|s| s.split('{').next()).map(str::to_owned).collect()
+    }
+
+    /// What both daemons register: their own metrics and the cache's.
+    fn registered() -> BTreeSet<String> {
+        use prometheus::core::Collector;
+        let game = Metrics::new();
+        let coordinator = mesh_coordinator::metrics::Metrics::new();
+        let cache = persistence::cache::Cache::new(None, "test").expect("a cache without Redis");
+        let cache = persistence::cache::CacheCollector::new(std::sync::Arc::new(cache));
+        let cache: Vec<String> = cache.desc().into_iter().map(|d| d.fq_name.clone()).collect();
+        game.names().iter().chain(coordinator.names()).chain(&cache).cloned().collect()
+    }
+
+    /// Every metric either daemon registers is in ARCHITECTURE.md's list,
+    /// and the list names none that neither registers.
+    #[test]
+    fn the_metric_list_in_architecture_md_is_the_registries() {
+        let registered = registered();
+        let listed = listed();
+        let missing: Vec<&String> = registered.difference(&listed).collect();
+        assert!(missing.is_empty(), "registered, not in ARCHITECTURE.md's metric list: {missing:?}");
+        let stale: Vec<&String> = listed.difference(&registered).collect();
+        assert!(stale.is_empty(), "in ARCHITECTURE.md's metric list, registered by neither daemon: {stale:?}");
+    }
+
+    /// Prometheus's naming rules (what `promtool check metrics` lints):
+    /// base units spelt out, no suffix a histogram or summary reserves, and
+    /// every counter ends in `_total`.
+    #[test]
+    fn metric_names_follow_prometheus_conventions() {
+        let game = Metrics::new();
+        let coordinator = mesh_coordinator::metrics::Metrics::new();
+        for name in &registered() {
+            for bad in ["_ms", "_us", "_sec", "_secs", "_mb", "_kb", "_count", "_sum", "_bucket"] {
+                assert!(!name.ends_with(bad), "{name}: ends in {bad}");
+            }
+            assert!(name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'), "{name}");
+        }
+        for registry in [&game.registry, &coordinator.registry] {
+            for family in registry.gather() {
+                if family.get_field_type() == prometheus::proto::MetricType::COUNTER {
+                    assert!(family.name().ends_with("_total"), "counter {} does not end in _total", family.name());
+                }
+            }
+        }
     }
 }

@@ -5,6 +5,8 @@ use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registr
 #[derive(Debug, Clone)]
 pub struct Metrics {
     pub registry: Registry,
+    /// The names of the metrics registered (for the list in ARCHITECTURE.md).
+    names: Vec<String>,
     pub servers: IntGaugeVec,
     pub regions: IntGaugeVec,
     /// What the autoscaler should run (see `CoordinatorState::desired_game_servers`).
@@ -52,8 +54,11 @@ impl Metrics {
             &["reason"],
         )
         .expect("static metric definition");
-        let transfers = IntCounter::new("authority_transfer_count", "Authority transfers committed")
-            .expect("static metric definition");
+        let transfers = IntCounter::new(
+            "authority_transfers_committed_total",
+            "Authority transfers committed (the infrastructure document's authority_transfer_count)",
+        )
+        .expect("static metric definition");
         let server_deaths = IntCounter::new("mesh_server_deaths_total", "Game servers declared dead")
             .expect("static metric definition");
         let desired_game_servers = prometheus::IntGauge::new(
@@ -89,6 +94,7 @@ impl Metrics {
         };
         let counter = |name: &str, help: &str| IntCounter::new(name, help).expect("static metric definition");
         let gauge = |name: &str, help: &str| IntGauge::new(name, help).expect("static metric definition");
+        let mut names = Vec::new();
         let raft_dropped =
             counter_vec("raft_messages_dropped_total", "Raft messages not delivered, by reason", "reason");
         let raft_refused =
@@ -117,6 +123,7 @@ impl Metrics {
             Box::new(raft_is_leader.clone()),
             Box::new(raft_has_leader.clone()),
         ] {
+            names.extend(c.desc().into_iter().map(|d| d.fq_name.clone()));
             registry.register(c).expect("metric names are unique");
         }
         for c in [
@@ -132,6 +139,7 @@ impl Metrics {
             Box::new(server_deaths.clone()),
             Box::new(region_changes.clone()),
         ] {
+            names.extend(c.desc().into_iter().map(|d| d.fq_name.clone()));
             registry.register(c).expect("metric names are unique");
         }
         #[cfg(target_os = "linux")]
@@ -140,6 +148,7 @@ impl Metrics {
         }
         Self {
             registry,
+            names,
             servers,
             regions,
             desired_game_servers,
@@ -163,6 +172,11 @@ impl Metrics {
             raft_is_leader,
             raft_has_leader,
         }
+    }
+
+    /// The names of the metrics it registered (the process's own aside).
+    pub fn names(&self) -> &[String] {
+        &self.names
     }
 
     /// Prometheus text exposition of every metric.

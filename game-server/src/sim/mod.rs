@@ -195,7 +195,7 @@ fn run(parts: SimParts, stop: &AtomicBool) {
             }
             let (sum, n) = (metrics.physics_step.get_sample_sum(), metrics.physics_step.get_sample_count());
             if n > physics_seen.1 {
-                metrics.physics_step_ms.set((sum - physics_seen.0) / (n - physics_seen.1) as f64 * 1000.0);
+                metrics.physics_step_mean.set((sum - physics_seen.0) / (n - physics_seen.1) as f64);
             }
             physics_seen = (sum, n);
             window_start = now;
