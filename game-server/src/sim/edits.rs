@@ -104,7 +104,7 @@ impl Edits {
 fn reply(world: &World, conn: Option<ConnId>, id: u32, outcome: EditOutcome) {
     let Some(conn) = conn else { return };
     let msg = Outbound::Control(ServerControl::EditResult { id, outcome });
-    super::systems::send(world.resource::<Conns>(), conn, msg, world.resource::<SimMetrics>());
+    super::inbox::send(world.resource::<Conns>(), conn, msg, world.resource::<SimMetrics>());
 }
 
 fn reject(world: &World, r: &EditRequest, reason: &'static str) {

@@ -251,7 +251,7 @@ fn grab(world: &mut World, e: Entity, entity: EntityId, to_region: RegionKey) ->
         return Err(InteractRefusal::NotOwner);
     };
     let tick = world.resource::<TickState>().tick;
-    if !super::systems::request_transfer(world, e, entity, auth, to_region, body.pos, tick + 1) {
+    if !super::authority::request_transfer(world, e, entity, auth, to_region, body.pos, tick + 1) {
         return Err(InteractRefusal::Busy);
     }
     world.entity_mut(e).insert(RemoteGrab(tick));

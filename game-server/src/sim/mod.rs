@@ -5,11 +5,14 @@
 //! with `try_recv` at the start of a tick and hands everything it produces to
 //! bounded channels with `try_send` (a full channel drops and counts).
 
+pub mod authority;
 pub mod components;
 pub mod edits;
 #[cfg(test)]
 mod ghost_tests;
 pub mod ghosts;
+pub mod inbox;
+pub mod ingest;
 pub mod interact;
 #[cfg(test)]
 mod interact_tests;
@@ -17,7 +20,8 @@ mod interact_tests;
 mod mesh_tests;
 pub mod messages;
 pub mod physics;
-pub mod systems;
+pub mod players;
+pub mod replication;
 pub mod terrain;
 #[cfg(test)]
 mod tests;
@@ -81,14 +85,14 @@ pub fn schedule() -> Schedule {
             .chain(),
     );
     s.add_systems((
-        (systems::ingest, ghosts::expire, terrain::stream).chain().in_set(SimSet::Ingest),
-        systems::player_bodies.in_set(SimSet::PlayerBodies),
+        (ingest::ingest, ghosts::expire, terrain::stream).chain().in_set(SimSet::Ingest),
+        players::player_bodies.in_set(SimSet::PlayerBodies),
         (physics::hands, interact::reach, physics::step).chain().in_set(SimSet::Physics),
         edits::world_edits.in_set(SimSet::WorldEdits),
-        (systems::log_authority, systems::authority).chain().in_set(SimSet::Authority),
-        ((systems::replication, systems::release_due, ghosts::sync_out).chain(), systems::chunk_edits)
+        (authority::log_authority, authority::authority).chain().in_set(SimSet::Authority),
+        ((replication::replication, authority::release_due, ghosts::sync_out).chain(), replication::chunk_edits)
             .in_set(SimSet::Replication),
-        systems::report.in_set(SimSet::Metrics),
+        replication::report.in_set(SimSet::Metrics),
     ));
     s
 }
@@ -122,7 +126,7 @@ pub struct WorldParts {
 pub fn world(p: SimParts) -> World {
     let mut w = World::new();
     let ids = shared::ids::EntityIdAllocator::new(p.config.server).ok();
-    w.insert_resource(systems::Progression(p.world.store.clone()));
+    w.insert_resource(players::Progression(p.world.store.clone()));
     w.insert_resource(terrain::Terrain::new(p.world.generator, p.world.store, p.world.terrain));
     w.insert_resource(physics::Physics::new(p.world.physics_origin));
     w.insert_resource(edits::Edits::new(p.world.edits, p.world.writer, ids));
@@ -138,12 +142,12 @@ pub fn world(p: SimParts) -> World {
     w.insert_resource(PendingAdoptions::default());
     w.insert_resource(Index::default());
     w.insert_resource(ghosts::Ghosts::default());
-    w.insert_resource(systems::Released::default());
-    w.insert_resource(systems::DueReleases::default());
-    w.insert_resource(systems::ResolvedOrphans::default());
+    w.insert_resource(authority::Released::default());
+    w.insert_resource(authority::DueReleases::default());
+    w.insert_resource(authority::ResolvedOrphans::default());
     w.insert_resource(AuthorityLog { tx: p.authority_log, ..Default::default() });
     w.insert_resource(TickTimes::default());
-    w.insert_resource(systems::OpenFaces::default());
+    w.insert_resource(authority::OpenFaces::default());
     w
 }
 
@@ -225,7 +229,7 @@ fn run(parts: SimParts, stop: &AtomicBool) {
         }
     }
     edits::hand_over_backlog(&mut world);
-    systems::save_all_progress(&mut world);
+    players::save_all_progress(&mut world);
     info!(last_tick = last, "tick thread stopped");
 }
 

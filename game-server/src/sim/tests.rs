@@ -546,7 +546,7 @@ fn a_region_given_away_hands_its_players_over_in_place_and_drops_them_when_refus
     // The client is told to pre-connect at once, and given time to.
     let told = controls(&mut rx);
     assert!(told.iter().any(|c| matches!(c, ServerControl::PreConnect { server: ServerId(2), .. })), "{told:?}");
-    for _ in 1..super::systems::EVICT_GRACE_TICKS {
+    for _ in 1..super::authority::EVICT_GRACE_TICKS {
         assert!(h.next_out().is_err(), "no handoff before the client could pre-connect");
         h.step();
     }

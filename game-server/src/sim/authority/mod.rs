@@ -1,0 +1,339 @@
+//! Authority over entities: which server simulates each one, and the only
+//! code that changes it. Everything that moves an entity between servers
+//! goes through here: boundary checks and early transfer requests
+//! ([`authority`]), the release at the source ([`release`]), adoption at the
+//! target, taking a handoff back and resuming an orphan ([`adopt`]), and the
+//! per-tick authority log ([`log`]). The control-plane half of the protocol
+//! (what the coordinator and the target are asked, and when) is
+//! `crate::handoff`.
+//!
+//! Invariants (checked every tick by the in-process mesh tests and, from
+//! the authority logs, by every multi-server test):
+//! - at most one server simulates an entity in any tick, and while every
+//!   server is up, exactly one does;
+//! - an entity leaves a server only through [`release`] (or is dropped when
+//!   the coordinator gave its region away and no transfer is under way) and
+//!   arrives only through adoption (a handoff, a reclaim, an orphan);
+//! - every committed transfer ends exactly once: delivered, returned,
+//!   adopted or lost;
+//! - a player's inputs are applied once and in order across servers (the
+//!   handoff carries the last applied sequence; the target drops any at or
+//!   below it).
+
+pub mod adopt;
+pub mod log;
+pub mod release;
+
+pub use adopt::{Released, ResolvedOrphans};
+pub use log::log_authority;
+pub use release::{DueReleases, release_due};
+
+use bevy_ecs::prelude::*;
+use glam::DVec3;
+use shared::region::handoff_target;
+use shared::wire::ServerControl;
+use tokio::sync::mpsc;
+use tracing::debug;
+
+use crate::sim::components::*;
+use crate::sim::inbox::send;
+use crate::sim::messages::{Outbound, SimOut};
+
+/// Ticks to wait before asking again for a refused transfer.
+pub(crate) const TRANSFER_BACKOFF_TICKS: u64 = 45;
+/// Ticks after which an unanswered transfer request is forgotten.
+pub(crate) const TRANSFER_REQUEST_TIMEOUT_TICKS: u64 = 270;
+/// How long a player in a region given away gets to pre-connect to the new
+/// owner before the handoff (1.5 s; the coordinator's release lasts 5 s).
+pub const EVICT_GRACE_TICKS: u64 = 135;
+
+/// Boundary checks: pre-connect hints, transfer requests, and the release of
+/// entities whose transfer takes effect next tick.
+/// Which faces of each leaf have a neighbouring region across them (face,
+/// edge or corner contact), per map version: nothing happens at a face with
+/// no region behind it.
+#[derive(Resource, Debug, Default)]
+pub struct OpenFaces {
+    version: u64,
+    /// `None`: not a leaf of the current map (always checked in full).
+    faces: rustc_hash::FxHashMap<shared::RegionKey, Option<[bool; 6]>>,
+}
+
+impl OpenFaces {
+    /// Distance from `p` to the nearest open face of `region` (infinite
+    /// when it has none).
+    fn depth(&mut self, map: &crate::sim::messages::MapView, region: &shared::RegionKey, p: DVec3) -> f64 {
+        if self.version != map.version {
+            self.faces.clear();
+            self.version = map.version;
+        }
+        let faces = *self.faces.entry(*region).or_insert_with(|| {
+            if !map.tree.is_leaf(region) {
+                return None;
+            }
+            let me = region.aabb();
+            let mut open = [false; 6];
+            for (n, _) in map.tree.neighbours(region).unwrap_or_default() {
+                let a = n.aabb();
+                for axis in 0..3 {
+                    open[axis * 2] |= a.max[axis] <= me.min[axis];
+                    open[axis * 2 + 1] |= a.min[axis] >= me.max[axis];
+                }
+            }
+            Some(open)
+        });
+        let Some(faces) = faces else { return 0.0 };
+        let a = region.aabb();
+        let mut depth = f64::INFINITY;
+        for axis in 0..3 {
+            if faces[axis * 2] {
+                depth = depth.min(p[axis] - a.min[axis]);
+            }
+            if faces[axis * 2 + 1] {
+                depth = depth.min(a.max[axis] - p[axis]);
+            }
+        }
+        depth
+    }
+}
+
+pub fn authority(world: &mut World) {
+    let cfg = world.resource::<SimConfig>().clone();
+    let tick = world.resource::<TickState>().tick;
+    let map = world.resource::<Map>().0.clone();
+    let mut faces = std::mem::take(&mut *world.resource_mut::<OpenFaces>());
+    let out = world.resource::<Outbox>().clone();
+    let metrics = world.resource::<SimMetrics>().clone();
+
+    let mut releases = Vec::new();
+    let mut requests = Vec::new();
+    let mut hints = Vec::new();
+    let mut local_moves = Vec::new();
+    let mut cancels = Vec::new();
+    let mut crossed = Vec::new();
+    // A prop in a hand goes where its holder goes, not on its own.
+    let held: rustc_hash::FxHashSet<Entity> = world
+        .query::<&crate::sim::physics::Hands>()
+        .iter(world)
+        .flat_map(|h| h.hands.iter().filter_map(|h| h.held.map(|held| held.prop)))
+        .collect();
+    {
+        let mut q = world.query::<(
+            Entity,
+            &NetId,
+            &Body,
+            &Authority,
+            Option<&Avatar>,
+            Option<&Transfer>,
+            Option<&Evicting>,
+            Has<Crossed>,
+            Has<crate::sim::interact::RemoteGrab>,
+        )>();
+        for (e, net, body, auth, avatar, transfer, evicting, has_crossed, grabbed) in q.iter(world) {
+            // Props at rest are looked at ten times a second, a ninth of
+            // them each tick; moving ones every tick.
+            if avatar.is_none()
+                && transfer.is_none()
+                && (held.contains(&e)
+                    || (body.vel.length_squared() < 0.01 && !(e.index_u32() as u64 + tick).is_multiple_of(9)))
+            {
+                continue;
+            }
+            let given_away = !matches!(map.live_owner(&auth.region), Some((o, _)) if o == cfg.server);
+            match transfer {
+                Some(Transfer::Committed(t)) => {
+                    // Asked for early: it goes once it has passed the line
+                    // (the tick the transfer takes effect, or later); if it
+                    // turned back, the transfer is given up. A prop a
+                    // neighbour's player grabbed goes wherever it is.
+                    let past = given_away
+                        || grabbed
+                        || handoff_target(&map.tree, &auth.region, body.pos, cfg.handoff_margin_m).is_some();
+                    if past && !has_crossed && !given_away && !grabbed {
+                        crossed.push(e);
+                    }
+                    if tick + 1 >= t.effective_tick && past {
+                        releases.push((e, t.clone()));
+                    } else if tick + 1 >= t.effective_tick + CANCEL_AFTER_TICKS {
+                        cancels.push((e, t.clone()));
+                    }
+                    continue;
+                }
+                Some(Transfer::Cancelling(_)) => continue,
+                Some(Transfer::Requested { at, .. }) if tick < at + TRANSFER_REQUEST_TIMEOUT_TICKS => continue,
+                Some(Transfer::Requested { to_region, not_before, .. }) => {
+                    requests.push((e, net.0, *auth, *to_region, body.pos, *not_before));
+                    continue;
+                }
+                Some(Transfer::Backoff { until }) if tick < *until => continue,
+                _ => {}
+            }
+            // A region given away (`given_away`): hand the entity to
+            // whoever holds the place it is in now, margin or not.
+            // Deep inside its region (farther from every face than the
+            // overlap zone and the handoff margin), nothing can change at a
+            // boundary this tick.
+            if transfer.is_none()
+                && !given_away
+                && faces.depth(&map, &auth.region, body.pos) > cfg.overlap_m + cfg.handoff_margin_m
+            {
+                continue;
+            }
+            if let Some(a) = avatar.filter(|a| a.conn.is_some()) {
+                // The owner of the leaf the player stands in counts too: out
+                // of a region given away, and inside the margin of a
+                // neighbour whose owner just changed (the overlap zone of a
+                // leaf is outside it), that is the server it goes to next.
+                let home = map.tree.leaf_at(body.pos);
+                for leaf in map.tree.overlapping_leaves(body.pos, cfg.overlap_m).into_iter().chain(home) {
+                    if let Some((owner, _)) = map.live_owner(&leaf)
+                        && owner != cfg.server
+                        && !a.preconnected.contains(&owner)
+                    {
+                        hints.push((e, owner));
+                    }
+                }
+            }
+            // Out of a region given away, the client first gets time to
+            // pre-connect to the new owner (the hint above).
+            if given_away && evicting.is_some_and(|ev| tick < ev.not_before) {
+                continue;
+            }
+            let target = if given_away {
+                map.tree.leaf_at(body.pos).map(|t| (t, tick + 1))
+            } else {
+                handoff_target(&map.tree, &auth.region, body.pos, cfg.handoff_margin_m)
+                    .map(|t| (t, tick + 1))
+                    .or_else(|| predicted_crossing(&map, &cfg, auth, body, tick))
+            };
+            let Some((target, not_before)) = target else {
+                if has_crossed {
+                    crossed.push(e);
+                }
+                continue;
+            };
+            match map.live_owner(&target) {
+                Some((owner, epoch)) if owner == cfg.server => local_moves.push((e, target, epoch)),
+                Some(_) => {
+                    if not_before == tick + 1 && !given_away && !has_crossed {
+                        crossed.push(e);
+                    }
+                    requests.push((e, net.0, *auth, target, body.pos, not_before));
+                }
+                None => {}
+            }
+        }
+    }
+
+    for (e, region, epoch) in local_moves {
+        if let Some(mut a) = world.get_mut::<Authority>(e) {
+            a.region = region;
+            a.region_epoch = epoch;
+        }
+    }
+    for (e, owner) in hints {
+        let Some(peer) = map.servers.get(&owner) else { continue };
+        let hint = ServerControl::PreConnect {
+            server: owner,
+            quic_addr: peer.quic.clone(),
+            cert_sha256: peer.cert_sha256.clone(),
+            ticket: None,
+        };
+        let Some(mut a) = world.get_mut::<Avatar>(e) else { continue };
+        a.preconnected.insert(owner);
+        let (player, name, conn) = (a.player, a.name.clone(), a.conn);
+        debug!(%player, to = %owner, ?conn, "pre-connect hinted");
+        let Some(c) = conn else { continue };
+        let Some(tx) = world.resource::<Conns>().0.get(&c).map(|c| c.tx.clone()) else { continue };
+        // The control task asks the coordinator for a standby ticket and
+        // sends the hint with it; with the outbox full, the hint goes now,
+        // without one (the client then buys its own).
+        if let Err(mpsc::error::TrySendError::Full(SimOut::Hint { hint, .. })) =
+            out.0.try_send(SimOut::Hint { player, name, hint, tx })
+        {
+            metrics.0.hints.with_label_values(&["without_ticket"]).inc();
+            send(world.resource::<Conns>(), c, Outbound::Control(hint), &metrics);
+        }
+    }
+    // Crossings seen (or, for an entity back behind the line, forgotten).
+    for e in crossed {
+        let mut ent = world.entity_mut(e);
+        if ent.contains::<Crossed>() {
+            ent.remove::<Crossed>();
+        } else {
+            ent.insert(Crossed(tick));
+        }
+    }
+    for (e, t) in cancels {
+        let entity = world.get::<NetId>(e).map(|n| n.0);
+        if let Some(entity) = entity
+            && out.0.try_send(SimOut::CancelTransfer { entity, transfer_id: t.id }).is_ok()
+        {
+            debug!(%entity, transfer = t.id, "early transfer given up: the entity did not pass the line");
+            world.entity_mut(e).insert(Transfer::Cancelling(t));
+            metrics.0.transfers.with_label_values(&["cancel_requested"]).inc();
+        }
+    }
+    for (e, entity, auth, target, pos, not_before) in requests {
+        request_transfer(world, e, entity, auth, target, pos, not_before);
+    }
+    world.resource_mut::<DueReleases>().0.extend(releases);
+    *world.resource_mut::<OpenFaces>() = faces;
+}
+
+/// Asks the coordinator to hand `e` into `target` from `not_before` on;
+/// false if the control task's queue is full (asked again later).
+pub(crate) fn request_transfer(
+    world: &mut World,
+    e: Entity,
+    entity: shared::EntityId,
+    auth: Authority,
+    target: shared::RegionKey,
+    pos: DVec3,
+    not_before: u64,
+) -> bool {
+    debug!(%entity, from = %auth.region, to = %target, not_before, "transfer requested");
+    let req = SimOut::RequestTransfer {
+        entity,
+        from_region: auth.region,
+        from_region_epoch: auth.region_epoch,
+        entity_epoch: auth.entity_epoch,
+        to_region: target,
+        position: pos,
+        not_before_tick: not_before,
+    };
+    let sent = world.resource::<Outbox>().0.try_send(req).is_ok();
+    if sent {
+        let tick = world.resource::<TickState>().tick;
+        world.entity_mut(e).insert(Transfer::Requested { at: tick, to_region: target, not_before });
+    }
+    let kind = if sent { "requested" } else { "request_dropped" };
+    world.resource::<SimMetrics>().0.transfers.with_label_values(&[kind]).inc();
+    sent
+}
+
+/// Ticks past its effective tick an early transfer waits for its entity to
+/// pass the line before it is given up.
+pub(crate) const CANCEL_AFTER_TICKS: u64 = 9;
+
+/// Where a moving entity's path passes the handoff line within the next
+/// `handoff_predict_ticks` ticks: the region it enters and the first tick
+/// the new owner would simulate it.
+pub(crate) fn predicted_crossing(
+    map: &crate::sim::messages::MapView,
+    cfg: &SimConfig,
+    auth: &Authority,
+    body: &Body,
+    tick: u64,
+) -> Option<(shared::RegionKey, u64)> {
+    if cfg.handoff_predict_ticks == 0 || body.vel.length_squared() < 1.0 {
+        return None;
+    }
+    let dt = 1.0 / f64::from(cfg.clock.hz.max(1));
+    (1..=cfg.handoff_predict_ticks).find_map(|k| {
+        let p = body.pos + body.vel.as_dvec3() * (k as f64 * dt);
+        // Past the line at the end of tick + k: the new owner takes over at
+        // the next.
+        handoff_target(&map.tree, &auth.region, p, cfg.handoff_margin_m).map(|t| (t, tick + k + 1))
+    })
+}

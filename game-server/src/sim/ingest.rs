@@ -1,0 +1,189 @@
+//! The tick's inbox: draining, within a budget, what the network, the
+//! control task and peers sent the simulation, and dispatching each message
+//! to the feature it is for; admin prop spawns.
+
+use super::components::*;
+use super::messages::{Outbound, PropSpawn, SimIn};
+use crate::sim::authority::adopt::*;
+use crate::sim::authority::*;
+use crate::sim::players::*;
+use bevy_ecs::prelude::*;
+use glam::{Quat, Vec3};
+use shared::EntityId;
+use shared::wire::JoinRole;
+use tracing::{debug, warn};
+
+/// Most inbox messages handled in one tick; the rest wait for the next.
+pub(crate) const INBOX_BUDGET: usize = 65_536;
+/// Drains the inbox: joins, inputs, leaves, map updates, transfer answers,
+/// incoming handoffs; then spawns the handoffs that are due.
+pub fn ingest(world: &mut World) {
+    let mut msgs = Vec::new();
+    {
+        let mut inbox = world.resource_mut::<Inbox>();
+        while msgs.len() < INBOX_BUDGET {
+            match inbox.0.try_recv() {
+                Ok(m) => msgs.push(m),
+                Err(_) => break,
+            }
+        }
+    }
+    for m in msgs {
+        match m {
+            SimIn::Joined { conn, player, name, role, spawn, tx } => joined(world, conn, player, name, role, spawn, tx),
+            SimIn::Input { conn, frame } => {
+                let Some(player) = world.resource_mut::<Conns>().0.get_mut(&conn).map(|c| {
+                    // The newest snapshot this link has: the next one's baseline.
+                    c.acked = c.acked.max(frame.ack_tick);
+                    c.player
+                }) else {
+                    continue;
+                };
+                let avatar_entity = world.resource::<Index>().by_player.get(&player).copied();
+                let buffered = match avatar_entity.and_then(|e| world.get_mut::<Avatar>(e)) {
+                    Some(mut a) => {
+                        let applied = a.last_applied;
+                        buffer_input(&mut a.pending, frame, applied, INPUT_BUFFER)
+                    }
+                    None => {
+                        let mut standby = world.resource_mut::<StandbyInputs>();
+                        buffer_input(standby.0.entry(player).or_default(), frame, 0, STANDBY_INPUT_BUFFER)
+                    }
+                };
+                if !buffered {
+                    // Replayed, duplicated or older than what was applied.
+                    world.resource::<SimMetrics>().0.inputs_rejected.with_label_values(&["stale_or_duplicate"]).inc();
+                }
+            }
+            SimIn::Left { conn } => left(world, conn),
+            SimIn::Edit { conn, id, op } => {
+                let Some(player) = world.resource::<Conns>().0.get(&conn).map(|c| c.player) else { continue };
+                world.resource_mut::<super::edits::Edits>().queue.push(super::edits::EditRequest {
+                    conn: Some(conn),
+                    player,
+                    id,
+                    op,
+                });
+            }
+            SimIn::SpawnProps { props, reply } => {
+                let _ = reply.send(spawn_props(world, &props));
+            }
+            SimIn::InspectChunk { key, reply } => {
+                let _ = reply.send(world.resource::<super::terrain::Terrain>().inspect(key));
+            }
+            SimIn::Broadcast(msg) => {
+                let metrics = world.resource::<SimMetrics>().clone();
+                for c in world.resource::<Conns>().0.values().filter(|c| c.role == JoinRole::Play) {
+                    if let Err(e) = c.tx.try_send(Outbound::Control(msg.clone())) {
+                        metrics.0.datagrams_dropped.with_label_values(&[e.reason()]).inc();
+                    }
+                }
+            }
+            SimIn::Map(map) => {
+                world.resource_mut::<Map>().0 = map;
+                revalidate_authority(world);
+            }
+            SimIn::TransferCommitted { entity, transfer } => {
+                let e = world.resource::<Index>().by_net.get(&entity).copied();
+                match e.and_then(|e| world.get_mut::<Transfer>(e)) {
+                    Some(mut t) if matches!(*t, Transfer::Requested { .. }) => *t = Transfer::Committed(transfer),
+                    _ => warn!(%entity, id = transfer.id, "transfer committed for an entity not waiting for one"),
+                }
+            }
+            SimIn::TransferRefused { entity, reason, permanent } => {
+                let until = world.resource::<TickState>().tick + TRANSFER_BACKOFF_TICKS;
+                let e = world.resource::<Index>().by_net.get(&entity).copied();
+                // Out of a region given away, a final refusal means the
+                // release is over: the entity is no longer ours to hand on.
+                if permanent && let Some(e) = e.filter(|e| given_away(world, *e)) {
+                    warn!(%entity, %reason, "authority lost: the region was given away and the handoff refused");
+                    world.resource::<SimMetrics>().0.transfers.with_label_values(&["lost"]).inc();
+                    despawn(world, e);
+                } else if let Some(e) = e
+                    && let Some(mut t) = world.get_mut::<Transfer>(e)
+                {
+                    debug!(%entity, %reason, "transfer refused");
+                    *t = Transfer::Backoff { until };
+                    world.entity_mut(e).remove::<super::interact::RemoteGrab>();
+                }
+            }
+            SimIn::Ghosts(batch) => super::ghosts::receive(world, batch),
+            SimIn::Interact { interaction, reply } => {
+                let verdict = super::interact::apply(world, &interaction);
+                if let Some(reply) = reply {
+                    let _ = reply.send(verdict);
+                }
+            }
+            SimIn::TransferCancelled { entity, entity_epoch } => {
+                let Some(e) = world.resource::<Index>().by_net.get(&entity).copied() else { continue };
+                let Some(Transfer::Cancelling(t)) = world.get::<Transfer>(e).cloned() else { continue };
+                let tick = world.resource::<TickState>().tick;
+                match entity_epoch {
+                    Some(epoch) => {
+                        if let Some(mut a) = world.get_mut::<Authority>(e) {
+                            a.entity_epoch = epoch;
+                        }
+                        world.entity_mut(e).insert(Transfer::Backoff { until: tick + CANCEL_AFTER_TICKS });
+                        world.resource::<SimMetrics>().0.transfers.with_label_values(&["cancelled"]).inc();
+                    }
+                    // Asked again after a while (or released, if it passes
+                    // the line meanwhile).
+                    None => {
+                        world.entity_mut(e).insert(Transfer::Committed(super::messages::CommittedTransfer {
+                            effective_tick: tick,
+                            ..t
+                        }));
+                    }
+                }
+            }
+            SimIn::Reclaimed { state, entity_epoch } => reclaimed(world, *state, entity_epoch),
+            SimIn::Orphans(orphans) => {
+                for o in orphans {
+                    resume_orphan(world, o);
+                }
+            }
+            SimIn::Adopt { state, reply } => {
+                let verdict = check_adoption(world, &state);
+                if verdict.is_ok() {
+                    world.resource_mut::<PendingAdoptions>().0.push(*state);
+                } else if let Err(e) = &verdict {
+                    world.resource::<SimMetrics>().0.peer_refused.with_label_values(&[e.reason()]).inc();
+                }
+                let _ = reply.send(verdict);
+            }
+        }
+    }
+    adopt_due(world);
+}
+
+/// Most props one admin request spawns.
+pub const MAX_PROPS_PER_REQUEST: usize = 10_000;
+
+/// Spawns props for an admin; all or nothing.
+pub fn spawn_props(world: &mut World, props: &[PropSpawn]) -> Result<Vec<EntityId>, String> {
+    if props.len() > MAX_PROPS_PER_REQUEST {
+        return Err(format!("at most {MAX_PROPS_PER_REQUEST} props per request"));
+    }
+    let me = world.resource::<SimConfig>().server;
+    let map = world.resource::<Map>().0.clone();
+    for (i, p) in props.iter().enumerate() {
+        p.shape.validate().map_err(|e| format!("prop {i}: {e}"))?;
+        if !p.pos.is_finite() || !p.vel.iter().all(|v| v.is_finite() && v.abs() <= 100.0) {
+            return Err(format!("prop {i}: position and velocity must be finite (speed at most 100 m/s)"));
+        }
+        let owned = map.tree.leaf_at(p.pos).and_then(|l| map.live_owner(&l)).is_some_and(|(o, _)| o == me);
+        if !owned {
+            return Err(format!("prop {i}: {} is not in a region this server owns", p.pos));
+        }
+    }
+    let mut ids = Vec::with_capacity(props.len());
+    for p in props {
+        let id = world
+            .resource_mut::<super::edits::Edits>()
+            .mint()
+            .ok_or_else(|| "this server cannot mint entity ids".to_owned())?;
+        super::physics::spawn_prop(world, id, p.shape, p.pos, Quat::IDENTITY, Vec3::from(p.vel));
+        ids.push(id);
+    }
+    Ok(ids)
+}
