@@ -7,7 +7,7 @@ use bevy_ecs::prelude::*;
 use glam::{DVec3, Vec3};
 use shared::region::RegionKey;
 use shared::wire::{InputFrame, JoinRole, Pose};
-use shared::{EntityId, Epoch, PlayerId, ServerId, Tick, TickClock};
+use shared::{EntityId, PlayerId, ServerId, Tick, TickClock};
 use tokio::sync::mpsc;
 
 use super::messages::{CommittedTransfer, ConnId, HandoffState, MapView, SimIn, SimOut};
@@ -57,14 +57,7 @@ pub struct Avatar {
     pub catch_up: u64,
 }
 
-/// This server is authoritative for the entity, through `region`.
-#[derive(Component, Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Authority {
-    pub region: RegionKey,
-    pub region_epoch: Epoch,
-    pub entity_epoch: Epoch,
-    pub since: Tick,
-}
+pub use super::authority::Authority;
 
 /// A player held through a region the coordinator gave away: its client was
 /// just told to pre-connect to the new owner, and the handoff waits until

@@ -359,7 +359,7 @@ fn a_thrown_prop_crosses_to_the_neighbour_with_its_rigid_body() {
     }
     let now = b.world.get::<super::components::Body>(e).unwrap().pos;
     assert!(now.x > shipped_at.x + 1.0, "it went on flying on b: {shipped_at} → {now}");
-    assert_eq!(b.world.get::<super::components::Authority>(e).unwrap().entity_epoch, entity_epoch.next());
+    assert_eq!(b.world.get::<super::components::Authority>(e).unwrap().entity_epoch(), entity_epoch.next());
 }
 
 /// Walks player 7 on `a` (server 1) from x = 1999 past the handoff line
@@ -454,7 +454,10 @@ fn a_handoff_the_target_never_got_comes_back_to_the_source() {
             *a.world.resource::<super::components::Index>().by_net.get(&entity).unwrap(),
         )
         .unwrap();
-    assert_eq!((auth.region, auth.region_epoch, auth.entity_epoch), (RegionKey::root(0, 0, 0), Epoch(1), Epoch(2)));
+    assert_eq!(
+        (auth.region(), auth.region_epoch(), auth.entity_epoch()),
+        (RegionKey::root(0, 0, 0), Epoch(1), Epoch(2))
+    );
     assert!((body.pos - released_at).length() < 0.5, "from where it was shipped: {released_at} → {}", body.pos);
     assert!(held(&a).is_empty(), "no ghost of what is simulated here");
     assert!(controls(&mut rx).iter().any(|c| matches!(c, ServerControl::AuthorityGained { .. })));

@@ -306,8 +306,8 @@ pub fn ghost_state(
     GhostState {
         last_input: avatar.map_or(0, |a| a.last_applied),
         shape: prop.map(|p| p.shape),
-        region: auth.region,
-        region_epoch: auth.region_epoch,
+        region: auth.region(),
+        region_epoch: auth.region_epoch(),
         kind: if avatar.is_some() { GhostKind::Player } else { GhostKind::Prop },
         q: QEntity::quantise(&EntityState {
             id: net.0,
@@ -336,7 +336,7 @@ pub fn sync_out(
     for (net, body, auth, avatar, prop) in &q {
         // Deeper in its region than the overlap zone reaches: no neighbour
         // sees it (leaves tile space, so no other leaf is that near).
-        if map.tree.is_leaf(&auth.region) && auth.region.aabb().expanded(-cfg.overlap_m).contains(body.pos) {
+        if map.tree.is_leaf(&auth.region()) && auth.region().aabb().expanded(-cfg.overlap_m).contains(body.pos) {
             continue;
         }
         sc.dests.clear();

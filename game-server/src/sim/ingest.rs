@@ -5,13 +5,11 @@
 use super::components::*;
 use super::messages::{Outbound, PropSpawn, SimIn};
 use crate::sim::authority::adopt::*;
-use crate::sim::authority::*;
 use crate::sim::players::*;
 use bevy_ecs::prelude::*;
 use glam::{Quat, Vec3};
 use shared::EntityId;
 use shared::wire::JoinRole;
-use tracing::{debug, warn};
 
 /// Most inbox messages handled in one tick; the rest wait for the next.
 pub(crate) const INBOX_BUDGET: usize = 65_536;
@@ -84,28 +82,10 @@ pub fn ingest(world: &mut World) {
                 revalidate_authority(world);
             }
             SimIn::TransferCommitted { entity, transfer } => {
-                let e = world.resource::<Index>().by_net.get(&entity).copied();
-                match e.and_then(|e| world.get_mut::<Transfer>(e)) {
-                    Some(mut t) if matches!(*t, Transfer::Requested { .. }) => *t = Transfer::Committed(transfer),
-                    _ => warn!(%entity, id = transfer.id, "transfer committed for an entity not waiting for one"),
-                }
+                super::authority::answers::committed(world, entity, transfer)
             }
             SimIn::TransferRefused { entity, reason, permanent } => {
-                let until = world.resource::<TickState>().tick + TRANSFER_BACKOFF_TICKS;
-                let e = world.resource::<Index>().by_net.get(&entity).copied();
-                // Out of a region given away, a final refusal means the
-                // release is over: the entity is no longer ours to hand on.
-                if permanent && let Some(e) = e.filter(|e| given_away(world, *e)) {
-                    warn!(%entity, %reason, "authority lost: the region was given away and the handoff refused");
-                    world.resource::<SimMetrics>().0.transfers.with_label_values(&["lost"]).inc();
-                    despawn(world, e);
-                } else if let Some(e) = e
-                    && let Some(mut t) = world.get_mut::<Transfer>(e)
-                {
-                    debug!(%entity, %reason, "transfer refused");
-                    *t = Transfer::Backoff { until };
-                    world.entity_mut(e).remove::<super::interact::RemoteGrab>();
-                }
+                super::authority::answers::refused(world, entity, &reason, permanent)
             }
             SimIn::Ghosts(batch) => super::ghosts::receive(world, batch),
             SimIn::Interact { interaction, reply } => {
@@ -115,26 +95,7 @@ pub fn ingest(world: &mut World) {
                 }
             }
             SimIn::TransferCancelled { entity, entity_epoch } => {
-                let Some(e) = world.resource::<Index>().by_net.get(&entity).copied() else { continue };
-                let Some(Transfer::Cancelling(t)) = world.get::<Transfer>(e).cloned() else { continue };
-                let tick = world.resource::<TickState>().tick;
-                match entity_epoch {
-                    Some(epoch) => {
-                        if let Some(mut a) = world.get_mut::<Authority>(e) {
-                            a.entity_epoch = epoch;
-                        }
-                        world.entity_mut(e).insert(Transfer::Backoff { until: tick + CANCEL_AFTER_TICKS });
-                        world.resource::<SimMetrics>().0.transfers.with_label_values(&["cancelled"]).inc();
-                    }
-                    // Asked again after a while (or released, if it passes
-                    // the line meanwhile).
-                    None => {
-                        world.entity_mut(e).insert(Transfer::Committed(super::messages::CommittedTransfer {
-                            effective_tick: tick,
-                            ..t
-                        }));
-                    }
-                }
+                super::authority::answers::cancelled(world, entity, entity_epoch)
             }
             SimIn::Reclaimed { state, entity_epoch } => reclaimed(world, *state, entity_epoch),
             SimIn::Orphans(orphans) => {

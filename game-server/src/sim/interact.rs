@@ -198,7 +198,7 @@ fn check(world: &World, i: &Interaction) -> Result<(Entity, Prop, DVec3), Intera
         });
     };
     let auth = world.get::<Authority>(e).ok_or(InteractRefusal::NotOwner)?;
-    if auth.region != i.region || auth.region_epoch != i.region_epoch {
+    if auth.region() != i.region || auth.region_epoch() != i.region_epoch {
         return Err(InteractRefusal::StaleEpoch);
     }
     let prop = *world.get::<Prop>(e).ok_or(InteractRefusal::NotAProp)?;
@@ -373,7 +373,10 @@ pub fn reach(
                     debug!(entity = %g.id, owner = %g.owner, "ghost prop grabbed: asking its owner for it");
                     send(
                         g.owner,
-                        interaction(InteractKind::Grab { to_region: auth.region, to_region_epoch: auth.region_epoch }),
+                        interaction(InteractKind::Grab {
+                            to_region: auth.region(),
+                            to_region_epoch: auth.region_epoch(),
+                        }),
                     );
                     hand.pending_grab = Some((g.id, t));
                     break;

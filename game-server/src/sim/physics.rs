@@ -181,12 +181,9 @@ pub fn spawn_prop(world: &mut World, id: EntityId, shape: PropShape, pos: DVec3,
         let me = world.resource::<super::components::SimConfig>().server;
         let leaf = map.tree.leaf_at(pos)?;
         match map.live_owner(&leaf) {
-            Some((owner, epoch)) if owner == me => Some(Authority {
-                region: leaf,
-                region_epoch: epoch,
-                entity_epoch: shared::Epoch(0),
-                since: world.resource::<TickState>().tick,
-            }),
+            Some((owner, epoch)) if owner == me => {
+                Some(Authority::spawned(leaf, epoch, world.resource::<TickState>().tick))
+            }
             _ => None,
         }
     });

@@ -5,7 +5,7 @@ use bevy_ecs::prelude::*;
 use glam::{DVec3, Vec2, Vec3, Vec4};
 use shared::controller::{CharacterState, move_character};
 use shared::wire::{InputFrame, JoinRole, Pose, ServerControl, buttons};
-use shared::{EntityId, Epoch, PlayerId};
+use shared::{EntityId, PlayerId};
 use tracing::{info, warn};
 
 use super::components::*;
@@ -77,7 +77,7 @@ pub(crate) fn joined(
                             NetId(entity_id),
                             Body { pos: p, yaw: 0.0, vel: Vec3::ZERO },
                             Avatar { player, name, conn: Some(conn), ..Default::default() },
-                            Authority { region: leaf, region_epoch: epoch, entity_epoch: Epoch(0), since: tick },
+                            Authority::spawned(leaf, epoch, tick),
                             Hands::default(),
                         ))
                         .id();

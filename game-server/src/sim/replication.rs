@@ -288,7 +288,7 @@ pub fn report(
     if tick.tick.is_multiple_of(90) {
         let mut per: std::collections::BTreeMap<shared::RegionKey, u32> = std::collections::BTreeMap::new();
         for a in &players {
-            *per.entry(a.region).or_default() += 1;
+            *per.entry(a.region()).or_default() += 1;
         }
         if let Ok(mut r) = load.0.regions.lock() {
             *r = per.into_iter().collect();

@@ -21,17 +21,58 @@
 //!   below it).
 
 pub mod adopt;
+pub mod answers;
 pub mod log;
 pub mod release;
 
 pub use adopt::{Released, ResolvedOrphans};
+
+/// This server is authoritative for the entity, through `region`. Only
+/// this module changes it: the fields are private; a new entity gets one
+/// from [`Authority::spawned`].
+#[derive(Component, Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Authority {
+    region: RegionKey,
+    region_epoch: Epoch,
+    entity_epoch: Epoch,
+    since: Tick,
+}
+
+impl Authority {
+    /// A new entity's, created here (a join, a spawned prop): entity
+    /// epoch 0, held through `region` under `region_epoch` from `tick`.
+    pub fn spawned(region: RegionKey, region_epoch: Epoch, tick: Tick) -> Self {
+        Self { region, region_epoch, entity_epoch: Epoch(0), since: tick }
+    }
+
+    /// The region it is held through.
+    pub fn region(&self) -> RegionKey {
+        self.region
+    }
+
+    /// The epoch this server holds `region` under (as it last knew it).
+    pub fn region_epoch(&self) -> Epoch {
+        self.region_epoch
+    }
+
+    /// The entity's authority epoch, which every transfer raises.
+    pub fn entity_epoch(&self) -> Epoch {
+        self.entity_epoch
+    }
+
+    /// The tick this server became authoritative.
+    pub fn since(&self) -> Tick {
+        self.since
+    }
+}
 pub use log::log_authority;
 pub use release::{DueReleases, release_due};
 
 use bevy_ecs::prelude::*;
 use glam::DVec3;
-use shared::region::handoff_target;
+use shared::region::{RegionKey, handoff_target};
 use shared::wire::ServerControl;
+use shared::{Epoch, Tick};
 use tokio::sync::mpsc;
 use tracing::debug;
 
