@@ -10,7 +10,7 @@ use shared::wire::{InputFrame, JoinRole, Pose};
 use shared::{EntityId, PlayerId, ServerId, Tick, TickClock};
 use tokio::sync::mpsc;
 
-use super::messages::{CommittedTransfer, ConnId, HandoffState, MapView, SimIn, SimOut};
+use super::messages::{ConnId, HandoffState, MapView, SimIn, SimOut};
 use crate::metrics::Metrics;
 
 /// Inputs kept per player beyond the newest applied: enough for a second of
@@ -57,7 +57,7 @@ pub struct Avatar {
     pub catch_up: u64,
 }
 
-pub use super::authority::Authority;
+pub use super::authority::{Authority, Transfer};
 
 /// A player held through a region the coordinator gave away: its client was
 /// just told to pre-connect to the new owner, and the handoff waits until
@@ -66,28 +66,6 @@ pub use super::authority::Authority;
 #[derive(Component, Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Evicting {
     pub not_before: shared::Tick,
-}
-
-/// A transfer of the entity to another server, in progress.
-#[derive(Component, Debug, Clone, PartialEq)]
-pub enum Transfer {
-    /// Asked the coordinator at this tick.
-    Requested {
-        at: Tick,
-        /// The region asked for: asked again, unchanged, if no answer
-        /// comes (the coordinator may have committed it and lost the
-        /// answer; the same request gets the same transfer).
-        to_region: RegionKey,
-        not_before: Tick,
-    },
-    Committed(CommittedTransfer),
-    /// Asked early, and the entity did not pass the line after all: the
-    /// coordinator is asked to give it back (under a new epoch).
-    Cancelling(CommittedTransfer),
-    /// Refused; do not ask again before this tick.
-    Backoff {
-        until: Tick,
-    },
 }
 
 /// The tick an entity was first seen past the handoff line (for the

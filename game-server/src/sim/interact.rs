@@ -244,7 +244,7 @@ fn push(world: &mut World, prop: Prop, pos: DVec3, point: DVec3, hand_vel: Vec3)
 /// Asks the coordinator to hand the prop to the grabbing player's server;
 /// [`RemoteGrab`] releases it as soon as the transfer takes effect.
 fn grab(world: &mut World, e: Entity, entity: EntityId, to_region: RegionKey) -> Result<(), InteractRefusal> {
-    if world.get::<Transfer>(e).is_some_and(|t| !matches!(t, Transfer::Backoff { .. })) {
+    if world.get::<Transfer>(e).is_some_and(|t| !t.is_backing_off()) {
         return Err(InteractRefusal::Busy);
     }
     let (Some(auth), Some(body)) = (world.get::<Authority>(e).copied(), world.get::<Body>(e).copied()) else {

@@ -114,9 +114,7 @@ pub(crate) fn left(world: &mut World, conn: u64) {
     {
         a.conn = other;
     }
-    if !still_connected
-        && world.get::<Transfer>(e).is_none_or(|t| !matches!(t, Transfer::Committed(_) | Transfer::Cancelling(_)))
-    {
+    if !still_connected && world.get::<Transfer>(e).is_none_or(|t| !t.is_leaving()) {
         save_progress(world, e);
         let entity = world.get::<NetId>(e).map(|n| n.0);
         despawn(world, e);

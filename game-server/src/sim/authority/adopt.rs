@@ -85,7 +85,7 @@ pub(crate) fn revalidate_authority(world: &mut World) {
     let metrics = world.resource::<SimMetrics>().clone();
     for e in lost {
         let id = world.get::<NetId>(e).map(|n| n.0);
-        let in_transfer = matches!(world.get::<Transfer>(e), Some(Transfer::Committed(_) | Transfer::Cancelling(_)));
+        let in_transfer = world.get::<Transfer>(e).is_some_and(Transfer::is_leaving);
         if in_transfer {
             continue;
         }

@@ -7,8 +7,8 @@ use shared::{EntityId, Epoch};
 use tracing::{debug, warn};
 
 use super::adopt::given_away;
-use super::{CANCEL_AFTER_TICKS, TRANSFER_BACKOFF_TICKS};
-use crate::sim::components::{Authority, Index, SimMetrics, TickState, Transfer};
+use super::{CANCEL_AFTER_TICKS, TRANSFER_BACKOFF_TICKS, Transfer, TransferState};
+use crate::sim::components::{Authority, Index, SimMetrics, TickState};
 use crate::sim::messages::CommittedTransfer;
 use crate::sim::players::despawn;
 
@@ -16,7 +16,9 @@ use crate::sim::players::despawn;
 pub fn committed(world: &mut World, entity: EntityId, transfer: CommittedTransfer) {
     let e = world.resource::<Index>().by_net.get(&entity).copied();
     match e.and_then(|e| world.get_mut::<Transfer>(e)) {
-        Some(mut t) if matches!(*t, Transfer::Requested { .. }) => *t = Transfer::Committed(transfer),
+        Some(mut t) if matches!(*t, Transfer(TransferState::Requested { .. })) => {
+            *t = Transfer(TransferState::Committed(transfer))
+        }
         _ => warn!(%entity, id = transfer.id, "transfer committed for an entity not waiting for one"),
     }
 }
@@ -35,7 +37,7 @@ pub fn refused(world: &mut World, entity: EntityId, reason: &str, permanent: boo
         && let Some(mut t) = world.get_mut::<Transfer>(e)
     {
         debug!(%entity, %reason, "transfer refused");
-        *t = Transfer::Backoff { until };
+        *t = Transfer(TransferState::Backoff { until });
         world.entity_mut(e).remove::<crate::sim::interact::RemoteGrab>();
     }
 }
@@ -45,18 +47,20 @@ pub fn refused(world: &mut World, entity: EntityId, reason: &str, permanent: boo
 /// the line, else asked to be given up again after a while).
 pub fn cancelled(world: &mut World, entity: EntityId, entity_epoch: Option<Epoch>) {
     let Some(e) = world.resource::<Index>().by_net.get(&entity).copied() else { return };
-    let Some(Transfer::Cancelling(t)) = world.get::<Transfer>(e).cloned() else { return };
+    let Some(Transfer(TransferState::Cancelling(t))) = world.get::<Transfer>(e).cloned() else { return };
     let tick = world.resource::<TickState>().tick;
     match entity_epoch {
         Some(epoch) => {
             if let Some(mut a) = world.get_mut::<Authority>(e) {
                 a.entity_epoch = epoch;
             }
-            world.entity_mut(e).insert(Transfer::Backoff { until: tick + CANCEL_AFTER_TICKS });
+            world.entity_mut(e).insert(Transfer(TransferState::Backoff { until: tick + CANCEL_AFTER_TICKS }));
             world.resource::<SimMetrics>().0.transfers.with_label_values(&["cancelled"]).inc();
         }
         None => {
-            world.entity_mut(e).insert(Transfer::Committed(CommittedTransfer { effective_tick: tick, ..t }));
+            world
+                .entity_mut(e)
+                .insert(Transfer(TransferState::Committed(CommittedTransfer { effective_tick: tick, ..t })));
         }
     }
 }

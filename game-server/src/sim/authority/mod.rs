@@ -65,6 +65,46 @@ impl Authority {
         self.since
     }
 }
+
+/// A transfer of the entity to another server, in progress. Only this
+/// module creates or changes one; others ask what it means.
+#[derive(Component, Debug, Clone, PartialEq)]
+pub struct Transfer(pub(in crate::sim::authority) TransferState);
+
+impl Transfer {
+    /// Committed, or being given up: the coordinator has the entity with
+    /// another server until the transfer ends.
+    pub fn is_leaving(&self) -> bool {
+        matches!(self.0, TransferState::Committed(_) | TransferState::Cancelling(_))
+    }
+
+    /// Refused lately: not asked again yet.
+    pub fn is_backing_off(&self) -> bool {
+        matches!(self.0, TransferState::Backoff { .. })
+    }
+}
+
+/// Where a transfer stands.
+#[derive(Debug, Clone, PartialEq)]
+pub(in crate::sim::authority) enum TransferState {
+    /// Asked the coordinator at this tick.
+    Requested {
+        at: Tick,
+        /// The region asked for: asked again, unchanged, if no answer
+        /// comes (the coordinator may have committed it and lost the
+        /// answer; the same request gets the same transfer).
+        to_region: RegionKey,
+        not_before: Tick,
+    },
+    Committed(CommittedTransfer),
+    /// Asked early, and the entity did not pass the line after all: the
+    /// coordinator is asked to give it back (under a new epoch).
+    Cancelling(CommittedTransfer),
+    /// Refused; do not ask again before this tick.
+    Backoff {
+        until: Tick,
+    },
+}
 pub use log::log_authority;
 pub use release::{DueReleases, release_due};
 
@@ -78,7 +118,7 @@ use tracing::debug;
 
 use crate::sim::components::*;
 use crate::sim::inbox::send;
-use crate::sim::messages::{Outbound, SimOut};
+use crate::sim::messages::{CommittedTransfer, Outbound, SimOut};
 
 /// Ticks to wait before asking again for a refused transfer.
 pub(crate) const TRANSFER_BACKOFF_TICKS: u64 = 45;
@@ -182,7 +222,7 @@ pub fn authority(world: &mut World) {
             }
             let given_away = !matches!(map.live_owner(&auth.region), Some((o, _)) if o == cfg.server);
             match transfer {
-                Some(Transfer::Committed(t)) => {
+                Some(Transfer(TransferState::Committed(t))) => {
                     // Asked for early: it goes once it has passed the line
                     // (the tick the transfer takes effect, or later); if it
                     // turned back, the transfer is given up. A prop a
@@ -200,13 +240,15 @@ pub fn authority(world: &mut World) {
                     }
                     continue;
                 }
-                Some(Transfer::Cancelling(_)) => continue,
-                Some(Transfer::Requested { at, .. }) if tick < at + TRANSFER_REQUEST_TIMEOUT_TICKS => continue,
-                Some(Transfer::Requested { to_region, not_before, .. }) => {
+                Some(Transfer(TransferState::Cancelling(_))) => continue,
+                Some(Transfer(TransferState::Requested { at, .. })) if tick < at + TRANSFER_REQUEST_TIMEOUT_TICKS => {
+                    continue;
+                }
+                Some(Transfer(TransferState::Requested { to_region, not_before, .. })) => {
                     requests.push((e, net.0, *auth, *to_region, body.pos, *not_before));
                     continue;
                 }
-                Some(Transfer::Backoff { until }) if tick < *until => continue,
+                Some(Transfer(TransferState::Backoff { until })) if tick < *until => continue,
                 _ => {}
             }
             // A region given away (`given_away`): hand the entity to
@@ -311,7 +353,7 @@ pub fn authority(world: &mut World) {
             && out.0.try_send(SimOut::CancelTransfer { entity, transfer_id: t.id }).is_ok()
         {
             debug!(%entity, transfer = t.id, "early transfer given up: the entity did not pass the line");
-            world.entity_mut(e).insert(Transfer::Cancelling(t));
+            world.entity_mut(e).insert(Transfer(TransferState::Cancelling(t)));
             metrics.0.transfers.with_label_values(&["cancel_requested"]).inc();
         }
     }
@@ -346,7 +388,7 @@ pub(crate) fn request_transfer(
     let sent = world.resource::<Outbox>().0.try_send(req).is_ok();
     if sent {
         let tick = world.resource::<TickState>().tick;
-        world.entity_mut(e).insert(Transfer::Requested { at: tick, to_region: target, not_before });
+        world.entity_mut(e).insert(Transfer(TransferState::Requested { at: tick, to_region: target, not_before }));
     }
     let kind = if sent { "requested" } else { "request_dropped" };
     world.resource::<SimMetrics>().0.transfers.with_label_values(&[kind]).inc();
