@@ -19,9 +19,10 @@ use std::time::Instant;
 use bevy_ecs::prelude::{IntoScheduleConfigs, ResMut, Resource};
 use bevy_ecs::schedule::Schedule;
 use bevy_ecs::world::World;
+use game_server::sim::core::{Body, Index, SimConfig, SimMetrics, snapshot_budget};
 use game_server::sim::messages::{ConnTx, MapView, PeerInfo, PropSpawn, SimIn, SimOut};
 use game_server::sim::physics::PropShape;
-use game_server::sim::{SimParts, WorldParts, components, edits, schedule, step, terrain, world};
+use game_server::sim::{SimParts, WorldParts, edits, schedule, step, terrain, world};
 use glam::{DVec3, IVec3, Quat};
 use shared::chunk::ChunkLayout;
 use shared::edit::EditOp;
@@ -150,7 +151,7 @@ impl Scenario {
         let (tx, inbox) = mpsc::channel(1 << 16);
         let (outbox, out) = mpsc::channel(1 << 12);
         let parts = SimParts {
-            config: components::SimConfig {
+            config: SimConfig {
                 server: ServerId(1),
                 clock: TickClock::new(0),
                 handoff_margin_m: 10.0,
@@ -160,7 +161,7 @@ impl Scenario {
                 character: shared::controller::CharacterParams::default(),
                 world_seed: c.seed,
                 view_radius_m: 500.0,
-                snapshot_budget: components::snapshot_budget(512, 90),
+                snapshot_budget: snapshot_budget(512, 90),
             },
             inbox,
             outbox,
@@ -381,11 +382,11 @@ impl Scenario {
     }
 
     fn avatar_pos(&self, i: usize) -> DVec3 {
-        let index = self.world.resource::<components::Index>();
+        let index = self.world.resource::<Index>();
         index
             .by_player
             .get(&PlayerId(i as u64 + 1))
-            .and_then(|e| self.world.get::<components::Body>(*e))
+            .and_then(|e| self.world.get::<Body>(*e))
             .map_or(DVec3::ZERO, |b| b.pos)
     }
 
@@ -405,7 +406,7 @@ impl Scenario {
     }
 
     pub fn metrics(&self) -> game_server::metrics::Metrics {
-        self.world.resource::<components::SimMetrics>().0.clone()
+        self.world.resource::<SimMetrics>().0.clone()
     }
 }
 

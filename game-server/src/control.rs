@@ -20,7 +20,7 @@ use tracing::{debug, error, info, warn};
 use crate::convert::{handoff_answer, handoff_to_pb, map_from_pb, mesh_key_to_pb, refusal_from_coordinator};
 use crate::handoff::{Action, Event, HandoffDriver, Millis, ReclaimFor, Refusal, Refused, TransferAsk};
 use crate::metrics::Metrics;
-use crate::sim::components::LoadShared;
+use crate::sim::core::LoadShared;
 use crate::sim::messages::{CommittedTransfer, ConnTx, HandoffState, MapView, Outbound, SimIn, SimOut};
 use shared::wire::ServerControl;
 

@@ -18,7 +18,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
-use crate::sim::components::LoadShared;
+use crate::sim::core::LoadShared;
 use crate::sim::messages::MapView;
 
 /// What the local endpoints report.

@@ -139,7 +139,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
     let (sim_tx, sim_rx) = mpsc::channel(65_536);
     let (out_tx, out_rx) = mpsc::channel(4_096);
     let (maps_tx, maps_rx) = watch::channel(reg.map.clone());
-    let load = Arc::new(sim::components::LoadShared::default());
+    let load = Arc::new(sim::core::LoadShared::default());
     let authority_log = config.authority_log.as_deref().map(sim::authority_log_writer).transpose()?;
     let sim_stop = Arc::new(AtomicBool::new(false));
     let store = store::WorldStore::new(store, tokio::runtime::Handle::current());
@@ -160,7 +160,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
     let writer_at_exit = world_parts.writer.clone();
     let sim_thread = sim::spawn(
         sim::SimParts {
-            config: sim::components::SimConfig {
+            config: sim::core::SimConfig {
                 server: reg.server,
                 clock: reg.clock,
                 handoff_margin_m: config.handoff_margin_m,
@@ -170,7 +170,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
                 character: shared::controller::CharacterParams::default(),
                 world_seed: reg.world_seed,
                 view_radius_m: 500.0,
-                snapshot_budget: sim::components::snapshot_budget(config.player_bandwidth_kbps, reg.clock.hz),
+                snapshot_budget: sim::core::snapshot_budget(config.player_bandwidth_kbps, reg.clock.hz),
             },
             inbox: sim_rx,
             outbox: out_tx,

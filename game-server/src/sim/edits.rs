@@ -21,10 +21,12 @@ use shared::terrain::Material;
 use shared::wire::{EditOutcome, ServerControl};
 use tracing::warn;
 
-use super::components::{Authority, Avatar, Body, Conns, Index, Map, SimConfig, SimMetrics, TickState};
+use super::authority::Authority;
+use super::core::{Avatar, Body, Index, Map, SimConfig, SimMetrics, TickState};
 use super::messages::{ConnId, Outbound};
 use super::physics::{Physics, PropShape, spawn_prop, world_pose};
 use super::terrain::Terrain;
+use crate::sim::inbox::Conns;
 use crate::store::{DeltaBatch, WriterHandle};
 
 /// Structure voxels examined per break check; a bigger structure is

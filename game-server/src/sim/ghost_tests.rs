@@ -36,7 +36,7 @@ fn batch(h: &Harness, full: bool, ghosts: Vec<GhostState>, removed: Vec<EntityId
 }
 
 fn refused(h: &Harness, reason: &str) -> u64 {
-    h.world.resource::<super::components::SimMetrics>().0.ghost_updates.with_label_values(&[reason]).get()
+    h.world.resource::<super::core::SimMetrics>().0.ghost_updates.with_label_values(&[reason]).get()
 }
 
 fn held(h: &Harness) -> Vec<EntityId> {
@@ -68,10 +68,10 @@ fn entities_in_a_neighbours_overlap_zone_are_sent_to_it_every_tick() {
     }
     // The list for a neighbour that has nothing left goes once, empty.
     h.send(SimIn::Left { conn: 1 });
-    let e = *h.world.resource::<super::components::Index>().by_net.get(&boxed).unwrap();
+    let e = *h.world.resource::<super::core::Index>().by_net.get(&boxed).unwrap();
     super::physics::release_physics(&mut h.world, e);
     h.world.despawn(e);
-    h.world.resource_mut::<super::components::Index>().by_net.remove(&boxed);
+    h.world.resource_mut::<super::core::Index>().by_net.remove(&boxed);
     h.synced.clear();
     for _ in 0..3 {
         h.step();
@@ -96,7 +96,7 @@ fn ghosts_are_shown_to_players_with_their_owner_and_never_simulated() {
     // Held as sent: in the air with a velocity, yet not falling or moving
     // here (only its owner simulates it).
     assert!((seen.pos - DVec3::new(2030.0, GROUND + 5.0, 1000.0)).length() < 0.002, "{}", seen.pos);
-    assert!(!h.world.resource::<super::components::Index>().by_net.contains_key(&g.q.id));
+    assert!(!h.world.resource::<super::core::Index>().by_net.contains_key(&g.q.id));
     // The owner moves it: the next snapshot follows.
     let mut moved = prop(1, DVec3::new(2031.0, GROUND + 4.0, 1000.0), RegionKey::root(1, 0, 0), 2);
     moved.q.vel = [0; 3];
@@ -271,7 +271,7 @@ fn a_thrown_prop_crosses_to_the_neighbour_with_its_rigid_body() {
     b.step();
     let id = ids.blocking_recv().unwrap().unwrap()[0];
     // Spinning about the vertical.
-    let pe = *a.world.resource::<super::components::Index>().by_net.get(&id).unwrap();
+    let pe = *a.world.resource::<super::core::Index>().by_net.get(&id).unwrap();
     super::physics::set_spin(&mut a.world, pe, glam::Vec3::new(0.0, 6.0, 0.0), false);
     // It flies past the handoff line (x = 2010): a asks once.
     let mut asked = None;
@@ -331,7 +331,7 @@ fn a_thrown_prop_crosses_to_the_neighbour_with_its_rigid_body() {
     assert!(state.vel.x > 10.0, "still flying: {}", state.vel);
     assert!(body.angvel.y > 4.0, "still spinning: {}", body.angvel);
     assert!(body.rot.angle_between(glam::Quat::IDENTITY) > 0.1, "turned as it spun: {}", body.rot);
-    assert!(!a.world.resource::<super::components::Index>().by_net.contains_key(&id), "a no longer simulates it");
+    assert!(!a.world.resource::<super::core::Index>().by_net.contains_key(&id), "a no longer simulates it");
     let ghost = a.world.resource::<Ghosts>().by_id[&id];
     assert_eq!(ghost.state.q.authority, ServerId(2), "a shows it as b's");
     // b adopts it at the effective tick and simulates it from there.
@@ -342,9 +342,9 @@ fn a_thrown_prop_crosses_to_the_neighbour_with_its_rigid_body() {
     a.step();
     assert_eq!(verdict.blocking_recv().unwrap(), Ok(()));
     assert_eq!(b.tick, effective);
-    let latency = b.world.resource::<super::components::SimMetrics>().0.handoff_latency_ticks.get_sample_sum();
+    let latency = b.world.resource::<super::core::SimMetrics>().0.handoff_latency_ticks.get_sample_sum();
     assert_eq!(latency, 1.0, "one tick from the line to the new owner");
-    let e = *b.world.resource::<super::components::Index>().by_net.get(&id).expect("b simulates it");
+    let e = *b.world.resource::<super::core::Index>().by_net.get(&id).expect("b simulates it");
     let rb = b.world.get::<Prop>(e).expect("as a rigid body").body;
     {
         let physics = b.world.resource::<super::physics::Physics>();
@@ -357,9 +357,9 @@ fn a_thrown_prop_crosses_to_the_neighbour_with_its_rigid_body() {
         a.step();
         b.step();
     }
-    let now = b.world.get::<super::components::Body>(e).unwrap().pos;
+    let now = b.world.get::<super::core::Body>(e).unwrap().pos;
     assert!(now.x > shipped_at.x + 1.0, "it went on flying on b: {shipped_at} → {now}");
-    assert_eq!(b.world.get::<super::components::Authority>(e).unwrap().entity_epoch(), entity_epoch.next());
+    assert_eq!(b.world.get::<super::authority::Authority>(e).unwrap().entity_epoch(), entity_epoch.next());
 }
 
 /// Walks player 7 on `a` (server 1) from x = 1999 past the handoff line
@@ -450,9 +450,7 @@ fn a_handoff_the_target_never_got_comes_back_to_the_source() {
     let (body, avatar) = a.avatar().expect("simulated here again");
     let auth = *a
         .world
-        .get::<super::components::Authority>(
-            *a.world.resource::<super::components::Index>().by_net.get(&entity).unwrap(),
-        )
+        .get::<super::authority::Authority>(*a.world.resource::<super::core::Index>().by_net.get(&entity).unwrap())
         .unwrap();
     assert_eq!(
         (auth.region(), auth.region_epoch(), auth.entity_epoch()),
@@ -512,7 +510,7 @@ fn a_transfer_whose_source_died_resumes_on_the_target_from_its_ghost() {
         to_region_epoch: Epoch(2),
     };
     let (log_tx, log) = std::sync::mpsc::sync_channel(64);
-    b.world.resource_mut::<super::components::AuthorityLog>().tx = Some(log_tx);
+    b.world.resource_mut::<super::authority::AuthorityLog>().tx = Some(log_tx);
     b.send(SimIn::Orphans(vec![orphan]));
     b.step();
     // The authority log says where it resumed from: inputs the dead source
@@ -520,7 +518,7 @@ fn a_transfer_whose_source_died_resumes_on_the_target_from_its_ghost() {
     let lines: Vec<String> = log.try_iter().collect();
     let resumed = format!(r#""resumed":[[{},1,{}]]"#, entity.0, ghost.state.last_input);
     assert!(lines.iter().any(|l| l.contains(&resumed)), "{resumed} in {lines:?}");
-    b.world.resource_mut::<super::components::AuthorityLog>().tx = None;
+    b.world.resource_mut::<super::authority::AuthorityLog>().tx = None;
     // Listed again by the next heartbeat: acted on once.
     b.send(SimIn::Orphans(vec![orphan]));
     b.step();
@@ -554,12 +552,12 @@ fn an_orphan_with_no_ghost_is_reported_lost() {
     }]));
     b.step();
     assert!(matches!(b.next_out(), Ok(SimOut::OrphanResolved { transfer_id: 4, adopted: false })));
-    assert!(!b.world.resource::<super::components::Index>().by_net.contains_key(&EntityId(77)));
+    assert!(!b.world.resource::<super::core::Index>().by_net.contains_key(&EntityId(77)));
 }
 
 #[test]
 fn a_prop_handed_over_late_logs_the_ticks_it_was_carried_through() {
-    use super::components::AuthorityLog;
+    use super::authority::AuthorityLog;
     use super::messages::{HandoffState, PropHandoff};
     let mut h = Harness::new(2);
     let (tx, rx) = std::sync::mpsc::sync_channel(1024);

@@ -16,14 +16,16 @@ use std::collections::{HashMap, HashSet};
 
 use bevy_ecs::prelude::*;
 use glam::Quat;
-use shared::region::RegionKey;
 use shared::snapshot::QEntity;
 use shared::wire::EntityState;
-use shared::{EntityId, Epoch, ServerId, Tick};
+use shared::{EntityId, ServerId, Tick};
 use tracing::debug;
 
-use super::components::*;
+use super::authority::Authority;
+use super::core::*;
 use super::messages::SimOut;
+pub use super::messages::{GhostBatch, GhostKind, GhostState};
+use crate::sim::inbox::Outbox;
 
 /// A ghost whose owner has said nothing of it for this long is dropped
 /// (owners send every tick they have ghosts for us, and a full batch about
@@ -31,38 +33,6 @@ use super::messages::SimOut;
 pub const GHOST_TIMEOUT_TICKS: Tick = 45;
 /// Most ghosts one server holds (a bound on what peers can make it keep).
 pub const MAX_GHOSTS: usize = 16_384;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum GhostKind {
-    Player,
-    Prop,
-}
-
-/// One entity as its owner sends it to a neighbour: its state, quantised as
-/// snapshots carry it (`q.authority` is the owner), and the region it is
-/// owned through.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct GhostState {
-    pub region: RegionKey,
-    pub region_epoch: Epoch,
-    pub kind: GhostKind,
-    pub q: QEntity,
-    /// Players: the newest input applied.
-    pub last_input: u32,
-    /// Props: their shape.
-    pub shape: Option<super::physics::PropShape>,
-}
-
-/// One tick of overlap sync from one neighbour, as decoded at the gRPC edge.
-#[derive(Debug, Clone, PartialEq)]
-pub struct GhostBatch {
-    pub from: ServerId,
-    pub tick: Tick,
-    /// Lists every ghost the sender has for us: the rest are gone.
-    pub full: bool,
-    pub ghosts: Vec<GhostState>,
-    pub removed: Vec<EntityId>,
-}
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Ghost {

@@ -2,9 +2,10 @@
 //! control task and peers sent the simulation, and dispatching each message
 //! to the feature it is for; admin prop spawns.
 
-use super::components::*;
+use super::core::*;
 use super::messages::{Outbound, PropSpawn, SimIn};
 use crate::sim::authority::adopt::*;
+use crate::sim::inbox::{Conns, Inbox};
 use crate::sim::players::*;
 use bevy_ecs::prelude::*;
 use glam::{Quat, Vec3};

@@ -32,10 +32,13 @@ use shared::region::RegionKey;
 use shared::{EntityId, Epoch, ServerId, Tick};
 use tracing::debug;
 
-use super::components::*;
+use super::authority::{Authority, Transfer};
+use super::core::*;
 use super::ghosts::{GhostKind, Ghosts};
 use super::messages::SimOut;
+pub use super::messages::{InteractKind, InteractRefusal, Interaction};
 use super::physics::{GRAB_RADIUS, HAND_RADIUS, Hands, Held, Physics, Prop, PropShape};
+use crate::sim::inbox::Outbox;
 
 /// Ticks between two pushes of one hand (the owner's answer takes a tick or
 /// two to come back through sync; the owner ignores what a push adds to a
@@ -52,83 +55,6 @@ const MAX_PUSH_SPEED: f32 = 30.0;
 const REACH_SLACK_M: f64 = 1.0;
 /// Cells of the per-tick grid of ghost props, metres.
 const CELL_M: f64 = 2.0;
-
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum InteractKind {
-    /// A hand moving at `hand_vel` (world, m/s) touched the prop.
-    Push { hand_vel: Vec3 },
-    /// A grip closed on the prop: hand it to the requester, into
-    /// `to_region` (the grabbing player's, held under `to_region_epoch`).
-    Grab { to_region: RegionKey, to_region_epoch: Epoch },
-}
-
-impl InteractKind {
-    pub fn label(&self) -> &'static str {
-        match self {
-            InteractKind::Push { .. } => "push",
-            InteractKind::Grab { .. } => "grab",
-        }
-    }
-}
-
-/// One hand's act on an entity `from` does not own, sent to its owner.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Interaction {
-    pub from: ServerId,
-    pub entity: EntityId,
-    /// The region the requester's ghost says the entity is owned through,
-    /// and its epoch.
-    pub region: RegionKey,
-    pub region_epoch: Epoch,
-    /// The hand, world metres.
-    pub point: DVec3,
-    pub kind: InteractKind,
-}
-
-/// Why the owner refused an interaction. `reason()` is a metric label.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum InteractRefusal {
-    #[error("the request claims to come from this server")]
-    OwnServer,
-    #[error("the sender is not a live server of the map")]
-    UnknownServer,
-    #[error("the hand is not near any region of the sender")]
-    OutsideZone,
-    #[error("no such entity here")]
-    UnknownEntity,
-    #[error("this server is not authoritative for the entity")]
-    NotOwner,
-    #[error("the entity is held through another region or epoch")]
-    StaleEpoch,
-    #[error("only props can be pushed or grabbed")]
-    NotAProp,
-    #[error("the prop is out of the hand's reach")]
-    OutOfReach,
-    #[error("a hand here holds the prop")]
-    Held,
-    #[error("the prop is being handed over already")]
-    Busy,
-    #[error("the region to hand the prop into is not the sender's")]
-    WrongRegion,
-}
-
-impl InteractRefusal {
-    pub fn reason(self) -> &'static str {
-        match self {
-            InteractRefusal::OwnServer => "own_server",
-            InteractRefusal::UnknownServer => "unknown_server",
-            InteractRefusal::OutsideZone => "outside_zone",
-            InteractRefusal::UnknownEntity => "unknown_entity",
-            InteractRefusal::NotOwner => "not_owner",
-            InteractRefusal::StaleEpoch => "stale_epoch",
-            InteractRefusal::NotAProp => "not_a_prop",
-            InteractRefusal::OutOfReach => "out_of_reach",
-            InteractRefusal::Held => "held",
-            InteractRefusal::Busy => "busy",
-            InteractRefusal::WrongRegion => "wrong_region",
-        }
-    }
-}
 
 /// A prop asked for by a neighbour's player: it is released to that
 /// neighbour the tick its transfer takes effect, wherever it is.

@@ -10,7 +10,8 @@ use shared::region::RegionKey;
 use shared::wire::JoinRole;
 use shared::{EntityId, Epoch, ServerId};
 
-use super::components::{Body, Index, SimMetrics, Transfer};
+use super::authority::Transfer;
+use super::core::{Body, Index, SimMetrics};
 use super::interact::{InteractKind, Interaction, RemoteGrab};
 use super::messages::{SimIn, SimOut};
 use super::tests::{GROUND, Harness, spawn_box};

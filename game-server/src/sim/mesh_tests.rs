@@ -19,7 +19,8 @@ use shared::wire::{InputFrame, JoinRole};
 use shared::{EntityId, PlayerId, ServerId, TickClock};
 use tokio::sync::oneshot;
 
-use super::components::{Authority, Avatar, Index};
+use super::authority::Authority;
+use super::core::{Avatar, Index};
 use super::ghosts::GhostBatch;
 use super::messages::ConnRx;
 use super::messages::{AdoptError, CommittedTransfer, HandoffState, SimIn, SimOut};
@@ -410,7 +411,7 @@ impl MeshSim {
         let mut seen: BTreeMap<EntityId, Vec<ServerId>> = BTreeMap::new();
         for n in self.nodes.iter_mut().filter(|n| n.alive) {
             let world = &mut n.h.world;
-            let mut q = world.query::<(&super::components::NetId, &Avatar, &Authority)>();
+            let mut q = world.query::<(&super::core::NetId, &Avatar, &Authority)>();
             for (net, a, _) in q.iter(world) {
                 seen.entry(net.0).or_default().push(n.id);
                 if let Some((first, last, count)) = a.applied_now {
@@ -470,7 +471,7 @@ impl MeshSim {
         let id = EntityId::player(player).ok()?;
         for n in self.nodes.iter().filter(|n| n.alive) {
             if let Some(e) = n.h.world.resource::<Index>().by_net.get(&id) {
-                return Some((n.id, n.h.world.get::<super::components::Body>(*e)?.pos));
+                return Some((n.id, n.h.world.get::<super::core::Body>(*e)?.pos));
             }
         }
         None
@@ -489,7 +490,7 @@ impl MeshSim {
     /// latencies in ticks (from the tick an entity passed the line).
     pub(super) fn latencies(&self) -> (u64, f64) {
         self.nodes.iter().fold((0, 0.0), |(n, sum), node| {
-            let h = &node.h.world.resource::<super::components::SimMetrics>().0.handoff_latency_ticks;
+            let h = &node.h.world.resource::<super::core::SimMetrics>().0.handoff_latency_ticks;
             (n + h.get_sample_count(), sum + h.get_sample_sum())
         })
     }
@@ -813,7 +814,7 @@ impl MeshSim {
             .filter(|n| n.alive)
             .filter_map(|n| {
                 let ent = *n.h.world.resource::<Index>().by_net.get(&e)?;
-                pos = pos.or(n.h.world.get::<super::components::Body>(ent).map(|b| b.pos));
+                pos = pos.or(n.h.world.get::<super::core::Body>(ent).map(|b| b.pos));
                 Some(n.id)
             })
             .collect();
@@ -825,7 +826,7 @@ impl MeshSim {
     }
 
     fn interactions(&self, server: ServerId, kind: &str, result: &str) -> u64 {
-        let m = &self.node_of(server).h.world.resource::<super::components::SimMetrics>().0;
+        let m = &self.node_of(server).h.world.resource::<super::core::SimMetrics>().0;
         m.interactions.with_label_values(&[kind, result]).get()
     }
 
@@ -833,9 +834,7 @@ impl MeshSim {
     fn lost(&self) -> u64 {
         self.nodes
             .iter()
-            .map(|n| {
-                n.h.world.resource::<super::components::SimMetrics>().0.transfers.with_label_values(&["lost"]).get()
-            })
+            .map(|n| n.h.world.resource::<super::core::SimMetrics>().0.transfers.with_label_values(&["lost"]).get())
             .sum()
     }
 }

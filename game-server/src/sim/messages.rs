@@ -1,5 +1,8 @@
 //! What crosses the bounded channels between the I/O threads and the tick
-//! thread. The tick thread only ever `try_send`s and `try_recv`s.
+//! thread. The tick thread only ever `try_send`s and `try_recv`s. It
+//! imports no feature of the simulation: the payloads it carries (a ghost
+//! batch, an interaction, a prop's shape) are defined here, and the
+//! features that give them meaning re-export them.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -7,6 +10,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use glam::{DVec3, Vec3};
 use shared::region::{RegionKey, RegionTree};
+use shared::snapshot::QEntity;
 use shared::wire::{InputFrame, JoinRole, ServerControl};
 use shared::{EntityId, Epoch, PlayerId, ServerId, Tick};
 use tokio::sync::{mpsc, oneshot};
@@ -181,7 +185,7 @@ pub struct HandoffState {
 /// on another server exactly where it was.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct PropHandoff {
-    pub shape: super::physics::PropShape,
+    pub shape: PropShape,
     pub rot: glam::Quat,
     pub angvel: Vec3,
     pub sleeping: bool,
@@ -246,12 +250,12 @@ pub enum SimIn {
         permanent: bool,
     },
     /// A neighbour's overlap sync for one tick.
-    Ghosts(super::ghosts::GhostBatch),
+    Ghosts(GhostBatch),
     /// A neighbour's player pushed or grabbed an entity this server owns;
     /// the verdict goes back to the neighbour, if it waits for one.
     Interact {
-        interaction: super::interact::Interaction,
-        reply: Option<oneshot::Sender<Result<(), super::interact::InteractRefusal>>>,
+        interaction: Interaction,
+        reply: Option<oneshot::Sender<Result<(), InteractRefusal>>>,
     },
     /// Transfers to this server whose source died before delivering them
     /// (from the heartbeat; listed until resolved).
@@ -280,7 +284,7 @@ pub enum SimIn {
 pub struct PropSpawn {
     pub pos: DVec3,
     #[serde(flatten)]
-    pub shape: super::physics::PropShape,
+    pub shape: PropShape,
     /// Initial velocity, m/s.
     #[serde(default)]
     pub vel: [f32; 3],
@@ -304,12 +308,12 @@ pub enum SimOut {
     Ghosts {
         to: ServerId,
         tick: Tick,
-        ghosts: Vec<super::ghosts::GhostState>,
+        ghosts: Vec<GhostState>,
     },
     /// A player here pushed or grabbed a prop `to` owns: tell `to`.
     Interact {
         to: ServerId,
-        interaction: super::interact::Interaction,
+        interaction: Interaction,
     },
     /// A transfer asked early whose entity did not pass the line: take it
     /// back (the target never got anything).
@@ -365,6 +369,142 @@ impl AdoptError {
             AdoptError::StaleRegionEpoch { .. } => "stale_epoch",
             AdoptError::StaleEntityEpoch(..) => ALREADY_HELD,
             AdoptError::Unavailable => "unavailable",
+        }
+    }
+}
+
+// Payloads the features define the meaning of; kept here so that the
+// channels' vocabulary depends on no feature.
+
+/// What a prop is shaped like.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "shape", rename_all = "snake_case")]
+pub enum PropShape {
+    /// A box with these half extents, metres.
+    Box {
+        half: [f32; 3],
+    },
+    Ball {
+        radius: f32,
+    },
+}
+
+impl PropShape {
+    pub fn validate(&self) -> Result<(), &'static str> {
+        let ok = |v: f32| v.is_finite() && (0.02..=4.0).contains(&v);
+        match self {
+            PropShape::Box { half } if half.iter().all(|h| ok(*h)) => Ok(()),
+            PropShape::Ball { radius } if ok(*radius) => Ok(()),
+            _ => Err("prop sizes must be 0.02..=4 m"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum GhostKind {
+    Player,
+    Prop,
+}
+
+/// One entity as its owner sends it to a neighbour: its state, quantised as
+/// snapshots carry it (`q.authority` is the owner), and the region it is
+/// owned through.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct GhostState {
+    pub region: RegionKey,
+    pub region_epoch: Epoch,
+    pub kind: GhostKind,
+    pub q: QEntity,
+    /// Players: the newest input applied.
+    pub last_input: u32,
+    /// Props: their shape.
+    pub shape: Option<PropShape>,
+}
+
+/// One tick of overlap sync from one neighbour, as decoded at the gRPC edge.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GhostBatch {
+    pub from: ServerId,
+    pub tick: Tick,
+    /// Lists every ghost the sender has for us: the rest are gone.
+    pub full: bool,
+    pub ghosts: Vec<GhostState>,
+    pub removed: Vec<EntityId>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum InteractKind {
+    /// A hand moving at `hand_vel` (world, m/s) touched the prop.
+    Push { hand_vel: Vec3 },
+    /// A grip closed on the prop: hand it to the requester, into
+    /// `to_region` (the grabbing player's, held under `to_region_epoch`).
+    Grab { to_region: RegionKey, to_region_epoch: Epoch },
+}
+
+impl InteractKind {
+    pub fn label(&self) -> &'static str {
+        match self {
+            InteractKind::Push { .. } => "push",
+            InteractKind::Grab { .. } => "grab",
+        }
+    }
+}
+
+/// One hand's act on an entity `from` does not own, sent to its owner.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Interaction {
+    pub from: ServerId,
+    pub entity: EntityId,
+    /// The region the requester's ghost says the entity is owned through,
+    /// and its epoch.
+    pub region: RegionKey,
+    pub region_epoch: Epoch,
+    /// The hand, world metres.
+    pub point: DVec3,
+    pub kind: InteractKind,
+}
+
+/// Why the owner refused an interaction. `reason()` is a metric label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum InteractRefusal {
+    #[error("the request claims to come from this server")]
+    OwnServer,
+    #[error("the sender is not a live server of the map")]
+    UnknownServer,
+    #[error("the hand is not near any region of the sender")]
+    OutsideZone,
+    #[error("no such entity here")]
+    UnknownEntity,
+    #[error("this server is not authoritative for the entity")]
+    NotOwner,
+    #[error("the entity is held through another region or epoch")]
+    StaleEpoch,
+    #[error("only props can be pushed or grabbed")]
+    NotAProp,
+    #[error("the prop is out of the hand's reach")]
+    OutOfReach,
+    #[error("a hand here holds the prop")]
+    Held,
+    #[error("the prop is being handed over already")]
+    Busy,
+    #[error("the region to hand the prop into is not the sender's")]
+    WrongRegion,
+}
+
+impl InteractRefusal {
+    pub fn reason(self) -> &'static str {
+        match self {
+            InteractRefusal::OwnServer => "own_server",
+            InteractRefusal::UnknownServer => "unknown_server",
+            InteractRefusal::OutsideZone => "outside_zone",
+            InteractRefusal::UnknownEntity => "unknown_entity",
+            InteractRefusal::NotOwner => "not_owner",
+            InteractRefusal::StaleEpoch => "stale_epoch",
+            InteractRefusal::NotAProp => "not_a_prop",
+            InteractRefusal::OutOfReach => "out_of_reach",
+            InteractRefusal::Held => "held",
+            InteractRefusal::Busy => "busy",
+            InteractRefusal::WrongRegion => "wrong_region",
         }
     }
 }

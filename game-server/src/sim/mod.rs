@@ -6,7 +6,7 @@
 //! bounded channels with `try_send` (a full channel drops and counts).
 
 pub mod authority;
-pub mod components;
+pub mod core;
 pub mod edits;
 #[cfg(test)]
 mod ghost_tests;
@@ -40,10 +40,14 @@ use bevy_ecs::schedule::ScheduleLabel;
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
-use components::*;
+use self::core::*;
+use authority::AuthorityLog;
 use messages::{MapView, SimIn, SimOut};
 
 use crate::metrics::Metrics;
+use crate::sim::authority::PendingAdoptions;
+use crate::sim::inbox::{Conns, Inbox, Outbox};
+use crate::sim::players::StandbyInputs;
 
 /// The stages of a tick, in order.
 #[derive(SystemSet, Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -18,7 +18,9 @@ use shared::EntityId;
 use shared::wire::{Pose as WirePose, buttons};
 use tracing::debug;
 
-use super::components::{Authority, Avatar, Body, NetId, SimMetrics, TickState};
+use super::authority::Authority;
+use super::core::{Avatar, Body, NetId, SimMetrics, TickState};
+pub use super::messages::PropShape;
 
 /// Collision groups: terrain, props, hands. Hands touch props only: a hand
 /// ball near the ground would otherwise be tested against a whole chunk's
@@ -89,29 +91,7 @@ impl Physics {
     }
 }
 
-/// What a prop is shaped like.
-#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
-#[serde(tag = "shape", rename_all = "snake_case")]
-pub enum PropShape {
-    /// A box with these half extents, metres.
-    Box {
-        half: [f32; 3],
-    },
-    Ball {
-        radius: f32,
-    },
-}
-
 impl PropShape {
-    pub fn validate(&self) -> Result<(), &'static str> {
-        let ok = |v: f32| v.is_finite() && (0.02..=4.0).contains(&v);
-        match self {
-            PropShape::Box { half } if half.iter().all(|h| ok(*h)) => Ok(()),
-            PropShape::Ball { radius } if ok(*radius) => Ok(()),
-            _ => Err("prop sizes must be 0.02..=4 m"),
-        }
-    }
-
     fn collider(&self) -> ColliderBuilder {
         match *self {
             PropShape::Box { half } => ColliderBuilder::cuboid(half[0], half[1], half[2]),
@@ -176,9 +156,9 @@ pub fn world_pose(body: &Body, p: &WirePose) -> (DVec3, Quat) {
 
 /// Spawns a prop; returns its entity.
 pub fn spawn_prop(world: &mut World, id: EntityId, shape: PropShape, pos: DVec3, rot: Quat, vel: Vec3) -> Entity {
-    let authority = world.get_resource::<super::components::Map>().and_then(|m| {
+    let authority = world.get_resource::<super::core::Map>().and_then(|m| {
         let map = m.0.clone();
-        let me = world.resource::<super::components::SimConfig>().server;
+        let me = world.resource::<super::core::SimConfig>().server;
         let leaf = map.tree.leaf_at(pos)?;
         match map.live_owner(&leaf) {
             Some((owner, epoch)) if owner == me => {
@@ -202,7 +182,7 @@ pub fn spawn_prop(world: &mut World, id: EntityId, shape: PropShape, pos: DVec3,
     if let Some(a) = authority {
         ent.insert(a);
     }
-    world.resource_mut::<super::components::Index>().by_net.insert(id, e);
+    world.resource_mut::<super::core::Index>().by_net.insert(id, e);
     e
 }
 
@@ -365,7 +345,7 @@ pub fn step(
     mut props: Query<(&mut Body, &mut Prop, &NetId)>,
     tick: Res<TickState>,
     metrics: Res<SimMetrics>,
-    mut index: ResMut<super::components::Index>,
+    mut index: ResMut<super::core::Index>,
     mut commands: Commands,
 ) {
     let physics = &mut *physics;

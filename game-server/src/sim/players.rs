@@ -1,6 +1,8 @@
 //! Players: joins and leaves, the directory's presence reports, progression,
 //! input checks, and the bodies their inputs move.
 
+use std::collections::{HashMap, VecDeque};
+
 use bevy_ecs::prelude::*;
 use glam::{DVec3, Vec2, Vec3, Vec4};
 use shared::controller::{CharacterState, move_character};
@@ -8,9 +10,39 @@ use shared::wire::{InputFrame, JoinRole, Pose, ServerControl, buttons};
 use shared::{EntityId, PlayerId};
 use tracing::{info, warn};
 
-use super::components::*;
+use super::authority::{Authority, Transfer};
+use super::core::*;
 use super::messages::{Outbound, SimOut};
 use super::physics::Hands;
+use crate::sim::inbox::{Conn, Conns, Outbox};
+
+/// Inputs kept per player beyond the newest applied: enough for a second of
+/// client-side jitter and for a handoff to carry what was not applied yet.
+pub const INPUT_BUFFER: usize = 128;
+
+/// Inputs of players this server holds a standby connection for.
+#[derive(Resource, Debug, Default)]
+pub struct StandbyInputs(pub HashMap<PlayerId, VecDeque<InputFrame>>);
+
+/// Inputs a standby connection keeps: enough to cover a source that dies
+/// while handing the player over (2 s until the coordinator declares it
+/// dead, a heartbeat to hear of it), so the target resumes with every input.
+pub const STANDBY_INPUT_BUFFER: usize = 360;
+
+/// Pushes `frame` into a sequence-ordered input buffer of at most `cap`
+/// frames (the oldest go first); drops duplicates and frames at or below
+/// `applied`. Returns whether it was kept.
+pub fn buffer_input(buf: &mut VecDeque<InputFrame>, frame: InputFrame, applied: u32, cap: usize) -> bool {
+    if frame.seq <= applied || buf.iter().any(|f| f.seq == frame.seq) {
+        return false;
+    }
+    let at = buf.iter().position(|f| f.seq > frame.seq).unwrap_or(buf.len());
+    buf.insert(at, frame);
+    while buf.len() > cap {
+        buf.pop_front();
+    }
+    true
+}
 
 /// Where a player joins when the client names no spawn point.
 pub const DEFAULT_SPAWN: DVec3 = DVec3::new(1000.0, 10.0, 1000.0);
@@ -276,4 +308,29 @@ pub fn player_bodies(
         a.on_ground = state.on_ground;
     }
     metrics.0.inputs_applied.inc_by(applied);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn f(seq: u32) -> InputFrame {
+        InputFrame { seq, ..Default::default() }
+    }
+
+    #[test]
+    fn input_buffer_orders_dedups_and_bounds() {
+        let mut b = VecDeque::new();
+        assert!(buffer_input(&mut b, f(3), 0, INPUT_BUFFER));
+        assert!(buffer_input(&mut b, f(1), 0, INPUT_BUFFER));
+        assert!(!buffer_input(&mut b, f(3), 0, INPUT_BUFFER));
+        assert!(!buffer_input(&mut b, f(5), 7, INPUT_BUFFER));
+        assert!(buffer_input(&mut b, f(2), 0, INPUT_BUFFER));
+        assert_eq!(b.iter().map(|f| f.seq).collect::<Vec<_>>(), vec![1, 2, 3]);
+        for s in 10..10 + INPUT_BUFFER as u32 {
+            buffer_input(&mut b, f(s), 0, INPUT_BUFFER);
+        }
+        assert_eq!(b.len(), INPUT_BUFFER);
+        assert_eq!(b.front().map(|f| f.seq), Some(10));
+    }
 }

@@ -9,8 +9,10 @@ use shared::chunk::floor_i32;
 use shared::snapshot::{self, QEntity};
 use shared::wire::{EntityState, ServerControl};
 
-use super::components::*;
+use super::authority::Authority;
+use super::core::*;
 use super::messages::Outbound;
+use crate::sim::inbox::Conns;
 use crate::sim::inbox::send;
 
 /// Edge of the cells replication buckets entities in, metres.

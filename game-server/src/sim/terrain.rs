@@ -29,7 +29,7 @@ use shared::edit::{VoxelDelta, rebuild};
 use shared::terrain::{ChunkVoxels, Material, TerrainGen};
 use tracing::warn;
 
-use super::components::{Avatar, Body, SimMetrics, TickState};
+use super::core::{Avatar, Body, SimMetrics, TickState};
 use super::physics::Physics;
 use crate::store::WorldStore;
 

@@ -10,7 +10,7 @@ use shared::wire::{InputFrame, JoinRole, ServerControl};
 use shared::{EntityId, Epoch, PlayerId, ServerId, TickClock};
 use tokio::sync::{mpsc, oneshot};
 
-use super::components::*;
+use super::core::*;
 use super::messages::*;
 use super::{SimParts, schedule, step, world};
 use crate::metrics::Metrics;

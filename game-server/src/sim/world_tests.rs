@@ -12,7 +12,7 @@ use shared::edit::{EditOp, rebuild};
 use shared::terrain::{ChunkVoxels, Material, TerrainGen};
 use shared::wire::{EditOutcome, InputFrame, JoinRole, Pose, ServerControl, buttons};
 
-use super::components::*;
+use super::core::*;
 use super::messages::*;
 use super::physics::Prop;
 use super::terrain::Terrain;

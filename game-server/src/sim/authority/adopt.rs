@@ -10,12 +10,18 @@ use shared::Epoch;
 use shared::wire::{JoinRole, ServerControl};
 use tracing::{info, warn};
 
-use crate::sim::authority::*;
-use crate::sim::components::*;
+use super::{Authority, Evicting, Transfer};
+use super::{AuthorityLog, EVICT_GRACE_TICKS};
+use crate::sim::core::*;
 use crate::sim::inbox::send;
+use crate::sim::inbox::{Conns, Outbox};
 use crate::sim::messages::{AdoptError, HandoffState, Outbound, SimOut};
 use crate::sim::physics::Hands;
 use crate::sim::players::*;
+
+/// Handoffs accepted whose effective tick has not come yet.
+#[derive(Resource, Debug, Default)]
+pub struct PendingAdoptions(pub Vec<HandoffState>);
 
 /// Whether the region the entity is held through is no longer this
 /// server's (moved, merged or split away by the coordinator).

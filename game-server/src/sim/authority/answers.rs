@@ -6,9 +6,10 @@ use bevy_ecs::prelude::*;
 use shared::{EntityId, Epoch};
 use tracing::{debug, warn};
 
+use super::Authority;
 use super::adopt::given_away;
 use super::{CANCEL_AFTER_TICKS, TRANSFER_BACKOFF_TICKS, Transfer, TransferState};
-use crate::sim::components::{Authority, Index, SimMetrics, TickState};
+use crate::sim::core::{Index, SimMetrics, TickState};
 use crate::sim::messages::CommittedTransfer;
 use crate::sim::players::despawn;
 

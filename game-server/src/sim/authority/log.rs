@@ -2,8 +2,23 @@
 //! checks read.
 
 use bevy_ecs::prelude::*;
+use shared::{EntityId, ServerId, Tick};
 
-use crate::sim::components::*;
+use super::Authority;
+use crate::sim::core::*;
+
+/// Where the per-tick authority lines go, if anywhere.
+#[derive(Resource, Debug, Default)]
+pub struct AuthorityLog {
+    pub tx: Option<std::sync::mpsc::SyncSender<String>>,
+    /// Lines for ticks simulated retroactively after a late handoff.
+    pub catch_up: Vec<(Tick, EntityId)>,
+    /// Orphaned transfers resumed from a ghost since the last line: the
+    /// entity, its dead source and the last input the ghost had applied.
+    /// The source may have applied (and logged) later ones in ticks whose
+    /// state never left it: those died with it and are applied again here.
+    pub resumed: Vec<(EntityId, ServerId, u64)>,
+}
 
 /// One line per tick naming the entities this server simulated
 /// authoritatively in it (plus ticks simulated retroactively after a late

@@ -25,7 +25,7 @@ pub mod answers;
 pub mod log;
 pub mod release;
 
-pub use adopt::{Released, ResolvedOrphans};
+pub use adopt::{PendingAdoptions, Released, ResolvedOrphans};
 
 /// This server is authoritative for the entity, through `region`. Only
 /// this module changes it: the fields are private; a new entity gets one
@@ -84,6 +84,20 @@ impl Transfer {
     }
 }
 
+/// A player held through a region the coordinator gave away: its client was
+/// just told to pre-connect to the new owner, and the handoff waits until
+/// `not_before` so that the client can (a boundary crossing gives it the
+/// whole overlap zone to do so; a region move gives it this).
+#[derive(Component, Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Evicting {
+    pub(in crate::sim::authority) not_before: Tick,
+}
+
+/// The tick an entity was first seen past the handoff line (for the
+/// handoff's latency: from here to the tick the new owner simulates it).
+#[derive(Component, Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Crossed(pub(in crate::sim::authority) Tick);
+
 /// Where a transfer stands.
 #[derive(Debug, Clone, PartialEq)]
 pub(in crate::sim::authority) enum TransferState {
@@ -105,7 +119,7 @@ pub(in crate::sim::authority) enum TransferState {
         until: Tick,
     },
 }
-pub use log::log_authority;
+pub use log::{AuthorityLog, log_authority};
 pub use release::{DueReleases, release_due};
 
 use bevy_ecs::prelude::*;
@@ -116,8 +130,9 @@ use shared::{Epoch, Tick};
 use tokio::sync::mpsc;
 use tracing::debug;
 
-use crate::sim::components::*;
+use crate::sim::core::*;
 use crate::sim::inbox::send;
+use crate::sim::inbox::{Conns, Outbox};
 use crate::sim::messages::{CommittedTransfer, Outbound, SimOut};
 
 /// Ticks to wait before asking again for a refused transfer.

@@ -6,9 +6,11 @@ use glam::Vec3;
 use shared::wire::{JoinRole, ServerControl};
 use tracing::{info, warn};
 
+use super::{Authority, Crossed};
 use crate::sim::authority::adopt::*;
-use crate::sim::components::*;
+use crate::sim::core::*;
 use crate::sim::inbox::send;
+use crate::sim::inbox::{Conns, Outbox};
 use crate::sim::messages::{HandoffState, Outbound, SimOut};
 use crate::sim::players::*;
 
