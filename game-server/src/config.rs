@@ -43,12 +43,12 @@ pub struct Config {
     #[arg(long, env = "PS_PLAYER_BANDWIDTH_KBPS", default_value_t = 512)]
     pub player_bandwidth_kbps: u32,
     /// Input datagrams one connection may send a second (a client sends 90);
-    /// more are dropped and counted (`datagrams_dropped_total{reason="rate_limited"}`).
+    /// more are dropped and counted (`packets_dropped_total{reason="rate_limited"}`).
     #[arg(long, env = "PS_INPUTS_PER_S", default_value_t = 135.0)]
     pub inputs_per_s: f64,
     /// Connection attempts one IP address may make a second (20 in a
     /// burst); more are refused before the handshake
-    /// (`connections_refused_total{reason="rate_limited"}`).
+    /// (`player_connections_refused_total{reason="rate_limited"}`).
     #[arg(long, env = "PS_CONNECTS_PER_IP_PER_S", default_value_t = 5.0)]
     pub connects_per_ip_per_s: f64,
     /// Players this server accepts.

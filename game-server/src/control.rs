@@ -24,6 +24,9 @@ use crate::sim::core::LoadShared;
 use crate::sim::messages::{CommittedTransfer, ConnTx, HandoffState, MapView, Outbound, SimIn, SimOut};
 use shared::wire::ServerControl;
 
+/// How long one gRPC call to a coordinator replica or a peer may take; past
+/// it the call fails (`DeadlineExceeded`), which moves a coordinator call on
+/// to the next replica.
 const RPC_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// A lazily connected gRPC channel to `addr` (`host:port` or a URL).

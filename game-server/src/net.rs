@@ -61,6 +61,10 @@ pub struct NetLimits {
     pub connects_per_ip_burst: f64,
 }
 
+/// 135 inputs a second per connection (1.5 times a client's 90), 45 in a
+/// burst (half a second of them); 5 connection attempts a second per
+/// address, 20 in a burst. The flags `--inputs-per-s` and
+/// `--connects-per-ip-per-s` set the rates.
 impl Default for NetLimits {
     fn default() -> Self {
         Self { inputs_per_s: 135.0, inputs_burst: 45.0, connects_per_ip_per_s: 5.0, connects_per_ip_burst: 20.0 }

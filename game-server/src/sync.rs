@@ -24,7 +24,9 @@ use crate::sim::messages::MapView;
 
 /// Batches a link queues before it drops them (a third of a second).
 const LINK_QUEUE: usize = 32;
-/// A full batch every this many batches.
+/// A full batch every this many batches (90: about once a second, at one
+/// batch a tick), which bounds how long a receiver can hold a ghost the
+/// owner no longer lists.
 pub const FULL_EVERY: u64 = 90;
 /// A link with nothing to send for this long closes its stream.
 const IDLE: Duration = Duration::from_secs(10);

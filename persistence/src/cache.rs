@@ -74,7 +74,12 @@ impl CacheStats {
     }
 }
 
+/// How long one Redis call (or a Sentinel's answer) may take before it is
+/// counted degraded and served without Redis (connecting gets twice this),
+/// so a slow Redis degrades like a missing one instead of stalling callers.
 const TIMEOUT: Duration = Duration::from_millis(500);
+/// The pause before trying to reach Redis again after it failed, so calls
+/// made while it is down degrade at once instead of each waiting to connect.
 const RECONNECT_EVERY: Duration = Duration::from_secs(2);
 
 /// Where Redis is: one server, or the master a group of Sentinels names

@@ -52,6 +52,8 @@ pub struct EditSettings {
     pub burst: f64,
 }
 
+/// Edits reach 5 m from the head; 8 edits a second per player, 16 in a
+/// burst.
 impl Default for EditSettings {
     fn default() -> Self {
         Self { reach_m: 5.0, rate_per_s: 8.0, burst: 16.0 }

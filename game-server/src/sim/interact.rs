@@ -44,9 +44,11 @@ use crate::sim::inbox::Outbox;
 /// two to come back through sync; the owner ignores what a push adds to a
 /// prop already moving away at the hand's speed).
 pub const PUSH_COOLDOWN_TICKS: Tick = 6;
-/// How long a hand waits for a grabbed prop to arrive.
+/// How long a hand waits for a grabbed prop to arrive (90 ticks: a second
+/// at 90 Hz, for the owner's transfer to commit and its handoff to come).
 pub const PENDING_GRAB_TICKS: Tick = 90;
-/// Slowest hand, relative to the prop along the contact normal, that pushes.
+/// Slowest hand, relative to the prop along the contact normal, that pushes,
+/// m/s (a hand resting against a prop does not push it).
 const MIN_PUSH_SPEED: f32 = 0.3;
 /// Fastest change of velocity one push gives, m/s.
 const MAX_PUSH_SPEED: f32 = 30.0;

@@ -50,6 +50,10 @@ pub struct TerrainSettings {
     pub workers: usize,
 }
 
+/// Chunks kept within 12 m of a player (`--chunk-radius-m`) and 4 m of an
+/// awake prop, unloaded after 5 s (450 ticks) unwanted; at most 256 chunks
+/// asked of the generators at once, and 8 integrated a tick, so the tick
+/// thread takes finished chunks a few at a time.
 impl Default for TerrainSettings {
     fn default() -> Self {
         Self {
