@@ -202,6 +202,21 @@ pub fn run(cfg: &HandoffConfig) -> anyhow::Result<Value> {
             (summed_buckets(&before, "server_tick_duration_seconds"), summed_buckets(&after, "server_tick_duration_seconds"));
         let tick_ms = |p| bot_swarm::report::quantile_between(&d0, &d1, p).map(|s| (s * 1e4).round() / 10.0);
         let measured = l1.last().map_or(0.0, |b| b.1) - l0.last().map_or(0.0, |b| b.1);
+        // A server the coordinator declared dead (starved of CPU past the
+        // heartbeat timeout) keeps simulating until its next heartbeat
+        // answer fences it: ticks owned twice then are that, not a handoff.
+        let mut deaths = 0.0f64;
+        for (http, _, _) in &ports {
+            if let Ok(r) = client.get(format!("http://127.0.0.1:{http}/metrics")).send().await
+                && let Ok(text) = r.text().await
+            {
+                let n = text
+                    .lines()
+                    .find_map(|l| l.strip_prefix("mesh_server_deaths_total "))
+                    .and_then(|v| v.trim().parse::<f64>().ok());
+                deaths = deaths.max(n.unwrap_or(0.0));
+            }
+        }
         let inv = integration_tests::invariants::Invariants::read(dir.path(), &names)?;
         let max_gap_ms = r.per_bot.iter().map(|b| b.max_snapshot_gap_ms).max().unwrap_or(0);
         let max_gap_ticks = r.per_bot.iter().map(|b| b.max_snapshot_gap_ticks).max().unwrap_or(0);
@@ -237,6 +252,7 @@ pub fn run(cfg: &HandoffConfig) -> anyhow::Result<Value> {
             "tick_p99_ms": tick_ms(0.99),
             "lost": lost,
             "duplicated": inv.duplicated.len(),
+            "servers_declared_dead": deaths,
             "unowned_entity_ticks": inv.unowned.len(),
             "unowned_sample": inv.unowned.iter().take(5).collect::<Vec<_>>(),
             "input_regressions": inv.input_regressions.len(),

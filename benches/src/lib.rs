@@ -44,11 +44,22 @@ pub struct ScenarioConfig {
     pub chunk_workers: usize,
     /// Players stand in groups of this many (villages, bases, fights).
     pub group: usize,
+    /// Side of the square the groups' centres are scattered over, metres
+    /// (1,700: 50 groups of 20 about 240 m apart). The world is as many
+    /// 2000 m roots as it takes, all owned by this server.
+    pub spread_m: f64,
+}
+
+/// The spread of [`ScenarioConfig::spread_m`] that keeps the groups as
+/// dense as 1,000 players in groups of 20 over 1,700 m.
+pub fn spread_for(players: usize, group: usize) -> f64 {
+    let groups = players.div_ceil(group.max(1)).max(1) as f64;
+    1700.0 * (groups / 50.0).sqrt()
 }
 
 impl Default for ScenarioConfig {
     fn default() -> Self {
-        Self { players: 1000, bodies: 5000, seed: 1, chunk_workers: 1, group: 20 }
+        Self { players: 1000, bodies: 5000, seed: 1, chunk_workers: 1, group: 20, spread_m: 1700.0 }
     }
 }
 
@@ -134,8 +145,16 @@ impl Drop for Scenario {
 
 /// The map of a one-server mesh: one 2000 m root, owned by server 1.
 pub fn one_region_map() -> Arc<MapView> {
-    let tree = RegionTree::grid(IVec3::ZERO, 1, 1, 1);
-    let owners = HashMap::from([(RegionKey::root(0, 0, 0), (Some(ServerId(1)), Epoch(1)))]);
+    single_server_map(1)
+}
+
+/// The map of a one-server mesh of `n` × 1 × `n` 2000 m roots, all owned by
+/// server 1.
+pub fn single_server_map(n: u32) -> Arc<MapView> {
+    let tree = RegionTree::grid(IVec3::ZERO, n, 1, n);
+    let owners = (0..n)
+        .flat_map(|x| (0..n).map(move |z| (RegionKey::root(x as i32, 0, z as i32), (Some(ServerId(1)), Epoch(1)))))
+        .collect();
     let peer = PeerInfo { quic: "127.0.0.1:7777".into(), grpc: String::new(), cert_sha256: String::new(), alive: true };
     Arc::new(MapView { version: 1, tree, owners, servers: HashMap::from([(ServerId(1), peer)]) })
 }
@@ -145,6 +164,7 @@ impl Scenario {
     /// the terrain under everyone has loaded and the props have come to rest.
     pub fn new(c: &ScenarioConfig) -> Self {
         let layout = ChunkLayout::default();
+        let roots = ((c.spread_m + 300.0) / 2000.0).ceil().max(1.0) as u32;
         let generator = Arc::new(TerrainGen::new(c.seed, layout));
         let store = game_server::store::memory_world_store(&layout);
         let writer = game_server::store::spawn_writer(store.clone(), 1).expect("writer thread starts");
@@ -167,7 +187,7 @@ impl Scenario {
             outbox,
             metrics: game_server::metrics::Metrics::new(),
             load: Arc::default(),
-            map: one_region_map(),
+            map: single_server_map(roots),
             authority_log: None,
             world: WorldParts {
                 generator: generator.clone(),
@@ -180,7 +200,7 @@ impl Scenario {
                     ..Default::default()
                 },
                 edits: edits::EditSettings::default(),
-                physics_origin: DVec3::new(1000.0, 0.0, 1000.0),
+                physics_origin: DVec3::new(1000.0 * f64::from(roots), 0.0, 1000.0 * f64::from(roots)),
             },
         };
         let mut rng = Rng::new(c.seed);
@@ -189,8 +209,9 @@ impl Scenario {
         let mut players = Vec::new();
         let mut spawns = Vec::new();
         let groups = c.players.div_ceil(c.group.max(1)).max(1);
-        let centres: Vec<DVec3> =
-            (0..groups).map(|_| DVec3::new(rng.range(150.0, 1850.0), 0.0, rng.range(150.0, 1850.0))).collect();
+        let centres: Vec<DVec3> = (0..groups)
+            .map(|_| DVec3::new(rng.range(150.0, 150.0 + c.spread_m), 0.0, rng.range(150.0, 150.0 + c.spread_m)))
+            .collect();
         for i in 0..c.players {
             let centre = centres[i % groups];
             let p = centre + DVec3::new(rng.range(-30.0, 30.0), 0.0, rng.range(-30.0, 30.0));

@@ -35,6 +35,24 @@ enum Cmd {
         /// Run ticks back to back instead of on the 90 Hz grid.
         #[arg(long)]
         unpaced: bool,
+        /// Side of the square the groups of players are scattered over,
+        /// metres (default: as dense as 1,000 players over 1,700 m).
+        #[arg(long)]
+        spread_m: Option<f64>,
+    },
+    /// `sim` at several sizes, each in its own process, with five bodies a
+    /// player and the groups equally dense at every size: tick percentiles
+    /// and each stage's mean cost per player, and the memory a player costs.
+    SimScale {
+        /// Player counts to run (0 gives the memory baseline).
+        #[arg(long, value_delimiter = ',', default_value = "0,50,250,500,1000,2000")]
+        sizes: Vec<usize>,
+        #[arg(long, default_value_t = 5)]
+        bodies_per_player: usize,
+        #[arg(long, default_value_t = 10.0)]
+        seconds: f64,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
     },
     /// Three coordinator replicas; the leader killed (SIGKILL) and restarted
     /// again and again.
@@ -114,10 +132,16 @@ fn main() -> anyhow::Result<()> {
                 benches::persist::PersistConfig { url: database_url, seconds, rate, servers, voxels_per_edit, chunks };
             println!("{}", benches::persist::run(&cfg)?);
         }
-        Cmd::Sim { players, bodies, seconds, seed, chunk_workers, unpaced } => {
+        Cmd::SimScale { sizes, bodies_per_player, seconds, seed } => {
+            println!("{}", sim_scale(&sizes, bodies_per_player, seconds, seed)?);
+        }
+        Cmd::Sim { players, bodies, seconds, seed, chunk_workers, unpaced, spread_m } => {
             anyhow::ensure!(seconds > 0.0 && seconds <= 3600.0, "seconds must be in (0, 3600]");
             let setup = Instant::now();
-            let mut s = Scenario::new(&ScenarioConfig { players, bodies, seed, chunk_workers, ..Default::default() });
+            let group = ScenarioConfig::default().group;
+            let spread_m = spread_m.unwrap_or_else(|| benches::spread_for(players, group));
+            anyhow::ensure!(spread_m > 0.0 && spread_m <= 20_000.0, "spread-m must be in (0, 20000]");
+            let mut s = Scenario::new(&ScenarioConfig { players, bodies, seed, chunk_workers, group, spread_m });
             let setup_s = setup.elapsed().as_secs_f64();
             let m0 = s.metrics();
             let (phys_sum0, phys_n0) = (m0.physics_step.get_sample_sum(), m0.physics_step.get_sample_count());
@@ -201,11 +225,64 @@ fn main() -> anyhow::Result<()> {
                 "setup_s": round3(setup_s),
                 "wall_s": round3(wall),
                 "paced": !unpaced,
+                "spread_m": round3(spread_m),
+                "peak_rss_mb": round3(svc::usage()?.max_rss_kib as f64 / 1024.0),
             });
             println!("{out}");
         }
     }
     Ok(())
+}
+
+/// Runs `sim` once per size, each in a child process (so that each peak
+/// memory is its own), and gathers the figures per player.
+fn sim_scale(sizes: &[usize], per_player: usize, seconds: f64, seed: u64) -> anyhow::Result<serde_json::Value> {
+    use anyhow::Context as _;
+    anyhow::ensure!(!sizes.is_empty() && sizes.iter().all(|n| *n <= 10_000), "sizes must be 0..=10000");
+    let exe = std::env::current_exe()?;
+    let mut runs = Vec::new();
+    let mut rss_at = std::collections::BTreeMap::new();
+    for &players in sizes {
+        let out = std::process::Command::new(&exe)
+            .args(["sim", "--players", &players.to_string(), "--bodies", &(players * per_player).to_string()])
+            .args(["--seconds", &seconds.to_string(), "--seed", &seed.to_string()])
+            .stderr(std::process::Stdio::inherit())
+            .output()
+            .context("running mesh-bench sim")?;
+        anyhow::ensure!(out.status.success(), "mesh-bench sim --players {players} failed: {}", out.status);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("reading sim's JSON")?;
+        let rss = v["peak_rss_mb"].as_f64().unwrap_or(0.0);
+        rss_at.insert(players, rss);
+        let per: serde_json::Map<String, serde_json::Value> = v["stage_mean_ms"]
+            .as_object()
+            .map(|m| {
+                m.iter()
+                    .map(|(k, ms)| {
+                        let us = ms.as_f64().unwrap_or(0.0) * 1000.0 / players.max(1) as f64;
+                        (k.clone(), round3(us).into())
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        runs.push(serde_json::json!({
+            "players": players,
+            "bodies": players * per_player,
+            "tick_p50_ms": v["tick_p50_ms"],
+            "tick_p99_ms": v["tick_p99_ms"],
+            "overruns": v["overruns"],
+            "ticks": v["ticks"],
+            "stage_mean_ms": v["stage_mean_ms"],
+            "stage_us_per_player": per,
+            "peak_rss_mb": rss,
+        }));
+    }
+    // Memory a player costs (five bodies each included): peak RSS at 1,000
+    // (or the largest size) less the empty server's.
+    let per_player_kb = rss_at.get(&0).and_then(|base| {
+        let (&n, &rss) = rss_at.get_key_value(&1000).or_else(|| rss_at.iter().next_back().filter(|(n, _)| **n >= 1))?;
+        Some(round3((rss - base) * 1024.0 / n as f64))
+    });
+    Ok(serde_json::json!({ "sizes": runs, "rss_kb_per_player": per_player_kb }))
 }
 
 fn round3(v: f64) -> f64 {
