@@ -48,6 +48,8 @@ pub struct ScenarioConfig {
     /// (1,700: 50 groups of 20 about 240 m apart). The world is as many
     /// 2000 m roots as it takes, all owned by this server.
     pub spread_m: f64,
+    /// Threads building snapshots beside the tick thread.
+    pub replication_workers: usize,
 }
 
 /// The spread of [`ScenarioConfig::spread_m`] that keeps the groups as
@@ -59,7 +61,15 @@ pub fn spread_for(players: usize, group: usize) -> f64 {
 
 impl Default for ScenarioConfig {
     fn default() -> Self {
-        Self { players: 1000, bodies: 5000, seed: 1, chunk_workers: 1, group: 20, spread_m: 1700.0 }
+        Self {
+            players: 1000,
+            bodies: 5000,
+            seed: 1,
+            chunk_workers: 1,
+            group: 20,
+            spread_m: 1700.0,
+            replication_workers: game_server::config::default_replication_workers(),
+        }
     }
 }
 
@@ -182,6 +192,7 @@ impl Scenario {
                 world_seed: c.seed,
                 view_radius_m: 500.0,
                 snapshot_budget: snapshot_budget(512, 90),
+                replication_workers: c.replication_workers,
             },
             inbox,
             outbox,

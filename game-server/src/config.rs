@@ -42,6 +42,11 @@ pub struct Config {
     /// turn (a priority accumulator: nothing starves).
     #[arg(long, env = "PS_PLAYER_BANDWIDTH_KBPS", default_value_t = 512)]
     pub player_bandwidth_kbps: u32,
+    /// Threads that build players' snapshots beside the tick thread (0:
+    /// the tick thread builds them all). Default: one less than the cores
+    /// this process may use, at most 7 (the tick thread is the other).
+    #[arg(long, env = "PS_REPLICATION_WORKERS", value_parser = clap::value_parser!(u16).range(0..=64))]
+    pub replication_workers: Option<u16>,
     /// Input datagrams one connection may send a second (a client sends 90);
     /// more are dropped and counted (`packets_dropped_total{reason="rate_limited"}`).
     #[arg(long, env = "PS_INPUTS_PER_S", default_value_t = 135.0)]
@@ -160,4 +165,11 @@ impl Config {
         };
         format!("{host}:{}", bound.port())
     }
+}
+
+/// Threads building snapshots beside the tick thread when
+/// `--replication-workers` is not given: one less than the cores this
+/// process may use, at most 7.
+pub fn default_replication_workers() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get()).saturating_sub(1).min(7)
 }

@@ -171,6 +171,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
                 world_seed: reg.world_seed,
                 view_radius_m: 500.0,
                 snapshot_budget: sim::core::snapshot_budget(config.player_bandwidth_kbps, reg.clock.hz),
+                replication_workers: config
+                    .replication_workers
+                    .map_or_else(config::default_replication_workers, usize::from),
             },
             inbox: sim_rx,
             outbox: out_tx,

@@ -92,12 +92,6 @@ pub struct View {
     pub entities: Vec<QEntity>,
 }
 
-impl View {
-    fn get(&self, id: EntityId) -> Option<&QEntity> {
-        self.entities.binary_search_by_key(&id, |e| e.id).ok().map(|i| &self.entities[i])
-    }
-}
-
 /// The fields of a snapshot besides its entities.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Header {
@@ -146,21 +140,48 @@ fn origin_mm(origin: DVec3) -> [i64; 3] {
     [m(origin.x) * 1000, m(origin.y) * 1000, m(origin.z) * 1000]
 }
 
-/// One entity's record: what changed against `base` (all of it without one).
-fn record(e: &QEntity, base: Option<&QEntity>, origin: [i64; 3], prev_id: u64, out: &mut Vec<u8>) {
+/// Which fields of `e` differ from `base` (all of them without one).
+fn changed(e: &QEntity, base: Option<&QEntity>) -> u8 {
+    let Some(b) = base else { return HAS_POS | HAS_ROT | HAS_VEL | HAS_AUTHORITY };
     let mut mask = 0;
-    if base.is_none_or(|b| b.pos != e.pos) {
+    if b.pos != e.pos {
         mask |= HAS_POS;
     }
-    if base.is_none_or(|b| b.rot != e.rot) {
+    if b.rot != e.rot {
         mask |= HAS_ROT;
     }
-    if base.is_none_or(|b| b.vel != e.vel) {
+    if b.vel != e.vel {
         mask |= HAS_VEL;
     }
-    if base.is_none_or(|b| b.authority != e.authority) {
+    if b.authority != e.authority {
         mask |= HAS_AUTHORITY;
     }
+    mask
+}
+
+/// The length of [`record`]'s bytes, without writing them.
+fn record_len(e: &QEntity, base: Option<&QEntity>, origin: [i64; 3], prev_id: u64) -> usize {
+    let mask = changed(e, base);
+    let mut n = varint_len(e.id.0 - prev_id) + 1;
+    if mask & HAS_POS != 0 {
+        let from = base.map_or(origin, |b| b.pos);
+        n += e.pos.iter().zip(from).map(|(p, f)| varint_len(zigzag(p.wrapping_sub(f)))).sum::<usize>();
+    }
+    if mask & HAS_ROT != 0 {
+        n += 6;
+    }
+    if mask & HAS_VEL != 0 {
+        n += e.vel.iter().map(|v| varint_len(zigzag(i64::from(*v)))).sum::<usize>();
+    }
+    if mask & HAS_AUTHORITY != 0 {
+        n += varint_len(u64::from(e.authority.0));
+    }
+    n
+}
+
+/// One entity's record: what changed against `base` (all of it without one).
+fn record(e: &QEntity, base: Option<&QEntity>, origin: [i64; 3], prev_id: u64, out: &mut Vec<u8>) {
+    let mask = changed(e, base);
     varint(out, e.id.0 - prev_id);
     out.push(mask);
     if mask & HAS_POS != 0 {
@@ -182,6 +203,27 @@ fn record(e: &QEntity, base: Option<&QEntity>, origin: [i64; 3], prev_id: u64, o
     }
 }
 
+/// Buffers [`encode_with`] reuses from one snapshot to the next.
+#[derive(Debug, Clone, Default)]
+pub struct Scratch {
+    wanted_ids: Vec<EntityId>,
+    removed: Vec<EntityId>,
+    /// Chosen entities: (index in `wanted`, index in the baseline).
+    chosen: Vec<(u32, Option<u32>)>,
+    head: Vec<u8>,
+    /// Per entity of `wanted`: the view now holds its current state.
+    fresh: Vec<bool>,
+}
+
+impl Scratch {
+    /// After [`encode_with`]: for each entity of the `wanted` it was given,
+    /// whether the client's view now holds its current state (sent now, or
+    /// unchanged from the baseline).
+    pub fn fresh(&self) -> &[bool] {
+        &self.fresh
+    }
+}
+
 /// Encodes a snapshot into `out` (appended): the entities of `wanted`, in
 /// priority order (highest first), as deltas against `baseline` (a full
 /// state without one), in at most `budget` bytes (never more than
@@ -196,89 +238,132 @@ pub fn encode(
     budget: usize,
     out: &mut Vec<u8>,
 ) -> View {
+    let mut view = View::default();
+    encode_with(&mut Scratch::default(), header, origin, wanted, baseline, budget, out, &mut view);
+    view
+}
+
+/// [`encode`] with buffers kept by the caller, writing the view the client
+/// will hold into `view` (its allocation reused).
+#[allow(clippy::too_many_arguments)]
+pub fn encode_with(
+    sc: &mut Scratch,
+    header: &Header,
+    origin: DVec3,
+    wanted: &[QEntity],
+    baseline: Option<&View>,
+    budget: usize,
+    out: &mut Vec<u8>,
+    view: &mut View,
+) {
     let budget = budget.min(MAX_DATAGRAM);
     let start = out.len();
     let origin_q = origin_mm(origin);
-    let mut head = Vec::with_capacity(32);
+    let head = &mut sc.head;
+    head.clear();
     head.push(KIND_SNAPSHOT);
     let mut flags = if header.authoritative { FLAG_AUTHORITATIVE } else { 0 };
     if baseline.is_some() {
         flags |= FLAG_DELTA;
     }
     head.push(flags);
-    varint(&mut head, header.tick);
-    varint(&mut head, u64::from(header.server.0));
-    varint(&mut head, u64::from(header.last_input_seq));
+    varint(head, header.tick);
+    varint(head, u64::from(header.server.0));
+    varint(head, u64::from(header.last_input_seq));
     if let Some(b) = baseline {
-        varint(&mut head, header.tick.saturating_sub(b.tick));
+        varint(head, header.tick.saturating_sub(b.tick));
     }
     for v in origin_q {
-        varint(&mut head, zigzag(v / 1000));
+        varint(head, zigzag(v / 1000));
     }
     let mut used = head.len() + 2 * 3; // two counts, up to 3 bytes each
     // Removals first: a client must not keep ghosts of what left its view.
-    let mut wanted_ids: Vec<EntityId> = wanted.iter().map(|e| e.id).collect();
-    wanted_ids.sort_unstable();
-    let mut removed = Vec::new();
+    sc.wanted_ids.clear();
+    sc.wanted_ids.extend(wanted.iter().map(|e| e.id));
+    sc.wanted_ids.sort_unstable();
+    sc.removed.clear();
     if let Some(b) = baseline {
         let mut prev = 0;
+        let mut w = sc.wanted_ids.iter().peekable();
         for e in &b.entities {
-            if wanted_ids.binary_search(&e.id).is_err() {
+            while w.next_if(|id| **id < e.id).is_some() {}
+            if w.peek() != Some(&&e.id) {
                 let cost = varint_len(e.id.0 - prev);
                 if used + cost > budget {
                     break;
                 }
                 used += cost;
                 prev = e.id.0;
-                removed.push(e.id);
+                sc.removed.push(e.id);
             }
         }
     }
     // Then what changed, in priority order, while it fits. The id is costed
     // in full here; written as a difference it only gets shorter.
-    let mut chosen: Vec<(QEntity, Option<QEntity>)> = Vec::new();
-    let mut scratch = Vec::with_capacity(64);
-    for e in wanted.iter().take(MAX_VIEW_ENTITIES) {
-        let base = baseline.and_then(|b| b.get(e.id)).copied();
-        if base == Some(*e) {
+    sc.chosen.clear();
+    sc.fresh.clear();
+    sc.fresh.resize(wanted.len(), false);
+    for (k, e) in wanted.iter().enumerate().take(MAX_VIEW_ENTITIES) {
+        let at = baseline.and_then(|b| b.entities.binary_search_by_key(&e.id, |v| v.id).ok());
+        let base = at.and_then(|i| baseline.map(|b| &b.entities[i]));
+        if base == Some(e) {
+            sc.fresh[k] = true;
             continue;
         }
-        scratch.clear();
-        record(e, base.as_ref(), origin_q, 0, &mut scratch);
-        if used + scratch.len() <= budget {
-            used += scratch.len();
-            chosen.push((*e, base));
+        let cost = record_len(e, base, origin_q, 0);
+        if used + cost <= budget {
+            used += cost;
+            sc.chosen.push((k as u32, at.map(|i| i as u32)));
+            sc.fresh[k] = true;
         }
     }
     // Ids are unique in `wanted`; a caller's duplicate is sent once.
-    chosen.sort_by_key(|(e, _)| e.id);
-    chosen.dedup_by_key(|(e, _)| e.id);
-    // The view the client ends with.
-    let mut view: Vec<QEntity> = match baseline {
-        Some(b) => b.entities.iter().filter(|e| removed.binary_search(&e.id).is_err()).copied().collect(),
-        None => Vec::new(),
-    };
-    for (e, _) in &chosen {
-        match view.binary_search_by_key(&e.id, |v| v.id) {
-            Ok(i) => view[i] = *e,
-            Err(i) => view.insert(i, *e),
+    sc.chosen.sort_by_key(|(k, _)| wanted[*k as usize].id);
+    sc.chosen.dedup_by_key(|(k, _)| wanted[*k as usize].id);
+    // The view the client ends with: the baseline less what was removed,
+    // merged with what was sent (both sorted by id).
+    view.tick = header.tick;
+    view.entities.clear();
+    let kept = baseline.map_or(&[][..], |b| &b.entities[..]);
+    let (mut i, mut r) = (0, 0);
+    for &(k, _) in &sc.chosen {
+        let e = wanted[k as usize];
+        while i < kept.len() && kept[i].id < e.id {
+            if sc.removed.get(r) == Some(&kept[i].id) {
+                r += 1;
+            } else {
+                view.entities.push(kept[i]);
+            }
+            i += 1;
+        }
+        if i < kept.len() && kept[i].id == e.id {
+            i += 1;
+        }
+        view.entities.push(e);
+    }
+    for e in &kept[i..] {
+        if sc.removed.get(r) == Some(&e.id) {
+            r += 1;
+        } else {
+            view.entities.push(*e);
         }
     }
-    out.extend_from_slice(&head);
-    varint(out, removed.len() as u64);
+    out.extend_from_slice(head);
+    varint(out, sc.removed.len() as u64);
     let mut prev = 0;
-    for id in &removed {
+    for id in &sc.removed {
         varint(out, id.0 - prev);
         prev = id.0;
     }
-    varint(out, chosen.len() as u64);
+    varint(out, sc.chosen.len() as u64);
     let mut prev = 0;
-    for (e, base) in &chosen {
-        record(e, base.as_ref(), origin_q, prev, out);
+    for &(k, at) in &sc.chosen {
+        let e = &wanted[k as usize];
+        let base = at.and_then(|i| baseline.map(|b| &b.entities[i as usize]));
+        record(e, base, origin_q, prev, out);
         prev = e.id.0;
     }
-    debug_assert!(out.len() - start <= budget.max(head.len() + 2), "{} > {budget}", out.len() - start);
-    View { tick: header.tick, entities: view }
+    debug_assert!(out.len() - start <= budget.max(sc.head.len() + 2), "{} > {budget}", out.len() - start);
 }
 
 /// Decodes a snapshot datagram; `baseline` finds the view of a tick this
@@ -386,11 +471,11 @@ impl History {
         self.0.iter().rev().find(|v| v.tick == tick)
     }
 
-    pub fn push(&mut self, view: View) {
-        if self.0.len() == HISTORY {
-            self.0.pop_front();
-        }
+    /// Keeps `view`; returns the oldest if it made room for it.
+    pub fn push(&mut self, view: View) -> Option<View> {
+        let old = if self.0.len() == HISTORY { self.0.pop_front() } else { None };
         self.0.push_back(view);
+        old
     }
 
     pub fn newest_tick(&self) -> Option<Tick> {
@@ -432,6 +517,9 @@ impl Receiver {
 #[derive(Debug, Clone, Default)]
 pub struct Sender {
     history: History,
+    scratch: Scratch,
+    /// The allocation of the last view dropped from the history.
+    spare: View,
 }
 
 impl Sender {
@@ -444,9 +532,19 @@ impl Sender {
         budget: usize,
         out: &mut Vec<u8>,
     ) -> &View {
-        let view = encode(header, origin, wanted, self.history.get(acked), budget, out);
-        self.history.push(view);
+        let mut view = std::mem::take(&mut self.spare);
+        let baseline = self.history.get(acked);
+        encode_with(&mut self.scratch, header, origin, wanted, baseline, budget, out, &mut view);
+        if let Some(old) = self.history.push(view) {
+            self.spare = old;
+        }
         self.history.0.back().expect("just pushed")
+    }
+
+    /// After [`Sender::encode`]: per entity of `wanted`, whether the client
+    /// holds its current state once it decodes the snapshot.
+    pub fn fresh(&self) -> &[bool] {
+        self.scratch.fresh()
     }
 }
 
@@ -526,6 +624,38 @@ mod tests {
                     let d = got.entities.iter().find(|g| g.id == e.id).expect("present").state();
                     prop_assert!(close(e, &d), "{:?} vs {:?}", e, d);
                 }
+            }
+        }
+
+        #[test]
+        fn reused_buffers_change_nothing_and_fresh_says_what_the_client_holds(
+            rounds in proptest::collection::vec(
+                (proptest::collection::vec(entity(), 0..40), 60usize..1200, any::<bool>()),
+                1..6,
+            ),
+        ) {
+            // One scratch and one view reused across snapshots give what
+            // fresh buffers give, and `fresh` marks exactly the wanted
+            // entities the client's view holds as they are now.
+            let mut sc = Scratch::default();
+            let mut reused = View::default();
+            let mut base: Option<View> = None;
+            for (tick, (now, budget, keep_base)) in rounds.into_iter().enumerate() {
+                let wanted: Vec<QEntity> = unique(now).iter().map(QEntity::quantise).collect();
+                let header = Header { tick: 100 + tick as u64, ..HEADER };
+                let baseline = base.as_ref().filter(|_| keep_base);
+                let mut a = Vec::new();
+                let fresh_view = encode(&header, DVec3::ZERO, &wanted, baseline, budget, &mut a);
+                let mut b = Vec::new();
+                encode_with(&mut sc, &header, DVec3::ZERO, &wanted, baseline, budget, &mut b, &mut reused);
+                prop_assert_eq!(&a, &b);
+                prop_assert_eq!(&fresh_view, &reused);
+                prop_assert_eq!(sc.fresh().len(), wanted.len());
+                for (e, f) in wanted.iter().zip(sc.fresh()) {
+                    let held = reused.entities.iter().any(|v| v == e);
+                    prop_assert_eq!(*f, held, "{:?}", e.id);
+                }
+                base = Some(fresh_view);
             }
         }
 

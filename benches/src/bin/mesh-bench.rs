@@ -39,6 +39,10 @@ enum Cmd {
         /// metres (default: as dense as 1,000 players over 1,700 m).
         #[arg(long)]
         spread_m: Option<f64>,
+        /// Threads building snapshots beside the tick thread (default: one
+        /// less than the cores, as the game server's).
+        #[arg(long)]
+        replication_workers: Option<usize>,
     },
     /// `sim` at several sizes, each in its own process, with five bodies a
     /// player and the groups equally dense at every size: tick percentiles
@@ -53,6 +57,9 @@ enum Cmd {
         seconds: f64,
         #[arg(long, default_value_t = 1)]
         seed: u64,
+        /// Passed on to each `sim`.
+        #[arg(long)]
+        replication_workers: Option<usize>,
     },
     /// Three coordinator replicas; the leader killed (SIGKILL) and restarted
     /// again and again.
@@ -132,16 +139,27 @@ fn main() -> anyhow::Result<()> {
                 benches::persist::PersistConfig { url: database_url, seconds, rate, servers, voxels_per_edit, chunks };
             println!("{}", benches::persist::run(&cfg)?);
         }
-        Cmd::SimScale { sizes, bodies_per_player, seconds, seed } => {
-            println!("{}", sim_scale(&sizes, bodies_per_player, seconds, seed)?);
+        Cmd::SimScale { sizes, bodies_per_player, seconds, seed, replication_workers } => {
+            println!("{}", sim_scale(&sizes, bodies_per_player, seconds, seed, replication_workers)?);
         }
-        Cmd::Sim { players, bodies, seconds, seed, chunk_workers, unpaced, spread_m } => {
+        Cmd::Sim { players, bodies, seconds, seed, chunk_workers, unpaced, spread_m, replication_workers } => {
             anyhow::ensure!(seconds > 0.0 && seconds <= 3600.0, "seconds must be in (0, 3600]");
             let setup = Instant::now();
             let group = ScenarioConfig::default().group;
             let spread_m = spread_m.unwrap_or_else(|| benches::spread_for(players, group));
             anyhow::ensure!(spread_m > 0.0 && spread_m <= 20_000.0, "spread-m must be in (0, 20000]");
-            let mut s = Scenario::new(&ScenarioConfig { players, bodies, seed, chunk_workers, group, spread_m });
+            let replication_workers =
+                replication_workers.unwrap_or_else(game_server::config::default_replication_workers);
+            anyhow::ensure!(replication_workers <= 64, "replication-workers must be 0..=64");
+            let mut s = Scenario::new(&ScenarioConfig {
+                players,
+                bodies,
+                seed,
+                chunk_workers,
+                group,
+                spread_m,
+                replication_workers,
+            });
             let setup_s = setup.elapsed().as_secs_f64();
             let m0 = s.metrics();
             let (phys_sum0, phys_n0) = (m0.physics_step.get_sample_sum(), m0.physics_step.get_sample_count());
@@ -226,6 +244,7 @@ fn main() -> anyhow::Result<()> {
                 "wall_s": round3(wall),
                 "paced": !unpaced,
                 "spread_m": round3(spread_m),
+                "replication_workers": replication_workers,
                 "peak_rss_mb": round3(svc::usage()?.max_rss_kib as f64 / 1024.0),
             });
             println!("{out}");
@@ -236,7 +255,13 @@ fn main() -> anyhow::Result<()> {
 
 /// Runs `sim` once per size, each in a child process (so that each peak
 /// memory is its own), and gathers the figures per player.
-fn sim_scale(sizes: &[usize], per_player: usize, seconds: f64, seed: u64) -> anyhow::Result<serde_json::Value> {
+fn sim_scale(
+    sizes: &[usize],
+    per_player: usize,
+    seconds: f64,
+    seed: u64,
+    workers: Option<usize>,
+) -> anyhow::Result<serde_json::Value> {
     use anyhow::Context as _;
     anyhow::ensure!(!sizes.is_empty() && sizes.iter().all(|n| *n <= 10_000), "sizes must be 0..=10000");
     let exe = std::env::current_exe()?;
@@ -246,6 +271,7 @@ fn sim_scale(sizes: &[usize], per_player: usize, seconds: f64, seed: u64) -> any
         let out = std::process::Command::new(&exe)
             .args(["sim", "--players", &players.to_string(), "--bodies", &(players * per_player).to_string()])
             .args(["--seconds", &seconds.to_string(), "--seed", &seed.to_string()])
+            .args(workers.map(|w| format!("--replication-workers={w}")))
             .stderr(std::process::Stdio::inherit())
             .output()
             .context("running mesh-bench sim")?;

@@ -79,6 +79,9 @@ pub struct SimConfig {
     /// Bytes one snapshot datagram may carry (the player's downstream
     /// budget a tick, less QUIC's own overhead).
     pub snapshot_budget: usize,
+    /// Threads that build players' snapshots beside the tick thread (0:
+    /// the tick thread builds them all).
+    pub replication_workers: usize,
 }
 
 /// The snapshot payload a tick for `kbps` kbit/s at the socket: QUIC adds

@@ -134,6 +134,11 @@ pub fn world(p: SimParts) -> World {
     w.insert_resource(terrain::Terrain::new(p.world.generator, p.world.store, p.world.terrain));
     w.insert_resource(physics::Physics::new(p.world.physics_origin));
     w.insert_resource(edits::Edits::new(p.world.edits, p.world.writer, ids));
+    let pool = replication::ReplicationPool::new(p.config.replication_workers).unwrap_or_else(|e| {
+        warn!(error = %e, "no replication threads; the tick thread builds every snapshot");
+        replication::ReplicationPool::default()
+    });
+    w.insert_resource(pool);
     w.insert_resource(p.config);
     w.insert_resource(TickState::default());
     w.insert_resource(Inbox(p.inbox));

@@ -15,35 +15,179 @@ use super::messages::Outbound;
 use crate::sim::inbox::Conns;
 use crate::sim::inbox::send;
 
-/// Edge of the cells replication buckets entities in, metres.
-pub(crate) const GRID_CELL_M: f64 = 16.0;
+/// Edge of the cells replication buckets entities in, metres (doubled
+/// while the entities' bounding square would need more than
+/// [`MAX_GRID_CELLS`]).
+pub(crate) const GRID_CELL_M: f64 = 32.0;
+/// Most cells of the grid (4 MiB of offsets).
+const MAX_GRID_CELLS: usize = 1 << 20;
 
 /// What replication reads of an entity.
 type Replicated = (&'static NetId, &'static Body, Option<&'static Avatar>, Option<&'static super::physics::Prop>);
 
-/// Buffers replication keeps between ticks.
+/// What every player's snapshot is built from this tick, shared read-only
+/// by the workers.
 #[derive(Debug, Default)]
-pub struct ReplicationScratch {
+struct Frame {
     states: Vec<EntityState>,
     /// `states` as the wire carries them: quantised once a tick, not once per viewer.
     quantised: Vec<QEntity>,
-    grid: rustc_hash::FxHashMap<(i32, i32), Vec<u32>>,
-    near: Vec<(f64, u32)>,
-    buf: Vec<u8>,
-    wanted: Vec<(f32, QEntity)>,
-    sorted: Vec<QEntity>,
-    /// Per connection: what was sent (baselines) and each entity's
+    /// Index into `states` of each entity, this tick.
+    slot: rustc_hash::FxHashMap<EntityId, u32>,
+    grid: Grid,
+}
+
+/// The entities bucketed by square cells over their bounding square, in
+/// one array (a cell's entities are contiguous): looking a cell up is an
+/// index, not a hash.
+#[derive(Debug, Default)]
+struct Grid {
+    cell_m: f64,
+    /// The cell at the grid's (0, 0).
+    origin: (i32, i32),
+    width: usize,
+    height: usize,
+    /// Where each cell's entities start in `members` (one more entry than
+    /// cells: the end).
+    start: Vec<u32>,
+    members: Vec<u32>,
+    /// Each entity's cell, while building.
+    cell: Vec<u32>,
+}
+
+impl Grid {
+    fn cell_at(&self, p: DVec3) -> (i32, i32) {
+        (floor_i32(p.x / self.cell_m), floor_i32(p.z / self.cell_m))
+    }
+
+    /// Buckets `states` (a counting sort by cell).
+    fn build(&mut self, states: &[EntityState]) {
+        self.cell_m = GRID_CELL_M;
+        self.members.clear();
+        self.cell.clear();
+        let (mut lo, mut hi) = ((i32::MAX, i32::MAX), (i32::MIN, i32::MIN));
+        for s in states {
+            let (x, z) = cell_of(s.pos);
+            lo = (lo.0.min(x), lo.1.min(z));
+            hi = (hi.0.max(x), hi.1.max(z));
+        }
+        if states.is_empty() {
+            (lo, hi) = ((0, 0), (0, 0));
+        }
+        // Cells in the bounding square, at this cell size.
+        let span = |lo: i32, hi: i32, k: i64| ((i64::from(hi) - i64::from(lo)) / k + 1) as usize;
+        let mut k = 1i64;
+        while span(lo.0, hi.0, k).saturating_mul(span(lo.1, hi.1, k)) > MAX_GRID_CELLS {
+            k *= 2;
+            self.cell_m *= 2.0;
+        }
+        self.origin = (lo.0.div_euclid(k as i32), lo.1.div_euclid(k as i32));
+        let far = (hi.0.div_euclid(k as i32), hi.1.div_euclid(k as i32));
+        self.width = (far.0 - self.origin.0) as usize + 1;
+        self.height = (far.1 - self.origin.1) as usize + 1;
+        let cells = self.width * self.height;
+        self.start.clear();
+        self.start.resize(cells + 1, 0);
+        for s in states {
+            let (x, z) = self.cell_at(s.pos);
+            let c = (z - self.origin.1) as usize * self.width + (x - self.origin.0) as usize;
+            self.cell.push(c as u32);
+            self.start[c + 1] += 1;
+        }
+        for c in 0..cells {
+            self.start[c + 1] += self.start[c];
+        }
+        self.members.resize(states.len(), 0);
+        // Scatter, counting each cell's fill in its own start (then put back).
+        for (i, &c) in self.cell.iter().enumerate() {
+            let at = &mut self.start[c as usize];
+            self.members[*at as usize] = i as u32;
+            *at += 1;
+        }
+        for c in (1..=cells).rev() {
+            self.start[c] = self.start[c - 1];
+        }
+        self.start[0] = 0;
+    }
+
+    /// The entities of cell (`x`, `z`) (grid coordinates; empty outside).
+    fn at(&self, x: i64, z: i64) -> &[u32] {
+        if x < 0 || z < 0 || x >= self.width as i64 || z >= self.height as i64 {
+            return &[];
+        }
+        let c = z as usize * self.width + x as usize;
+        &self.members[self.start[c] as usize..self.start[c + 1] as usize]
+    }
+}
+
+/// Buffers replication keeps between ticks.
+#[derive(Debug, Default)]
+pub struct ReplicationScratch {
+    frame: Frame,
+    /// Per connection: what was sent (baselines) and each candidate's
     /// accumulated priority.
     links: rustc_hash::FxHashMap<super::messages::ConnId, Link>,
+    /// This tick's players, each with its link while it is served.
+    jobs: Vec<Job>,
+    /// One per thread that serves players.
+    workers: Vec<Worker>,
 }
 
 /// One connection's replication state.
 #[derive(Debug, Default)]
 struct Link {
     sender: snapshot::Sender,
-    priority: rustc_hash::FxHashMap<EntityId, f32>,
+    /// Last tick's candidates and their accumulated priority.
+    priority: Vec<(EntityId, f32)>,
     /// Tick this link was last served (stale links are dropped).
     served: shared::Tick,
+}
+
+/// One player to send a snapshot to this tick.
+#[derive(Debug)]
+struct Job {
+    conn: super::messages::ConnId,
+    me: EntityState,
+    last_input_seq: u32,
+    acked: shared::Tick,
+    link: Link,
+}
+
+/// One thread's scratch (reused every tick).
+#[derive(Debug, Default)]
+struct Worker {
+    near: Vec<(f64, u32)>,
+    /// Candidates by accumulated priority: (priority, index into the frame).
+    order: Vec<(f32, u32)>,
+    sorted: Vec<QEntity>,
+    buf: Vec<u8>,
+    /// Accumulated priority per frame index, valid where `stamp` is `round`.
+    acc: Vec<f32>,
+    stamp: Vec<u32>,
+    round: u32,
+    sent: u64,
+    bytes: u64,
+}
+
+/// Threads that serve players' snapshots beside the tick thread.
+#[derive(Resource, Debug, Default)]
+pub struct ReplicationPool(pub Option<rayon::ThreadPool>);
+
+impl ReplicationPool {
+    /// A pool of `workers` threads (0: the tick thread serves everyone).
+    pub fn new(workers: usize) -> anyhow::Result<Self> {
+        if workers == 0 {
+            return Ok(Self(None));
+        }
+        let pool =
+            rayon::ThreadPoolBuilder::new().num_threads(workers).thread_name(|i| format!("replication-{i}")).build()?;
+        Ok(Self(Some(pool)))
+    }
+
+    /// Threads serving players, the tick thread included.
+    fn threads(&self) -> usize {
+        1 + self.0.as_ref().map_or(0, rayon::ThreadPool::current_num_threads)
+    }
 }
 
 /// Entities a snapshot considers, nearest first (the budget decides how
@@ -63,7 +207,10 @@ pub(crate) fn cell_of(p: DVec3) -> (i32, i32) {
 
 /// Sends each attached player a snapshot of what is near it: itself, then
 /// the nearest entities within the view radius, found ring by ring in a
-/// grid of the entities rebuilt every tick.
+/// grid of the entities rebuilt every tick. Players are independent once
+/// the grid is built: they are shared out between the tick thread and the
+/// [`ReplicationPool`].
+#[allow(clippy::too_many_arguments)]
 pub fn replication(
     q: Query<Replicated, With<Authority>>,
     ghosts: Res<super::ghosts::Ghosts>,
@@ -71,132 +218,69 @@ pub fn replication(
     cfg: Res<SimConfig>,
     tick: Res<TickState>,
     metrics: Res<SimMetrics>,
+    pool: Res<ReplicationPool>,
     mut scratch: Local<ReplicationScratch>,
 ) {
     let sc = &mut *scratch;
-    sc.states.clear();
-    sc.quantised.clear();
-    if tick.tick.is_multiple_of(90) {
-        sc.grid.clear();
-    } else {
-        sc.grid.values_mut().for_each(Vec::clear);
-    }
+    let f = &mut sc.frame;
+    f.states.clear();
+    f.quantised.clear();
+    f.slot.clear();
     for (n, b, _, prop) in &q {
         let rot = prop.map_or_else(|| Quat::from_rotation_y(b.yaw), |p| p.rot);
-        sc.grid.entry(cell_of(b.pos)).or_default().push(sc.states.len() as u32);
-        sc.states.push(EntityState {
-            id: n.0,
-            pos: b.pos,
-            rot: rot.to_array(),
-            vel: b.vel.to_array(),
-            authority: cfg.server,
-        });
-        sc.quantised.push(QEntity::quantise(sc.states.last().expect("just pushed")));
+        let state =
+            EntityState { id: n.0, pos: b.pos, rot: rot.to_array(), vel: b.vel.to_array(), authority: cfg.server };
+        f.push(state, QEntity::quantise(&state));
     }
     // Neighbours' entities near our regions, as their owners simulate them.
     for (state, q) in ghosts.states() {
-        sc.grid.entry(cell_of(state.pos)).or_default().push(sc.states.len() as u32);
-        sc.states.push(state);
-        sc.quantised.push(q);
+        f.push(state, q);
     }
-    let occupied = sc.grid.values().filter(|c| !c.is_empty()).count();
-    let r2 = cfg.view_radius_m * cfg.view_radius_m;
-    let max_ring = (cfg.view_radius_m / GRID_CELL_M).ceil() as i32;
-    let keep = MAX_CANDIDATES;
-    let (mut sent, mut bytes) = (0u64, 0u64);
+    f.grid.build(&f.states);
+    // This tick's players, each taking its link along.
+    sc.jobs.clear();
     for (net, body, avatar, _) in &q {
         let Some(a) = avatar else { continue };
         let Some(conn) = a.conn else { continue };
-        sc.near.clear();
-        let (cx, cz) = cell_of(body.pos);
-        for ring in 0..=max_ring {
-            // Far from everyone, rings of empty cells cost more than a look
-            // at every occupied cell: finish with that.
-            if (2 * ring + 1) * 8 > occupied as i32 {
-                for (&(x, z), cell) in &sc.grid {
-                    if (x - cx).abs().max((z - cz).abs()) < ring {
-                        continue;
-                    }
-                    for &i in cell {
-                        let s = &sc.states[i as usize];
-                        let d = s.pos.distance_squared(body.pos);
-                        if s.id != net.0 && d <= r2 {
-                            sc.near.push((d, i));
-                        }
-                    }
-                }
-                break;
-            }
-            for dz in -ring..=ring {
-                for dx in -ring..=ring {
-                    if dx.abs() != ring && dz.abs() != ring {
-                        continue;
-                    }
-                    let Some(cell) = sc.grid.get(&(cx + dx, cz + dz)) else { continue };
-                    for &i in cell {
-                        let s = &sc.states[i as usize];
-                        let d = s.pos.distance_squared(body.pos);
-                        if s.id != net.0 && d <= r2 {
-                            sc.near.push((d, i));
-                        }
-                    }
-                }
-            }
-            // Enough found: what is left is farther than most of them
-            // (interest management proper ranks by more than distance).
-            if sc.near.len() >= keep {
-                break;
-            }
-        }
-        if sc.near.len() > keep {
-            sc.near.select_nth_unstable_by(keep, |x, y| x.0.total_cmp(&y.0));
-            sc.near.truncate(keep);
-        }
-        let link = sc.links.entry(conn).or_default();
+        let mut link = sc.links.remove(&conn).unwrap_or_default();
         link.served = tick.tick;
-        // Priority order: the player itself, then by accumulated priority.
-        sc.wanted.clear();
-        for (d2, i) in &sc.near {
-            let e = &sc.states[*i as usize];
-            let p = link.priority.entry(e.id).or_insert(0.0);
-            *p += priority(d2.sqrt(), glam::Vec3::from(e.vel).length());
-            sc.wanted.push((*p, sc.quantised[*i as usize]));
-        }
-        sc.wanted.sort_unstable_by(|x, y| y.0.total_cmp(&x.0));
-        sc.sorted.clear();
-        sc.sorted.push(QEntity::quantise(&EntityState {
-            id: net.0,
-            pos: body.pos,
-            rot: Quat::from_rotation_y(body.yaw).to_array(),
-            vel: body.vel.to_array(),
-            authority: cfg.server,
-        }));
-        sc.sorted.extend(sc.wanted.iter().map(|(_, q)| *q));
-        let header = snapshot::Header {
-            tick: tick.tick,
-            server: cfg.server,
-            authoritative: true,
+        sc.jobs.push(Job {
+            conn,
+            me: EntityState {
+                id: net.0,
+                pos: body.pos,
+                rot: Quat::from_rotation_y(body.yaw).to_array(),
+                vel: body.vel.to_array(),
+                authority: cfg.server,
+            },
             last_input_seq: a.last_applied,
-        };
-        let acked = conns.0.get(&conn).map_or(0, |c| c.acked);
-        sc.buf.clear();
-        let started = std::time::Instant::now();
-        let view = link.sender.encode(&header, body.pos, &sc.sorted, acked, cfg.snapshot_budget, &mut sc.buf);
-        metrics.0.snapshot_encode.observe(started.elapsed().as_secs_f64());
-        // What the client now holds as wanted is up to date: its priority
-        // starts over; the rest keep accumulating.
-        for q in &sc.sorted[1..] {
-            if view.entities.binary_search_by_key(&q.id, |v| v.id).is_ok_and(|k| view.entities[k] == *q) {
-                link.priority.insert(q.id, 0.0);
+            acked: conns.0.get(&conn).map_or(0, |c| c.acked),
+            link,
+        });
+    }
+    let threads = pool.threads();
+    sc.workers.resize_with(threads, Worker::default);
+    let frame = &sc.frame;
+    let (conns, cfg, metrics, now) = (&*conns, &*cfg, &*metrics, tick.tick);
+    let per = sc.jobs.len().div_ceil(threads).max(1);
+    let mut parts = sc.jobs.chunks_mut(per).zip(sc.workers.iter_mut());
+    match (&pool.0, parts.next()) {
+        (Some(p), Some((mine, me))) => p.in_place_scope(|s| {
+            for (jobs, w) in parts {
+                s.spawn(move |_| w.serve(frame, jobs, now, cfg, conns, metrics));
             }
-        }
-        if link.priority.len() > 4 * MAX_CANDIDATES {
-            let near: rustc_hash::FxHashSet<EntityId> = sc.sorted.iter().map(|q| q.id).collect();
-            link.priority.retain(|id, _| near.contains(id));
-        }
-        bytes += sc.buf.len() as u64;
-        sent += 1;
-        send(&conns, conn, Outbound::Datagram(bytes::Bytes::copy_from_slice(&sc.buf)), &metrics);
+            me.serve(frame, mine, now, cfg, conns, metrics);
+        }),
+        (None, Some((mine, me))) => me.serve(frame, mine, now, cfg, conns, metrics),
+        (_, None) => {}
+    }
+    let (mut sent, mut bytes) = (0, 0);
+    for w in &mut sc.workers {
+        sent += std::mem::take(&mut w.sent);
+        bytes += std::mem::take(&mut w.bytes);
+    }
+    for job in sc.jobs.drain(..) {
+        sc.links.insert(job.conn, job.link);
     }
     // Connections gone (or no longer served here) drop their baselines.
     if tick.tick.is_multiple_of(90) {
@@ -204,6 +288,122 @@ pub fn replication(
     }
     metrics.0.snapshots_sent.inc_by(sent);
     metrics.0.bytes_sent.inc_by(bytes);
+}
+
+impl Frame {
+    fn push(&mut self, state: EntityState, q: QEntity) {
+        let i = self.states.len() as u32;
+        self.slot.insert(state.id, i);
+        self.states.push(state);
+        self.quantised.push(q);
+    }
+
+    /// The entities within `r2` (squared metres) of `me`, nearest first
+    /// among the nearest `keep`, into `near` as (squared distance, index):
+    /// cells ring by ring around `me` until `keep` are found (what is left
+    /// is farther than most of them; interest management proper ranks by
+    /// more than distance) or the view radius is passed.
+    fn near(&self, me: &EntityState, view_radius_m: f64, keep: usize, near: &mut Vec<(f64, u32)>) {
+        near.clear();
+        let g = &self.grid;
+        let r2 = view_radius_m * view_radius_m;
+        let (x, z) = g.cell_at(me.pos);
+        let (cx, cz) = (i64::from(x) - i64::from(g.origin.0), i64::from(z) - i64::from(g.origin.1));
+        // No ring past the view radius, nor past the grid's far edges.
+        let edge = cx.max(g.width as i64 - 1 - cx).max(cz).max(g.height as i64 - 1 - cz);
+        let max_ring = ((view_radius_m / g.cell_m).ceil() as i64).min(edge.max(0));
+        let look = |cell: &[u32], near: &mut Vec<(f64, u32)>| {
+            for &i in cell {
+                let s = &self.states[i as usize];
+                let d = s.pos.distance_squared(me.pos);
+                if d <= r2 && s.id != me.id {
+                    near.push((d, i));
+                }
+            }
+        };
+        for ring in 0..=max_ring {
+            for dz in [-ring, ring] {
+                for dx in -ring..=ring {
+                    look(g.at(cx + dx, cz + dz), near);
+                }
+                if ring == 0 {
+                    break;
+                }
+            }
+            for dz in 1 - ring..ring {
+                look(g.at(cx - ring, cz + dz), near);
+                look(g.at(cx + ring, cz + dz), near);
+            }
+            if near.len() >= keep {
+                break;
+            }
+        }
+        if near.len() > keep {
+            near.select_nth_unstable_by(keep, |x, y| x.0.total_cmp(&y.0));
+            near.truncate(keep);
+        }
+    }
+}
+
+impl Worker {
+    /// Builds, encodes and queues the snapshot of each of `jobs`.
+    fn serve(
+        &mut self,
+        frame: &Frame,
+        jobs: &mut [Job],
+        tick: shared::Tick,
+        cfg: &SimConfig,
+        conns: &Conns,
+        metrics: &SimMetrics,
+    ) {
+        if self.acc.len() < frame.states.len() {
+            self.acc.resize(frame.states.len(), 0.0);
+            self.stamp.resize(frame.states.len(), 0);
+        }
+        for job in jobs {
+            frame.near(&job.me, cfg.view_radius_m, MAX_CANDIDATES, &mut self.near);
+            // Priority order: the player itself, then by accumulated
+            // priority (what the link carried from last tick, plus this
+            // tick's).
+            self.round = self.round.wrapping_add(1);
+            if self.round == 0 {
+                self.stamp.iter_mut().for_each(|s| *s = 0);
+                self.round = 1;
+            }
+            for (id, p) in &job.link.priority {
+                if let Some(&i) = frame.slot.get(id) {
+                    self.acc[i as usize] = *p;
+                    self.stamp[i as usize] = self.round;
+                }
+            }
+            self.order.clear();
+            for &(d2, i) in &self.near {
+                let e = &frame.states[i as usize];
+                let before = if self.stamp[i as usize] == self.round { self.acc[i as usize] } else { 0.0 };
+                self.order.push((before + priority(d2.sqrt(), glam::Vec3::from(e.vel).length()), i));
+            }
+            self.order.sort_unstable_by(|x, y| y.0.total_cmp(&x.0));
+            self.sorted.clear();
+            self.sorted.push(QEntity::quantise(&job.me));
+            self.sorted.extend(self.order.iter().map(|&(_, i)| frame.quantised[i as usize]));
+            let header =
+                snapshot::Header { tick, server: cfg.server, authoritative: true, last_input_seq: job.last_input_seq };
+            self.buf.clear();
+            let started = std::time::Instant::now();
+            job.link.sender.encode(&header, job.me.pos, &self.sorted, job.acked, cfg.snapshot_budget, &mut self.buf);
+            metrics.0.snapshot_encode.observe(started.elapsed().as_secs_f64());
+            // What the client now holds as wanted is up to date: its
+            // priority starts over; the rest keep accumulating.
+            job.link.priority.clear();
+            let fresh = &job.link.sender.fresh()[1..];
+            for ((&(p, _), q), &fresh) in self.order.iter().zip(&self.sorted[1..]).zip(fresh) {
+                job.link.priority.push((q.id, if fresh { 0.0 } else { p }));
+            }
+            self.bytes += self.buf.len() as u64;
+            self.sent += 1;
+            send(conns, job.conn, Outbound::Datagram(bytes::Bytes::copy_from_slice(&self.buf)), metrics);
+        }
+    }
 }
 
 /// Edited chunks farther than this from a player are not streamed to it.
@@ -295,5 +495,72 @@ pub fn report(
         if let Ok(mut r) = load.0.regions.lock() {
             *r = per.into_iter().collect();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shared::rng::Rng;
+
+    fn frame(points: &[DVec3]) -> Frame {
+        let mut f = Frame::default();
+        for (i, p) in points.iter().enumerate() {
+            let s = EntityState {
+                id: EntityId(i as u64 + 1),
+                pos: *p,
+                rot: [0.0, 0.0, 0.0, 1.0],
+                vel: [0.0; 3],
+                authority: shared::ServerId(1),
+            };
+            f.push(s, QEntity::quantise(&s));
+        }
+        f.grid.build(&f.states);
+        f
+    }
+
+    fn brute(f: &Frame, me: &EntityState, radius: f64) -> Vec<u32> {
+        let mut v: Vec<u32> = (0..f.states.len() as u32)
+            .filter(|&i| {
+                let s = &f.states[i as usize];
+                s.id != me.id && s.pos.distance_squared(me.pos) <= radius * radius
+            })
+            .collect();
+        v.sort_unstable();
+        v
+    }
+
+    #[test]
+    fn the_grid_finds_what_is_in_view_when_fewer_than_wanted() {
+        let mut rng = Rng::new(7);
+        for spread in [50.0, 900.0, 5_000.0, 400_000.0] {
+            let points: Vec<DVec3> =
+                (0..400).map(|_| DVec3::new(rng.range(-spread, spread), 0.0, rng.range(-spread, spread))).collect();
+            let f = frame(&points);
+            for me in f.states.iter().take(40) {
+                let mut near = Vec::new();
+                f.near(me, 500.0, 1000, &mut near);
+                let mut got: Vec<u32> = near.iter().map(|n| n.1).collect();
+                got.sort_unstable();
+                assert_eq!(got, brute(&f, me, 500.0), "spread {spread} m, cell {} m", f.grid.cell_m);
+            }
+        }
+    }
+
+    #[test]
+    fn a_crowd_gives_the_nearest_within_view_up_to_the_limit() {
+        let mut rng = Rng::new(9);
+        let points: Vec<DVec3> =
+            (0..2_000).map(|_| DVec3::new(rng.range(0.0, 300.0), rng.range(0.0, 5.0), rng.range(0.0, 300.0))).collect();
+        let f = frame(&points);
+        let me = f.states[0];
+        let mut near = Vec::new();
+        f.near(&me, 500.0, MAX_CANDIDATES, &mut near);
+        assert_eq!(near.len(), MAX_CANDIDATES);
+        assert!(near.iter().all(|&(d, i)| d <= 500.0 * 500.0 && f.states[i as usize].id != me.id));
+        // Ring by ring: everything found lies within a few cells of the
+        // player, nearer than most of the crowd.
+        let farthest = near.iter().map(|n| n.0.sqrt()).fold(0.0, f64::max);
+        assert!(farthest < 3.0 * GRID_CELL_M, "farthest candidate {farthest} m");
     }
 }

@@ -95,6 +95,7 @@ impl Harness {
                 world_seed: 1,
                 view_radius_m: 500.0,
                 snapshot_budget: snapshot_budget(512, 90),
+                replication_workers: 1,
             },
             inbox,
             outbox,
