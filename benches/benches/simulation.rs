@@ -1,5 +1,5 @@
-//! The simulation's hot paths: one whole tick at several loads, terrain
-//! chunk generation, and applying an edit.
+//! The simulation's hot paths: one whole tick at several loads, the
+//! replication stage alone, terrain chunk generation, and applying an edit.
 
 use std::hint::black_box;
 
@@ -16,6 +16,37 @@ fn ticks(c: &mut Criterion) {
     for (players, bodies) in [(50, 1000), (250, 1000), (1000, 1000), (1000, 5000)] {
         let mut s = Scenario::new(&ScenarioConfig { players, bodies, chunk_workers: 1, ..Default::default() });
         g.bench_function(format!("{players} players, {bodies} bodies"), |b| b.iter(|| s.tick()));
+    }
+    g.finish();
+}
+
+/// The replication stage alone (snapshots for every player, ghost sync out,
+/// releases, chunk edits), timed inside whole ticks: five bodies a player,
+/// the groups as dense at every size.
+fn replication(c: &mut Criterion) {
+    let stage = benches::STAGES.iter().position(|s| *s == "replication").expect("a replication stage");
+    let mut g = c.benchmark_group("replication");
+    g.sample_size(20);
+    for players in [250, 1000] {
+        let cfg = ScenarioConfig {
+            players,
+            bodies: 5 * players,
+            chunk_workers: 1,
+            spread_m: benches::spread_for(players, ScenarioConfig::default().group),
+            ..Default::default()
+        };
+        let mut s = Scenario::new(&cfg);
+        g.bench_function(format!("{players} players"), |b| {
+            b.iter_custom(|n| {
+                s.take_stage_times();
+                let mut spent = 0.0;
+                for _ in 0..n {
+                    s.tick();
+                    spent += s.take_stage_times()[stage];
+                }
+                std::time::Duration::from_secs_f64(spent)
+            })
+        });
     }
     g.finish();
 }
@@ -56,5 +87,5 @@ fn edits(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, ticks, terrain, edits);
+criterion_group!(benches, ticks, replication, terrain, edits);
 criterion_main!(benches);
