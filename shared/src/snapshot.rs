@@ -206,7 +206,10 @@ fn record(e: &QEntity, base: Option<&QEntity>, origin: [i64; 3], prev_id: u64, o
 /// Buffers [`encode_with`] reuses from one snapshot to the next.
 #[derive(Debug, Clone, Default)]
 pub struct Scratch {
-    wanted_ids: Vec<EntityId>,
+    /// `wanted`'s ids and indices, sorted by id.
+    by_id: Vec<(EntityId, u32)>,
+    /// Per entity of `wanted`: its index in the baseline.
+    at: Vec<Option<u32>>,
     removed: Vec<EntityId>,
     /// Chosen entities: (index in `wanted`, index in the baseline).
     chosen: Vec<(u32, Option<u32>)>,
@@ -278,19 +281,29 @@ pub fn encode_with(
     }
     let mut used = head.len() + 2 * 3; // two counts, up to 3 bytes each
     // Removals first: a client must not keep ghosts of what left its view.
-    sc.wanted_ids.clear();
-    sc.wanted_ids.extend(wanted.iter().map(|e| e.id));
-    sc.wanted_ids.sort_unstable();
+    // One walk of the baseline and the wanted ids, both in id order, also
+    // finds each wanted entity's baseline.
+    sc.by_id.clear();
+    sc.by_id.extend(wanted.iter().enumerate().map(|(k, e)| (e.id, k as u32)));
+    sc.by_id.sort_unstable();
+    sc.at.clear();
+    sc.at.resize(wanted.len(), None);
     sc.removed.clear();
     if let Some(b) = baseline {
-        let mut prev = 0;
-        let mut w = sc.wanted_ids.iter().peekable();
-        for e in &b.entities {
-            while w.next_if(|id| **id < e.id).is_some() {}
-            if w.peek() != Some(&&e.id) {
+        let (mut prev, mut j, mut removing) = (0, 0, true);
+        for (i, e) in b.entities.iter().enumerate() {
+            while j < sc.by_id.len() && sc.by_id[j].0 < e.id {
+                j += 1;
+            }
+            if sc.by_id.get(j).is_some_and(|w| w.0 == e.id) {
+                for w in sc.by_id[j..].iter().take_while(|w| w.0 == e.id) {
+                    sc.at[w.1 as usize] = Some(i as u32);
+                }
+            } else if removing {
                 let cost = varint_len(e.id.0 - prev);
                 if used + cost > budget {
-                    break;
+                    removing = false;
+                    continue;
                 }
                 used += cost;
                 prev = e.id.0;
@@ -304,8 +317,8 @@ pub fn encode_with(
     sc.fresh.clear();
     sc.fresh.resize(wanted.len(), false);
     for (k, e) in wanted.iter().enumerate().take(MAX_VIEW_ENTITIES) {
-        let at = baseline.and_then(|b| b.entities.binary_search_by_key(&e.id, |v| v.id).ok());
-        let base = at.and_then(|i| baseline.map(|b| &b.entities[i]));
+        let at = sc.at[k];
+        let base = at.and_then(|i| baseline.map(|b| &b.entities[i as usize]));
         if base == Some(e) {
             sc.fresh[k] = true;
             continue;
@@ -313,7 +326,7 @@ pub fn encode_with(
         let cost = record_len(e, base, origin_q, 0);
         if used + cost <= budget {
             used += cost;
-            sc.chosen.push((k as u32, at.map(|i| i as u32)));
+            sc.chosen.push((k as u32, at));
             sc.fresh[k] = true;
         }
     }
