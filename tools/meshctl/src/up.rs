@@ -72,9 +72,17 @@ struct Proc {
 }
 
 /// The last line of a log that is not blank, for a one-line error.
+/// What a member's log says of why it stopped: its last error (a daemon
+/// logs why it exits as an error, and other threads may log after that),
+/// else its last line.
 fn last_line(log: &Path) -> String {
-    let text = std::fs::read_to_string(log).unwrap_or_default();
-    text.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("(empty)").trim().to_owned()
+    cause_in(&std::fs::read_to_string(log).unwrap_or_default())
+}
+
+fn cause_in(text: &str) -> String {
+    let lines = || text.lines().rev().map(str::trim).filter(|l| !l.is_empty());
+    let error = |l: &&str| l.contains(" ERROR ") || l.contains("\"level\":\"ERROR\"");
+    lines().find(error).or_else(|| lines().next()).unwrap_or("(empty)").to_owned()
 }
 
 fn binary(dir: &Path, name: &str) -> anyhow::Result<PathBuf> {
@@ -351,5 +359,20 @@ async fn status_loop(
         } else if n % 5 == 1 {
             println!("{line}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_cause_is_the_last_error_else_the_last_line() {
+        let log = "2026-12-06T23:32:14Z INFO mesh_coordinator: starting\n\
+                   2026-12-06T23:32:14Z ERROR svc: exiting: binding 127.0.0.1:80: Address already in use\n\
+                   2026-12-06T23:32:14Z INFO mesh_coordinator::node: raft replica stopped\n\n";
+        assert!(super::cause_in(log).contains("Address already in use"));
+        let json = "{\"level\":\"ERROR\",\"fields\":{\"message\":\"exiting: no\"}}\n{\"level\":\"INFO\"}\n";
+        assert!(super::cause_in(json).contains("exiting: no"));
+        assert_eq!(super::cause_in("a\nb\n"), "b");
+        assert_eq!(super::cause_in(""), "(empty)");
     }
 }
