@@ -279,12 +279,14 @@ fn sim_scale(
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("reading sim's JSON")?;
         let rss = v["peak_rss_mb"].as_f64().unwrap_or(0.0);
         rss_at.insert(players, rss);
+        // Per player: none for the empty server.
         let per: serde_json::Map<String, serde_json::Value> = v["stage_mean_ms"]
             .as_object()
+            .filter(|_| players > 0)
             .map(|m| {
                 m.iter()
                     .map(|(k, ms)| {
-                        let us = ms.as_f64().unwrap_or(0.0) * 1000.0 / players.max(1) as f64;
+                        let us = ms.as_f64().unwrap_or(0.0) * 1000.0 / players as f64;
                         (k.clone(), round3(us).into())
                     })
                     .collect()
