@@ -169,6 +169,11 @@ struct Worker {
     bytes: u64,
 }
 
+/// Fewest players a tick that are worth sharing out with the pool: below
+/// it, waking the pool's threads costs more than it saves, and on a
+/// crowded host their spinning takes cores from the other processes.
+pub(crate) const PARALLEL_FROM_PLAYERS: usize = 128;
+
 /// Threads that serve players' snapshots beside the tick thread.
 #[derive(Resource, Debug, Default)]
 pub struct ReplicationPool(pub Option<rayon::ThreadPool>);
@@ -258,13 +263,13 @@ pub fn replication(
             link,
         });
     }
-    let threads = pool.threads();
+    let threads = if sc.jobs.len() >= PARALLEL_FROM_PLAYERS { pool.threads() } else { 1 };
     sc.workers.resize_with(threads, Worker::default);
     let frame = &sc.frame;
     let (conns, cfg, metrics, now) = (&*conns, &*cfg, &*metrics, tick.tick);
     let per = sc.jobs.len().div_ceil(threads).max(1);
     let mut parts = sc.jobs.chunks_mut(per).zip(sc.workers.iter_mut());
-    match (&pool.0, parts.next()) {
+    match (pool.0.as_ref().filter(|_| threads > 1), parts.next()) {
         (Some(p), Some((mine, me))) => p.in_place_scope(|s| {
             for (jobs, w) in parts {
                 s.spawn(move |_| w.serve(frame, jobs, now, cfg, conns, metrics));
