@@ -82,6 +82,11 @@ pub(crate) fn joined(
         (JoinRole::Play, Some(e)) => {
             if let Some(mut a) = world.get_mut::<Avatar>(e) {
                 a.conn = Some(conn);
+                // Handed over before any connection of the player was
+                // here, the avatar came without its name.
+                if a.name.is_empty() {
+                    a.name = name.clone();
+                }
             }
             let _ = tx.try_send(Outbound::Control(welcome(true, entity_id)));
             world.resource_mut::<Conns>().0.insert(conn, Conn { player, name: name.clone(), role, tx, acked: 0 });
@@ -129,6 +134,9 @@ pub(crate) fn joined(
             world.resource_mut::<Conns>().0.insert(conn, Conn { player, name: name.clone(), role, tx, acked: 0 });
             if let Some(mut a) = existing.and_then(|e| world.get_mut::<Avatar>(e)) {
                 a.conn.get_or_insert(conn);
+                if a.name.is_empty() {
+                    a.name = name.clone();
+                }
             }
         }
     }

@@ -449,6 +449,41 @@ fn the_target_adopts_at_the_effective_tick_and_merges_buffered_inputs() {
 }
 
 #[test]
+fn an_avatar_handed_over_before_its_player_connected_takes_the_name_it_connects_with() {
+    // Without a name, the standby tickets of its later pre-connect hints
+    // are refused by the coordinator (a name is 1..=64 bytes).
+    let mut h = Harness::new(2);
+    let effective = h.tick + 2;
+    let state = HandoffState {
+        transfer_id: 1,
+        from: ServerId(1),
+        to: ServerId(2),
+        entity: EntityId(7),
+        entity_epoch: Epoch(1),
+        to_region: RegionKey::root(1, 0, 0),
+        to_region_epoch: Epoch(2),
+        effective_tick: effective,
+        pos: DVec3::new(2011.0, GROUND, 1000.0),
+        yaw: 0.0,
+        vel: glam::Vec3::ZERO,
+        player: Some(PlayerId(7)),
+        last_applied_input: 0,
+        pending_inputs: Vec::new(),
+        prop: None,
+        crossed_tick: None,
+    };
+    let (reply, verdict) = oneshot::channel();
+    h.send(SimIn::Adopt { state: Box::new(state), reply });
+    h.step();
+    assert_eq!(verdict.blocking_recv().unwrap(), Ok(()));
+    h.step();
+    assert_eq!(h.avatar().expect("adopted").1.name, "", "no connection of the player here yet");
+    let _rx = h.join(5, JoinRole::Play, DVec3::ZERO);
+    h.step();
+    assert_eq!(h.avatar().expect("adopted").1.name, "p");
+}
+
+#[test]
 fn a_handoff_for_another_server_is_refused() {
     let mut h = Harness::new(2);
     let (reply, verdict) = oneshot::channel();
