@@ -218,6 +218,14 @@ pub fn run(cfg: &HandoffConfig) -> anyhow::Result<Value> {
             }
         }
         let inv = integration_tests::invariants::Invariants::read(dir.path(), &names)?;
+        // The bots' errors by kind (numbers replaced, so that what failed
+        // and why count together).
+        let mut error_kinds: std::collections::BTreeMap<String, u64> = std::collections::BTreeMap::new();
+        for e in r.per_bot.iter().flat_map(|b| &b.errors) {
+            let kind: String =
+                e.chars().map(|c| if c.is_ascii_digit() { 'N' } else { c }).take(120).collect::<String>().replace("NN", "N");
+            *error_kinds.entry(kind).or_default() += 1;
+        }
         let max_gap_ms = r.per_bot.iter().map(|b| b.max_snapshot_gap_ms).max().unwrap_or(0);
         let max_gap_ticks = r.per_bot.iter().map(|b| b.max_snapshot_gap_ticks).max().unwrap_or(0);
         let mut handoff_gap_ticks: Vec<u64> = r.per_bot.iter().flat_map(|b| b.handoff_gap_ticks.iter().copied()).collect();
@@ -253,6 +261,7 @@ pub fn run(cfg: &HandoffConfig) -> anyhow::Result<Value> {
             "lost": lost,
             "duplicated": inv.duplicated.len(),
             "servers_declared_dead": deaths,
+            "error_kinds": error_kinds,
             "unowned_entity_ticks": inv.unowned.len(),
             "unowned_sample": inv.unowned.iter().take(5).collect::<Vec<_>>(),
             "input_regressions": inv.input_regressions.len(),

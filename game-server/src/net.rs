@@ -430,15 +430,22 @@ async fn handle(incoming: quinn::Incoming, ctx: NetContext, stop: CancellationTo
         })
     };
 
-    // Reader: datagrams and control frames from the client.
+    // Reader: datagrams and control frames from the client. The frames come
+    // from one stream kept across the loop's turns: a frame read dropped
+    // half way by `select!` would lose the bytes it had taken and misalign
+    // every frame after it.
     let mut inputs = shared::rate::TokenBucket::new(ctx.limits.inputs_per_s, ctx.limits.inputs_burst, now_s());
+    let mut frames = std::pin::pin!(futures::stream::unfold(recv, |mut r| async move {
+        let f = read_frame::<ClientControl>(&mut r).await;
+        Some((f, r))
+    }));
     let reason = loop {
         tokio::select! {
             d = conn.read_datagram() => match d {
                 Ok(bytes) => on_datagram(&ctx, id, bytes, &mut inputs),
                 Err(e) => break format!("{e}"),
             },
-            f = read_frame::<ClientControl>(&mut recv) => match f {
+            Some(f) = futures::StreamExt::next(&mut frames) => match f {
                 Ok(ClientControl::Bye) => {
                     conn.close(close::NORMAL.into(), b"bye");
                     break "bye".to_owned();

@@ -1117,6 +1117,13 @@ async fn open(
     tokio::spawn(async move {
         // The bot dropped its end: nothing more to send, keep reading.
         let mut bot_sends = true;
+        // Frames from one stream kept across the loop's turns: a frame read
+        // dropped half way by `select!` would lose the bytes it had taken
+        // and misalign every frame after it.
+        let mut frames = std::pin::pin!(futures::stream::unfold(recv, |mut r| async move {
+            let f = read_frame(&mut r).await;
+            Some((f, r))
+        }));
         let why = loop {
             tokio::select! {
                 m = ctl_rx.recv(), if bot_sends => match m {
@@ -1146,7 +1153,7 @@ async fn open(
                     },
                     Err(e) => break e.to_string(),
                 },
-                f = read_frame(&mut recv) => match f {
+                Some(f) = futures::StreamExt::next(&mut frames) => match f {
                     Ok(msg) => { let _ = tx.send(Event::Control(server, msg)).await; }
                     Err(e) => break e.to_string(),
                 },
