@@ -203,25 +203,33 @@ fn record(e: &QEntity, base: Option<&QEntity>, origin: [i64; 3], prev_id: u64, o
     }
 }
 
-/// Buffers [`encode_with`] reuses from one snapshot to the next.
+/// Buffers [`encode_with`] and [`encode_by_id`] reuse from one snapshot
+/// to the next.
 #[derive(Debug, Clone, Default)]
 pub struct Scratch {
-    /// `wanted`'s ids and indices, sorted by id.
-    by_id: Vec<(EntityId, u32)>,
-    /// Per entity of `wanted`: its index in the baseline.
+    /// Per entity of `wanted` (id order): its index in the baseline.
     at: Vec<Option<u32>>,
     removed: Vec<EntityId>,
-    /// Chosen entities: (index in `wanted`, index in the baseline).
-    chosen: Vec<(u32, Option<u32>)>,
+    /// Changed entities by priority: `!priority` bits above, index in `wanted` below.
+    keys: Vec<u64>,
+    /// Per entity of `wanted` (id order): sent in this snapshot.
+    picked: Vec<bool>,
     head: Vec<u8>,
-    /// Per entity of `wanted`: the view now holds its current state.
+    /// Per entity of `wanted` (the caller's order): the view now holds its current state.
     fresh: Vec<bool>,
+    /// [`encode_with`]'s input in id order: the entities, their rank as a
+    /// priority, and where each entity of the caller's order went.
+    sorted: Vec<QEntity>,
+    rank: Vec<f32>,
+    by_id: Vec<(EntityId, u32)>,
+    place: Vec<u32>,
+    fresh_by_id: Vec<bool>,
 }
 
 impl Scratch {
-    /// After [`encode_with`]: for each entity of the `wanted` it was given,
-    /// whether the client's view now holds its current state (sent now, or
-    /// unchanged from the baseline).
+    /// After an encode: for each entity of the `wanted` it was given (in
+    /// its order), whether the client's view now holds its current state
+    /// (sent now, or unchanged from the baseline).
     pub fn fresh(&self) -> &[bool] {
         &self.fresh
     }
@@ -247,7 +255,8 @@ pub fn encode(
 }
 
 /// [`encode`] with buffers kept by the caller, writing the view the client
-/// will hold into `view` (its allocation reused).
+/// will hold into `view` (its allocation reused). A duplicate id in
+/// `wanted` is sent once, at its first place.
 #[allow(clippy::too_many_arguments)]
 pub fn encode_with(
     sc: &mut Scratch,
@@ -259,6 +268,55 @@ pub fn encode_with(
     out: &mut Vec<u8>,
     view: &mut View,
 ) {
+    // In id order, each id once, ranked by its first place.
+    let mut by_id = std::mem::take(&mut sc.by_id);
+    by_id.clear();
+    by_id.extend(wanted.iter().enumerate().map(|(k, e)| (e.id, k as u32)));
+    by_id.sort_unstable();
+    by_id.dedup_by_key(|w| w.0);
+    let (mut sorted, mut rank, mut place) =
+        (std::mem::take(&mut sc.sorted), std::mem::take(&mut sc.rank), std::mem::take(&mut sc.place));
+    sorted.clear();
+    rank.clear();
+    place.clear();
+    place.resize(wanted.len(), 0);
+    for (j, &(_, k)) in by_id.iter().enumerate() {
+        sorted.push(wanted[k as usize]);
+        rank.push((wanted.len() - k as usize) as f32);
+        place[k as usize] = j as u32;
+    }
+    for (k, e) in wanted.iter().enumerate() {
+        // A duplicate shares its id's place.
+        if by_id[place[k] as usize].0 != e.id {
+            place[k] = by_id.binary_search_by_key(&e.id, |w| w.0).unwrap_or(0) as u32;
+        }
+    }
+    encode_by_id(sc, header, origin, &sorted, &rank, baseline, budget, out, view);
+    std::mem::swap(&mut sc.fresh, &mut sc.fresh_by_id);
+    sc.fresh.clear();
+    sc.fresh.extend(place.iter().map(|&j| sc.fresh_by_id[j as usize]));
+    (sc.by_id, sc.sorted, sc.rank, sc.place) = (by_id, sorted, rank, place);
+}
+
+/// [`encode_with`] for a caller that keeps its entities in id order:
+/// `wanted` sorted by id, each id once, and `priority` giving each its
+/// weight (higher first; changed entities are sent in that order while
+/// they fit). No sort of the whole set: only the changed entities are
+/// ordered. [`Scratch::fresh`] answers in `wanted`'s order.
+#[allow(clippy::too_many_arguments)]
+pub fn encode_by_id(
+    sc: &mut Scratch,
+    header: &Header,
+    origin: DVec3,
+    wanted: &[QEntity],
+    priority: &[f32],
+    baseline: Option<&View>,
+    budget: usize,
+    out: &mut Vec<u8>,
+    view: &mut View,
+) {
+    debug_assert!(wanted.windows(2).all(|w| w[0].id < w[1].id), "wanted is sorted by id, each id once");
+    debug_assert_eq!(wanted.len(), priority.len());
     let budget = budget.min(MAX_DATAGRAM);
     let start = out.len();
     let origin_q = origin_mm(origin);
@@ -280,67 +338,75 @@ pub fn encode_with(
         varint(head, zigzag(v / 1000));
     }
     let mut used = head.len() + 2 * 3; // two counts, up to 3 bytes each
+    let kept = baseline.map_or(&[][..], |b| &b.entities[..]);
     // Removals first: a client must not keep ghosts of what left its view.
     // One walk of the baseline and the wanted ids, both in id order, also
     // finds each wanted entity's baseline.
-    sc.by_id.clear();
-    sc.by_id.extend(wanted.iter().enumerate().map(|(k, e)| (e.id, k as u32)));
-    sc.by_id.sort_unstable();
     sc.at.clear();
     sc.at.resize(wanted.len(), None);
     sc.removed.clear();
-    if let Some(b) = baseline {
-        let (mut prev, mut j, mut removing) = (0, 0, true);
-        for (i, e) in b.entities.iter().enumerate() {
-            while j < sc.by_id.len() && sc.by_id[j].0 < e.id {
-                j += 1;
+    let (mut prev, mut j, mut removing) = (0, 0, true);
+    for (i, e) in kept.iter().enumerate() {
+        while j < wanted.len() && wanted[j].id < e.id {
+            j += 1;
+        }
+        if wanted.get(j).is_some_and(|w| w.id == e.id) {
+            sc.at[j] = Some(i as u32);
+        } else if removing {
+            let cost = varint_len(e.id.0 - prev);
+            if used + cost > budget {
+                removing = false;
+                continue;
             }
-            if sc.by_id.get(j).is_some_and(|w| w.0 == e.id) {
-                for w in sc.by_id[j..].iter().take_while(|w| w.0 == e.id) {
-                    sc.at[w.1 as usize] = Some(i as u32);
-                }
-            } else if removing {
-                let cost = varint_len(e.id.0 - prev);
-                if used + cost > budget {
-                    removing = false;
-                    continue;
-                }
-                used += cost;
-                prev = e.id.0;
-                sc.removed.push(e.id);
-            }
+            used += cost;
+            prev = e.id.0;
+            sc.removed.push(e.id);
         }
     }
-    // Then what changed, in priority order, while it fits. The id is costed
-    // in full here; written as a difference it only gets shorter.
-    sc.chosen.clear();
+    // Then what changed, in priority order, while it fits (and while the
+    // client's view has room for what it lacks). The id is costed in full
+    // here; written as a difference it only gets shorter.
     sc.fresh.clear();
     sc.fresh.resize(wanted.len(), false);
-    for (k, e) in wanted.iter().enumerate().take(MAX_VIEW_ENTITIES) {
-        let at = sc.at[k];
-        let base = at.and_then(|i| baseline.map(|b| &b.entities[i as usize]));
+    sc.picked.clear();
+    sc.picked.resize(wanted.len(), false);
+    sc.keys.clear();
+    for (k, e) in wanted.iter().enumerate() {
+        let base = sc.at[k].map(|i| &kept[i as usize]);
         if base == Some(e) {
             sc.fresh[k] = true;
-            continue;
-        }
-        let cost = record_len(e, base, origin_q, 0);
-        if used + cost <= budget {
-            used += cost;
-            sc.chosen.push((k as u32, at));
-            sc.fresh[k] = true;
+        } else {
+            // Non-negative floats order as their bits; `!` puts the highest first.
+            let p = priority[k].max(0.0);
+            sc.keys.push((u64::from(!p.to_bits()) << 32) | k as u64);
         }
     }
-    // Ids are unique in `wanted`; a caller's duplicate is sent once.
-    sc.chosen.sort_by_key(|(k, _)| wanted[*k as usize].id);
-    sc.chosen.dedup_by_key(|(k, _)| wanted[*k as usize].id);
+    sc.keys.sort_unstable();
+    let mut room = MAX_VIEW_ENTITIES.saturating_sub(kept.len() - sc.removed.len());
+    let mut chosen = 0u64;
+    for &key in &sc.keys {
+        let k = key as u32 as usize;
+        let at = sc.at[k];
+        if at.is_none() && room == 0 {
+            continue;
+        }
+        let cost = record_len(&wanted[k], at.map(|i| &kept[i as usize]), origin_q, 0);
+        if used + cost <= budget {
+            used += cost;
+            sc.picked[k] = true;
+            sc.fresh[k] = true;
+            chosen += 1;
+            if at.is_none() {
+                room -= 1;
+            }
+        }
+    }
     // The view the client ends with: the baseline less what was removed,
-    // merged with what was sent (both sorted by id).
+    // with what was sent (both in id order).
     view.tick = header.tick;
     view.entities.clear();
-    let kept = baseline.map_or(&[][..], |b| &b.entities[..]);
     let (mut i, mut r) = (0, 0);
-    for &(k, _) in &sc.chosen {
-        let e = wanted[k as usize];
+    for (k, e) in wanted.iter().enumerate() {
         while i < kept.len() && kept[i].id < e.id {
             if sc.removed.get(r) == Some(&kept[i].id) {
                 r += 1;
@@ -349,10 +415,15 @@ pub fn encode_with(
             }
             i += 1;
         }
-        if i < kept.len() && kept[i].id == e.id {
+        let held = (i < kept.len() && kept[i].id == e.id).then(|| {
             i += 1;
+            kept[i - 1]
+        });
+        if sc.picked[k] {
+            view.entities.push(*e);
+        } else if let Some(h) = held {
+            view.entities.push(h);
         }
-        view.entities.push(e);
     }
     for e in &kept[i..] {
         if sc.removed.get(r) == Some(&e.id) {
@@ -368,13 +439,13 @@ pub fn encode_with(
         varint(out, id.0 - prev);
         prev = id.0;
     }
-    varint(out, sc.chosen.len() as u64);
+    varint(out, chosen);
     let mut prev = 0;
-    for &(k, at) in &sc.chosen {
-        let e = &wanted[k as usize];
-        let base = at.and_then(|i| baseline.map(|b| &b.entities[i as usize]));
-        record(e, base, origin_q, prev, out);
-        prev = e.id.0;
+    for (k, e) in wanted.iter().enumerate() {
+        if sc.picked[k] {
+            record(e, sc.at[k].map(|i| &kept[i as usize]), origin_q, prev, out);
+            prev = e.id.0;
+        }
     }
     debug_assert!(out.len() - start <= budget.max(sc.head.len() + 2), "{} > {budget}", out.len() - start);
 }
@@ -554,6 +625,28 @@ impl Sender {
         self.history.0.back().expect("just pushed")
     }
 
+    /// [`Sender::encode`] of entities in id order with their priorities
+    /// (see [`encode_by_id`]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn encode_by_id(
+        &mut self,
+        header: &Header,
+        origin: DVec3,
+        wanted: &[QEntity],
+        priority: &[f32],
+        acked: Tick,
+        budget: usize,
+        out: &mut Vec<u8>,
+    ) -> &View {
+        let mut view = std::mem::take(&mut self.spare);
+        let baseline = self.history.get(acked);
+        encode_by_id(&mut self.scratch, header, origin, wanted, priority, baseline, budget, out, &mut view);
+        if let Some(old) = self.history.push(view) {
+            self.spare = old;
+        }
+        self.history.0.back().expect("just pushed")
+    }
+
     /// After [`Sender::encode`]: per entity of `wanted`, whether the client
     /// holds its current state once it decodes the snapshot.
     pub fn fresh(&self) -> &[bool] {
@@ -689,6 +782,46 @@ mod tests {
             prop_assert!(out.len() <= budget, "{} > {budget}", out.len());
             let (_, got) = decode(&out, |t| baseline.filter(|b| b.tick == t)).unwrap();
             prop_assert_eq!(got, sent);
+        }
+
+        #[test]
+        fn entities_in_id_order_go_by_their_priority_and_both_sides_agree(
+            now in proptest::collection::vec((entity(), 0.0f32..100.0), 0..60),
+            before in proptest::collection::vec(entity(), 0..60),
+            budget in 30usize..900,
+            with_baseline in any::<bool>(),
+        ) {
+            let mut now: Vec<(QEntity, f32)> = now.iter().map(|(e, p)| (QEntity::quantise(e), *p)).collect();
+            now.sort_by_key(|(e, _)| e.id);
+            now.dedup_by_key(|(e, _)| e.id);
+            let wanted: Vec<QEntity> = now.iter().map(|n| n.0).collect();
+            let priority: Vec<f32> = now.iter().map(|n| n.1).collect();
+            let mut base: Vec<QEntity> = unique(before).iter().map(QEntity::quantise).collect();
+            base.sort_by_key(|e| e.id);
+            let base = View { tick: 99, entities: base };
+            let baseline = with_baseline.then_some(&base);
+            let mut sc = Scratch::default();
+            let (mut out, mut sent) = (Vec::new(), View::default());
+            encode_by_id(&mut sc, &HEADER, DVec3::ZERO, &wanted, &priority, baseline, budget, &mut out, &mut sent);
+            prop_assert!(out.len() <= budget.max(24), "{} > {budget}", out.len());
+            let (_, got) = decode(&out, |t| baseline.filter(|b| b.tick == t)).unwrap();
+            prop_assert_eq!(&got, &sent);
+            prop_assert_eq!(sc.fresh().len(), wanted.len());
+            let base_of = |e: &QEntity| baseline.and_then(|b| b.entities.iter().find(|x| x.id == e.id));
+            for (e, f) in wanted.iter().zip(sc.fresh()) {
+                prop_assert_eq!(*f, got.entities.contains(e), "{:?}", e.id);
+            }
+            // Greedy in priority order: a changed entity left out while a
+            // lower one went costs more than that one did.
+            let cost = |k: usize| record_len(&wanted[k], base_of(&wanted[k]), origin_mm(DVec3::ZERO), 0);
+            let changed = |k: usize| base_of(&wanted[k]) != Some(&wanted[k]);
+            for u in (0..wanted.len()).filter(|&u| changed(u) && !sc.fresh()[u]) {
+                for p in (0..wanted.len()).filter(|&p| changed(p) && sc.fresh()[p]) {
+                    if priority[u] > priority[p] {
+                        prop_assert!(cost(u) > cost(p), "{u} (p {}) left out, {p} (p {}) sent", priority[u], priority[p]);
+                    }
+                }
+            }
         }
 
         #[test]

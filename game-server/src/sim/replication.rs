@@ -26,16 +26,34 @@ const MAX_GRID_CELLS: usize = 1 << 20;
 type Replicated = (&'static NetId, &'static Body, Option<&'static Avatar>, Option<&'static super::physics::Prop>);
 
 /// What every player's snapshot is built from this tick, shared read-only
-/// by the workers.
+/// by the workers. An entity keeps its slot (its index in the arrays) from
+/// tick to tick while it is here, so a link finds its candidates by index.
 #[derive(Debug, Default)]
 struct Frame {
+    tick: shared::Tick,
     states: Vec<EntityState>,
-    /// `states` as the wire carries them: quantised once a tick, not once per viewer.
-    quantised: Vec<QEntity>,
-    /// Index into `states` of each entity, this tick.
+    /// What every snapshot reads of each slot, in one cache line.
+    hot: Vec<Slot>,
+    /// Slots filled this tick.
+    live: Vec<u32>,
     slot: rustc_hash::FxHashMap<EntityId, u32>,
+    free: Vec<u32>,
     grid: Grid,
 }
+
+/// What a snapshot reads of an entity, in one cache line: its state as
+/// the wire carries it (quantised once a tick, not once per viewer).
+#[derive(Debug, Clone, Copy)]
+#[repr(C, align(64))]
+struct Slot {
+    q: QEntity,
+    /// The tick (its low 32 bits) the slot was last filled: a slot not
+    /// filled this tick is free.
+    filled: u32,
+    /// Metres a second.
+    speed: f32,
+}
+const _: () = assert!(std::mem::size_of::<Slot>() == 64);
 
 /// The entities bucketed by square cells over their bounding square, in
 /// one array (a cell's entities are contiguous): looking a cell up is an
@@ -60,18 +78,18 @@ impl Grid {
         (floor_i32(p.x / self.cell_m), floor_i32(p.z / self.cell_m))
     }
 
-    /// Buckets `states` (a counting sort by cell).
-    fn build(&mut self, states: &[EntityState]) {
+    /// Buckets the `live` slots of `states` (a counting sort by cell).
+    fn build(&mut self, states: &[EntityState], live: &[u32]) {
         self.cell_m = GRID_CELL_M;
         self.members.clear();
         self.cell.clear();
         let (mut lo, mut hi) = ((i32::MAX, i32::MAX), (i32::MIN, i32::MIN));
-        for s in states {
-            let (x, z) = cell_of(s.pos);
+        for &i in live {
+            let (x, z) = cell_of(states[i as usize].pos);
             lo = (lo.0.min(x), lo.1.min(z));
             hi = (hi.0.max(x), hi.1.max(z));
         }
-        if states.is_empty() {
+        if live.is_empty() {
             (lo, hi) = ((0, 0), (0, 0));
         }
         // Cells in the bounding square, at this cell size.
@@ -88,8 +106,8 @@ impl Grid {
         let cells = self.width * self.height;
         self.start.clear();
         self.start.resize(cells + 1, 0);
-        for s in states {
-            let (x, z) = self.cell_at(s.pos);
+        for &i in live {
+            let (x, z) = self.cell_at(states[i as usize].pos);
             let c = (z - self.origin.1) as usize * self.width + (x - self.origin.0) as usize;
             self.cell.push(c as u32);
             self.start[c + 1] += 1;
@@ -97,11 +115,11 @@ impl Grid {
         for c in 0..cells {
             self.start[c + 1] += self.start[c];
         }
-        self.members.resize(states.len(), 0);
+        self.members.resize(live.len(), 0);
         // Scatter, counting each cell's fill in its own start (then put back).
-        for (i, &c) in self.cell.iter().enumerate() {
+        for (&i, &c) in live.iter().zip(&self.cell) {
             let at = &mut self.start[c as usize];
-            self.members[*at as usize] = i as u32;
+            self.members[*at as usize] = i;
             *at += 1;
         }
         for c in (1..=cells).rev() {
@@ -137,17 +155,30 @@ pub struct ReplicationScratch {
 #[derive(Debug, Default)]
 struct Link {
     sender: snapshot::Sender,
-    /// Last tick's candidates and their accumulated priority.
-    priority: Vec<(EntityId, f32)>,
+    /// The entities its snapshots consider, in id order, each with its
+    /// accumulated priority: searched anew every [`CANDIDATE_SEARCH_TICKS`].
+    candidates: Vec<Candidate>,
     /// Tick this link was last served (stale links are dropped).
     served: shared::Tick,
+    /// Whether its candidates were ever searched.
+    searched: bool,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Candidate {
+    id: EntityId,
+    /// Its slot in the frame (checked against the id every tick).
+    slot: u32,
+    /// Priority accumulated since the client last got its current state.
+    acc: f32,
 }
 
 /// One player to send a snapshot to this tick.
 #[derive(Debug)]
 struct Job {
     conn: super::messages::ConnId,
-    me: EntityState,
+    /// The player's own slot in the frame.
+    me: u32,
     last_input_seq: u32,
     acked: shared::Tick,
     link: Link,
@@ -157,17 +188,17 @@ struct Job {
 #[derive(Debug, Default)]
 struct Worker {
     near: Vec<(f64, u32)>,
-    /// Candidates by accumulated priority: (priority, index into the frame).
-    order: Vec<(f32, u32)>,
-    sorted: Vec<QEntity>,
+    found: Vec<Candidate>,
+    /// This snapshot's entities in id order, and their priorities.
+    wanted: Vec<QEntity>,
+    priority: Vec<f32>,
     buf: Vec<u8>,
-    /// Accumulated priority per frame index, valid where `stamp` is `round`.
-    acc: Vec<f32>,
-    stamp: Vec<u32>,
-    round: u32,
     sent: u64,
     bytes: u64,
 }
+
+/// Square millimetres to square metres.
+const MM2_TO_M2: f64 = snapshot::POS_QUANTUM_M * snapshot::POS_QUANTUM_M;
 
 /// Fewest players a tick that are worth sharing out with the pool: below
 /// it, waking the pool's threads costs more than it saves, and on a
@@ -199,6 +230,13 @@ impl ReplicationPool {
 /// many of them change hands each tick).
 pub(crate) const MAX_CANDIDATES: usize = 128;
 
+/// Ticks between two searches of a link's candidates (the links take
+/// turns, an eighth of them a tick). In between, the candidates found are
+/// re-ranked every tick by their distance and speed, and dropped when they
+/// leave the view radius or the server: an entity that comes near is
+/// considered within 89 ms.
+pub(crate) const CANDIDATE_SEARCH_TICKS: u64 = 8;
+
 /// How much an entity's update matters this tick: near and fast first.
 /// Accumulated every tick it is not sent, so far and slow ones get their
 /// turn (nothing starves).
@@ -228,41 +266,31 @@ pub fn replication(
 ) {
     let sc = &mut *scratch;
     let f = &mut sc.frame;
-    f.states.clear();
-    f.quantised.clear();
-    f.slot.clear();
-    for (n, b, _, prop) in &q {
+    f.begin(tick.tick);
+    sc.jobs.clear();
+    for (n, b, avatar, prop) in &q {
         let rot = prop.map_or_else(|| Quat::from_rotation_y(b.yaw), |p| p.rot);
         let state =
             EntityState { id: n.0, pos: b.pos, rot: rot.to_array(), vel: b.vel.to_array(), authority: cfg.server };
-        f.push(state, QEntity::quantise(&state));
-    }
-    // Neighbours' entities near our regions, as their owners simulate them.
-    for (state, q) in ghosts.states() {
-        f.push(state, q);
-    }
-    f.grid.build(&f.states);
-    // This tick's players, each taking its link along.
-    sc.jobs.clear();
-    for (net, body, avatar, _) in &q {
-        let Some(a) = avatar else { continue };
-        let Some(conn) = a.conn else { continue };
+        let Some(me) = f.put(state, QEntity::quantise(&state)) else { continue };
+        // This tick's players, each taking its link along.
+        let Some((a, conn)) = avatar.and_then(|a| Some((a, a.conn?))) else { continue };
         let mut link = sc.links.remove(&conn).unwrap_or_default();
         link.served = tick.tick;
         sc.jobs.push(Job {
             conn,
-            me: EntityState {
-                id: net.0,
-                pos: body.pos,
-                rot: Quat::from_rotation_y(body.yaw).to_array(),
-                vel: body.vel.to_array(),
-                authority: cfg.server,
-            },
+            me,
             last_input_seq: a.last_applied,
             acked: conns.0.get(&conn).map_or(0, |c| c.acked),
             link,
         });
     }
+    // Neighbours' entities near our regions, as their owners simulate them
+    // (an entity of ours wins over its ghost).
+    for (state, q) in ghosts.states() {
+        f.put(state, q);
+    }
+    f.end();
     let threads = if sc.jobs.len() >= PARALLEL_FROM_PLAYERS { pool.threads() } else { 1 };
     sc.workers.resize_with(threads, Worker::default);
     let frame = &sc.frame;
@@ -296,11 +324,53 @@ pub fn replication(
 }
 
 impl Frame {
-    fn push(&mut self, state: EntityState, q: QEntity) {
-        let i = self.states.len() as u32;
-        self.slot.insert(state.id, i);
-        self.states.push(state);
-        self.quantised.push(q);
+    fn begin(&mut self, tick: shared::Tick) {
+        self.tick = tick;
+        self.live.clear();
+    }
+
+    /// Puts an entity's state in its slot; `None` if an entity of that id
+    /// was put this tick already.
+    fn put(&mut self, state: EntityState, q: QEntity) -> Option<u32> {
+        let i = match self.slot.entry(state.id) {
+            std::collections::hash_map::Entry::Occupied(o) => *o.get(),
+            std::collections::hash_map::Entry::Vacant(v) => *v.insert(self.free.pop().unwrap_or_else(|| {
+                self.states.push(state);
+                self.hot.push(Slot { q, filled: u32::MAX, speed: 0.0 });
+                self.states.len() as u32 - 1
+            })),
+        };
+        let k = i as usize;
+        let now = self.tick as u32;
+        if self.hot[k].filled == now {
+            return None;
+        }
+        self.hot[k] = Slot { q, filled: now, speed: glam::Vec3::from(state.vel).length() };
+        self.states[k] = state;
+        self.live.push(i);
+        Some(i)
+    }
+
+    /// Frees the slots of entities gone and buckets the rest.
+    fn end(&mut self) {
+        if self.slot.len() != self.live.len() {
+            let (hot, now, free) = (&self.hot, self.tick as u32, &mut self.free);
+            self.slot.retain(|_, i| {
+                let here = hot[*i as usize].filled == now;
+                if !here {
+                    free.push(*i);
+                }
+                here
+            });
+        }
+        self.grid.build(&self.states, &self.live);
+    }
+
+    /// The entity `id` in `slot`, if it is there this tick.
+    fn get(&self, slot: u32, id: EntityId) -> Option<&Slot> {
+        let k = slot as usize;
+        let s = self.hot.get(k)?;
+        (s.q.id == id && s.filled == self.tick as u32).then_some(s)
     }
 
     /// The entities within `r2` (squared metres) of `me`, nearest first
@@ -361,53 +431,93 @@ impl Worker {
         conns: &Conns,
         metrics: &SimMetrics,
     ) {
-        if self.acc.len() < frame.states.len() {
-            self.acc.resize(frame.states.len(), 0.0);
-            self.stamp.resize(frame.states.len(), 0);
-        }
+        let r2 = cfg.view_radius_m * cfg.view_radius_m;
         for job in jobs {
-            frame.near(&job.me, cfg.view_radius_m, MAX_CANDIDATES, &mut self.near);
-            // Priority order: the player itself, then by accumulated
-            // priority (what the link carried from last tick, plus this
-            // tick's).
-            self.round = self.round.wrapping_add(1);
-            if self.round == 0 {
-                self.stamp.iter_mut().for_each(|s| *s = 0);
-                self.round = 1;
+            let started = std::time::Instant::now();
+            let me = &frame.states[job.me as usize];
+            let link = &mut job.link;
+            if !link.searched || (tick + job.conn).is_multiple_of(CANDIDATE_SEARCH_TICKS) {
+                self.search(frame, me, cfg.view_radius_m, &mut link.candidates);
+                link.searched = true;
             }
-            for (id, p) in &job.link.priority {
-                if let Some(&i) = frame.slot.get(id) {
-                    self.acc[i as usize] = *p;
-                    self.stamp[i as usize] = self.round;
+            // This snapshot's entities in id order (the player itself
+            // among them, first in priority), each candidate's priority
+            // accumulated; candidates gone or out of view are dropped.
+            self.wanted.clear();
+            self.priority.clear();
+            let me_q = frame.hot[job.me as usize].q;
+            let mut me_at = None;
+            link.candidates.retain_mut(|c| {
+                let Some(s) = frame.get(c.slot, c.id) else { return false };
+                let q = &s.q;
+                let d2 = (0..3).map(|i| (q.pos[i].saturating_sub(me_q.pos[i]) as f64).powi(2)).sum::<f64>() * MM2_TO_M2;
+                if d2 > r2 || c.id == me.id {
+                    return false;
                 }
-            }
-            self.order.clear();
-            for &(d2, i) in &self.near {
-                let e = &frame.states[i as usize];
-                let before = if self.stamp[i as usize] == self.round { self.acc[i as usize] } else { 0.0 };
-                self.order.push((before + priority(d2.sqrt(), glam::Vec3::from(e.vel).length()), i));
-            }
-            self.order.sort_unstable_by(|x, y| y.0.total_cmp(&x.0));
-            self.sorted.clear();
-            self.sorted.push(QEntity::quantise(&job.me));
-            self.sorted.extend(self.order.iter().map(|&(_, i)| frame.quantised[i as usize]));
+                if me_at.is_none() && me_q.id < c.id {
+                    me_at = Some(self.wanted.len());
+                    self.wanted.push(me_q);
+                    self.priority.push(f32::INFINITY);
+                }
+                c.acc += priority(d2.sqrt(), s.speed);
+                self.wanted.push(*q);
+                self.priority.push(c.acc);
+                true
+            });
+            let me_at = me_at.unwrap_or_else(|| {
+                self.wanted.push(me_q);
+                self.priority.push(f32::INFINITY);
+                self.wanted.len() - 1
+            });
             let header =
                 snapshot::Header { tick, server: cfg.server, authoritative: true, last_input_seq: job.last_input_seq };
             self.buf.clear();
-            let started = std::time::Instant::now();
-            job.link.sender.encode(&header, job.me.pos, &self.sorted, job.acked, cfg.snapshot_budget, &mut self.buf);
-            metrics.0.snapshot_encode.observe(started.elapsed().as_secs_f64());
+            link.sender.encode_by_id(
+                &header,
+                me.pos,
+                &self.wanted,
+                &self.priority,
+                job.acked,
+                cfg.snapshot_budget,
+                &mut self.buf,
+            );
             // What the client now holds as wanted is up to date: its
             // priority starts over; the rest keep accumulating.
-            job.link.priority.clear();
-            let fresh = &job.link.sender.fresh()[1..];
-            for ((&(p, _), q), &fresh) in self.order.iter().zip(&self.sorted[1..]).zip(fresh) {
-                job.link.priority.push((q.id, if fresh { 0.0 } else { p }));
+            let fresh = link.sender.fresh();
+            let others = fresh[..me_at].iter().chain(&fresh[me_at + 1..]);
+            for (c, &fresh) in link.candidates.iter_mut().zip(others) {
+                if fresh {
+                    c.acc = 0.0;
+                }
             }
+            metrics.0.snapshot_encode.observe(started.elapsed().as_secs_f64());
             self.bytes += self.buf.len() as u64;
             self.sent += 1;
             send(conns, job.conn, Outbound::Datagram(bytes::Bytes::copy_from_slice(&self.buf)), metrics);
         }
+    }
+
+    /// Searches a link's candidates anew: the nearest within the view
+    /// radius, in id order, keeping the priority of those it had.
+    fn search(&mut self, frame: &Frame, me: &EntityState, view_radius_m: f64, candidates: &mut Vec<Candidate>) {
+        frame.near(me, view_radius_m, MAX_CANDIDATES, &mut self.near);
+        self.found.clear();
+        self.found.extend(self.near.iter().map(|&(_, slot)| Candidate {
+            id: frame.hot[slot as usize].q.id,
+            slot,
+            acc: 0.0,
+        }));
+        self.found.sort_unstable_by_key(|c| c.id);
+        let mut j = 0;
+        for c in &mut self.found {
+            while j < candidates.len() && candidates[j].id < c.id {
+                j += 1;
+            }
+            if let Some(old) = candidates.get(j).filter(|o| o.id == c.id) {
+                c.acc = old.acc;
+            }
+        }
+        std::mem::swap(candidates, &mut self.found);
     }
 }
 
@@ -510,6 +620,7 @@ mod tests {
 
     fn frame(points: &[DVec3]) -> Frame {
         let mut f = Frame::default();
+        f.begin(1);
         for (i, p) in points.iter().enumerate() {
             let s = EntityState {
                 id: EntityId(i as u64 + 1),
@@ -518,9 +629,9 @@ mod tests {
                 vel: [0.0; 3],
                 authority: shared::ServerId(1),
             };
-            f.push(s, QEntity::quantise(&s));
+            f.put(s, QEntity::quantise(&s));
         }
-        f.grid.build(&f.states);
+        f.end();
         f
     }
 
@@ -533,6 +644,38 @@ mod tests {
             .collect();
         v.sort_unstable();
         v
+    }
+
+    #[test]
+    fn an_entity_keeps_its_slot_while_here_and_a_freed_slot_answers_for_no_one_else() {
+        let state = |id: u64| EntityState {
+            id: EntityId(id),
+            pos: DVec3::new(id as f64, 0.0, 0.0),
+            rot: [0.0, 0.0, 0.0, 1.0],
+            vel: [0.0; 3],
+            authority: shared::ServerId(1),
+        };
+        let put = |f: &mut Frame, id: u64| f.put(state(id), QEntity::quantise(&state(id)));
+        let mut f = Frame::default();
+        f.begin(1);
+        let a = put(&mut f, 1).unwrap();
+        let b = put(&mut f, 2).unwrap();
+        // A second state of one id in one tick (a ghost of our own entity) is refused.
+        assert_eq!(put(&mut f, 2), None);
+        f.end();
+        f.begin(2);
+        assert_eq!(put(&mut f, 2), Some(b), "kept its slot");
+        f.end();
+        assert!(f.get(a, EntityId(1)).is_none(), "gone this tick");
+        assert!(f.get(b, EntityId(2)).is_some());
+        f.begin(3);
+        let c = put(&mut f, 3).unwrap();
+        assert_eq!(c, a, "the freed slot is reused");
+        assert_eq!(put(&mut f, 2), Some(b));
+        f.end();
+        assert!(f.get(a, EntityId(1)).is_none(), "a reused slot answers only for its new entity");
+        assert_eq!(f.get(c, EntityId(3)).map(|s| s.q.id), Some(EntityId(3)));
+        assert!(f.get(b, EntityId(3)).is_none());
     }
 
     #[test]

@@ -299,6 +299,45 @@ fn snapshots_keep_to_the_budget_near_movers_update_most_and_nothing_starves() {
 }
 
 #[test]
+fn a_player_sees_who_comes_near_within_a_search_and_who_leaves_at_once() {
+    let mut h = Harness::new(1);
+    let centre = DVec3::new(1000.0, 10.0, 1000.0);
+    let mut me = h.join(1, JoinRole::Play, centre);
+    let mut client = shared::snapshot::Receiver::default();
+    let seen = |h: &mut Harness, me: &mut ConnRx, client: &mut shared::snapshot::Receiver, seq: u32| {
+        h.send(SimIn::Input { conn: 1, frame: InputFrame { seq, ack_tick: client.ack(), ..Default::default() } });
+        h.step();
+        let mut ids = Vec::new();
+        while let Some(o) = me.try_recv() {
+            let Outbound::Datagram(b) = o else { continue };
+            ids = client.receive(&b).expect("decodes").entities.iter().map(|e| e.id).collect();
+        }
+        ids
+    };
+    for seq in 1..=3 {
+        seen(&mut h, &mut me, &mut client, seq);
+    }
+    // A newcomer 10 m away: in the snapshots within one candidate search.
+    let mut other = h.join_as(2, PlayerId(2), JoinRole::Play, centre + DVec3::new(10.0, 0.0, 0.0));
+    let them = EntityId::player(PlayerId(2)).unwrap();
+    let mut after = None;
+    for t in 0..=super::replication::CANDIDATE_SEARCH_TICKS + 1 {
+        if seen(&mut h, &mut me, &mut client, 10 + t as u32).contains(&them) {
+            after = Some(t);
+            break;
+        }
+        while other.try_recv().is_some() {}
+    }
+    let after = after.expect("the newcomer is seen within a search");
+    assert!(after <= super::replication::CANDIDATE_SEARCH_TICKS, "seen after {after} ticks");
+    // Gone from the server: gone from the next snapshot.
+    h.send(SimIn::Left { conn: 2 });
+    h.step();
+    while me.try_recv().is_some() {}
+    assert!(!seen(&mut h, &mut me, &mut client, 40).contains(&them), "a player who left is removed");
+}
+
+#[test]
 fn a_spawn_in_another_servers_region_is_refused() {
     let mut h = Harness::new(1);
     let mut rx = h.join(1, JoinRole::Play, DVec3::new(2500.0, 10.0, 1000.0));
