@@ -42,6 +42,13 @@ pub fn from_files(cert: &Path, key: &Path) -> anyhow::Result<Identity> {
 }
 
 /// The QUIC server configuration of the player endpoint.
+/// Bytes of datagrams (snapshots) a connection queues while its congestion
+/// window holds them back: a few snapshots (about 50 ms at 90 Hz). Older
+/// ones are dropped first: a snapshot late is worth less than the next one,
+/// and the client's acknowledgements keep the deltas right across the gap
+/// (quinn's default, 1 MiB, queued seconds of them on a congested link).
+pub const SNAPSHOT_SEND_BUFFER: usize = 4 * shared::wire::MAX_DATAGRAM;
+
 pub fn server_config(id: &Identity) -> anyhow::Result<quinn::ServerConfig> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut tls = rustls::ServerConfig::builder_with_provider(provider)
@@ -59,6 +66,7 @@ pub fn server_config(id: &Identity) -> anyhow::Result<quinn::ServerConfig> {
         .max_idle_timeout(Some(std::time::Duration::from_secs(10).try_into().context("idle timeout")?))
         .keep_alive_interval(Some(std::time::Duration::from_secs(2)))
         .datagram_receive_buffer_size(Some(256 * 1024))
+        .datagram_send_buffer_size(SNAPSHOT_SEND_BUFFER)
         .max_concurrent_bidi_streams(4u32.into())
         .max_concurrent_uni_streams(4u32.into());
     cfg.transport_config(Arc::new(transport));

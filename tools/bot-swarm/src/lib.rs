@@ -146,6 +146,10 @@ pub struct BotReport {
     /// server's last.
     #[serde(default)]
     pub handoff_gap_ticks: Vec<u64>,
+    /// Snapshots decoded but dropped because this bot's queue was full (it
+    /// fell behind): gaps it saw that the mesh did not make.
+    #[serde(default)]
+    pub snapshots_dropped: u64,
     pub connections_opened: u32,
     /// Pre-connects that began with the standby ticket that came in the
     /// server's hint (no round trip to the coordinator).
@@ -297,6 +301,12 @@ enum Event {
     Closed(ServerId, String),
 }
 
+/// What a connection's pump task counts into.
+struct Pump {
+    undecoded: Arc<AtomicU64>,
+    arrivals: Arc<std::sync::Mutex<Arrivals>>,
+}
+
 /// A bot's connection to one server: datagrams go straight onto it, control
 /// frames through its pump task.
 struct Link {
@@ -314,8 +324,6 @@ struct Session {
     /// Newest input acknowledged by an authoritative snapshot.
     last_ack: u32,
     last_snapshot: Option<Instant>,
-    /// The tick of the newest authoritative snapshot.
-    last_snapshot_tick: Option<u64>,
 }
 
 /// Runs the swarm until its duration passes or `stop` is cancelled.
@@ -492,6 +500,39 @@ struct Bot {
     work: Option<work::Work>,
     next_edit: u32,
     edits_in_flight: HashMap<u32, Instant>,
+    /// What its pumps saw arrive.
+    arrivals: Arc<std::sync::Mutex<Arrivals>>,
+}
+
+/// What a bot's pumps record of its authoritative snapshots as they arrive,
+/// before the bot's own queue: what the mesh delivered, apart from how late
+/// a busy bot gets to read it.
+#[derive(Debug, Default)]
+struct Arrivals {
+    /// Server and tick of the newest authoritative snapshot (none at the
+    /// start of a session).
+    last: Option<(ServerId, u64)>,
+    max_gap_ticks: u64,
+    /// At each change of server: the new one's first tick less the old one's last.
+    handoff_gap_ticks: Vec<u64>,
+    /// Snapshots decoded but dropped because the bot's queue was full.
+    dropped: u64,
+}
+
+impl Arrivals {
+    fn book(&mut self, server: ServerId, tick: u64) {
+        match self.last {
+            Some((_, t)) if tick <= t => {}
+            Some((from, t)) => {
+                self.max_gap_ticks = self.max_gap_ticks.max(tick - t);
+                if from != server {
+                    self.handoff_gap_ticks.push(tick - t);
+                }
+                self.last = Some((server, tick));
+            }
+            None => self.last = Some((server, tick)),
+        }
+    }
 }
 
 impl Bot {
@@ -526,6 +567,7 @@ impl Bot {
             report: BotReport { player: player.0, behaviour: behaviour.name().to_owned(), ..Default::default() },
             work,
             next_edit: 0,
+            arrivals: Arc::default(),
             edits_in_flight: HashMap::new(),
         }
     }
@@ -720,6 +762,7 @@ impl Bot {
                 let Some((server, link)) = self.reconnect(pos, &tx).await else { break };
                 links.insert(server, link);
                 session = Session::default();
+                self.arrivals.lock().unwrap_or_else(std::sync::PoisonError::into_inner).last = None;
                 props.clear();
                 if let Some(w) = &mut self.work {
                     w.reset();
@@ -732,6 +775,12 @@ impl Bot {
         }
         self.live.connected.fetch_sub(1, Ordering::Relaxed);
         self.report.final_position = Some(pos.to_array());
+        {
+            let mut book = self.arrivals.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            self.report.max_snapshot_gap_ticks = book.max_gap_ticks;
+            self.report.handoff_gap_ticks = std::mem::take(&mut book.handoff_gap_ticks);
+            self.report.snapshots_dropped = book.dropped;
+        }
         if let Some(w) = &self.work {
             self.report.work = Some(w.stats.clone());
         }
@@ -748,17 +797,11 @@ impl Bot {
             self.report.max_snapshot_gap_ms = self.report.max_snapshot_gap_ms.max(gap);
         }
         session.last_snapshot = Some(now);
-        let tick_gap = session.last_snapshot_tick.map(|t| snap.tick.saturating_sub(t));
-        if let Some(g) = tick_gap {
-            self.report.max_snapshot_gap_ticks = self.report.max_snapshot_gap_ticks.max(g);
-        }
-        session.last_snapshot_tick = Some(snap.tick);
         if session.authority != Some(server) {
             if session.authority.is_some()
                 && let Some(prev) = prev_snapshot
             {
                 self.report.handoff_gaps_ms.push(now.duration_since(prev).as_secs_f64() * 1000.0);
-                self.report.handoff_gap_ticks.extend(tick_gap);
             }
             self.report.authority_changes.push(AuthorityChange {
                 from: session.authority.map(|s| s.0),
@@ -944,6 +987,7 @@ impl Bot {
         let (player, name, auth) = (self.player, self.name.clone(), self.auth.clone());
         let (http, coordinator, session) = (self.http.clone(), self.coordinator.clone(), self.login_session.clone());
         let undecoded = self.live.undecoded.clone();
+        let arrivals = self.arrivals.clone();
         async move {
             // A few tries, each with a fresh ticket (a ticket is good once): a
             // busy server may miss the first handshake.
@@ -958,7 +1002,8 @@ impl Bot {
                 match ticket {
                     Ok(ticket) => {
                         let hello = hello(player, &name, ticket, JoinRole::Standby, None);
-                        match open(&endpoint, addr, &cert, hello, tx.clone(), stop.clone(), undecoded.clone()).await {
+                        let pump = Pump { undecoded: undecoded.clone(), arrivals: arrivals.clone() };
+                        match open(&endpoint, addr, &cert, hello, tx.clone(), stop.clone(), pump).await {
                             Ok((server, link)) => {
                                 debug!(%player, server = server.0, attempt, "pre-connected");
                                 let _ = tx.send(Event::Linked(server, link)).await;
@@ -990,7 +1035,8 @@ impl Bot {
     ) -> anyhow::Result<(ServerId, Link)> {
         self.report.connections_opened += 1;
         let hello = hello(self.player, &self.name, ticket, role, spawn);
-        open(&self.endpoint, addr, cert, hello, tx, self.stop.clone(), self.live.undecoded.clone()).await
+        let pump = Pump { undecoded: self.live.undecoded.clone(), arrivals: self.arrivals.clone() };
+        open(&self.endpoint, addr, cert, hello, tx, self.stop.clone(), pump).await
     }
 
     /// Logs in (creating the account the first time) and returns the
@@ -1095,7 +1141,7 @@ async fn open(
     hello: ClientControl,
     tx: mpsc::Sender<Event>,
     stop: CancellationToken,
-    undecoded: Arc<AtomicU64>,
+    pump: Pump,
 ) -> anyhow::Result<(ServerId, Link)> {
     let cfg = tls::client_config(cert, ALPN)?;
     let conn = tokio::time::timeout(Duration::from_secs(5), endpoint.connect_with(cfg, addr, "localhost")?)
@@ -1140,15 +1186,21 @@ async fn open(
                     Ok(b) => match snapshots.receive(&b) {
                         Ok(s) => {
                             acked_by_pump.store(snapshots.ack(), Ordering::Relaxed);
-                            if tx.try_send(Event::Snapshot(server, s)).is_err() && tx.is_closed() {
-                                break "bot ended".to_owned();
+                            let mut book = pump.arrivals.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                            if s.authoritative {
+                                book.book(server, s.tick);
+                            }
+                            match tx.try_send(Event::Snapshot(server, s)) {
+                                Ok(()) => {}
+                                Err(mpsc::error::TrySendError::Full(_)) => book.dropped += 1,
+                                Err(mpsc::error::TrySendError::Closed(_)) => break "bot ended".to_owned(),
                             }
                         }
                         Err(e) => {
                             // A baseline lost with its datagram: the next
                             // acknowledgement names one the server still has.
                             debug!(server = server.0, reason = e.reason(), "snapshot not decoded");
-                            undecoded.fetch_add(1, Ordering::Relaxed);
+                            pump.undecoded.fetch_add(1, Ordering::Relaxed);
                         }
                     },
                     Err(e) => break e.to_string(),
@@ -1164,4 +1216,27 @@ async fn open(
         let _ = tx.send(Event::Closed(server, why)).await;
     });
     Ok((server, Link { conn, ctl, acked }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn arrivals_count_gaps_in_ticks_across_servers_and_ignore_stale_ones() {
+        let mut a = Arrivals::default();
+        for t in [10, 11, 12, 14] {
+            a.book(ServerId(1), t);
+        }
+        assert_eq!(a.max_gap_ticks, 2);
+        // A late one from before is stale: no gap, no change of server.
+        a.book(ServerId(1), 13);
+        // The new server's first snapshot, five ticks after the old one's last.
+        a.book(ServerId(2), 19);
+        a.book(ServerId(1), 18);
+        a.book(ServerId(2), 20);
+        assert_eq!(a.handoff_gap_ticks, vec![5]);
+        assert_eq!(a.max_gap_ticks, 5);
+        assert_eq!(a.last, Some((ServerId(2), 20)));
+    }
 }
