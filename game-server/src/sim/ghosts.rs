@@ -300,15 +300,17 @@ pub fn sync_out(
     tick: Res<TickState>,
     out: Res<Outbox>,
     metrics: Res<SimMetrics>,
+    mut faces: ResMut<super::authority::OpenFaces>,
     mut sc: Local<SyncScratch>,
 ) {
     let map = &map.0;
     let sc = &mut *sc;
     sc.lists.values_mut().for_each(Vec::clear);
     for (net, body, auth, avatar, prop) in &q {
-        // Deeper in its region than the overlap zone reaches: no neighbour
-        // sees it (leaves tile space, so no other leaf is that near).
-        if map.tree.is_leaf(&auth.region()) && auth.region().aabb().expanded(-cfg.overlap_m).contains(body.pos) {
+        // Farther from every face with a region behind it than the overlap
+        // zone reaches: no neighbour sees it (leaves tile space, so no
+        // other leaf is that near; the world's own edges have none).
+        if faces.depth(map, &auth.region(), body.pos) > cfg.overlap_m {
             continue;
         }
         sc.dests.clear();

@@ -162,7 +162,7 @@ pub struct OpenFaces {
 impl OpenFaces {
     /// Distance from `p` to the nearest open face of `region` (infinite
     /// when it has none).
-    fn depth(&mut self, map: &crate::sim::messages::MapView, region: &shared::RegionKey, p: DVec3) -> f64 {
+    pub(crate) fn depth(&mut self, map: &crate::sim::messages::MapView, region: &shared::RegionKey, p: DVec3) -> f64 {
         if self.version != map.version {
             self.faces.clear();
             self.version = map.version;
