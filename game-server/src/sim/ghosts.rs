@@ -293,6 +293,7 @@ pub fn ghost_state(
 
 /// Sends each neighbour the entities this server owns in its overlap zone
 /// (or inside its region, within the hysteresis), every tick.
+#[allow(clippy::too_many_arguments)]
 pub fn sync_out(
     q: Query<Synced>,
     map: Res<Map>,
