@@ -41,7 +41,6 @@ pub fn from_files(cert: &Path, key: &Path) -> anyhow::Result<Identity> {
     Ok(Identity { chain, key, sha256 })
 }
 
-/// The QUIC server configuration of the player endpoint.
 /// Bytes of datagrams (snapshots) a connection queues while its congestion
 /// window holds them back: a few snapshots (about 50 ms at 90 Hz). Older
 /// ones are dropped first: a snapshot late is worth less than the next one,
@@ -49,6 +48,7 @@ pub fn from_files(cert: &Path, key: &Path) -> anyhow::Result<Identity> {
 /// (quinn's default, 1 MiB, queued seconds of them on a congested link).
 pub const SNAPSHOT_SEND_BUFFER: usize = 4 * shared::wire::MAX_DATAGRAM;
 
+/// The QUIC server configuration of the player endpoint.
 pub fn server_config(id: &Identity) -> anyhow::Result<quinn::ServerConfig> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut tls = rustls::ServerConfig::builder_with_provider(provider)

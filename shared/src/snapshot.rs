@@ -376,8 +376,9 @@ pub fn encode_by_id(
         if base == Some(e) {
             sc.fresh[k] = true;
         } else {
-            // Non-negative floats order as their bits; `!` puts the highest first.
-            let p = priority[k].max(0.0);
+            // Non-negative floats order as their bits; `!` puts the highest
+            // first (-0.0 and NaN count as 0).
+            let p = if priority[k] > 0.0 { priority[k] } else { 0.0 };
             sc.keys.push((u64::from(!p.to_bits()) << 32) | k as u64);
         }
     }

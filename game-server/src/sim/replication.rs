@@ -160,8 +160,8 @@ struct Link {
     candidates: Vec<Candidate>,
     /// Tick this link was last served (stale links are dropped).
     served: shared::Tick,
-    /// Whether its candidates were ever searched.
-    searched: bool,
+    /// Where the player stood at the last search of its candidates.
+    searched_at: Option<DVec3>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -181,6 +181,8 @@ struct Job {
     me: u32,
     last_input_seq: u32,
     acked: shared::Tick,
+    /// Not served last tick: its candidates may be old.
+    resumed: bool,
     link: Link,
 }
 
@@ -237,6 +239,11 @@ pub(crate) const MAX_CANDIDATES: usize = 128;
 /// considered within 89 ms.
 pub(crate) const CANDIDATE_SEARCH_TICKS: u64 = 8;
 
+/// A player this far from where its candidates were searched (a teleport,
+/// a vehicle) has them searched again at once, turn or not, as has a
+/// player whose link was not served last tick (handed back, rejoined).
+pub(crate) const SEARCH_AGAIN_M: f64 = 16.0;
+
 /// How much an entity's update matters this tick: near and fast first.
 /// Accumulated every tick it is not sent, so far and slow ones get their
 /// turn (nothing starves).
@@ -276,12 +283,14 @@ pub fn replication(
         // This tick's players, each taking its link along.
         let Some((a, conn)) = avatar.and_then(|a| Some((a, a.conn?))) else { continue };
         let mut link = sc.links.remove(&conn).unwrap_or_default();
+        let resumed = link.served + 1 < tick.tick;
         link.served = tick.tick;
         sc.jobs.push(Job {
             conn,
             me,
             last_input_seq: a.last_applied,
             acked: conns.0.get(&conn).map_or(0, |c| c.acked),
+            resumed,
             link,
         });
     }
@@ -436,9 +445,10 @@ impl Worker {
             let started = std::time::Instant::now();
             let me = &frame.states[job.me as usize];
             let link = &mut job.link;
-            if !link.searched || (tick + job.conn).is_multiple_of(CANDIDATE_SEARCH_TICKS) {
+            let moved = link.searched_at.is_none_or(|p| p.distance_squared(me.pos) > SEARCH_AGAIN_M * SEARCH_AGAIN_M);
+            if moved || job.resumed || (tick + job.conn).is_multiple_of(CANDIDATE_SEARCH_TICKS) {
                 self.search(frame, me, cfg.view_radius_m, &mut link.candidates);
-                link.searched = true;
+                link.searched_at = Some(me.pos);
             }
             // This snapshot's entities in id order (the player itself
             // among them, first in priority), each candidate's priority

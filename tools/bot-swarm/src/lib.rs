@@ -759,10 +759,12 @@ impl Bot {
                 // Join again where it stands, backing off: a new session,
                 // whose acknowledgements start over.
                 rejoin = false;
+                // Before the new links' pumps book anything: a rejoin is
+                // not a handoff, and its gap is not the mesh's.
+                self.arrivals.lock().unwrap_or_else(std::sync::PoisonError::into_inner).last = None;
                 let Some((server, link)) = self.reconnect(pos, &tx).await else { break };
                 links.insert(server, link);
                 session = Session::default();
-                self.arrivals.lock().unwrap_or_else(std::sync::PoisonError::into_inner).last = None;
                 props.clear();
                 if let Some(w) = &mut self.work {
                     w.reset();
