@@ -171,7 +171,7 @@ impl Bench {
 
     /// The cooldown markers of every write in the audit log of replica `i`.
     fn audited(&self, i: usize) -> anyhow::Result<Vec<u64>> {
-        let url = format!("http://{}/v1/audit?limit=100000", self.replicas[i].http);
+        let url = format!("http://{}/v1/audit?limit=10000", self.replicas[i].http);
         let log: Vec<Value> = self.rt.block_on(async { self.client.get(url).send().await?.json().await })?;
         Ok(log
             .iter()

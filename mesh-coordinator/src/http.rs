@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::net::SocketAddr;
 
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{ConnectInfo, Path, Query, State};
+use axum::extract::{ConnectInfo, FromRequestParts, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -42,6 +42,64 @@ pub fn router(node: Arc<Node>, access: ViewAccess) -> Router {
         .route("/openapi.json", get(openapi))
         .with_state(node)
         .merge(views)
+}
+
+/// A query string, refused as the API refuses (400 `bad_request`, JSON,
+/// saying what is wrong) rather than as axum does (plain text).
+#[derive(Debug)]
+pub struct ApiQuery<T>(pub T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, state: &S) -> Result<Self, Response> {
+        match Query::<T>::from_request_parts(parts, state).await {
+            Ok(Query(v)) => Ok(Self(v)),
+            Err(e) => Err(err(StatusCode::BAD_REQUEST, "bad_request", &e.body_text())),
+        }
+    }
+}
+
+/// Path parameters, refused as the API refuses (400 `bad_request`, JSON).
+#[derive(Debug)]
+pub struct ApiPath<T>(pub T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned + Send> FromRequestParts<S> for ApiPath<T> {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, state: &S) -> Result<Self, Response> {
+        match Path::<T>::from_request_parts(parts, state).await {
+            Ok(Path(v)) => Ok(Self(v)),
+            Err(e) => Err(err(StatusCode::BAD_REQUEST, "bad_request", &e.body_text())),
+        }
+    }
+}
+
+/// The whole API's answers to what no route takes, as JSON refusals: 404
+/// `no_route` for a path no route has, 405 `method_not_allowed` for a
+/// method a route does not take. Call on the finished router.
+pub fn with_json_fallbacks(app: Router) -> Router {
+    app.fallback(|uri: axum::http::Uri| async move {
+        err(StatusCode::NOT_FOUND, "no_route", &format!("no route for {}", uri.path()))
+    })
+    .method_not_allowed_fallback(|method: axum::http::Method, uri: axum::http::Uri| async move {
+        err(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", &format!("{} does not take {method}", uri.path()))
+    })
+}
+
+/// Most records one read of `/v1/transfers` or `/v1/audit` returns; a
+/// larger `limit` is refused (400), as the document says.
+pub const MAX_LIMIT: usize = 10_000;
+
+/// `?limit=` of the logs: `default` when absent, refused above [`MAX_LIMIT`]
+/// (400 `bad_request`).
+fn limit(given: Option<usize>, default: usize) -> Result<usize, Box<Response>> {
+    match given {
+        Some(n) if n > MAX_LIMIT => {
+            Err(Box::new(err(StatusCode::BAD_REQUEST, "bad_request", &format!("limit is 0 to {MAX_LIMIT}, not {n}"))))
+        }
+        n => Ok(n.unwrap_or(default)),
+    }
 }
 
 /// The admin API as an OpenAPI 3.1 document.
@@ -175,9 +233,13 @@ struct TransfersQuery {
     limit: Option<usize>,
 }
 
-async fn transfers(State(node): State<Arc<Node>>, Query(q): Query<TransfersQuery>) -> Json<Vec<TransferRecord>> {
-    let limit = q.limit.unwrap_or(100).min(10_000);
-    Json(node.read(|s| s.transfers().newest(limit).into_iter().cloned().collect()))
+async fn transfers(State(node): State<Arc<Node>>, ApiQuery(q): ApiQuery<TransfersQuery>) -> Response {
+    let limit = match limit(q.limit, 100) {
+        Ok(n) => n,
+        Err(refusal) => return *refusal,
+    };
+    Json(node.read(|s| s.transfers().newest(limit).into_iter().cloned().collect::<Vec<TransferRecord>>()))
+        .into_response()
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -264,10 +326,10 @@ pub struct RouteView {
     pub cert_sha256: String,
 }
 
-async fn route(State(node): State<Arc<Node>>, Query(q): Query<RouteQuery>) -> Response {
+async fn route(State(node): State<Arc<Node>>, ApiQuery(q): ApiQuery<RouteQuery>) -> Response {
     let p = DVec3::new(q.x, q.y, q.z);
     if !p.is_finite() {
-        return (StatusCode::BAD_REQUEST, "coordinates must be finite\n").into_response();
+        return err(StatusCode::BAD_REQUEST, "bad_request", "coordinates must be finite");
     }
     match node.read(|s| {
         s.owner_at(p).map(|(k, r)| RouteView {
@@ -278,7 +340,7 @@ async fn route(State(node): State<Arc<Node>>, Query(q): Query<RouteQuery>) -> Re
         })
     }) {
         Some(v) => Json(v).into_response(),
-        None => (StatusCode::NOT_FOUND, "no live server owns that point\n").into_response(),
+        None => err(StatusCode::NOT_FOUND, "no_owner", &format!("no live server owns {p}")),
     }
 }
 
@@ -349,7 +411,7 @@ pub struct PlayerView {
     pub server_name: Option<String>,
 }
 
-async fn player(State((node, auth)): State<AuthState>, Path(id): Path<u64>) -> Response {
+async fn player(State((node, auth)): State<AuthState>, ApiPath(id): ApiPath<u64>) -> Response {
     // The replicated directory; Redis's (kept by the game servers' QUIC
     // front ends) for players it does not know.
     let replicated = node.read(|s| s.player_location(PlayerId(id)).map(|l| l.server));
@@ -429,7 +491,7 @@ async fn operate(node: &Node, token: Option<&String>, headers: &HeaderMap, cmd: 
 /// `POST /v1/regions/{region}/split`: the 8 children stay with the owner.
 async fn split_region(
     State((node, token)): State<OpsState>,
-    Path(region): Path<String>,
+    ApiPath(region): ApiPath<String>,
     headers: HeaderMap,
 ) -> Response {
     region_op(&node, token.as_deref(), &headers, &region, |region| Command::SplitRegion { region, now: now_nanos() })
@@ -439,7 +501,7 @@ async fn split_region(
 /// `POST /v1/regions/{parent}/merge`: its 8 leaf children become one region.
 async fn merge_region(
     State((node, token)): State<OpsState>,
-    Path(region): Path<String>,
+    ApiPath(region): ApiPath<String>,
     headers: HeaderMap,
 ) -> Response {
     region_op(&node, token.as_deref(), &headers, &region, |region| Command::MergeRegion { region, now: now_nanos() })
@@ -455,7 +517,7 @@ pub struct MoveRequest {
 /// `POST /v1/regions/{region}/move` with `{"to": <server id>}`.
 async fn move_region(
     State((node, token)): State<OpsState>,
-    Path(region): Path<String>,
+    ApiPath(region): ApiPath<String>,
     headers: HeaderMap,
     b: Result<Json<MoveRequest>, JsonRejection>,
 ) -> Response {
@@ -472,13 +534,21 @@ async fn move_region(
 
 /// `POST /v1/servers/{id}/drain`: its regions go to other servers (their
 /// players are handed over, not dropped) and it gets no more.
-async fn drain_server(State((node, token)): State<OpsState>, Path(id): Path<u32>, headers: HeaderMap) -> Response {
+async fn drain_server(
+    State((node, token)): State<OpsState>,
+    ApiPath(id): ApiPath<u32>,
+    headers: HeaderMap,
+) -> Response {
     let cmd = Command::Drain { server: ServerId(id), undo: false, now: now_nanos() };
     operate(&node, token.as_deref(), &headers, cmd).await
 }
 
 /// `POST /v1/servers/{id}/undrain`: the server takes regions again.
-async fn undrain_server(State((node, token)): State<OpsState>, Path(id): Path<u32>, headers: HeaderMap) -> Response {
+async fn undrain_server(
+    State((node, token)): State<OpsState>,
+    ApiPath(id): ApiPath<u32>,
+    headers: HeaderMap,
+) -> Response {
     let cmd = Command::Drain { server: ServerId(id), undo: true, now: now_nanos() };
     operate(&node, token.as_deref(), &headers, cmd).await
 }
@@ -490,10 +560,14 @@ struct AuditQuery {
     limit: Option<usize>,
 }
 
-/// Operator writes, newest first (`?limit=`, default 100).
-async fn audit(State((node, _)): State<OpsState>, Query(q): Query<AuditQuery>) -> Json<Vec<AuditRecord>> {
-    let limit = q.limit.unwrap_or(100).min(crate::state::AUDIT_LOG_LEN);
-    Json(node.read(|s| s.audit_log().iter().rev().take(limit).cloned().collect()))
+/// Operator writes, newest first (`?limit=`, default 100; the log keeps
+/// the newest `AUDIT_LOG_LEN`).
+async fn audit(State((node, _)): State<OpsState>, ApiQuery(q): ApiQuery<AuditQuery>) -> Response {
+    let limit = match limit(q.limit, 100) {
+        Ok(n) => n,
+        Err(refusal) => return *refusal,
+    };
+    Json(node.read(|s| s.audit_log().iter().rev().take(limit).cloned().collect::<Vec<AuditRecord>>())).into_response()
 }
 
 async fn get_thresholds(State((node, _)): State<OpsState>) -> Json<Thresholds> {
@@ -603,8 +677,8 @@ pub struct BoardView {
 
 async fn leaderboard(
     State((_node, auth)): State<AuthState>,
-    axum::extract::Path(board): axum::extract::Path<String>,
-    Query(q): Query<BoardQuery>,
+    ApiPath(board): ApiPath<String>,
+    ApiQuery(q): ApiQuery<BoardQuery>,
 ) -> Response {
     if board.is_empty() || board.len() > 64 || !board.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
         return err(StatusCode::BAD_REQUEST, "bad_request", "a board name is 1 to 64 of A-Z a-z 0-9 _");
@@ -626,7 +700,10 @@ async fn leaderboard(
 #[derive(Debug, Serialize, Deserialize)]
 pub struct ErrorView {
     /// Stable label: `bad_request`, `bad_credentials`, `bad_session`,
-    /// `name_taken`, `rate_limited`, `no_server`, `unavailable`.
+    /// `name_taken`, `rate_limited`, `no_server`, `unavailable`,
+    /// `unauthorized`, `forbidden`, `unknown_player`, `bad_region`,
+    /// `no_owner`, `no_route`, `method_not_allowed`, or a refused
+    /// command's reason.
     pub error: String,
     pub detail: String,
 }

@@ -232,6 +232,9 @@ fn players_log_in_and_join_with_tickets_and_logins_survive_redis_dying() -> anyh
         assert_eq!(s, 204, "{v}");
         let (s, v) = post(&http, "/v1/tickets", Some(session), json!({})).await?;
         assert_eq!((s, v["error"].as_str()), (401, Some("bad_session")), "logged out: {v}");
+        // Logging out again (an unknown session) changes nothing, as documented.
+        let (s, v) = post(&http, "/v1/logout", Some(session), json!({})).await?;
+        assert_eq!(s, 204, "{v}");
         let (s, acc) = post(&http, "/v1/accounts", None, json!({"name": "bob", "password": "correct horse"})).await?;
         assert_eq!(s, 201, "sign-ups without Redis: {acc}");
         drop(p);

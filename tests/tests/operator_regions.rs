@@ -260,7 +260,7 @@ fn a_crowd_makes_its_region_split_and_part_of_it_move_without_dropping_anyone() 
 }
 
 #[test]
-fn every_documented_route_exists_and_roles_hold() -> anyhow::Result<()> {
+fn every_documented_route_exists_roles_hold_and_refusals_say_why_in_json() -> anyhow::Result<()> {
     let mesh = Mesh::start_with(1, &[&format!("--admin-token={TOKEN}"), "--viewer-token=view-token"], &[])?;
     mesh.wait_regions_owned().ok();
     let doc: Value =
@@ -277,9 +277,11 @@ fn every_documented_route_exists_and_roles_hold() -> anyhow::Result<()> {
         rt.block_on(async {
             let r = req.send().await?;
             let status = r.status().as_u16();
-            // axum's own "no such route" is a 404 with an empty body; ours
-            // always say why.
-            let unrouted = (status == 404 && r.text().await?.is_empty()) || status == 405;
+            let body = r.text().await?;
+            // A route's own refusals say why; no route at all is `no_route`
+            // (404) or `method_not_allowed` (405).
+            let reason = serde_json::from_str::<Value>(&body).ok().and_then(|v| v["error"].as_str().map(str::to_owned));
+            let unrouted = matches!(reason.as_deref(), Some("no_route" | "method_not_allowed"));
             Ok::<(u16, bool), anyhow::Error>((status, unrouted))
         })
     };
@@ -317,5 +319,42 @@ fn every_documented_route_exists_and_roles_hold() -> anyhow::Result<()> {
         }
     }
     assert!(checked >= 20, "{checked} operations documented");
+    // Every refusal is `{"error","detail"}` JSON, the framework's own too.
+    let refusal = |method: &str, path: &str, bearer: Option<&str>| -> anyhow::Result<(u16, Value)> {
+        let url = format!("http://{}{path}", mesh.http);
+        let mut req = client.request(method.parse().expect("method"), url);
+        if let Some(b) = bearer {
+            req = req.bearer_auth(b);
+        }
+        rt.block_on(async {
+            let r = req.send().await?;
+            let status = r.status().as_u16();
+            let body = r.text().await?;
+            let v: Value =
+                serde_json::from_str(&body).map_err(|e| anyhow::anyhow!("{method} {path}: {body:?}: {e}"))?;
+            assert!(v["detail"].as_str().is_some_and(|d| !d.is_empty()), "{method} {path}: no detail in {v}");
+            Ok((status, v))
+        })
+    };
+    for (method, path, bearer, status, error) in [
+        ("GET", "/v1/route?x=1&y=1", None, 400, "bad_request"),
+        ("GET", "/v1/route?x=1&y=1&z=abc", None, 400, "bad_request"),
+        ("GET", "/v1/route?x=1&y=1&z=NaN", None, 400, "bad_request"),
+        ("GET", "/v1/route?x=-9000000&y=1&z=1", None, 404, "no_owner"),
+        ("GET", "/v1/players/null", Some("view-token"), 400, "bad_request"),
+        ("GET", "/v1/transfers?limit=10001", Some("view-token"), 400, "bad_request"),
+        ("GET", "/v1/audit?limit=-1", Some("view-token"), 400, "bad_request"),
+        ("GET", "/v1/audit?limit=10001", Some("view-token"), 400, "bad_request"),
+        ("POST", "/v1/servers/x/drain", Some(TOKEN), 400, "bad_request"),
+        ("GET", "/v1/leaderboards/kills?n=many", None, 400, "bad_request"),
+        ("GET", "/v1/nothing-here", None, 404, "no_route"),
+        ("DELETE", "/v1/regions", Some("view-token"), 405, "method_not_allowed"),
+    ] {
+        let (got, v) = refusal(method, path, bearer)?;
+        assert_eq!((got, v["error"].as_str()), (status, Some(error)), "{method} {path}: {v}");
+    }
+    // The largest limit documented is served.
+    let (ok, _) = call("GET", "/v1/audit?limit=10000", Some("view-token"))?;
+    assert_eq!(ok, 200);
     Ok(())
 }
