@@ -617,9 +617,14 @@ impl Sender {
         budget: usize,
         out: &mut Vec<u8>,
     ) -> &View {
+        self.keep(acked, |sc, baseline, view| encode_with(sc, header, origin, wanted, baseline, budget, out, view))
+    }
+
+    /// Runs one encoder against the view acknowledged at `acked` into a
+    /// reused view, and keeps the result as the newest baseline.
+    fn keep(&mut self, acked: Tick, encode: impl FnOnce(&mut Scratch, Option<&View>, &mut View)) -> &View {
         let mut view = std::mem::take(&mut self.spare);
-        let baseline = self.history.get(acked);
-        encode_with(&mut self.scratch, header, origin, wanted, baseline, budget, out, &mut view);
+        encode(&mut self.scratch, self.history.get(acked), &mut view);
         if let Some(old) = self.history.push(view) {
             self.spare = old;
         }
@@ -639,13 +644,9 @@ impl Sender {
         budget: usize,
         out: &mut Vec<u8>,
     ) -> &View {
-        let mut view = std::mem::take(&mut self.spare);
-        let baseline = self.history.get(acked);
-        encode_by_id(&mut self.scratch, header, origin, wanted, priority, baseline, budget, out, &mut view);
-        if let Some(old) = self.history.push(view) {
-            self.spare = old;
-        }
-        self.history.0.back().expect("just pushed")
+        self.keep(acked, |sc, baseline, view| {
+            encode_by_id(sc, header, origin, wanted, priority, baseline, budget, out, view)
+        })
     }
 
     /// After [`Sender::encode`]: per entity of `wanted`, whether the client

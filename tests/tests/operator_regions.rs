@@ -268,7 +268,8 @@ fn every_documented_route_exists_roles_hold_and_refusals_say_why_in_json() -> an
     assert_eq!(doc["openapi"], "3.1.0");
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let client = reqwest::Client::new();
-    let call = |method: &str, path: &str, bearer: Option<&str>| {
+    // (status, body) of one request.
+    let send = |method: &str, path: &str, bearer: Option<&str>| -> anyhow::Result<(u16, String)> {
         let url = format!("http://{}{path}", mesh.http);
         let mut req = client.request(method.parse().expect("method"), url);
         if let Some(b) = bearer {
@@ -277,13 +278,15 @@ fn every_documented_route_exists_roles_hold_and_refusals_say_why_in_json() -> an
         rt.block_on(async {
             let r = req.send().await?;
             let status = r.status().as_u16();
-            let body = r.text().await?;
-            // A route's own refusals say why; no route at all is `no_route`
-            // (404) or `method_not_allowed` (405).
-            let reason = serde_json::from_str::<Value>(&body).ok().and_then(|v| v["error"].as_str().map(str::to_owned));
-            let unrouted = matches!(reason.as_deref(), Some("no_route" | "method_not_allowed"));
-            Ok::<(u16, bool), anyhow::Error>((status, unrouted))
+            Ok((status, r.text().await?))
         })
+    };
+    let call = |method: &str, path: &str, bearer: Option<&str>| -> anyhow::Result<(u16, bool)> {
+        let (status, body) = send(method, path, bearer)?;
+        // A route's own refusals say why; no route at all is `no_route`
+        // (404) or `method_not_allowed` (405).
+        let reason = serde_json::from_str::<Value>(&body).ok().and_then(|v| v["error"].as_str().map(str::to_owned));
+        Ok((status, matches!(reason.as_deref(), Some("no_route" | "method_not_allowed"))))
     };
     let mut checked = 0;
     for (path, ops) in doc["paths"].as_object().unwrap() {
@@ -321,20 +324,10 @@ fn every_documented_route_exists_roles_hold_and_refusals_say_why_in_json() -> an
     assert!(checked >= 20, "{checked} operations documented");
     // Every refusal is `{"error","detail"}` JSON, the framework's own too.
     let refusal = |method: &str, path: &str, bearer: Option<&str>| -> anyhow::Result<(u16, Value)> {
-        let url = format!("http://{}{path}", mesh.http);
-        let mut req = client.request(method.parse().expect("method"), url);
-        if let Some(b) = bearer {
-            req = req.bearer_auth(b);
-        }
-        rt.block_on(async {
-            let r = req.send().await?;
-            let status = r.status().as_u16();
-            let body = r.text().await?;
-            let v: Value =
-                serde_json::from_str(&body).map_err(|e| anyhow::anyhow!("{method} {path}: {body:?}: {e}"))?;
-            assert!(v["detail"].as_str().is_some_and(|d| !d.is_empty()), "{method} {path}: no detail in {v}");
-            Ok((status, v))
-        })
+        let (status, body) = send(method, path, bearer)?;
+        let v: Value = serde_json::from_str(&body).map_err(|e| anyhow::anyhow!("{method} {path}: {body:?}: {e}"))?;
+        assert!(v["detail"].as_str().is_some_and(|d| !d.is_empty()), "{method} {path}: no detail in {v}");
+        Ok((status, v))
     };
     for (method, path, bearer, status, error) in [
         ("GET", "/v1/route?x=1&y=1", None, 400, "bad_request"),
