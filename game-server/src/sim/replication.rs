@@ -6,7 +6,7 @@ use bevy_ecs::prelude::*;
 use glam::{DVec3, Quat};
 use shared::EntityId;
 use shared::chunk::floor_i32;
-use shared::snapshot::{self, QEntity};
+use shared::snapshot::{self, QEntity, held};
 use shared::wire::{EntityState, ServerControl};
 
 use super::authority::Authority;
@@ -27,13 +27,19 @@ type Replicated = (&'static NetId, &'static Body, Option<&'static Avatar>, Optio
 
 /// What every player's snapshot is built from this tick, shared read-only
 /// by the workers. An entity keeps its slot (its index in the arrays) from
-/// tick to tick while it is here, so a link finds its candidates by index.
-#[derive(Debug, Default)]
+/// tick to tick while it is here, so a link finds its candidates by index
+/// and remembers what a client holds as a slot and a tick
+/// ([`held::Held`]): the states themselves are kept once, here, for the
+/// last [`RING_TICKS`] ticks.
+#[derive(Debug)]
 struct Frame {
     tick: shared::Tick,
     states: Vec<EntityState>,
-    /// What every snapshot reads of each slot, in one cache line.
+    /// What every snapshot reads of each slot, in half a cache line.
     hot: Vec<Slot>,
+    /// The wire's state of every slot at each of the last [`RING_TICKS`]
+    /// ticks (tick modulo its length), with that tick's low 32 bits.
+    ring: Vec<(u32, Vec<QEntity>)>,
     /// Slots filled this tick.
     live: Vec<u32>,
     slot: rustc_hash::FxHashMap<EntityId, u32>,
@@ -41,19 +47,46 @@ struct Frame {
     grid: Grid,
 }
 
-/// What a snapshot reads of an entity, in one cache line: its state as
-/// the wire carries it (quantised once a tick, not once per viewer).
+/// Ticks of entity states the frame keeps (0.7 s): a client holding an
+/// older state of a changed entity is sent it whole. The accumulator
+/// sends every changed entity within 45 ticks.
+pub(crate) const RING_TICKS: usize = 64;
+
+/// The state of a slot never filled at a tick of the ring (no entity has
+/// id 0, and a held state is looked up by slot, tick and id).
+const NO_STATE: QEntity = QEntity { id: EntityId(0), pos: [0; 3], rot: 0, vel: [0; 3], authority: shared::ServerId(0) };
+
+impl Default for Frame {
+    fn default() -> Self {
+        Self {
+            tick: 0,
+            states: Vec::new(),
+            hot: Vec::new(),
+            ring: vec![(u32::MAX, Vec::new()); RING_TICKS],
+            live: Vec::new(),
+            slot: rustc_hash::FxHashMap::default(),
+            free: Vec::new(),
+            grid: Grid::default(),
+        }
+    }
+}
+
+/// What a snapshot reads of every candidate, in half a cache line.
 #[derive(Debug, Clone, Copy)]
-#[repr(C, align(64))]
+#[repr(C, align(32))]
 struct Slot {
-    q: QEntity,
+    id: EntityId,
     /// The tick (its low 32 bits) the slot was last filled: a slot not
     /// filled this tick is free.
     filled: u32,
+    /// The tick (low 32 bits) its wire state last changed, or its entity
+    /// came to the slot.
+    changed: u32,
+    pos: glam::Vec3,
     /// Metres a second.
     speed: f32,
 }
-const _: () = assert!(std::mem::size_of::<Slot>() == 64);
+const _: () = assert!(std::mem::size_of::<Slot>() == 32);
 
 /// The entities bucketed by square cells over their bounding square, in
 /// one array (a cell's entities are contiguous): looking a cell up is an
@@ -154,7 +187,7 @@ pub struct ReplicationScratch {
 /// One connection's replication state.
 #[derive(Debug, Default)]
 struct Link {
-    sender: snapshot::Sender,
+    baselines: held::Baselines,
     /// The entities its snapshots consider, in id order, each with its
     /// accumulated priority: searched anew every [`CANDIDATE_SEARCH_TICKS`].
     candidates: Vec<Candidate>,
@@ -191,16 +224,12 @@ struct Job {
 struct Worker {
     near: Vec<(f64, u32)>,
     found: Vec<Candidate>,
-    /// This snapshot's entities in id order, and their priorities.
-    wanted: Vec<QEntity>,
-    priority: Vec<f32>,
+    /// This snapshot's entities in id order, with their priorities.
+    wanted: Vec<held::Want>,
     buf: Vec<u8>,
     sent: u64,
     bytes: u64,
 }
-
-/// Square millimetres to square metres.
-const MM2_TO_M2: f64 = snapshot::POS_QUANTUM_M * snapshot::POS_QUANTUM_M;
 
 /// Fewest players a tick that are worth sharing out with the pool: below
 /// it, waking the pool's threads costs more than it saves, and on a
@@ -336,6 +365,7 @@ impl Frame {
     fn begin(&mut self, tick: shared::Tick) {
         self.tick = tick;
         self.live.clear();
+        self.ring[tick as usize % RING_TICKS].0 = tick as u32;
     }
 
     /// Puts an entity's state in its slot; `None` if an entity of that id
@@ -345,16 +375,40 @@ impl Frame {
             std::collections::hash_map::Entry::Occupied(o) => *o.get(),
             std::collections::hash_map::Entry::Vacant(v) => *v.insert(self.free.pop().unwrap_or_else(|| {
                 self.states.push(state);
-                self.hot.push(Slot { q, filled: u32::MAX, speed: 0.0 });
+                self.hot.push(Slot {
+                    id: EntityId(0),
+                    filled: u32::MAX,
+                    changed: 0,
+                    pos: glam::Vec3::ZERO,
+                    speed: 0.0,
+                });
                 self.states.len() as u32 - 1
             })),
         };
         let k = i as usize;
         let now = self.tick as u32;
-        if self.hot[k].filled == now {
+        let old = self.hot[k];
+        if old.filled == now {
             return None;
         }
-        self.hot[k] = Slot { q, filled: now, speed: glam::Vec3::from(state.vel).length() };
+        // Unchanged: here last tick, in this slot, with the same state.
+        let last = &self.ring[(self.tick as usize).wrapping_sub(1) % RING_TICKS];
+        let same = old.id == state.id
+            && old.filled == now.wrapping_sub(1)
+            && last.0 == now.wrapping_sub(1)
+            && last.1.get(k) == Some(&q);
+        self.hot[k] = Slot {
+            id: state.id,
+            filled: now,
+            changed: if same { old.changed } else { now },
+            pos: state.pos.as_vec3(),
+            speed: glam::Vec3::from(state.vel).length(),
+        };
+        let ring = &mut self.ring[self.tick as usize % RING_TICKS].1;
+        if ring.len() <= k {
+            ring.resize(self.hot.len(), NO_STATE);
+        }
+        ring[k] = q;
         self.states[k] = state;
         self.live.push(i);
         Some(i)
@@ -379,7 +433,7 @@ impl Frame {
     fn get(&self, slot: u32, id: EntityId) -> Option<&Slot> {
         let k = slot as usize;
         let s = self.hot.get(k)?;
-        (s.q.id == id && s.filled == self.tick as u32).then_some(s)
+        (s.id == id && s.filled == self.tick as u32).then_some(s)
     }
 
     /// The entities within `r2` (squared metres) of `me`, nearest first
@@ -429,6 +483,25 @@ impl Frame {
     }
 }
 
+impl held::Values for Frame {
+    fn now(&self) -> u32 {
+        self.tick as u32
+    }
+
+    fn current(&self, slot: u32) -> &QEntity {
+        &self.ring[self.tick as usize % RING_TICKS].1[slot as usize]
+    }
+
+    fn changed(&self, slot: u32) -> u32 {
+        self.hot[slot as usize].changed
+    }
+
+    fn at(&self, slot: u32, stamp: u32, id: EntityId) -> Option<&QEntity> {
+        let (tick, states) = &self.ring[stamp as usize % RING_TICKS];
+        states.get(slot as usize).filter(|q| *tick == stamp && q.id == id)
+    }
+}
+
 impl Worker {
     /// Builds, encodes and queues the snapshot of each of `jobs`.
     fn serve(
@@ -440,7 +513,7 @@ impl Worker {
         conns: &Conns,
         metrics: &SimMetrics,
     ) {
-        let r2 = cfg.view_radius_m * cfg.view_radius_m;
+        let r2 = (cfg.view_radius_m * cfg.view_radius_m) as f32;
         for job in jobs {
             let started = std::time::Instant::now();
             let me = &frame.states[job.me as usize];
@@ -454,46 +527,34 @@ impl Worker {
             // among them, first in priority), each candidate's priority
             // accumulated; candidates gone or out of view are dropped.
             self.wanted.clear();
-            self.priority.clear();
-            let me_q = frame.hot[job.me as usize].q;
+            let me_pos = frame.hot[job.me as usize].pos;
+            let me_want = held::Want { id: me.id, slot: job.me, priority: f32::INFINITY };
             let mut me_at = None;
             link.candidates.retain_mut(|c| {
                 let Some(s) = frame.get(c.slot, c.id) else { return false };
-                let q = &s.q;
-                let d2 = (0..3).map(|i| (q.pos[i].saturating_sub(me_q.pos[i]) as f64).powi(2)).sum::<f64>() * MM2_TO_M2;
+                let d2 = s.pos.distance_squared(me_pos);
                 if d2 > r2 || c.id == me.id {
                     return false;
                 }
-                if me_at.is_none() && me_q.id < c.id {
+                if me_at.is_none() && me.id < c.id {
                     me_at = Some(self.wanted.len());
-                    self.wanted.push(me_q);
-                    self.priority.push(f32::INFINITY);
+                    self.wanted.push(me_want);
                 }
-                c.acc += priority(d2.sqrt(), s.speed);
-                self.wanted.push(*q);
-                self.priority.push(c.acc);
+                c.acc += priority(f64::from(d2.sqrt()), s.speed);
+                self.wanted.push(held::Want { id: c.id, slot: c.slot, priority: c.acc });
                 true
             });
             let me_at = me_at.unwrap_or_else(|| {
-                self.wanted.push(me_q);
-                self.priority.push(f32::INFINITY);
+                self.wanted.push(me_want);
                 self.wanted.len() - 1
             });
             let header =
                 snapshot::Header { tick, server: cfg.server, authoritative: true, last_input_seq: job.last_input_seq };
             self.buf.clear();
-            link.sender.encode_by_id(
-                &header,
-                me.pos,
-                &self.wanted,
-                &self.priority,
-                job.acked,
-                cfg.snapshot_budget,
-                &mut self.buf,
-            );
+            link.baselines.encode(frame, &header, me.pos, &self.wanted, job.acked, cfg.snapshot_budget, &mut self.buf);
             // What the client now holds as wanted is up to date: its
             // priority starts over; the rest keep accumulating.
-            let fresh = link.sender.fresh();
+            let fresh = link.baselines.fresh();
             let others = fresh[..me_at].iter().chain(&fresh[me_at + 1..]);
             for (c, &fresh) in link.candidates.iter_mut().zip(others) {
                 if fresh {
@@ -513,7 +574,7 @@ impl Worker {
         frame.near(me, view_radius_m, MAX_CANDIDATES, &mut self.near);
         self.found.clear();
         self.found.extend(self.near.iter().map(|&(_, slot)| Candidate {
-            id: frame.hot[slot as usize].q.id,
+            id: frame.hot[slot as usize].id,
             slot,
             acc: 0.0,
         }));
@@ -684,7 +745,7 @@ mod tests {
         assert_eq!(put(&mut f, 2), Some(b));
         f.end();
         assert!(f.get(a, EntityId(1)).is_none(), "a reused slot answers only for its new entity");
-        assert_eq!(f.get(c, EntityId(3)).map(|s| s.q.id), Some(EntityId(3)));
+        assert_eq!(f.get(c, EntityId(3)).map(|s| s.id), Some(EntityId(3)));
         assert!(f.get(b, EntityId(3)).is_none());
     }
 

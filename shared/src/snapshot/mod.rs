@@ -19,6 +19,8 @@
 //! Integers are LEB128 varints (zigzag for signed). Every decode error is a
 //! [`DecodeError`] with a stable reason.
 
+pub mod held;
+
 use glam::DVec3;
 
 use crate::codec::{from_smallest_three, put_varint as varint, smallest_three, take_varint, unzigzag, zigzag};
@@ -138,6 +140,27 @@ impl Reader<'_> {
 fn origin_mm(origin: DVec3) -> [i64; 3] {
     let m = |v: f64| if v.is_finite() { v.round() as i64 } else { 0 };
     [m(origin.x) * 1000, m(origin.y) * 1000, m(origin.z) * 1000]
+}
+
+/// A snapshot's bytes before its removals: kind, flags, tick, server, last
+/// input, the baseline's distance (a delta) and the origin (whole metres).
+fn write_head(header: &Header, origin_q: [i64; 3], baseline: Option<Tick>, head: &mut Vec<u8>) {
+    head.clear();
+    head.push(KIND_SNAPSHOT);
+    let mut flags = if header.authoritative { FLAG_AUTHORITATIVE } else { 0 };
+    if baseline.is_some() {
+        flags |= FLAG_DELTA;
+    }
+    head.push(flags);
+    varint(head, header.tick);
+    varint(head, u64::from(header.server.0));
+    varint(head, u64::from(header.last_input_seq));
+    if let Some(b) = baseline {
+        varint(head, header.tick.saturating_sub(b));
+    }
+    for v in origin_q {
+        varint(head, zigzag(v / 1000));
+    }
 }
 
 /// Which fields of `e` differ from `base` (all of them without one).
@@ -320,24 +343,8 @@ pub fn encode_by_id(
     let budget = budget.min(MAX_DATAGRAM);
     let start = out.len();
     let origin_q = origin_mm(origin);
-    let head = &mut sc.head;
-    head.clear();
-    head.push(KIND_SNAPSHOT);
-    let mut flags = if header.authoritative { FLAG_AUTHORITATIVE } else { 0 };
-    if baseline.is_some() {
-        flags |= FLAG_DELTA;
-    }
-    head.push(flags);
-    varint(head, header.tick);
-    varint(head, u64::from(header.server.0));
-    varint(head, u64::from(header.last_input_seq));
-    if let Some(b) = baseline {
-        varint(head, header.tick.saturating_sub(b.tick));
-    }
-    for v in origin_q {
-        varint(head, zigzag(v / 1000));
-    }
-    let mut used = head.len() + 2 * 3; // two counts, up to 3 bytes each
+    write_head(header, origin_q, baseline.map(|b| b.tick), &mut sc.head);
+    let mut used = sc.head.len() + 2 * 3; // two counts, up to 3 bytes each
     let kept = baseline.map_or(&[][..], |b| &b.entities[..]);
     // Removals first: a client must not keep ghosts of what left its view.
     // One walk of the baseline and the wanted ids, both in id order, also
@@ -433,7 +440,7 @@ pub fn encode_by_id(
             view.entities.push(*e);
         }
     }
-    out.extend_from_slice(head);
+    out.extend_from_slice(&sc.head);
     varint(out, sc.removed.len() as u64);
     let mut prev = 0;
     for id in &sc.removed {

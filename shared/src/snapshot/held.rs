@@ -1,0 +1,291 @@
+//! The server's end of the snapshot codec, at a thousand clients a
+//! process: what a client holds is remembered as *which* state of an
+//! entity it holds (its slot and the tick of that state, 16 bytes), not
+//! the state itself (56). The states live once per server, in a ring of
+//! recent ticks behind [`Values`]; an entity unchanged since the client
+//! got it is told by comparing two ticks, not two states; only what is
+//! sent is read in full. The bytes are [`super::encode_by_id`]'s: the one
+//! decoder reads both.
+//!
+//! A state the ring no longer holds cannot be a delta's base: such an
+//! entity is listed as removed and sent whole in the same snapshot (the
+//! decoder applies removals first), which costs its id once more.
+
+use std::collections::VecDeque;
+
+use glam::DVec3;
+
+use super::{
+    HISTORY, Header, MAX_VIEW_ENTITIES, QEntity, origin_mm, record, record_len, varint, varint_len, write_head,
+};
+use crate::ids::EntityId;
+use crate::time::Tick;
+use crate::wire::MAX_DATAGRAM;
+
+/// Which state of an entity a client holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Held {
+    pub id: EntityId,
+    /// The entity's slot in the server's [`Values`] when it was sent.
+    pub slot: u32,
+    /// The tick (its low 32 bits) whose state the client holds.
+    pub stamp: u32,
+}
+
+/// An entity a snapshot considers, with its weight (higher first).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Want {
+    pub id: EntityId,
+    /// Its slot in the server's [`Values`] this tick.
+    pub slot: u32,
+    pub priority: f32,
+}
+
+/// The entity states a server's snapshots are made of: each entity in a
+/// slot it keeps while it is here, and the states of recent ticks.
+pub trait Values {
+    /// The tick being sent (its low 32 bits).
+    fn now(&self) -> u32;
+    /// The state of the entity in `slot`, now.
+    fn current(&self, slot: u32) -> &QEntity;
+    /// The tick (low 32 bits) the state in `slot` last changed or its
+    /// entity came to the slot: the state now is the state of every tick
+    /// since.
+    fn changed(&self, slot: u32) -> u32;
+    /// The state `id` had in `slot` at tick `stamp`, while it is remembered.
+    fn at(&self, slot: u32, stamp: u32, id: EntityId) -> Option<&QEntity>;
+}
+
+/// Whether tick `a` comes after tick `b` (low 32 bits, wrapping).
+fn after(a: u32, b: u32) -> bool {
+    (a.wrapping_sub(b) as i32) > 0
+}
+
+#[derive(Debug, Clone, Default)]
+struct HeldView {
+    tick: Tick,
+    /// In id order.
+    held: Vec<Held>,
+}
+
+/// How a wanted entity goes in this snapshot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pick {
+    No,
+    /// A delta against the state the client holds, or whole if it holds none.
+    Sent,
+    /// Whole, after its removal: the state the client holds is forgotten.
+    Resent,
+}
+
+/// A server's sending end for one client: encodes against the newest
+/// snapshot the client acknowledged, keeping what each snapshot left the
+/// client holding (at most [`HISTORY`] of them).
+#[derive(Debug, Clone, Default)]
+pub struct Baselines {
+    history: VecDeque<HeldView>,
+    /// The allocation of the last view dropped from the history.
+    spare: Vec<Held>,
+    /// Per wanted entity: its index in the baseline.
+    at: Vec<Option<u32>>,
+    removed: Vec<EntityId>,
+    resent: Vec<EntityId>,
+    /// Changed entities by priority: `!priority` bits above, index in `wanted` below.
+    keys: Vec<u64>,
+    picked: Vec<Pick>,
+    fresh: Vec<bool>,
+    head: Vec<u8>,
+}
+
+impl Baselines {
+    /// Encodes a snapshot into `out` (appended), as [`super::encode_by_id`]
+    /// does: `wanted` in id order, each id once; changed entities in
+    /// priority order while they fit `budget` (never more than
+    /// [`MAX_DATAGRAM`]); baseline entities not wanted are removed.
+    #[allow(clippy::too_many_arguments)]
+    pub fn encode(
+        &mut self,
+        values: &impl Values,
+        header: &Header,
+        origin: DVec3,
+        wanted: &[Want],
+        acked: Tick,
+        budget: usize,
+        out: &mut Vec<u8>,
+    ) {
+        debug_assert!(wanted.windows(2).all(|w| w[0].id < w[1].id), "wanted is sorted by id, each id once");
+        let budget = budget.min(MAX_DATAGRAM);
+        let start = out.len();
+        let origin_q = origin_mm(origin);
+        let now = values.now();
+        let base = self.history.iter().rev().find(|v| v.tick == acked);
+        write_head(header, origin_q, base.map(|b| b.tick), &mut self.head);
+        let mut used = self.head.len() + 2 * 3; // two counts, up to 3 bytes each
+        let kept = base.map_or(&[][..], |b| &b.held[..]);
+        // Removals first; the same walk finds each wanted entity's baseline.
+        self.at.clear();
+        self.at.resize(wanted.len(), None);
+        self.removed.clear();
+        let (mut prev, mut j, mut removing) = (0, 0, true);
+        for (i, h) in kept.iter().enumerate() {
+            while j < wanted.len() && wanted[j].id < h.id {
+                j += 1;
+            }
+            if wanted.get(j).is_some_and(|w| w.id == h.id) {
+                self.at[j] = Some(i as u32);
+            } else if removing {
+                let cost = varint_len(h.id.0 - prev);
+                if used + cost > budget {
+                    removing = false;
+                    continue;
+                }
+                used += cost;
+                prev = h.id.0;
+                self.removed.push(h.id);
+            }
+        }
+        // What changed since the state the client holds, by priority.
+        self.fresh.clear();
+        self.fresh.resize(wanted.len(), false);
+        self.picked.clear();
+        self.picked.resize(wanted.len(), Pick::No);
+        self.keys.clear();
+        for (k, w) in wanted.iter().enumerate() {
+            let unchanged = self.at[k].is_some_and(|i| {
+                let h = &kept[i as usize];
+                h.slot == w.slot && !after(values.changed(w.slot), h.stamp)
+            });
+            if unchanged {
+                self.fresh[k] = true;
+            } else {
+                // Non-negative floats order as their bits; `!` puts the
+                // highest first (-0.0 and NaN count as 0).
+                let p = if w.priority > 0.0 { w.priority } else { 0.0 };
+                self.keys.push((u64::from(!p.to_bits()) << 32) | k as u64);
+            }
+        }
+        self.keys.sort_unstable();
+        let mut room = MAX_VIEW_ENTITIES.saturating_sub(kept.len() - self.removed.len());
+        let mut chosen = 0u64;
+        self.resent.clear();
+        for &key in &self.keys {
+            let k = key as u32 as usize;
+            let at = self.at[k];
+            if at.is_none() && room == 0 {
+                continue;
+            }
+            let e = values.current(wanted[k].slot);
+            let (cost, pick) = match at.map(|i| held_state(values, &kept[i as usize])) {
+                None => (record_len(e, None, origin_q, 0), Pick::Sent),
+                Some(Some(b)) => (record_len(e, Some(b), origin_q, 0), Pick::Sent),
+                // Its removal costs at most its whole id more.
+                Some(None) => (varint_len(e.id.0) + record_len(e, None, origin_q, 0), Pick::Resent),
+            };
+            if used + cost <= budget {
+                used += cost;
+                self.picked[k] = pick;
+                self.fresh[k] = true;
+                chosen += 1;
+                if at.is_none() {
+                    room -= 1;
+                }
+                if pick == Pick::Resent {
+                    self.resent.push(e.id);
+                }
+            }
+        }
+        // What the client holds after this snapshot, in id order: the
+        // baseline less what was removed; what was sent or is unchanged at
+        // this tick's state; what changed and did not fit, as it was.
+        let mut view = HeldView { tick: header.tick, held: std::mem::take(&mut self.spare) };
+        view.held.clear();
+        let (mut i, mut r) = (0, 0);
+        for (k, w) in wanted.iter().enumerate() {
+            while i < kept.len() && kept[i].id < w.id {
+                if self.removed.get(r) == Some(&kept[i].id) {
+                    r += 1;
+                } else {
+                    view.held.push(kept[i]);
+                }
+                i += 1;
+            }
+            let held = (i < kept.len() && kept[i].id == w.id).then(|| {
+                i += 1;
+                kept[i - 1]
+            });
+            if self.fresh[k] {
+                view.held.push(Held { id: w.id, slot: w.slot, stamp: now });
+            } else if let Some(h) = held {
+                view.held.push(h);
+            }
+        }
+        for h in &kept[i..] {
+            if self.removed.get(r) == Some(&h.id) {
+                r += 1;
+            } else {
+                view.held.push(*h);
+            }
+        }
+        out.extend_from_slice(&self.head);
+        // The removed and the resent, merged in id order.
+        self.resent.sort_unstable();
+        varint(out, (self.removed.len() + self.resent.len()) as u64);
+        let (mut prev, mut a, mut b) = (0, 0, 0);
+        while a < self.removed.len() || b < self.resent.len() {
+            let id = match (self.removed.get(a), self.resent.get(b)) {
+                (Some(x), Some(y)) if x < y => {
+                    a += 1;
+                    *x
+                }
+                (Some(x), None) => {
+                    a += 1;
+                    *x
+                }
+                (_, Some(y)) => {
+                    b += 1;
+                    *y
+                }
+                (None, None) => unreachable!("the loop's condition"),
+            };
+            varint(out, id.0 - prev);
+            prev = id.0;
+        }
+        varint(out, chosen);
+        let mut prev = 0;
+        for (k, w) in wanted.iter().enumerate() {
+            let base = match self.picked[k] {
+                Pick::No => continue,
+                Pick::Sent => self.at[k].and_then(|i| held_state(values, &kept[i as usize])),
+                Pick::Resent => None,
+            };
+            record(values.current(w.slot), base, origin_q, prev, out);
+            prev = w.id.0;
+        }
+        debug_assert!(out.len() - start <= budget.max(self.head.len() + 2), "{} > {budget}", out.len() - start);
+        if self.history.len() == HISTORY
+            && let Some(old) = self.history.pop_front()
+        {
+            self.spare = old.held;
+        }
+        self.history.push_back(view);
+    }
+
+    /// After [`Baselines::encode`]: per entity of `wanted`, whether the
+    /// client holds its current state once it decodes the snapshot (sent
+    /// now, or unchanged since the state it holds).
+    pub fn fresh(&self) -> &[bool] {
+        &self.fresh
+    }
+
+    /// What the newest snapshot left the client holding, in id order.
+    pub fn newest(&self) -> Option<(Tick, &[Held])> {
+        self.history.back().map(|v| (v.tick, &v.held[..]))
+    }
+}
+
+fn held_state<'a>(values: &'a impl Values, h: &Held) -> Option<&'a QEntity> {
+    values.at(h.slot, h.stamp, h.id)
+}
+
+#[cfg(test)]
+mod tests;
