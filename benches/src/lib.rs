@@ -50,6 +50,9 @@ pub struct ScenarioConfig {
     pub spread_m: f64,
     /// Threads building snapshots beside the tick thread.
     pub replication_workers: usize,
+    /// Snapshots a second to each player (as the game server's
+    /// `--snapshot-hz`).
+    pub snapshot_hz: u32,
 }
 
 /// The spread of [`ScenarioConfig::spread_m`] that keeps the groups as
@@ -69,6 +72,7 @@ impl Default for ScenarioConfig {
             group: 20,
             spread_m: 1700.0,
             replication_workers: game_server::config::default_replication_workers(),
+            snapshot_hz: game_server::config::DEFAULT_SNAPSHOT_HZ,
         }
     }
 }
@@ -180,6 +184,7 @@ impl Scenario {
         let writer = game_server::store::spawn_writer(store.clone(), 1).expect("writer thread starts");
         let (tx, inbox) = mpsc::channel(1 << 16);
         let (outbox, out) = mpsc::channel(1 << 12);
+        let every = game_server::sim::core::snapshot_every(90, c.snapshot_hz);
         let parts = SimParts {
             config: SimConfig {
                 server: ServerId(1),
@@ -191,7 +196,8 @@ impl Scenario {
                 character: shared::controller::CharacterParams::default(),
                 world_seed: c.seed,
                 view_radius_m: 500.0,
-                snapshot_budget: snapshot_budget(512, 90),
+                snapshot_budget: snapshot_budget(512, 90, every),
+                snapshot_every: every,
                 replication_workers: c.replication_workers,
             },
             inbox,

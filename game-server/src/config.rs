@@ -42,6 +42,14 @@ pub struct Config {
     /// turn (a priority accumulator: nothing starves).
     #[arg(long, env = "PS_PLAYER_BANDWIDTH_KBPS", default_value_t = 512)]
     pub player_bandwidth_kbps: u32,
+    /// Snapshots a second to each player, at most the tick rate, as a whole
+    /// number of ticks between two (90, 45, 30, 22 …; a rate between two
+    /// of them gets the higher). The bandwidth above is shared out over
+    /// them: fewer, larger snapshots cost the server less per player (the
+    /// candidates and the baseline are walked once a snapshot) and the
+    /// client's interpolation a little more delay.
+    #[arg(long, env = "PS_SNAPSHOT_HZ", default_value_t = DEFAULT_SNAPSHOT_HZ)]
+    pub snapshot_hz: u32,
     /// Threads that build players' snapshots beside the tick thread (0:
     /// the tick thread builds them all). Default: one less than the cores
     /// this process may use, at most 7 (the tick thread is the other).
@@ -141,6 +149,11 @@ impl Config {
             (64..=1_000_000).contains(&self.player_bandwidth_kbps),
             "player bandwidth must be 64..=1000000 kbit/s"
         );
+        anyhow::ensure!(
+            (1..=shared::time::TICK_HZ).contains(&self.snapshot_hz),
+            "snapshot rate must be 1..={} Hz",
+            shared::time::TICK_HZ
+        );
         anyhow::ensure!((1..=16).contains(&self.chunk_workers), "chunk workers must be 1..=16");
         anyhow::ensure!(
             self.chunk_radius_m.is_finite() && (4.0..=256.0).contains(&self.chunk_radius_m),
@@ -170,6 +183,9 @@ impl Config {
 /// Threads building snapshots beside the tick thread when
 /// `--replication-workers` is not given: one less than the cores this
 /// process may use, at most 7.
+/// Snapshots a second to each player unless configured.
+pub const DEFAULT_SNAPSHOT_HZ: u32 = 90;
+
 pub fn default_replication_workers() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get()).saturating_sub(1).min(7)
 }

@@ -170,7 +170,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
                 character: shared::controller::CharacterParams::default(),
                 world_seed: reg.world_seed,
                 view_radius_m: 500.0,
-                snapshot_budget: sim::core::snapshot_budget(config.player_bandwidth_kbps, reg.clock.hz),
+                snapshot_budget: sim::core::snapshot_budget(
+                    config.player_bandwidth_kbps,
+                    reg.clock.hz,
+                    sim::core::snapshot_every(reg.clock.hz, config.snapshot_hz),
+                ),
+                snapshot_every: sim::core::snapshot_every(reg.clock.hz, config.snapshot_hz),
                 replication_workers: config
                     .replication_workers
                     .map_or_else(config::default_replication_workers, usize::from),

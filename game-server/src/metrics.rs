@@ -31,6 +31,8 @@ pub struct Metrics {
     pub fps_avg: Gauge,
     pub physics_step: Histogram,
     pub snapshot_encode: Histogram,
+    /// CPU time of building snapshots, every thread that does it counted.
+    pub replication_cpu: prometheus::Counter,
     pub chunk_edits_sent: IntCounter,
     pub hints: IntCounterVec,
     pub ghosts: IntGauge,
@@ -155,6 +157,11 @@ impl Metrics {
                 "Time to pick, quantise and delta-encode one player's snapshot",
                 vec![0.000_005, 0.00001, 0.000_025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001],
             ),
+            replication_cpu: prometheus::Counter::new(
+                "server_replication_cpu_seconds_total",
+                "CPU time the snapshot stage used, on the tick thread and the replication threads together",
+            )
+            .expect("static metric definition"),
             physics_step: histogram(
                 "server_physics_step_seconds",
                 "Time of one rigid-body step",
@@ -236,6 +243,7 @@ impl Metrics {
             Box::new(m.fps_avg.clone()),
             Box::new(m.physics_step.clone()),
             Box::new(m.snapshot_encode.clone()),
+            Box::new(m.replication_cpu.clone()),
             Box::new(m.chunk_edits_sent.clone()),
             Box::new(m.hints.clone()),
             Box::new(m.handoff_latency_ticks.clone()),

@@ -89,6 +89,13 @@ pub struct Usage {
     pub max_rss_kib: u64,
 }
 
+/// CPU time the calling thread has used (zero where the clock cannot be
+/// read): what a stage costs, whatever else the host runs.
+pub fn thread_cpu() -> std::time::Duration {
+    use nix::time::{ClockId, clock_gettime};
+    clock_gettime(ClockId::CLOCK_THREAD_CPUTIME_ID).map_or(std::time::Duration::ZERO, std::time::Duration::from)
+}
+
 /// This process's [`Usage`], from `getrusage`.
 pub fn usage() -> anyhow::Result<Usage> {
     use nix::sys::resource::{UsageWho, getrusage};

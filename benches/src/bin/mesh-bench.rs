@@ -43,6 +43,9 @@ enum Cmd {
         /// less than the cores, as the game server's).
         #[arg(long)]
         replication_workers: Option<usize>,
+        /// Snapshots a second to each player (as the game server's).
+        #[arg(long, default_value_t = game_server::config::DEFAULT_SNAPSHOT_HZ)]
+        snapshot_hz: u32,
     },
     /// `sim` at several sizes, each in its own process, with five bodies a
     /// player and the groups equally dense at every size: tick percentiles
@@ -60,6 +63,9 @@ enum Cmd {
         /// Passed on to each `sim`.
         #[arg(long)]
         replication_workers: Option<usize>,
+        /// Passed on to each `sim`.
+        #[arg(long, default_value_t = game_server::config::DEFAULT_SNAPSHOT_HZ)]
+        snapshot_hz: u32,
     },
     /// Three coordinator replicas; the leader killed (SIGKILL) and restarted
     /// again and again.
@@ -139,10 +145,21 @@ fn main() -> anyhow::Result<()> {
                 benches::persist::PersistConfig { url: database_url, seconds, rate, servers, voxels_per_edit, chunks };
             println!("{}", benches::persist::run(&cfg)?);
         }
-        Cmd::SimScale { sizes, bodies_per_player, seconds, seed, replication_workers } => {
-            println!("{}", sim_scale(&sizes, bodies_per_player, seconds, seed, replication_workers)?);
+        Cmd::SimScale { sizes, bodies_per_player, seconds, seed, replication_workers, snapshot_hz } => {
+            println!("{}", sim_scale(&sizes, bodies_per_player, seconds, seed, replication_workers, snapshot_hz)?);
         }
-        Cmd::Sim { players, bodies, seconds, seed, chunk_workers, unpaced, spread_m, replication_workers } => {
+        Cmd::Sim {
+            players,
+            bodies,
+            seconds,
+            seed,
+            chunk_workers,
+            unpaced,
+            spread_m,
+            replication_workers,
+            snapshot_hz,
+        } => {
+            anyhow::ensure!((1..=90).contains(&snapshot_hz), "snapshot-hz must be 1..=90");
             anyhow::ensure!(seconds > 0.0 && seconds <= 3600.0, "seconds must be in (0, 3600]");
             let setup = Instant::now();
             let group = ScenarioConfig::default().group;
@@ -159,10 +176,12 @@ fn main() -> anyhow::Result<()> {
                 group,
                 spread_m,
                 replication_workers,
+                snapshot_hz,
             });
             let setup_s = setup.elapsed().as_secs_f64();
             let m0 = s.metrics();
             let (phys_sum0, phys_n0) = (m0.physics_step.get_sample_sum(), m0.physics_step.get_sample_count());
+            let replication_cpu0 = m0.replication_cpu.get();
             let ticks = (seconds * 90.0).round() as usize;
             let slot = Duration::from_nanos(1_000_000_000 / 90);
             let mut times = Vec::with_capacity(ticks);
@@ -218,8 +237,11 @@ fn main() -> anyhow::Result<()> {
                 .zip(worst.1)
                 .map(|(name, t)| ((*name).to_owned(), round3(t * 1000.0).into()))
                 .collect();
+            // CPU time, all threads: what the stage costs whatever else the host runs.
+            let replication_cpu_ms = (m.replication_cpu.get() - replication_cpu0) / ticks.max(1) as f64 * 1000.0;
             let out = serde_json::json!({
                 "stage_mean_ms": stage_ms,
+                "replication_cpu_ms": round3(replication_cpu_ms),
                 "slowest_tick_stages_ms": worst_ms,
                 "players": players,
                 "bodies": bodies,
@@ -245,6 +267,7 @@ fn main() -> anyhow::Result<()> {
                 "paced": !unpaced,
                 "spread_m": round3(spread_m),
                 "replication_workers": replication_workers,
+                "snapshot_hz": 90 / game_server::sim::core::snapshot_every(90, snapshot_hz),
                 "peak_rss_mb": round3(svc::usage()?.max_rss_kib as f64 / 1024.0),
             });
             println!("{out}");
@@ -261,6 +284,7 @@ fn sim_scale(
     seconds: f64,
     seed: u64,
     workers: Option<usize>,
+    snapshot_hz: u32,
 ) -> anyhow::Result<serde_json::Value> {
     use anyhow::Context as _;
     anyhow::ensure!(!sizes.is_empty() && sizes.iter().all(|n| *n <= 10_000), "sizes must be 0..=10000");
@@ -272,6 +296,7 @@ fn sim_scale(
             .args(["sim", "--players", &players.to_string(), "--bodies", &(players * per_player).to_string()])
             .args(["--seconds", &seconds.to_string(), "--seed", &seed.to_string()])
             .args(workers.map(|w| format!("--replication-workers={w}")))
+            .arg(format!("--snapshot-hz={snapshot_hz}"))
             .stderr(std::process::Stdio::inherit())
             .output()
             .context("running mesh-bench sim")?;
@@ -301,6 +326,7 @@ fn sim_scale(
             "ticks": v["ticks"],
             "stage_mean_ms": v["stage_mean_ms"],
             "stage_us_per_player": per,
+            "replication_cpu_us_per_player": v["replication_cpu_ms"].as_f64().filter(|_| players > 0).map(|ms| round3(ms * 1000.0 / players as f64)),
             "peak_rss_mb": rss,
         }));
     }

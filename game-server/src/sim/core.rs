@@ -77,20 +77,30 @@ pub struct SimConfig {
     /// Entities farther than this from a player are left out of its snapshots.
     pub view_radius_m: f64,
     /// Bytes one snapshot datagram may carry (the player's downstream
-    /// budget a tick, less QUIC's own overhead).
+    /// budget a snapshot, less QUIC's own overhead).
     pub snapshot_budget: usize,
+    /// Ticks between two snapshots to one player (1: every tick). The
+    /// players take turns by their entity id, the same turn on every
+    /// server of the mesh (its tick grid is one).
+    pub snapshot_every: u64,
     /// Threads that build players' snapshots beside the tick thread (0:
     /// the tick thread builds them all).
     pub replication_workers: usize,
 }
 
-/// The snapshot payload a tick for `kbps` kbit/s at the socket: QUIC adds
-/// about 45 bytes to each datagram (short header, packet number, AEAD tag,
-/// DATAGRAM frame).
-pub fn snapshot_budget(kbps: u32, tick_hz: u32) -> usize {
-    (u64::from(kbps) * 1000 / 8 / u64::from(tick_hz.max(1)))
+/// The payload of one snapshot for `kbps` kbit/s at the socket, a player
+/// sent one every `every` ticks of `tick_hz`: QUIC adds about 45 bytes to
+/// each datagram (short header, packet number, AEAD tag, DATAGRAM frame).
+pub fn snapshot_budget(kbps: u32, tick_hz: u32, every: u64) -> usize {
+    (u64::from(kbps) * 1000 / 8 * every.max(1) / u64::from(tick_hz.max(1)))
         .saturating_sub(45)
         .clamp(64, shared::wire::MAX_DATAGRAM as u64) as usize
+}
+
+/// Ticks between two snapshots to one player for about `snapshot_hz` a
+/// second (a whole number of ticks: 90, 45, 30, 22.5 … at 90 Hz).
+pub fn snapshot_every(tick_hz: u32, snapshot_hz: u32) -> u64 {
+    (u64::from(tick_hz) / u64::from(snapshot_hz.max(1))).max(1)
 }
 
 /// The tick being simulated.

@@ -87,7 +87,8 @@ fn ghosts_are_shown_to_players_with_their_owner_and_never_simulated() {
     h.settle();
     let g = prop(1, DVec3::new(2030.0, GROUND + 5.0, 1000.0), RegionKey::root(1, 0, 0), 2);
     h.send(batch(&h, true, vec![g], vec![]));
-    for _ in 0..5 {
+    // Within one search of the player's candidates.
+    for _ in 0..=super::replication::CANDIDATE_SEARCH_TICKS {
         h.step();
     }
     let snap = last_snapshot(&mut rx).expect("a snapshot");

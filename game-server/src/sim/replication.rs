@@ -214,7 +214,7 @@ struct Job {
     me: u32,
     last_input_seq: u32,
     acked: shared::Tick,
-    /// Not served last tick: its candidates may be old.
+    /// Not served at its last turn: its candidates may be old.
     resumed: bool,
     link: Link,
 }
@@ -270,7 +270,7 @@ pub(crate) const CANDIDATE_SEARCH_TICKS: u64 = 8;
 
 /// A player this far from where its candidates were searched (a teleport,
 /// a vehicle) has them searched again at once, turn or not, as has a
-/// player whose link was not served last tick (handed back, rejoined).
+/// player whose link was not served at its last turn (handed back, rejoined).
 pub(crate) const SEARCH_AGAIN_M: f64 = 16.0;
 
 /// How much an entity's update matters this tick: near and fast first.
@@ -300,7 +300,9 @@ pub fn replication(
     pool: Res<ReplicationPool>,
     mut scratch: Local<ReplicationScratch>,
 ) {
+    let cpu_at = svc::thread_cpu();
     let sc = &mut *scratch;
+    let every = cfg.snapshot_every.max(1);
     let f = &mut sc.frame;
     f.begin(tick.tick);
     sc.jobs.clear();
@@ -311,8 +313,11 @@ pub fn replication(
         let Some(me) = f.put(state, QEntity::quantise(&state)) else { continue };
         // This tick's players, each taking its link along.
         let Some((a, conn)) = avatar.and_then(|a| Some((a, a.conn?))) else { continue };
+        if !tick.tick.wrapping_add(n.0.0).is_multiple_of(every) {
+            continue;
+        }
         let mut link = sc.links.remove(&conn).unwrap_or_default();
-        let resumed = link.served + 1 < tick.tick;
+        let resumed = link.served + every < tick.tick;
         link.served = tick.tick;
         sc.jobs.push(Job {
             conn,
@@ -338,7 +343,11 @@ pub fn replication(
     match (pool.0.as_ref().filter(|_| threads > 1), parts.next()) {
         (Some(p), Some((mine, me))) => p.in_place_scope(|s| {
             for (jobs, w) in parts {
-                s.spawn(move |_| w.serve(frame, jobs, now, cfg, conns, metrics));
+                s.spawn(move |_| {
+                    let at = svc::thread_cpu();
+                    w.serve(frame, jobs, now, cfg, conns, metrics);
+                    metrics.0.replication_cpu.inc_by(svc::thread_cpu().saturating_sub(at).as_secs_f64());
+                });
             }
             me.serve(frame, mine, now, cfg, conns, metrics);
         }),
@@ -355,10 +364,11 @@ pub fn replication(
     }
     // Connections gone (or no longer served here) drop their baselines.
     if tick.tick.is_multiple_of(90) {
-        sc.links.retain(|c, l| conns.0.contains_key(c) && l.served + 90 > tick.tick);
+        sc.links.retain(|c, l| conns.0.contains_key(c) && l.served + 90 + every > tick.tick);
     }
     metrics.0.snapshots_sent.inc_by(sent);
     metrics.0.bytes_sent.inc_by(bytes);
+    metrics.0.replication_cpu.inc_by(svc::thread_cpu().saturating_sub(cpu_at).as_secs_f64());
 }
 
 impl Frame {
@@ -514,12 +524,15 @@ impl Worker {
         metrics: &SimMetrics,
     ) {
         let r2 = (cfg.view_radius_m * cfg.view_radius_m) as f32;
+        // Searches fall on a player's snapshot ticks.
+        let every = cfg.snapshot_every.max(1);
+        let search_every = every * CANDIDATE_SEARCH_TICKS.div_ceil(every);
         for job in jobs {
             let started = std::time::Instant::now();
             let me = &frame.states[job.me as usize];
             let link = &mut job.link;
             let moved = link.searched_at.is_none_or(|p| p.distance_squared(me.pos) > SEARCH_AGAIN_M * SEARCH_AGAIN_M);
-            if moved || job.resumed || (tick + job.conn).is_multiple_of(CANDIDATE_SEARCH_TICKS) {
+            if moved || job.resumed || tick.wrapping_add(me.id.0).is_multiple_of(search_every) {
                 self.search(frame, me, cfg.view_radius_m, &mut link.candidates);
                 link.searched_at = Some(me.pos);
             }

@@ -94,7 +94,8 @@ impl Harness {
                 character: shared::controller::CharacterParams::default(),
                 world_seed: 1,
                 view_radius_m: 500.0,
-                snapshot_budget: snapshot_budget(512, 90),
+                snapshot_budget: snapshot_budget(512, 90, 1),
+                snapshot_every: 1,
                 replication_workers: 1,
             },
             inbox,
@@ -254,7 +255,7 @@ fn snapshots_keep_to_the_budget_near_movers_update_most_and_nothing_starves() {
     let mut client = shared::snapshot::Receiver::default();
     let mut last: HashMap<EntityId, DVec3> = HashMap::new();
     let mut updates: HashMap<EntityId, Vec<u64>> = HashMap::new();
-    let budget = snapshot_budget(512, 90);
+    let budget = snapshot_budget(512, 90, 1);
     let (mut max_len, mut seq) = (0, 0);
     for t in 0..180u64 {
         seq += 1;
@@ -296,6 +297,51 @@ fn snapshots_keep_to_the_budget_near_movers_update_most_and_nothing_starves() {
         let gaps = ticks.windows(2).filter(|w| w[0] >= 90).map(|w| w[1] - w[0]).max().unwrap_or(0);
         assert!(recent(i) >= 3 && gaps <= 45, "player {i} starves: {ticks:?}");
     }
+}
+
+#[test]
+fn at_half_the_tick_rate_players_take_turns_by_id_and_each_snapshot_gets_twice_the_bytes() {
+    let mut h = Harness::new(1);
+    let every = 2;
+    {
+        let mut c = h.world.resource_mut::<SimConfig>();
+        c.snapshot_every = every;
+        c.snapshot_budget = snapshot_budget(512, 90, every);
+    }
+    // Twice the bytes, less one datagram's overhead, within a datagram.
+    let twice = (2 * snapshot_budget(512, 90, 1) + 45).min(shared::wire::MAX_DATAGRAM);
+    assert_eq!(snapshot_budget(512, 90, every), twice);
+    let centre = DVec3::new(1000.0, 10.0, 1000.0);
+    let mut rxs: Vec<(EntityId, ConnRx, shared::snapshot::Receiver, Vec<u64>)> = (1..=4u64)
+        .map(|i| {
+            let at = centre + DVec3::new(3.0 * i as f64, 0.0, 0.0);
+            let rx = h.join_as(i, PlayerId(i), JoinRole::Play, at);
+            (EntityId::player(PlayerId(i)).unwrap(), rx, shared::snapshot::Receiver::default(), Vec::new())
+        })
+        .collect();
+    for seq in 1..=40u32 {
+        for (i, (_, _, client, _)) in rxs.iter().enumerate() {
+            let frame = InputFrame { seq, ack_tick: client.ack(), ..Default::default() };
+            h.send(SimIn::Input { conn: i as u64 + 1, frame });
+        }
+        h.step();
+        for (_, rx, client, ticks) in &mut rxs {
+            while let Some(o) = rx.try_recv() {
+                let Outbound::Datagram(b) = o else { continue };
+                let snap = client.receive(&b).expect("decodes");
+                ticks.push(snap.tick);
+            }
+        }
+    }
+    for (id, _, _, ticks) in &rxs {
+        // Every other tick, on the turn its id gives it (the same on every
+        // server: the mesh shares one tick grid).
+        assert!(ticks.len() >= 18, "{id:?} got {ticks:?}");
+        assert!(ticks.windows(2).all(|w| w[1] - w[0] == every), "{id:?} got {ticks:?}");
+        assert!(ticks.iter().all(|t| (t + id.0).is_multiple_of(every)), "{id:?} got {ticks:?}");
+    }
+    // Turns are shared out: players of both parities.
+    assert!(rxs.iter().any(|r| r.0.0 % 2 == 0) && rxs.iter().any(|r| r.0.0 % 2 == 1));
 }
 
 #[test]

@@ -56,6 +56,13 @@ pub trait Values {
     fn at(&self, slot: u32, stamp: u32, id: EntityId) -> Option<&QEntity>;
 }
 
+/// Changed entities in a row that do not fit after which a snapshot is
+/// closed: each costs a look at the state its client holds.
+const MAX_MISFITS: usize = 8;
+/// The fewest bytes of a record: its id's difference, the field mask and
+/// one field.
+const MIN_RECORD: usize = 3;
+
 /// Whether tick `a` comes after tick `b` (low 32 bits, wrapping).
 fn after(a: u32, b: u32) -> bool {
     (a.wrapping_sub(b) as i32) > 0
@@ -101,7 +108,8 @@ impl Baselines {
     /// Encodes a snapshot into `out` (appended), as [`super::encode_by_id`]
     /// does: `wanted` in id order, each id once; changed entities in
     /// priority order while they fit `budget` (never more than
-    /// [`MAX_DATAGRAM`]); baseline entities not wanted are removed.
+    /// [`MAX_DATAGRAM`]), until [`MAX_MISFITS`] in a row did not;
+    /// baseline entities not wanted are removed.
     #[allow(clippy::too_many_arguments)]
     pub fn encode(
         &mut self,
@@ -168,7 +176,13 @@ impl Baselines {
         let mut room = MAX_VIEW_ENTITIES.saturating_sub(kept.len() - self.removed.len());
         let mut chosen = 0u64;
         self.resent.clear();
+        let mut misfits = 0;
         for &key in &self.keys {
+            // Costing reads the state the client holds, likely out of
+            // cache: stop once nothing more is likely to fit.
+            if misfits == MAX_MISFITS || budget.saturating_sub(used) < MIN_RECORD {
+                break;
+            }
             let k = key as u32 as usize;
             let at = self.at[k];
             if at.is_none() && room == 0 {
@@ -192,6 +206,9 @@ impl Baselines {
                 if pick == Pick::Resent {
                     self.resent.push(e.id);
                 }
+                misfits = 0;
+            } else {
+                misfits += 1;
             }
         }
         // What the client holds after this snapshot, in id order: the

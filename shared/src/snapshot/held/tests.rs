@@ -163,9 +163,33 @@ proptest! {
             let budget = w.rng.range(20.0, 900.0) as usize;
             out.clear();
             let header = Header { tick: u64::from(tick), server: ServerId(1), authoritative: true, last_input_seq: 0 };
-            b.encode(&w.ring, &header, DVec3::new(1.4, 0.0, -7.6), &wanted, acked, budget, &mut out);
+            let base = b.history.iter().rev().find(|v| v.tick == acked).cloned();
+            let origin = DVec3::new(1.4, 0.0, -7.6);
+            b.encode(&w.ring, &header, origin, &wanted, acked, budget, &mut out);
             prop_assert!(out.len() <= budget.max(24), "{} > {budget}", out.len());
             prop_assert_eq!(b.fresh().len(), wanted.len());
+            // Greedy by priority: a changed entity left out while a lower
+            // one went costs more than that one did.
+            let held = |x: &Want| base.as_ref().and_then(|v| v.held.iter().find(|h| h.id == x.id));
+            let changed = |x: &Want| {
+                held(x).is_none_or(|h| h.slot != x.slot || after(w.ring.changed(x.slot), h.stamp))
+            };
+            let cost = |x: &Want| {
+                let e = w.ring.current(x.slot);
+                match held(x).map(|h| w.ring.at(h.slot, h.stamp, h.id)) {
+                    None => record_len(e, None, origin_mm(origin), 0),
+                    Some(Some(b)) => record_len(e, Some(b), origin_mm(origin), 0),
+                    Some(None) => varint_len(e.id.0) + record_len(e, None, origin_mm(origin), 0),
+                }
+            };
+            let rank = |x: &Want| x.priority.max(0.0);
+            for (u, fu) in wanted.iter().zip(b.fresh()).filter(|(u, f)| changed(u) && !**f) {
+                for (p, _) in wanted.iter().zip(b.fresh()).filter(|(p, f)| changed(p) && **f) {
+                    if rank(u) > rank(p) {
+                        prop_assert!(cost(u) > cost(p), "{:?} left out ({fu}), {:?} sent", u, p);
+                    }
+                }
+            }
             if w.rng.f64() < loss {
                 continue;
             }
