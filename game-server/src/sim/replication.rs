@@ -23,7 +23,8 @@ pub(crate) const GRID_CELL_M: f64 = 32.0;
 const MAX_GRID_CELLS: usize = 1 << 20;
 
 /// What replication reads of an entity.
-type Replicated = (&'static NetId, &'static Body, Option<&'static Avatar>, Option<&'static super::physics::Prop>);
+type Replicated =
+    (&'static NetId, Ref<'static, Body>, Option<&'static Avatar>, Option<Ref<'static, super::physics::Prop>>);
 
 /// What every player's snapshot is built from this tick, shared read-only
 /// by the workers. An entity keeps its slot (its index in the arrays) from
@@ -307,10 +308,16 @@ pub fn replication(
     f.begin(tick.tick);
     sc.jobs.clear();
     for (n, b, avatar, prop) in &q {
-        let rot = prop.map_or_else(|| Quat::from_rotation_y(b.yaw), |p| p.rot);
-        let state =
-            EntityState { id: n.0, pos: b.pos, rot: rot.to_array(), vel: b.vel.to_array(), authority: cfg.server };
-        let Some(me) = f.put(state, QEntity::quantise(&state)) else { continue };
+        // A resting prop (most of them) is not quantised again.
+        let still = !b.is_changed() && prop.as_ref().is_some_and(|p| !p.is_changed());
+        let Some(me) = still.then(|| f.keep(n.0)).flatten().or_else(|| {
+            let rot = prop.as_ref().map_or_else(|| Quat::from_rotation_y(b.yaw), |p| p.rot);
+            let state =
+                EntityState { id: n.0, pos: b.pos, rot: rot.to_array(), vel: b.vel.to_array(), authority: cfg.server };
+            f.put(state, QEntity::quantise(&state))
+        }) else {
+            continue;
+        };
         // This tick's players, each taking its link along.
         let Some((a, conn)) = avatar.and_then(|a| Some((a, a.conn?))) else { continue };
         if !tick.tick.wrapping_add(n.0.0).is_multiple_of(every) {
@@ -420,6 +427,28 @@ impl Frame {
         }
         ring[k] = q;
         self.states[k] = state;
+        self.live.push(i);
+        Some(i)
+    }
+
+    /// Puts entity `id` in its slot with last tick's state, if it was
+    /// there last tick (`None`: it was not; [`Frame::put`] it).
+    fn keep(&mut self, id: EntityId) -> Option<u32> {
+        let i = *self.slot.get(&id)?;
+        let k = i as usize;
+        let now = self.tick as u32;
+        let last = (self.tick as usize).wrapping_sub(1) % RING_TICKS;
+        let old = &mut self.hot[k];
+        if old.id != id || old.filled != now.wrapping_sub(1) || self.ring[last].0 != now.wrapping_sub(1) {
+            return None;
+        }
+        let q = *self.ring[last].1.get(k)?;
+        old.filled = now;
+        let ring = &mut self.ring[self.tick as usize % RING_TICKS].1;
+        if ring.len() <= k {
+            ring.resize(self.hot.len(), NO_STATE);
+        }
+        ring[k] = q;
         self.live.push(i);
         Some(i)
     }
@@ -760,6 +789,41 @@ mod tests {
         assert!(f.get(a, EntityId(1)).is_none(), "a reused slot answers only for its new entity");
         assert_eq!(f.get(c, EntityId(3)).map(|s| s.id), Some(EntityId(3)));
         assert!(f.get(b, EntityId(3)).is_none());
+    }
+
+    #[test]
+    fn a_resting_entity_keeps_its_state_and_its_change_tick_only_while_it_stays() {
+        use held::Values as _;
+        let state = EntityState {
+            id: EntityId(5),
+            pos: DVec3::new(3.0, 4.0, 5.0),
+            rot: [0.0, 0.0, 0.0, 1.0],
+            vel: [0.0; 3],
+            authority: shared::ServerId(1),
+        };
+        let q = QEntity::quantise(&state);
+        let mut f = Frame::default();
+        f.begin(10);
+        assert_eq!(f.keep(state.id), None, "never here: put it");
+        let s = f.put(state, q).unwrap();
+        f.end();
+        for tick in 11..14 {
+            f.begin(tick);
+            assert_eq!(f.keep(state.id), Some(s));
+            assert_eq!(f.keep(state.id), None, "once a tick");
+            f.end();
+            assert_eq!(f.current(s), &q);
+            assert_eq!(f.changed(s), 10);
+            assert_eq!(f.at(s, tick as u32, state.id), Some(&q));
+        }
+        // Gone a tick: not kept, put anew, changed again.
+        f.begin(14);
+        f.end();
+        f.begin(15);
+        assert_eq!(f.keep(state.id), None);
+        let s = f.put(state, q).unwrap();
+        f.end();
+        assert_eq!(f.changed(s), 15);
     }
 
     #[test]
