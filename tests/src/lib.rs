@@ -15,34 +15,36 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use serde_json::Value;
 
-/// The directory holding the workspace's binaries (meshctl too, for the
-/// load run of `.ci/run`), built once per test
-/// process so a test never runs stale ones. They are built into a target
-/// directory of their own: the feature set cargo unifies for this build is
-/// not the one of `cargo test`, and sharing a directory would rebuild both
-/// every time.
+/// The binaries the multi-process tests run.
+pub const BINARIES: [&str; 4] = ["mesh-coordinator", "game-server", "bot-swarm", "meshctl"];
+
+/// The directory holding the workspace's binaries, never stale ones.
+///
+/// `scripts/test` over the whole workspace sets `PS_TEST_BIN_DIR` to
+/// cargo's own `debug` directory: each of the four packages has an
+/// integration test, so that very `cargo test` built their binaries before
+/// running any test (with the test run's features: nothing is built
+/// twice). Otherwise (`cargo test -p integration-tests`, an IDE) they are
+/// built once per test process into a target directory of their own: the
+/// feature set cargo unifies for that build is not the one of `cargo
+/// test`, and sharing a directory would rebuild both every time.
 pub fn bin_dir() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
+        if let Some(dir) = std::env::var_os("PS_TEST_BIN_DIR").map(PathBuf::from) {
+            for b in BINARIES {
+                assert!(dir.join(b).is_file(), "PS_TEST_BIN_DIR={} has no {b}", dir.display());
+            }
+            return dir;
+        }
         // tests run from <target>/<profile>/deps/
         let exe = std::env::current_exe().expect("test executable path");
         let target = exe.ancestors().nth(3).expect("<target>/<profile>/deps/<test>").to_path_buf();
         let own = target.join("integration");
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let status = Command::new(cargo)
-            .args([
-                "build",
-                "--quiet",
-                "-p",
-                "mesh-coordinator",
-                "-p",
-                "game-server",
-                "-p",
-                "bot-swarm",
-                "-p",
-                "meshctl",
-                "--bins",
-            ])
+            .args(["build", "--quiet", "--bins"])
+            .args(BINARIES.iter().flat_map(|b| ["-p", b]))
             .arg("--target-dir")
             .arg(&own)
             .status()
