@@ -42,7 +42,7 @@ pub struct Config {
     /// turn (a priority accumulator: nothing starves).
     #[arg(long, env = "PS_PLAYER_BANDWIDTH_KBPS", default_value_t = 512)]
     pub player_bandwidth_kbps: u32,
-    /// Snapshots a second to each player, at most the tick rate, as a whole
+    /// Snapshots a second to each player, 10 to the tick rate, as a whole
     /// number of ticks between two (90, 45, 30, 22 …; a rate between two
     /// of them gets the higher). The bandwidth above is shared out over
     /// them: fewer, larger snapshots cost the server less per player (the
@@ -150,8 +150,8 @@ impl Config {
             "player bandwidth must be 64..=1000000 kbit/s"
         );
         anyhow::ensure!(
-            (1..=shared::time::TICK_HZ).contains(&self.snapshot_hz),
-            "snapshot rate must be 1..={} Hz",
+            (MIN_SNAPSHOT_HZ..=shared::time::TICK_HZ).contains(&self.snapshot_hz),
+            "snapshot rate must be {MIN_SNAPSHOT_HZ}..={} Hz",
             shared::time::TICK_HZ
         );
         anyhow::ensure!((1..=16).contains(&self.chunk_workers), "chunk workers must be 1..=16");
@@ -180,12 +180,16 @@ impl Config {
     }
 }
 
+/// Snapshots a second to each player unless configured.
+pub const DEFAULT_SNAPSHOT_HZ: u32 = 90;
+/// The fewest snapshots a second a player may be configured to get: the
+/// baselines point into `RING_TICKS` (64) ticks of states, which must hold
+/// a few snapshots and their acknowledgement.
+pub const MIN_SNAPSHOT_HZ: u32 = 10;
+
 /// Threads building snapshots beside the tick thread when
 /// `--replication-workers` is not given: one less than the cores this
 /// process may use, at most 7.
-/// Snapshots a second to each player unless configured.
-pub const DEFAULT_SNAPSHOT_HZ: u32 = 90;
-
 pub fn default_replication_workers() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get()).saturating_sub(1).min(7)
 }

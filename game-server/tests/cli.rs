@@ -21,8 +21,8 @@ fn run(args: &[&str]) -> (Option<i32>, String) {
 fn a_bad_setting_stops_the_server_at_once_and_says_which() {
     // Out of range: the configuration's own check (exit 1).
     for (args, says) in [
-        (&["--snapshot-hz", "0"][..], "snapshot rate must be 1..=90 Hz"),
-        (&["--snapshot-hz", "91"][..], "snapshot rate must be 1..=90 Hz"),
+        (&["--snapshot-hz", "9"][..], "snapshot rate must be 10..=90 Hz"),
+        (&["--snapshot-hz", "91"][..], "snapshot rate must be 10..=90 Hz"),
         (&["--player-bandwidth-kbps", "10"][..], "player bandwidth must be 64..=1000000 kbit/s"),
     ] {
         let (code, text) = run(args);

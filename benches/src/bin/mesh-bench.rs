@@ -159,7 +159,11 @@ fn main() -> anyhow::Result<()> {
             replication_workers,
             snapshot_hz,
         } => {
-            anyhow::ensure!((1..=90).contains(&snapshot_hz), "snapshot-hz must be 1..=90");
+            anyhow::ensure!(
+                (game_server::config::MIN_SNAPSHOT_HZ..=90).contains(&snapshot_hz),
+                "snapshot-hz must be {}..=90",
+                game_server::config::MIN_SNAPSHOT_HZ
+            );
             anyhow::ensure!(seconds > 0.0 && seconds <= 3600.0, "seconds must be in (0, 3600]");
             let setup = Instant::now();
             let group = ScenarioConfig::default().group;

@@ -49,8 +49,9 @@ struct Frame {
 }
 
 /// Ticks of entity states the frame keeps (0.7 s): a client holding an
-/// older state of a changed entity is sent it whole. The accumulator
-/// sends every changed entity within 45 ticks.
+/// older state of a changed entity is sent it whole. At 90 snapshots a
+/// second the accumulator sends every changed entity within 45 ticks;
+/// `--snapshot-hz` is at least 10 (a snapshot every 9 ticks).
 pub(crate) const RING_TICKS: usize = 64;
 
 /// The state of a slot never filled at a tick of the ring (no entity has
@@ -320,7 +321,9 @@ pub fn replication(
         };
         // This tick's players, each taking its link along.
         let Some((a, conn)) = avatar.and_then(|a| Some((a, a.conn?))) else { continue };
-        if !tick.tick.wrapping_add(n.0.0).is_multiple_of(every) {
+        // Its turn, or it missed its turn (a tick skipped under load).
+        let turn = tick.tick.wrapping_add(n.0.0).is_multiple_of(every);
+        if !turn && sc.links.get(&conn).is_some_and(|l| l.served + every >= tick.tick) {
             continue;
         }
         let mut link = sc.links.remove(&conn).unwrap_or_default();
@@ -394,7 +397,8 @@ impl Frame {
                 self.states.push(state);
                 self.hot.push(Slot {
                     id: EntityId(0),
-                    filled: u32::MAX,
+                    // Not this tick (nor an id of anything).
+                    filled: (self.tick as u32).wrapping_sub(1),
                     changed: 0,
                     pos: glam::Vec3::ZERO,
                     speed: 0.0,

@@ -16,7 +16,8 @@ use std::collections::VecDeque;
 use glam::DVec3;
 
 use super::{
-    HISTORY, Header, MAX_VIEW_ENTITIES, QEntity, origin_mm, record, record_len, varint, varint_len, write_head,
+    HISTORY, Header, MAX_VIEW_ENTITIES, QEntity, match_baseline, origin_mm, priority_key, record, record_len, varint,
+    varint_len, write_head,
 };
 use crate::ids::EntityId;
 use crate::time::Tick;
@@ -130,28 +131,7 @@ impl Baselines {
         write_head(header, origin_q, base.map(|b| b.tick), &mut self.head);
         let mut used = self.head.len() + 2 * 3; // two counts, up to 3 bytes each
         let kept = base.map_or(&[][..], |b| &b.held[..]);
-        // Removals first; the same walk finds each wanted entity's baseline.
-        self.at.clear();
-        self.at.resize(wanted.len(), None);
-        self.removed.clear();
-        let (mut prev, mut j, mut removing) = (0, 0, true);
-        for (i, h) in kept.iter().enumerate() {
-            while j < wanted.len() && wanted[j].id < h.id {
-                j += 1;
-            }
-            if wanted.get(j).is_some_and(|w| w.id == h.id) {
-                self.at[j] = Some(i as u32);
-            } else if removing {
-                let cost = varint_len(h.id.0 - prev);
-                if used + cost > budget {
-                    removing = false;
-                    continue;
-                }
-                used += cost;
-                prev = h.id.0;
-                self.removed.push(h.id);
-            }
-        }
+        used = match_baseline(kept, |h| h.id, wanted, |w| w.id, budget, used, &mut self.at, &mut self.removed);
         // What changed since the state the client holds, by priority.
         self.fresh.clear();
         self.fresh.resize(wanted.len(), false);
@@ -166,10 +146,7 @@ impl Baselines {
             if unchanged {
                 self.fresh[k] = true;
             } else {
-                // Non-negative floats order as their bits; `!` puts the
-                // highest first (-0.0 and NaN count as 0).
-                let p = if w.priority > 0.0 { w.priority } else { 0.0 };
-                self.keys.push((u64::from(!p.to_bits()) << 32) | k as u64);
+                self.keys.push(priority_key(w.priority, k));
             }
         }
         self.keys.sort_unstable();

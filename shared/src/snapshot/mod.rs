@@ -163,6 +163,55 @@ fn write_head(header: &Header, origin_q: [i64; 3], baseline: Option<Tick>, head:
     }
 }
 
+/// Removals first: a client must not keep ghosts of what left its view.
+/// One walk of the baseline (`kept`) and the `wanted` ids, both in id
+/// order, lists in `removed` the baseline entities not wanted while their
+/// ids fit `budget`, and puts in `at` each wanted entity's index in the
+/// baseline. Returns the bytes used after the removals.
+#[allow(clippy::too_many_arguments)]
+fn match_baseline<K, W>(
+    kept: &[K],
+    kept_id: impl Fn(&K) -> EntityId,
+    wanted: &[W],
+    wanted_id: impl Fn(&W) -> EntityId,
+    budget: usize,
+    mut used: usize,
+    at: &mut Vec<Option<u32>>,
+    removed: &mut Vec<EntityId>,
+) -> usize {
+    at.clear();
+    at.resize(wanted.len(), None);
+    removed.clear();
+    let (mut prev, mut j, mut removing) = (0, 0, true);
+    for (i, e) in kept.iter().enumerate() {
+        let id = kept_id(e);
+        while j < wanted.len() && wanted_id(&wanted[j]) < id {
+            j += 1;
+        }
+        if wanted.get(j).is_some_and(|w| wanted_id(w) == id) {
+            at[j] = Some(i as u32);
+        } else if removing {
+            let cost = varint_len(id.0 - prev);
+            if used + cost > budget {
+                removing = false;
+                continue;
+            }
+            used += cost;
+            prev = id.0;
+            removed.push(id);
+        }
+    }
+    used
+}
+
+/// The sort key of a changed entity: its priority's bits above (`!`:
+/// highest first; non-negative floats order as their bits, and -0.0 and
+/// NaN count as 0), its index below.
+fn priority_key(priority: f32, index: usize) -> u64 {
+    let p = if priority > 0.0 { priority } else { 0.0 };
+    (u64::from(!p.to_bits()) << 32) | index as u64
+}
+
 /// Which fields of `e` differ from `base` (all of them without one).
 fn changed(e: &QEntity, base: Option<&QEntity>) -> u8 {
     let Some(b) = base else { return HAS_POS | HAS_ROT | HAS_VEL | HAS_AUTHORITY };
@@ -346,30 +395,7 @@ pub fn encode_by_id(
     write_head(header, origin_q, baseline.map(|b| b.tick), &mut sc.head);
     let mut used = sc.head.len() + 2 * 3; // two counts, up to 3 bytes each
     let kept = baseline.map_or(&[][..], |b| &b.entities[..]);
-    // Removals first: a client must not keep ghosts of what left its view.
-    // One walk of the baseline and the wanted ids, both in id order, also
-    // finds each wanted entity's baseline.
-    sc.at.clear();
-    sc.at.resize(wanted.len(), None);
-    sc.removed.clear();
-    let (mut prev, mut j, mut removing) = (0, 0, true);
-    for (i, e) in kept.iter().enumerate() {
-        while j < wanted.len() && wanted[j].id < e.id {
-            j += 1;
-        }
-        if wanted.get(j).is_some_and(|w| w.id == e.id) {
-            sc.at[j] = Some(i as u32);
-        } else if removing {
-            let cost = varint_len(e.id.0 - prev);
-            if used + cost > budget {
-                removing = false;
-                continue;
-            }
-            used += cost;
-            prev = e.id.0;
-            sc.removed.push(e.id);
-        }
-    }
+    used = match_baseline(kept, |e| e.id, wanted, |w| w.id, budget, used, &mut sc.at, &mut sc.removed);
     // Then what changed, in priority order, while it fits (and while the
     // client's view has room for what it lacks). The id is costed in full
     // here; written as a difference it only gets shorter.
@@ -383,10 +409,7 @@ pub fn encode_by_id(
         if base == Some(e) {
             sc.fresh[k] = true;
         } else {
-            // Non-negative floats order as their bits; `!` puts the highest
-            // first (-0.0 and NaN count as 0).
-            let p = if priority[k] > 0.0 { priority[k] } else { 0.0 };
-            sc.keys.push((u64::from(!p.to_bits()) << 32) | k as u64);
+            sc.keys.push(priority_key(priority[k], k));
         }
     }
     sc.keys.sort_unstable();
