@@ -4,7 +4,6 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use axum::extract::Path;
 use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -75,13 +74,15 @@ impl LocalState {
 }
 
 pub fn router(state: LocalState) -> Router {
-    Router::new()
-        .route("/health", get(|| async { "ok\n" }))
-        .route("/ready", get(ready))
-        .route("/v1/status", get(|State(s): State<LocalState>| async move { Json(s.status()) }))
-        .route("/v1/props", axum::routing::post(spawn_props))
-        .route("/v1/chunks/{x}/{y}/{z}", get(inspect_chunk))
-        .with_state(state)
+    svc::http::with_json_fallbacks(
+        Router::new()
+            .route("/health", get(|| async { "ok\n" }))
+            .route("/ready", get(ready))
+            .route("/v1/status", get(|State(s): State<LocalState>| async move { Json(s.status()) }))
+            .route("/v1/props", axum::routing::post(spawn_props))
+            .route("/v1/chunks/{x}/{y}/{z}", get(inspect_chunk))
+            .with_state(state),
+    )
 }
 
 /// Body of `POST /v1/props`.
@@ -90,8 +91,12 @@ pub struct SpawnPropsRequest {
     pub props: Vec<crate::sim::messages::PropSpawn>,
 }
 
-fn error(status: StatusCode, msg: impl Into<String>) -> Response {
-    (status, Json(serde_json::json!({ "error": msg.into() }))).into_response()
+/// A refusal (`svc::http::ErrorView`): `bad_request`, `unauthorized`,
+/// `forbidden` (no admin token configured), `invalid_props`, `busy` (the
+/// simulation's inbox is full), `unavailable` (the simulation stopped),
+/// `no_route`, `method_not_allowed`.
+fn error(status: StatusCode, label: &str, detail: &str) -> Response {
+    svc::http::refusal(status, label, detail)
 }
 
 /// Spawns props (admin): all of them or none. Answers the new entity ids.
@@ -105,29 +110,29 @@ async fn spawn_props(
     }
     let Json(req) = match body {
         Ok(b) => b,
-        Err(e) => return error(StatusCode::BAD_REQUEST, e.body_text()),
+        Err(e) => return error(StatusCode::BAD_REQUEST, "bad_request", &e.body_text()),
     };
     let (reply, rx) = tokio::sync::oneshot::channel();
     let msg = crate::sim::messages::SimIn::SpawnProps { props: req.props, reply };
     if s.sim.send_timeout(msg, std::time::Duration::from_secs(2)).await.is_err() {
-        return error(StatusCode::SERVICE_UNAVAILABLE, "the simulation is busy");
+        return error(StatusCode::SERVICE_UNAVAILABLE, "busy", "the simulation is busy");
     }
     match rx.await {
         Ok(Ok(ids)) => Json(serde_json::json!({ "ids": ids.iter().map(|i| i.0).collect::<Vec<_>>() })).into_response(),
-        Ok(Err(e)) => error(StatusCode::UNPROCESSABLE_ENTITY, e),
-        Err(_) => error(StatusCode::SERVICE_UNAVAILABLE, "the simulation stopped"),
+        Ok(Err(e)) => error(StatusCode::UNPROCESSABLE_ENTITY, "invalid_props", &e),
+        Err(_) => error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "the simulation stopped"),
     }
 }
 
 /// Checks the admin bearer token: `Some(refusal)` when it does not pass.
 fn admin_refusal(s: &LocalState, headers: &axum::http::HeaderMap) -> Option<Response> {
     let Some(expected) = &s.admin_token else {
-        return Some(error(StatusCode::FORBIDDEN, "the admin API is disabled: set PS_ADMIN_TOKEN"));
+        return Some(error(StatusCode::FORBIDDEN, "forbidden", "the admin API is disabled: set PS_ADMIN_TOKEN"));
     };
     let presented =
         headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
     if !presented.is_some_and(|p| svc::constant_time_eq(p.as_bytes(), expected.as_bytes())) {
-        return Some(error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token"));
+        return Some(error(StatusCode::UNAUTHORIZED, "unauthorized", "missing or wrong bearer token"));
     }
     None
 }
@@ -138,7 +143,7 @@ fn admin_refusal(s: &LocalState, headers: &axum::http::HeaderMap) -> Option<Resp
 async fn inspect_chunk(
     State(s): State<LocalState>,
     headers: axum::http::HeaderMap,
-    Path((x, y, z)): Path<(i32, i32, i32)>,
+    svc::http::ApiPath((x, y, z)): svc::http::ApiPath<(i32, i32, i32)>,
 ) -> Response {
     if let Some(refused) = admin_refusal(&s, &headers) {
         return refused;
@@ -147,11 +152,11 @@ async fn inspect_chunk(
     let key = shared::chunk::ChunkKey { x, y, z };
     let msg = crate::sim::messages::SimIn::InspectChunk { key, reply };
     if s.sim.send_timeout(msg, std::time::Duration::from_secs(2)).await.is_err() {
-        return error(StatusCode::SERVICE_UNAVAILABLE, "the simulation is busy");
+        return error(StatusCode::SERVICE_UNAVAILABLE, "busy", "the simulation is busy");
     }
     match rx.await {
         Ok(info) => Json(info).into_response(),
-        Err(_) => error(StatusCode::SERVICE_UNAVAILABLE, "the simulation stopped"),
+        Err(_) => error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "the simulation stopped"),
     }
 }
 

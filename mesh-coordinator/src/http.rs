@@ -8,13 +8,14 @@ use std::sync::Arc;
 use std::net::SocketAddr;
 
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{ConnectInfo, FromRequestParts, Path, Query, State};
+use axum::extract::{ConnectInfo, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use glam::DVec3;
 use serde::{Deserialize, Serialize};
+pub use svc::http::{ApiPath, ApiQuery, with_json_fallbacks};
 
 use shared::ids::{PlayerId, ServerId};
 use shared::wire::JoinRole;
@@ -42,49 +43,6 @@ pub fn router(node: Arc<Node>, access: ViewAccess) -> Router {
         .route("/openapi.json", get(openapi))
         .with_state(node)
         .merge(views)
-}
-
-/// A query string, refused as the API refuses (400 `bad_request`, JSON,
-/// saying what is wrong) rather than as axum does (plain text).
-#[derive(Debug)]
-pub struct ApiQuery<T>(pub T);
-
-impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequestParts<S> for ApiQuery<T> {
-    type Rejection = Response;
-
-    async fn from_request_parts(parts: &mut axum::http::request::Parts, state: &S) -> Result<Self, Response> {
-        match Query::<T>::from_request_parts(parts, state).await {
-            Ok(Query(v)) => Ok(Self(v)),
-            Err(e) => Err(err(StatusCode::BAD_REQUEST, "bad_request", &e.body_text())),
-        }
-    }
-}
-
-/// Path parameters, refused as the API refuses (400 `bad_request`, JSON).
-#[derive(Debug)]
-pub struct ApiPath<T>(pub T);
-
-impl<S: Send + Sync, T: serde::de::DeserializeOwned + Send> FromRequestParts<S> for ApiPath<T> {
-    type Rejection = Response;
-
-    async fn from_request_parts(parts: &mut axum::http::request::Parts, state: &S) -> Result<Self, Response> {
-        match Path::<T>::from_request_parts(parts, state).await {
-            Ok(Path(v)) => Ok(Self(v)),
-            Err(e) => Err(err(StatusCode::BAD_REQUEST, "bad_request", &e.body_text())),
-        }
-    }
-}
-
-/// The whole API's answers to what no route takes, as JSON refusals: 404
-/// `no_route` for a path no route has, 405 `method_not_allowed` for a
-/// method a route does not take. Call on the finished router.
-pub fn with_json_fallbacks(app: Router) -> Router {
-    app.fallback(|uri: axum::http::Uri| async move {
-        err(StatusCode::NOT_FOUND, "no_route", &format!("no route for {}", uri.path()))
-    })
-    .method_not_allowed_fallback(|method: axum::http::Method, uri: axum::http::Uri| async move {
-        err(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", &format!("{} does not take {method}", uri.path()))
-    })
 }
 
 /// Most records one read of `/v1/transfers` or `/v1/audit` returns; a
@@ -696,21 +654,13 @@ async fn leaderboard(
     }
 }
 
-/// The body of every refusal of the auth endpoints.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct ErrorView {
-    /// Stable label: `bad_request`, `bad_credentials`, `bad_session`,
-    /// `name_taken`, `rate_limited`, `no_server`, `unavailable`,
-    /// `unauthorized`, `forbidden`, `unknown_player`, `bad_region`,
-    /// `no_owner`, `no_route`, `method_not_allowed`, or a refused
-    /// command's reason.
-    pub error: String,
-    pub detail: String,
-}
-
-/// An [`ErrorView`] answer.
+/// A refusal (`svc::http::ErrorView`); the labels here: `bad_request`,
+/// `bad_credentials`, `bad_session`, `name_taken`, `rate_limited`,
+/// `no_server`, `unavailable`, `unauthorized`, `forbidden`,
+/// `unknown_player`, `bad_region`, `no_owner`, `no_route`,
+/// `method_not_allowed`, or a refused command's reason.
 fn err(status: StatusCode, error: &str, detail: &str) -> Response {
-    (status, Json(ErrorView { error: error.into(), detail: detail.into() })).into_response()
+    svc::http::refusal(status, error, detail)
 }
 
 /// Counts the outcome and answers `Ok` with `status` and its JSON, `Err`

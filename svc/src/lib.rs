@@ -2,6 +2,9 @@
 //! stop, report their bound ports and render their metrics. Nothing here
 //! knows about the game.
 
+#[cfg(feature = "http")]
+pub mod http;
+
 use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
 

@@ -1,5 +1,6 @@
 //! The game server's admin endpoint spawns props: only with the operator's
 //! bearer token, only valid props, and the world really holds them after.
+//! Every refusal of its HTTP API is `{"error", "detail"}` JSON.
 
 use std::time::Duration;
 
@@ -31,15 +32,32 @@ fn props_are_spawned_by_an_admin_with_the_token_only() -> anyhow::Result<()> {
         { "pos": [500.0, 120.0, 500.0], "shape": "box", "half": [0.3, 0.3, 0.3] },
         { "pos": [502.0, 120.0, 500.0], "shape": "ball", "radius": 0.2, "vel": [1.0, 0.0, 0.0] }
     ]});
-    assert_eq!(post(None, one.clone())?.0, 401);
-    assert_eq!(post(Some("wrong"), one.clone())?.0, 401);
-    let (status, body) = post(Some("s3cret"), serde_json::json!({ "props": [{ "pos": [1.0, 2.0] }] }))?;
-    assert!(status == 400 || status == 422, "malformed body: {status} {body}");
+    // A refusal: its status, a stable label and what is wrong.
+    let refused = |(status, body): (u16, serde_json::Value), want: u16, label: &str| {
+        assert_eq!((status, body["error"].as_str()), (want, Some(label)), "{body}");
+        assert!(body["detail"].as_str().is_some_and(|d| !d.is_empty()), "{body}");
+    };
+    refused(post(None, one.clone())?, 401, "unauthorized");
+    refused(post(Some("wrong"), one.clone())?, 401, "unauthorized");
+    refused(post(Some("s3cret"), serde_json::json!({ "props": [{ "pos": [1.0, 2.0] }] }))?, 400, "bad_request");
     let (status, body) = post(
         Some("s3cret"),
         serde_json::json!({ "props": [{ "pos": [500.0, 120.0, 500.0], "shape": "ball", "radius": 50.0 }] }),
     )?;
-    assert_eq!(status, 422, "{body}");
+    refused((status, body), 422, "invalid_props");
+    // What no handler takes is refused the same way.
+    let get = |path: &str| {
+        let r = client.get(format!("http://{http}{path}")).bearer_auth("s3cret").timeout(Duration::from_secs(5));
+        rt.block_on(async move {
+            let resp = r.send().await?;
+            let status = resp.status().as_u16();
+            let v: serde_json::Value = resp.json().await?;
+            anyhow::Ok((status, v))
+        })
+    };
+    refused(get("/v1/chunks/1/two/3")?, 400, "bad_request");
+    refused(get("/v1/no-such-thing")?, 404, "no_route");
+    refused(get("/v1/props")?, 405, "method_not_allowed");
     let (status, body) = post(
         Some("s3cret"),
         serde_json::json!({ "props": [{ "pos": [5000.0, 120.0, 500.0], "shape": "ball", "radius": 0.2 }] }),
