@@ -1,5 +1,6 @@
 //! `meshctl up`: a coordinator, game servers and bots as child processes on
-//! loopback, a live one-line status, and a clean stop on Ctrl-C.
+//! loopback, a live one-line status, members that die restarted (with
+//! backoff) while the rest runs on, and a clean stop on Ctrl-C.
 
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
@@ -63,13 +64,30 @@ pub struct UpArgs {
     /// binaries (default: beside meshctl).
     #[arg(long)]
     bin_dir: Option<PathBuf>,
+    /// Leave a member that dies down (the rest runs on) instead of
+    /// restarting it.
+    #[arg(long)]
+    no_restart: bool,
 }
 
+/// A member of the mesh, and how to start it again.
 struct Proc {
     name: String,
     child: Child,
     log: PathBuf,
+    bin: PathBuf,
+    args: Vec<String>,
+    /// Restarts since it last ran a minute (the backoff's exponent).
+    restarts: u32,
+    started: Instant,
+    /// Down since it exited: when it is to be started again (`None`: left down).
+    down: Option<Option<Instant>>,
 }
+
+/// The longest wait before a member that keeps dying is started again.
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// A member that ran this long has its backoff start over.
+const RAN_WELL: Duration = Duration::from_secs(60);
 
 /// The last line of a log that is not blank, for a one-line error.
 /// What a member's log says of why it stopped: its last error (a daemon
@@ -97,7 +115,37 @@ fn binary(dir: &Path, name: &str) -> anyhow::Result<PathBuf> {
 
 fn spawn(name: &str, bin: &Path, args: &[String], log: &Path) -> anyhow::Result<Proc> {
     let out = std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
-    let child = Command::new(bin)
+    let child = start(bin, args, out)?;
+    Ok(Proc {
+        name: name.to_owned(),
+        child,
+        log: log.to_path_buf(),
+        bin: bin.to_path_buf(),
+        args: args.to_vec(),
+        restarts: 0,
+        started: Instant::now(),
+        down: None,
+    })
+}
+
+/// Starts a member that exited again, its log appended to (what it said
+/// before it died stays).
+fn respawn(p: &mut Proc) -> anyhow::Result<()> {
+    let mut out = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(&p.log)
+        .with_context(|| format!("opening {}", p.log.display()))?;
+    writeln!(out, "--- meshctl up: starting {} again (restart {}) ---", p.name, p.restarts + 1)?;
+    p.child = start(&p.bin, &p.args, out)?;
+    p.restarts += 1;
+    p.started = Instant::now();
+    p.down = None;
+    Ok(())
+}
+
+fn start(bin: &Path, args: &[String], out: std::fs::File) -> anyhow::Result<Child> {
+    Command::new(bin)
         .args(args)
         .stdin(Stdio::null())
         .stdout(out.try_clone()?)
@@ -107,8 +155,7 @@ fn spawn(name: &str, bin: &Path, args: &[String], log: &Path) -> anyhow::Result<
         .process_group(0)
         .kill_on_drop(true)
         .spawn()
-        .with_context(|| format!("starting {}", bin.display()))?;
-    Ok(Proc { name: name.to_owned(), child, log: log.to_path_buf() })
+        .with_context(|| format!("starting {}", bin.display()))
 }
 
 async fn wait_for_file(path: &Path, proc: &mut Proc, log: &Path) -> anyhow::Result<Value> {
@@ -157,6 +204,10 @@ fn ticket_key(data_dir: &Path) -> anyhow::Result<PathBuf> {
 
 async fn stop(procs: &mut [Proc]) {
     for p in procs.iter_mut() {
+        if p.down.is_some() {
+            eprintln!("  {} was down", p.name);
+            continue;
+        }
         if let Some(pid) = p.child.id() {
             let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
         }
@@ -298,7 +349,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
                 &logs.join("bot-swarm.log"),
             )?);
         }
-        status_loop(&http, &mut coordinator, &mut servers, &mut bots).await
+        status_loop(&http, !args.no_restart, &mut coordinator, &mut servers, &mut bots).await
     }
     .await;
     eprintln!("\nstopping the mesh…");
@@ -310,6 +361,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
 
 async fn status_loop(
     http: &str,
+    restart: bool,
     coordinator: &mut [Proc],
     servers: &mut [Proc],
     bots: &mut [Proc],
@@ -325,15 +377,14 @@ async fn status_loop(
             _ = tokio::signal::ctrl_c() => return Ok(()),
             _ = term.recv() => return Ok(()),
         }
+        let mut down = Vec::new();
         for p in coordinator.iter_mut().chain(servers.iter_mut()).chain(bots.iter_mut()) {
-            if let Some(status) = p.child.try_wait()? {
-                anyhow::bail!(
-                    "{} exited unexpectedly ({status}), so the mesh was stopped; see {}",
-                    p.name,
-                    p.log.display()
-                );
+            supervise(p, restart, tty)?;
+            if p.down.is_some() {
+                down.push(p.name.clone());
             }
         }
+        let down = if down.is_empty() { String::new() } else { format!(" · down: {}", down.join(", ")) };
         let line = match client.get(format!("http://{http}/v1/status")).send().await {
             Ok(r) => match r.json::<Value>().await {
                 Ok(s) => format!(
@@ -351,7 +402,7 @@ async fn status_loop(
                 Err(e) => format!("coordinator status unreadable: {e}"),
             },
             Err(e) => format!("coordinator unreachable: {e}"),
-        };
+        } + &down;
         n += 1;
         if tty {
             print!("\r\x1b[2K{line}");
@@ -360,6 +411,36 @@ async fn status_loop(
             println!("{line}");
         }
     }
+}
+
+/// A member that exited is reported (one line, with the cause its log
+/// gives) and, when `restart`, started again after a backoff that doubles
+/// while it keeps dying (1 s, 2 s, … at most [`MAX_BACKOFF`]).
+fn supervise(p: &mut Proc, restart: bool, tty: bool) -> anyhow::Result<()> {
+    match p.down {
+        None => {
+            let Some(status) = p.child.try_wait()? else { return Ok(()) };
+            if p.started.elapsed() >= RAN_WELL {
+                p.restarts = 0;
+            }
+            let wait = Duration::from_secs(1u64 << p.restarts.min(5)).min(MAX_BACKOFF);
+            let then = if restart { format!("starting it again in {} s", wait.as_secs()) } else { "left down".into() };
+            let clear = if tty { "\r\x1b[2K" } else { "" };
+            eprintln!(
+                "{clear}{} exited ({status}); {then}; its log {} ends: {}",
+                p.name,
+                p.log.display(),
+                last_line(&p.log)
+            );
+            p.down = Some(restart.then(|| Instant::now() + wait));
+        }
+        Some(Some(at)) if Instant::now() >= at => {
+            respawn(p)?;
+            eprintln!("{} started again", p.name);
+        }
+        Some(_) => {}
+    }
+    Ok(())
 }
 
 #[cfg(test)]
