@@ -2,6 +2,11 @@
 //!
 //! Every JSON document here is part of the admin contract (`meshctl` and the
 //! tests read it); fields are added, never renamed.
+//!
+//! Routes are made only through `utoipa_axum`'s `routes!` from handlers
+//! annotated with `#[utoipa::path]`, so the OpenAPI document served at
+//! `/openapi.json` ([`document`]) is generated from the handlers and their
+//! types, and a route cannot exist without its documented operation.
 
 use std::sync::Arc;
 
@@ -11,11 +16,14 @@ use axum::extract::rejection::JsonRejection;
 use axum::extract::{ConnectInfo, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
 use axum::{Json, Router};
 use glam::DVec3;
 use serde::{Deserialize, Serialize};
-pub use svc::http::{ApiPath, ApiQuery, with_json_fallbacks};
+pub use svc::http::{ApiPath, ApiQuery, ErrorView, with_json_fallbacks};
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{IntoParams, OpenApi, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use shared::ids::{PlayerId, ServerId};
 use shared::wire::JoinRole;
@@ -24,25 +32,152 @@ use crate::auth::{Auth, AuthError};
 use crate::node::{Node, now_nanos};
 use crate::state::{Addresses, AuditRecord, Command, CommandError, Load, Thresholds, TransferRecord};
 
-/// Probes, metrics, the OpenAPI document and `/v1/route` (open), and the
-/// admin views (`/v1/regions`, `/v1/servers`, `/v1/transfers`,
-/// `/v1/status`: viewer or operator token when a viewer token is set).
-pub fn router(node: Arc<Node>, access: ViewAccess) -> Router {
-    let views = Router::new()
-        .route("/v1/regions", get(regions))
-        .route("/v1/servers", get(servers))
-        .route("/v1/transfers", get(transfers))
-        .route("/v1/status", get(status))
-        .route_layer(axum::middleware::from_fn_with_state(access, require_viewer))
-        .with_state(node.clone());
-    Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
-        .route("/v1/route", get(route))
-        .route("/openapi.json", get(openapi))
-        .with_state(node)
-        .merge(views)
+/// The whole HTTP API on one router, with JSON refusals for what no route
+/// takes. `admin_token`: the operator token (writes); `access`: who may read
+/// the views.
+pub fn app(node: Arc<Node>, auth: Arc<Auth>, access: ViewAccess, admin_token: Option<String>) -> Router {
+    let token = admin_token.filter(|t| !t.is_empty()).map(Arc::new);
+    let viewer = || axum::middleware::from_fn_with_state(access.clone(), require_viewer);
+    let api = open_routes()
+        .with_state(node.clone())
+        .merge(view_routes().route_layer(viewer()).with_state(node.clone()))
+        .merge(auth_routes().with_state((node.clone(), auth.clone())))
+        .merge(player_routes().route_layer(viewer()).with_state((node.clone(), auth.clone())))
+        .merge(admin_routes().with_state((auth, token.clone())))
+        .merge(ops_routes().route_layer(viewer()).with_state((node, token)));
+    with_json_fallbacks(api.split_for_parts().0)
+}
+
+/// Probes, metrics, the OpenAPI document and `/v1/route`: open to all.
+fn open_routes() -> OpenApiRouter<Arc<Node>> {
+    OpenApiRouter::new()
+        .routes(routes!(healthz))
+        .routes(routes!(readyz))
+        .routes(routes!(metrics))
+        .routes(routes!(route))
+        .routes(routes!(openapi))
+}
+
+/// The admin views: viewer or operator token when a viewer token is set.
+fn view_routes() -> OpenApiRouter<Arc<Node>> {
+    OpenApiRouter::new()
+        .routes(routes!(regions))
+        .routes(routes!(servers))
+        .routes(routes!(transfers))
+        .routes(routes!(status))
+}
+
+/// The players' whereabouts: viewer or operator token when one is set.
+fn player_routes() -> OpenApiRouter<AuthState> {
+    OpenApiRouter::new().routes(routes!(players)).routes(routes!(player))
+}
+
+/// Accounts, logins, tickets, leaderboards: for players.
+fn auth_routes() -> OpenApiRouter<AuthState> {
+    OpenApiRouter::new()
+        .routes(routes!(create_account))
+        .routes(routes!(login))
+        .routes(routes!(ticket))
+        .routes(routes!(logout))
+        .routes(routes!(leaderboard))
+}
+
+/// Notices to every player (operator token).
+fn admin_routes() -> OpenApiRouter<(Arc<Auth>, Option<Arc<String>>)> {
+    OpenApiRouter::new().routes(routes!(notice))
+}
+
+/// The mesh's operating knobs and the operator's actions: read with the
+/// viewer or operator token, written with the operator token, committed
+/// through Raft.
+fn ops_routes() -> OpenApiRouter<OpsState> {
+    OpenApiRouter::new()
+        .routes(routes!(get_thresholds, put_thresholds))
+        .routes(routes!(audit))
+        .routes(routes!(split_region))
+        .routes(routes!(merge_region))
+        .routes(routes!(move_region))
+        .routes(routes!(drain_server))
+        .routes(routes!(undrain_server))
+}
+
+/// The OpenAPI 3.1 document of [`app`], generated from its handlers.
+pub fn document() -> utoipa::openapi::OpenApi {
+    let mut doc = ApiDoc::openapi();
+    for part in [
+        open_routes().into_openapi(),
+        view_routes().into_openapi(),
+        player_routes().into_openapi(),
+        auth_routes().into_openapi(),
+        admin_routes().into_openapi(),
+        ops_routes().into_openapi(),
+    ] {
+        doc.merge(part);
+    }
+    doc
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "Planetary Survival mesh coordinator",
+        version = "1",
+        description = "The coordinator's HTTP API (port 8080). Views need the viewer or operator bearer token when \
+the coordinator runs with --viewer-token; writes need the operator token (--admin-token). Refusals are \
+{\"error\": label, \"detail\": text} with the status each operation lists. Every write is committed through Raft \
+on any replica. A path no route has answers 404 no_route; a method a route does not take, 405 \
+method_not_allowed; a malformed path, query or body, 400 bad_request."
+    ),
+    modifiers(&SecuritySchemes),
+    components(schemas(ErrorView)),
+    tags(
+        (name = "probes", description = "Liveness, readiness, metrics, this document"),
+        (name = "views", description = "The mesh as the coordinator sees it"),
+        (name = "players", description = "Accounts, sessions, tickets, leaderboards"),
+        (name = "operations", description = "What operators change"),
+    )
+)]
+struct ApiDoc;
+
+/// The bearer tokens: `viewer` (`--viewer-token`), `operator`
+/// (`--admin-token`), `session` (from `POST /v1/login`).
+struct SecuritySchemes;
+
+impl utoipa::Modify for SecuritySchemes {
+    fn modify(&self, doc: &mut utoipa::openapi::OpenApi) {
+        let components = doc.components.get_or_insert_with(Default::default);
+        for (name, what) in [
+            ("viewer", "--viewer-token / PS_VIEWER_TOKEN"),
+            ("operator", "--admin-token / PS_ADMIN_TOKEN"),
+            ("session", "a session from POST /v1/login"),
+        ] {
+            let scheme = HttpBuilder::new().scheme(HttpAuthScheme::Bearer).description(Some(what)).build();
+            components.add_security_scheme(name, SecurityScheme::Http(scheme));
+        }
+    }
+}
+
+/// 401 of the views when a viewer token is set.
+#[derive(Debug, utoipa::IntoResponses)]
+pub enum ViewRefusals {
+    /// Missing or wrong bearer token (`unauthorized`).
+    #[response(status = 401)]
+    Unauthorized(ErrorView),
+}
+
+/// What every operator write may be refused with.
+#[derive(Debug, utoipa::IntoResponses)]
+pub enum WriteRefusals {
+    /// Missing or wrong bearer operator token (`unauthorized`).
+    #[response(status = 401)]
+    Unauthorized(ErrorView),
+    /// The coordinator runs without `--admin-token` (`forbidden`).
+    #[response(status = 403)]
+    Forbidden(ErrorView),
+    /// Not committed: no leader, or the log is not bootstrapped
+    /// (`unavailable`, `not_bootstrapped`).
+    #[response(status = 503)]
+    Unavailable(ErrorView),
 }
 
 /// Most records one read of `/v1/transfers` or `/v1/audit` returns; a
@@ -60,11 +195,20 @@ fn limit(given: Option<usize>, default: usize) -> Result<usize, Box<Response>> {
     }
 }
 
-/// The admin API as an OpenAPI 3.1 document.
-pub const OPENAPI: &str = include_str!("../openapi.json");
-
+/// This API's OpenAPI 3.1 document, generated from its handlers.
+#[utoipa::path(get, path = "/openapi.json", tag = "probes",
+    responses((status = 200, description = "The OpenAPI 3.1 document", content_type = "application/json")))]
 async fn openapi() -> Response {
-    ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
+    static DOC: std::sync::LazyLock<String> =
+        std::sync::LazyLock::new(|| document().to_pretty_json().expect("the document serialises"));
+    ([(header::CONTENT_TYPE, "application/json")], DOC.as_str()).into_response()
+}
+
+/// Alive (the process answers).
+#[utoipa::path(get, path = "/healthz", tag = "probes",
+    responses((status = 200, description = "`ok`", body = String, content_type = "text/plain")))]
+async fn healthz() -> &'static str {
+    "ok\n"
 }
 
 /// Who may read the admin views: anyone when no viewer token is set
@@ -98,6 +242,11 @@ async fn require_viewer(
     }
 }
 
+/// Ready: this replica knows a Raft leader.
+#[utoipa::path(get, path = "/readyz", tag = "probes", responses(
+    (status = 200, description = "`ready`", body = String, content_type = "text/plain"),
+    (status = 503, description = "`no leader`", body = String, content_type = "text/plain"),
+))]
 async fn readyz(State(node): State<Arc<Node>>) -> Response {
     if node.is_ready() {
         "ready\n".into_response()
@@ -106,12 +255,17 @@ async fn readyz(State(node): State<Arc<Node>>) -> Response {
     }
 }
 
+/// Prometheus metrics (also on the metrics port).
+#[utoipa::path(get, path = "/metrics", tag = "probes",
+    responses((status = 200, description = "Prometheus text format 0.0.4", body = String, content_type = "text/plain")))]
 async fn metrics(State(node): State<Arc<Node>>) -> Response {
     node.read(|s| crate::node::refresh_load_gauges(&node.metrics, s));
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], node.metrics.render()).into_response()
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+/// One leaf region and who owns it.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[schema(as = Region)]
 pub struct RegionView {
     /// `L<level>:<x>,<y>,<z>`
     pub region: String,
@@ -124,6 +278,9 @@ pub struct RegionView {
     pub epoch: u64,
 }
 
+/// The leaf regions and their owners.
+#[utoipa::path(get, path = "/v1/regions", tag = "views", security(("viewer" = []), ("operator" = [])),
+    responses((status = 200, description = "Every leaf region", body = [RegionView]), ViewRefusals))]
 async fn regions(State(node): State<Arc<Node>>) -> Json<Vec<RegionView>> {
     Json(node.read(region_views))
 }
@@ -147,7 +304,9 @@ fn region_views(s: &crate::state::CoordinatorState) -> Vec<RegionView> {
         .collect()
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+/// One game server as its heartbeats left it.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[schema(as = Server)]
 pub struct ServerView {
     pub server_id: u32,
     pub name: String,
@@ -164,6 +323,9 @@ pub struct ServerView {
     pub draining: bool,
 }
 
+/// The registered game servers.
+#[utoipa::path(get, path = "/v1/servers", tag = "views", security(("viewer" = []), ("operator" = [])),
+    responses((status = 200, description = "Every registered game server", body = [ServerView]), ViewRefusals))]
 async fn servers(State(node): State<Arc<Node>>) -> Json<Vec<ServerView>> {
     let now = crate::node::now_nanos();
     Json(node.read(|s| {
@@ -186,12 +348,23 @@ async fn servers(State(node): State<Arc<Node>>) -> Json<Vec<ServerView>> {
     }))
 }
 
-#[derive(Debug, Deserialize)]
-struct TransfersQuery {
+/// `?limit=` of a log read.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+struct LimitQuery {
+    /// How many records, newest first; above 10000 is refused (400).
+    #[param(minimum = 0, maximum = 10_000, default = 100)]
     limit: Option<usize>,
 }
 
-async fn transfers(State(node): State<Arc<Node>>, ApiQuery(q): ApiQuery<TransfersQuery>) -> Response {
+/// Authority transfers, newest first.
+#[utoipa::path(get, path = "/v1/transfers", tag = "views", params(LimitQuery),
+    security(("viewer" = []), ("operator" = [])), responses(
+    (status = 200, description = "The newest transfers, newest first", body = [TransferRecord]),
+    (status = 400, description = "Malformed query, or a limit above 10000 (`bad_request`)", body = ErrorView),
+    ViewRefusals,
+))]
+async fn transfers(State(node): State<Arc<Node>>, ApiQuery(q): ApiQuery<LimitQuery>) -> Response {
     let limit = match limit(q.limit, 100) {
         Ok(n) => n,
         Err(refusal) => return *refusal,
@@ -200,7 +373,9 @@ async fn transfers(State(node): State<Arc<Node>>, ApiQuery(q): ApiQuery<Transfer
         .into_response()
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+/// The mesh in one document.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[schema(as = Status)]
 pub struct StatusView {
     pub ready: bool,
     pub map_version: u64,
@@ -221,7 +396,8 @@ pub struct StatusView {
     pub desired_game_servers: u32,
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[schema(as = Raft)]
 pub struct RaftView {
     pub id: u64,
     /// `leader`, `follower`, `candidate` or `pre_candidate`.
@@ -233,6 +409,9 @@ pub struct RaftView {
     pub applied: u64,
 }
 
+/// The mesh at a glance, as this replica sees it.
+#[utoipa::path(get, path = "/v1/status", tag = "views", security(("viewer" = []), ("operator" = [])),
+    responses((status = 200, description = "The mesh's status", body = StatusView), ViewRefusals))]
 async fn status(State(node): State<Arc<Node>>) -> Json<StatusView> {
     let ready = node.is_ready();
     let r = node.raft_status();
@@ -268,7 +447,9 @@ async fn status(State(node): State<Arc<Node>>) -> Json<StatusView> {
     }))
 }
 
-#[derive(Debug, Deserialize)]
+/// A point of the world, in metres.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 struct RouteQuery {
     x: f64,
     y: f64,
@@ -276,7 +457,8 @@ struct RouteQuery {
 }
 
 /// Which live server owns the point: where a client joins the world.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[schema(as = Route)]
 pub struct RouteView {
     pub region: String,
     pub server_id: u32,
@@ -284,6 +466,12 @@ pub struct RouteView {
     pub cert_sha256: String,
 }
 
+/// Which live server owns a point.
+#[utoipa::path(get, path = "/v1/route", tag = "views", params(RouteQuery), responses(
+    (status = 200, description = "The owner of the point", body = RouteView),
+    (status = 400, description = "A coordinate missing, malformed or not finite (`bad_request`)", body = ErrorView),
+    (status = 404, description = "No live server owns the point (`no_owner`)", body = ErrorView),
+))]
 async fn route(State(node): State<Arc<Node>>, ApiQuery(q): ApiQuery<RouteQuery>) -> Response {
     let p = DVec3::new(q.x, q.y, q.z);
     if !p.is_finite() {
@@ -304,24 +492,13 @@ async fn route(State(node): State<Arc<Node>>, ApiQuery(q): ApiQuery<RouteQuery>)
 
 // ---- players ----
 
-/// `GET /v1/players` (players per live server and region, as the servers
-/// last reported them) and `GET /v1/players/{id}` (where the directory says
-/// one player is); viewer or operator token when a viewer token is set.
-pub fn players_router(node: Arc<Node>, auth: Arc<Auth>, access: ViewAccess) -> Router {
-    Router::new()
-        .route("/v1/players", get(players))
-        .route("/v1/players/{id}", get(player))
-        .route_layer(axum::middleware::from_fn_with_state(access, require_viewer))
-        .with_state((node, auth))
-}
-
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct RegionPlayers {
     pub region: String,
     pub players: u32,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct ServerPlayers {
     pub server_id: u32,
     pub name: String,
@@ -329,7 +506,9 @@ pub struct ServerPlayers {
     pub regions: Vec<RegionPlayers>,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+/// Players per live server and region, as the servers last reported them.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[schema(as = Players)]
 pub struct PlayersView {
     pub total: u64,
     /// Players in the replicated directory (joined and not yet left).
@@ -337,6 +516,9 @@ pub struct PlayersView {
     pub servers: Vec<ServerPlayers>,
 }
 
+/// Players per live server and region.
+#[utoipa::path(get, path = "/v1/players", tag = "views", security(("viewer" = []), ("operator" = [])),
+    responses((status = 200, description = "Players per server and region", body = PlayersView), ViewRefusals))]
 async fn players(State((node, _)): State<AuthState>) -> Json<PlayersView> {
     Json(node.read(|s| {
         let servers: Vec<ServerPlayers> = s
@@ -362,13 +544,24 @@ async fn players(State((node, _)): State<AuthState>) -> Json<PlayersView> {
     }))
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+/// Where the directory says a player is.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[schema(as = Player)]
 pub struct PlayerView {
     pub player: u64,
     pub server_id: u32,
     pub server_name: Option<String>,
 }
 
+/// Which game server holds a player.
+#[utoipa::path(get, path = "/v1/players/{id}", tag = "views",
+    params(("id" = u64, Path, description = "The player id")),
+    security(("viewer" = []), ("operator" = [])), responses(
+    (status = 200, description = "The server holding the player", body = PlayerView),
+    (status = 400, description = "The id is not a number (`bad_request`)", body = ErrorView),
+    (status = 404, description = "No server holds the player (`unknown_player`)", body = ErrorView),
+    ViewRefusals,
+))]
 async fn player(State((node, auth)): State<AuthState>, ApiPath(id): ApiPath<u64>) -> Response {
     // The replicated directory; Redis's (kept by the game servers' QUIC
     // front ends) for players it does not know.
@@ -391,33 +584,6 @@ async fn player(State((node, auth)): State<AuthState>, ApiPath(id): ApiPath<u64>
 // ---- accounts, logins, tickets ----
 
 type AuthState = (Arc<Node>, Arc<Auth>);
-
-/// `POST /v1/accounts`, `/v1/login`, `/v1/tickets`, `/v1/logout`.
-pub fn auth_router(node: Arc<Node>, auth: Arc<Auth>) -> Router {
-    Router::new()
-        .route("/v1/accounts", post(create_account))
-        .route("/v1/login", post(login))
-        .route("/v1/tickets", post(ticket))
-        .route("/v1/logout", post(logout))
-        .route("/v1/leaderboards/{board}", get(leaderboard))
-        .with_state((node, auth))
-}
-
-/// The mesh's operating knobs: `GET /v1/thresholds` (anyone who can read
-/// the admin views) and `PUT /v1/thresholds` (bearer admin token), committed
-/// through Raft.
-pub fn ops_router(node: Arc<Node>, admin_token: Option<String>, access: ViewAccess) -> Router {
-    Router::new()
-        .route("/v1/thresholds", get(get_thresholds).put(put_thresholds))
-        .route("/v1/audit", get(audit))
-        .route("/v1/regions/{region}/split", post(split_region))
-        .route("/v1/regions/{region}/merge", post(merge_region))
-        .route("/v1/regions/{region}/move", post(move_region))
-        .route("/v1/servers/{id}/drain", post(drain_server))
-        .route("/v1/servers/{id}/undrain", post(undrain_server))
-        .route_layer(axum::middleware::from_fn_with_state(access, require_viewer))
-        .with_state((node, admin_token.map(Arc::new)))
-}
 
 /// Parses the `{region}` path segment, then proposes `make(region)`.
 async fn region_op(
@@ -446,7 +612,15 @@ async fn operate(node: &Node, token: Option<&String>, headers: &HeaderMap, cmd: 
     }
 }
 
-/// `POST /v1/regions/{region}/split`: the 8 children stay with the owner.
+/// Splits a leaf region: its 8 children stay with its owner.
+#[utoipa::path(post, path = "/v1/regions/{region}/split", tag = "operations", params(("region" = String, Path, description = "A region key like `L0:1,0,0`")),
+    security(("operator" = [])), responses(
+    (status = 200, description = "The region map as committed", body = [RegionView]),
+    (status = 400, description = "Not a region key (`bad_region`), or too small to split (`too_small`)", body = ErrorView),
+    (status = 404, description = "No such leaf region (`unknown_region`)", body = ErrorView),
+    (status = 409, description = "Refused by the mesh's rules, e.g. within the cool-down (the command's reason)", body = ErrorView),
+    WriteRefusals,
+))]
 async fn split_region(
     State((node, token)): State<OpsState>,
     ApiPath(region): ApiPath<String>,
@@ -456,7 +630,16 @@ async fn split_region(
         .await
 }
 
-/// `POST /v1/regions/{parent}/merge`: its 8 leaf children become one region.
+/// Merges the 8 leaf children of a region into it.
+#[utoipa::path(post, path = "/v1/regions/{region}/merge", tag = "operations",
+    params(("region" = String, Path, description = "The parent's key, like `L0:1,0,0`")),
+    security(("operator" = [])), responses(
+    (status = 200, description = "The region map as committed", body = [RegionView]),
+    (status = 400, description = "Not a region key (`bad_region`)", body = ErrorView),
+    (status = 404, description = "No such region (`unknown_region`)", body = ErrorView),
+    (status = 409, description = "Refused by the mesh's rules, e.g. its children are not all leaves (the command's reason)", body = ErrorView),
+    WriteRefusals,
+))]
 async fn merge_region(
     State((node, token)): State<OpsState>,
     ApiPath(region): ApiPath<String>,
@@ -466,13 +649,21 @@ async fn merge_region(
         .await
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct MoveRequest {
     /// The server id to move the region to.
     pub to: u32,
 }
 
-/// `POST /v1/regions/{region}/move` with `{"to": <server id>}`.
+/// Moves a leaf region to another live server: its entities are handed over.
+#[utoipa::path(post, path = "/v1/regions/{region}/move", tag = "operations", params(("region" = String, Path, description = "A region key like `L0:1,0,0`")),
+    request_body = MoveRequest, security(("operator" = [])), responses(
+    (status = 200, description = "The region map as committed", body = [RegionView]),
+    (status = 400, description = "Not a region key (`bad_region`) or a malformed body (`bad_request`)", body = ErrorView),
+    (status = 404, description = "No such region or server (`unknown_region`, `unknown_server`)", body = ErrorView),
+    (status = 409, description = "Refused by the mesh's rules, e.g. the server is dead or draining (the command's reason)", body = ErrorView),
+    WriteRefusals,
+))]
 async fn move_region(
     State((node, token)): State<OpsState>,
     ApiPath(region): ApiPath<String>,
@@ -490,8 +681,16 @@ async fn move_region(
         .await
 }
 
-/// `POST /v1/servers/{id}/drain`: its regions go to other servers (their
-/// players are handed over, not dropped) and it gets no more.
+/// Drains a server: its regions go to other servers (their players are
+/// handed over, not dropped) and it gets no more.
+#[utoipa::path(post, path = "/v1/servers/{id}/drain", tag = "operations", params(("id" = u32, Path, description = "The server id")),
+    security(("operator" = [])), responses(
+    (status = 200, description = "The region map as committed", body = [RegionView]),
+    (status = 400, description = "The id is not a number (`bad_request`)", body = ErrorView),
+    (status = 404, description = "No such server (`unknown_server`)", body = ErrorView),
+    (status = 409, description = "Refused by the mesh's rules, e.g. no other live server (the command's reason)", body = ErrorView),
+    WriteRefusals,
+))]
 async fn drain_server(
     State((node, token)): State<OpsState>,
     ApiPath(id): ApiPath<u32>,
@@ -501,7 +700,15 @@ async fn drain_server(
     operate(&node, token.as_deref(), &headers, cmd).await
 }
 
-/// `POST /v1/servers/{id}/undrain`: the server takes regions again.
+/// Undrains a server: it takes regions again.
+#[utoipa::path(post, path = "/v1/servers/{id}/undrain", tag = "operations", params(("id" = u32, Path, description = "The server id")),
+    security(("operator" = [])), responses(
+    (status = 200, description = "The region map as committed", body = [RegionView]),
+    (status = 400, description = "The id is not a number (`bad_request`)", body = ErrorView),
+    (status = 404, description = "No such server (`unknown_server`)", body = ErrorView),
+    (status = 409, description = "Refused by the mesh's rules (the command's reason)", body = ErrorView),
+    WriteRefusals,
+))]
 async fn undrain_server(
     State((node, token)): State<OpsState>,
     ApiPath(id): ApiPath<u32>,
@@ -513,14 +720,14 @@ async fn undrain_server(
 
 type OpsState = (Arc<Node>, Option<Arc<String>>);
 
-#[derive(Debug, Deserialize)]
-struct AuditQuery {
-    limit: Option<usize>,
-}
-
-/// Operator writes, newest first (`?limit=`, default 100; the log keeps
-/// the newest `AUDIT_LOG_LEN`).
-async fn audit(State((node, _)): State<OpsState>, ApiQuery(q): ApiQuery<AuditQuery>) -> Response {
+/// Operator writes, newest first (the log keeps the newest 10000).
+#[utoipa::path(get, path = "/v1/audit", tag = "views", params(LimitQuery),
+    security(("viewer" = []), ("operator" = [])), responses(
+    (status = 200, description = "The newest operator writes, newest first", body = [AuditRecord]),
+    (status = 400, description = "Malformed query, or a limit above 10000 (`bad_request`)", body = ErrorView),
+    ViewRefusals,
+))]
+async fn audit(State((node, _)): State<OpsState>, ApiQuery(q): ApiQuery<LimitQuery>) -> Response {
     let limit = match limit(q.limit, 100) {
         Ok(n) => n,
         Err(refusal) => return *refusal,
@@ -528,6 +735,9 @@ async fn audit(State((node, _)): State<OpsState>, ApiQuery(q): ApiQuery<AuditQue
     Json(node.read(|s| s.audit_log().iter().rev().take(limit).cloned().collect::<Vec<AuditRecord>>())).into_response()
 }
 
+/// When regions split and merge.
+#[utoipa::path(get, path = "/v1/thresholds", tag = "views", security(("viewer" = []), ("operator" = [])),
+    responses((status = 200, description = "The balancer's thresholds", body = Thresholds), ViewRefusals))]
 async fn get_thresholds(State((node, _)): State<OpsState>) -> Json<Thresholds> {
     Json(node.read(|s| s.thresholds))
 }
@@ -557,6 +767,14 @@ fn command_error(e: &CommandError) -> Response {
     err(status, e.reason(), &e.to_string())
 }
 
+/// Sets when regions split and merge (all five, validated together).
+#[utoipa::path(put, path = "/v1/thresholds", tag = "operations", request_body = Thresholds,
+    security(("operator" = [])), responses(
+    (status = 200, description = "The thresholds as committed", body = Thresholds),
+    (status = 400, description = "A malformed body (`bad_request`) or values out of range, or merge thresholds not \
+below half the split ones (`bad_thresholds`)", body = ErrorView),
+    WriteRefusals,
+))]
 async fn put_thresholds(
     State((node, token)): State<OpsState>,
     headers: HeaderMap,
@@ -575,23 +793,30 @@ async fn put_thresholds(
     }
 }
 
-/// `POST /v1/notices` (bearer admin token): a notice to every player.
-pub fn admin_router(auth: Arc<Auth>, admin_token: Option<String>) -> Router {
-    Router::new().route("/v1/notices", post(notice)).with_state((auth, admin_token.map(Arc::new)))
-}
-
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct NoticeRequest {
+    /// 1 to 256 bytes without control characters.
+    #[schema(min_length = 1, max_length = 256)]
     pub text: String,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[schema(as = Notice)]
 pub struct NoticeView {
     /// Game servers that received it; 0 when Redis is down (not delivered).
     pub servers: u64,
     pub delivered: bool,
 }
 
+/// Sends a notice to every player, through Redis to every game server.
+#[utoipa::path(post, path = "/v1/notices", tag = "operations", request_body = NoticeRequest,
+    security(("operator" = [])), responses(
+    (status = 200, description = "Delivered to the game servers", body = NoticeView),
+    (status = 400, description = "A malformed body or text (`bad_request`)", body = ErrorView),
+    (status = 401, description = "Missing or wrong bearer operator token (`unauthorized`)", body = ErrorView),
+    (status = 403, description = "The coordinator runs without `--admin-token` (`forbidden`)", body = ErrorView),
+    (status = 503, description = "Redis is down: not delivered (`unavailable`)", body = ErrorView),
+))]
 async fn notice(
     State((auth, token)): State<(Arc<Auth>, Option<Arc<String>>)>,
     headers: HeaderMap,
@@ -614,18 +839,22 @@ async fn notice(
     Json(NoticeView { servers: sent.unwrap_or(0), delivered: true }).into_response()
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 struct BoardQuery {
+    /// How many entries, best first; clamped to 1..=1000.
+    #[param(minimum = 1, maximum = 1000, default = 10)]
     n: Option<usize>,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct BoardEntry {
     pub player: u64,
     pub score: f64,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[schema(as = Leaderboard)]
 pub struct BoardView {
     pub board: String,
     pub entries: Vec<BoardEntry>,
@@ -633,6 +862,14 @@ pub struct BoardView {
     pub degraded: bool,
 }
 
+/// A leaderboard's best entries.
+#[utoipa::path(get, path = "/v1/leaderboards/{board}", tag = "players",
+    params(("board" = String, Path, description = "1 to 64 of A-Z a-z 0-9 _", pattern = "^[A-Za-z0-9_]{1,64}$"), BoardQuery),
+    responses(
+    (status = 200, description = "The best entries, best first", body = BoardView),
+    (status = 400, description = "A bad board name or `n` (`bad_request`)", body = ErrorView),
+    (status = 503, description = "Redis is down (`unavailable`)", body = ErrorView),
+))]
 async fn leaderboard(
     State((_node, auth)): State<AuthState>,
     ApiPath(board): ApiPath<String>,
@@ -696,18 +933,27 @@ fn body<T>(b: Result<Json<T>, JsonRejection>) -> Result<T, AuthError> {
     b.map(|Json(v)| v).map_err(|e| AuthError::BadRequest(e.body_text()))
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct Credentials {
     pub name: String,
     pub password: String,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[schema(as = Account)]
 pub struct AccountView {
     pub player: u64,
     pub name: String,
 }
 
+/// Creates an account.
+#[utoipa::path(post, path = "/v1/accounts", tag = "players", request_body = Credentials, responses(
+    (status = 201, description = "Created", body = AccountView),
+    (status = 400, description = "A malformed body, name or password (`bad_request`)", body = ErrorView),
+    (status = 409, description = "The name is taken (`name_taken`)", body = ErrorView),
+    (status = 429, description = "Too many attempts from this address (`rate_limited`); see Retry-After", body = ErrorView),
+    (status = 503, description = "The store or every server is unavailable (`unavailable`, `no_server`)", body = ErrorView),
+))]
 async fn create_account(
     State((node, auth)): State<AuthState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -722,7 +968,7 @@ async fn create_account(
     reply(&node, "account_created", StatusCode::CREATED, r)
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct LoginRequest {
     pub name: String,
     pub password: String,
@@ -733,7 +979,8 @@ pub struct LoginRequest {
 }
 
 /// A ticket and where to use it.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[schema(as = Ticket)]
 pub struct TicketView {
     /// Present it in the QUIC hello; valid once, until `expires_unix_ms`.
     pub ticket: String,
@@ -746,7 +993,8 @@ pub struct TicketView {
     pub spawn: Option<[f64; 3]>,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[schema(as = Login)]
 pub struct LoginView {
     pub player: u64,
     pub name: String,
@@ -756,6 +1004,14 @@ pub struct LoginView {
     pub join: TicketView,
 }
 
+/// Logs in: a session and a ticket to join the world.
+#[utoipa::path(post, path = "/v1/login", tag = "players", request_body = LoginRequest, responses(
+    (status = 200, description = "A session and a join ticket", body = LoginView),
+    (status = 400, description = "A malformed body, or a spawn outside the world (`bad_request`)", body = ErrorView),
+    (status = 401, description = "Unknown name or wrong password (`bad_credentials`)", body = ErrorView),
+    (status = 429, description = "Too many attempts from this address (`rate_limited`); see Retry-After", body = ErrorView),
+    (status = 503, description = "The store or every server is unavailable (`unavailable`, `no_server`)", body = ErrorView),
+))]
 async fn login(
     State((node, auth)): State<AuthState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -778,7 +1034,7 @@ async fn login(
     reply(&node, "login", StatusCode::OK, r)
 }
 
-#[derive(Debug, Default, Serialize, Deserialize)]
+#[derive(Debug, Default, Serialize, Deserialize, ToSchema)]
 pub struct TicketRequest {
     /// `play` (default) or `standby` (a pre-connect to a neighbour).
     #[serde(default)]
@@ -797,6 +1053,17 @@ fn bearer(headers: &HeaderMap) -> Result<&str, AuthError> {
         .ok_or(AuthError::BadSession)
 }
 
+/// A new ticket for the session's player.
+///
+/// To play, or to stand by on a neighbour (a pre-connect for a handoff).
+#[utoipa::path(post, path = "/v1/tickets", tag = "players", request_body = TicketRequest,
+    security(("session" = [])), responses(
+    (status = 200, description = "A ticket", body = TicketView),
+    (status = 400, description = "A malformed body, a bad role, or standby without a server_id (`bad_request`)", body = ErrorView),
+    (status = 401, description = "No such session, or expired (`bad_session`)", body = ErrorView),
+    (status = 429, description = "Too many attempts from this address (`rate_limited`); see Retry-After", body = ErrorView),
+    (status = 503, description = "The store or every server is unavailable (`unavailable`, `no_server`)", body = ErrorView),
+))]
 async fn ticket(
     State((node, auth)): State<AuthState>,
     headers: HeaderMap,
@@ -820,6 +1087,15 @@ async fn ticket(
     reply(&node, "ticket", StatusCode::OK, r)
 }
 
+/// Ends a session.
+///
+/// Idempotent: a session that does not exist (unknown, expired or already
+/// ended) answers 204 as well.
+#[utoipa::path(post, path = "/v1/logout", tag = "players", security(("session" = [])), responses(
+    (status = 204, description = "The session is ended (or did not exist)"),
+    (status = 401, description = "No bearer session token (`bad_session`)", body = ErrorView),
+    (status = 503, description = "The store is unavailable (`unavailable`)", body = ErrorView),
+))]
 async fn logout(State((node, auth)): State<AuthState>, headers: HeaderMap) -> Response {
     let r = async { auth.logout(bearer(&headers)?).await }.await;
     match r {
@@ -910,4 +1186,108 @@ pub fn world_spawn(tree: &shared::RegionTree) -> DVec3 {
         let c = (b.min + b.max) / 2.0;
         DVec3::new(c.x, 10.0, c.z)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::Value;
+
+    fn doc() -> Value {
+        serde_json::to_value(document()).unwrap()
+    }
+
+    /// Every route is made by `routes!` from a documented handler: a bare
+    /// `.route(` here or in `lib.rs` would serve an undocumented path.
+    #[test]
+    fn routes_are_made_only_from_documented_handlers() {
+        for (file, text) in [("http.rs", include_str!("http.rs")), ("lib.rs", include_str!("lib.rs"))] {
+            let bare = text.lines().filter(|l| l.contains(".route(") && !l.trim_start().starts_with("//")).count();
+            // This test's own line names the pattern once.
+            let allowed = usize::from(file == "http.rs");
+            assert_eq!(bare, allowed, "{file} makes a route without its documented operation");
+        }
+    }
+
+    #[test]
+    fn every_operation_documents_its_bodies_refusals_and_access() {
+        let doc = doc();
+        assert_eq!(doc["openapi"], "3.1.0");
+        let schemas = doc["components"]["schemas"].as_object().unwrap();
+        let mut ops = 0;
+        for (path, item) in doc["paths"].as_object().unwrap() {
+            for (method, op) in item.as_object().unwrap() {
+                ops += 1;
+                let responses = op["responses"].as_object().unwrap_or_else(|| panic!("{method} {path}: no responses"));
+                assert!(responses.keys().any(|s| s.starts_with('2')), "{method} {path}: no success");
+                for (status, r) in responses {
+                    assert!(r["description"].as_str().is_some_and(|d| !d.is_empty()), "{method} {path} {status}");
+                    if status.starts_with('4') || status.starts_with('5') {
+                        let json = &r["content"]["application/json"]["schema"]["$ref"];
+                        let plain = r["content"]["text/plain"].is_object();
+                        assert!(json == "#/components/schemas/Error" || plain, "{method} {path} {status}: {r}");
+                    } else if status != "204" {
+                        assert!(r["content"].is_object(), "{method} {path} {status}: no body documented");
+                    }
+                }
+                if let Some(body) = op.get("requestBody") {
+                    assert!(body["content"]["application/json"]["schema"].is_object(), "{method} {path}");
+                }
+                // What needs a token says which and documents the 401.
+                if op.get("security").is_some() {
+                    assert!(responses.contains_key("401"), "{method} {path}: security without a 401");
+                }
+                for p in op["parameters"].as_array().into_iter().flatten() {
+                    assert!(p["schema"].is_object(), "{method} {path}: {p}");
+                }
+            }
+        }
+        assert!(ops >= 25, "{ops} operations");
+        // Every reference resolves.
+        let text = doc.to_string();
+        for r in text.split("\"#/components/schemas/").skip(1) {
+            let name = &r[..r.find('"').unwrap()];
+            assert!(schemas.contains_key(name), "{name} is referenced but not defined");
+        }
+        for name in ["Error", "Region", "Server", "Status", "Transfer", "AuditRecord", "Thresholds", "Login", "Ticket"]
+        {
+            assert!(schemas.contains_key(name), "{name}");
+        }
+    }
+
+    /// The limits the handlers keep are the schema's.
+    #[test]
+    fn the_schema_states_the_limits_the_code_keeps() {
+        let doc = doc();
+        for path in ["/v1/audit", "/v1/transfers"] {
+            let limit = &doc["paths"][path]["get"]["parameters"][0];
+            assert_eq!(limit["name"], "limit");
+            assert_eq!(limit["schema"]["maximum"], MAX_LIMIT as u64, "{path}");
+        }
+        assert!(limit(Some(MAX_LIMIT), 100).is_ok());
+        assert!(limit(Some(MAX_LIMIT + 1), 100).is_err());
+        let t = &doc["components"]["schemas"]["Thresholds"]["properties"];
+        assert_eq!(t["split_players"]["maximum"], 100_000);
+        assert_eq!(t["cooldown_ms"]["minimum"], 1_000);
+        assert_eq!(t["cooldown_ms"]["maximum"], 86_400_000);
+        let ok = Thresholds::default();
+        for (field, bad) in
+            [("split_players", serde_json::json!(100_001)), ("cooldown_ms", 999.into()), ("split_cpu", 64.5.into())]
+        {
+            let mut v = serde_json::to_value(ok).unwrap();
+            v[field] = bad.clone();
+            let t: Thresholds = serde_json::from_value(v).unwrap();
+            assert!(t.validate().is_err(), "{field} = {bad} is outside the schema and must be refused");
+        }
+        let logout = &doc["paths"]["/v1/logout"]["post"];
+        assert!(logout["responses"]["204"]["description"].as_str().unwrap().contains("did not exist"));
+        assert!(logout.to_string().contains("does not exist"), "{logout}");
+    }
+
+    /// `cargo test -p mesh-coordinator --lib print_the_document -- --ignored --nocapture`
+    #[test]
+    #[ignore = "prints the document"]
+    fn print_the_document() {
+        println!("{}", document().to_pretty_json().unwrap());
+    }
 }

@@ -350,13 +350,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
             viewer: config.viewer_token.clone().filter(|t| !t.is_empty()).map(Arc::new),
             operator: config.admin_token.clone().filter(|t| !t.is_empty()).map(Arc::new),
         };
-        let app = http::with_json_fallbacks(
-            http::router(node.clone(), access.clone())
-                .merge(http::auth_router(node.clone(), auth.clone()))
-                .merge(http::players_router(node.clone(), auth.clone(), access.clone()))
-                .merge(http::admin_router(auth.clone(), config.admin_token.clone()))
-                .merge(http::ops_router(node.clone(), config.admin_token.clone(), access)),
-        );
+        let app = http::app(node.clone(), auth.clone(), access, config.admin_token.clone());
         let stop = stop.clone().cancelled_owned();
         async move {
             axum::serve(http, app.into_make_service_with_connect_info::<SocketAddr>())

@@ -50,17 +50,24 @@ impl Default for Policy {
 /// When regions split and merge (the load balancer; set by operators
 /// through the admin API, replicated like everything else). Defaults from
 /// the infrastructure design: more than 40 players or CPU above 70 %.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+/// The ranges [`Thresholds::validate`] keeps are in the schema.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Thresholds {
     /// A region splits when its owner has more players than this…
+    #[schema(minimum = 1, maximum = 100_000)]
     pub split_players: u32,
     /// …or its owner's CPU (fraction of one core) is above this.
+    #[schema(exclusive_minimum = 0, maximum = 64)]
     pub split_cpu: f32,
-    /// Siblings merge when their players together are at most this…
+    /// Siblings merge when their players together are at most this
+    /// (below `split_players / 2`)…
+    #[schema(minimum = 0)]
     pub merge_players: u32,
-    /// …and their owners' CPU is below this.
+    /// …and their owners' CPU is below this (below `split_cpu / 2`).
+    #[schema(minimum = 0)]
     pub merge_cpu: f32,
     /// No split or merge of a region within this long of its last one.
+    #[schema(minimum = 1_000, maximum = 86_400_000)]
     pub cooldown_ms: u64,
 }
 
@@ -96,7 +103,7 @@ impl Thresholds {
 }
 
 /// One operator write, as the audit log keeps it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct AuditRecord {
     /// Raised by one for every record, never reused.
     pub seq: u64,
@@ -147,7 +154,7 @@ pub struct BalancerMemory {
 }
 
 /// Where a server can be reached (host:port strings).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Addresses {
     pub quic: String,
     pub grpc: String,
@@ -157,7 +164,7 @@ pub struct Addresses {
 }
 
 /// Load a server reports with its heartbeat.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Load {
     pub players: u32,
     pub entities: u32,
@@ -194,7 +201,7 @@ pub struct EntityAuthority {
     pub epoch: Epoch,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub enum TransferOutcome {
     /// Committed; the source has not reported how the handoff went.
     Committed,
@@ -212,17 +219,41 @@ pub enum TransferOutcome {
     Lost,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// How a region key is written in JSON records (the schema of
+/// [`RegionKey`], which `shared` keeps free of the API's crates): a cube of
+/// the octree at `level`, cell `x, y, z`.
+#[derive(Debug, utoipa::ToSchema)]
+#[allow(dead_code)] // a schema, never built
+pub struct RegionCell {
+    pub level: u8,
+    pub x: i32,
+    pub y: i32,
+    pub z: i32,
+}
+
+/// One authority transfer as the log keeps it (`GET /v1/transfers`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[schema(as = Transfer)]
 pub struct TransferRecord {
     pub id: u64,
+    #[schema(value_type = u64)]
     pub entity: EntityId,
+    #[schema(value_type = u32)]
     pub from: ServerId,
+    #[schema(value_type = u32)]
     pub to: ServerId,
+    #[schema(value_type = RegionCell)]
     pub from_region: RegionKey,
+    #[schema(value_type = RegionCell)]
     pub to_region: RegionKey,
+    #[schema(value_type = u64)]
     pub entity_epoch: Epoch,
+    #[schema(value_type = u64)]
     pub to_region_epoch: Epoch,
+    /// The mesh tick the new owner simulates from.
+    #[schema(value_type = u64)]
     pub effective_tick: Tick,
+    /// Unix ns.
     pub committed_at: u64,
     pub outcome: TransferOutcome,
     pub error: String,
