@@ -1,4 +1,5 @@
-//! HTTP on 8080 (`/health`, `/ready`, `/v1/status`), metrics on 8081, and the
+//! HTTP on 8080 (`/health`, `/ready`, `/v1/status`, and for admins
+//! `/v1/props`, `/v1/chunks/…`, `/v1/positions`), metrics on 8081, and the
 //! query port 7778.
 
 use std::sync::Arc;
@@ -81,6 +82,7 @@ pub fn router(state: LocalState) -> Router {
             .route("/v1/status", get(|State(s): State<LocalState>| async move { Json(s.status()) }))
             .route("/v1/props", axum::routing::post(spawn_props))
             .route("/v1/chunks/{x}/{y}/{z}", get(inspect_chunk))
+            .route("/v1/positions", get(positions))
             .with_state(state),
     )
 }
@@ -120,6 +122,44 @@ async fn spawn_props(
     match rx.await {
         Ok(Ok(ids)) => Json(serde_json::json!({ "ids": ids.iter().map(|i| i.0).collect::<Vec<_>>() })).into_response(),
         Ok(Err(e)) => error(StatusCode::UNPROCESSABLE_ENTITY, "invalid_props", &e),
+        Err(_) => error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "the simulation stopped"),
+    }
+}
+
+/// Most entities one `GET /v1/positions` answers.
+pub const MAX_POSITIONS: usize = 5_000;
+
+#[derive(Debug, Deserialize)]
+struct PositionsQuery {
+    max: Option<usize>,
+}
+
+/// Where the entities this server owns are, for the coordinator's admin
+/// map: a sample of at most `?max=` (default 1000, at most
+/// [`MAX_POSITIONS`], larger is refused) and how many there are in all.
+/// Needs the admin token when the server has one (the coordinator sends
+/// its own); open otherwise (development).
+async fn positions(
+    State(s): State<LocalState>,
+    headers: axum::http::HeaderMap,
+    svc::http::ApiQuery(q): svc::http::ApiQuery<PositionsQuery>,
+) -> Response {
+    if s.admin_token.is_some()
+        && let Some(refused) = admin_refusal(&s, &headers)
+    {
+        return refused;
+    }
+    let max = q.max.unwrap_or(1000);
+    if !(1..=MAX_POSITIONS).contains(&max) {
+        return error(StatusCode::BAD_REQUEST, "bad_request", &format!("max is 1 to {MAX_POSITIONS}, not {max}"));
+    }
+    let (reply, rx) = tokio::sync::oneshot::channel();
+    let msg = crate::sim::messages::SimIn::Positions { max, reply };
+    if s.sim.send_timeout(msg, std::time::Duration::from_secs(1)).await.is_err() {
+        return error(StatusCode::SERVICE_UNAVAILABLE, "busy", "the simulation is busy");
+    }
+    match rx.await {
+        Ok(p) => Json(p).into_response(),
         Err(_) => error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "the simulation stopped"),
     }
 }

@@ -35,11 +35,19 @@ use crate::state::{Addresses, AuditRecord, Command, CommandError, Load, Threshol
 /// The whole HTTP API on one router, with JSON refusals for what no route
 /// takes. `admin_token`: the operator token (writes); `access`: who may read
 /// the views.
-pub fn app(node: Arc<Node>, auth: Arc<Auth>, access: ViewAccess, admin_token: Option<String>) -> Router {
+pub fn app(
+    node: Arc<Node>,
+    auth: Arc<Auth>,
+    access: ViewAccess,
+    admin_token: Option<String>,
+    map: Arc<crate::map::MapHub>,
+) -> Router {
     let token = admin_token.filter(|t| !t.is_empty()).map(Arc::new);
     let viewer = || axum::middleware::from_fn_with_state(access.clone(), require_viewer);
     let api = open_routes()
         .with_state(node.clone())
+        .merge(crate::map::page_routes().with_state((node.clone(), map.clone())))
+        .merge(crate::map::event_routes().route_layer(viewer()).with_state((node.clone(), map)))
         .merge(view_routes().route_layer(viewer()).with_state(node.clone()))
         .merge(auth_routes().with_state((node.clone(), auth.clone())))
         .merge(player_routes().route_layer(viewer()).with_state((node.clone(), auth.clone())))
@@ -106,6 +114,8 @@ pub fn document() -> utoipa::openapi::OpenApi {
     let mut doc = ApiDoc::openapi();
     for part in [
         open_routes().into_openapi(),
+        crate::map::page_routes().into_openapi(),
+        crate::map::event_routes().into_openapi(),
         view_routes().into_openapi(),
         player_routes().into_openapi(),
         auth_routes().into_openapi(),
@@ -285,7 +295,7 @@ async fn regions(State(node): State<Arc<Node>>) -> Json<Vec<RegionView>> {
     Json(node.read(region_views))
 }
 
-fn region_views(s: &crate::state::CoordinatorState) -> Vec<RegionView> {
+pub(crate) fn region_views(s: &crate::state::CoordinatorState) -> Vec<RegionView> {
     s.assignments()
         .iter()
         .map(|(k, a)| {
@@ -328,24 +338,27 @@ pub struct ServerView {
     responses((status = 200, description = "Every registered game server", body = [ServerView]), ViewRefusals))]
 async fn servers(State(node): State<Arc<Node>>) -> Json<Vec<ServerView>> {
     let now = crate::node::now_nanos();
-    Json(node.read(|s| {
-        s.servers()
-            .values()
-            .map(|r| ServerView {
-                server_id: r.id.0,
-                name: r.name.clone(),
-                alive: r.alive,
-                addresses: r.addresses.clone(),
-                cert_sha256: r.cert_sha256.clone(),
-                version: r.version.clone(),
-                capacity_players: r.capacity_players,
-                load: r.load,
-                regions: s.regions_of(r.id).map(|(k, _)| k.to_string()).collect(),
-                last_heartbeat_age_ms: now.saturating_sub(r.last_heartbeat) / 1_000_000,
-                draining: s.is_draining(r.id),
-            })
-            .collect()
-    }))
+    Json(node.read(|s| server_views(s, now)))
+}
+
+/// Every registered server as `GET /v1/servers` shows it; `now` in Unix ns.
+pub(crate) fn server_views(s: &crate::state::CoordinatorState, now: u64) -> Vec<ServerView> {
+    s.servers()
+        .values()
+        .map(|r| ServerView {
+            server_id: r.id.0,
+            name: r.name.clone(),
+            alive: r.alive,
+            addresses: r.addresses.clone(),
+            cert_sha256: r.cert_sha256.clone(),
+            version: r.version.clone(),
+            capacity_players: r.capacity_players,
+            load: r.load,
+            regions: s.regions_of(r.id).map(|(k, _)| k.to_string()).collect(),
+            last_heartbeat_age_ms: now.saturating_sub(r.last_heartbeat) / 1_000_000,
+            draining: s.is_draining(r.id),
+        })
+        .collect()
 }
 
 /// `?limit=` of a log read.
@@ -1198,10 +1211,15 @@ mod tests {
     }
 
     /// Every route is made by `routes!` from a documented handler: a bare
-    /// `.route(` here or in `lib.rs` would serve an undocumented path.
+    /// `.route(` here, in `lib.rs` or in `map` would serve an undocumented
+    /// path.
     #[test]
     fn routes_are_made_only_from_documented_handlers() {
-        for (file, text) in [("http.rs", include_str!("http.rs")), ("lib.rs", include_str!("lib.rs"))] {
+        for (file, text) in [
+            ("http.rs", include_str!("http.rs")),
+            ("lib.rs", include_str!("lib.rs")),
+            ("map/mod.rs", include_str!("map/mod.rs")),
+        ] {
             let bare = text.lines().filter(|l| l.contains(".route(") && !l.trim_start().starts_with("//")).count();
             // This test's own line names the pattern once.
             let allowed = usize::from(file == "http.rs");

@@ -5,6 +5,7 @@
 //!   through Raft ([`consensus`]) and applied in log order on every replica.
 //! - [`grpc`] (port 9090): registration, heartbeats, region map, transfers.
 //! - [`http`] (port 8080): health, metrics, admin views, logins.
+//! - [`map`]: the admin map page at `/` and its event stream.
 //! - [`auth`]: accounts, sessions and the tickets game servers verify.
 
 pub mod auth;
@@ -12,6 +13,7 @@ pub mod consensus;
 pub mod convert;
 pub mod grpc;
 pub mod http;
+pub mod map;
 pub mod metrics;
 pub mod node;
 pub mod persist;
@@ -345,12 +347,21 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
         })
     };
 
+    // The admin map's hub: samples for its sparklines always, events and
+    // the position feed only while a map is open.
+    let map = Arc::new(map::MapHub::new(node.metrics.clone()));
+    tokio::spawn(map::run(
+        map.clone(),
+        node.clone(),
+        config.admin_token.clone().filter(|t| !t.is_empty()),
+        stop.clone(),
+    ));
     let http_task = tokio::spawn({
         let access = http::ViewAccess {
             viewer: config.viewer_token.clone().filter(|t| !t.is_empty()).map(Arc::new),
             operator: config.admin_token.clone().filter(|t| !t.is_empty()).map(Arc::new),
         };
-        let app = http::app(node.clone(), auth.clone(), access, config.admin_token.clone());
+        let app = http::app(node.clone(), auth.clone(), access, config.admin_token.clone(), map.clone());
         let stop = stop.clone().cancelled_owned();
         async move {
             axum::serve(http, app.into_make_service_with_connect_info::<SocketAddr>())

@@ -36,6 +36,12 @@ pub struct Metrics {
     pub raft_applied: IntGauge,
     pub raft_is_leader: IntGauge,
     pub raft_has_leader: IntGauge,
+    /// Admin map event streams open.
+    pub map_clients: IntGauge,
+    /// Admin map streams cut for falling behind.
+    pub map_clients_dropped: IntCounter,
+    /// Position-feed requests to game servers, by `outcome` (`ok`, `failed`).
+    pub map_position_polls: IntCounterVec,
 }
 
 impl Metrics {
@@ -110,6 +116,14 @@ impl Metrics {
         let raft_applied = gauge("raft_applied_index", "Highest log index applied to the state machine");
         let raft_is_leader = gauge("raft_is_leader", "1 while this replica leads");
         let raft_has_leader = gauge("raft_has_leader", "1 while this replica knows a leader");
+        let map_clients = gauge("coordinator_map_clients", "Admin map event streams open");
+        let map_clients_dropped =
+            counter("coordinator_map_clients_dropped_total", "Admin map event streams cut for falling behind");
+        let map_position_polls = counter_vec(
+            "coordinator_map_position_polls_total",
+            "Position-feed requests to game servers while a map is open, by outcome",
+            "outcome",
+        );
         for c in [
             Box::new(raft_dropped.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(raft_refused.clone()),
@@ -122,6 +136,9 @@ impl Metrics {
             Box::new(raft_applied.clone()),
             Box::new(raft_is_leader.clone()),
             Box::new(raft_has_leader.clone()),
+            Box::new(map_clients.clone()),
+            Box::new(map_clients_dropped.clone()),
+            Box::new(map_position_polls.clone()),
         ] {
             names.extend(c.desc().into_iter().map(|d| d.fq_name.clone()));
             registry.register(c).expect("metric names are unique");
@@ -171,6 +188,9 @@ impl Metrics {
             raft_applied,
             raft_is_leader,
             raft_has_leader,
+            map_clients,
+            map_clients_dropped,
+            map_position_polls,
         }
     }
 

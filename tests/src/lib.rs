@@ -254,15 +254,24 @@ impl Mesh {
     }
 
     pub fn get(&self, path: &str) -> anyhow::Result<Value> {
-        let url = format!("http://{}{path}", self.http);
-        reqwest::blocking_get(&url)
+        self.get_as(path, None)
+    }
+
+    /// A GET of the coordinator's API with a bearer token.
+    pub fn get_as(&self, path: &str, bearer: Option<&str>) -> anyhow::Result<Value> {
+        reqwest::blocking_get_as(&format!("http://{}{path}", self.http), bearer)
     }
 
     /// Waits until every region has a live owner.
     pub fn wait_regions_owned(&self) -> anyhow::Result<Value> {
+        self.wait_regions_owned_as(None)
+    }
+
+    /// As [`Mesh::wait_regions_owned`], reading the views with `bearer`.
+    pub fn wait_regions_owned_as(&self, bearer: Option<&str>) -> anyhow::Result<Value> {
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
-            let regions = self.get("/v1/regions")?;
+            let regions = self.get_as("/v1/regions", bearer)?;
             let owned = regions.as_array().is_some_and(|r| r.iter().all(|x| !x["server_id"].is_null()));
             // ... and every server has heard of its regions (maps travel with heartbeats).
             let heard = owned
@@ -314,9 +323,18 @@ pub fn metric(text: &str, name: &str, labels: &str) -> f64 {
 mod reqwest {
     //! A blocking GET of JSON, from a small runtime of its own.
     pub fn blocking_get(url: &str) -> anyhow::Result<serde_json::Value> {
+        blocking_get_as(url, None)
+    }
+
+    /// As [`blocking_get`], with a bearer token.
+    pub fn blocking_get_as(url: &str, bearer: Option<&str>) -> anyhow::Result<serde_json::Value> {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
         rt.block_on(async {
-            let r = ::reqwest::get(url).await?;
+            let mut req = ::reqwest::Client::new().get(url);
+            if let Some(b) = bearer {
+                req = req.bearer_auth(b);
+            }
+            let r = req.send().await?;
             anyhow::ensure!(r.status().is_success(), "{url}: {}", r.status());
             Ok(r.json().await?)
         })
@@ -328,7 +346,7 @@ mod reqwest {
     }
 }
 
-pub use reqwest::blocking_text;
+pub use reqwest::{blocking_get_as, blocking_text};
 
 /// The terrain seed the test meshes run with.
 pub const WORLD_SEED: u64 = 20_261_122;

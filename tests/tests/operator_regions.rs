@@ -262,7 +262,7 @@ fn a_crowd_makes_its_region_split_and_part_of_it_move_without_dropping_anyone() 
 #[test]
 fn every_documented_route_exists_roles_hold_and_refusals_say_why_in_json() -> anyhow::Result<()> {
     let mesh = Mesh::start_with(1, &[&format!("--admin-token={TOKEN}"), "--viewer-token=view-token"], &[])?;
-    mesh.wait_regions_owned().ok();
+    mesh.wait_regions_owned_as(Some("view-token"))?;
     let doc: Value =
         serde_json::from_str(&integration_tests::blocking_text(&format!("http://{}/openapi.json", mesh.http))?)?;
     assert_eq!(doc["openapi"], "3.1.0");

@@ -67,6 +67,9 @@ pub fn ingest(world: &mut World) {
             SimIn::SpawnProps { props, reply } => {
                 let _ = reply.send(spawn_props(world, &props));
             }
+            SimIn::Positions { max, reply } => {
+                let _ = reply.send(positions(world, max));
+            }
             SimIn::InspectChunk { key, reply } => {
                 let _ = reply.send(world.resource::<super::terrain::Terrain>().inspect(key));
             }
@@ -122,6 +125,23 @@ pub fn ingest(world: &mut World) {
 pub const MAX_PROPS_PER_REQUEST: usize = 10_000;
 
 /// Spawns props for an admin; all or nothing.
+/// Where the entities this server owns are: every `ceil(total / max)`-th
+/// of them, so at most `max` (the admin map's dots; once a second while a
+/// map is open, O(entities) on the tick thread).
+pub fn positions(world: &mut World, max: usize) -> super::messages::Positions {
+    let mut q = world.query_filtered::<(&Body, Has<Avatar>), With<super::authority::Authority>>();
+    let total = q.iter(world).count();
+    let stride = total.div_ceil(max.max(1)).max(1);
+    let round = |v: f64| (v * 10.0).round() / 10.0;
+    let entities = q
+        .iter(world)
+        .step_by(stride)
+        .take(max)
+        .map(|(b, player)| (round(b.pos.x), round(b.pos.y), round(b.pos.z), u8::from(!player)))
+        .collect();
+    super::messages::Positions { total: total as u64, entities }
+}
+
 pub fn spawn_props(world: &mut World, props: &[PropSpawn]) -> Result<Vec<EntityId>, String> {
     if props.len() > MAX_PROPS_PER_REQUEST {
         return Err(format!("at most {MAX_PROPS_PER_REQUEST} props per request"));

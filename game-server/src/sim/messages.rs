@@ -191,6 +191,16 @@ pub struct PropHandoff {
     pub sleeping: bool,
 }
 
+/// The answer to [`SimIn::Positions`] (`GET /v1/positions`): a sample of
+/// at most `max` of the entities this server owns, evenly strided.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Positions {
+    /// How many entities the server owns.
+    pub total: u64,
+    /// `[x, y, z, kind]`: metres rounded to 0.1, kind 0 a player, 1 a prop.
+    pub entities: Vec<(f64, f64, f64, u8)>,
+}
+
 /// I/O threads → tick thread.
 /// The answer to [`SimIn::InspectChunk`].
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -234,6 +244,11 @@ pub enum SimIn {
     InspectChunk {
         key: shared::chunk::ChunkKey,
         reply: oneshot::Sender<ChunkInfo>,
+    },
+    /// The admin map asks where the entities this server owns are.
+    Positions {
+        max: usize,
+        reply: oneshot::Sender<Positions>,
     },
     Map(Arc<MapView>),
     /// A chat line or notice for every player playing here.

@@ -719,3 +719,29 @@ fn the_directory_hears_of_a_spawn_and_a_leave() {
     while h.next_out().is_ok() {}
     assert_eq!(h.presence, [(player, true), (player, false)]);
 }
+
+#[test]
+fn the_position_feed_samples_what_the_server_owns_and_keeps_to_its_bound() {
+    let mut h = Harness::new(1);
+    let _rx = h.join(1, JoinRole::Play, DVec3::new(1000.5, 70.0, 1000.5));
+    h.settle();
+    for i in 0..9 {
+        spawn_box(&mut h, DVec3::new(1003.0 + f64::from(i), GROUND + 0.5, 1001.0));
+    }
+    let ask = |h: &mut Harness, max: usize| {
+        let (reply, rx) = oneshot::channel();
+        h.send(SimIn::Positions { max, reply });
+        h.step();
+        rx.blocking_recv().expect("answered")
+    };
+    let all = ask(&mut h, 1000);
+    assert_eq!((all.total, all.entities.len()), (10, 10), "{all:?}");
+    assert_eq!(all.entities.iter().filter(|e| e.3 == 0).count(), 1, "one player: {all:?}");
+    let p = all.entities.iter().find(|e| e.3 == 0).unwrap();
+    let body = h.avatar().expect("avatar").0;
+    assert!((p.0 - body.pos.x).abs() <= 0.05 && (p.2 - body.pos.z).abs() <= 0.05, "{p:?} vs {}", body.pos);
+    assert!(all.entities.iter().all(|e| (e.0 * 10.0).fract() == 0.0), "rounded to 0.1 m: {all:?}");
+    let few = ask(&mut h, 3);
+    assert_eq!(few.total, 10);
+    assert!(!few.entities.is_empty() && few.entities.len() <= 3, "{few:?}");
+}

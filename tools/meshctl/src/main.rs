@@ -28,6 +28,13 @@ enum Command {
     Up(up::UpArgs),
     /// The mesh at a glance.
     Status,
+    /// The admin map's address (the coordinator serves it at `/`): printed
+    /// once the coordinator answers, and opened in a browser with --browser.
+    Open {
+        /// Open it with $BROWSER, else xdg-open.
+        #[arg(long)]
+        browser: bool,
+    },
     /// Regions with their owners and epochs.
     Regions,
     /// Game servers with their load.
@@ -132,6 +139,27 @@ fn request_error(base: &str, e: &reqwest::Error) -> anyhow::Error {
     )
 }
 
+/// `meshctl open`: checks the coordinator serves the map, prints its
+/// address, and opens it when asked.
+async fn open(base: &str, browser: bool) -> anyhow::Result<()> {
+    let url = format!("{base}/");
+    let r = http_client()?.get(&url).send().await.map_err(|e| request_error(base, &e))?;
+    let html = r.headers().get(reqwest::header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"text/html"));
+    if !r.status().is_success() || !html {
+        anyhow::bail!("{url} answered {} without the map: is it a coordinator of this version?", r.status());
+    }
+    println!("{url}");
+    if browser {
+        let program = std::env::var("BROWSER").ok().filter(|b| !b.is_empty()).unwrap_or_else(|| "xdg-open".into());
+        std::process::Command::new(&program)
+            .arg(&url)
+            .stdin(std::process::Stdio::null())
+            .spawn()
+            .map_err(|e| anyhow::anyhow!("cannot start {program} to open {url}: {e} (set $BROWSER)"))?;
+    }
+    Ok(())
+}
+
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let base = cli.coordinator.trim_end_matches('/').to_owned();
     let _ = READ_TOKEN.set(cli.token.clone().or_else(|| std::env::var("PS_VIEWER_TOKEN").ok()));
@@ -150,6 +178,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Open { browser } => open(&base, browser).await,
         Command::Status => show(&base, "/v1/status", cli.json, |v| {
             let keys = ["ready", "servers_alive", "servers_total", "regions", "regions_owned", "players", "transfers_total", "tick_p99_ms_max", "map_version"];
             keys.iter().map(|k| format!("{k:<16} {}", v[*k])).collect::<Vec<_>>().join("\n")

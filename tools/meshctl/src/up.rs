@@ -302,7 +302,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             grpcs.push(format!("http://{g}"));
         }
         let grpc = grpcs.join(",");
-        println!("  try: curl http://{http}/v1/regions   ·   meshctl servers   ·   logs in {}", logs.display());
+        println!("  map: http://{http}/   ·   try: meshctl servers   ·   logs in {}", logs.display());
         println!("  operator token in PS_ADMIN_TOKEN, or: meshctl --token <token> drain|split|merge|move …");
 
         for i in 1..=args.game_servers {
