@@ -72,7 +72,7 @@ pub struct Event {
 }
 
 impl Event {
-    fn new(kind: &'static str, data: &impl Serialize) -> Self {
+    pub fn new(kind: &'static str, data: &impl Serialize) -> Self {
         let text = serde_json::to_string(data).expect("map events serialise");
         Self { kind, data: text.into() }
     }
@@ -203,6 +203,13 @@ impl MapHub {
             Err(mpsc::error::TrySendError::Closed(_)) => false,
         });
         self.metrics.map_clients.set(clients.len() as i64);
+    }
+
+    /// Sends a `positions` event and keeps it for streams that open before
+    /// the next.
+    pub fn publish_positions(&self, e: Event) {
+        *self.positions.lock().expect("map positions") = Some(e.clone());
+        self.broadcast(&e);
     }
 
     /// A sample of every live server into the ring; a dead server's ring
@@ -345,9 +352,8 @@ pub async fn run(hub: Arc<MapHub>, node: Arc<Node>, token: Option<String>, stop:
             last_audit = a.seq;
             hub.broadcast(&Event::new("audit", &audit));
         }
-        let positions = Event::new("positions", &poll_positions(&http, &hub, &targets, token.as_deref()).await);
-        *hub.positions.lock().expect("map positions") = Some(positions.clone());
-        hub.broadcast(&positions);
+        let positions = poll_positions(&http, &hub, &targets, token.as_deref()).await;
+        hub.publish_positions(Event::new("positions", &positions));
     }
 }
 
@@ -429,9 +435,15 @@ async fn events(State((node, hub)): State<MapState>) -> Response {
             &format!("{MAX_CLIENTS} event streams are open already"),
         );
     };
-    let stream =
+    stream(rx)
+}
+
+/// A stream's events as `text/event-stream`, with a keep-alive comment
+/// every 15 s.
+pub fn stream(rx: mpsc::Receiver<Event>) -> Response {
+    let events =
         ReceiverStream::new(rx).map(|e| Ok::<_, Infallible>(sse::Event::default().event(e.kind).data(&*e.data)));
-    Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)).text("keep-alive")).into_response()
+    Sse::new(events).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)).text("keep-alive")).into_response()
 }
 
 #[cfg(test)]
