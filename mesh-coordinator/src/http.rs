@@ -948,7 +948,11 @@ fn body<T>(b: Result<Json<T>, JsonRejection>) -> Result<T, AuthError> {
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct Credentials {
+    /// 3 to 32 characters of `A-Z a-z 0-9 _ - .` (`auth::check_name`).
+    #[schema(pattern = "^[A-Za-z0-9_.-]{3,32}$")]
     pub name: String,
+    /// 8 to 128 bytes (`auth::check_password`).
+    #[schema(min_length = 8, max_length = 128)]
     pub password: String,
 }
 
@@ -983,7 +987,11 @@ async fn create_account(
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct LoginRequest {
+    /// An account name; one that could not be one is refused as bad
+    /// credentials (401).
+    #[schema(max_length = 32)]
     pub name: String,
+    #[schema(max_length = 128)]
     pub password: String,
     /// Where a player with no saved position starts (inside the world);
     /// ignored once the player has one. Default: the world's spawn point.
@@ -1296,6 +1304,19 @@ mod tests {
             v[field] = bad.clone();
             let t: Thresholds = serde_json::from_value(v).unwrap();
             assert!(t.validate().is_err(), "{field} = {bad} is outside the schema and must be refused");
+        }
+        let creds = &doc["components"]["schemas"]["Credentials"]["properties"];
+        assert_eq!(creds["name"]["pattern"], "^[A-Za-z0-9_.-]{3,32}$");
+        let (min, max) =
+            (creds["password"]["minLength"].as_u64().unwrap(), creds["password"]["maxLength"].as_u64().unwrap());
+        for (len, ok) in [(min - 1, false), (min, true), (max, true), (max + 1, false)] {
+            let password = "p".repeat(len as usize);
+            assert_eq!(crate::auth::check_password(&password).is_ok(), ok, "a password of {len}");
+        }
+        for (name, ok) in
+            [("ab", false), ("abc", true), (&*"n".repeat(32), true), (&*"n".repeat(33), false), ("a b", false)]
+        {
+            assert_eq!(crate::auth::check_name(name).is_ok(), ok, "{name:?}");
         }
         let logout = &doc["paths"]["/v1/logout"]["post"];
         assert!(logout["responses"]["204"]["description"].as_str().unwrap().contains("did not exist"));
