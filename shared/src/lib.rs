@@ -8,6 +8,7 @@
 
 pub mod chunk;
 mod codec;
+pub mod component;
 pub mod controller;
 pub mod edit;
 pub mod geom;
