@@ -69,8 +69,13 @@ pub struct Config {
     pub capacity: u32,
     /// Bearer token of the local admin API (`POST /v1/props`). Unset: the
     /// admin endpoints answer 403.
-    #[arg(long, env = "PS_ADMIN_TOKEN")]
+    #[arg(long, env = "PS_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
+    /// Bearer token the coordinator presents for the admin map's position
+    /// feed (`GET /v1/positions`, read-only). Unset: only the admin token
+    /// may read it; neither: 403.
+    #[arg(long, env = "PS_MAP_FEED_TOKEN", hide_env_values = true)]
+    pub map_feed_token: Option<String>,
     /// Development only: a hello carrying this token instead of a signed
     /// ticket is let in as whichever player it names. Unset or empty (the
     /// default, and in production): only tickets from the coordinator's login.

@@ -33,6 +33,8 @@ pub struct LocalState {
     /// The simulation's inbox, for admin commands.
     pub sim: tokio::sync::mpsc::Sender<crate::sim::messages::SimIn>,
     pub admin_token: Option<Arc<str>>,
+    /// The admin map's position-feed token (`GET /v1/positions`).
+    pub feed_token: Option<Arc<str>>,
 }
 
 /// The status document of `/v1/status` and of the query port.
@@ -137,17 +139,24 @@ struct PositionsQuery {
 /// Where the entities this server owns are, for the coordinator's admin
 /// map: a sample of at most `?max=` (default 1000, at most
 /// [`MAX_POSITIONS`], larger is refused) and how many there are in all.
-/// Needs the admin token when the server has one (the coordinator sends
-/// its own); open otherwise (development).
+/// Needs the feed token (`--map-feed-token`, what the coordinator
+/// presents) or the admin token; 403 when neither is set.
 async fn positions(
     State(s): State<LocalState>,
     headers: axum::http::HeaderMap,
     svc::http::ApiQuery(q): svc::http::ApiQuery<PositionsQuery>,
 ) -> Response {
-    if s.admin_token.is_some()
-        && let Some(refused) = admin_refusal(&s, &headers)
-    {
-        return refused;
+    let presented = bearer(&headers);
+    let admitted = [&s.feed_token, &s.admin_token]
+        .into_iter()
+        .flatten()
+        .any(|t| presented.is_some_and(|p| svc::constant_time_eq(p.as_bytes(), t.as_bytes())));
+    if !admitted {
+        return if s.feed_token.is_none() && s.admin_token.is_none() {
+            error(StatusCode::FORBIDDEN, "forbidden", "the position feed is off: set PS_MAP_FEED_TOKEN")
+        } else {
+            error(StatusCode::UNAUTHORIZED, "unauthorized", "missing or wrong bearer token")
+        };
     }
     let max = q.max.unwrap_or(1000);
     if !(1..=MAX_POSITIONS).contains(&max) {
@@ -169,8 +178,7 @@ fn admin_refusal(s: &LocalState, headers: &axum::http::HeaderMap) -> Option<Resp
     let Some(expected) = &s.admin_token else {
         return Some(error(StatusCode::FORBIDDEN, "forbidden", "the admin API is disabled: set PS_ADMIN_TOKEN"));
     };
-    let presented =
-        headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    let presented = bearer(headers);
     if !presented.is_some_and(|p| svc::constant_time_eq(p.as_bytes(), expected.as_bytes())) {
         return Some(error(StatusCode::UNAUTHORIZED, "unauthorized", "missing or wrong bearer token"));
     }
@@ -198,6 +206,10 @@ async fn inspect_chunk(
         Ok(info) => Json(info).into_response(),
         Err(_) => error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "the simulation stopped"),
     }
+}
+
+fn bearer(headers: &axum::http::HeaderMap) -> Option<&str> {
+    headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "))
 }
 
 async fn ready(State(s): State<LocalState>) -> Response {

@@ -243,7 +243,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
         load,
         maps: maps_rx,
         sim: sim_tx.clone(),
-        admin_token: config.admin_token.as_deref().map(Arc::from),
+        admin_token: config.admin_token.as_deref().filter(|t| !t.is_empty()).map(Arc::from),
+        feed_token: config.map_feed_token.as_deref().filter(|t| !t.is_empty()).map(Arc::from),
     };
     tasks.spawn(http::serve_query(query, local.clone(), stop.clone()));
     {

@@ -79,6 +79,11 @@ pub struct Config {
     /// logins are always open.
     #[arg(long, env = "PS_VIEWER_TOKEN", hide_env_values = true)]
     pub viewer_token: Option<String>,
+    /// Bearer token presented to game servers for the admin map's position
+    /// feed (their `--map-feed-token`; read-only). Unset: the map shows no
+    /// players or props.
+    #[arg(long, env = "PS_MAP_FEED_TOKEN", hide_env_values = true)]
+    pub map_feed_token: Option<String>,
     /// Name of this mesh in shared storage: the prefix of its Redis keys
     /// (one Redis may serve several meshes).
     #[arg(long, env = "PS_CLUSTER", default_value = "planetary")]
@@ -350,18 +355,15 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
     // The admin map's hub: samples for its sparklines always, events and
     // the position feed only while a map is open.
     let map = Arc::new(map::MapHub::new(node.metrics.clone()));
-    tokio::spawn(map::run(
-        map.clone(),
-        node.clone(),
-        config.admin_token.clone().filter(|t| !t.is_empty()),
-        stop.clone(),
-    ));
+    let feed_token = config.map_feed_token.clone().filter(|t| !t.is_empty());
+    let feed = feed_token.is_some();
+    tokio::spawn(map::run(map.clone(), node.clone(), feed_token, stop.clone()));
     let http_task = tokio::spawn({
         let access = http::ViewAccess {
             viewer: config.viewer_token.clone().filter(|t| !t.is_empty()).map(Arc::new),
             operator: config.admin_token.clone().filter(|t| !t.is_empty()).map(Arc::new),
         };
-        let app = http::app(node.clone(), auth.clone(), access, config.admin_token.clone(), map.clone());
+        let app = http::app(node.clone(), auth.clone(), access, config.admin_token.clone(), map.clone(), feed);
         let stop = stop.clone().cancelled_owned();
         async move {
             axum::serve(http, app.into_make_service_with_connect_info::<SocketAddr>())

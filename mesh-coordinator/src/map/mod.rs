@@ -142,47 +142,108 @@ struct Hello {
 pub struct MapHub {
     clients: Mutex<Vec<mpsc::Sender<Event>>>,
     history: Mutex<BTreeMap<u32, VecDeque<Sample>>>,
-    /// The last `positions` event, for a stream that opens between two.
+    /// The last `positions` event, for a stream that opens between two
+    /// (cleared when no stream is open, so a map opened later does not
+    /// start with old dots).
     positions: Mutex<Option<Event>>,
+    /// Cancelled when the coordinator stops: every stream ends, and no new
+    /// one opens (an open stream would hold the graceful shutdown).
+    closed: CancellationToken,
     metrics: crate::metrics::Metrics,
+}
+
+/// The hub's locks guard plain data: a panic elsewhere leaves it usable.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// What a new stream starts with: read under the state's lock as owned
+/// data, serialised outside it.
+#[derive(Debug)]
+pub struct Picture {
+    hello: Hello,
+    regions: RegionsEvent,
+    servers: ServersEvent,
+    transfers: Vec<crate::state::TransferRecord>,
+    audit: Vec<crate::state::AuditRecord>,
+}
+
+impl Picture {
+    /// Reads the picture; `history` is the sparklines' ring, copied before;
+    /// `feed`: whether the position feed is on.
+    pub fn read(
+        s: &CoordinatorState,
+        replica: u64,
+        now_ms: u64,
+        history: &BTreeMap<u32, VecDeque<Sample>>,
+        feed: bool,
+    ) -> Self {
+        let alive = s.servers().values().filter(|r| r.alive).count();
+        Self {
+            hello: Hello {
+                replica,
+                map_version: s.map_version(),
+                mesh_epoch_unix_nanos: s.clock.epoch_unix_nanos,
+                sample_period_ms: SAMPLE_PERIOD_MS,
+                positions_max: if feed { share(alive) as u64 } else { 0 },
+            },
+            regions: regions_event(s),
+            servers: servers_event(s, now_ms, Some(history)),
+            transfers: transfers_after(s, 0, INITIAL_LOG),
+            audit: audit_after(s, 0, INITIAL_LOG),
+        }
+    }
+
+    pub fn events(&self) -> Vec<Event> {
+        vec![
+            Event::new("hello", &self.hello),
+            Event::new("regions", &self.regions),
+            Event::new("servers", &self.servers),
+            Event::new("transfers", &self.transfers),
+            Event::new("audit", &self.audit),
+        ]
+    }
 }
 
 impl MapHub {
     pub fn new(metrics: crate::metrics::Metrics) -> Self {
-        Self { clients: Mutex::default(), history: Mutex::default(), positions: Mutex::default(), metrics }
+        Self {
+            clients: Mutex::default(),
+            history: Mutex::default(),
+            positions: Mutex::default(),
+            closed: CancellationToken::new(),
+            metrics,
+        }
     }
 
     pub fn clients(&self) -> usize {
-        self.clients.lock().expect("map clients").len()
+        lock(&self.clients).len()
     }
 
-    /// A new stream, primed with the whole picture; `None` when
-    /// [`MAX_CLIENTS`] are open.
-    pub fn subscribe(&self, s: &CoordinatorState, replica: u64, now_ms: u64) -> Option<mpsc::Receiver<Event>> {
-        let mut clients = self.clients.lock().expect("map clients");
+    /// Whether one more stream may open.
+    pub fn has_room(&self) -> bool {
+        let mut clients = lock(&self.clients);
         clients.retain(|c| !c.is_closed());
-        if clients.len() >= MAX_CLIENTS {
+        clients.len() < MAX_CLIENTS && !self.closed.is_cancelled()
+    }
+
+    /// The sparklines' ring, copied.
+    pub fn history(&self) -> BTreeMap<u32, VecDeque<Sample>> {
+        lock(&self.history).clone()
+    }
+
+    /// A new stream that starts with `first` (a [`Picture`]'s events) and
+    /// the last positions; `None` when [`MAX_CLIENTS`] are open or the hub
+    /// is closed.
+    pub fn subscribe(&self, first: Vec<Event>) -> Option<mpsc::Receiver<Event>> {
+        let mut clients = lock(&self.clients);
+        clients.retain(|c| !c.is_closed());
+        if clients.len() >= MAX_CLIENTS || self.closed.is_cancelled() {
             return None;
         }
         let (tx, rx) = mpsc::channel(CLIENT_QUEUE);
-        let hello = Hello {
-            replica,
-            map_version: s.map_version(),
-            mesh_epoch_unix_nanos: s.clock.epoch_unix_nanos,
-            sample_period_ms: SAMPLE_PERIOD_MS,
-            positions_max: share(s.servers().values().filter(|r| r.alive).count()) as u64,
-        };
-        let history = self.history.lock().expect("map history");
-        let mut first = vec![
-            Event::new("hello", &hello),
-            Event::new("regions", &regions_event(s)),
-            Event::new("servers", &servers_event(s, now_ms, Some(&history))),
-            Event::new("transfers", &transfers_after(s, 0, INITIAL_LOG)),
-            Event::new("audit", &audit_after(s, 0, INITIAL_LOG)),
-        ];
-        first.extend(self.positions.lock().expect("map positions").clone());
-        for e in first {
-            // The queue is new and longer than this.
+        for e in first.into_iter().chain(lock(&self.positions).clone()).take(CLIENT_QUEUE) {
+            // The queue is new and as long as this.
             let _ = tx.try_send(e);
         }
         clients.push(tx);
@@ -190,10 +251,22 @@ impl MapHub {
         Some(rx)
     }
 
+    /// Ends every stream and opens no more.
+    pub fn close(&self) {
+        self.closed.cancel();
+        lock(&self.clients).clear();
+        self.metrics.map_clients.set(0);
+    }
+
+    /// Cancelled when the hub closes.
+    pub fn closed(&self) -> CancellationToken {
+        self.closed.clone()
+    }
+
     /// Sends `e` to every stream; one that is [`CLIENT_QUEUE`] behind is cut
     /// and counted.
     pub fn broadcast(&self, e: &Event) {
-        let mut clients = self.clients.lock().expect("map clients");
+        let mut clients = lock(&self.clients);
         clients.retain(|c| match c.try_send(e.clone()) {
             Ok(()) => true,
             Err(mpsc::error::TrySendError::Full(_)) => {
@@ -208,14 +281,14 @@ impl MapHub {
     /// Sends a `positions` event and keeps it for streams that open before
     /// the next.
     pub fn publish_positions(&self, e: Event) {
-        *self.positions.lock().expect("map positions") = Some(e.clone());
+        *lock(&self.positions) = Some(e.clone());
         self.broadcast(&e);
     }
 
     /// A sample of every live server into the ring; a dead server's ring
     /// goes when its newest sample is older than the ring's span.
     pub fn sample(&self, s: &CoordinatorState, now_ms: u64) {
-        let mut history = self.history.lock().expect("map history");
+        let mut history = lock(&self.history);
         let span = HISTORY_LEN as u64 * SAMPLE_PERIOD_MS;
         history.retain(|id, ring| {
             s.server(shared::ServerId(*id)).is_some_and(|r| r.alive)
@@ -271,11 +344,10 @@ pub fn servers_event(
     ServersEvent { at_unix_ms: now_ms, servers }
 }
 
-/// Transfers newer than `after` (by id), oldest first, at most `max`.
+/// Transfers newer than `after` (by id), oldest first, the newest `max`
+/// of them (bounded work: [`crate::state::Transfers::after`]).
 pub fn transfers_after(s: &CoordinatorState, after: u64, max: usize) -> Vec<crate::state::TransferRecord> {
-    let mut v: Vec<_> = s.transfers().newest(max).into_iter().filter(|t| t.id > after).cloned().collect();
-    v.reverse();
-    v
+    s.transfers().after(after, max).into_iter().cloned().collect()
 }
 
 /// Audit records newer than `after` (by seq), oldest first, at most `max`.
@@ -286,7 +358,45 @@ pub fn audit_after(s: &CoordinatorState, after: u64, max: usize) -> Vec<crate::s
 }
 
 fn newest_ids(s: &CoordinatorState) -> (u64, u64) {
-    (s.transfers().newest(1).first().map_or(0, |t| t.id), s.audit_log().back().map_or(0, |a| a.seq))
+    (s.transfers().last_id(), s.audit_log().back().map_or(0, |a| a.seq))
+}
+
+/// Most transfers whose outcome the loop keeps watching after sending
+/// them in flight, so that the page sees them end.
+const WATCHED: usize = 1_000;
+
+/// The transfers among `watched` (sent while in flight, with the outcome
+/// sent) whose outcome changed since, as they are now. Those that ended
+/// leave `watched`, as do those no longer in flight nor among the last
+/// `2 * WATCHED` to end.
+fn changed_outcomes(
+    s: &CoordinatorState,
+    watched: &mut BTreeMap<u64, crate::state::TransferOutcome>,
+) -> Vec<crate::state::TransferRecord> {
+    let t = s.transfers();
+    let ended: HashMap<u64, &crate::state::TransferRecord> =
+        t.recently_ended(2 * WATCHED).filter(|r| watched.contains_key(&r.id)).map(|r| (r.id, r)).collect();
+    let mut out = Vec::new();
+    watched.retain(|id, outcome| match t.in_flight_get(*id).or_else(|| ended.get(id).copied()) {
+        Some(r) if r.outcome != *outcome => {
+            out.push(r.clone());
+            *outcome = r.outcome;
+            !r.outcome.ended()
+        }
+        Some(_) => true,
+        None => false,
+    });
+    out
+}
+
+/// Whether `addr` is a plain `host:port` (all the feed may ask): no
+/// scheme, path, user or query for a registrant to slip in.
+fn plain_host_port(addr: &str) -> bool {
+    let Some((host, port)) = addr.rsplit_once(':') else { return false };
+    let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
+    !host.is_empty()
+        && port.parse::<u16>().is_ok()
+        && host.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':'))
 }
 
 fn unix_ms() -> u64 {
@@ -294,25 +404,31 @@ fn unix_ms() -> u64 {
 }
 
 /// The hub's loop: samples, and while a map is open, what changed and
-/// the positions, once a second. `token`: the operator token, sent to the
-/// game servers' `/v1/positions`.
-pub async fn run(hub: Arc<MapHub>, node: Arc<Node>, token: Option<String>, stop: CancellationToken) {
-    let http = match reqwest::Client::builder().timeout(POLL_TIMEOUT).build() {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::error!(error = %e, "the admin map's position feed cannot start");
-            return;
-        }
-    };
+/// the positions, once a second. `feed_token`: what the game servers'
+/// `/v1/positions` want (`--map-feed-token`); unset, positions are not
+/// asked for. On `stop` it closes the hub, ending every stream.
+pub async fn run(hub: Arc<MapHub>, node: Arc<Node>, feed_token: Option<String>, stop: CancellationToken) {
+    let http =
+        match reqwest::Client::builder().timeout(POLL_TIMEOUT).redirect(reqwest::redirect::Policy::none()).build() {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(error = %e, "the admin map's position feed cannot start");
+                return;
+            }
+        };
     let mut every = tokio::time::interval(Duration::from_secs(1));
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let (mut last_transfer, mut last_audit) = node.read(newest_ids);
+    let mut watched = BTreeMap::new();
     let mut last_regions: Option<Arc<str>> = None;
     let mut last_sample = 0u64;
     loop {
         tokio::select! {
             _ = every.tick() => {}
-            _ = stop.cancelled() => return,
+            _ = stop.cancelled() => {
+                hub.close();
+                return;
+            }
         }
         let now_ms = unix_ms();
         let sampled = now_ms.saturating_sub(last_sample) >= SAMPLE_PERIOD_MS;
@@ -322,38 +438,52 @@ pub async fn run(hub: Arc<MapHub>, node: Arc<Node>, token: Option<String>, stop:
         }
         if hub.clients() == 0 {
             (last_transfer, last_audit) = node.read(newest_ids);
+            watched.clear();
             last_regions = None;
+            *lock(&hub.positions) = None;
             continue;
         }
-        let (regions, servers, transfers, audit, targets) = {
-            let history = hub.history.lock().expect("map history").clone();
-            node.read(|s| {
-                let targets: Vec<(u32, String)> =
-                    s.servers().values().filter(|r| r.alive).map(|r| (r.id.0, r.addresses.http.clone())).collect();
-                (
-                    Event::new("regions", &regions_event(s)),
-                    Event::new("servers", &servers_event(s, now_ms, sampled.then_some(&history))),
-                    transfers_after(s, last_transfer, MAX_LOG_EVENT),
-                    audit_after(s, last_audit, MAX_LOG_EVENT),
-                    targets,
-                )
-            })
-        };
+        // Owned copies under the state's lock; JSON outside it.
+        let history = if sampled { Some(hub.history()) } else { None };
+        let (regions, servers, transfers, changed, audit, targets) = node.read(|s| {
+            let targets: Vec<(u32, String)> =
+                s.servers().values().filter(|r| r.alive).map(|r| (r.id.0, r.addresses.http.clone())).collect();
+            (
+                regions_event(s),
+                servers_event(s, now_ms, history.as_ref()),
+                transfers_after(s, last_transfer, MAX_LOG_EVENT),
+                changed_outcomes(s, &mut watched),
+                audit_after(s, last_audit, MAX_LOG_EVENT),
+                targets,
+            )
+        });
+        let regions = Event::new("regions", &regions);
         if last_regions.as_ref() != Some(&regions.data) {
             last_regions = Some(regions.data.clone());
             hub.broadcast(&regions);
         }
-        hub.broadcast(&servers);
+        hub.broadcast(&Event::new("servers", &servers));
         if let Some(t) = transfers.last() {
             last_transfer = t.id;
+        }
+        for t in transfers.iter().filter(|t| !t.outcome.ended()) {
+            if watched.len() < WATCHED {
+                watched.insert(t.id, t.outcome);
+            }
+        }
+        // New ones, then those whose outcome changed (the page merges by id).
+        let transfers: Vec<_> = transfers.into_iter().chain(changed).collect();
+        if !transfers.is_empty() {
             hub.broadcast(&Event::new("transfers", &transfers));
         }
         if let Some(a) = audit.last() {
             last_audit = a.seq;
             hub.broadcast(&Event::new("audit", &audit));
         }
-        let positions = poll_positions(&http, &hub, &targets, token.as_deref()).await;
-        hub.publish_positions(Event::new("positions", &positions));
+        if let Some(token) = &feed_token {
+            let positions = poll_positions(&http, &hub, &targets, token).await;
+            hub.publish_positions(Event::new("positions", &positions));
+        }
     }
 }
 
@@ -363,20 +493,20 @@ async fn poll_positions(
     http: &reqwest::Client,
     hub: &MapHub,
     targets: &[(u32, String)],
-    token: Option<&str>,
+    token: &str,
 ) -> PositionsEvent {
     let max = share(targets.len());
+    // A position is at most about 40 bytes of JSON.
+    let cap = max * 48 + 1024;
     let mut asks = tokio::task::JoinSet::new();
     for (id, addr) in targets {
-        let mut req = http.get(format!("http://{addr}/v1/positions?max={max}"));
-        if let Some(t) = token {
-            req = req.bearer_auth(t);
+        if !plain_host_port(addr) {
+            hub.metrics.map_position_polls.with_label_values(&["bad_address"]).inc();
+            continue;
         }
+        let req = http.get(format!("http://{addr}/v1/positions?max={max}")).bearer_auth(token);
         let id = *id;
-        asks.spawn(async move {
-            let answer = async { req.send().await?.error_for_status()?.json::<ServerPositions>().await }.await;
-            (id, answer)
-        });
+        asks.spawn(async move { (id, fetch_capped(req, cap).await) });
     }
     let mut servers = Vec::with_capacity(targets.len());
     while let Some(done) = asks.join_next().await {
@@ -397,7 +527,24 @@ async fn poll_positions(
     PositionsEvent { at_unix_ms: unix_ms(), servers }
 }
 
-pub type MapState = (Arc<Node>, Arc<MapHub>);
+/// One game server's positions, its body read up to `cap` bytes.
+async fn fetch_capped(req: reqwest::RequestBuilder, cap: usize) -> anyhow::Result<ServerPositions> {
+    let mut r = req.send().await?.error_for_status()?;
+    if r.content_length().is_some_and(|n| n > cap as u64) {
+        anyhow::bail!("answer longer than {cap} bytes");
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = r.chunk().await? {
+        if body.len() + chunk.len() > cap {
+            anyhow::bail!("answer longer than {cap} bytes");
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(serde_json::from_slice(&body)?)
+}
+
+/// The node, the hub, and whether the position feed is on.
+pub type MapState = (Arc<Node>, Arc<MapHub>, bool);
 
 /// `/` (open: the page holds no data) and `/v1/events` (viewer or
 /// operator token when a viewer token is set).
@@ -413,7 +560,22 @@ pub fn event_routes() -> OpenApiRouter<MapState> {
 #[utoipa::path(get, path = "/", tag = "views",
     responses((status = 200, description = "The admin map page", body = String, content_type = "text/html")))]
 async fn page() -> Response {
-    ([(header::CONTENT_TYPE, "text/html; charset=utf-8"), (header::CACHE_CONTROL, "no-cache")], PAGE).into_response()
+    // Everything is inline and same-origin: nothing else may load, and the
+    // page may not be framed.
+    const CSP: &str = "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; \
+                       connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; \
+                       frame-ancestors 'none'";
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-cache"),
+            (header::CONTENT_SECURITY_POLICY, CSP),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+            (header::REFERRER_POLICY, "no-referrer"),
+        ],
+        PAGE,
+    )
+        .into_response()
 }
 
 /// The admin map's live events (server-sent events; `docs/admin-map.md`).
@@ -426,23 +588,31 @@ async fn page() -> Response {
     (status = 503, description = "64 streams are open already (`busy`)", body = ErrorView),
     ViewRefusals,
 ))]
-async fn events(State((node, hub)): State<MapState>) -> Response {
-    let replica = node.raft_status().id;
-    let Some(rx) = node.read(|s| hub.subscribe(s, replica, unix_ms())) else {
-        return svc::http::refusal(
+async fn events(State((node, hub, feed)): State<MapState>) -> Response {
+    let busy = || {
+        svc::http::refusal(
             StatusCode::SERVICE_UNAVAILABLE,
             "busy",
-            &format!("{MAX_CLIENTS} event streams are open already"),
-        );
+            &format!("{MAX_CLIENTS} event streams are open already, or the coordinator is stopping"),
+        )
     };
-    stream(rx)
+    if !hub.has_room() {
+        return busy();
+    }
+    let replica = node.raft_status().id;
+    let history = hub.history();
+    let picture = node.read(|s| Picture::read(s, replica, unix_ms(), &history, feed));
+    match hub.subscribe(picture.events()) {
+        Some(rx) => stream(rx, hub.closed()),
+        None => busy(),
+    }
 }
 
 /// A stream's events as `text/event-stream`, with a keep-alive comment
-/// every 15 s.
-pub fn stream(rx: mpsc::Receiver<Event>) -> Response {
-    let events =
-        ReceiverStream::new(rx).map(|e| Ok::<_, Infallible>(sse::Event::default().event(e.kind).data(&*e.data)));
+/// every 15 s, until `closed` is cancelled.
+pub fn stream(rx: mpsc::Receiver<Event>, closed: CancellationToken) -> Response {
+    let events = futures::StreamExt::take_until(ReceiverStream::new(rx), closed.cancelled_owned())
+        .map(|e| Ok::<_, Infallible>(sse::Event::default().event(e.kind).data(&*e.data)));
     Sse::new(events).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)).text("keep-alive")).into_response()
 }
 

@@ -37,6 +37,10 @@ fn mesh(players: u32) -> CoordinatorState {
     s
 }
 
+fn picture(s: &CoordinatorState, hub: &MapHub) -> Vec<Event> {
+    Picture::read(s, 1, 5, &hub.history(), true).events()
+}
+
 fn kinds(rx: &mut mpsc::Receiver<Event>) -> Vec<&'static str> {
     let mut v = Vec::new();
     while let Ok(e) = rx.try_recv() {
@@ -49,7 +53,7 @@ fn kinds(rx: &mut mpsc::Receiver<Event>) -> Vec<&'static str> {
 fn a_new_stream_gets_the_whole_picture_with_players_per_region() {
     let s = mesh(7);
     let hub = MapHub::new(crate::metrics::Metrics::new());
-    let mut rx = hub.subscribe(&s, 1, 5).expect("room");
+    let mut rx = hub.subscribe(picture(&s, &hub)).expect("room");
     let mut got = Vec::new();
     while let Ok(e) = rx.try_recv() {
         got.push(e);
@@ -72,8 +76,8 @@ fn a_new_stream_gets_the_whole_picture_with_players_per_region() {
 fn a_stream_that_does_not_read_is_cut_and_counted_and_the_others_go_on() {
     let s = mesh(1);
     let hub = MapHub::new(crate::metrics::Metrics::new());
-    let _slow = hub.subscribe(&s, 1, 5).expect("room");
-    let mut fast = hub.subscribe(&s, 1, 5).expect("room");
+    let _slow = hub.subscribe(picture(&s, &hub)).expect("room");
+    let mut fast = hub.subscribe(picture(&s, &hub)).expect("room");
     let e = Event::new("servers", &servers_event(&s, 6, None));
     for i in 0..CLIENT_QUEUE {
         hub.broadcast(&e);
@@ -94,10 +98,10 @@ fn a_stream_that_does_not_read_is_cut_and_counted_and_the_others_go_on() {
 fn streams_beyond_the_limit_are_refused() {
     let s = mesh(1);
     let hub = MapHub::new(crate::metrics::Metrics::new());
-    let open: Vec<_> = (0..MAX_CLIENTS).map(|_| hub.subscribe(&s, 1, 5).expect("room")).collect();
-    assert!(hub.subscribe(&s, 1, 5).is_none());
+    let open: Vec<_> = (0..MAX_CLIENTS).map(|_| hub.subscribe(picture(&s, &hub)).expect("room")).collect();
+    assert!(hub.subscribe(picture(&s, &hub)).is_none());
     drop(open);
-    assert!(hub.subscribe(&s, 1, 5).is_some(), "closed streams make room");
+    assert!(hub.subscribe(picture(&s, &hub)).is_some(), "closed streams make room");
 }
 
 #[test]
@@ -137,4 +141,81 @@ fn shares_of_the_position_budget_stay_within_the_servers_bound() {
     assert_eq!(share(10), 2_000);
     assert_eq!(share(1_000), MIN_SHARE);
     assert!((1..2_000).all(|n| (MIN_SHARE..=MAX_SHARE).contains(&share(n))));
+}
+
+#[test]
+fn closing_the_hub_ends_every_stream_and_opens_no_more() {
+    let s = mesh(1);
+    let hub = MapHub::new(crate::metrics::Metrics::new());
+    let mut rx = hub.subscribe(picture(&s, &hub)).expect("room");
+    hub.close();
+    assert!(hub.closed().is_cancelled());
+    // What was queued is still read, then the stream ends.
+    while let Ok(_e) = rx.try_recv() {}
+    assert!(rx.blocking_recv().is_none(), "the sender is gone");
+    assert!(!hub.has_room());
+    assert!(hub.subscribe(picture(&s, &hub)).is_none());
+}
+
+#[test]
+fn the_feed_asks_only_plain_host_ports() {
+    for ok in ["127.0.0.1:8080", "gs-1.gs.ns.svc:8080", "[::1]:8080"] {
+        assert!(plain_host_port(ok), "{ok}");
+    }
+    for bad in ["", "8080", "host:", "host:99999", "evil.com/x?:80", "user@host:80", "http://h:80", "h:80/#"] {
+        assert!(!plain_host_port(bad), "{bad}");
+    }
+}
+
+/// Drives transfers through the state machine: a server that dies with a
+/// player crossing away from it.
+#[test]
+fn transfers_are_sent_once_new_and_again_when_their_outcome_changes() {
+    use crate::state::{TransferOutcome, TransferRecord};
+    let mut s = mesh(1);
+    let owners: Vec<_> = [RegionKey::root(0, 0, 0), RegionKey::root(1, 0, 0)]
+        .iter()
+        .map(|k| (*k, s.assignments()[k].server.expect("owned"), s.assignments()[k].epoch))
+        .collect();
+    assert_ne!(owners[0].1, owners[1].1);
+    let (from_region, from, from_epoch) = owners[0];
+    let (to_region, ..) = owners[1];
+    let mut ids = Vec::new();
+    for entity in 1..=3u64 {
+        let req = crate::state::TransferRequest {
+            entity: shared::EntityId(entity),
+            from,
+            from_region,
+            from_region_epoch: from_epoch,
+            entity_epoch: shared::Epoch(0),
+            to_region,
+            not_before_tick: 0,
+            now: T0 + 300 * MS,
+        };
+        match s.apply(Command::RequestTransfer(req)).0 {
+            Ok(Response::Transfer(t)) => ids.push(t.id),
+            other => panic!("transfer: {other:?}"),
+        }
+    }
+    // A new stream sees all three; the loop, after none of them, sees all three.
+    let sent = transfers_after(&s, 0, 10);
+    assert_eq!(sent.iter().map(|t| t.id).collect::<Vec<_>>(), ids);
+    assert_eq!(transfers_after(&s, ids[0], 10).len(), 2);
+    assert_eq!(transfers_after(&s, ids[2], 10).len(), 0);
+    assert_eq!(transfers_after(&s, 0, 2).iter().map(|t| t.id).collect::<Vec<_>>(), ids[1..], "the newest");
+    let mut watched: BTreeMap<u64, TransferOutcome> = sent.iter().map(|t| (t.id, t.outcome)).collect();
+    assert!(changed_outcomes(&s, &mut watched).is_empty(), "nothing changed yet");
+    // One is delivered: sent again, once, and no longer watched.
+    let _ = s.apply(Command::CompleteTransfer {
+        transfer_id: ids[0],
+        from,
+        delivered: true,
+        error: String::new(),
+        now: T0 + 400 * MS,
+    });
+    let changed: Vec<TransferRecord> = changed_outcomes(&s, &mut watched);
+    assert_eq!(changed.iter().map(|t| (t.id, t.outcome)).collect::<Vec<_>>(), [(ids[0], TransferOutcome::Delivered)]);
+    assert!(!watched.contains_key(&ids[0]));
+    assert!(changed_outcomes(&s, &mut watched).is_empty(), "sent once");
+    assert_eq!(watched.len(), 2);
 }

@@ -99,6 +99,40 @@ impl Transfers {
         all
     }
 
+    /// The newest id committed (0: none yet).
+    pub fn last_id(&self) -> u64 {
+        self.next_id.saturating_sub(1)
+    }
+
+    /// Transfers with an id above `after`, the newest `max` of them,
+    /// oldest first, in bounded work: the in-flight ones by range, the
+    /// ended ones among the newest `4 * max` to end (a transfer committed
+    /// after `after` that already ended did so recently).
+    pub fn after(&self, after: u64, max: usize) -> Vec<&TransferRecord> {
+        let mut v: Vec<&TransferRecord> = self
+            .in_flight
+            .range(after.saturating_add(1)..)
+            .rev()
+            .take(max)
+            .map(|(_, t)| t)
+            .chain(self.history.iter().rev().take(max.saturating_mul(4)).filter(|t| t.id > after))
+            .collect();
+        v.sort_unstable_by_key(|t| std::cmp::Reverse(t.id));
+        v.truncate(max);
+        v.reverse();
+        v
+    }
+
+    /// The transfer `id` if it is still in flight.
+    pub fn in_flight_get(&self, id: u64) -> Option<&TransferRecord> {
+        self.in_flight.get(&id)
+    }
+
+    /// The `n` transfers that ended last, the last first.
+    pub fn recently_ended(&self, n: usize) -> impl Iterator<Item = &TransferRecord> {
+        self.history.iter().rev().take(n)
+    }
+
     /// The transfer `id`, in flight or recently ended.
     pub fn get(&self, id: u64) -> Option<&TransferRecord> {
         self.in_flight.get(&id).or_else(|| self.history.iter().rev().find(|t| t.id == id))

@@ -239,6 +239,12 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     }
 
     let key_file = ticket_key(&args.data_dir)?;
+    // The admin map's position feed between this run's processes only.
+    let feed_token = format!(
+        "feed-{:x}-{:x}",
+        std::process::id(),
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos())
+    );
     let storage = match &args.database_url {
         Some(url) => format!("--database-url={url}"),
         None => format!("--data-dir={}", args.data_dir.join("world").display()),
@@ -282,6 +288,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
                         // Every local bot logs in from 127.0.0.1.
                         "--logins-per-address=1000000".into(),
                         format!("--admin-token={}", args.admin_token),
+                        format!("--map-feed-token={feed_token}"),
                         storage.clone(),
                     ],
                     redis.clone(),
@@ -325,6 +332,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
                         format!("--ports-file={}", ports.display()),
                         // Every local bot connects from 127.0.0.1.
                         "--connects-per-ip-per-s=100000".into(),
+                        format!("--map-feed-token={feed_token}"),
                         storage.clone(),
                     ],
                     redis.clone(),
