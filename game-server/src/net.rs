@@ -47,6 +47,8 @@ pub struct NetContext {
     /// Where players are (Redis): set on join, cleared when they leave.
     pub cache: Arc<persistence::cache::Cache>,
     pub limits: NetLimits,
+    /// The components this server knows; a client must know the same.
+    pub schema: Arc<shared::component::Schema>,
     next_conn: Arc<AtomicU64>,
 }
 
@@ -89,7 +91,8 @@ impl NetContext {
         cache: Arc<persistence::cache::Cache>,
         limits: NetLimits,
     ) -> Self {
-        Self { sim, tickets, metrics, cache, limits, next_conn: Arc::new(AtomicU64::new(1)) }
+        let schema = Arc::new(shared::component::Registry::builtin().schema());
+        Self { sim, tickets, metrics, cache, limits, schema, next_conn: Arc::new(AtomicU64::new(1)) }
     }
 }
 
@@ -316,9 +319,11 @@ async fn handle(incoming: quinn::Incoming, ctx: NetContext, stop: CancellationTo
         ServerControl::Refused { reason: format!("{reason}: {detail}") }
     };
     let (player, name, role, spawn) = match hello {
-        Ok(ClientControl::Hello { version, ticket, player, name, role, spawn }) => {
+        Ok(ClientControl::Hello { version, schema, ticket, player, name, role, spawn }) => {
             let admitted = if version != PROTOCOL_VERSION {
                 Err(refuse("bad_version", format!("server speaks {PROTOCOL_VERSION}, client {version}")))
+            } else if let Some(diff) = ctx.schema.mismatch(&schema) {
+                Err(refuse("schema_mismatch", format!("(here: this server; there: the client) {diff}")))
             } else if name.len() > 64 {
                 Err(refuse("bad_hello", "name longer than 64 bytes".into()))
             } else if spawn.is_some_and(|p| !p.is_finite()) {

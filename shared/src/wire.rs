@@ -22,8 +22,9 @@ use crate::time::Tick;
 /// during the TLS handshake.
 pub const ALPN: &[u8] = b"planetary-survival/1";
 /// Version carried in the client's hello (2: quantised delta snapshots;
-/// 3: pre-connect hints carry a standby ticket).
-pub const PROTOCOL_VERSION: u16 = 3;
+/// 3: pre-connect hints carry a standby ticket; 4: the hello carries the
+/// client's component schema).
+pub const PROTOCOL_VERSION: u16 = 4;
 /// Largest datagram payload either side sends. QUIC guarantees only 1200-byte
 /// UDP packets; its short header (up to a 20-byte connection id), packet
 /// number, AEAD tag and DATAGRAM frame header leave about 1150 bytes, so 1100
@@ -299,6 +300,11 @@ pub enum JoinRole {
 pub enum ClientControl {
     Hello {
         version: u16,
+        /// The components the client knows
+        /// ([`crate::component::Registry::schema`]): a server with another
+        /// schema refuses the client (`schema_mismatch`) rather than send
+        /// it what it would decode wrong.
+        schema: crate::component::Schema,
         /// Login ticket (a development token for now).
         ticket: String,
         player: PlayerId,
@@ -483,6 +489,7 @@ mod tests {
     fn control_frames_round_trip_and_refuse_garbage() {
         let hello = ClientControl::Hello {
             version: PROTOCOL_VERSION,
+            schema: crate::component::Registry::builtin().schema(),
             ticket: "dev".into(),
             player: PlayerId(42),
             name: "bot-42".into(),

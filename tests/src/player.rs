@@ -36,6 +36,7 @@ impl TestPlayer {
     ) -> anyhow::Result<(Self, ServerControl)> {
         let hello = ClientControl::Hello {
             version: PROTOCOL_VERSION,
+            schema: shared::component::Registry::builtin().schema(),
             ticket: crate::DEV_TOKEN.into(),
             player: PlayerId(player),
             name: format!("test-{player}"),

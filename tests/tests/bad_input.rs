@@ -24,9 +24,19 @@ async fn hello(
     conn: &quinn::Connection,
     ticket: &str,
 ) -> anyhow::Result<(ServerControl, quinn::SendStream, quinn::RecvStream)> {
+    hello_with(conn, ticket, shared::component::Registry::builtin().schema()).await
+}
+
+/// As [`hello`], claiming to know the components of `schema`.
+async fn hello_with(
+    conn: &quinn::Connection,
+    ticket: &str,
+    schema: shared::component::Schema,
+) -> anyhow::Result<(ServerControl, quinn::SendStream, quinn::RecvStream)> {
     let (mut send, mut recv) = conn.open_bi().await?;
     let h = ClientControl::Hello {
         version: PROTOCOL_VERSION,
+        schema,
         ticket: ticket.into(),
         player: PlayerId(900),
         name: "probe".into(),
@@ -68,6 +78,20 @@ fn bad_input_is_refused_and_counted() -> anyhow::Result<()> {
         let c = connect(quic, &cert, ALPN).await?;
         match hello(&c, "forged").await?.0 {
             ServerControl::Refused { reason } => assert!(reason.starts_with("ticket_malformed"), "{reason}"),
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+        // A client whose components differ (another version of the VR rig)
+        // is refused before it is sent anything it would decode wrong.
+        let mut other_schema = shared::component::Registry::builtin().schema();
+        other_schema.0.iter_mut().filter(|e| e.name == "vr_rig").for_each(|e| e.version += 1);
+        let c = connect(quic, &cert, ALPN).await?;
+        match hello_with(&c, integration_tests::DEV_TOKEN, other_schema).await?.0 {
+            ServerControl::Refused { reason } => {
+                assert!(
+                    reason.starts_with("schema_mismatch") && reason.contains("vr_rig v1 here, vr_rig v2 there"),
+                    "{reason}"
+                )
+            }
             other => panic!("expected a refusal, got {other:?}"),
         }
         // A good connection survives garbage datagrams, which are counted.
@@ -148,6 +172,7 @@ fn bad_input_is_refused_and_counted() -> anyhow::Result<()> {
     let m = blocking_text(&metrics_url)?;
     assert!(metric(&m, "player_connections_refused_total", r#"reason="alpn""#) >= 1.0, "{m}");
     assert_eq!(metric(&m, "player_connections_refused_total", r#"reason="ticket_malformed""#), 1.0);
+    assert_eq!(metric(&m, "player_connections_refused_total", r#"reason="schema_mismatch""#), 1.0);
     assert_eq!(metric(&m, "packets_dropped_total", r#"reason="truncated""#), 2.0);
     assert_eq!(metric(&m, "packets_dropped_total", r#"reason="unknown_kind""#), 1.0);
     assert_eq!(metric(&m, "peer_requests_refused_total", r#"reason="wrong_server""#), 1.0);

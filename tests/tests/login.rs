@@ -33,6 +33,7 @@ async fn get(mesh_http: &str, path: &str) -> anyhow::Result<Value> {
 fn hello(player: u64, ticket: &str, role: JoinRole) -> ClientControl {
     ClientControl::Hello {
         version: PROTOCOL_VERSION,
+        schema: shared::component::Registry::builtin().schema(),
         ticket: ticket.to_owned(),
         player: PlayerId(player),
         name: "ignored: the ticket names the player".into(),

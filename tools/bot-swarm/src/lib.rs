@@ -1123,7 +1123,15 @@ async fn standby_ticket(
 }
 
 fn hello(player: PlayerId, name: &str, ticket: String, role: JoinRole, spawn: Option<DVec3>) -> ClientControl {
-    ClientControl::Hello { version: PROTOCOL_VERSION, ticket, player, name: name.to_owned(), role, spawn }
+    ClientControl::Hello {
+        version: PROTOCOL_VERSION,
+        schema: shared::component::Registry::builtin().schema(),
+        ticket,
+        player,
+        name: name.to_owned(),
+        role,
+        spawn,
+    }
 }
 
 async fn read_frame(recv: &mut quinn::RecvStream) -> anyhow::Result<ServerControl> {
