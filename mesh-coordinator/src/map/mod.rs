@@ -149,6 +149,10 @@ pub struct MapHub {
     /// Cancelled when the coordinator stops: every stream ends, and no new
     /// one opens (an open stream would hold the graceful shutdown).
     closed: CancellationToken,
+    /// Held by the loop from reading the state to sending what it read, and
+    /// by a new stream from reading its picture to joining: a stream never
+    /// gets, after its picture, an event read before it.
+    turn: Mutex<()>,
     metrics: crate::metrics::Metrics,
 }
 
@@ -212,6 +216,7 @@ impl MapHub {
             history: Mutex::default(),
             positions: Mutex::default(),
             closed: CancellationToken::new(),
+            turn: Mutex::default(),
             metrics,
         }
     }
@@ -445,6 +450,7 @@ pub async fn run(hub: Arc<MapHub>, node: Arc<Node>, feed_token: Option<String>, 
         }
         // Owned copies under the state's lock; JSON outside it.
         let history = if sampled { Some(hub.history()) } else { None };
+        let turn = lock(&hub.turn);
         let (regions, servers, transfers, changed, audit, targets) = node.read(|s| {
             let targets: Vec<(u32, String)> =
                 s.servers().values().filter(|r| r.alive).map(|r| (r.id.0, r.addresses.http.clone())).collect();
@@ -480,6 +486,7 @@ pub async fn run(hub: Arc<MapHub>, node: Arc<Node>, feed_token: Option<String>, 
             last_audit = a.seq;
             hub.broadcast(&Event::new("audit", &audit));
         }
+        drop(turn);
         if let Some(token) = &feed_token {
             let positions = poll_positions(&http, &hub, &targets, token).await;
             hub.publish_positions(Event::new("positions", &positions));
@@ -601,8 +608,12 @@ async fn events(State((node, hub, feed)): State<MapState>) -> Response {
     }
     let replica = node.raft_status().id;
     let history = hub.history();
-    let picture = node.read(|s| Picture::read(s, replica, unix_ms(), &history, feed));
-    match hub.subscribe(picture.events()) {
+    let joined = {
+        let _turn = lock(&hub.turn);
+        let picture = node.read(|s| Picture::read(s, replica, unix_ms(), &history, feed));
+        hub.subscribe(picture.events())
+    };
+    match joined {
         Some(rx) => stream(rx, hub.closed()),
         None => busy(),
     }
