@@ -304,6 +304,12 @@ pub enum RegistryError {
 
 /// Checks a whole encoding of one component (type-erased).
 type Validate = fn(&[u8]) -> Result<(), ComponentError>;
+/// Writes a component's delta from its whole encoding against a baseline's
+/// (type-erased [`Component::encode`]).
+type Diff = fn(&[u8], Option<&[u8]>, &mut Vec<u8>) -> Result<(), ComponentError>;
+/// Reads a delta against a baseline's whole encoding; answers the new
+/// whole encoding (type-erased [`Component::decode`]).
+type Patch = fn(&mut Reader<'_>, Option<&[u8]>) -> Result<Vec<u8>, ComponentError>;
 
 #[derive(Clone)]
 struct Entry {
@@ -312,6 +318,8 @@ struct Entry {
     max_size: usize,
     policy: Policy,
     validate: Validate,
+    diff: Diff,
+    patch: Patch,
 }
 
 impl fmt::Debug for Entry {
@@ -361,9 +369,29 @@ impl Registry {
             return Err(RegistryError::Full);
         }
         let validate: Validate = |bytes| decode_whole::<C>(bytes).map(|_| ());
+        let diff: Diff = |now, base, out| {
+            let now = decode_whole::<C>(now)?;
+            let base = base.map(decode_whole::<C>).transpose()?;
+            now.encode(base.as_ref(), out);
+            Ok(())
+        };
+        let patch: Patch = |r, base| {
+            let base = base.map(decode_whole::<C>).transpose()?;
+            let v = C::decode(r, base.as_ref())?;
+            r.finish()?;
+            Ok(encode_whole(&v))
+        };
         self.entries.insert(
             C::ID,
-            Entry { name: C::NAME, version: C::VERSION, max_size: C::MAX_SIZE, policy: C::POLICY, validate },
+            Entry {
+                name: C::NAME,
+                version: C::VERSION,
+                max_size: C::MAX_SIZE,
+                policy: C::POLICY,
+                validate,
+                diff,
+                patch,
+            },
         );
         Ok(())
     }
@@ -469,6 +497,97 @@ impl ComponentSet {
         let mut out = Vec::with_capacity(8 + self.items.iter().map(|(_, b)| b.len() + 3).sum::<usize>());
         self.encode(&mut out);
         out
+    }
+
+    /// Appends what changed from `base` to this set among the components
+    /// `keep` accepts (a snapshot: those the client may see): the count and
+    /// the components whose value changed, each as its delta against the
+    /// base's value (whole when the base lacks it), in ascending id; then
+    /// the count and ids of those the base has and this set no longer has.
+    /// Nothing changed costs two bytes. Components the registry does not
+    /// know are left out.
+    pub fn encode_changes(
+        &self,
+        base: Option<&ComponentSet>,
+        registry: &Registry,
+        keep: impl Fn(&Policy) -> bool,
+        out: &mut Vec<u8>,
+    ) -> Result<(), ComponentError> {
+        let kept = |id: ComponentId| registry.entries.get(&id).filter(|e| keep(&e.policy));
+        let before = |id| base.and_then(|b| b.bytes(id));
+        let changed: Vec<_> = self
+            .items
+            .iter()
+            .filter(|(id, bytes)| kept(*id).is_some() && before(*id) != Some(bytes.as_slice()))
+            .collect();
+        put::varint(out, changed.len() as u64);
+        let mut delta = Vec::with_capacity(32);
+        for (id, bytes) in changed {
+            let entry = kept(*id).ok_or(ComponentError::Unknown(*id))?;
+            delta.clear();
+            (entry.diff)(bytes, before(*id), &mut delta)?;
+            put::varint(out, u64::from(*id));
+            put::varint(out, delta.len() as u64);
+            out.extend_from_slice(&delta);
+        }
+        let removed: Vec<ComponentId> = base
+            .into_iter()
+            .flat_map(ComponentSet::ids)
+            .filter(|id| kept(*id).is_some() && self.bytes(*id).is_none())
+            .collect();
+        put::varint(out, removed.len() as u64);
+        for id in removed {
+            put::varint(out, u64::from(id));
+        }
+        Ok(())
+    }
+
+    /// Reads what [`ComponentSet::encode_changes`] wrote against the same
+    /// `base`: the base with the changes applied. Every component is
+    /// checked against `registry`; all or nothing.
+    pub fn decode_changes(
+        r: &mut Reader<'_>,
+        base: Option<&ComponentSet>,
+        registry: &Registry,
+    ) -> Result<Self, ComponentError> {
+        let mut set = base.cloned().unwrap_or_default();
+        let n = r.varint()?;
+        if n > MAX_COMPONENTS as u64 {
+            return Err(ComponentError::TooMany);
+        }
+        let mut last: Option<ComponentId> = None;
+        for _ in 0..n {
+            let id = ComponentId::try_from(r.varint()?).map_err(|_| ComponentError::Unknown(ComponentId::MAX))?;
+            if last.is_some_and(|l| id <= l) {
+                return Err(ComponentError::Unordered(id));
+            }
+            last = Some(id);
+            let entry = registry.entries.get(&id).ok_or(ComponentError::Unknown(id))?;
+            let len = usize::try_from(r.varint()?).unwrap_or(usize::MAX);
+            if len > entry.max_size {
+                return Err(ComponentError::TooLarge { id, len, max: entry.max_size });
+            }
+            let mut body = Reader::new(r.bytes(len)?);
+            let whole = (entry.patch)(&mut body, set.bytes(id))?;
+            match set.items.binary_search_by_key(&id, |(i, _)| *i) {
+                Ok(i) => set.items[i].1 = whole,
+                Err(i) => set.items.insert(i, (id, whole)),
+            }
+        }
+        let removed = r.varint()?;
+        if removed > MAX_COMPONENTS as u64 {
+            return Err(ComponentError::TooMany);
+        }
+        for _ in 0..removed {
+            let id = ComponentId::try_from(r.varint()?).map_err(|_| ComponentError::Unknown(ComponentId::MAX))?;
+            if !set.remove(id) {
+                return Err(ComponentError::Unknown(id));
+            }
+        }
+        if set.items.len() > MAX_COMPONENTS {
+            return Err(ComponentError::TooMany);
+        }
+        Ok(set)
     }
 
     /// Reads a set, all of it, every component checked against `registry`:

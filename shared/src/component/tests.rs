@@ -255,3 +255,78 @@ fn a_rig_pose_keeps_the_input_quantisation() {
     let back: PlayerName = decode_whole(&encode_whole(&long)).unwrap();
     assert_eq!(back.0, "é".repeat(16));
 }
+
+/// A set of some built-ins (each present or not) and a game's component.
+fn set() -> impl Strategy<Value = ComponentSet> {
+    (
+        prop::option::of(transform()),
+        prop::option::of(kind()),
+        prop::option::of(rig()),
+        prop::option::of(prop_body()),
+        prop::option::of(0u16..=1000),
+    )
+        .prop_map(|(t, k, r, p, hp)| {
+            let mut s = ComponentSet::new();
+            t.iter().for_each(|v| s.set(v));
+            k.iter().for_each(|v| s.set(v));
+            r.iter().for_each(|v| s.set(v));
+            p.iter().for_each(|v| s.set(v));
+            hp.iter().for_each(|v| s.set(&Health(*v)));
+            s
+        })
+}
+
+proptest! {
+    /// What a client decodes against its baseline is what the server holds
+    /// of what the client may see, whatever the two sets are.
+    #[test]
+    fn changes_against_any_baseline_give_the_current_set(now in set(), base in prop::option::of(set())) {
+        let mut registry = Registry::builtin();
+        registry.register::<Health>().unwrap();
+        let seen = |p: &Policy| p.audience != Audience::Servers;
+        let mut out = Vec::new();
+        now.encode_changes(base.as_ref(), &registry, seen, &mut out).unwrap();
+        // The client's baseline holds only what it may see.
+        let client_base = base.as_ref().map(|b| b.filtered(&registry, seen));
+        let mut r = Reader::new(&out);
+        let got = ComponentSet::decode_changes(&mut r, client_base.as_ref(), &registry).unwrap();
+        r.finish().unwrap();
+        prop_assert_eq!(got, now.filtered(&registry, seen));
+        // Against itself, nothing: two bytes.
+        let mut same = Vec::new();
+        now.encode_changes(Some(&now), &registry, seen, &mut same).unwrap();
+        prop_assert_eq!(same, vec![0, 0]);
+    }
+
+    #[test]
+    fn changes_from_arbitrary_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..80), base in set()) {
+        let mut registry = Registry::builtin();
+        registry.register::<Health>().unwrap();
+        let _ = ComponentSet::decode_changes(&mut Reader::new(&bytes), Some(&base), &registry);
+        let _ = ComponentSet::decode_changes(&mut Reader::new(&bytes), None, &registry);
+    }
+}
+
+#[test]
+fn a_moved_transform_costs_its_delta_and_a_removal_is_explicit() {
+    let registry = Registry::builtin();
+    let mut base = ComponentSet::new();
+    base.set(&Transform { pos_mm: [1_000_000, 64_000, 2_000_000], rot: 5, vel_cms: [100, 0, 0] });
+    base.set(&Kind::Player);
+    base.set(&VrRig::default());
+    let mut now = base.clone();
+    now.set(&Transform { pos_mm: [1_000_011, 64_000, 2_000_000], rot: 5, vel_cms: [100, 0, 0] });
+    now.remove(VrRig::ID);
+    let mut out = Vec::new();
+    now.encode_changes(Some(&base), &registry, |_| true, &mut out).unwrap();
+    // 1 changed: id 1, 5 bytes (mask, x +11, y 0, z 0); 1 removed: id 3.
+    assert_eq!(out, [1, 1, 4, 1, 22, 0, 0, 1, 3]);
+    let got = ComponentSet::decode_changes(&mut Reader::new(&out), Some(&base), &registry).unwrap();
+    assert_eq!(got, now);
+    // Removing what the baseline does not have is refused.
+    let bad = [0, 1, 4];
+    assert_eq!(
+        ComponentSet::decode_changes(&mut Reader::new(&bad), Some(&base), &registry).unwrap_err().reason(),
+        "unknown_component"
+    );
+}
