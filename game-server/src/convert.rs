@@ -35,11 +35,16 @@ pub enum BadMessage {
     BadProp(&'static str),
     #[error("interaction: {0}")]
     BadInteraction(&'static str),
+    #[error("components: {0}")]
+    Components(shared::component::ComponentError),
 }
 
 impl BadMessage {
     pub fn reason(&self) -> &'static str {
-        "bad_request"
+        match self {
+            BadMessage::Components(e) => e.reason(),
+            _ => "bad_request",
+        }
     }
 }
 
@@ -194,6 +199,7 @@ pub fn handoff_to_pb(h: &HandoffState) -> ppb::HandoffRequest {
         last_applied_input_seq: h.last_applied_input,
         pending_inputs: h.pending_inputs.iter().map(input_to_pb).collect(),
         crossed_tick: h.crossed_tick.unwrap_or(0),
+        components: if h.components.is_empty() { Vec::new() } else { h.components.to_bytes() },
         prop: h.prop.map(|p| ppb::PropState {
             rx: p.rot.x,
             ry: p.rot.y,
@@ -247,7 +253,11 @@ fn prop_from_pb(p: &ppb::PropState) -> Result<PropHandoff, BadMessage> {
 /// Most pending inputs a handoff may carry (the sender's buffer is smaller).
 pub const MAX_HANDOFF_INPUTS: usize = 1024;
 
-pub fn handoff_from_pb(r: &ppb::HandoffRequest) -> Result<HandoffState, BadMessage> {
+/// A handoff from the wire; its components checked against `registry`.
+pub fn handoff_from_pb(
+    r: &ppb::HandoffRequest,
+    registry: &shared::component::Registry,
+) -> Result<HandoffState, BadMessage> {
     let s = r.state.as_ref().ok_or(BadMessage::Missing("state"))?;
     if r.pending_inputs.len() > MAX_HANDOFF_INPUTS {
         return Err(BadMessage::TooManyInputs(r.pending_inputs.len()));
@@ -270,6 +280,11 @@ pub fn handoff_from_pb(r: &ppb::HandoffRequest) -> Result<HandoffState, BadMessa
         last_applied_input: r.last_applied_input_seq,
         pending_inputs: r.pending_inputs.iter().map(input_from_pb).collect::<Result<_, _>>()?,
         crossed_tick: (r.crossed_tick > 0).then_some(r.crossed_tick),
+        components: if r.components.is_empty() {
+            shared::component::ComponentSet::new()
+        } else {
+            shared::component::ComponentSet::decode(&r.components, registry).map_err(BadMessage::Components)?
+        },
         prop: match (is_player, &r.prop) {
             (false, Some(p)) => Some(prop_from_pb(p)?),
             (false, None) => return Err(BadMessage::Missing("prop")),
@@ -466,7 +481,17 @@ mod tests {
             pending_inputs: vec![InputFrame { seq: 78, locomotion: [1.0, 0.0], ..Default::default() }],
             prop: None,
             crossed_tick: Some(990),
+            components: {
+                let mut c = shared::component::ComponentSet::new();
+                c.set(&shared::component::builtin::Kind::Player);
+                c.set(&shared::component::builtin::PlayerName("ada".into()));
+                c
+            },
         }
+    }
+
+    fn reg() -> shared::component::Registry {
+        shared::component::Registry::builtin()
     }
 
     fn prop_state() -> HandoffState {
@@ -488,38 +513,58 @@ mod tests {
     #[test]
     fn handoff_round_trips() {
         let s = state();
-        assert_eq!(handoff_from_pb(&handoff_to_pb(&s)), Ok(s));
+        assert_eq!(handoff_from_pb(&handoff_to_pb(&s), &reg()), Ok(s));
         let p = prop_state();
-        assert_eq!(handoff_from_pb(&handoff_to_pb(&p)), Ok(p));
+        assert_eq!(handoff_from_pb(&handoff_to_pb(&p), &reg()), Ok(p));
     }
 
     #[test]
     fn a_prop_handoff_without_a_sane_body_is_refused() {
         let mut r = handoff_to_pb(&prop_state());
         r.prop = None;
-        assert_eq!(handoff_from_pb(&r), Err(BadMessage::Missing("prop")));
+        assert_eq!(handoff_from_pb(&r, &reg()), Err(BadMessage::Missing("prop")));
         let mut r = handoff_to_pb(&prop_state());
         r.prop.as_mut().unwrap().rw = 3.0;
-        assert_eq!(handoff_from_pb(&r), Err(BadMessage::BadProp("rotation is not a unit quaternion")));
+        assert_eq!(handoff_from_pb(&r, &reg()), Err(BadMessage::BadProp("rotation is not a unit quaternion")));
         let mut r = handoff_to_pb(&prop_state());
         r.prop.as_mut().unwrap().shape = Some(ppb::prop_state::Shape::BallRadius(40.0));
-        assert_eq!(handoff_from_pb(&r), Err(BadMessage::BadProp("shape out of range")));
+        assert_eq!(handoff_from_pb(&r, &reg()), Err(BadMessage::BadProp("shape out of range")));
         let mut r = handoff_to_pb(&prop_state());
         r.prop.as_mut().unwrap().angular_velocity.as_mut().unwrap().y = f64::INFINITY;
-        assert_eq!(handoff_from_pb(&r), Err(BadMessage::NonFinite("prop.angular_velocity")));
+        assert_eq!(handoff_from_pb(&r, &reg()), Err(BadMessage::NonFinite("prop.angular_velocity")));
+    }
+
+    /// Components move with the entity; a set the target cannot read
+    /// (a component it does not know, a value out of range) is refused whole.
+    #[test]
+    fn a_handoff_carries_the_components_and_refuses_what_it_cannot_read() {
+        let s = state();
+        let back = handoff_from_pb(&handoff_to_pb(&s), &reg()).unwrap();
+        assert_eq!(back.components, s.components);
+        assert_eq!(back.components.get::<shared::component::builtin::PlayerName>().unwrap().unwrap().0, "ada");
+        let mut r = handoff_to_pb(&s);
+        r.components = vec![1, 0xe8, 0x07, 1, 0]; // component 1000, unknown here
+        let e = handoff_from_pb(&r, &reg()).unwrap_err();
+        assert_eq!(e.reason(), "unknown_component", "{e}");
+        r.components = vec![1, 2, 1, 9]; // a kind that does not exist
+        assert_eq!(handoff_from_pb(&r, &reg()).unwrap_err().reason(), "component_out_of_range");
+        // None at all is an empty set.
+        let mut r = handoff_to_pb(&s);
+        r.components.clear();
+        assert!(handoff_from_pb(&r, &reg()).unwrap().components.is_empty());
     }
 
     #[test]
     fn malformed_handoffs_are_refused() {
         let mut r = handoff_to_pb(&state());
         r.state.as_mut().unwrap().position.as_mut().unwrap().x = f64::NAN;
-        assert_eq!(handoff_from_pb(&r), Err(BadMessage::NonFinite("state.position")));
+        assert_eq!(handoff_from_pb(&r, &reg()), Err(BadMessage::NonFinite("state.position")));
         let mut r = handoff_to_pb(&state());
         r.to_region.as_mut().unwrap().level = 7;
-        assert_eq!(handoff_from_pb(&r), Err(BadMessage::Level(7)));
+        assert_eq!(handoff_from_pb(&r, &reg()), Err(BadMessage::Level(7)));
         let mut r = handoff_to_pb(&state());
         r.state = None;
-        assert_eq!(handoff_from_pb(&r), Err(BadMessage::Missing("state")));
+        assert_eq!(handoff_from_pb(&r, &reg()), Err(BadMessage::Missing("state")));
     }
 
     fn push() -> Interaction {
@@ -572,7 +617,7 @@ mod tests {
         ) {
             use prost::Message;
             if let Ok(r) = ppb::HandoffRequest::decode(bytes.as_slice()) {
-                let _ = handoff_from_pb(&r);
+                let _ = handoff_from_pb(&r, &reg());
             }
             if let Ok(m) = mpb::RegionMap::decode(bytes.as_slice()) {
                 let _ = map_from_pb(&m);
@@ -589,7 +634,7 @@ mod tests {
                 valid[at % n] ^= b;
             }
             if let Ok(r) = ppb::HandoffRequest::decode(valid.as_slice()) {
-                let _ = handoff_from_pb(&r);
+                let _ = handoff_from_pb(&r, &reg());
             }
         }
     }

@@ -483,6 +483,7 @@ mod tests {
             pending_inputs: vec![],
             prop: None,
             crossed_tick: None,
+            components: Default::default(),
         })
     }
 

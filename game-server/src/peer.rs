@@ -20,6 +20,7 @@ pub struct PeerService {
     sim: mpsc::Sender<SimIn>,
     metrics: Metrics,
     interactions: Arc<Mutex<Window>>,
+    registry: Arc<shared::component::Registry>,
 }
 
 /// Most interactions all peers together may ask for in a second. Each goes
@@ -49,7 +50,14 @@ impl Window {
 impl PeerService {
     pub fn new(sim: mpsc::Sender<SimIn>, metrics: Metrics) -> Self {
         let window = Window { start: Instant::now(), taken: 0 };
-        Self { sim, metrics, interactions: Arc::new(Mutex::new(window)) }
+        let registry = Arc::new(shared::component::Registry::builtin());
+        Self { sim, metrics, interactions: Arc::new(Mutex::new(window)), registry }
+    }
+
+    /// The components this server knows (a handoff naming another is refused).
+    pub fn with_registry(mut self, registry: Arc<shared::component::Registry>) -> Self {
+        self.registry = registry;
+        self
     }
 
     fn refuse(&self, reason: &'static str, status: Status) -> Status {
@@ -62,7 +70,7 @@ impl PeerService {
 impl GameServerPeer for PeerService {
     async fn handoff(&self, req: Request<ppb::HandoffRequest>) -> Result<Response<ppb::HandoffResponse>, Status> {
         let busy = |words: &str| handoff_refusal_status(Code::Unavailable, &Refused::new(Refusal::Busy, words));
-        let state = handoff_from_pb(req.get_ref()).map_err(|e| {
+        let state = handoff_from_pb(req.get_ref(), &self.registry).map_err(|e| {
             let refused = Refused::new(Refusal::BadRequest, e.to_string());
             self.refuse(e.reason(), handoff_refusal_status(Code::InvalidArgument, &refused))
         })?;

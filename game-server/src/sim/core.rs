@@ -31,6 +31,11 @@ pub struct Body {
     pub vel: Vec3,
 }
 
+/// The components a game put on an entity (`shared::component`): they
+/// move with it in a handoff.
+#[derive(Component, Debug, Clone, Default, PartialEq)]
+pub struct Components(pub shared::component::ComponentSet);
+
 /// A player's avatar, and what the server knows of the player's input.
 #[derive(Component, Debug, Clone, Default)]
 pub struct Avatar {

@@ -229,6 +229,7 @@ fn an_entity_handed_to_this_server_stops_being_a_ghost_and_its_late_removal_is_e
         pending_inputs: Vec::new(),
         prop: None,
         crossed_tick: None,
+        components: Default::default(),
     };
     h.send(SimIn::Adopt { state: Box::new(state), reply });
     h.step();
@@ -591,6 +592,7 @@ fn a_prop_handed_over_late_logs_the_ticks_it_was_carried_through() {
             sleeping: false,
         }),
         crossed_tick: Some(effective - 1),
+        components: Default::default(),
     };
     let (reply, verdict) = tokio::sync::oneshot::channel();
     h.send(SimIn::Adopt { state: Box::new(state), reply });

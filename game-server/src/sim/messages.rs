@@ -179,6 +179,8 @@ pub struct HandoffState {
     /// The tick the source first saw it past the handoff line (`None` for a
     /// handoff out of a region given away).
     pub crossed_tick: Option<Tick>,
+    /// Its components (the game's state on it): they move with it.
+    pub components: shared::component::ComponentSet,
 }
 
 /// What a prop's rigid body needs besides position and velocity to go on

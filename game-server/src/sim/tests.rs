@@ -172,6 +172,16 @@ impl Harness {
     }
 }
 
+/// A component set as a game might put on an avatar.
+fn rig_and_name() -> shared::component::ComponentSet {
+    use shared::component::builtin::{PlayerName, RigPose, VrRig};
+    let mut c = shared::component::ComponentSet::new();
+    let hand = RigPose { pos_mm: [300, -200, -400], rot: 12345 };
+    c.set(&VrRig { head: RigPose { pos_mm: [0, 1700, 0], rot: 7 }, left: hand, right: hand });
+    c.set(&PlayerName("ada".into()));
+    c
+}
+
 pub(super) fn input(seq: u32, x: f32) -> InputFrame {
     InputFrame { seq, locomotion: [x, 0.0], ..Default::default() }
 }
@@ -418,6 +428,10 @@ fn crossing_the_line_requests_a_transfer_and_releases_at_the_committed_tick() {
     let mut h = Harness::new(1);
     let mut rx = h.join(1, JoinRole::Play, DVec3::new(1999.0, 10.0, 1000.0));
     h.step();
+    // The game's state on the avatar goes with it.
+    let components = rig_and_name();
+    let e = h.world.resource::<Index>().by_player[&PlayerId(7)];
+    h.world.entity_mut(e).insert(Components(components.clone()));
     // Inside the hysteresis margin: no request, but the neighbour is hinted, once.
     assert!(controls(&mut rx).iter().any(|c| matches!(c, ServerControl::PreConnect { server: ServerId(2), .. })));
     h.step();
@@ -456,6 +470,7 @@ fn crossing_the_line_requests_a_transfer_and_releases_at_the_committed_tick() {
     let SimOut::Handoff(state) = h.next_out().expect("handoff shipped") else { panic!() };
     assert_eq!(state.effective_tick, effective);
     assert_eq!(state.last_applied_input, 122);
+    assert_eq!(state.components, components, "the components travel with the entity");
     assert!(applied_before < 122);
     assert!(h.avatar().is_none(), "the source no longer simulates the avatar");
     assert!(controls(&mut rx).iter().any(|c| matches!(c, ServerControl::AuthorityMoved { to: ServerId(2), effective_tick } if *effective_tick == effective)));
@@ -528,6 +543,7 @@ fn the_target_adopts_at_the_effective_tick_and_merges_buffered_inputs() {
         pending_inputs: vec![input(12, 1.0)],
         prop: None,
         crossed_tick: None,
+        components: rig_and_name(),
     };
     let (reply, verdict) = oneshot::channel();
     h.send(SimIn::Adopt { state: Box::new(state.clone()), reply });
@@ -542,6 +558,8 @@ fn the_target_adopts_at_the_effective_tick_and_merges_buffered_inputs() {
     assert!(matches!(verdict.blocking_recv().unwrap(), Err(AdoptError::StaleEntityEpoch(..))));
     let (_, avatar) = h.avatar().expect("adopted at the effective tick");
     assert_eq!(avatar.last_applied, 14, "12 from the source, 13 and 14 from the standby buffer; 10 and 11 dropped");
+    let e = h.world.resource::<Index>().by_player[&PlayerId(7)];
+    assert_eq!(h.world.get::<Components>(e).map(|c| &c.0), Some(&rig_and_name()), "adopted with its components");
     let (controls, snapshot) = drain(&mut rx);
     assert!(
         controls
@@ -574,6 +592,7 @@ fn an_avatar_handed_over_before_its_player_connected_takes_the_name_it_connects_
         pending_inputs: Vec::new(),
         prop: None,
         crossed_tick: None,
+        components: Default::default(),
     };
     let (reply, verdict) = oneshot::channel();
     h.send(SimIn::Adopt { state: Box::new(state), reply });
@@ -607,6 +626,7 @@ fn a_handoff_for_another_server_is_refused() {
         pending_inputs: vec![],
         prop: None,
         crossed_tick: None,
+        components: Default::default(),
     };
     h.send(SimIn::Adopt { state: Box::new(state), reply });
     h.step();

@@ -195,6 +195,8 @@ pub(crate) fn resume_orphan(world: &mut World, o: crate::sim::messages::Orphan) 
                 sleeping: false,
             }),
             crossed_tick: None,
+            // Ghosts do not carry components yet: a resumed orphan has none.
+            components: Default::default(),
         }
     });
     let adopted = match state.map(|s| (check_adoption(world, &s), s)) {
@@ -298,11 +300,17 @@ pub(crate) fn adopt_due(world: &mut World) {
             let e = crate::sim::physics::spawn_prop(world, s.entity, p.shape, pos, p.rot, s.vel);
             crate::sim::physics::set_spin(world, e, p.angvel, p.sleeping);
             world.entity_mut(e).insert(authority);
+            if !s.components.is_empty() {
+                world.entity_mut(e).insert(Components(s.components));
+            }
             crate::sim::interact::arrived(world, e, s.entity);
             info!(entity = %s.entity, from = %s.from, transfer = s.transfer_id, late_ticks = late, "authority gained");
             continue;
         }
         let mut e = world.spawn((NetId(s.entity), Body { pos: s.pos, yaw: s.yaw, vel: s.vel }, authority));
+        if !s.components.is_empty() {
+            e.insert(Components(s.components));
+        }
         if let Some(player) = s.player {
             e.insert(Hands::default());
             e.insert(Avatar {
