@@ -55,8 +55,19 @@ pub enum Exit {
     Fenced,
 }
 
-/// Runs a game server until `shutdown` resolves or the coordinator fences it.
+/// Runs a game server until `shutdown` resolves or the coordinator fences it,
+/// knowing the built-in components.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<Exit> {
+    run_with(config, Arc::new(shared::component::Registry::builtin()), shutdown).await
+}
+
+/// As [`run`], knowing the components of `registry` (a game's own besides
+/// the built-ins): clients and handoffs must agree with it.
+pub async fn run_with(
+    config: Config,
+    registry: Arc<shared::component::Registry>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<Exit> {
     config.validate()?;
     let metrics = metrics::Metrics::new();
     let layout = shared::chunk::ChunkLayout::default();
@@ -214,7 +225,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
                 connects_per_ip_per_s: config.connects_per_ip_per_s,
                 ..Default::default()
             };
-            let ctx = net::NetContext::new(sim_tx.clone(), tickets.clone(), metrics.clone(), cache.clone(), limits);
+            let ctx = net::NetContext::new(sim_tx.clone(), tickets.clone(), metrics.clone(), cache.clone(), limits)
+                .with_schema(registry.schema());
             net::relay_world_events(&ctx);
             ctx
         },
@@ -263,10 +275,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
     }
     {
         let stop = stop.clone();
-        let svc = proto::peer::game_server_peer_server::GameServerPeerServer::new(peer::PeerService::new(
-            sim_tx,
-            metrics.clone(),
-        ));
+        let svc = proto::peer::game_server_peer_server::GameServerPeerServer::new(
+            peer::PeerService::new(sim_tx, metrics.clone()).with_registry(registry.clone()),
+        );
         tasks.spawn(async move {
             let _ = tonic::transport::Server::builder()
                 .add_service(svc)

@@ -94,6 +94,12 @@ impl NetContext {
         let schema = Arc::new(shared::component::Registry::builtin().schema());
         Self { sim, tickets, metrics, cache, limits, schema, next_conn: Arc::new(AtomicU64::new(1)) }
     }
+
+    /// The components clients must know (the server's registry's schema).
+    pub fn with_schema(mut self, schema: shared::component::Schema) -> Self {
+        self.schema = Arc::new(schema);
+        self
+    }
 }
 
 /// Who a hello lets in.
