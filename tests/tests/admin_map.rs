@@ -103,11 +103,24 @@ async fn wait_for(c: &Client, what: &str, expr: &str, done: impl Fn(&Value) -> b
     }
 }
 
+/// Clicks the element `css` selects. The page re-renders parts of itself
+/// as events arrive; an element replaced between the find and the click is
+/// found again (a few times), as a person would click again.
+async fn click(c: &Client, css: &str) -> anyhow::Result<()> {
+    for _ in 0..5 {
+        match c.find(Locator::Css(css)).await?.click().await {
+            Err(e) if e.is_stale_element_reference() => tokio::time::sleep(Duration::from_millis(50)).await,
+            r => return Ok(r?),
+        }
+    }
+    anyhow::bail!("{css} kept being replaced while being clicked")
+}
+
 async fn set_token(c: &Client, token: &str) -> anyhow::Result<()> {
     let input = c.find(Locator::Id("token")).await?;
     input.clear().await?;
     input.send_keys(token).await?;
-    c.find(Locator::Id("token-save")).await?.click().await?;
+    click(c, "#token-save").await?;
     Ok(())
 }
 
@@ -116,10 +129,10 @@ async fn set_token(c: &Client, token: &str) -> anyhow::Result<()> {
 async fn split_on_page(c: &Client, region: &str) -> anyhow::Result<Value> {
     let row = format!("tr[data-region=\"{region}\"]");
     wait_for(c, "the region's row", &format!("!!document.querySelector('{row}')"), |v| v == true).await?;
-    c.find(Locator::Css(&row)).await?.click().await?;
+    click(c, &row).await?;
     wait_for(c, "the selection", "window.mapState.selected", |v| v == region).await?;
-    c.find(Locator::Id("act-split")).await?.click().await?;
-    c.find(Locator::Id("confirm-ok")).await?.click().await?;
+    click(c, "#act-split").await?;
+    click(c, "#confirm-ok").await?;
     wait_for(
         c,
         "the API's answer on the page",
