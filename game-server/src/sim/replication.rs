@@ -23,8 +23,13 @@ pub(crate) const GRID_CELL_M: f64 = 32.0;
 const MAX_GRID_CELLS: usize = 1 << 20;
 
 /// What replication reads of an entity.
-type Replicated =
-    (&'static NetId, Ref<'static, Body>, Option<&'static Avatar>, Option<Ref<'static, super::physics::Prop>>);
+type Replicated = (
+    &'static NetId,
+    Ref<'static, Body>,
+    Option<&'static Avatar>,
+    Option<Ref<'static, super::physics::Prop>>,
+    Option<Ref<'static, Components>>,
+);
 
 /// What every player's snapshot is built from this tick, shared read-only
 /// by the workers. An entity keeps its slot (its index in the arrays) from
@@ -41,6 +46,9 @@ struct Frame {
     /// The wire's state of every slot at each of the last [`RING_TICKS`]
     /// ticks (tick modulo its length), with that tick's low 32 bits.
     ring: Vec<(u32, Vec<QEntity>)>,
+    /// The components clients may see of each slot's entity, refilled
+    /// when they change or another entity takes the slot.
+    comps: Vec<snapshot::WireComponents>,
     /// Slots filled this tick.
     live: Vec<u32>,
     slot: rustc_hash::FxHashMap<EntityId, u32>,
@@ -65,6 +73,7 @@ impl Default for Frame {
             states: Vec::new(),
             hot: Vec::new(),
             ring: vec![(u32::MAX, Vec::new()); RING_TICKS],
+            comps: Vec::new(),
             live: Vec::new(),
             slot: rustc_hash::FxHashMap::default(),
             free: Vec::new(),
@@ -308,14 +317,16 @@ pub fn replication(
     let f = &mut sc.frame;
     f.begin(tick.tick);
     sc.jobs.clear();
-    for (n, b, avatar, prop) in &q {
+    for (n, b, avatar, prop, comps) in &q {
         // A resting prop (most of them) is not quantised again.
-        let still = !b.is_changed() && prop.as_ref().is_some_and(|p| !p.is_changed());
+        let comps_changed = comps.as_ref().is_some_and(|c| c.is_changed());
+        let still = !b.is_changed() && !comps_changed && prop.as_ref().is_some_and(|p| !p.is_changed());
         let Some(me) = still.then(|| f.keep(n.0)).flatten().or_else(|| {
             let rot = prop.as_ref().map_or_else(|| Quat::from_rotation_y(b.yaw), |p| p.rot);
             let state =
                 EntityState { id: n.0, pos: b.pos, rot: rot.to_array(), vel: b.vel.to_array(), authority: cfg.server };
-            f.put(state, QEntity::quantise(&state))
+            let comps = comps.as_ref().map(|c| (c.0.set(), comps_changed));
+            f.put(state, QEntity::quantise(&state), comps, &cfg.registry)
         }) else {
             continue;
         };
@@ -341,7 +352,7 @@ pub fn replication(
     // Neighbours' entities near our regions, as their owners simulate them
     // (an entity of ours wins over its ghost).
     for (state, q) in ghosts.states() {
-        f.put(state, q);
+        f.put(state, q, None, &cfg.registry);
     }
     f.end();
     let threads = if sc.jobs.len() >= PARALLEL_FROM_PLAYERS { pool.threads() } else { 1 };
@@ -388,9 +399,16 @@ impl Frame {
         self.ring[tick as usize % RING_TICKS].0 = tick as u32;
     }
 
-    /// Puts an entity's state in its slot; `None` if an entity of that id
-    /// was put this tick already.
-    fn put(&mut self, state: EntityState, q: QEntity) -> Option<u32> {
+    /// Puts an entity's state in its slot, and its components (refilled
+    /// when they changed, or the slot is new to it); `None` if an entity of
+    /// that id was put this tick already.
+    fn put(
+        &mut self,
+        state: EntityState,
+        q: QEntity,
+        comps: Option<(&shared::component::ComponentSet, bool)>,
+        registry: &shared::component::Registry,
+    ) -> Option<u32> {
         let i = match self.slot.entry(state.id) {
             std::collections::hash_map::Entry::Occupied(o) => *o.get(),
             std::collections::hash_map::Entry::Vacant(v) => *v.insert(self.free.pop().unwrap_or_else(|| {
@@ -403,6 +421,7 @@ impl Frame {
                     pos: glam::Vec3::ZERO,
                     speed: 0.0,
                 });
+                self.comps.push(snapshot::WireComponents::default());
                 self.states.len() as u32 - 1
             })),
         };
@@ -414,10 +433,17 @@ impl Frame {
         }
         // Unchanged: here last tick, in this slot, with the same state.
         let last = &self.ring[(self.tick as usize).wrapping_sub(1) % RING_TICKS];
-        let same = old.id == state.id
-            && old.filled == now.wrapping_sub(1)
-            && last.0 == now.wrapping_sub(1)
-            && last.1.get(k) == Some(&q);
+        let here = old.id == state.id && old.filled == now.wrapping_sub(1);
+        let same = here && last.0 == now.wrapping_sub(1) && last.1.get(k) == Some(&q);
+        let wire = &mut self.comps[k];
+        let everyone_at = wire.everyone_at();
+        match comps {
+            Some((set, changed)) if changed || !here => wire.refill(set, registry, now, !here),
+            Some(_) => {}
+            None => wire.clear(),
+        }
+        // What every client sees of it changed: its components too.
+        let same = same && wire.everyone_at() == everyone_at;
         self.hot[k] = Slot {
             id: state.id,
             filled: now,
@@ -539,6 +565,10 @@ impl held::Values for Frame {
         self.hot[slot as usize].changed
     }
 
+    fn components(&self, slot: u32) -> &snapshot::WireComponents {
+        &self.comps[slot as usize]
+    }
+
     fn at(&self, slot: u32, stamp: u32, id: EntityId) -> Option<&QEntity> {
         let (tick, states) = &self.ring[stamp as usize % RING_TICKS];
         states.get(slot as usize).filter(|q| *tick == stamp && q.id == id)
@@ -597,7 +627,16 @@ impl Worker {
             let header =
                 snapshot::Header { tick, server: cfg.server, authoritative: true, last_input_seq: job.last_input_seq };
             self.buf.clear();
-            link.baselines.encode(frame, &header, me.pos, &self.wanted, job.acked, cfg.snapshot_budget, &mut self.buf);
+            link.baselines.encode(
+                frame,
+                &header,
+                me.pos,
+                me.id,
+                &self.wanted,
+                job.acked,
+                cfg.snapshot_budget,
+                &mut self.buf,
+            );
             // What the client now holds as wanted is up to date: its
             // priority starts over; the rest keep accumulating.
             let fresh = link.baselines.fresh();
@@ -746,7 +785,7 @@ mod tests {
                 vel: [0.0; 3],
                 authority: shared::ServerId(1),
             };
-            f.put(s, QEntity::quantise(&s));
+            f.put(s, QEntity::quantise(&s), None, &shared::component::Registry::empty());
         }
         f.end();
         f
@@ -772,7 +811,9 @@ mod tests {
             vel: [0.0; 3],
             authority: shared::ServerId(1),
         };
-        let put = |f: &mut Frame, id: u64| f.put(state(id), QEntity::quantise(&state(id)));
+        let put = |f: &mut Frame, id: u64| {
+            f.put(state(id), QEntity::quantise(&state(id)), None, &shared::component::Registry::empty())
+        };
         let mut f = Frame::default();
         f.begin(1);
         let a = put(&mut f, 1).unwrap();
@@ -809,7 +850,7 @@ mod tests {
         let mut f = Frame::default();
         f.begin(10);
         assert_eq!(f.keep(state.id), None, "never here: put it");
-        let s = f.put(state, q).unwrap();
+        let s = f.put(state, q, None, &shared::component::Registry::empty()).unwrap();
         f.end();
         for tick in 11..14 {
             f.begin(tick);
@@ -825,7 +866,7 @@ mod tests {
         f.end();
         f.begin(15);
         assert_eq!(f.keep(state.id), None);
-        let s = f.put(state, q).unwrap();
+        let s = f.put(state, q, None, &shared::component::Registry::empty()).unwrap();
         f.end();
         assert_eq!(f.changed(s), 15);
     }

@@ -26,6 +26,9 @@
 //! rigid-body extras.
 
 pub mod builtin;
+mod tracked;
+
+pub use tracked::Tracked;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -69,7 +72,7 @@ pub struct Policy {
 
 /// Why a component, a set or a schema was refused. `reason()` names are
 /// metric labels: never rename one.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum ComponentError {
     #[error("component {0} is not registered here")]
     Unknown(ComponentId),
@@ -451,6 +454,29 @@ impl ComponentSet {
 
     pub fn bytes(&self, id: ComponentId) -> Option<&[u8]> {
         self.items.binary_search_by_key(&id, |(i, _)| *i).ok().map(|i| self.items[i].1.as_slice())
+    }
+
+    /// Sets component `id` to a whole encoding (not checked: the caller
+    /// validated it); reuses the old value's allocation.
+    pub fn put_bytes(&mut self, id: ComponentId, bytes: &[u8]) {
+        match self.items.binary_search_by_key(&id, |(i, _)| *i) {
+            Ok(i) => {
+                let v = &mut self.items[i].1;
+                v.clear();
+                v.extend_from_slice(bytes);
+            }
+            Err(i) => self.items.insert(i, (id, bytes.to_vec())),
+        }
+    }
+
+    /// Each component's id and whole encoding, in ascending id.
+    pub fn iter(&self) -> impl Iterator<Item = (ComponentId, &[u8])> + '_ {
+        self.items.iter().map(|(id, b)| (*id, b.as_slice()))
+    }
+
+    /// Keeps the components `keep` accepts.
+    pub fn retain(&mut self, mut keep: impl FnMut(ComponentId) -> bool) {
+        self.items.retain(|(id, _)| keep(*id));
     }
 
     pub fn remove(&mut self, id: ComponentId) -> bool {
