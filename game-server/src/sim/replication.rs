@@ -49,6 +49,11 @@ struct Frame {
     /// The components clients may see of each slot's entity, refilled
     /// when they change or another entity takes the slot.
     comps: Vec<snapshot::WireComponents>,
+    /// Each slot's `comps[slot].cost()`, kept densely: read for every
+    /// candidate costed.
+    costs: Vec<snapshot::BlockCost>,
+    /// Whether `comps[slot]` holds any.
+    has_comps: Vec<bool>,
     /// Slots filled this tick.
     live: Vec<u32>,
     slot: rustc_hash::FxHashMap<EntityId, u32>,
@@ -74,6 +79,8 @@ impl Default for Frame {
             hot: Vec::new(),
             ring: vec![(u32::MAX, Vec::new()); RING_TICKS],
             comps: Vec::new(),
+            costs: Vec::new(),
+            has_comps: Vec::new(),
             live: Vec::new(),
             slot: rustc_hash::FxHashMap::default(),
             free: Vec::new(),
@@ -422,6 +429,8 @@ impl Frame {
                     speed: 0.0,
                 });
                 self.comps.push(snapshot::WireComponents::default());
+                self.costs.push(snapshot::BlockCost::default());
+                self.has_comps.push(false);
                 self.states.len() as u32 - 1
             })),
         };
@@ -435,15 +444,28 @@ impl Frame {
         let last = &self.ring[(self.tick as usize).wrapping_sub(1) % RING_TICKS];
         let here = old.id == state.id && old.filled == now.wrapping_sub(1);
         let same = here && last.0 == now.wrapping_sub(1) && last.1.get(k) == Some(&q);
-        let wire = &mut self.comps[k];
-        let everyone_at = wire.everyone_at();
-        match comps {
-            Some((set, changed)) if changed || !here => wire.refill(set, registry, now, !here),
-            Some(_) => {}
-            None => wire.clear(),
-        }
+        // The components are touched only when they changed, the slot is
+        // new to the entity, or a ghost replaces what had some.
+        let moved = match comps {
+            Some((set, changed)) if changed || !here => {
+                let wire = &mut self.comps[k];
+                let before = wire.everyone_at();
+                wire.refill(set, registry, now, !here);
+                self.costs[k] = *wire.cost();
+                self.has_comps[k] = true;
+                wire.everyone_at() != before
+            }
+            Some(_) => false,
+            None if self.has_comps[k] => {
+                self.comps[k].clear();
+                self.costs[k] = *self.comps[k].cost();
+                self.has_comps[k] = false;
+                true
+            }
+            None => false,
+        };
         // What every client sees of it changed: its components too.
-        let same = same && wire.everyone_at() == everyone_at;
+        let same = same && !moved;
         self.hot[k] = Slot {
             id: state.id,
             filled: now,
@@ -567,6 +589,10 @@ impl held::Values for Frame {
 
     fn components(&self, slot: u32) -> &snapshot::WireComponents {
         &self.comps[slot as usize]
+    }
+
+    fn block_cost(&self, slot: u32) -> &snapshot::BlockCost {
+        &self.costs[slot as usize]
     }
 
     fn at(&self, slot: u32, stamp: u32, id: EntityId) -> Option<&QEntity> {

@@ -16,7 +16,7 @@ use std::collections::VecDeque;
 use glam::DVec3;
 
 use super::{
-    HAS_COMPONENTS, HISTORY, Header, MAX_VIEW_ENTITIES, QEntity, WireComponents, match_baseline, origin_mm,
+    BlockCost, HAS_COMPONENTS, HISTORY, Header, MAX_VIEW_ENTITIES, QEntity, WireComponents, match_baseline, origin_mm,
     priority_key, record, record_len, varint, varint_len, write_head,
 };
 use crate::ids::EntityId;
@@ -56,6 +56,12 @@ pub trait Values {
     /// The components of the entity in `slot`, now, as clients may see
     /// them.
     fn components(&self, slot: u32) -> &WireComponents;
+    /// What the component block of the entity in `slot` costs a client
+    /// other than its owner (its [`WireComponents::cost`]; a server may
+    /// keep these apart, densely, as they are read for many candidates).
+    fn block_cost(&self, slot: u32) -> &BlockCost {
+        self.components(slot).cost()
+    }
     /// The state `id` had in `slot` at tick `stamp`, while it is remembered.
     fn at(&self, slot: u32, stamp: u32, id: EntityId) -> Option<&QEntity>;
 }
@@ -174,17 +180,17 @@ impl Baselines {
             }
             let w = &wanted[k];
             let e = values.current(w.slot);
-            let comps = values.components(w.slot);
             let owner = w.id == me;
             let (cost, pick) = match at.map(|i| (held_state(values, &kept[i as usize]), kept[i as usize].stamp)) {
-                None => (record_len(e, None, origin_q, 0) + comps.block_len(None, owner), Pick::Sent),
+                None => (record_len(e, None, origin_q, 0) + block_len(values, w.slot, None, owner), Pick::Sent),
                 Some((Some(b), stamp)) => {
-                    (record_len(e, Some(b), origin_q, 0) + comps.block_len(Some(stamp), owner), Pick::Sent)
+                    (record_len(e, Some(b), origin_q, 0) + block_len(values, w.slot, Some(stamp), owner), Pick::Sent)
                 }
                 // Its removal costs at most its whole id more.
-                Some((None, _)) => {
-                    (varint_len(e.id.0) + record_len(e, None, origin_q, 0) + comps.block_len(None, owner), Pick::Resent)
-                }
+                Some((None, _)) => (
+                    varint_len(e.id.0) + record_len(e, None, origin_q, 0) + block_len(values, w.slot, None, owner),
+                    Pick::Resent,
+                ),
             };
             if used + cost <= budget {
                 used += cost;
@@ -269,12 +275,16 @@ impl Baselines {
                 },
                 Pick::Resent => (None, None),
             };
-            let comps = values.components(w.slot);
             let owner = w.id == me;
-            let block = comps.block_len(since, owner) > 0;
+            let block = block_len(values, w.slot, since, owner) > 0;
             record(values.current(w.slot), base, origin_q, prev, if block { HAS_COMPONENTS } else { 0 }, out);
             if block {
-                comps.write_block(since, owner, out);
+                // Most clients get the newest change's block, inline in
+                // the cost already read.
+                match values.block_cost(w.slot).inline_block(since).filter(|_| !owner) {
+                    Some(b) => out.extend_from_slice(b),
+                    None => values.components(w.slot).write_block(since, owner, out),
+                }
             }
             prev = w.id.0;
         }
@@ -298,6 +308,13 @@ impl Baselines {
     pub fn newest(&self) -> Option<(Tick, &[Held])> {
         self.history.back().map(|v| (v.tick, &v.held[..]))
     }
+}
+
+/// The length of the component block of the entity in `slot` for a client
+/// holding its state of tick `since` (`owner`: the entity is the client's).
+fn block_len(values: &impl Values, slot: u32, since: Option<u32>, owner: bool) -> usize {
+    let measured = || values.components(slot).block_len(since, owner);
+    if owner { measured() } else { values.block_cost(slot).len(since).unwrap_or_else(measured) }
 }
 
 fn held_state<'a>(values: &'a impl Values, h: &Held) -> Option<&'a QEntity> {

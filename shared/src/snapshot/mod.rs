@@ -22,7 +22,7 @@
 pub mod held;
 pub mod parts;
 
-pub use parts::{ComponentChanges, ComponentStore, WireComponents};
+pub use parts::{BlockCost, ComponentChanges, ComponentStore, WireComponents};
 
 use glam::DVec3;
 

@@ -48,6 +48,60 @@ struct Part {
     len: u32,
 }
 
+/// What a component block of one entity costs for a client other than its
+/// owner, summed up when its components change (one cache line, read while
+/// costing many candidates without touching their components): whole,
+/// nothing since the newest change, or only what changed at the newest
+/// change, that block itself inline when it is small (a rig's is). Anything
+/// else is measured on the components themselves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(C, align(64))]
+pub struct BlockCost {
+    whole: u16,
+    /// The block for a client holding a state from before `newest`, but
+    /// not before `second`.
+    newest_len: u16,
+    newest: u32,
+    /// The change before the newest (of a part everyone sees, or a
+    /// removal); `newest` when there is none.
+    second: u32,
+    /// The block of a client holding a state from between the two newest
+    /// changes, when it fits here (`inline_len` bytes; 0: it does not).
+    inline_len: u8,
+    inline: [u8; INLINE_BLOCK],
+}
+const INLINE_BLOCK: usize = 51;
+const _: () = assert!(std::mem::size_of::<BlockCost>() == 64);
+
+impl Default for BlockCost {
+    fn default() -> Self {
+        Self { whole: 0, newest_len: 0, newest: 0, second: 0, inline_len: 0, inline: [0; INLINE_BLOCK] }
+    }
+}
+
+impl BlockCost {
+    /// The block for a client (not the owner) holding the state of tick
+    /// `since`, when it is the newest change's and kept inline.
+    pub fn inline_block(&self, since: Option<u32>) -> Option<&[u8]> {
+        let s = since?;
+        let newest_only = after(self.newest, s) && (self.second == self.newest || !after(self.second, s));
+        (newest_only && self.inline_len > 0).then(|| &self.inline[..usize::from(self.inline_len)])
+    }
+
+    /// The block's length for a client (not the owner) holding the state
+    /// of tick `since` (`None`: none), if the summary tells.
+    pub fn len(&self, since: Option<u32>) -> Option<usize> {
+        let Some(s) = since else { return Some(usize::from(self.whole)) };
+        if !after(self.newest, s) {
+            Some(0)
+        } else if self.second == self.newest || !after(self.second, s) {
+            Some(usize::from(self.newest_len))
+        } else {
+            None
+        }
+    }
+}
+
 /// One entity's components as its server sends them: those a client may
 /// see, each whole with the tick it last changed.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -62,6 +116,11 @@ pub struct WireComponents {
     /// The allocations of the parts before the last refill.
     spare_parts: Vec<Part>,
     spare_bytes: Vec<u8>,
+    cost: BlockCost,
+    /// The block for a client (not the owner) holding no state of it, and
+    /// for one holding a state from between the two newest changes.
+    whole_block: Vec<u8>,
+    newest_block: Vec<u8>,
 }
 
 impl WireComponents {
@@ -113,6 +172,58 @@ impl WireComponents {
         }
         self.spare_parts = std::mem::replace(&mut self.parts, parts);
         self.spare_bytes = std::mem::replace(&mut self.bytes, bytes);
+        self.cost = self.summary();
+        self.encode_common();
+    }
+
+    /// The block's costs for a client other than the owner.
+    pub fn cost(&self) -> &BlockCost {
+        &self.cost
+    }
+
+    fn summary(&self) -> BlockCost {
+        let newest = self.everyone_at;
+        let second = self
+            .parts
+            .iter()
+            .filter(|p| !p.owner_only && p.changed != newest)
+            .map(|p| p.changed)
+            .chain((self.removed_at != newest).then_some(self.removed_at))
+            .reduce(|a, b| if after(a, b) { a } else { b })
+            .unwrap_or(newest);
+        let len = |since| u16::try_from(self.block_len(since, false)).unwrap_or(u16::MAX);
+        BlockCost {
+            whole: len(None),
+            newest_len: len(Some(newest.wrapping_sub(1))),
+            newest,
+            second,
+            ..BlockCost::default()
+        }
+    }
+
+    /// The blocks [`BlockCost`] sums up, encoded.
+    fn encode_common(&mut self) {
+        let (mut whole, mut newest) = (std::mem::take(&mut self.whole_block), std::mem::take(&mut self.newest_block));
+        whole.clear();
+        newest.clear();
+        if self.cost.whole > 0 {
+            self.encode_block(None, false, &mut whole);
+        }
+        if self.cost.newest_len > 0 {
+            self.encode_block(Some(self.everyone_at.wrapping_sub(1)), false, &mut newest);
+        }
+        if !newest.is_empty() && newest.len() <= INLINE_BLOCK {
+            self.cost.inline[..newest.len()].copy_from_slice(&newest);
+            self.cost.inline_len = newest.len() as u8;
+        } else {
+            self.cost.inline_len = 0;
+        }
+        (self.whole_block, self.newest_block) = (whole, newest);
+    }
+
+    /// Whether it holds nothing (cleared, or never filled).
+    pub fn is_empty(&self) -> bool {
+        self.parts.is_empty() && self.cost == BlockCost::default()
     }
 
     /// No components (allocations kept).
@@ -120,6 +231,9 @@ impl WireComponents {
         self.parts.clear();
         self.bytes.clear();
         (self.removed_at, self.everyone_at, self.owner_at) = (0, 0, 0);
+        self.cost = BlockCost::default();
+        self.whole_block.clear();
+        self.newest_block.clear();
     }
 
     /// The tick (low 32 bits) what every client sees of it last changed.
@@ -172,6 +286,15 @@ impl WireComponents {
 
     /// Writes the block [`WireComponents::block_len`] measured.
     pub(crate) fn write_block(&self, since: Option<u32>, owner: bool, out: &mut Vec<u8>) {
+        // The two blocks most clients get, written once per change.
+        match (owner, self.cost.len(since), since) {
+            (false, Some(_), None) => out.extend_from_slice(&self.whole_block),
+            (false, Some(_), Some(_)) => out.extend_from_slice(&self.newest_block),
+            _ => self.encode_block(since, owner, out),
+        }
+    }
+
+    fn encode_block(&self, since: Option<u32>, owner: bool, out: &mut Vec<u8>) {
         varint(out, self.sent(since, owner).count() as u64);
         let mut prev = 0;
         for p in self.sent(since, owner) {

@@ -186,6 +186,14 @@ impl World {
                 let comps = &mut self.ring.comps[s];
                 let fresh = was.is_none_or(|w| w.id != q.id);
                 comps.refill(self.tracked[e].set(), &self.registry, tick, fresh);
+                // The summary answers as the components do, where it answers.
+                for back in [0u32, 1, 2, 3, 5, 8, 13, 40] {
+                    let since = tick.wrapping_sub(back);
+                    if let Some(n) = comps.cost().len(Some(since)) {
+                        assert_eq!(n, comps.block_len(Some(since), false), "since {since} at {tick}");
+                    }
+                }
+                assert_eq!(comps.cost().len(None), Some(comps.block_len(None, false)));
                 if was != Some(*q) || fresh || comps.everyone_at() == tick {
                     self.ring.changed[s] = tick;
                 }
