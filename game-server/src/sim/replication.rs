@@ -446,18 +446,23 @@ impl Frame {
         let same = here && last.0 == now.wrapping_sub(1) && last.1.get(k) == Some(&q);
         // The components are touched only when they changed, the slot is
         // new to the entity, or a ghost replaces what had some.
+        // A slot whose components were emptied (its entity became a
+        // ghost here) starts over too: what clients hold of it is unknown.
+        let fresh = !here || !self.has_comps[k];
         let moved = match comps {
-            Some((set, changed)) if changed || !here => {
+            Some((set, changed)) if changed || fresh => {
                 let wire = &mut self.comps[k];
                 let before = wire.everyone_at();
-                wire.refill(set, registry, now, !here);
+                wire.refill(set, registry, now, fresh);
                 self.costs[k] = *wire.cost();
                 self.has_comps[k] = true;
                 wire.everyone_at() != before
             }
             Some(_) => false,
+            // Ours until now, a ghost from now on (ghosts carry no
+            // components yet): clients are told it has none.
             None if self.has_comps[k] => {
-                self.comps[k].clear();
+                self.comps[k].refill(&shared::component::ComponentSet::new(), registry, now, false);
                 self.costs[k] = *self.comps[k].cost();
                 self.has_comps[k] = false;
                 true
@@ -860,6 +865,45 @@ mod tests {
         assert!(f.get(a, EntityId(1)).is_none(), "a reused slot answers only for its new entity");
         assert_eq!(f.get(c, EntityId(3)).map(|s| s.id), Some(EntityId(3)));
         assert!(f.get(b, EntityId(3)).is_none());
+    }
+
+    #[test]
+    fn an_entity_that_was_a_ghost_for_a_while_comes_back_with_its_components_as_they_are() {
+        use shared::component::builtin::{Kind, PlayerName};
+        use shared::component::{Component as _, ComponentSet, Registry};
+        use shared::snapshot::{ComponentChanges, ComponentStore, History, decode_into, held::Baselines};
+        let registry = Registry::builtin();
+        let state = EntityState {
+            id: EntityId(5),
+            pos: DVec3::new(3.0, 4.0, 5.0),
+            rot: [0.0, 0.0, 0.0, 1.0],
+            vel: [0.0; 3],
+            authority: shared::ServerId(1),
+        };
+        let q = QEntity::quantise(&state);
+        let mut named = ComponentSet::new();
+        named.set(&Kind::Player);
+        named.set(&PlayerName("ada".into()));
+        let mut unnamed = ComponentSet::new();
+        unnamed.set(&Kind::Player);
+        let (mut f, mut b, mut client) = (Frame::default(), Baselines::default(), History::default());
+        let (mut store, mut changes, mut out) = (ComponentStore::default(), ComponentChanges::default(), Vec::new());
+        // Ours at 10 with a name; a ghost here at 11 (handed off); ours
+        // again at 12 without its name. The client acknowledges 10 only.
+        for (tick, comps, acked) in [(10, Some(&named), 0), (11, None, 10), (12, Some(&unnamed), 10)] {
+            f.begin(tick);
+            let slot = f.put(state, q, comps.map(|c| (c, true)), &registry).expect("put");
+            f.end();
+            let header = snapshot::Header { tick, server: shared::ServerId(1), authoritative: true, last_input_seq: 0 };
+            let want = [held::Want { id: state.id, slot, priority: 1.0 }];
+            out.clear();
+            b.encode(&f, &header, DVec3::ZERO, EntityId(99), &want, acked, 1000, &mut out);
+            let (_, view) = decode_into(&out, |t| client.get(t), &mut changes).expect("decodes");
+            store.apply(&changes, &view, client.oldest_tick().unwrap_or(tick), &registry).expect("applies");
+            client.push(view);
+        }
+        let held: Vec<_> = store.get(state.id).expect("in view").ids().collect();
+        assert_eq!(held, [Kind::ID], "the name removed while it was away is gone");
     }
 
     #[test]

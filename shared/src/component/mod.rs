@@ -40,6 +40,10 @@ pub type ComponentId = u16;
 
 /// Largest encoding any component may declare, bytes.
 pub const MAX_COMPONENT_SIZE: usize = 1024;
+/// Largest encoding a component clients see may declare: its record must
+/// fit a snapshot's byte budget (about 660 bytes at 512 kbit/s) beside the
+/// entity's other state, or the entity would never reach a client.
+pub const MAX_VISIBLE_SIZE: usize = 512;
 /// Most components one entity carries.
 pub const MAX_COMPONENTS: usize = 64;
 /// Most components a registry holds (a schema in a hello stays small).
@@ -301,6 +305,8 @@ pub enum RegistryError {
     BadName(&'static str),
     #[error("{name} declares a largest size of {size} bytes, not 1 to {MAX_COMPONENT_SIZE}")]
     BadSize { name: &'static str, size: usize },
+    #[error("{name} is seen by clients and declares {size} bytes, more than {MAX_VISIBLE_SIZE}")]
+    TooLargeForClients { name: &'static str, size: usize },
     #[error("more than {MAX_REGISTERED} components")]
     Full,
 }
@@ -367,6 +373,9 @@ impl Registry {
         }
         if !(1..=MAX_COMPONENT_SIZE).contains(&C::MAX_SIZE) {
             return Err(RegistryError::BadSize { name: C::NAME, size: C::MAX_SIZE });
+        }
+        if C::POLICY.audience != Audience::Servers && C::MAX_SIZE > MAX_VISIBLE_SIZE {
+            return Err(RegistryError::TooLargeForClients { name: C::NAME, size: C::MAX_SIZE });
         }
         if self.entries.len() >= MAX_REGISTERED {
             return Err(RegistryError::Full);
