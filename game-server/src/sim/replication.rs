@@ -291,11 +291,14 @@ pub(crate) const CANDIDATE_SEARCH_TICKS: u64 = 8;
 /// player whose link was not served at its last turn (handed back, rejoined).
 pub(crate) const SEARCH_AGAIN_M: f64 = 16.0;
 
-/// How much an entity's update matters this tick: near and fast first.
+/// How much an entity's update matters this tick: near and fast first,
+/// nearness cubed so that the avatars next to a player (whose heads and
+/// hands it watches) are updated at 45 Hz or more in a crowd of fifty.
 /// Accumulated every tick it is not sent, so far and slow ones get their
 /// turn (nothing starves).
 pub(crate) fn priority(distance_m: f64, speed: f32) -> f32 {
-    (1.0 / (1.0 + distance_m as f32 / 8.0)) * (1.0 + speed / 4.0)
+    let near = 1.0 / (1.0 + distance_m as f32 / 8.0);
+    near * near * near * (1.0 + speed / 4.0)
 }
 
 pub(crate) fn cell_of(p: DVec3) -> (i32, i32) {
