@@ -96,6 +96,7 @@ pub fn run(cfg: &NetcodeConfig) -> anyhow::Result<Value> {
             mix: Some(vec![(bot_swarm::behaviour::Behaviour::Crowd, 1)]),
             seed: 1,
             hotspot: None,
+            gesture: true,
         };
         let live = Arc::new(bot_swarm::Live::default());
         let before = scrape().await.context("scraping the game server")?;

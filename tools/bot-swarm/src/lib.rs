@@ -65,6 +65,9 @@ pub struct SwarmConfig {
     pub seed: u64,
     /// Where crowding bots gather (x, z); default: the middle of the first region.
     pub hotspot: Option<glam::DVec2>,
+    /// Free hands gesture and heads look around every tick, as VR players'
+    /// do ([`work::gesture`]); off: they hold still.
+    pub gesture: bool,
 }
 
 /// How bots get in.
@@ -573,6 +576,7 @@ struct Bot {
     report: BotReport,
     /// Hands and tools, for the behaviours that use them.
     work: Option<work::Work>,
+    gesture: bool,
     next_edit: u32,
     edits_in_flight: HashMap<u32, Instant>,
     /// What its pumps saw arrive.
@@ -640,6 +644,7 @@ impl Bot {
             live: env.live,
             stop: env.stop,
             report: BotReport { player: player.0, behaviour: behaviour.name().to_owned(), ..Default::default() },
+            gesture: cfg.gesture,
             work,
             next_edit: 0,
             arrivals: Arc::default(),
@@ -724,7 +729,11 @@ impl Bot {
                     };
                     // Free hands gesture and the head looks around; at work
                     // the head and right hand do the work.
-                    let (idle_head, left, idle_right) = work::gesture(seq, gesture_phase);
+                    let (idle_head, left, idle_right) = if self.gesture {
+                        work::gesture(seq, gesture_phase)
+                    } else {
+                        work::gesture(0, 0.0)
+                    };
                     let (head, right, held) = act.map_or((idle_head, idle_right, 0), |a| (a.head, a.right, a.buttons));
                     let mut frame = InputFrame {
                         seq,
