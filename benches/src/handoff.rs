@@ -187,6 +187,7 @@ pub fn run(cfg: &HandoffConfig) -> anyhow::Result<Value> {
             mix: Some(mix),
             seed: cfg.seed,
             hotspot: None,
+            gesture: false,
         };
         let live = Arc::new(bot_swarm::Live::default());
         let before = scrape().await.context("scraping the game servers")?;

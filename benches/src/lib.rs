@@ -199,6 +199,7 @@ impl Scenario {
                 snapshot_budget: snapshot_budget(512, 90, every),
                 snapshot_every: every,
                 replication_workers: c.replication_workers,
+                registry: Arc::new(shared::component::Registry::builtin()),
             },
             inbox,
             outbox,

@@ -96,6 +96,7 @@ pub fn run(cfg: &NetcodeConfig) -> anyhow::Result<Value> {
             mix: Some(vec![(bot_swarm::behaviour::Behaviour::Crowd, 1)]),
             seed: 1,
             hotspot: None,
+            gesture: true,
         };
         let live = Arc::new(bot_swarm::Live::default());
         let before = scrape().await.context("scraping the game server")?;
@@ -115,6 +116,8 @@ pub fn run(cfg: &NetcodeConfig) -> anyhow::Result<Value> {
             "snapshot_encode_us_p99": encode_us(0.99),
             "snapshots_per_player_per_s": (r.snapshots as f64 / f64::from(r.joined.max(1)) / r.seconds * 10.0).round() / 10.0,
             "undecoded_snapshots": r.undecoded_snapshots,
+            "component_kbps_per_player": r.component_kbps_per_bot,
+            "near_rig_hz": r.near_rig_hz,
             "rtt_p99_ms": r.rtt_p99_ms,
             "errors": r.errors,
         }))

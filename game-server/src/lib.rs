@@ -190,6 +190,7 @@ pub async fn run_with(
                 replication_workers: config
                     .replication_workers
                     .map_or_else(config::default_replication_workers, usize::from),
+                registry: registry.clone(),
             },
             inbox: sim_rx,
             outbox: out_tx,

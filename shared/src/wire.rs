@@ -23,8 +23,8 @@ use crate::time::Tick;
 pub const ALPN: &[u8] = b"planetary-survival/1";
 /// Version carried in the client's hello (2: quantised delta snapshots;
 /// 3: pre-connect hints carry a standby ticket; 4: the hello carries the
-/// client's component schema).
-pub const PROTOCOL_VERSION: u16 = 4;
+/// client's component schema; 5: snapshot records carry components).
+pub const PROTOCOL_VERSION: u16 = 5;
 /// Largest datagram payload either side sends. QUIC guarantees only 1200-byte
 /// UDP packets; its short header (up to a 20-byte connection id), packet
 /// number, AEAD tag and DATAGRAM frame header leave about 1150 bytes, so 1100
@@ -57,6 +57,8 @@ pub enum DecodeError {
     BadVarint,
     #[error("a delta snapshot names a baseline this side does not hold")]
     UnknownBaseline,
+    #[error("a component was refused: {0}")]
+    Component(crate::component::ComponentError),
 }
 
 impl DecodeError {
@@ -71,6 +73,7 @@ impl DecodeError {
             DecodeError::FrameTooLarge => "frame_too_large",
             DecodeError::BadVarint => "bad_varint",
             DecodeError::UnknownBaseline => "unknown_baseline",
+            DecodeError::Component(e) => e.reason(),
         }
     }
 }

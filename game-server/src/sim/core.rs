@@ -31,10 +31,36 @@ pub struct Body {
     pub vel: Vec3,
 }
 
-/// The components a game put on an entity (`shared::component`): they
-/// move with it in a handoff.
+/// The replicated components of an entity (`shared::component`), each
+/// with the tick it last changed: they move with it in a handoff and reach
+/// the clients that may see them. Change one through `Tracked::put`, so
+/// that an unchanged value is not sent again.
 #[derive(Component, Debug, Clone, Default, PartialEq)]
-pub struct Components(pub shared::component::ComponentSet);
+pub struct Components(pub shared::component::Tracked);
+
+impl Components {
+    /// A player's at its spawn: its kind and name.
+    pub fn player(name: &str, tick: Tick) -> Self {
+        use shared::component::builtin::{Kind, PlayerName};
+        let mut t = shared::component::Tracked::default();
+        t.put(&Kind::Player, tick);
+        t.put(&PlayerName(name.chars().filter(|c| !c.is_control()).collect()), tick);
+        Self(t)
+    }
+
+    /// A prop's at its spawn: its kind (shape and size).
+    pub fn prop(shape: super::messages::PropShape, tick: Tick) -> Self {
+        use shared::component::builtin::Kind;
+        let mm = |m: f32| (m * 1000.0).round().max(1.0).min(f32::from(u16::MAX)) as u16;
+        let kind = match shape {
+            super::messages::PropShape::Box { half } => Kind::PropBox { half_mm: half.map(mm) },
+            super::messages::PropShape::Ball { radius } => Kind::PropBall { radius_mm: mm(radius) },
+        };
+        let mut t = shared::component::Tracked::default();
+        t.put(&kind, tick);
+        Self(t)
+    }
+}
 
 /// A player's avatar, and what the server knows of the player's input.
 #[derive(Component, Debug, Clone, Default)]
@@ -55,6 +81,8 @@ pub struct Avatar {
     pub head: Pose,
     pub left: Pose,
     pub right: Pose,
+    /// The rig others see, as last quantised (`VrRig`).
+    pub rig: shared::component::builtin::VrRig,
     pub buttons: u32,
     /// Standing on something.
     pub on_ground: bool,
@@ -91,6 +119,8 @@ pub struct SimConfig {
     /// Threads that build players' snapshots beside the tick thread (0:
     /// the tick thread builds them all).
     pub replication_workers: usize,
+    /// The components this server knows (the built-ins and the game's).
+    pub registry: Arc<shared::component::Registry>,
 }
 
 /// The payload of one snapshot for `kbps` kbit/s at the socket, a player

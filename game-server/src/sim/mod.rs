@@ -6,6 +6,8 @@
 //! bounded channels with `try_send` (a full channel drops and counts).
 
 pub mod authority;
+#[cfg(test)]
+mod component_tests;
 pub mod core;
 pub mod edits;
 #[cfg(test)]

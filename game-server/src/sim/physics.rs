@@ -177,8 +177,9 @@ pub fn spawn_prop(world: &mut World, id: EntityId, shape: PropShape, pos: DVec3,
         .build();
     let collider = shape.collider().density(600.0).friction(0.7).restitution(0.1).collision_groups(prop_groups());
     let (body, _) = physics.world.insert(rb, collider);
+    let tick = world.resource::<TickState>().tick;
     let mut ent = world.entity_mut(e);
-    ent.insert(Prop { body, shape, rot });
+    ent.insert((Prop { body, shape, rot }, super::core::Components::prop(shape, tick)));
     if let Some(a) = authority {
         ent.insert(a);
     }

@@ -45,6 +45,17 @@ pub fn buffer_input(buf: &mut VecDeque<InputFrame>, frame: InputFrame, applied: 
     true
 }
 
+/// Gives a player's entity its name, if it came without one.
+fn named(world: &mut World, e: Entity, name: &str, tick: shared::Tick) {
+    use shared::component::Component as _;
+    use shared::component::builtin::PlayerName;
+    if let Some(mut c) = world.get_mut::<Components>(e)
+        && c.0.set().bytes(PlayerName::ID).is_none_or(|b| b == [0])
+    {
+        c.0.put(&PlayerName(name.chars().filter(|c| !c.is_control()).collect()), tick);
+    }
+}
+
 /// Where a player joins when the client names no spawn point.
 pub const DEFAULT_SPAWN: DVec3 = DVec3::new(1000.0, 10.0, 1000.0);
 
@@ -88,6 +99,7 @@ pub(crate) fn joined(
                     a.name = name.clone();
                 }
             }
+            named(world, e, &name, tick);
             let _ = tx.try_send(Outbound::Control(welcome(true, entity_id)));
             world.resource_mut::<Conns>().0.insert(conn, Conn { player, name: name.clone(), role, tx, acked: 0 });
         }
@@ -114,6 +126,7 @@ pub(crate) fn joined(
                         .spawn((
                             NetId(entity_id),
                             Body { pos: p, yaw: 0.0, vel: Vec3::ZERO },
+                            Components::player(&name, tick),
                             Avatar { player, name, conn: Some(conn), ..Default::default() },
                             Authority::spawned(leaf, epoch, tick),
                             Hands::default(),
@@ -137,6 +150,9 @@ pub(crate) fn joined(
                 if a.name.is_empty() {
                     a.name = name.clone();
                 }
+            }
+            if let Some(e) = existing {
+                named(world, e, &name, tick);
             }
         }
     }
@@ -266,14 +282,14 @@ pub fn check_input(f: &InputFrame, prev_head: &Pose) -> Result<(), &'static str>
 /// Applies each player's pending inputs, in order and once, and moves the
 /// body with the character controller against the terrain.
 pub fn player_bodies(
-    mut q: Query<(&mut Body, &mut Avatar), With<Authority>>,
+    mut q: Query<(&mut Body, &mut Avatar, Option<&mut Components>), With<Authority>>,
     terrain: Res<super::terrain::Terrain>,
     cfg: Res<SimConfig>,
     tick: Res<TickState>,
     metrics: Res<SimMetrics>,
 ) {
     let mut applied = 0u64;
-    for (mut body, mut a) in &mut q {
+    for (mut body, mut a, comps) in &mut q {
         let steps = 1 + a.catch_up.min(90);
         a.catch_up = 0;
         let mut jump = false;
@@ -297,6 +313,16 @@ pub fn player_bodies(
             jump |= f.buttons & buttons::JUMP != 0 && a.buttons & buttons::JUMP == 0;
             a.buttons = f.buttons;
             applied += 1;
+        }
+        // Others see the head and hands of the newest input applied.
+        if a.applied_now.is_some() {
+            let rig = shared::component::builtin::VrRig::from_poses(&a.head, &a.left, &a.right);
+            if rig != a.rig {
+                a.rig = rig;
+                if let Some(mut c) = comps {
+                    c.0.put(&rig, tick.tick);
+                }
+            }
         }
         let mut state = CharacterState { pos: body.pos, vel: body.vel, on_ground: a.on_ground };
         for _ in 0..steps {

@@ -97,6 +97,7 @@ impl Harness {
                 snapshot_budget: snapshot_budget(512, 90, 1),
                 snapshot_every: 1,
                 replication_workers: 1,
+                registry: Arc::new(shared::component::Registry::builtin()),
             },
             inbox,
             outbox,
@@ -174,16 +175,24 @@ impl Harness {
 
 /// A component set as a game might put on an avatar.
 fn rig_and_name() -> shared::component::ComponentSet {
-    use shared::component::builtin::{PlayerName, RigPose, VrRig};
+    use shared::component::builtin::{PlayerName, VrRig};
     let mut c = shared::component::ComponentSet::new();
-    let hand = RigPose { pos_mm: [300, -200, -400], rot: 12345 };
-    c.set(&VrRig { head: RigPose { pos_mm: [0, 1700, 0], rot: 7 }, left: hand, right: hand });
+    let (head, hand) = poses();
+    c.set(&VrRig::from_poses(&head, &hand, &hand));
     c.set(&PlayerName("ada".into()));
     c
 }
 
+/// The head and a hand of the tests' inputs, relative to the body.
+fn poses() -> (shared::wire::Pose, shared::wire::Pose) {
+    let head = shared::wire::Pose { pos: [0.0, 1.7, 0.0], rot: [0.0, 0.0, 0.0, 1.0] };
+    let hand = shared::wire::Pose { pos: [0.3, 1.2, -0.4], rot: glam::Quat::from_rotation_y(0.3).to_array() };
+    (head, hand)
+}
+
 pub(super) fn input(seq: u32, x: f32) -> InputFrame {
-    InputFrame { seq, locomotion: [x, 0.0], ..Default::default() }
+    let (head, hand) = poses();
+    InputFrame { seq, locomotion: [x, 0.0], head, left: hand, right: hand, ..Default::default() }
 }
 
 /// Everything queued for a connection: its control frames and its newest snapshot.
@@ -431,7 +440,7 @@ fn crossing_the_line_requests_a_transfer_and_releases_at_the_committed_tick() {
     // The game's state on the avatar goes with it.
     let components = rig_and_name();
     let e = h.world.resource::<Index>().by_player[&PlayerId(7)];
-    h.world.entity_mut(e).insert(Components(components.clone()));
+    h.world.entity_mut(e).insert(Components(shared::component::Tracked::new(components.clone(), h.tick)));
     // Inside the hysteresis margin: no request, but the neighbour is hinted, once.
     assert!(controls(&mut rx).iter().any(|c| matches!(c, ServerControl::PreConnect { server: ServerId(2), .. })));
     h.step();
@@ -559,7 +568,7 @@ fn the_target_adopts_at_the_effective_tick_and_merges_buffered_inputs() {
     let (_, avatar) = h.avatar().expect("adopted at the effective tick");
     assert_eq!(avatar.last_applied, 14, "12 from the source, 13 and 14 from the standby buffer; 10 and 11 dropped");
     let e = h.world.resource::<Index>().by_player[&PlayerId(7)];
-    assert_eq!(h.world.get::<Components>(e).map(|c| &c.0), Some(&rig_and_name()), "adopted with its components");
+    assert_eq!(h.world.get::<Components>(e).map(|c| c.0.set()), Some(&rig_and_name()), "adopted with its components");
     let (controls, snapshot) = drain(&mut rx);
     assert!(
         controls

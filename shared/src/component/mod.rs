@@ -26,6 +26,9 @@
 //! rigid-body extras.
 
 pub mod builtin;
+mod tracked;
+
+pub use tracked::Tracked;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -37,6 +40,10 @@ pub type ComponentId = u16;
 
 /// Largest encoding any component may declare, bytes.
 pub const MAX_COMPONENT_SIZE: usize = 1024;
+/// Largest encoding a component clients see may declare: its record must
+/// fit a snapshot's byte budget (about 660 bytes at 512 kbit/s) beside the
+/// entity's other state, or the entity would never reach a client.
+pub const MAX_VISIBLE_SIZE: usize = 512;
 /// Most components one entity carries.
 pub const MAX_COMPONENTS: usize = 64;
 /// Most components a registry holds (a schema in a hello stays small).
@@ -69,7 +76,7 @@ pub struct Policy {
 
 /// Why a component, a set or a schema was refused. `reason()` names are
 /// metric labels: never rename one.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum ComponentError {
     #[error("component {0} is not registered here")]
     Unknown(ComponentId),
@@ -298,6 +305,8 @@ pub enum RegistryError {
     BadName(&'static str),
     #[error("{name} declares a largest size of {size} bytes, not 1 to {MAX_COMPONENT_SIZE}")]
     BadSize { name: &'static str, size: usize },
+    #[error("{name} is seen by clients and declares {size} bytes, more than {MAX_VISIBLE_SIZE}")]
+    TooLargeForClients { name: &'static str, size: usize },
     #[error("more than {MAX_REGISTERED} components")]
     Full,
 }
@@ -364,6 +373,9 @@ impl Registry {
         }
         if !(1..=MAX_COMPONENT_SIZE).contains(&C::MAX_SIZE) {
             return Err(RegistryError::BadSize { name: C::NAME, size: C::MAX_SIZE });
+        }
+        if C::POLICY.audience != Audience::Servers && C::MAX_SIZE > MAX_VISIBLE_SIZE {
+            return Err(RegistryError::TooLargeForClients { name: C::NAME, size: C::MAX_SIZE });
         }
         if self.entries.len() >= MAX_REGISTERED {
             return Err(RegistryError::Full);
@@ -451,6 +463,29 @@ impl ComponentSet {
 
     pub fn bytes(&self, id: ComponentId) -> Option<&[u8]> {
         self.items.binary_search_by_key(&id, |(i, _)| *i).ok().map(|i| self.items[i].1.as_slice())
+    }
+
+    /// Sets component `id` to a whole encoding (not checked: the caller
+    /// validated it); reuses the old value's allocation.
+    pub fn put_bytes(&mut self, id: ComponentId, bytes: &[u8]) {
+        match self.items.binary_search_by_key(&id, |(i, _)| *i) {
+            Ok(i) => {
+                let v = &mut self.items[i].1;
+                v.clear();
+                v.extend_from_slice(bytes);
+            }
+            Err(i) => self.items.insert(i, (id, bytes.to_vec())),
+        }
+    }
+
+    /// Each component's id and whole encoding, in ascending id.
+    pub fn iter(&self) -> impl Iterator<Item = (ComponentId, &[u8])> + '_ {
+        self.items.iter().map(|(id, b)| (*id, b.as_slice()))
+    }
+
+    /// Keeps the components `keep` accepts.
+    pub fn retain(&mut self, mut keep: impl FnMut(ComponentId) -> bool) {
+        self.items.retain(|(id, _)| keep(*id));
     }
 
     pub fn remove(&mut self, id: ComponentId) -> bool {

@@ -187,7 +187,26 @@ fn registration_refuses_what_would_make_the_schema_ambiguous() {
     assert_eq!(r.register::<SameName>(), Err(RegistryError::NameTaken("transform")));
     assert_eq!(r.register::<BadName>(), Err(RegistryError::BadName("Bad Name")));
     assert!(matches!(r.register::<Huge>(), Err(RegistryError::BadSize { .. })));
-    assert_eq!(r.schema(), Registry::builtin().schema(), "nothing refused was added");
+    // Server-side state may be large; what clients see must fit a snapshot.
+    empty_component!(BigServerSide, 1004, "game.big", MAX_COMPONENT_SIZE);
+    assert_eq!(r.register::<BigServerSide>(), Ok(()));
+    #[derive(Debug, Clone, PartialEq)]
+    struct BigVisible;
+    impl Component for BigVisible {
+        const ID: ComponentId = 1005;
+        const NAME: &'static str = "game.big_visible";
+        const VERSION: u16 = 1;
+        const MAX_SIZE: usize = MAX_VISIBLE_SIZE + 1;
+        const POLICY: Policy = Policy { audience: Audience::Owner, ghosted: false, persisted: false };
+        fn encode(&self, _: Option<&Self>, _: &mut Vec<u8>) {}
+        fn decode(_: &mut Reader<'_>, _: Option<&Self>) -> Result<Self, ComponentError> {
+            Ok(Self)
+        }
+    }
+    assert!(matches!(r.register::<BigVisible>(), Err(RegistryError::TooLargeForClients { .. })));
+    let mut expected = Registry::builtin();
+    expected.register::<BigServerSide>().unwrap();
+    assert_eq!(r.schema(), expected.schema(), "nothing refused was added");
 }
 
 #[test]

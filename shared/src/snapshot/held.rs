@@ -16,8 +16,8 @@ use std::collections::VecDeque;
 use glam::DVec3;
 
 use super::{
-    HISTORY, Header, MAX_VIEW_ENTITIES, QEntity, match_baseline, origin_mm, priority_key, record, record_len, varint,
-    varint_len, write_head,
+    BlockCost, HAS_COMPONENTS, HISTORY, Header, MAX_VIEW_ENTITIES, QEntity, WireComponents, match_baseline, origin_mm,
+    priority_key, record, record_len, varint, varint_len, write_head,
 };
 use crate::ids::EntityId;
 use crate::time::Tick;
@@ -49,10 +49,19 @@ pub trait Values {
     fn now(&self) -> u32;
     /// The state of the entity in `slot`, now.
     fn current(&self, slot: u32) -> &QEntity;
-    /// The tick (low 32 bits) the state in `slot` last changed or its
-    /// entity came to the slot: the state now is the state of every tick
-    /// since.
+    /// The tick (low 32 bits) the state in `slot`, or a component of it
+    /// that every client sees, last changed, or its entity came to the
+    /// slot: the state now is the state of every tick since.
     fn changed(&self, slot: u32) -> u32;
+    /// The components of the entity in `slot`, now, as clients may see
+    /// them.
+    fn components(&self, slot: u32) -> &WireComponents;
+    /// What the component block of the entity in `slot` costs a client
+    /// other than its owner (its [`WireComponents::cost`]; a server may
+    /// keep these apart, densely, as they are read for many candidates).
+    fn block_cost(&self, slot: u32) -> &BlockCost {
+        self.components(slot).cost()
+    }
     /// The state `id` had in `slot` at tick `stamp`, while it is remembered.
     fn at(&self, slot: u32, stamp: u32, id: EntityId) -> Option<&QEntity>;
 }
@@ -117,6 +126,7 @@ impl Baselines {
         values: &impl Values,
         header: &Header,
         origin: DVec3,
+        me: EntityId,
         wanted: &[Want],
         acked: Tick,
         budget: usize,
@@ -141,7 +151,10 @@ impl Baselines {
         for (k, w) in wanted.iter().enumerate() {
             let unchanged = self.at[k].is_some_and(|i| {
                 let h = &kept[i as usize];
-                h.slot == w.slot && !after(values.changed(w.slot), h.stamp)
+                h.slot == w.slot
+                    && !after(values.changed(w.slot), h.stamp)
+                    // The client's own entity: its owner-only components too.
+                    && (w.id != me || !values.components(w.slot).changed_after(h.stamp, true))
             });
             if unchanged {
                 self.fresh[k] = true;
@@ -165,12 +178,19 @@ impl Baselines {
             if at.is_none() && room == 0 {
                 continue;
             }
-            let e = values.current(wanted[k].slot);
-            let (cost, pick) = match at.map(|i| held_state(values, &kept[i as usize])) {
-                None => (record_len(e, None, origin_q, 0), Pick::Sent),
-                Some(Some(b)) => (record_len(e, Some(b), origin_q, 0), Pick::Sent),
+            let w = &wanted[k];
+            let e = values.current(w.slot);
+            let owner = w.id == me;
+            let (cost, pick) = match at.map(|i| (held_state(values, &kept[i as usize]), kept[i as usize].stamp)) {
+                None => (record_len(e, None, origin_q, 0) + block_len(values, w.slot, None, owner), Pick::Sent),
+                Some((Some(b), stamp)) => {
+                    (record_len(e, Some(b), origin_q, 0) + block_len(values, w.slot, Some(stamp), owner), Pick::Sent)
+                }
                 // Its removal costs at most its whole id more.
-                Some(None) => (varint_len(e.id.0) + record_len(e, None, origin_q, 0), Pick::Resent),
+                Some((None, _)) => (
+                    varint_len(e.id.0) + record_len(e, None, origin_q, 0) + block_len(values, w.slot, None, owner),
+                    Pick::Resent,
+                ),
             };
             if used + cost <= budget {
                 used += cost;
@@ -247,12 +267,25 @@ impl Baselines {
         varint(out, chosen);
         let mut prev = 0;
         for (k, w) in wanted.iter().enumerate() {
-            let base = match self.picked[k] {
+            let (base, since) = match self.picked[k] {
                 Pick::No => continue,
-                Pick::Sent => self.at[k].and_then(|i| held_state(values, &kept[i as usize])),
-                Pick::Resent => None,
+                Pick::Sent => match self.at[k].map(|i| &kept[i as usize]) {
+                    Some(h) => (held_state(values, h), Some(h.stamp)),
+                    None => (None, None),
+                },
+                Pick::Resent => (None, None),
             };
-            record(values.current(w.slot), base, origin_q, prev, out);
+            let owner = w.id == me;
+            let block = block_len(values, w.slot, since, owner) > 0;
+            record(values.current(w.slot), base, origin_q, prev, if block { HAS_COMPONENTS } else { 0 }, out);
+            if block {
+                // Most clients get the newest change's block, inline in
+                // the cost already read.
+                match values.block_cost(w.slot).inline_block(since).filter(|_| !owner) {
+                    Some(b) => out.extend_from_slice(b),
+                    None => values.components(w.slot).write_block(since, owner, out),
+                }
+            }
             prev = w.id.0;
         }
         debug_assert!(out.len() - start <= budget.max(self.head.len() + 2), "{} > {budget}", out.len() - start);
@@ -275,6 +308,13 @@ impl Baselines {
     pub fn newest(&self) -> Option<(Tick, &[Held])> {
         self.history.back().map(|v| (v.tick, &v.held[..]))
     }
+}
+
+/// The length of the component block of the entity in `slot` for a client
+/// holding its state of tick `since` (`owner`: the entity is the client's).
+fn block_len(values: &impl Values, slot: u32, since: Option<u32>, owner: bool) -> usize {
+    let measured = || values.components(slot).block_len(since, owner);
+    if owner { measured() } else { values.block_cost(slot).len(since).unwrap_or_else(measured) }
 }
 
 fn held_state<'a>(values: &'a impl Values, h: &Held) -> Option<&'a QEntity> {

@@ -20,6 +20,9 @@
 //! [`DecodeError`] with a stable reason.
 
 pub mod held;
+pub mod parts;
+
+pub use parts::{BlockCost, ComponentChanges, ComponentStore, WireComponents};
 
 use glam::DVec3;
 
@@ -48,6 +51,10 @@ const HAS_POS: u8 = 1;
 const HAS_ROT: u8 = 2;
 const HAS_VEL: u8 = 4;
 const HAS_AUTHORITY: u8 = 8;
+/// The record carries a component block ([`parts`]).
+const HAS_COMPONENTS: u8 = 16;
+/// The fields a record of an entity new to the view must have.
+const WHOLE: u8 = HAS_POS | HAS_ROT | HAS_VEL | HAS_AUTHORITY;
 
 /// An entity as the wire carries it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -123,6 +130,14 @@ impl Reader<'_> {
     }
     fn u32(&mut self) -> Result<u32, DecodeError> {
         u32::try_from(self.varint()?).map_err(|_| DecodeError::BadVarint)
+    }
+    fn bytes(&mut self, n: usize) -> Result<&[u8], DecodeError> {
+        if self.0.len() < n {
+            return Err(DecodeError::Truncated);
+        }
+        let (b, rest) = self.0.split_at(n);
+        self.0 = rest;
+        Ok(b)
     }
     fn rot(&mut self) -> Result<u64, DecodeError> {
         let mut v = 0u64;
@@ -251,9 +266,10 @@ fn record_len(e: &QEntity, base: Option<&QEntity>, origin: [i64; 3], prev_id: u6
     n
 }
 
-/// One entity's record: what changed against `base` (all of it without one).
-fn record(e: &QEntity, base: Option<&QEntity>, origin: [i64; 3], prev_id: u64, out: &mut Vec<u8>) {
-    let mask = changed(e, base);
+/// One entity's record: what changed against `base` (all of it without
+/// one); `extra` adds [`HAS_COMPONENTS`] when a component block follows.
+fn record(e: &QEntity, base: Option<&QEntity>, origin: [i64; 3], prev_id: u64, extra: u8, out: &mut Vec<u8>) {
+    let mask = changed(e, base) | extra;
     varint(out, e.id.0 - prev_id);
     out.push(mask);
     if mask & HAS_POS != 0 {
@@ -474,7 +490,7 @@ pub fn encode_by_id(
     let mut prev = 0;
     for (k, e) in wanted.iter().enumerate() {
         if sc.picked[k] {
-            record(e, sc.at[k].map(|i| &kept[i as usize]), origin_q, prev, out);
+            record(e, sc.at[k].map(|i| &kept[i as usize]), origin_q, prev, 0, out);
             prev = e.id.0;
         }
     }
@@ -487,6 +503,18 @@ pub fn decode<'a>(
     bytes: &[u8],
     baseline: impl FnOnce(Tick) -> Option<&'a View>,
 ) -> Result<(Header, View), DecodeError> {
+    decode_into(bytes, baseline, &mut ComponentChanges::default())
+}
+
+/// [`decode`], with the components the snapshot carries read into
+/// `changes` (cleared first; not checked against a registry:
+/// [`ComponentStore::apply`] does).
+pub fn decode_into<'a>(
+    bytes: &[u8],
+    baseline: impl FnOnce(Tick) -> Option<&'a View>,
+    changes: &mut ComponentChanges,
+) -> Result<(Header, View), DecodeError> {
+    changes.clear();
     let mut r = Reader(bytes);
     if r.u8()? != KIND_SNAPSHOT {
         return Err(DecodeError::UnknownKind(bytes[0]));
@@ -536,13 +564,13 @@ pub fn decode<'a>(
         }
         id = id.checked_add(step).ok_or(DecodeError::BadVarint)?;
         let mask = r.u8()?;
-        if mask & !(HAS_POS | HAS_ROT | HAS_VEL | HAS_AUTHORITY) != 0 {
+        if mask & !(WHOLE | HAS_COMPONENTS) != 0 {
             return Err(DecodeError::BadFrame);
         }
         let slot = view.binary_search_by_key(&EntityId(id), |e| e.id);
         let prior = match slot {
             Ok(i) => Some(view[i]),
-            Err(_) if mask != HAS_POS | HAS_ROT | HAS_VEL | HAS_AUTHORITY => return Err(DecodeError::BadFrame),
+            Err(_) if mask & WHOLE != WHOLE => return Err(DecodeError::BadFrame),
             Err(_) => None,
         };
         let mut e =
@@ -564,6 +592,7 @@ pub fn decode<'a>(
         if mask & HAS_AUTHORITY != 0 {
             e.authority = ServerId(r.u32()?);
         }
+        changes.record(&mut r, e.id, prior.is_none(), mask & HAS_COMPONENTS != 0)?;
         match slot {
             Ok(i) => view[i] = e,
             Err(i) if view.len() < MAX_VIEW_ENTITIES => view.insert(i, e),
@@ -596,18 +625,50 @@ impl History {
     pub fn newest_tick(&self) -> Option<Tick> {
         self.0.back().map(|v| v.tick)
     }
+
+    pub fn oldest_tick(&self) -> Option<Tick> {
+        self.0.front().map(|v| v.tick)
+    }
 }
 
-/// A client's receiving end of one server's snapshots.
-#[derive(Debug, Clone, Default)]
+/// A client's receiving end of one server's snapshots: the views it holds
+/// as baselines and the components of the entities it sees.
+#[derive(Debug, Clone)]
 pub struct Receiver {
     history: History,
+    registry: std::sync::Arc<crate::component::Registry>,
+    components: ComponentStore,
+    changes: ComponentChanges,
+}
+
+impl Default for Receiver {
+    /// Knowing the built-in components.
+    fn default() -> Self {
+        Self::with_registry(std::sync::Arc::new(crate::component::Registry::builtin()))
+    }
 }
 
 impl Receiver {
-    /// Decodes a datagram against the views received before.
+    /// Knowing the components of `registry` (the server's must be the same).
+    pub fn with_registry(registry: std::sync::Arc<crate::component::Registry>) -> Self {
+        Self {
+            history: History::default(),
+            registry,
+            components: ComponentStore::default(),
+            changes: ComponentChanges::default(),
+        }
+    }
+
+    /// Decodes a datagram against the views received before. A snapshot
+    /// newer than all before it updates [`Receiver::components`]; one with
+    /// a component the registry refuses is refused whole.
     pub fn receive(&mut self, bytes: &[u8]) -> Result<Snapshot, DecodeError> {
-        let (h, view) = decode(bytes, |t| self.history.get(t))?;
+        let (h, view) = decode_into(bytes, |t| self.history.get(t), &mut self.changes)?;
+        let newest = self.history.newest_tick().is_none_or(|t| h.tick > t);
+        if newest {
+            let oldest = self.history.oldest_tick().unwrap_or(h.tick);
+            self.components.apply(&self.changes, &view, oldest, &self.registry).map_err(DecodeError::Component)?;
+        }
         let snapshot = Snapshot {
             tick: h.tick,
             server: h.server,
@@ -615,7 +676,7 @@ impl Receiver {
             last_input_seq: h.last_input_seq,
             entities: view.entities.iter().map(QEntity::state).collect(),
         };
-        if self.history.newest_tick().is_none_or(|t| h.tick > t) {
+        if newest {
             self.history.push(view);
         }
         Ok(snapshot)
@@ -624,6 +685,16 @@ impl Receiver {
     /// The tick to acknowledge: the newest snapshot decoded (0: none).
     pub fn ack(&self) -> Tick {
         self.history.newest_tick().unwrap_or(0)
+    }
+
+    /// The components of the entities seen, as the newest snapshot left them.
+    pub fn components(&self) -> &ComponentStore {
+        &self.components
+    }
+
+    /// The components the last snapshot decoded carried.
+    pub fn last_changes(&self) -> &ComponentChanges {
+        &self.changes
     }
 }
 

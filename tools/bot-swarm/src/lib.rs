@@ -23,7 +23,7 @@ use glam::DVec3;
 use serde::{Deserialize, Serialize};
 use shared::edit::EditOp;
 use shared::wire::{
-    ALPN, ClientControl, EditOutcome, InputFrame, JoinRole, PROTOCOL_VERSION, Pose, ServerControl, Snapshot, buttons,
+    ALPN, ClientControl, EditOutcome, InputFrame, JoinRole, PROTOCOL_VERSION, ServerControl, Snapshot, buttons,
     decode_frame, encode_frame, frame_len,
 };
 use shared::{EntityId, PlayerId, ServerId, TICK_HZ};
@@ -65,6 +65,9 @@ pub struct SwarmConfig {
     pub seed: u64,
     /// Where crowding bots gather (x, z); default: the middle of the first region.
     pub hotspot: Option<glam::DVec2>,
+    /// Free hands gesture and heads look around every tick, as VR players'
+    /// do ([`work::gesture`]); off: they hold still.
+    pub gesture: bool,
 }
 
 /// How bots get in.
@@ -89,6 +92,9 @@ pub struct Live {
     pub reconnects: AtomicU64,
     /// Snapshots that could not be decoded (their baseline was lost).
     pub undecoded: Arc<AtomicU64>,
+    /// The components the snapshots carried, and how often the nearest
+    /// avatars' rigs arrived.
+    pub components: Arc<std::sync::Mutex<ComponentTally>>,
     /// The sampler's latest RTT p50 and p99, µs (for the progress line).
     pub rtt_p50_us: AtomicU64,
     pub rtt_p99_us: AtomicU64,
@@ -221,6 +227,15 @@ pub struct SwarmReport {
     /// What the swarm process itself cost, and so what one bot costs.
     #[serde(default)]
     pub process: ProcessCost,
+    /// The components in the snapshots, kbit/s per connected bot by
+    /// component name (records' bytes: id, length and value, not the
+    /// datagram's other bytes).
+    #[serde(default)]
+    pub component_kbps_per_bot: BTreeMap<String, f64>,
+    /// How often each of the nearest ten avatars' rigs reached a bot, Hz
+    /// (their rigs move every tick: 90 at most).
+    #[serde(default)]
+    pub near_rig_hz: f64,
     pub per_bot: Vec<BotReport>,
 }
 
@@ -305,6 +320,52 @@ enum Event {
 struct Pump {
     undecoded: Arc<AtomicU64>,
     arrivals: Arc<std::sync::Mutex<Arrivals>>,
+    components: Arc<std::sync::Mutex<ComponentTally>>,
+}
+
+/// Avatars whose rig arrivals are counted: the nearest this many.
+pub const NEAR_AVATARS: usize = 10;
+
+/// The components snapshots carried to the bots.
+#[derive(Debug, Default, Clone)]
+pub struct ComponentTally {
+    /// Per component id: bytes of its records (id and length included).
+    pub bytes: BTreeMap<u16, u64>,
+    /// Rig updates of the [`NEAR_AVATARS`] nearest avatars each snapshot saw.
+    pub near_rig_updates: u64,
+    /// Ticks those avatars were watched, summed over them.
+    pub near_avatar_ticks: u64,
+}
+
+impl ComponentTally {
+    /// Books one decoded snapshot of a link whose player is `me`: the
+    /// components it carried, and which of the nearest avatars' rigs came
+    /// after `ticks` ticks since the link's last snapshot.
+    fn book(&mut self, r: &shared::snapshot::Receiver, s: &Snapshot, me: EntityId, ticks: u64) {
+        use shared::component::Component as _;
+        use shared::component::builtin::VrRig;
+        let mut rigs: Vec<EntityId> = Vec::new();
+        for (e, id, b) in r.last_changes().iter() {
+            *self.bytes.entry(id).or_default() += b.len() as u64 + 2;
+            if id == VrRig::ID {
+                rigs.push(e);
+            }
+        }
+        let Some(at) = s.entities.iter().find(|e| e.id == me).map(|e| e.pos) else { return };
+        let has_rig = |id: EntityId| r.components().get(id).is_some_and(|c| c.bytes(VrRig::ID).is_some());
+        let mut near: Vec<(f64, EntityId)> = s
+            .entities
+            .iter()
+            .filter(|e| e.id != me && has_rig(e.id))
+            .map(|e| (e.pos.distance_squared(at), e.id))
+            .collect();
+        if near.len() > NEAR_AVATARS {
+            near.select_nth_unstable_by(NEAR_AVATARS, |a, b| a.0.total_cmp(&b.0));
+            near.truncate(NEAR_AVATARS);
+        }
+        self.near_rig_updates += near.iter().filter(|(_, id)| rigs.contains(id)).count() as u64;
+        self.near_avatar_ticks += near.len() as u64 * ticks;
+    }
 }
 
 /// A bot's connection to one server: datagrams go straight onto it, control
@@ -408,7 +469,24 @@ pub async fn run(cfg: SwarmConfig, live: Arc<Live>, stop: CancellationToken) -> 
         input_hz_per_bot: (per_bot.iter().map(|b| f64::from(b.inputs_sent)).sum::<f64>() / bot_seconds * 10.0).round()
             / 10.0,
     };
+    let tally = live.components.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+    let registry = shared::component::Registry::builtin();
+    let component_kbps_per_bot = tally
+        .bytes
+        .iter()
+        .map(|(id, b)| {
+            let name = registry.name(*id).map_or_else(|| format!("component_{id}"), str::to_owned);
+            (name, (kbps(*b) * 10.0).round() / 10.0)
+        })
+        .collect();
+    let near_rig_hz = if tally.near_avatar_ticks == 0 {
+        0.0
+    } else {
+        (tally.near_rig_updates as f64 * 90.0 / tally.near_avatar_ticks as f64 * 10.0).round() / 10.0
+    };
     Ok(SwarmReport {
+        component_kbps_per_bot,
+        near_rig_hz,
         rtt_p50_ms: report::percentile(&mut rtt, 0.5),
         rtt_p99_ms: report::percentile(&mut rtt, 0.99),
         up_kbps_per_bot: (kbps(live.bytes_up.load(Ordering::Relaxed)) * 10.0).round() / 10.0,
@@ -498,6 +576,7 @@ struct Bot {
     report: BotReport,
     /// Hands and tools, for the behaviours that use them.
     work: Option<work::Work>,
+    gesture: bool,
     next_edit: u32,
     edits_in_flight: HashMap<u32, Instant>,
     /// What its pumps saw arrive.
@@ -565,6 +644,7 @@ impl Bot {
             live: env.live,
             stop: env.stop,
             report: BotReport { player: player.0, behaviour: behaviour.name().to_owned(), ..Default::default() },
+            gesture: cfg.gesture,
             work,
             next_edit: 0,
             arrivals: Arc::default(),
@@ -603,6 +683,8 @@ impl Bot {
         let mut waypoint = 1 % self.path.len();
         // Where the bot was when it last made progress, and the input then.
         let mut stall = (spawn, 0u32);
+        // Each bot gestures on its own rhythm.
+        let gesture_phase = (self.player.0.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 40) as f32 / (1u64 << 24) as f32;
         let mut session = Session::default();
         // Ticks are the mesh's grid, shared by every server and session.
         let mut newest_auth_tick = 0;
@@ -645,16 +727,20 @@ impl Bot {
                     } else {
                         seq.wrapping_sub(stall.1) % 45 == 44
                     };
-                    let (head, right, held) = act.map_or(
-                        (Pose { pos: work::HEAD, ..Default::default() }, Pose { pos: work::RIGHT, ..Default::default() }, 0),
-                        |a| (a.head, a.right, a.buttons),
-                    );
+                    // Free hands gesture and the head looks around; at work
+                    // the head and right hand do the work.
+                    let (idle_head, left, idle_right) = if self.gesture {
+                        work::gesture(seq, gesture_phase)
+                    } else {
+                        work::gesture(0, 0.0)
+                    };
+                    let (head, right, held) = act.map_or((idle_head, idle_right, 0), |a| (a.head, a.right, a.buttons));
                     let mut frame = InputFrame {
                         seq,
                         ack_tick: 0,
                         locomotion: [dir.x as f32, -dir.y as f32],
                         head,
-                        left: Pose { pos: [-0.25, 1.2, -0.3], ..Default::default() },
+                        left,
                         right,
                         buttons: held | if jump { buttons::JUMP } else { 0 },
                         ..Default::default()
@@ -990,6 +1076,7 @@ impl Bot {
         let (http, coordinator, session) = (self.http.clone(), self.coordinator.clone(), self.login_session.clone());
         let undecoded = self.live.undecoded.clone();
         let arrivals = self.arrivals.clone();
+        let components = self.live.components.clone();
         async move {
             // A few tries, each with a fresh ticket (a ticket is good once): a
             // busy server may miss the first handshake.
@@ -1004,7 +1091,11 @@ impl Bot {
                 match ticket {
                     Ok(ticket) => {
                         let hello = hello(player, &name, ticket, JoinRole::Standby, None);
-                        let pump = Pump { undecoded: undecoded.clone(), arrivals: arrivals.clone() };
+                        let pump = Pump {
+                            undecoded: undecoded.clone(),
+                            arrivals: arrivals.clone(),
+                            components: components.clone(),
+                        };
                         match open(&endpoint, addr, &cert, hello, tx.clone(), stop.clone(), pump).await {
                             Ok((server, link)) => {
                                 debug!(%player, server = server.0, attempt, "pre-connected");
@@ -1037,7 +1128,11 @@ impl Bot {
     ) -> anyhow::Result<(ServerId, Link)> {
         self.report.connections_opened += 1;
         let hello = hello(self.player, &self.name, ticket, role, spawn);
-        let pump = Pump { undecoded: self.live.undecoded.clone(), arrivals: self.arrivals.clone() };
+        let pump = Pump {
+            undecoded: self.live.undecoded.clone(),
+            arrivals: self.arrivals.clone(),
+            components: self.live.components.clone(),
+        };
         open(&self.endpoint, addr, cert, hello, tx, self.stop.clone(), pump).await
     }
 
@@ -1160,8 +1255,8 @@ async fn open(
     let (mut send, mut recv) = conn.open_bi().await?;
     send.write_all(&encode_frame(&hello)?).await?;
     let welcome = tokio::time::timeout(Duration::from_secs(5), read_frame(&mut recv)).await.context("no welcome")??;
-    let server = match welcome {
-        ServerControl::Welcome { server, .. } => server,
+    let (server, me) = match welcome {
+        ServerControl::Welcome { server, entity, .. } => (server, entity),
         ServerControl::Refused { reason } => anyhow::bail!("refused: {reason}"),
         other => anyhow::bail!("expected a welcome, got {other:?}"),
     };
@@ -1170,6 +1265,7 @@ async fn open(
     let acked = Arc::new(AtomicU64::new(0));
     let acked_by_pump = acked.clone();
     let mut snapshots = shared::snapshot::Receiver::default();
+    let mut last_tick = None;
     tokio::spawn(async move {
         // The bot dropped its end: nothing more to send, keep reading.
         let mut bot_sends = true;
@@ -1196,6 +1292,12 @@ async fn open(
                     Ok(b) => match snapshots.receive(&b) {
                         Ok(s) => {
                             acked_by_pump.store(snapshots.ack(), Ordering::Relaxed);
+                            if last_tick.is_none_or(|t| s.tick > t) {
+                                let ticks = last_tick.map_or(1, |t| s.tick - t);
+                                last_tick = Some(s.tick);
+                                let mut tally = pump.components.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                                tally.book(&snapshots, &s, me, ticks);
+                            }
                             let mut book = pump.arrivals.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
                             if s.authoritative {
                                 book.book(server, s.tick);

@@ -50,6 +50,10 @@ struct Cli {
     /// Where crowding bots gather, `x,z`; default: the middle of the first region.
     #[arg(long)]
     hotspot: Option<String>,
+    /// Heads and free hands move every tick as a VR player's do (every
+    /// avatar's rig is then replicated every tick); off: they hold still.
+    #[arg(long)]
+    gesture: bool,
     /// Bot i walks the path shifted by i × this along Z, metres.
     #[arg(long, default_value_t = 4.0)]
     spread_m: f64,
@@ -134,6 +138,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             None => Some(bot_swarm::behaviour::parse_mix(&cli.mix).map_err(anyhow::Error::msg)?),
         },
         seed: cli.seed,
+        gesture: cli.gesture,
         hotspot: match &cli.hotspot {
             Some(h) => {
                 let v: Vec<f64> = h

@@ -150,6 +150,32 @@ fn pose(p: [f32; 3]) -> Pose {
     Pose { pos: p, ..Default::default() }
 }
 
+/// What a VR player's head and hands do while its hands are free: it looks
+/// around (the head turns ±35° and bobs), and gestures (each hand sways on
+/// its own rhythm, now and then reaching out). `tick` is the input's
+/// sequence, `phase` (0..1) sets the bot apart. Within the server's limits:
+/// hands stay within reach of the head, the head moves mm a tick.
+pub fn gesture(tick: u32, phase: f32) -> (Pose, Pose, Pose) {
+    let t = tick as f32 / 90.0 + phase * 17.0;
+    let tau = std::f32::consts::TAU;
+    let yaw = 0.6 * (tau * 0.13 * t).sin();
+    let pitch = 0.15 * (tau * 0.21 * t).sin();
+    let head = Pose {
+        pos: [0.03 * (tau * 0.3 * t).sin(), HEAD[1] + 0.02 * (tau * 0.5 * t).sin(), 0.0],
+        rot: (Quat::from_rotation_y(yaw) * Quat::from_rotation_x(pitch)).to_array(),
+    };
+    let reach = 0.5 + 0.5 * (tau * 0.07 * t).sin().max(0.0);
+    let left = Pose {
+        pos: [-0.25 + 0.1 * (tau * 0.9 * t).sin(), 1.15 + 0.2 * (tau * 0.6 * t).sin(), -0.3 - 0.2 * reach],
+        rot: Quat::from_rotation_z(0.4 * (tau * 0.9 * t).sin()).to_array(),
+    };
+    let right = Pose {
+        pos: [0.25 + 0.1 * (tau * 0.7 * t).cos(), 1.15 + 0.25 * (tau * 0.8 * t).cos(), -0.3 - 0.1 * reach],
+        rot: Quat::from_rotation_x(0.5 * (tau * 0.7 * t).cos()).to_array(),
+    };
+    (head, left, right)
+}
+
 impl Work {
     /// `first_build` staggers bots' builds (a tick in `0..BUILD_EVERY`).
     pub fn new(trade: Trade, first_build: u32) -> Self {
@@ -308,6 +334,27 @@ mod tests {
     use super::*;
 
     const HOME: DVec3 = DVec3::new(100.0, 10.0, 100.0);
+
+    #[test]
+    fn gestures_stay_within_reach_move_every_tick_and_differ_between_bots() {
+        let mut prev: Option<(Pose, Pose, Pose)> = None;
+        for tick in 0..9000 {
+            let (head, left, right) = gesture(tick, 0.37);
+            let h = Vec3::from(head.pos);
+            for hand in [&left, &right] {
+                assert!(h.distance(Vec3::from(hand.pos)) <= ARM_M, "tick {tick}: out of reach");
+            }
+            for p in [&head, &left, &right] {
+                assert!((Quat::from_array(p.rot).length() - 1.0).abs() < 1e-4, "unit rotations");
+            }
+            if let Some((ph, pl, _)) = prev {
+                assert!(h.distance(Vec3::from(ph.pos)) <= HEAD_STEP_M, "tick {tick}: the head jumps");
+                assert_ne!((ph.rot, pl.pos), (head.rot, left.pos), "tick {tick}: it moves every tick");
+            }
+            prev = Some((head, left, right));
+        }
+        assert_ne!(gesture(100, 0.1).1.pos, gesture(100, 0.6).1.pos);
+    }
 
     fn run(work: &mut Work, from: u32, ticks: u32, pos: DVec3, props: &[(EntityId, DVec3)]) -> Vec<Act> {
         (from..from + ticks).map(|t| work.step(t, Sight { pos, yaw: 0.0, props })).collect()

@@ -301,16 +301,18 @@ pub(crate) fn adopt_due(world: &mut World) {
             crate::sim::physics::set_spin(world, e, p.angvel, p.sleeping);
             world.entity_mut(e).insert(authority);
             if !s.components.is_empty() {
-                world.entity_mut(e).insert(Components(s.components));
+                world.entity_mut(e).insert(Components(shared::component::Tracked::new(s.components, tick)));
             }
             crate::sim::interact::arrived(world, e, s.entity);
             info!(entity = %s.entity, from = %s.from, transfer = s.transfer_id, late_ticks = late, "authority gained");
             continue;
         }
         let mut e = world.spawn((NetId(s.entity), Body { pos: s.pos, yaw: s.yaw, vel: s.vel }, authority));
-        if !s.components.is_empty() {
-            e.insert(Components(s.components));
-        }
+        match (s.components.is_empty(), s.player) {
+            // From a server that sent none: a player's own, as at a spawn.
+            (true, Some(_)) => e.insert(Components::player(&name, tick)),
+            _ => e.insert(Components(shared::component::Tracked::new(s.components, tick))),
+        };
         if let Some(player) = s.player {
             e.insert(Hands::default());
             e.insert(Avatar {

@@ -77,7 +77,7 @@ pub(crate) fn release(
         pending_inputs: avatar.as_ref().map(|a| a.pending.iter().copied().collect()).unwrap_or_default(),
         prop,
         crossed_tick: world.get::<Crossed>(e).map(|c| c.0),
-        components: world.get::<Components>(e).map(|c| c.0.clone()).unwrap_or_default(),
+        components: world.get::<Components>(e).map(|c| c.0.set().clone()).unwrap_or_default(),
     };
     if out.0.try_send(SimOut::Handoff(Box::new(state))).is_err() {
         // Authority already moved in the coordinator's log; without the state

@@ -1,0 +1,148 @@
+//! Components reach clients: what each client may see, when it changes,
+//! and nothing else.
+
+use std::sync::Arc;
+
+use glam::DVec3;
+use shared::component::builtin::{Kind, PlayerName, VrRig};
+use shared::component::{Audience, Component, ComponentError, Policy, Reader, Registry};
+use shared::wire::{InputFrame, JoinRole, Pose};
+use shared::{EntityId, PlayerId};
+
+use super::core::*;
+use super::messages::*;
+use super::tests::{Harness, spawn_box};
+
+/// A game's component only its player sees (as an inventory would be).
+#[derive(Debug, Clone, PartialEq)]
+struct Purse(u32);
+
+impl Component for Purse {
+    const ID: u16 = 1001;
+    const NAME: &'static str = "test.purse";
+    const VERSION: u16 = 1;
+    const MAX_SIZE: usize = 4;
+    const POLICY: Policy = Policy { audience: Audience::Owner, ghosted: false, persisted: true };
+    fn encode(&self, _base: Option<&Self>, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.0.to_le_bytes());
+    }
+    fn decode(r: &mut Reader<'_>, _base: Option<&Self>) -> Result<Self, ComponentError> {
+        Ok(Self(r.u32()?))
+    }
+}
+
+/// A game's server-side state: no client sees it.
+#[derive(Debug, Clone, PartialEq)]
+struct Mood(u8);
+
+impl Component for Mood {
+    const ID: u16 = 1002;
+    const NAME: &'static str = "test.mood";
+    const VERSION: u16 = 1;
+    const MAX_SIZE: usize = 1;
+    const POLICY: Policy = Policy { audience: Audience::Servers, ghosted: false, persisted: false };
+    fn encode(&self, _base: Option<&Self>, out: &mut Vec<u8>) {
+        out.push(self.0);
+    }
+    fn decode(r: &mut Reader<'_>, _base: Option<&Self>) -> Result<Self, ComponentError> {
+        Ok(Self(r.u8()?))
+    }
+}
+
+fn registry() -> Arc<Registry> {
+    let mut r = Registry::builtin();
+    r.register::<Purse>().expect("registers");
+    r.register::<Mood>().expect("registers");
+    Arc::new(r)
+}
+
+fn rig_input(seq: u32, ack: u64, reach: f32) -> InputFrame {
+    let head = Pose { pos: [0.0, 1.7, 0.0], rot: [0.0, 0.0, 0.0, 1.0] };
+    let hand = Pose { pos: [0.2, 1.3, -reach], rot: [0.0, 0.0, 0.0, 1.0] };
+    InputFrame { seq, ack_tick: ack, head, left: hand, right: hand, ..Default::default() }
+}
+
+fn put<C: Component>(h: &mut Harness, id: EntityId, v: &C) {
+    let e = h.world.resource::<Index>().by_net[&id];
+    let tick = h.world.resource::<TickState>().tick;
+    h.world.get_mut::<Components>(e).expect("has components").0.put(v, tick);
+}
+
+#[test]
+fn a_client_sees_the_components_it_may_see_as_they_change_and_no_other() {
+    let mut h = Harness::new(1);
+    let registry = registry();
+    h.world.resource_mut::<SimConfig>().registry = registry.clone();
+    let centre = DVec3::new(1000.5, 70.0, 1000.5);
+    let mut me = h.join_as(1, PlayerId(7), JoinRole::Play, centre);
+    let mut other = h.join_as(2, PlayerId(8), JoinRole::Play, centre + DVec3::new(3.0, 0.0, 0.0));
+    let prop = spawn_box(&mut h, centre + DVec3::new(-3.0, 0.0, 0.0));
+    let (me_id, other_id) = (EntityId::player(PlayerId(7)).unwrap(), EntityId::player(PlayerId(8)).unwrap());
+    put(&mut h, me_id, &Purse(9));
+    put(&mut h, other_id, &Purse(5));
+    put(&mut h, other_id, &Mood(3));
+    let mut client = shared::snapshot::Receiver::with_registry(registry.clone());
+    let mut seq = 0;
+    let mut run = |h: &mut Harness, client: &mut shared::snapshot::Receiver, reach: f32, ticks: u32| {
+        let mut bytes = 0;
+        for _ in 0..ticks {
+            seq += 1;
+            h.send(SimIn::Input { conn: 1, frame: rig_input(seq, client.ack(), 0.3) });
+            h.send(SimIn::Input { conn: 2, frame: rig_input(seq, 0, reach) });
+            h.step();
+            while other.try_recv().is_some() {}
+            while let Some(o) = me.try_recv() {
+                if let Outbound::Datagram(b) = o {
+                    bytes += b.len();
+                    client.receive(&b).expect("decodes, its components accepted");
+                }
+            }
+        }
+        bytes
+    };
+    run(&mut h, &mut client, 0.3, 20);
+    let seen = |client: &shared::snapshot::Receiver, id| client.components().get(id).cloned().unwrap_or_default();
+    // The other player: its kind, name and rig; not its purse nor its mood.
+    let o = seen(&client, other_id);
+    assert_eq!(o.get::<Kind>(), Some(Ok(Kind::Player)));
+    assert_eq!(o.get::<PlayerName>(), Some(Ok(PlayerName("p".into()))));
+    let reach_of = |rig: &VrRig| rig.left.pos_mm[2];
+    assert_eq!(o.get::<VrRig>().map(|r| r.map(|r| reach_of(&r))), Some(Ok(-300)));
+    assert_eq!(o.ids().collect::<Vec<_>>(), [Kind::ID, VrRig::ID, PlayerName::ID], "no purse, no mood");
+    // The player's own purse, its alone; the prop's kind.
+    assert_eq!(seen(&client, me_id).get::<Purse>(), Some(Ok(Purse(9))));
+    assert_eq!(seen(&client, prop).get::<Kind>(), Some(Ok(Kind::PropBox { half_mm: [250; 3] })));
+    // Nothing changes: what the client holds costs nothing more.
+    let still = run(&mut h, &mut client, 0.3, 30);
+    // The other reaches out: the client sees its hands move.
+    let moving = run(&mut h, &mut client, 0.5, 5);
+    assert_eq!(seen(&client, other_id).get::<VrRig>().map(|r| r.map(|r| reach_of(&r))), Some(Ok(-500)));
+    assert!(moving > still / 6, "a moved rig is sent: {moving} bytes in 5 ticks vs {still} in 30");
+    // A purse changes and a name goes: the client follows.
+    put(&mut h, me_id, &Purse(10));
+    let e = h.world.resource::<Index>().by_net[&other_id];
+    let tick = h.world.resource::<TickState>().tick;
+    h.world.get_mut::<Components>(e).expect("components").0.remove(PlayerName::ID, tick);
+    run(&mut h, &mut client, 0.5, 5);
+    assert_eq!(seen(&client, me_id).get::<Purse>(), Some(Ok(Purse(10))));
+    assert_eq!(seen(&client, other_id).ids().collect::<Vec<_>>(), [Kind::ID, VrRig::ID]);
+    // A client with another registry refuses a snapshot carrying what it
+    // does not know, whole (the hello's schema check keeps such a client out).
+    let mut rx = h.join_as(3, PlayerId(9), JoinRole::Play, centre + DVec3::new(0.0, 0.0, 3.0));
+    h.step();
+    put(&mut h, EntityId::player(PlayerId(9)).unwrap(), &Purse(1));
+    let mut stranger = shared::snapshot::Receiver::default();
+    h.step();
+    let mut refused = None;
+    while let Some(o) = rx.try_recv() {
+        if let Outbound::Datagram(b) = o {
+            let ack = stranger.ack();
+            refused = Some((stranger.receive(&b).map(|_| ()).map_err(|e| e.reason()), ack));
+        }
+    }
+    let (verdict, ack_before) = refused.expect("a snapshot");
+    assert_eq!(verdict, Err("unknown_component"));
+    assert_eq!(stranger.ack(), ack_before, "the refused snapshot is not kept as a baseline");
+    let own = stranger.components().get(EntityId::player(PlayerId(9)).unwrap()).cloned().unwrap_or_default();
+    assert!(own.get::<Purse>().is_none(), "nothing of it applied");
+}
