@@ -31,6 +31,9 @@ pub struct Metrics {
     pub fps_avg: Gauge,
     pub physics_step: Histogram,
     pub snapshot_encode: Histogram,
+    pub snapshot_records: IntCounterVec,
+    pub snapshot_component_bytes: IntCounter,
+    pub snapshots_unbased: IntCounter,
     /// CPU time of building snapshots, every thread that does it counted.
     pub replication_cpu: prometheus::Counter,
     pub chunk_edits_sent: IntCounter,
@@ -157,6 +160,21 @@ impl Metrics {
                 "Time to pick, quantise and delta-encode one player's snapshot",
                 vec![0.000_005, 0.00001, 0.000_025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001],
             ),
+            snapshot_records: counter_vec(
+                "snapshot_records_total",
+                "Entity records in snapshots: new to the view (whole), delta, resent whole (the state the client \
+                 holds was forgotten), and removals",
+                "kind",
+            ),
+            snapshots_unbased: counter(
+                "snapshots_unbased_total",
+                "Snapshots sent with no baseline: the client acknowledged none the server remembers, so every \
+                 entity in it is sent whole",
+            ),
+            snapshot_component_bytes: counter(
+                "snapshot_component_bytes_total",
+                "Bytes of component blocks in snapshots",
+            ),
             replication_cpu: prometheus::Counter::new(
                 "server_replication_cpu_seconds_total",
                 "CPU time the snapshot stage used, on the tick thread and the replication threads together",
@@ -243,6 +261,9 @@ impl Metrics {
             Box::new(m.fps_avg.clone()),
             Box::new(m.physics_step.clone()),
             Box::new(m.snapshot_encode.clone()),
+            Box::new(m.snapshot_records.clone()),
+            Box::new(m.snapshot_component_bytes.clone()),
+            Box::new(m.snapshots_unbased.clone()),
             Box::new(m.replication_cpu.clone()),
             Box::new(m.chunk_edits_sent.clone()),
             Box::new(m.hints.clone()),

@@ -40,6 +40,11 @@ type Replicated = (
 #[derive(Debug)]
 struct Frame {
     tick: shared::Tick,
+    /// The tick of the frame before this one: the tick
+    /// before, unless ticks were skipped under load. An entity in the same
+    /// slot then is still there, and what changed is told by the ECS's
+    /// change detection since then.
+    prev: shared::Tick,
     states: Vec<EntityState>,
     /// What every snapshot reads of each slot, in half a cache line.
     hot: Vec<Slot>,
@@ -75,6 +80,7 @@ impl Default for Frame {
     fn default() -> Self {
         Self {
             tick: 0,
+            prev: shared::Tick::MAX,
             states: Vec::new(),
             hot: Vec::new(),
             ring: vec![(u32::MAX, Vec::new()); RING_TICKS],
@@ -247,6 +253,8 @@ struct Worker {
     buf: Vec<u8>,
     sent: u64,
     bytes: u64,
+    /// What the snapshots it served this tick were made of.
+    records: held::RecordCounts,
 }
 
 /// Fewest players a tick that are worth sharing out with the pool: below
@@ -348,7 +356,9 @@ pub fn replication(
             continue;
         }
         let mut link = sc.links.remove(&conn).unwrap_or_default();
-        let resumed = link.served + every < tick.tick;
+        // Not served at its last turn that ran (ticks skipped under load
+        // are no missed turns).
+        let resumed = link.served + every <= f.prev;
         link.served = tick.tick;
         sc.jobs.push(Job {
             conn,
@@ -386,9 +396,17 @@ pub fn replication(
         (_, None) => {}
     }
     let (mut sent, mut bytes) = (0, 0);
+    let mut records = held::RecordCounts::default();
     for w in &mut sc.workers {
         sent += std::mem::take(&mut w.sent);
         bytes += std::mem::take(&mut w.bytes);
+        let r = std::mem::take(&mut w.records);
+        records.new += r.new;
+        records.delta += r.delta;
+        records.resent += r.resent;
+        records.removed += r.removed;
+        records.component_bytes += r.component_bytes;
+        records.unbased += r.unbased;
     }
     for job in sc.jobs.drain(..) {
         sc.links.insert(job.conn, job.link);
@@ -399,11 +417,19 @@ pub fn replication(
     }
     metrics.0.snapshots_sent.inc_by(sent);
     metrics.0.bytes_sent.inc_by(bytes);
+    let m = &metrics.0.snapshot_records;
+    m.with_label_values(&["new"]).inc_by(records.new);
+    m.with_label_values(&["delta"]).inc_by(records.delta);
+    m.with_label_values(&["resent"]).inc_by(records.resent);
+    m.with_label_values(&["removed"]).inc_by(records.removed);
+    metrics.0.snapshots_unbased.inc_by(records.unbased);
+    metrics.0.snapshot_component_bytes.inc_by(records.component_bytes);
     metrics.0.replication_cpu.inc_by(svc::thread_cpu().saturating_sub(cpu_at).as_secs_f64());
 }
 
 impl Frame {
     fn begin(&mut self, tick: shared::Tick) {
+        self.prev = self.tick;
         self.tick = tick;
         self.live.clear();
         self.ring[tick as usize % RING_TICKS].0 = tick as u32;
@@ -443,10 +469,11 @@ impl Frame {
         if old.filled == now {
             return None;
         }
-        // Unchanged: here last tick, in this slot, with the same state.
-        let last = &self.ring[(self.tick as usize).wrapping_sub(1) % RING_TICKS];
-        let here = old.id == state.id && old.filled == now.wrapping_sub(1);
-        let same = here && last.0 == now.wrapping_sub(1) && last.1.get(k) == Some(&q);
+        // Unchanged: here last frame, in this slot, with the same state.
+        let prev = self.prev as u32;
+        let last = &self.ring[self.prev as usize % RING_TICKS];
+        let here = old.id == state.id && old.filled == prev;
+        let same = here && last.0 == prev && last.1.get(k) == Some(&q);
         // The components are touched only when they changed, the slot is
         // new to the entity, or a ghost replaces what had some.
         // A slot whose components were emptied (its entity became a
@@ -491,15 +518,16 @@ impl Frame {
         Some(i)
     }
 
-    /// Puts entity `id` in its slot with last tick's state, if it was
-    /// there last tick (`None`: it was not; [`Frame::put`] it).
+    /// Puts entity `id` in its slot with the last frame's state, if it was
+    /// there then (`None`: it was not; [`Frame::put`] it).
     fn keep(&mut self, id: EntityId) -> Option<u32> {
         let i = *self.slot.get(&id)?;
         let k = i as usize;
         let now = self.tick as u32;
-        let last = (self.tick as usize).wrapping_sub(1) % RING_TICKS;
+        let prev = self.prev as u32;
+        let last = self.prev as usize % RING_TICKS;
         let old = &mut self.hot[k];
-        if old.id != id || old.filled != now.wrapping_sub(1) || self.ring[last].0 != now.wrapping_sub(1) {
+        if old.id != id || old.filled != prev || self.ring[last].0 != prev {
             return None;
         }
         let q = *self.ring[last].1.get(k)?;
@@ -661,6 +689,7 @@ impl Worker {
             let header =
                 snapshot::Header { tick, server: cfg.server, authoritative: true, last_input_seq: job.last_input_seq };
             self.buf.clear();
+            let before = link.baselines.counts();
             link.baselines.encode(
                 frame,
                 &header,
@@ -671,6 +700,14 @@ impl Worker {
                 cfg.snapshot_budget,
                 &mut self.buf,
             );
+            let after = link.baselines.counts();
+            let r = &mut self.records;
+            r.new += after.new - before.new;
+            r.delta += after.delta - before.delta;
+            r.resent += after.resent - before.resent;
+            r.removed += after.removed - before.removed;
+            r.component_bytes += after.component_bytes - before.component_bytes;
+            r.unbased += after.unbased - before.unbased;
             // What the client now holds as wanted is up to date: its
             // priority starts over; the rest keep accumulating.
             let fresh = link.baselines.fresh();
@@ -910,6 +947,43 @@ mod tests {
     }
 
     #[test]
+    fn components_unchanged_across_skipped_ticks_are_not_sent_again() {
+        use held::Values as _;
+        use shared::component::builtin::{Kind, PlayerName};
+        use shared::component::{ComponentSet, Registry};
+        let registry = Registry::builtin();
+        let state = EntityState {
+            id: EntityId(5),
+            pos: DVec3::new(3.0, 4.0, 5.0),
+            rot: [0.0, 0.0, 0.0, 1.0],
+            vel: [0.0; 3],
+            authority: shared::ServerId(1),
+        };
+        let q = QEntity::quantise(&state);
+        let mut set = ComponentSet::new();
+        set.set(&Kind::Player);
+        set.set(&PlayerName("ada".into()));
+        let mut f = Frame::default();
+        f.begin(10);
+        let s = f.put(state, q, Some((&set, true)), &registry).unwrap();
+        f.end();
+        assert!(f.block_cost(s).len(None).unwrap() > 0, "a client new to it gets its components");
+        // The server overran: ticks 11 to 13 never ran. Nothing changed.
+        f.begin(14);
+        assert_eq!(f.put(state, q, Some((&set, false)), &registry), Some(s));
+        f.end();
+        assert_eq!(f.changed(s), 10);
+        assert_eq!(f.block_cost(s).len(Some(10)), Some(0), "a client holding tick 10 is sent no component");
+        // A real change after the skip is one.
+        set.set(&PlayerName("bea".into()));
+        f.begin(16);
+        f.put(state, q, Some((&set, true)), &registry);
+        f.end();
+        assert_eq!(f.changed(s), 16);
+        assert!(f.block_cost(s).len(Some(10)).unwrap() > 0);
+    }
+
+    #[test]
     fn a_resting_entity_keeps_its_state_and_its_change_tick_only_while_it_stays() {
         use held::Values as _;
         let state = EntityState {
@@ -934,14 +1008,23 @@ mod tests {
             assert_eq!(f.changed(s), 10);
             assert_eq!(f.at(s, tick as u32, state.id), Some(&q));
         }
-        // Gone a tick: not kept, put anew, changed again.
-        f.begin(14);
+        // Ticks 14 and 15 skipped under load: still here, still unchanged.
+        f.begin(16);
+        assert_eq!(f.keep(state.id), Some(s), "a skipped tick is no absence");
         f.end();
-        f.begin(15);
+        assert_eq!(f.changed(s), 10);
+        f.begin(17);
+        assert_eq!(f.put(state, q, None, &shared::component::Registry::empty()), Some(s));
+        f.end();
+        assert_eq!(f.changed(s), 10, "put again after a skip, the same state is no change");
+        // Gone a tick: not kept, put anew, changed again.
+        f.begin(18);
+        f.end();
+        f.begin(19);
         assert_eq!(f.keep(state.id), None);
         let s = f.put(state, q, None, &shared::component::Registry::empty()).unwrap();
         f.end();
-        assert_eq!(f.changed(s), 15);
+        assert_eq!(f.changed(s), 19);
     }
 
     #[test]

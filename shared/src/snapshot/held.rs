@@ -112,6 +112,28 @@ pub struct Baselines {
     picked: Vec<Pick>,
     fresh: Vec<bool>,
     head: Vec<u8>,
+    counts: RecordCounts,
+}
+
+/// What the snapshots a [`Baselines`] encoded were made of, summed since
+/// it was made (a server adds them to its metrics): an entity the view
+/// churns is sent whole again and again, a lagging ack resends states.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RecordCounts {
+    /// Entities new to the client's view, sent whole.
+    pub new: u64,
+    /// Deltas against the state the client holds.
+    pub delta: u64,
+    /// Entities sent whole again because the ring forgot the state the
+    /// client holds.
+    pub resent: u64,
+    /// Entities removed from the client's view.
+    pub removed: u64,
+    /// Bytes of component blocks.
+    pub component_bytes: u64,
+    /// Snapshots sent with no baseline (the client acknowledged none that
+    /// is remembered): every entity in them is new.
+    pub unbased: u64,
 }
 
 impl Baselines {
@@ -139,6 +161,7 @@ impl Baselines {
         let now = values.now();
         let base = self.history.iter().rev().find(|v| v.tick == acked);
         write_head(header, origin_q, base.map(|b| b.tick), &mut self.head);
+        self.counts.unbased += u64::from(base.is_none());
         let mut used = self.head.len() + 2 * 3; // two counts, up to 3 bytes each
         let kept = base.map_or(&[][..], |b| &b.held[..]);
         used = match_baseline(kept, |h| h.id, wanted, |w| w.id, budget, used, &mut self.at, &mut self.removed);
@@ -264,6 +287,7 @@ impl Baselines {
             varint(out, id.0 - prev);
             prev = id.0;
         }
+        self.counts.removed += self.removed.len() as u64;
         varint(out, chosen);
         let mut prev = 0;
         for (k, w) in wanted.iter().enumerate() {
@@ -276,7 +300,14 @@ impl Baselines {
                 Pick::Resent => (None, None),
             };
             let owner = w.id == me;
-            let block = block_len(values, w.slot, since, owner) > 0;
+            match (self.picked[k], since) {
+                (Pick::Resent, _) => self.counts.resent += 1,
+                (_, None) => self.counts.new += 1,
+                _ => self.counts.delta += 1,
+            }
+            let block_bytes = block_len(values, w.slot, since, owner);
+            self.counts.component_bytes += block_bytes as u64;
+            let block = block_bytes > 0;
             record(values.current(w.slot), base, origin_q, prev, if block { HAS_COMPONENTS } else { 0 }, out);
             if block {
                 // Most clients get the newest change's block, inline in
@@ -302,6 +333,11 @@ impl Baselines {
     /// now, or unchanged since the state it holds).
     pub fn fresh(&self) -> &[bool] {
         &self.fresh
+    }
+
+    /// What the snapshots encoded so far were made of.
+    pub fn counts(&self) -> RecordCounts {
+        self.counts
     }
 
     /// What the newest snapshot left the client holding, in id order.

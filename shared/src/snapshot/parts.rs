@@ -23,7 +23,6 @@
 //! decodes ([`ComponentChanges`]) to its [`ComponentStore`], every
 //! component checked against its registry first: all or nothing.
 
-use std::collections::HashMap;
 use std::ops::Range;
 
 use super::{Reader, View, varint, varint_len};
@@ -437,14 +436,18 @@ impl ComponentChanges {
 /// that baseline may bring it back without resending what did not change.
 #[derive(Debug, Clone, Default)]
 pub struct ComponentStore {
-    /// Each entity's components and the newest view's tick that had it.
-    sets: HashMap<EntityId, (ComponentSet, Tick)>,
+    /// In id order: each entity's components and the newest view's tick
+    /// that had it. A snapshot's records and views come in id order too, so
+    /// applying one is a single merge, with no lookup per entity.
+    sets: Vec<(EntityId, ComponentSet, Tick)>,
+    /// The allocation of the sets before the last apply.
+    spare: Vec<(EntityId, ComponentSet, Tick)>,
 }
 
 impl ComponentStore {
     /// The components of entity `id`, as the newest snapshot left them.
     pub fn get(&self, id: EntityId) -> Option<&ComponentSet> {
-        self.sets.get(&id).map(|(s, _)| s)
+        self.sets.binary_search_by_key(&id, |s| s.0).ok().map(|i| &self.sets[i].1)
     }
 
     /// Entities whose components are kept.
@@ -459,7 +462,8 @@ impl ComponentStore {
     /// Applies a decoded snapshot's changes, `view` being the view it
     /// decoded to and `oldest` the tick of the oldest view still kept as a
     /// baseline. Every component is checked against `registry` first: one
-    /// refused, and nothing is applied.
+    /// refused, and nothing is applied. Entities in no view from `oldest`
+    /// on are forgotten.
     pub fn apply(
         &mut self,
         ch: &ComponentChanges,
@@ -474,27 +478,48 @@ impl ComponentStore {
                 Some(_) => registry.validate(id, bytes)?,
             }
         }
-        for c in &ch.records {
-            let (set, _) = self.sets.entry(c.entity).or_default();
-            if c.whole {
-                *set = ComponentSet::new();
+        // The decoder makes both in id order, each id once.
+        debug_assert!(ch.records.windows(2).all(|w| w[0].entity < w[1].entity));
+        debug_assert!(view.entities.windows(2).all(|w| w[0].id < w[1].id));
+        let mut out = std::mem::take(&mut self.spare);
+        out.clear();
+        let mut old = self.sets.drain(..).peekable();
+        let mut records = ch.records.iter().peekable();
+        let mut in_view = view.entities.iter().map(|e| e.id).peekable();
+        loop {
+            let id = match (old.peek(), records.peek()) {
+                (None, None) => break,
+                (Some(o), None) => o.0,
+                (None, Some(c)) => c.entity,
+                (Some(o), Some(c)) => o.0.min(c.entity),
+            };
+            let mut entry = match old.next_if(|o| o.0 == id) {
+                Some(e) => e,
+                None => (id, ComponentSet::new(), view.tick),
+            };
+            if let Some(c) = records.next_if(|c| c.entity == id) {
+                let set = &mut entry.1;
+                if c.whole {
+                    *set = ComponentSet::new();
+                }
+                for (cid, r) in &ch.parts[c.parts.start as usize..c.parts.end as usize] {
+                    set.put_bytes(*cid, &ch.data[r.start as usize..r.end as usize]);
+                }
+                if let Some(m) = &c.members {
+                    let keep = &ch.members[m.start as usize..m.end as usize];
+                    set.retain(|cid| keep.binary_search(&cid).is_ok());
+                }
             }
-            for (id, r) in &ch.parts[c.parts.start as usize..c.parts.end as usize] {
-                set.put_bytes(*id, &ch.data[r.start as usize..r.end as usize]);
+            while in_view.next_if(|v| *v < id).is_some() {}
+            if in_view.next_if_eq(&id).is_some() {
+                entry.2 = view.tick;
             }
-            if let Some(m) = &c.members {
-                let keep = &ch.members[m.start as usize..m.end as usize];
-                set.retain(|id| keep.binary_search(&id).is_ok());
+            if entry.2 >= oldest {
+                out.push(entry);
             }
         }
-        for e in &view.entities {
-            if let Some((_, seen)) = self.sets.get_mut(&e.id) {
-                *seen = view.tick;
-            }
-        }
-        if self.sets.len() > view.entities.len() {
-            self.sets.retain(|_, (_, seen)| *seen >= oldest);
-        }
+        drop(old);
+        self.spare = std::mem::replace(&mut self.sets, out);
         Ok(())
     }
 }

@@ -323,6 +323,9 @@ struct Pump {
     components: Arc<std::sync::Mutex<ComponentTally>>,
 }
 
+/// Snapshots a link books before adding its tally to the swarm's.
+const TALLY_EVERY: u32 = 64;
+
 /// Avatars whose rig arrivals are counted: the nearest this many.
 pub const NEAR_AVATARS: usize = 10;
 
@@ -338,6 +341,15 @@ pub struct ComponentTally {
 }
 
 impl ComponentTally {
+    /// Adds `other` to this one and empties it.
+    fn add(&mut self, other: &mut ComponentTally) {
+        for (id, b) in std::mem::take(&mut other.bytes) {
+            *self.bytes.entry(id).or_default() += b;
+        }
+        self.near_rig_updates += std::mem::take(&mut other.near_rig_updates);
+        self.near_avatar_ticks += std::mem::take(&mut other.near_avatar_ticks);
+    }
+
     /// Books one decoded snapshot of a link whose player is `me`: the
     /// components it carried, and which of the nearest avatars' rigs came
     /// after `ticks` ticks since the link's last snapshot.
@@ -352,11 +364,12 @@ impl ComponentTally {
             }
         }
         let Some(at) = s.entities.iter().find(|e| e.id == me).map(|e| e.pos) else { return };
-        let has_rig = |id: EntityId| r.components().get(id).is_some_and(|c| c.bytes(VrRig::ID).is_some());
+        // Avatars are players (a lookup of each entity's components would
+        // cost the swarm more than the decoding).
         let mut near: Vec<(f64, EntityId)> = s
             .entities
             .iter()
-            .filter(|e| e.id != me && has_rig(e.id))
+            .filter(|e| e.id != me && e.id.as_player().is_some())
             .map(|e| (e.pos.distance_squared(at), e.id))
             .collect();
         if near.len() > NEAR_AVATARS {
@@ -1266,6 +1279,10 @@ async fn open(
     let acked_by_pump = acked.clone();
     let mut snapshots = shared::snapshot::Receiver::default();
     let mut last_tick = None;
+    // Booked here, added to the swarm's now and then: one lock a snapshot
+    // for every bot was a bottleneck of its own.
+    let mut tally = ComponentTally::default();
+    let mut unbooked = 0u32;
     tokio::spawn(async move {
         // The bot dropped its end: nothing more to send, keep reading.
         let mut bot_sends = true;
@@ -1295,8 +1312,12 @@ async fn open(
                             if last_tick.is_none_or(|t| s.tick > t) {
                                 let ticks = last_tick.map_or(1, |t| s.tick - t);
                                 last_tick = Some(s.tick);
-                                let mut tally = pump.components.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
                                 tally.book(&snapshots, &s, me, ticks);
+                                unbooked += 1;
+                                if unbooked == TALLY_EVERY {
+                                    unbooked = 0;
+                                    pump.components.lock().unwrap_or_else(std::sync::PoisonError::into_inner).add(&mut tally);
+                                }
                             }
                             let mut book = pump.arrivals.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
                             if s.authoritative {
@@ -1325,6 +1346,7 @@ async fn open(
             }
         };
         let _ = send.finish();
+        pump.components.lock().unwrap_or_else(std::sync::PoisonError::into_inner).add(&mut tally);
         let _ = tx.send(Event::Closed(server, why)).await;
     });
     Ok((server, Link { conn, ctl, acked }))
