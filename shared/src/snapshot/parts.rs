@@ -523,3 +523,59 @@ impl ComponentStore {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::component::Component as _;
+    use crate::component::builtin::{Kind, PlayerName};
+    use crate::component::encode_whole;
+    use crate::ids::ServerId;
+    use crate::snapshot::QEntity;
+
+    fn view(tick: Tick, ids: &[u64]) -> View {
+        let e = |id: u64| QEntity { id: EntityId(id), pos: [0; 3], rot: 0, vel: [0; 3], authority: ServerId(1) };
+        View { tick, entities: ids.iter().map(|&id| e(id)).collect() }
+    }
+
+    /// Changes giving each of `named` (whole: new to the view) a name.
+    fn named(names: &[(u64, &str)]) -> ComponentChanges {
+        let mut ch = ComponentChanges::default();
+        for &(id, name) in names {
+            let at = ch.data.len() as u32;
+            ch.data.extend_from_slice(&encode_whole(&PlayerName(name.into())));
+            let start = ch.parts.len() as u32;
+            ch.parts.push((PlayerName::ID, at..ch.data.len() as u32));
+            ch.records.push(Change { entity: EntityId(id), whole: true, parts: start..start + 1, members: None });
+        }
+        ch
+    }
+
+    #[test]
+    fn the_store_keeps_an_entity_while_a_held_view_has_it_and_forgets_it_after() {
+        let registry = Registry::builtin();
+        let mut store = ComponentStore::default();
+        let name =
+            |s: &ComponentStore, id: u64| s.get(EntityId(id)).and_then(|c| c.bytes(PlayerName::ID)).map(<[u8]>::to_vec);
+        store.apply(&named(&[(1, "a"), (2, "b"), (3, "c")]), &view(2, &[1, 2, 3]), 1, &registry).unwrap();
+        assert_eq!(store.len(), 3);
+        // 2 leaves the view; the client still holds view 2 as a baseline.
+        store.apply(&ComponentChanges::default(), &view(3, &[1, 3]), 2, &registry).unwrap();
+        assert_eq!(name(&store, 2), Some(encode_whole(&PlayerName("b".into()))), "kept for a delta against view 2");
+        // 4 arrives; the others are unchanged.
+        store.apply(&named(&[(4, "d")]), &view(4, &[1, 3, 4]), 2, &registry).unwrap();
+        assert_eq!(store.len(), 4);
+        // View 2 is no longer held: 2 is forgotten, the rest kept.
+        store.apply(&ComponentChanges::default(), &view(5, &[1, 3, 4]), 3, &registry).unwrap();
+        assert_eq!(name(&store, 2), None);
+        for (id, n) in [(1, "a"), (3, "c"), (4, "d")] {
+            assert_eq!(name(&store, id), Some(encode_whole(&PlayerName(n.into()))), "{id}");
+        }
+        // A refused component applies nothing.
+        let mut bad = named(&[(5, "e")]);
+        bad.parts[0].0 = Kind::ID;
+        bad.data = vec![0xff; 3];
+        assert!(store.apply(&bad, &view(6, &[1, 3, 4, 5]), 3, &registry).is_err());
+        assert_eq!(store.len(), 3);
+    }
+}
