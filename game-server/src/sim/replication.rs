@@ -400,13 +400,7 @@ pub fn replication(
     for w in &mut sc.workers {
         sent += std::mem::take(&mut w.sent);
         bytes += std::mem::take(&mut w.bytes);
-        let r = std::mem::take(&mut w.records);
-        records.new += r.new;
-        records.delta += r.delta;
-        records.resent += r.resent;
-        records.removed += r.removed;
-        records.component_bytes += r.component_bytes;
-        records.unbased += r.unbased;
+        records.add(&std::mem::take(&mut w.records));
     }
     for job in sc.jobs.drain(..) {
         sc.links.insert(job.conn, job.link);
@@ -700,14 +694,7 @@ impl Worker {
                 cfg.snapshot_budget,
                 &mut self.buf,
             );
-            let after = link.baselines.counts();
-            let r = &mut self.records;
-            r.new += after.new - before.new;
-            r.delta += after.delta - before.delta;
-            r.resent += after.resent - before.resent;
-            r.removed += after.removed - before.removed;
-            r.component_bytes += after.component_bytes - before.component_bytes;
-            r.unbased += after.unbased - before.unbased;
+            self.records.add(&link.baselines.counts().since(&before));
             // What the client now holds as wanted is up to date: its
             // priority starts over; the rest keep accumulating.
             let fresh = link.baselines.fresh();
@@ -862,6 +849,17 @@ mod tests {
         f
     }
 
+    /// Entity 5, at rest at (3, 4, 5).
+    fn still_entity() -> EntityState {
+        EntityState {
+            id: EntityId(5),
+            pos: DVec3::new(3.0, 4.0, 5.0),
+            rot: [0.0, 0.0, 0.0, 1.0],
+            vel: [0.0; 3],
+            authority: shared::ServerId(1),
+        }
+    }
+
     fn brute(f: &Frame, me: &EntityState, radius: f64) -> Vec<u32> {
         let mut v: Vec<u32> = (0..f.states.len() as u32)
             .filter(|&i| {
@@ -913,13 +911,7 @@ mod tests {
         use shared::component::{Component as _, ComponentSet, Registry};
         use shared::snapshot::{ComponentChanges, ComponentStore, History, decode_into, held::Baselines};
         let registry = Registry::builtin();
-        let state = EntityState {
-            id: EntityId(5),
-            pos: DVec3::new(3.0, 4.0, 5.0),
-            rot: [0.0, 0.0, 0.0, 1.0],
-            vel: [0.0; 3],
-            authority: shared::ServerId(1),
-        };
+        let state = still_entity();
         let q = QEntity::quantise(&state);
         let mut named = ComponentSet::new();
         named.set(&Kind::Player);
@@ -952,13 +944,7 @@ mod tests {
         use shared::component::builtin::{Kind, PlayerName};
         use shared::component::{ComponentSet, Registry};
         let registry = Registry::builtin();
-        let state = EntityState {
-            id: EntityId(5),
-            pos: DVec3::new(3.0, 4.0, 5.0),
-            rot: [0.0, 0.0, 0.0, 1.0],
-            vel: [0.0; 3],
-            authority: shared::ServerId(1),
-        };
+        let state = still_entity();
         let q = QEntity::quantise(&state);
         let mut set = ComponentSet::new();
         set.set(&Kind::Player);
@@ -986,13 +972,7 @@ mod tests {
     #[test]
     fn a_resting_entity_keeps_its_state_and_its_change_tick_only_while_it_stays() {
         use held::Values as _;
-        let state = EntityState {
-            id: EntityId(5),
-            pos: DVec3::new(3.0, 4.0, 5.0),
-            rot: [0.0, 0.0, 0.0, 1.0],
-            vel: [0.0; 3],
-            authority: shared::ServerId(1),
-        };
+        let state = still_entity();
         let q = QEntity::quantise(&state);
         let mut f = Frame::default();
         f.begin(10);

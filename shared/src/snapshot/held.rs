@@ -136,6 +136,31 @@ pub struct RecordCounts {
     pub unbased: u64,
 }
 
+impl RecordCounts {
+    /// What was counted since `before` (an earlier reading of the same
+    /// counts).
+    pub fn since(&self, before: &Self) -> Self {
+        Self {
+            new: self.new - before.new,
+            delta: self.delta - before.delta,
+            resent: self.resent - before.resent,
+            removed: self.removed - before.removed,
+            component_bytes: self.component_bytes - before.component_bytes,
+            unbased: self.unbased - before.unbased,
+        }
+    }
+
+    /// Adds `other` to these.
+    pub fn add(&mut self, other: &Self) {
+        self.new += other.new;
+        self.delta += other.delta;
+        self.resent += other.resent;
+        self.removed += other.removed;
+        self.component_bytes += other.component_bytes;
+        self.unbased += other.unbased;
+    }
+}
+
 impl Baselines {
     /// Encodes a snapshot into `out` (appended), as [`super::encode_by_id`]
     /// does: `wanted` in id order, each id once; changed entities in
