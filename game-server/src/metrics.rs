@@ -32,6 +32,9 @@ pub struct Metrics {
     pub physics_step: Histogram,
     pub snapshot_encode: Histogram,
     pub snapshot_records: IntCounterVec,
+    /// `snapshot_records` by kind, looked up once: `new`, `delta`,
+    /// `resent`, `removed`.
+    pub snapshot_record_kinds: [IntCounter; 4],
     pub snapshot_component_bytes: IntCounter,
     pub snapshots_unbased: IntCounter,
     /// CPU time of building snapshots, every thread that does it counted.
@@ -92,6 +95,14 @@ fn counter_vec(name: &str, help: &str, label: &str) -> IntCounterVec {
 impl Metrics {
     pub fn new() -> Self {
         let registry = Registry::new();
+        let snapshot_records = counter_vec(
+            "snapshot_records_total",
+            "Entity records in snapshots: new to the view (whole), delta, resent whole (the state the client holds \
+             was forgotten), and removals",
+            "kind",
+        );
+        let snapshot_record_kinds =
+            ["new", "delta", "resent", "removed"].map(|k| snapshot_records.with_label_values(&[k]));
         let mut m = Self {
             names: Vec::new(),
             tick_duration: histogram(
@@ -160,12 +171,8 @@ impl Metrics {
                 "Time to pick, quantise and delta-encode one player's snapshot",
                 vec![0.000_005, 0.00001, 0.000_025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001],
             ),
-            snapshot_records: counter_vec(
-                "snapshot_records_total",
-                "Entity records in snapshots: new to the view (whole), delta, resent whole (the state the client \
-                 holds was forgotten), and removals",
-                "kind",
-            ),
+            snapshot_records,
+            snapshot_record_kinds,
             snapshots_unbased: counter(
                 "snapshots_unbased_total",
                 "Snapshots sent with no baseline: the client acknowledged none the server remembers, so every \

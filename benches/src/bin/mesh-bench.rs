@@ -186,16 +186,18 @@ fn main() -> anyhow::Result<()> {
             let m0 = s.metrics();
             let (phys_sum0, phys_n0) = (m0.physics_step.get_sample_sum(), m0.physics_step.get_sample_count());
             let replication_cpu0 = m0.replication_cpu.get();
-            let kinds = ["new", "delta", "resent", "removed"];
+            // What snapshots are made of, as the server's metrics count it.
             let snapshot_counts = |m: &game_server::metrics::Metrics| {
-                let mut v: Vec<u64> = kinds.iter().map(|k| m.snapshot_records.with_label_values(&[*k]).get()).collect();
-                v.extend([
-                    m.snapshots_sent.get(),
-                    m.bytes_sent.get(),
-                    m.snapshot_component_bytes.get(),
-                    m.snapshots_unbased.get(),
-                ]);
-                v
+                let [new, delta, resent, removed] = m.snapshot_record_kinds.each_ref().map(|c| c.get());
+                let records = shared::snapshot::held::RecordCounts {
+                    new,
+                    delta,
+                    resent,
+                    removed,
+                    component_bytes: m.snapshot_component_bytes.get(),
+                    unbased: m.snapshots_unbased.get(),
+                };
+                (records, m.snapshots_sent.get(), m.bytes_sent.get())
             };
             let counts0 = snapshot_counts(&m0);
             let ticks = (seconds * 90.0).round() as usize;
@@ -256,15 +258,20 @@ fn main() -> anyhow::Result<()> {
             // CPU time, all threads: what the stage costs whatever else the host runs.
             let replication_cpu_ms = (m.replication_cpu.get() - replication_cpu0) / ticks.max(1) as f64 * 1000.0;
             // What the snapshots were made of, a snapshot on average.
-            let counts: Vec<u64> = snapshot_counts(&m).iter().zip(&counts0).map(|(a, b)| a - b).collect();
-            let per_snapshot = |n: u64| round3(n as f64 / counts[4].max(1) as f64);
+            let (records, sent, bytes) = snapshot_counts(&m);
+            let (records, sent, bytes) = (records.since(&counts0.0), sent - counts0.1, bytes - counts0.2);
+            let per_snapshot = |n: u64| round3(n as f64 / sent.max(1) as f64);
             let snapshots = serde_json::json!({
-                "sent": counts[4],
-                "bytes": per_snapshot(counts[5]),
-                "component_bytes": per_snapshot(counts[6]),
-                "records": kinds.iter().zip(&counts).map(|(k, n)| ((*k).to_owned(), per_snapshot(*n).into()))
-                    .collect::<serde_json::Map<String, serde_json::Value>>(),
-                "unbased": counts[7],
+                "sent": sent,
+                "bytes": per_snapshot(bytes),
+                "component_bytes": per_snapshot(records.component_bytes),
+                "records": {
+                    "new": per_snapshot(records.new),
+                    "delta": per_snapshot(records.delta),
+                    "resent": per_snapshot(records.resent),
+                    "removed": per_snapshot(records.removed),
+                },
+                "unbased": records.unbased,
             });
             let out = serde_json::json!({
                 "stage_mean_ms": stage_ms,

@@ -40,10 +40,10 @@ type Replicated = (
 #[derive(Debug)]
 struct Frame {
     tick: shared::Tick,
-    /// The tick of the frame before this one: the tick
-    /// before, unless ticks were skipped under load. An entity in the same
-    /// slot then is still there, and what changed is told by the ECS's
-    /// change detection since then.
+    /// The tick of the frame before this one: the tick before, unless
+    /// ticks were skipped under load. An entity in the same slot then is
+    /// still there, and what changed is told by the ECS's change detection
+    /// since then.
     prev: shared::Tick,
     states: Vec<EntityState>,
     /// What every snapshot reads of each slot, in half a cache line.
@@ -411,11 +411,11 @@ pub fn replication(
     }
     metrics.0.snapshots_sent.inc_by(sent);
     metrics.0.bytes_sent.inc_by(bytes);
-    let m = &metrics.0.snapshot_records;
-    m.with_label_values(&["new"]).inc_by(records.new);
-    m.with_label_values(&["delta"]).inc_by(records.delta);
-    m.with_label_values(&["resent"]).inc_by(records.resent);
-    m.with_label_values(&["removed"]).inc_by(records.removed);
+    let [new, delta, resent, removed] = &metrics.0.snapshot_record_kinds;
+    new.inc_by(records.new);
+    delta.inc_by(records.delta);
+    resent.inc_by(records.resent);
+    removed.inc_by(records.removed);
     metrics.0.snapshots_unbased.inc_by(records.unbased);
     metrics.0.snapshot_component_bytes.inc_by(records.component_bytes);
     metrics.0.replication_cpu.inc_by(svc::thread_cpu().saturating_sub(cpu_at).as_secs_f64());
