@@ -303,7 +303,8 @@ fn peer_key_to_pb(k: &RegionKey) -> ppb::RegionKey {
 }
 
 /// A batch for the wire: `ghosts` are what changed (all of them when
-/// `full`), `removed` what left.
+/// `full`; a ghost's components go only where its `comps` is `Some`),
+/// `removed` what left.
 pub fn ghost_batch_to_pb(
     from: ServerId,
     tick: shared::Tick,
@@ -335,6 +336,7 @@ pub fn ghost_batch_to_pb(
                 vz_cms: i32::from(g.q.vel[2]),
                 last_input_seq: g.last_input,
                 shape: g.shape.map(shape_to_pb),
+                components: g.comps.as_ref().map(|c| c.to_bytes()),
             }
         })
         .collect();
@@ -348,7 +350,12 @@ pub fn ghost_batch_to_pb(
     }
 }
 
-pub fn ghost_batch_from_pb(b: &ppb::GhostBatch) -> Result<GhostBatch, BadMessage> {
+/// A batch from the wire, every ghost checked (components against
+/// `registry`): one bad ghost refuses the whole batch.
+pub fn ghost_batch_from_pb(
+    b: &ppb::GhostBatch,
+    registry: &shared::component::Registry,
+) -> Result<GhostBatch, BadMessage> {
     if b.ghosts.len() > MAX_BATCH_GHOSTS || b.removed.len() > MAX_BATCH_GHOSTS || b.regions.len() > MAX_BATCH_GHOSTS {
         return Err(BadMessage::TooManyGhosts(b.ghosts.len().max(b.removed.len()).max(b.regions.len())));
     }
@@ -382,12 +389,19 @@ pub fn ghost_batch_from_pb(b: &ppb::GhostBatch) -> Result<GhostBatch, BadMessage
                 }
                 _ => return Err(BadMessage::BadGhost(g.id, "a prop has a shape, a player none")),
             };
+            let comps = match &g.components {
+                Some(bytes) => Some(std::sync::Arc::new(
+                    shared::component::ComponentSet::decode(bytes, registry).map_err(BadMessage::Components)?,
+                )),
+                None => None,
+            };
             Ok(GhostState {
                 region,
                 region_epoch,
                 kind,
                 last_input: g.last_input_seq,
                 shape,
+                comps,
                 q: shared::snapshot::QEntity {
                     id,
                     pos,

@@ -118,7 +118,7 @@ impl GameServerPeer for PeerService {
         let mut sender = None;
         let received = || self.metrics.ghost_batches.with_label_values(&["received"]);
         while let Some(b) = stream.message().await? {
-            let batch = match ghost_batch_from_pb(&b) {
+            let batch = match ghost_batch_from_pb(&b, &self.registry) {
                 // One stream, one sender.
                 Ok(batch) if *sender.get_or_insert(batch.from) == batch.from => batch,
                 refused => {

@@ -84,8 +84,19 @@ impl Sent {
     /// hold it once it is sent.
     fn delta(&self, me: ServerId, tick: Tick, list: &[GhostState]) -> ppb::GhostBatch {
         let full = self.batches.is_multiple_of(FULL_EVERY);
-        let changed: Vec<GhostState> =
-            list.iter().filter(|g| full || self.ghosts.get(&g.q.id) != Some(*g)).copied().collect();
+        let changed: Vec<GhostState> = list
+            .iter()
+            .filter_map(|g| {
+                let before = self.ghosts.get(&g.q.id);
+                if full || before.is_none() {
+                    return Some(g.clone());
+                }
+                let before = before?;
+                // Components only when they changed.
+                let comps = if before.comps == g.comps { None } else { g.comps.clone() };
+                (before != g).then(|| GhostState { comps, ..g.clone() })
+            })
+            .collect();
         let mut removed: Vec<EntityId> = if full {
             Vec::new()
         } else {
@@ -168,9 +179,11 @@ async fn link(
 mod tests {
     use super::*;
     use crate::convert::ghost_batch_from_pb;
-    use crate::sim::ghosts::GhostKind;
+    use crate::sim::ghosts::{GhostBatch, GhostKind};
     use prost::Message;
     use shared::Epoch;
+    use shared::component::builtin::Kind;
+    use shared::component::{ComponentSet, Registry};
     use shared::region::RegionKey;
     use shared::snapshot::QEntity;
 
@@ -182,7 +195,23 @@ mod tests {
             last_input: 0,
             shape: Some(crate::sim::physics::PropShape::Ball { radius: 0.2 }),
             q: QEntity { id: EntityId((1 << 40) | id), pos: [x, 0, 0], rot: 0, vel: [0; 3], authority: ServerId(1) },
+            comps: Some(Arc::new(comps(200))),
         }
+    }
+
+    fn comps(radius_mm: u16) -> ComponentSet {
+        let mut set = ComponentSet::new();
+        set.set(&Kind::PropBall { radius_mm });
+        set
+    }
+
+    /// As the receiver decodes `g` when its components did not change.
+    fn same_comps(g: GhostState) -> GhostState {
+        GhostState { comps: None, ..g }
+    }
+
+    fn decode(b: &ppb::GhostBatch) -> GhostBatch {
+        ghost_batch_from_pb(b, &Registry::builtin()).expect("decodes")
     }
 
     #[test]
@@ -190,20 +219,20 @@ mod tests {
         let mut s = Sent::default();
         let me = ServerId(1);
         let first = vec![g(1, 10), g(2, 20)];
-        let b = ghost_batch_from_pb(&s.delta(me, 5, &first)).unwrap();
+        let b = decode(&s.delta(me, 5, &first));
         assert!(b.full, "a stream starts with everything");
         assert_eq!(b.ghosts, first);
         s.sent(first);
         // One moved, one at rest, one new; none left.
         let second = vec![g(1, 11), g(2, 20), g(3, 30)];
-        let b = ghost_batch_from_pb(&s.delta(me, 6, &second)).unwrap();
+        let b = decode(&s.delta(me, 6, &second));
         assert!(!b.full);
-        assert_eq!(b.ghosts, vec![g(1, 11), g(3, 30)]);
+        assert_eq!(b.ghosts, vec![same_comps(g(1, 11)), g(3, 30)], "components only with the new one");
         assert!(b.removed.is_empty());
         s.sent(second);
         // Two left.
         let third = vec![g(2, 20)];
-        let b = ghost_batch_from_pb(&s.delta(me, 7, &third)).unwrap();
+        let b = decode(&s.delta(me, 7, &third));
         assert!(b.ghosts.is_empty());
         assert_eq!(b.removed, vec![g(1, 0).q.id, g(3, 0).q.id]);
         s.sent(third);
@@ -215,8 +244,33 @@ mod tests {
         for _ in 0..FULL_EVERY - 3 {
             s.sent(vec![g(2, 20)]);
         }
-        let b = ghost_batch_from_pb(&s.delta(me, 9, &[g(2, 20)])).unwrap();
+        let b = decode(&s.delta(me, 9, &[g(2, 20)]));
         assert!(b.full);
         assert_eq!(b.ghosts, vec![g(2, 20)]);
+    }
+
+    #[test]
+    fn a_ghost_whose_components_changed_carries_them_and_a_bad_set_refuses_the_batch() {
+        let mut s = Sent::default();
+        let me = ServerId(1);
+        s.sent(vec![g(1, 10)]);
+        // At rest, its kind changed: the ghost goes again, with them.
+        let grown = GhostState { comps: Some(Arc::new(comps(300))), ..g(1, 10) };
+        let b = decode(&s.delta(me, 6, std::slice::from_ref(&grown)));
+        assert_eq!(b.ghosts, vec![grown.clone()]);
+        s.sent(vec![grown.clone()]);
+        // Moved, same components: without them.
+        let moved = GhostState { comps: Some(Arc::new(comps(300))), ..g(1, 11) };
+        assert_eq!(decode(&s.delta(me, 7, std::slice::from_ref(&moved))).ghosts, vec![same_comps(moved.clone())]);
+        // An id the receiver's registry lacks: the whole batch is refused.
+        let mut pb = s.delta(me, 8, &[GhostState { comps: Some(Arc::new(comps(400))), ..g(2, 20) }]);
+        let mut bad = Vec::new();
+        shared::component::put::varint(&mut bad, 1);
+        shared::component::put::varint(&mut bad, 999);
+        shared::component::put::varint(&mut bad, 1);
+        bad.push(0);
+        pb.ghosts[0].components = Some(bad);
+        let err = ghost_batch_from_pb(&pb, &Registry::builtin()).expect_err("unknown component");
+        assert_eq!(err.reason(), "unknown_component", "{err:?}");
     }
 }

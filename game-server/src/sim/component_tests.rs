@@ -49,10 +49,30 @@ impl Component for Mood {
     }
 }
 
+/// A game's component everyone sees, neighbours mirror and checkpoints
+/// keep (a team's banner, say).
+#[derive(Debug, Clone, PartialEq)]
+struct Banner(u32);
+
+impl Component for Banner {
+    const ID: u16 = 1003;
+    const NAME: &'static str = "test.banner";
+    const VERSION: u16 = 1;
+    const MAX_SIZE: usize = 4;
+    const POLICY: Policy = Policy { audience: Audience::Everyone, ghosted: true, persisted: true };
+    fn encode(&self, _base: Option<&Self>, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.0.to_le_bytes());
+    }
+    fn decode(r: &mut Reader<'_>, _base: Option<&Self>) -> Result<Self, ComponentError> {
+        Ok(Self(r.u32()?))
+    }
+}
+
 fn registry() -> Arc<Registry> {
     let mut r = Registry::builtin();
     r.register::<Purse>().expect("registers");
     r.register::<Mood>().expect("registers");
+    r.register::<Banner>().expect("registers");
     Arc::new(r)
 }
 
@@ -145,4 +165,127 @@ fn a_client_sees_the_components_it_may_see_as_they_change_and_no_other() {
     assert_eq!(stranger.ack(), ack_before, "the refused snapshot is not kept as a baseline");
     let own = stranger.components().get(EntityId::player(PlayerId(9)).unwrap()).cloned().unwrap_or_default();
     assert!(own.get::<Purse>().is_none(), "nothing of it applied");
+}
+
+/// Server 1's overlap sync for server 2 this tick, through the wire.
+fn sync(a: &mut Harness, b: &Harness, registry: &Registry) {
+    for (to, tick, ghosts) in std::mem::take(&mut a.synced) {
+        assert_eq!(to, shared::ServerId(2));
+        let pb = crate::convert::ghost_batch_to_pb(shared::ServerId(1), tick, true, &ghosts, &[]);
+        let batch = crate::convert::ghost_batch_from_pb(&pb, registry).expect("decodes");
+        b.send(SimIn::Ghosts(batch));
+    }
+}
+
+/// The components `h` holds of entity `id`: its own, else its ghost's.
+fn held_by(h: &Harness, id: EntityId) -> shared::component::ComponentSet {
+    match h.world.resource::<Index>().by_net.get(&id) {
+        Some(e) => h.world.get::<Components>(*e).expect("components").0.set().clone(),
+        None => h.world.resource::<super::ghosts::Ghosts>().by_id[&id].comps().clone(),
+    }
+}
+
+/// What a handoff's state looks like after the wire.
+fn over_the_wire(s: &HandoffState, registry: &Registry) -> HandoffState {
+    crate::convert::handoff_from_pb(&crate::convert::handoff_to_pb(s), registry).expect("decodes")
+}
+
+#[test]
+fn a_game_component_goes_with_its_entity_to_ghosts_handoffs_reclaims_and_clients() {
+    use super::ghost_tests::commit;
+    use super::tests::{GROUND, input};
+    let registry = registry();
+    let (mut a, mut b) = (Harness::new(1), Harness::new(2));
+    a.world.resource_mut::<SimConfig>().registry = registry.clone();
+    b.world.resource_mut::<SimConfig>().registry = registry.clone();
+    // Player 7 on a by the boundary (x = 2000) with b's standby link;
+    // player 8 on b watches across it.
+    let _ra = a.join(1, JoinRole::Play, DVec3::new(1999.0, GROUND + 1.0, 1000.0));
+    let _rb = b.join(1, JoinRole::Standby, DVec3::new(1999.0, GROUND + 1.0, 1000.0));
+    let mut watcher = b.join_as(2, PlayerId(8), JoinRole::Play, DVec3::new(2025.0, GROUND + 1.0, 1000.0));
+    let mut client = shared::snapshot::Receiver::with_registry(registry.clone());
+    for _ in 0..30 {
+        a.step();
+        b.step();
+    }
+    let player = EntityId::player(PlayerId(7)).unwrap();
+    put(&mut a, player, &Banner(7));
+    put(&mut a, player, &Purse(3));
+    let prop = spawn_box(&mut a, DVec3::new(1995.0, GROUND + 1.0, 1003.0));
+    put(&mut a, prop, &Banner(11));
+    let mut seq = 0;
+    let mut tick = |a: &mut Harness, b: &mut Harness, client: &mut shared::snapshot::Receiver, walk: f32| {
+        seq += 1;
+        a.send(SimIn::Input { conn: 1, frame: input(seq, walk) });
+        b.send(SimIn::Input { conn: 1, frame: input(seq, walk) });
+        b.send(SimIn::Input { conn: 2, frame: InputFrame { seq, ack_tick: client.ack(), ..input(seq, 0.0) } });
+        a.step();
+        sync(a, b, &registry);
+        b.step();
+        while let Some(o) = watcher.try_recv() {
+            if let Outbound::Datagram(d) = o {
+                client.receive(&d).expect("decodes");
+            }
+        }
+    };
+    for _ in 0..20 {
+        tick(&mut a, &mut b, &mut client, 0.0);
+    }
+    // b's ghosts carry what neighbours mirror: not the purse.
+    let ghost = held_by(&b, player);
+    assert_eq!(ghost.get::<Banner>(), Some(Ok(Banner(7))));
+    assert_eq!(ghost.get::<Purse>(), None, "the purse is not mirrored");
+    assert_eq!(held_by(&b, prop).get::<Banner>(), Some(Ok(Banner(11))));
+    // b's player sees them on the ghosts.
+    let seen = |client: &shared::snapshot::Receiver, id| client.components().get(id).cloned().unwrap_or_default();
+    assert_eq!(seen(&client, player).get::<Banner>(), Some(Ok(Banner(7))));
+    assert_eq!(seen(&client, prop).get::<Banner>(), Some(Ok(Banner(11))));
+    // Changed on a: the ghost and the client follow.
+    put(&mut a, prop, &Banner(12));
+    for _ in 0..5 {
+        tick(&mut a, &mut b, &mut client, 0.0);
+    }
+    assert_eq!(held_by(&b, prop).get::<Banner>(), Some(Ok(Banner(12))));
+    assert_eq!(seen(&client, prop).get::<Banner>(), Some(Ok(Banner(12))));
+    // Player 7 walks over; the transfer commits for a tick b is past when
+    // it adopts it (a late handoff, simulated forward).
+    let asked = (0..200).find_map(|_| {
+        tick(&mut a, &mut b, &mut client, 1.0);
+        a.next_out().ok()
+    });
+    let Some(SimOut::RequestTransfer { entity, not_before_tick, .. }) = asked else { panic!("{asked:?}") };
+    assert_eq!(entity, player);
+    let effective = not_before_tick.max(a.tick + 3);
+    commit(&mut a, entity, effective);
+    let shipped = (0..20).find_map(|_| {
+        tick(&mut a, &mut b, &mut client, 1.0);
+        match a.next_out() {
+            Ok(SimOut::Handoff(s)) => Some(s),
+            _ => None,
+        }
+    });
+    let state = over_the_wire(&shipped.expect("shipped"), &registry);
+    assert_eq!(state.components.get::<Banner>(), Some(Ok(Banner(7))), "all of it moves");
+    assert_eq!(state.components.get::<Purse>(), Some(Ok(Purse(3))));
+    // a shows the player as b's ghost now, banner and all.
+    assert_eq!(held_by(&a, player).get::<Banner>(), Some(Ok(Banner(7))));
+    for _ in 0..3 {
+        tick(&mut a, &mut b, &mut client, 1.0);
+    }
+    let (reply, verdict) = tokio::sync::oneshot::channel();
+    b.send(SimIn::Adopt { state: Box::new(state.clone()), reply });
+    tick(&mut a, &mut b, &mut client, 1.0);
+    assert_eq!(verdict.blocking_recv().unwrap(), Ok(()));
+    assert!(b.tick > effective, "adopted late: at {} for {effective}", b.tick);
+    let adopted = held_by(&b, player);
+    assert_eq!((adopted.get::<Banner>(), adopted.get::<Purse>()), (Some(Ok(Banner(7))), Some(Ok(Purse(3)))));
+    // b cannot deliver it after all (say): a takes it back, all of it.
+    let mut back = a.world.resource::<super::ghosts::Ghosts>().by_id.contains_key(&player);
+    back &= !a.world.resource::<Index>().by_net.contains_key(&player);
+    assert!(back, "a holds only a ghost of it");
+    a.send(SimIn::Reclaimed { state: Box::new(state), entity_epoch: shared::Epoch(2) });
+    a.step();
+    let reclaimed = held_by(&a, player);
+    assert!(a.world.resource::<Index>().by_net.contains_key(&player), "simulated on a again");
+    assert_eq!((reclaimed.get::<Banner>(), reclaimed.get::<Purse>()), (Some(Ok(Banner(7))), Some(Ok(Purse(3)))));
 }

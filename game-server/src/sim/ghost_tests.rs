@@ -5,6 +5,7 @@
 //! root (1,0,0), x 2000–4000, is server 2's under epoch 2.
 
 use glam::DVec3;
+use shared::component::ComponentSet;
 use shared::region::RegionKey;
 use shared::snapshot::QEntity;
 use shared::wire::{EntityState, JoinRole};
@@ -28,7 +29,15 @@ fn prop(serial: u64, pos: DVec3, region: RegionKey, epoch: u64) -> GhostState {
             vel: [1.0, 0.0, 0.0],
             authority: ServerId(2),
         }),
+        comps: Some(std::sync::Arc::new(prop_kind(200))),
     }
+}
+
+/// A ball prop's kind component, `radius_mm` across.
+fn prop_kind(radius_mm: u16) -> ComponentSet {
+    let mut set = ComponentSet::new();
+    set.set(&shared::component::builtin::Kind::PropBall { radius_mm });
+    set
 }
 
 fn batch(h: &Harness, full: bool, ghosts: Vec<GhostState>, removed: Vec<EntityId>) -> SimIn {
@@ -86,7 +95,7 @@ fn ghosts_are_shown_to_players_with_their_owner_and_never_simulated() {
     let mut rx = h.join(1, JoinRole::Play, DVec3::new(1960.0, GROUND + 1.0, 1000.0));
     h.settle();
     let g = prop(1, DVec3::new(2030.0, GROUND + 5.0, 1000.0), RegionKey::root(1, 0, 0), 2);
-    h.send(batch(&h, true, vec![g], vec![]));
+    h.send(batch(&h, true, vec![g.clone()], vec![]));
     // Within one search of the player's candidates.
     for _ in 0..=super::replication::CANDIDATE_SEARCH_TICKS {
         h.step();
@@ -115,13 +124,38 @@ fn ghosts_are_shown_to_players_with_their_owner_and_never_simulated() {
 }
 
 #[test]
+fn a_ghost_keeps_its_components_until_its_owner_sends_new_ones() {
+    let mut h = Harness::new(1);
+    h.step();
+    let g = prop(1, DVec3::new(2030.0, GROUND, 1000.0), RegionKey::root(1, 0, 0), 2);
+    h.send(batch(&h, true, vec![g.clone()], vec![]));
+    h.step();
+    let at = h.world.resource::<Ghosts>().by_id[&g.q.id].comps_at;
+    assert_eq!(at, h.tick);
+    // It moved; its components are left out (unchanged): kept, as dated.
+    h.step();
+    let moved =
+        GhostState { comps: None, q: QEntity { pos: [g.q.pos[0] + 100, g.q.pos[1], g.q.pos[2]], ..g.q }, ..g.clone() };
+    h.send(batch(&h, false, vec![moved.clone()], vec![]));
+    h.step();
+    let held = h.world.resource::<Ghosts>().by_id[&g.q.id].clone();
+    assert_eq!((held.state.q, held.comps(), held.comps_at), (moved.q, &prop_kind(200), at));
+    // New ones replace them.
+    let grown = GhostState { comps: Some(std::sync::Arc::new(prop_kind(300))), ..moved };
+    h.send(batch(&h, false, vec![grown], vec![]));
+    h.step();
+    let held = h.world.resource::<Ghosts>().by_id[&g.q.id].clone();
+    assert_eq!((held.comps(), held.comps_at), (&prop_kind(300), h.tick));
+}
+
+#[test]
 fn bad_ghosts_are_refused_counted_and_change_nothing() {
     let mut h = Harness::new(1);
     let _rx = h.join(1, JoinRole::Play, DVec3::new(1960.0, GROUND + 1.0, 1000.0));
     h.settle();
     let theirs = RegionKey::root(1, 0, 0);
     let good = prop(1, DVec3::new(2030.0, GROUND, 1000.0), theirs, 2);
-    h.send(batch(&h, true, vec![good], vec![]));
+    h.send(batch(&h, true, vec![good.clone()], vec![]));
     h.step();
     assert_eq!(held(&h), vec![good.q.id]);
     let cases: Vec<(&str, GhostState)> = vec![
@@ -162,7 +196,7 @@ fn bad_ghosts_are_refused_counted_and_change_nothing() {
         assert_eq!(held(&h), vec![good.q.id], "{reason} changed nothing");
     }
     // The good ghost never moved.
-    let kept = h.world.resource::<Ghosts>().by_id[&good.q.id];
+    let kept = h.world.resource::<Ghosts>().by_id[&good.q.id].clone();
     assert_eq!(kept.state, good);
 }
 
@@ -174,11 +208,11 @@ fn ghosts_go_when_a_full_batch_omits_them_or_their_owner_falls_silent() {
     let theirs = RegionKey::root(1, 0, 0);
     let a = prop(1, DVec3::new(2030.0, GROUND, 1000.0), theirs, 2);
     let b = prop(2, DVec3::new(2040.0, GROUND, 1000.0), theirs, 2);
-    h.send(batch(&h, true, vec![a, b], vec![]));
+    h.send(batch(&h, true, vec![a.clone(), b.clone()], vec![]));
     h.step();
     assert_eq!(held(&h), vec![a.q.id, b.q.id]);
     // A full batch lists only `a`: `b` is gone.
-    h.send(batch(&h, true, vec![a], vec![]));
+    h.send(batch(&h, true, vec![a.clone()], vec![]));
     h.step();
     assert_eq!(held(&h), vec![a.q.id]);
     // Empty batches keep `a` alive, at rest and unmentioned.
@@ -208,7 +242,7 @@ fn an_entity_handed_to_this_server_stops_being_a_ghost_and_its_late_removal_is_e
     g.q.id = EntityId(8);
     g.kind = GhostKind::Player;
     g.shape = None;
-    h.send(batch(&h, true, vec![g], vec![]));
+    h.send(batch(&h, true, vec![g.clone()], vec![]));
     h.step();
     assert_eq!(held(&h), vec![EntityId(8)]);
     let (reply, verdict) = tokio::sync::oneshot::channel();
@@ -239,7 +273,7 @@ fn an_entity_handed_to_this_server_stops_being_a_ghost_and_its_late_removal_is_e
     assert!(held(&h).is_empty(), "simulated here now: no ghost of it");
     // The old owner's batches still in flight: its last state of the entity
     // is refused, its removal is expected; neither brings the ghost back.
-    h.send(batch(&h, false, vec![g], vec![]));
+    h.send(batch(&h, false, vec![g.clone()], vec![]));
     h.send(batch(&h, false, vec![], vec![EntityId(8)]));
     h.step();
     assert!(held(&h).is_empty());
@@ -334,7 +368,7 @@ fn a_thrown_prop_crosses_to_the_neighbour_with_its_rigid_body() {
     assert!(body.angvel.y > 4.0, "still spinning: {}", body.angvel);
     assert!(body.rot.angle_between(glam::Quat::IDENTITY) > 0.1, "turned as it spun: {}", body.rot);
     assert!(!a.world.resource::<super::core::Index>().by_net.contains_key(&id), "a no longer simulates it");
-    let ghost = a.world.resource::<Ghosts>().by_id[&id];
+    let ghost = a.world.resource::<Ghosts>().by_id[&id].clone();
     assert_eq!(ghost.state.q.authority, ServerId(2), "a shows it as b's");
     // b adopts it at the effective tick and simulates it from there.
     let (reply, verdict) = tokio::sync::oneshot::channel();
@@ -485,7 +519,7 @@ fn a_transfer_whose_source_died_resumes_on_the_target_from_its_ghost() {
     b.step();
     let (mut seq, asked) = walk_over(&mut a, Some(&mut b));
     let SimOut::RequestTransfer { entity, .. } = asked else { panic!("{asked:?}") };
-    let ghost = b.world.resource::<Ghosts>().by_id[&entity];
+    let ghost = b.world.resource::<Ghosts>().by_id[&entity].clone();
     assert_eq!(ghost.state.kind, GhostKind::Player);
     assert!(ghost.state.last_input > 0, "the ghost says which input its owner applied");
     // The transfer commits; then a dies before it ships anything. The client
@@ -527,6 +561,11 @@ fn a_transfer_whose_source_died_resumes_on_the_target_from_its_ghost() {
     let answers: Vec<_> = std::iter::from_fn(|| b.next_out().ok()).collect();
     assert!(matches!(answers.as_slice(), [SimOut::OrphanResolved { transfer_id: 21, adopted: true }]), "{answers:?}");
     let (body, avatar) = b.avatar().expect("b simulates the player now");
+    // With the components its ghost had: kind, rig and name.
+    let e = b.world.resource::<super::core::Index>().by_net[&entity];
+    let comps = b.world.get::<super::core::Components>(e).expect("components").0.set().clone();
+    assert_eq!(comps.len(), 3, "{comps:?}");
+    assert_eq!(&comps, ghost.comps(), "its ghost's");
     let g = ghost.state.q.state();
     assert!((body.pos - g.pos).length() < 2.0, "from its ghost: {} vs {}", body.pos, g.pos);
     assert!(controls(&mut rb).iter().any(|c| matches!(c, ServerControl::AuthorityGained { .. })));

@@ -13,9 +13,11 @@
 //! longer lists them, or when their owner falls silent.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 
 use bevy_ecs::prelude::*;
 use glam::Quat;
+use shared::component::ComponentSet;
 use shared::snapshot::QEntity;
 use shared::wire::EntityState;
 use shared::{EntityId, ServerId, Tick};
@@ -34,11 +36,22 @@ pub const GHOST_TIMEOUT_TICKS: Tick = 45;
 /// Most ghosts one server holds (a bound on what peers can make it keep).
 pub const MAX_GHOSTS: usize = 16_384;
 
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Ghost {
+    /// Its `comps` always `Some` here (the newest the owner sent).
     pub state: GhostState,
     /// The tick it was last sent or confirmed.
     pub seen: Tick,
+    /// The tick its components last changed here.
+    pub comps_at: Tick,
+}
+
+impl Ghost {
+    /// Its ghosted components (none if its owner never sent any).
+    pub fn comps(&self) -> &ComponentSet {
+        static NONE: ComponentSet = ComponentSet::new();
+        self.state.comps.as_deref().unwrap_or(&NONE)
+    }
 }
 
 /// The ghosts this server holds, by entity.
@@ -65,9 +78,10 @@ impl Ghosts {
         self.by_id.get(&id).or_else(|| self.recent.get(&id).map(|(g, _)| g))
     }
 
-    /// Ghosts as snapshots carry them.
-    pub fn states(&self) -> impl Iterator<Item = (EntityState, QEntity)> + '_ {
-        self.by_id.values().map(|g| (g.state.q.state(), g.state.q))
+    /// Ghosts as snapshots carry them: state, wire state, components and
+    /// the tick those last changed.
+    pub fn states(&self) -> impl Iterator<Item = (EntityState, QEntity, &ComponentSet, Tick)> + '_ {
+        self.by_id.values().map(|g| (g.state.q.state(), g.state.q, g.comps(), g.comps_at))
     }
 }
 
@@ -174,7 +188,16 @@ pub fn receive(world: &mut World, batch: GhostBatch) {
             continue;
         }
         listed.insert(g.q.id);
-        ghosts.by_id.insert(g.q.id, Ghost { state: *g, seen: tick });
+        // Components left out are unchanged: kept from the ghost held (of
+        // this owner; another's were about another authority's entity).
+        let held = ghosts.by_id.get(&g.q.id).filter(|h| h.state.q.authority == from);
+        let (comps, comps_at) = match (&g.comps, held) {
+            (Some(c), Some(h)) if h.state.comps.as_ref() == Some(c) => (Some(c.clone()), h.comps_at),
+            (Some(c), _) => (Some(c.clone()), tick),
+            (None, Some(h)) => (h.state.comps.clone(), h.comps_at),
+            (None, None) => (None, tick),
+        };
+        ghosts.by_id.insert(g.q.id, Ghost { state: GhostState { comps, ..g.clone() }, seen: tick, comps_at });
         applied += 1;
     }
     for id in &batch.removed {
@@ -219,7 +242,7 @@ pub fn expire(world: &mut World) {
         let alive = map.servers.get(&owner).is_some_and(|p| p.alive);
         let keep = alive && tick.saturating_sub(last) <= GHOST_TIMEOUT_TICKS;
         if !keep && recent.len() < MAX_GHOSTS {
-            recent.insert(*id, (*g, tick));
+            recent.insert(*id, (g.clone(), tick));
         }
         keep
     });
@@ -249,7 +272,7 @@ pub fn adopted(world: &mut World, id: EntityId) {
 /// and it expires).
 pub fn released(world: &mut World, state: GhostState) {
     let tick = world.resource::<TickState>().tick;
-    world.resource_mut::<Ghosts>().by_id.insert(state.q.id, Ghost { state, seen: tick });
+    world.resource_mut::<Ghosts>().by_id.insert(state.q.id, Ghost { state, seen: tick, comps_at: tick });
 }
 
 /// Per neighbour: the entities sent last tick (so that a neighbour whose
@@ -259,20 +282,26 @@ pub struct SyncScratch {
     lists: HashMap<ServerId, Vec<GhostState>>,
     last: HashSet<ServerId>,
     dests: Vec<ServerId>,
+    /// Each synced entity's ghosted components as last built, and the
+    /// tick it was last synced: rebuilt only when they differ.
+    comps: HashMap<EntityId, (Arc<ComponentSet>, Tick)>,
 }
 
 /// What sync reads of an entity.
-type Synced =
-    (&'static NetId, &'static Body, &'static Authority, Option<&'static Avatar>, Option<&'static super::physics::Prop>);
+type Synced = (
+    &'static NetId,
+    &'static Body,
+    &'static Authority,
+    Option<&'static Avatar>,
+    Option<&'static super::physics::Prop>,
+    Option<&'static Components>,
+);
 
 /// The state of an entity as neighbours hold it.
 pub fn ghost_state(
     cfg: &SimConfig,
-    net: &NetId,
-    body: &Body,
-    auth: &Authority,
-    avatar: Option<&Avatar>,
-    prop: Option<&super::physics::Prop>,
+    (net, body, auth, avatar, prop): (&NetId, &Body, &Authority, Option<&Avatar>, Option<&super::physics::Prop>),
+    comps: Option<Arc<ComponentSet>>,
 ) -> GhostState {
     let rot = prop.map_or_else(|| Quat::from_rotation_y(body.yaw), |p| p.rot);
     GhostState {
@@ -288,7 +317,17 @@ pub fn ghost_state(
             vel: body.vel.to_array(),
             authority: cfg.server,
         }),
+        comps,
     }
+}
+
+/// The components of `c` neighbours mirror.
+pub fn ghosted(registry: &shared::component::Registry, c: Option<&Components>) -> Arc<ComponentSet> {
+    Arc::new(c.map(|c| c.0.set().filtered(registry, |p| p.ghosted)).unwrap_or_default())
+}
+
+fn is_ghosted(registry: &shared::component::Registry, id: shared::component::ComponentId) -> bool {
+    registry.policy(id).is_some_and(|p| p.ghosted)
 }
 
 /// Sends each neighbour the entities this server owns in its overlap zone
@@ -307,7 +346,7 @@ pub fn sync_out(
     let map = &map.0;
     let sc = &mut *sc;
     sc.lists.values_mut().for_each(Vec::clear);
-    for (net, body, auth, avatar, prop) in &q {
+    for (net, body, auth, avatar, prop, comps) in &q {
         // Farther from every face with a region behind it than the overlap
         // zone reaches: no neighbour sees it (leaves tile space, so no
         // other leaf is that near; the world's own edges have none).
@@ -326,9 +365,28 @@ pub fn sync_out(
         if sc.dests.is_empty() {
             continue;
         }
-        let g = ghost_state(&cfg, net, body, auth, avatar, prop);
+        let set = match sc.comps.entry(net.0) {
+            std::collections::hash_map::Entry::Occupied(mut o) => {
+                let (set, seen) = o.get_mut();
+                // Compared, not stamped: a change at the tick it was built
+                // (by a system after this one) must not be missed.
+                let same = match comps {
+                    Some(c) => c.0.set().iter().filter(|(id, _)| is_ghosted(&cfg.registry, *id)).eq(set.iter()),
+                    None => set.is_empty(),
+                };
+                if !same {
+                    *set = ghosted(&cfg.registry, comps);
+                }
+                *seen = tick.tick;
+                set.clone()
+            }
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert((ghosted(&cfg.registry, comps), tick.tick)).0.clone()
+            }
+        };
+        let g = ghost_state(&cfg, (net, body, auth, avatar, prop), Some(set));
         for d in &sc.dests {
-            sc.lists.entry(*d).or_default().push(g);
+            sc.lists.entry(*d).or_default().push(g.clone());
         }
     }
     let mut now = HashSet::new();
@@ -348,5 +406,6 @@ pub fn sync_out(
     sc.last = now;
     if tick.tick.is_multiple_of(90) {
         sc.lists.retain(|to, _| sc.last.contains(to));
+        sc.comps.retain(|_, (_, seen)| *seen == tick.tick);
     }
 }

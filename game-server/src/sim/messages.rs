@@ -424,9 +424,9 @@ pub enum GhostKind {
 }
 
 /// One entity as its owner sends it to a neighbour: its state, quantised as
-/// snapshots carry it (`q.authority` is the owner), and the region it is
-/// owned through.
-#[derive(Debug, Clone, Copy, PartialEq)]
+/// snapshots carry it (`q.authority` is the owner), the region it is owned
+/// through, and the components neighbours mirror.
+#[derive(Debug, Clone, PartialEq)]
 pub struct GhostState {
     pub region: RegionKey,
     pub region_epoch: Epoch,
@@ -436,6 +436,10 @@ pub struct GhostState {
     pub last_input: u32,
     /// Props: their shape.
     pub shape: Option<PropShape>,
+    /// Its ghosted components (`Policy::ghosted`), shared by every
+    /// neighbour's list. `None` in a received batch: unchanged since the
+    /// sender's last batch that listed the entity.
+    pub comps: Option<std::sync::Arc<shared::component::ComponentSet>>,
 }
 
 /// One tick of overlap sync from one neighbour, as decoded at the gRPC edge.

@@ -371,8 +371,8 @@ pub fn replication(
     }
     // Neighbours' entities near our regions, as their owners simulate them
     // (an entity of ours wins over its ghost).
-    for (state, q) in ghosts.states() {
-        f.put(state, q, None, &cfg.registry);
+    for (state, q, comps, at) in ghosts.states() {
+        f.put(state, q, Some((comps, at > f.prev || f.prev == shared::Tick::MAX)), &cfg.registry);
     }
     f.end();
     let threads = if sc.jobs.len() >= PARALLEL_FROM_PLAYERS { pool.threads() } else { 1 };
@@ -483,8 +483,7 @@ impl Frame {
                 wire.everyone_at() != before
             }
             Some(_) => false,
-            // Ours until now, a ghost from now on (ghosts carry no
-            // components yet): clients are told it has none.
+            // Had some until now, has none from now on: clients are told.
             None if self.has_comps[k] => {
                 self.comps[k].refill(&shared::component::ComponentSet::new(), registry, now, false);
                 self.costs[k] = *self.comps[k].cost();

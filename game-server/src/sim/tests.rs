@@ -484,7 +484,7 @@ fn crossing_the_line_requests_a_transfer_and_releases_at_the_committed_tick() {
     assert!(h.avatar().is_none(), "the source no longer simulates the avatar");
     assert!(controls(&mut rx).iter().any(|c| matches!(c, ServerControl::AuthorityMoved { to: ServerId(2), effective_tick } if *effective_tick == effective)));
     // It stays in view here, as a ghost of its new owner.
-    let ghost = h.world.resource::<super::ghosts::Ghosts>().by_id.get(&EntityId(7)).copied().expect("a ghost");
+    let ghost = h.world.resource::<super::ghosts::Ghosts>().by_id.get(&EntityId(7)).cloned().expect("a ghost");
     assert_eq!((ghost.state.q.authority, ghost.state.region), (ServerId(2), RegionKey::root(1, 0, 0)));
 }
 

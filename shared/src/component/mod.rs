@@ -443,8 +443,8 @@ pub struct ComponentSet {
 }
 
 impl ComponentSet {
-    pub fn new() -> Self {
-        Self::default()
+    pub const fn new() -> Self {
+        Self { items: Vec::new() }
     }
 
     /// Sets (or replaces) `C`.

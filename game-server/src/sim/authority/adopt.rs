@@ -158,8 +158,8 @@ pub(crate) fn reclaimed(world: &mut World, state: HandoffState, entity_epoch: Ep
 
 /// A transfer to this server whose source died before delivering it: the
 /// entity goes on here from the newest state its ghost had (position,
-/// velocity, orientation; a player's last applied input, so the inputs its
-/// standby connection buffered since apply once). Without a ghost, it is
+/// velocity, orientation, its ghosted components; a player's last applied
+/// input, so the inputs its standby connection buffered since apply once). Without a ghost, it is
 /// lost, and the coordinator is told so.
 pub(crate) fn resume_orphan(world: &mut World, o: crate::sim::messages::Orphan) {
     let tick = world.resource::<TickState>().tick;
@@ -169,7 +169,7 @@ pub(crate) fn resume_orphan(world: &mut World, o: crate::sim::messages::Orphan) 
     }
     let metrics = world.resource::<SimMetrics>().clone();
     let out = world.resource::<Outbox>().clone();
-    let ghost = world.resource::<crate::sim::ghosts::Ghosts>().last_known(o.entity).copied();
+    let ghost = world.resource::<crate::sim::ghosts::Ghosts>().last_known(o.entity).cloned();
     let state = ghost.filter(|g| g.state.q.authority == o.from).map(|g| {
         let e = g.state.q.state();
         let rot = Quat::from_array(e.rot);
@@ -195,8 +195,9 @@ pub(crate) fn resume_orphan(world: &mut World, o: crate::sim::messages::Orphan) 
                 sleeping: false,
             }),
             crossed_tick: None,
-            // Ghosts do not carry components yet: a resumed orphan has none.
-            components: Default::default(),
+            // What neighbours mirror of it (`Policy::ghosted`): a component
+            // that is not is lost with its owner.
+            components: g.comps().clone(),
         }
     });
     let adopted = match state.map(|s| (check_adoption(world, &s), s)) {

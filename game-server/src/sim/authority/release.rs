@@ -111,7 +111,9 @@ pub(crate) fn release(
     let prop_now = world.get::<crate::sim::physics::Prop>(e).copied();
     let auth =
         Authority { region: t.to_region, region_epoch: t.to_region_epoch, entity_epoch: t.entity_epoch, since: tick };
-    let mut ghost = crate::sim::ghosts::ghost_state(&cfg, &net, &body, &auth, avatar.as_ref(), prop_now.as_ref());
+    let comps = crate::sim::ghosts::ghosted(&cfg.registry, world.get::<Components>(e));
+    let mut ghost =
+        crate::sim::ghosts::ghost_state(&cfg, (&net, &body, &auth, avatar.as_ref(), prop_now.as_ref()), Some(comps));
     ghost.q.authority = t.to;
     despawn(world, e);
     crate::sim::ghosts::released(world, ghost);
