@@ -241,6 +241,7 @@ impl Scenario {
                 name: format!("bot-{i}"),
                 role: JoinRole::Play,
                 spawn: Some(p),
+                saved: None,
                 tx: otx,
             })
             .expect("inbox has room");

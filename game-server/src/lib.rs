@@ -153,6 +153,7 @@ pub async fn run_with(
     let load = Arc::new(sim::core::LoadShared::default());
     let authority_log = config.authority_log.as_deref().map(sim::authority_log_writer).transpose()?;
     let sim_stop = Arc::new(AtomicBool::new(false));
+    let store_for_joins = store.clone();
     let store = store::WorldStore::new(store, tokio::runtime::Handle::current());
     let writer = store::spawn_writer(store.clone(), persistence::random_id()).context("starting the edit writer")?;
     let world_parts = sim::WorldParts {
@@ -227,7 +228,7 @@ pub async fn run_with(
                 ..Default::default()
             };
             let ctx = net::NetContext::new(sim_tx.clone(), tickets.clone(), metrics.clone(), cache.clone(), limits)
-                .with_schema(registry.schema());
+                .with_registry(registry.clone(), store_for_joins);
             net::relay_world_events(&ctx);
             ctx
         },

@@ -21,6 +21,8 @@ pub struct Metrics {
     pub connections_refused: IntCounterVec,
     pub datagrams_dropped: IntCounterVec,
     pub peer_refused: IntCounterVec,
+    /// Saved components left out at a join (the registry refused them).
+    pub saved_components_dropped: IntCounterVec,
     pub bytes_sent: IntCounter,
     pub bytes_received: IntCounter,
     pub snapshots_sent: IntCounter,
@@ -128,6 +130,11 @@ impl Metrics {
             peer_refused: counter_vec(
                 "peer_requests_refused_total",
                 "Server-to-server requests refused, by reason",
+                "reason",
+            ),
+            saved_components_dropped: counter_vec(
+                "saved_components_dropped_total",
+                "A player's saved components left out at its join (this build's registry refused them), by reason",
                 "reason",
             ),
             bytes_sent: counter("bytes_sent_total", "Datagram payload bytes sent to players"),
@@ -259,6 +266,7 @@ impl Metrics {
             Box::new(m.connections_refused.clone()),
             Box::new(m.datagrams_dropped.clone()),
             Box::new(m.peer_refused.clone()),
+            Box::new(m.saved_components_dropped.clone()),
             Box::new(m.bytes_sent.clone()),
             Box::new(m.bytes_received.clone()),
             Box::new(m.snapshots_sent.clone()),

@@ -49,8 +49,14 @@ pub struct NetContext {
     pub limits: NetLimits,
     /// The components this server knows; a client must know the same.
     pub schema: Arc<shared::component::Schema>,
+    /// Where a playing join's saved components are read from, and the
+    /// registry they are checked against (none: joins start without).
+    pub saved: Option<(Arc<dyn persistence::Store>, Arc<shared::component::Registry>)>,
     next_conn: Arc<AtomicU64>,
 }
+
+/// How long a join waits for the player's saved components.
+const SAVED_READ_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Rate limits of the player endpoint (token buckets).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -92,13 +98,58 @@ impl NetContext {
         limits: NetLimits,
     ) -> Self {
         let schema = Arc::new(shared::component::Registry::builtin().schema());
-        Self { sim, tickets, metrics, cache, limits, schema, next_conn: Arc::new(AtomicU64::new(1)) }
+        Self { sim, tickets, metrics, cache, limits, schema, saved: None, next_conn: Arc::new(AtomicU64::new(1)) }
     }
 
-    /// The components clients must know (the server's registry's schema).
-    pub fn with_schema(mut self, schema: shared::component::Schema) -> Self {
-        self.schema = Arc::new(schema);
+    /// The components clients must know (the server's registry's schema),
+    /// and where playing joins read their saved ones.
+    pub fn with_registry(
+        mut self,
+        registry: Arc<shared::component::Registry>,
+        store: Arc<dyn persistence::Store>,
+    ) -> Self {
+        self.schema = Arc::new(registry.schema());
+        self.saved = Some((store, registry));
         self
+    }
+
+    async fn saved_components(&self, player: PlayerId) -> Result<Option<shared::component::ComponentSet>, String> {
+        match &self.saved {
+            Some((store, registry)) => saved_components(&**store, registry, &self.metrics, player).await,
+            None => Ok(None),
+        }
+    }
+}
+
+/// A playing join's saved components: none for a player never saved; an
+/// error (the join is refused, to be tried again) when the store cannot
+/// say, so that a fresh avatar never overwrites a saved one. Components
+/// `registry` refuses are left out and counted.
+async fn saved_components(
+    store: &dyn persistence::Store,
+    registry: &shared::component::Registry,
+    metrics: &Metrics,
+    player: PlayerId,
+) -> Result<Option<shared::component::ComponentSet>, String> {
+    let progress = match tokio::time::timeout(SAVED_READ_TIMEOUT, store.load_progress(player)).await {
+        Ok(Ok(p)) => p,
+        Ok(Err(e)) => return Err(e.to_string()),
+        Err(_) => return Err(format!("no answer within {SAVED_READ_TIMEOUT:?}")),
+    };
+    let Some(p) = progress.filter(|p| !p.components.is_empty()) else { return Ok(None) };
+    match shared::component::ComponentSet::decode_saved(&p.components, registry) {
+        Ok((set, dropped)) => {
+            for (id, e) in dropped {
+                warn!(%player, component = id, error = %e, "a saved component left out");
+                metrics.saved_components_dropped.with_label_values(&[e.reason()]).inc();
+            }
+            Ok(Some(set))
+        }
+        Err(e) => {
+            warn!(%player, error = %e, "saved components unreadable: the player starts without");
+            metrics.saved_components_dropped.with_label_values(&[e.reason()]).inc();
+            Ok(None)
+        }
     }
 }
 
@@ -371,9 +422,23 @@ async fn handle(incoming: quinn::Incoming, ctx: NetContext, stop: CancellationTo
         }
     };
 
+    let saved = match role {
+        JoinRole::Play => ctx.saved_components(player).await,
+        JoinRole::Standby => Ok(None),
+    };
+    let saved = match saved {
+        Ok(s) => s,
+        Err(e) => {
+            let r =
+                refuse("store_unavailable", format!("the player's saved state cannot be read now ({e}); try again"));
+            let _ = write_control(&mut send, &r).await;
+            finish_then_close(send, &conn, close::REFUSED, b"store unavailable").await;
+            return;
+        }
+    };
     let id = ctx.next_conn.fetch_add(1, Ordering::Relaxed);
     let (tx, mut rx) = ConnTx::channel(OUTBOUND_QUEUE, CONTROL_QUEUE);
-    let joined = SimIn::Joined { conn: id, player, name: name.clone(), role, spawn, tx };
+    let joined = SimIn::Joined { conn: id, player, name: name.clone(), role, spawn, saved, tx };
     if ctx.sim.send_timeout(joined, Duration::from_secs(1)).await.is_err() {
         let r = refuse("server_busy", "the simulation is not accepting players".into());
         let _ = write_control(&mut send, &r).await;
@@ -514,5 +579,53 @@ fn on_datagram(ctx: &NetContext, conn: u64, bytes: Bytes, inputs: &mut shared::r
             }
         }
         Err(e) => ctx.metrics.datagrams_dropped.with_label_values(&[e.reason()]).inc(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shared::component::builtin::Kind;
+    use shared::component::{Component as _, ComponentSet, Registry};
+
+    #[tokio::test]
+    async fn a_playing_join_reads_its_saved_components_and_keeps_what_this_build_accepts() {
+        let store = persistence::open(&persistence::StoreConfig::default()).await.expect("memory store");
+        let metrics = Metrics::new();
+        let registry = Registry::builtin();
+        let dropped = |reason: &str| metrics.saved_components_dropped.with_label_values(&[reason]).get();
+        let read = |p: u64| saved_components(&*store, &registry, &metrics, PlayerId(p));
+        assert_eq!(read(1).await, Ok(None), "never saved");
+        let save = |p: u64, components: Vec<u8>| {
+            let store = store.clone();
+            async move {
+                let progress = persistence::Progress {
+                    player: PlayerId(p),
+                    version: 1,
+                    position: [0.0; 3],
+                    inventory: serde_json::json!([]),
+                    stats: serde_json::json!({}),
+                    components,
+                };
+                store.save_progress(&progress).await.expect("saved");
+            }
+        };
+        // Its kind, and a component of a build that had id 1500 (gone).
+        let mut with_gone = Vec::new();
+        shared::component::put::varint(&mut with_gone, 2);
+        for (id, body) in [(Kind::ID, vec![0u8]), (1500, vec![1, 2])] {
+            shared::component::put::varint(&mut with_gone, u64::from(id));
+            shared::component::put::varint(&mut with_gone, body.len() as u64);
+            with_gone.extend_from_slice(&body);
+        }
+        save(2, with_gone).await;
+        let mut kind = ComponentSet::new();
+        kind.set(&Kind::Player);
+        assert_eq!(read(2).await, Ok(Some(kind)), "the kind kept");
+        assert_eq!(dropped("unknown_component"), 1);
+        // Broken framing: it starts without, counted.
+        save(3, vec![5, 2]).await;
+        assert_eq!(read(3).await, Ok(None));
+        assert_eq!(dropped("truncated"), 1);
     }
 }

@@ -391,7 +391,8 @@ impl Store for SqliteStore {
         let raw = self
             .with(false, move |conn, inner| {
                 conn.query_row(
-                    "SELECT version, pos_x, pos_y, pos_z, inventory, stats FROM player_progress WHERE player_id = ?1",
+                    "SELECT version, pos_x, pos_y, pos_z, inventory, stats, components FROM player_progress
+                     WHERE player_id = ?1",
                     [to_i64(player.0)],
                     |r| {
                         Ok((
@@ -399,6 +400,7 @@ impl Store for SqliteStore {
                             [r.get(1)?, r.get(2)?, r.get(3)?],
                             r.get::<_, String>(4)?,
                             r.get::<_, String>(5)?,
+                            r.get::<_, Vec<u8>>(6)?,
                         ))
                     },
                 )
@@ -406,7 +408,7 @@ impl Store for SqliteStore {
                 .map_err(unavailable(&inner.path))
             })
             .await?;
-        let Some((version, position, inv, stats)) = raw else { return Ok(None) };
+        let Some((version, position, inv, stats, components)) = raw else { return Ok(None) };
         let what = || format!("player_progress of player {player}");
         Ok(Some(Progress {
             player,
@@ -414,6 +416,7 @@ impl Store for SqliteStore {
             position,
             inventory: decode_json(&inv, what)?,
             stats: decode_json(&stats, what)?,
+            components,
         }))
     }
 
@@ -423,11 +426,13 @@ impl Store for SqliteStore {
             let err = unavailable(&inner.path);
             let n = conn
                 .execute(
-                    "INSERT INTO player_progress (player_id, version, pos_x, pos_y, pos_z, inventory, stats, updated_unix_ms)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+                    "INSERT INTO player_progress
+                       (player_id, version, pos_x, pos_y, pos_z, inventory, stats, components, updated_unix_ms)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
                      ON CONFLICT (player_id) DO UPDATE SET version = excluded.version, pos_x = excluded.pos_x,
                        pos_y = excluded.pos_y, pos_z = excluded.pos_z, inventory = excluded.inventory,
-                       stats = excluded.stats, updated_unix_ms = excluded.updated_unix_ms
+                       stats = excluded.stats, components = excluded.components,
+                       updated_unix_ms = excluded.updated_unix_ms
                      WHERE player_progress.version < excluded.version",
                     params![
                         to_i64(p.player.0),
@@ -437,13 +442,16 @@ impl Store for SqliteStore {
                         p.position[2],
                         json_text(&p.inventory),
                         json_text(&p.stats),
+                        p.components,
                         now_unix_ms()
                     ],
                 )
                 .map_err(&err)?;
             if n == 0 {
                 let stored: i64 = conn
-                    .query_row("SELECT version FROM player_progress WHERE player_id = ?1", [to_i64(p.player.0)], |r| r.get(0))
+                    .query_row("SELECT version FROM player_progress WHERE player_id = ?1", [to_i64(p.player.0)], |r| {
+                        r.get(0)
+                    })
                     .map_err(&err)?;
                 return Err(StoreError::Stale {
                     what: format!("progress of player {}", p.player),

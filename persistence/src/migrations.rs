@@ -16,7 +16,7 @@ pub struct Migration {
 }
 
 /// The newest schema version this build knows.
-pub const LATEST: i64 = 2;
+pub const LATEST: i64 = 3;
 
 /// The bookkeeping table both engines share.
 pub const BOOKKEEPING: &str = "CREATE TABLE IF NOT EXISTS schema_migrations (
@@ -103,6 +103,12 @@ pub const POSTGRES: &[Migration] = &[
             )",
         ],
     },
+    Migration {
+        version: 3,
+        name: "progress_components",
+        // A player's persisted components, as one component set.
+        statements: &["ALTER TABLE player_progress ADD COLUMN IF NOT EXISTS components BYTEA NOT NULL DEFAULT ''"],
+    },
 ];
 
 pub const SQLITE: &[Migration] = &[
@@ -176,6 +182,13 @@ pub const SQLITE: &[Migration] = &[
                 account TEXT NOT NULL,
                 expires_unix INTEGER NOT NULL
             )"],
+    },
+    Migration {
+        version: 3,
+        name: "progress_components",
+        // SQLite has no ADD COLUMN IF NOT EXISTS; the migration's
+        // transaction makes it run once.
+        statements: &["ALTER TABLE player_progress ADD COLUMN components BLOB NOT NULL DEFAULT x''"],
     },
 ];
 

@@ -77,6 +77,11 @@ pub struct Progress {
     pub position: [f64; 3],
     pub inventory: serde_json::Value,
     pub stats: serde_json::Value,
+    /// The player entity's persisted components, as one component set
+    /// (`shared::component::ComponentSet`'s encoding; empty: none). Opaque
+    /// to the store: the game server checks it against its registry.
+    #[serde(default)]
+    pub components: Vec<u8>,
 }
 
 /// A base structure or machine and its automation state (free-form JSON the

@@ -214,6 +214,7 @@ impl PgStore {
                             *c == SqlState::UNIQUE_VIOLATION
                                 || *c == SqlState::DUPLICATE_TABLE
                                 || *c == SqlState::DUPLICATE_OBJECT
+                                || *c == SqlState::DUPLICATE_COLUMN
                         }) =>
                 {
                     tries += 1;
@@ -525,7 +526,8 @@ impl Store for PgStore {
             Ok::<_, Attempt>(
                 client
                     .query_opt(
-                        "SELECT version, pos_x, pos_y, pos_z, inventory::TEXT, stats::TEXT FROM player_progress WHERE player_id = $1",
+                        "SELECT version, pos_x, pos_y, pos_z, inventory::TEXT, stats::TEXT, components
+                         FROM player_progress WHERE player_id = $1",
                         &[&to_i64(player.0)],
                     )
                     .await?,
@@ -540,6 +542,7 @@ impl Store for PgStore {
             position: [r.get(1), r.get(2), r.get(3)],
             inventory: decode_json(r.get(4), &what)?,
             stats: decode_json(r.get(5), &what)?,
+            components: r.get(6),
         }))
     }
 
@@ -549,11 +552,13 @@ impl Store for PgStore {
             Ok::<_, Attempt>(
                 client
                     .execute(
-                        "INSERT INTO player_progress (player_id, version, pos_x, pos_y, pos_z, inventory, stats, updated_unix_ms)
-                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+                        "INSERT INTO player_progress
+                           (player_id, version, pos_x, pos_y, pos_z, inventory, stats, components, updated_unix_ms)
+                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
                          ON CONFLICT (player_id) DO UPDATE SET version = excluded.version, pos_x = excluded.pos_x,
                            pos_y = excluded.pos_y, pos_z = excluded.pos_z, inventory = excluded.inventory,
-                           stats = excluded.stats, updated_unix_ms = excluded.updated_unix_ms
+                           stats = excluded.stats, components = excluded.components,
+                           updated_unix_ms = excluded.updated_unix_ms
                          WHERE player_progress.version < excluded.version",
                         &[
                             &to_i64(p.player.0),
@@ -563,6 +568,7 @@ impl Store for PgStore {
                             &p.position[2],
                             &p.inventory,
                             &p.stats,
+                            &p.components,
                             &now_unix_ms(),
                         ],
                     )

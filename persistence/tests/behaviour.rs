@@ -159,6 +159,8 @@ async fn progress_versions_only_increase(f: Fixture) {
         position: [1.5, 64.0, -3.25],
         inventory: json!({"rock": 12, "tools": ["pick"]}),
         stats: json!({"dug": 3}),
+        // Opaque bytes to the store (a component set, to the game server).
+        components: vec![2, 0xe9, 7, 4, 1, 2, 3, 4, 0],
     };
     s.save_progress(&v1).await.expect("save v1");
     assert_eq!(s.load_progress(p).await.expect("read"), Some(v1.clone()));
@@ -168,7 +170,7 @@ async fn progress_versions_only_increase(f: Fixture) {
         other => panic!("expected Stale, got {other:?}"),
     }
     assert_eq!(s.load_progress(p).await.expect("read"), Some(v1.clone()), "the stale save changed nothing");
-    let v2 = Progress { version: 2, stats: json!({"dug": 4}), ..v1 };
+    let v2 = Progress { version: 2, stats: json!({"dug": 4}), components: Vec::new(), ..v1 };
     s.save_progress(&v2).await.expect("save v2");
     assert_eq!(s.load_progress(p).await.expect("read"), Some(v2));
 }
@@ -291,6 +293,19 @@ async fn check_corrupt_rows_are_named_and_kept(f: Fixture, raw: impl AsyncFnOnce
     assert!(again.to_string().contains("key (5,1,2)"));
 }
 
+/// A row written without components (as before migration 3 added them)
+/// reads back with none.
+async fn check_progress_without_components_reads_as_none(f: Fixture, raw: impl AsyncFnOnce(&str, &str)) {
+    raw(
+        &f.url,
+        "INSERT INTO player_progress (player_id, version, pos_x, pos_y, pos_z, inventory, stats, updated_unix_ms)
+         VALUES (5, 9, 1.0, 2.0, 3.0, '[]', '{}', 0)",
+    )
+    .await;
+    let p = f.store.load_progress(PlayerId(5)).await.expect("read").expect("saved");
+    assert_eq!((p.version, p.position, p.components), (9, [1.0, 2.0, 3.0], Vec::new()));
+}
+
 async fn check_newer_schema_is_refused_untouched(f: Fixture, raw: impl AsyncFnOnce(&str, &str)) {
     f.store.create_account("keep", "h").await.expect("create");
     let future = migrations::LATEST + 5;
@@ -348,6 +363,11 @@ mod postgres_only {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn newer_schema_is_refused_untouched() {
         check_newer_schema_is_refused_untouched(postgres().await, async |u, s| raw_pg(u, s).await).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn progress_without_components_reads_as_none() {
+        check_progress_without_components_reads_as_none(postgres().await, async |u, s| raw_pg(u, s).await).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -423,6 +443,11 @@ mod sqlite_only {
     #[tokio::test]
     async fn newer_schema_is_refused_untouched() {
         check_newer_schema_is_refused_untouched(sqlite().await, async |u, s| raw_sqlite(u, s)).await;
+    }
+
+    #[tokio::test]
+    async fn progress_without_components_reads_as_none() {
+        check_progress_without_components_reads_as_none(sqlite().await, async |u, s| raw_sqlite(u, s)).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -289,3 +289,32 @@ fn a_game_component_goes_with_its_entity_to_ghosts_handoffs_reclaims_and_clients
     assert!(a.world.resource::<Index>().by_net.contains_key(&player), "simulated on a again");
     assert_eq!((reclaimed.get::<Banner>(), reclaimed.get::<Purse>()), (Some(Ok(Banner(7))), Some(Ok(Purse(3)))));
 }
+
+#[test]
+fn a_player_comes_back_with_its_persisted_components_and_leaves_them_saved() {
+    let mut h = Harness::new(1);
+    let registry = registry();
+    h.world.resource_mut::<SimConfig>().registry = registry.clone();
+    // What the control task read of its progression: a purse and a banner
+    // (persisted), a mood (not: a build that persisted it saved it).
+    let mut saved = shared::component::ComponentSet::new();
+    saved.set(&Purse(40));
+    saved.set(&Mood(2));
+    saved.set(&Banner(5));
+    let me = EntityId::player(PlayerId(7)).unwrap();
+    let _rx = h.join_saved(1, PlayerId(7), JoinRole::Play, DVec3::new(1000.5, 70.0, 1000.5), Some(saved));
+    h.step();
+    let e = h.world.resource::<Index>().by_net[&me];
+    let held = h.world.get::<Components>(e).expect("components").0.set().clone();
+    assert_eq!(held.get::<Purse>(), Some(Ok(Purse(40))));
+    assert_eq!(held.get::<Banner>(), Some(Ok(Banner(5))));
+    assert_eq!(held.get::<Mood>(), None, "not persisted here");
+    assert_eq!(held.get::<PlayerName>(), Some(Ok(PlayerName("p".into()))), "the name is the hello's");
+    // It earns a coin; what its progression saves is what persists.
+    put(&mut h, me, &Purse(41));
+    put(&mut h, me, &Mood(1));
+    let p = super::players::progress_of(&h.world, e).expect("a player");
+    let stored = shared::component::ComponentSet::decode(&p.components, &registry).expect("decodes");
+    assert_eq!(stored.ids().collect::<Vec<_>>(), [Kind::ID, Purse::ID, Banner::ID]);
+    assert_eq!(stored.get::<Purse>(), Some(Ok(Purse(41))));
+}

@@ -29,7 +29,9 @@ pub fn ingest(world: &mut World) {
     }
     for m in msgs {
         match m {
-            SimIn::Joined { conn, player, name, role, spawn, tx } => joined(world, conn, player, name, role, spawn, tx),
+            SimIn::Joined { conn, player, name, role, spawn, saved, tx } => {
+                joined(world, conn, player, name, role, spawn, saved, tx)
+            }
             SimIn::Input { conn, frame } => {
                 let Some(player) = world.resource_mut::<Conns>().0.get_mut(&conn).map(|c| {
                     // The newest snapshot this link has: the next one's baseline.

@@ -222,6 +222,9 @@ pub enum SimIn {
         name: String,
         role: JoinRole,
         spawn: Option<DVec3>,
+        /// A playing join's saved components (its progression's, checked
+        /// against the registry), put on the avatar if it spawns here.
+        saved: Option<shared::component::ComponentSet>,
         tx: ConnTx,
     },
     Input {

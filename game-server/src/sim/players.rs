@@ -67,6 +67,7 @@ pub(crate) fn joined(
     name: String,
     role: JoinRole,
     spawn: Option<DVec3>,
+    saved: Option<shared::component::ComponentSet>,
     tx: super::messages::ConnTx,
 ) {
     let cfg = world.resource::<SimConfig>().clone();
@@ -122,11 +123,18 @@ pub(crate) fn joined(
                         .resource_mut::<Conns>()
                         .0
                         .insert(conn, Conn { player, name: name.clone(), role, tx, acked: 0 });
+                    let mut comps = Components::player(&name, tick);
+                    // Its saved components, those this build still persists.
+                    for (id, bytes) in saved.iter().flat_map(|s| s.iter()) {
+                        if cfg.registry.policy(id).is_some_and(|p| p.persisted) {
+                            comps.0.put_bytes(id, bytes, tick);
+                        }
+                    }
                     let e = world
                         .spawn((
                             NetId(entity_id),
                             Body { pos: p, yaw: 0.0, vel: Vec3::ZERO },
-                            Components::player(&name, tick),
+                            comps,
                             Avatar { player, name, conn: Some(conn), ..Default::default() },
                             Authority::spawned(leaf, epoch, tick),
                             Hands::default(),
@@ -190,17 +198,21 @@ pub(crate) fn presence(world: &World, player: PlayerId, entity: EntityId, online
     }
 }
 
-/// The player's progression as it stands (position; inventory and stats
-/// once the game has them), saved in the background. The version is the
-/// mesh tick, which every server agrees on, so a later save always wins.
+/// The player's progression as it stands (position, its persisted
+/// components; inventory and stats once the game has them), saved in the
+/// background. The version is the mesh tick, which every server agrees
+/// on, so a later save always wins.
 pub fn progress_of(world: &World, e: Entity) -> Option<persistence::model::Progress> {
     let (avatar, body) = (world.get::<Avatar>(e)?, world.get::<Body>(e)?);
+    let registry = &world.resource::<SimConfig>().registry;
+    let components = world.get::<Components>(e).map(|c| c.0.set().filtered(registry, |p| p.persisted));
     Some(persistence::model::Progress {
         player: avatar.player,
         version: world.resource::<TickState>().tick,
         position: body.pos.to_array(),
         inventory: serde_json::json!([]),
         stats: serde_json::json!({}),
+        components: components.filter(|c| !c.is_empty()).map(|c| c.to_bytes()).unwrap_or_default(),
     })
 }
 

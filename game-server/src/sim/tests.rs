@@ -162,8 +162,21 @@ impl Harness {
     }
 
     pub(super) fn join_as(&self, conn: u64, player: PlayerId, role: JoinRole, spawn: DVec3) -> ConnRx {
+        self.join_saved(conn, player, role, spawn, None)
+    }
+
+    /// A join with the player's saved components, as the control task
+    /// read them.
+    pub(super) fn join_saved(
+        &self,
+        conn: u64,
+        player: PlayerId,
+        role: JoinRole,
+        spawn: DVec3,
+        saved: Option<shared::component::ComponentSet>,
+    ) -> ConnRx {
         let (tx, rx) = ConnTx::channel(4096, 4096);
-        self.send(SimIn::Joined { conn, player, name: "p".into(), role, spawn: Some(spawn), tx });
+        self.send(SimIn::Joined { conn, player, name: "p".into(), role, spawn: Some(spawn), saved, tx });
         rx
     }
 

@@ -628,6 +628,36 @@ impl ComponentSet {
     /// Reads a set, all of it, every component checked against `registry`:
     /// all or nothing.
     pub fn decode(bytes: &[u8], registry: &Registry) -> Result<Self, ComponentError> {
+        Self::read(bytes, |id, body| registry.validate(id, body).map(|()| true))
+    }
+
+    /// Reads a set saved earlier (a player's progression) by a build whose
+    /// registry may differ: a component this registry refuses (gone from
+    /// the game, or a value it no longer accepts) is left out and returned
+    /// with the reason; the rest is kept. A malformed set (truncated,
+    /// unordered, too many) is refused whole.
+    #[allow(clippy::type_complexity)]
+    pub fn decode_saved(
+        bytes: &[u8],
+        registry: &Registry,
+    ) -> Result<(Self, Vec<(ComponentId, ComponentError)>), ComponentError> {
+        let mut dropped = Vec::new();
+        let set = Self::read(bytes, |id, body| match registry.validate(id, body) {
+            Ok(()) => Ok(true),
+            Err(e) => {
+                dropped.push((id, e));
+                Ok(false)
+            }
+        })?;
+        Ok((set, dropped))
+    }
+
+    /// Reads a set's framing; `keep` checks each component (`Ok(false)`:
+    /// left out).
+    fn read(
+        bytes: &[u8],
+        mut keep: impl FnMut(ComponentId, &[u8]) -> Result<bool, ComponentError>,
+    ) -> Result<Self, ComponentError> {
         let mut r = Reader::new(bytes);
         let n = r.varint()?;
         if n > MAX_COMPONENTS as u64 {
@@ -648,8 +678,9 @@ impl ComponentSet {
                 return Err(ComponentError::TooLarge { id, len, max: MAX_COMPONENT_SIZE });
             }
             let body = r.bytes(len)?;
-            registry.validate(id, body)?;
-            items.push((id, body.to_vec()));
+            if keep(id, body)? {
+                items.push((id, body.to_vec()));
+            }
         }
         r.finish()?;
         Ok(Self { items })

@@ -157,6 +157,30 @@ fn a_set_with_anything_wrong_is_refused_whole_with_its_reason() {
     }
 }
 
+#[test]
+fn a_saved_set_keeps_what_the_registry_still_has_and_says_what_it_left_out() {
+    let mut registry = Registry::builtin();
+    registry.register::<Health>().unwrap();
+    let mut set = ComponentSet::new();
+    set.set(&Kind::Player);
+    set.set(&Health(7));
+    let saved = set.to_bytes();
+    assert_eq!(ComponentSet::decode_saved(&saved, &registry), Ok((set.clone(), vec![])));
+    // A build without the game's component keeps the kind.
+    let (kept, dropped) = ComponentSet::decode_saved(&saved, &Registry::builtin()).expect("framing is fine");
+    assert_eq!(kept.ids().collect::<Vec<_>>(), [Kind::ID]);
+    assert_eq!(dropped, vec![(FIRST_GAME_ID, ComponentError::Unknown(FIRST_GAME_ID))]);
+    // A value out of range is left out; broken framing refuses the set.
+    let (kept, dropped) = ComponentSet::decode_saved(&[1, 2, 1, 9], &registry).expect("framing is fine");
+    assert!(kept.is_empty());
+    assert_eq!(dropped[0].1.reason(), "component_out_of_range");
+    assert_eq!(ComponentSet::decode_saved(&[1, 2, 3, 1], &registry).unwrap_err().reason(), "truncated");
+    assert_eq!(
+        ComponentSet::decode_saved(&[2, 3, 1, 0, 2, 1, 0], &registry).unwrap_err().reason(),
+        "components_unordered"
+    );
+}
+
 /// A component that encodes nothing, for registration checks.
 macro_rules! empty_component {
     ($t:ident, $id:expr, $name:expr, $size:expr) => {
