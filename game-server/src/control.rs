@@ -343,7 +343,8 @@ impl TransferExecutor {
         // overtakes its join.
         let (presence_tx, presence_rx) = mpsc::channel(4096);
         tokio::spawn(self.clone().report_presence(presence_rx));
-        let mut ghosts = crate::sync::GhostLinks::new(self.me, self.maps.clone(), self.metrics.clone());
+        let mut ghosts =
+            crate::sync::GhostLinks::new(self.me, self.maps.clone(), self.metrics.clone(), self.sim.clone());
         let mut driver = HandoffDriver::new();
         // The driver's messages for the simulation, in order: one task
         // forwards them, waiting while the inbox is full.

@@ -37,6 +37,8 @@ pub enum BadMessage {
     BadInteraction(&'static str),
     #[error("components: {0}")]
     Components(shared::component::ComponentError),
+    #[error("schema: {0}")]
+    BadSchema(&'static str),
 }
 
 impl BadMessage {
@@ -424,6 +426,38 @@ pub fn ghost_batch_from_pb(
 /// Fastest hand a push may claim, m/s (a tracked hand moves at most a few
 /// tens; more is a bad message, not a hard hit).
 const MAX_HAND_SPEED: f64 = 100.0;
+
+pub fn schema_to_pb(s: &shared::component::Schema) -> ppb::SchemaResponse {
+    ppb::SchemaResponse {
+        entries: s
+            .0
+            .iter()
+            .map(|e| ppb::SchemaEntry { id: u32::from(e.id), name: e.name.clone(), version: u32::from(e.version) })
+            .collect(),
+    }
+}
+
+/// A peer's schema: at most as many components as a registry holds, ids
+/// and versions in range, names as a registry allows, ascending ids.
+pub fn schema_from_pb(r: &ppb::SchemaResponse) -> Result<shared::component::Schema, BadMessage> {
+    use shared::component::{MAX_NAME, MAX_REGISTERED, SchemaEntry};
+    if r.entries.len() > MAX_REGISTERED {
+        return Err(BadMessage::BadSchema("more components than a registry holds"));
+    }
+    let mut entries: Vec<SchemaEntry> = Vec::with_capacity(r.entries.len());
+    for e in &r.entries {
+        let id = u16::try_from(e.id).map_err(|_| BadMessage::BadSchema("component id out of range"))?;
+        let version = u16::try_from(e.version).map_err(|_| BadMessage::BadSchema("version out of range"))?;
+        if e.name.len() > MAX_NAME {
+            return Err(BadMessage::BadSchema("component name too long"));
+        }
+        if entries.last().is_some_and(|l| l.id >= id) {
+            return Err(BadMessage::BadSchema("component ids not ascending"));
+        }
+        entries.push(SchemaEntry { id, name: e.name.clone(), version });
+    }
+    Ok(shared::component::Schema(entries))
+}
 
 pub fn interaction_to_pb(i: &Interaction) -> ppb::InteractRequest {
     use ppb::interact_request::Kind;

@@ -23,6 +23,8 @@ pub struct Metrics {
     pub peer_refused: IntCounterVec,
     /// Saved components left out at a join (the registry refused them).
     pub saved_components_dropped: IntCounterVec,
+    /// Neighbours whose component schema this server knows.
+    pub peer_schemas: IntGauge,
     pub bytes_sent: IntCounter,
     pub bytes_received: IntCounter,
     pub snapshots_sent: IntCounter,
@@ -136,6 +138,10 @@ impl Metrics {
                 "saved_components_dropped_total",
                 "A player's saved components left out at its join (this build's registry refused them), by reason",
                 "reason",
+            ),
+            peer_schemas: int_gauge(
+                "peer_schemas",
+                "Neighbours whose component schema this server knows (transfers to them are checked against it)",
             ),
             bytes_sent: counter("bytes_sent_total", "Datagram payload bytes sent to players"),
             bytes_received: counter("bytes_received_total", "Datagram payload bytes received from players"),
@@ -267,6 +273,7 @@ impl Metrics {
             Box::new(m.datagrams_dropped.clone()),
             Box::new(m.peer_refused.clone()),
             Box::new(m.saved_components_dropped.clone()),
+            Box::new(m.peer_schemas.clone()),
             Box::new(m.bytes_sent.clone()),
             Box::new(m.bytes_received.clone()),
             Box::new(m.snapshots_sent.clone()),

@@ -87,6 +87,10 @@ impl GameServerPeer for PeerService {
         }
     }
 
+    async fn schema(&self, _req: Request<ppb::SchemaRequest>) -> Result<Response<ppb::SchemaResponse>, Status> {
+        Ok(Response::new(crate::convert::schema_to_pb(&self.registry.schema())))
+    }
+
     async fn interact(&self, req: Request<ppb::InteractRequest>) -> Result<Response<ppb::InteractResponse>, Status> {
         let allowed =
             self.interactions.lock().unwrap_or_else(|p| p.into_inner()).take(Instant::now(), MAX_INTERACTIONS_PER_S);

@@ -17,10 +17,10 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tracing::{debug, info};
 
-use crate::convert::ghost_batch_to_pb;
+use crate::convert::{ghost_batch_to_pb, schema_from_pb};
 use crate::metrics::Metrics;
 use crate::sim::ghosts::GhostState;
-use crate::sim::messages::MapView;
+use crate::sim::messages::{MapView, SimIn};
 
 /// Batches a link queues before it drops them (a third of a second).
 const LINK_QUEUE: usize = 32;
@@ -39,12 +39,14 @@ pub struct GhostLinks {
     me: ServerId,
     maps: watch::Receiver<Arc<MapView>>,
     metrics: Metrics,
+    /// Where each neighbour's component schema goes (the tick thread).
+    sim: mpsc::Sender<SimIn>,
     links: HashMap<ServerId, mpsc::Sender<Tickful>>,
 }
 
 impl GhostLinks {
-    pub fn new(me: ServerId, maps: watch::Receiver<Arc<MapView>>, metrics: Metrics) -> Self {
-        Self { me, maps, metrics, links: HashMap::new() }
+    pub fn new(me: ServerId, maps: watch::Receiver<Arc<MapView>>, metrics: Metrics, sim: mpsc::Sender<SimIn>) -> Self {
+        Self { me, maps, metrics, sim, links: HashMap::new() }
     }
 
     /// Queues one tick's list for `to`, starting its link if needed.
@@ -53,7 +55,8 @@ impl GhostLinks {
         for _ in 0..2 {
             let tx = self.links.entry(to).or_insert_with(|| {
                 let (tx, rx) = mpsc::channel(LINK_QUEUE);
-                tokio::spawn(link(self.me, to, self.maps.clone(), self.metrics.clone(), rx));
+                let peer = Peer { me: self.me, to, maps: self.maps.clone(), metrics: self.metrics.clone() };
+                tokio::spawn(link(peer, self.sim.clone(), rx));
                 tx
             });
             match tx.try_send(item) {
@@ -112,13 +115,41 @@ impl Sent {
     }
 }
 
-async fn link(
+/// Who a link is between, and what it reads and counts.
+#[derive(Debug)]
+struct Peer {
     me: ServerId,
     to: ServerId,
     maps: watch::Receiver<Arc<MapView>>,
     metrics: Metrics,
-    mut rx: mpsc::Receiver<Tickful>,
+}
+
+/// Asks the neighbour which components it knows, for the tick thread to
+/// check transfers against. A build without the call (a rolling upgrade)
+/// or no answer: nothing is known, and transfers go as before.
+async fn fetch_schema(
+    client: &mut GameServerPeerClient<tonic::transport::Channel>,
+    to: ServerId,
+    metrics: &Metrics,
+    sim: &mpsc::Sender<SimIn>,
 ) {
+    match tokio::time::timeout(Duration::from_secs(1), client.schema(ppb::SchemaRequest {})).await {
+        Ok(Ok(r)) => match schema_from_pb(r.get_ref()) {
+            Ok(schema) => {
+                let _ = sim.send(SimIn::PeerSchema { server: to, schema: Arc::new(schema) }).await;
+            }
+            Err(e) => {
+                info!(%to, error = %e, "the neighbour's component schema is malformed");
+                metrics.peer_refused.with_label_values(&[e.reason()]).inc();
+            }
+        },
+        Ok(Err(s)) => debug!(%to, code = ?s.code(), "the neighbour did not say its component schema"),
+        Err(_) => debug!(%to, "the neighbour did not say its component schema in time"),
+    }
+}
+
+async fn link(peer: Peer, sim: mpsc::Sender<SimIn>, mut rx: mpsc::Receiver<Tickful>) {
+    let Peer { me, to, maps, metrics } = peer;
     let dropped = || metrics.ghost_batches.with_label_values(&["dropped"]);
     loop {
         let addr = maps.borrow().servers.get(&to).filter(|p| p.alive && !p.grpc.is_empty()).map(|p| p.grpc.clone());
@@ -141,8 +172,9 @@ async fn link(
                     continue;
                 }
             };
-        let (stream_tx, stream_rx) = mpsc::channel(LINK_QUEUE);
         let mut client = client;
+        fetch_schema(&mut client, to, &metrics, &sim).await;
+        let (stream_tx, stream_rx) = mpsc::channel(LINK_QUEUE);
         let call = tokio::spawn(async move { client.sync_ghosts(ReceiverStream::new(stream_rx)).await });
         info!(%to, %addr, "ghost sync stream open");
         let mut sent = Sent::default();
@@ -247,6 +279,22 @@ mod tests {
         let b = decode(&s.delta(me, 9, &[g(2, 20)]));
         assert!(b.full);
         assert_eq!(b.ghosts, vec![g(2, 20)]);
+    }
+
+    #[test]
+    fn a_schema_crosses_the_wire_as_it_is_and_a_malformed_one_is_refused() {
+        use crate::convert::{schema_from_pb, schema_to_pb};
+        let schema = Registry::builtin().schema();
+        assert_eq!(schema_from_pb(&schema_to_pb(&schema)), Ok(schema.clone()));
+        let mut pb = schema_to_pb(&schema);
+        pb.entries.swap(0, 1);
+        assert_eq!(schema_from_pb(&pb).unwrap_err().to_string(), "schema: component ids not ascending");
+        let mut pb = schema_to_pb(&schema);
+        pb.entries[0].version = 70_000;
+        assert!(schema_from_pb(&pb).is_err());
+        let mut pb = schema_to_pb(&schema);
+        pb.entries[0].name = "x".repeat(49);
+        assert!(schema_from_pb(&pb).is_err());
     }
 
     #[test]

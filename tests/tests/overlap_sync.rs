@@ -66,6 +66,9 @@ fn a_neighbours_entities_near_the_boundary_are_seen_as_ghosts_until_it_stops() -
     std::thread::sleep(Duration::from_secs(1));
     let (ma, mb) = (metrics(&pa)?, metrics(&pb)?);
     assert!(metric(&ma, "ghosts", "") >= 1.0 && metric(&mb, "ghosts", "") >= 1.0, "{ma}\n{mb}");
+    // Each asked the other which components it knows (transfers are
+    // checked against them before they are asked for).
+    assert!(metric(&ma, "peer_schemas", "") == 1.0 && metric(&mb, "peer_schemas", "") == 1.0, "{ma}\n{mb}");
     for (m, who) in [(&ma, "a"), (&mb, "b")] {
         let (sent, received) = (
             metric(m, "ghost_batches_total", r#"kind="sent""#),

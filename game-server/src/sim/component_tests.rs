@@ -318,3 +318,37 @@ fn a_player_comes_back_with_its_persisted_components_and_leaves_them_saved() {
     assert_eq!(stored.ids().collect::<Vec<_>>(), [Kind::ID, Purse::ID, Banner::ID]);
     assert_eq!(stored.get::<Purse>(), Some(Ok(Purse(41))));
 }
+
+#[test]
+fn no_transfer_is_asked_of_a_server_that_lacks_a_component_of_the_entity() {
+    use super::tests::{GROUND, input};
+    let registry = registry();
+    let mut a = Harness::new(1);
+    a.world.resource_mut::<SimConfig>().registry = registry.clone();
+    let _ra = a.join(1, JoinRole::Play, DVec3::new(1999.0, GROUND + 1.0, 1000.0));
+    a.step();
+    let player = EntityId::player(PlayerId(7)).unwrap();
+    put(&mut a, player, &Banner(1));
+    // Server 2 runs a build without the banner (a rolling upgrade).
+    a.send(SimIn::PeerSchema { server: shared::ServerId(2), schema: Arc::new(Registry::builtin().schema()) });
+    let refused =
+        |a: &Harness| a.world.resource::<SimMetrics>().0.transfers.with_label_values(&["schema_refused"]).get();
+    let mut seq = 0;
+    let mut walk = |a: &mut Harness, ticks: u32| {
+        (0..ticks).find_map(|_| {
+            seq += 1;
+            a.send(SimIn::Input { conn: 1, frame: input(seq, 1.0) });
+            a.step();
+            a.next_out().ok()
+        })
+    };
+    let asked = walk(&mut a, 200);
+    assert!(asked.is_none(), "nothing asked of the coordinator: {asked:?}");
+    let (body, _) = a.avatar().expect("still simulated here");
+    assert!(body.pos.x > 2010.0, "past the handoff line: {}", body.pos);
+    assert_eq!(refused(&a), 1, "said once");
+    // Server 2 is upgraded: the transfer is asked for at once.
+    a.send(SimIn::PeerSchema { server: shared::ServerId(2), schema: Arc::new(registry.schema()) });
+    let asked = walk(&mut a, 3);
+    assert!(matches!(asked, Some(SimOut::RequestTransfer { entity, .. }) if entity == player), "{asked:?}");
+}

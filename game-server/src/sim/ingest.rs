@@ -29,6 +29,12 @@ pub fn ingest(world: &mut World) {
     }
     for m in msgs {
         match m {
+            SimIn::PeerSchema { server, schema } => {
+                let mut known = world.resource_mut::<super::authority::PeerSchemas>();
+                known.0.insert(server, schema);
+                let n = known.0.len();
+                world.resource::<SimMetrics>().0.peer_schemas.set(n as i64);
+            }
             SimIn::Joined { conn, player, name, role, spawn, saved, tx } => {
                 joined(world, conn, player, name, role, spawn, saved, tx)
             }

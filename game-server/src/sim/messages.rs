@@ -216,6 +216,11 @@ pub struct ChunkInfo {
 
 #[derive(Debug)]
 pub enum SimIn {
+    /// The components neighbour `server` knows (its ghost link asked it).
+    PeerSchema {
+        server: ServerId,
+        schema: std::sync::Arc<shared::component::Schema>,
+    },
     Joined {
         conn: ConnId,
         player: PlayerId,

@@ -156,6 +156,7 @@ pub fn world(p: SimParts) -> World {
     w.insert_resource(authority::Released::default());
     w.insert_resource(authority::DueReleases::default());
     w.insert_resource(authority::ResolvedOrphans::default());
+    w.insert_resource(authority::PeerSchemas::default());
     w.insert_resource(AuthorityLog { tx: p.authority_log, ..Default::default() });
     w.insert_resource(TickTimes::default());
     w.insert_resource(authority::OpenFaces::default());

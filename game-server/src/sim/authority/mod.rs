@@ -394,6 +394,9 @@ pub(crate) fn request_transfer(
     pos: DVec3,
     not_before: u64,
 ) -> bool {
+    if !target_understands(world, e, entity, target) {
+        return false;
+    }
     debug!(%entity, from = %auth.region, to = %target, not_before, "transfer requested");
     let req = SimOut::RequestTransfer {
         entity,
@@ -412,6 +415,53 @@ pub(crate) fn request_transfer(
     let kind = if sent { "requested" } else { "request_dropped" };
     world.resource::<SimMetrics>().0.transfers.with_label_values(&[kind]).inc();
     sent
+}
+
+/// The component schemas of the servers this server syncs ghosts to, as
+/// their ghost links fetched them (`sync`): a transfer is asked for only
+/// if its target knows every component of the entity as this server does.
+#[derive(Resource, Debug, Default)]
+pub struct PeerSchemas(pub std::collections::HashMap<shared::ServerId, std::sync::Arc<shared::component::Schema>>);
+
+/// An entity whose transfer its target's schema refused, and that schema:
+/// said once (logged and counted), checked again every time.
+#[derive(Component, Debug)]
+pub struct SchemaRefused {
+    to: shared::ServerId,
+    schema: std::sync::Arc<shared::component::Schema>,
+}
+
+/// Whether the owner of `target` knows every component of `e` as this
+/// server does (same id, name and version), by the schema its ghost link
+/// fetched. A server whose schema is not known (not fetched yet, or a build
+/// without the call) is asked as before: it refuses a handoff it cannot
+/// read itself, after the commit.
+fn target_understands(world: &mut World, e: Entity, entity: shared::EntityId, target: RegionKey) -> bool {
+    let Some((owner, _)) = world.resource::<Map>().0.live_owner(&target) else { return true };
+    let Some(theirs) = world.resource::<PeerSchemas>().0.get(&owner).cloned() else { return true };
+    let verdict = match world.get::<Components>(e) {
+        Some(c) => theirs.understands(&world.resource::<SimConfig>().registry.schema(), c.0.set()),
+        None => Ok(()),
+    };
+    match verdict {
+        Ok(()) => {
+            if world.get::<SchemaRefused>(e).is_some() {
+                world.entity_mut(e).remove::<SchemaRefused>();
+            }
+            true
+        }
+        Err(err) => {
+            let said = world
+                .get::<SchemaRefused>(e)
+                .is_some_and(|r| r.to == owner && std::sync::Arc::ptr_eq(&r.schema, &theirs));
+            if !said {
+                tracing::warn!(%entity, to = %owner, error = %err, "no transfer asked: the target lacks a component of the entity");
+                world.resource::<SimMetrics>().0.transfers.with_label_values(&["schema_refused"]).inc();
+                world.entity_mut(e).insert(SchemaRefused { to: owner, schema: theirs });
+            }
+            false
+        }
+    }
 }
 
 /// Ticks past its effective tick an early transfer waits for its entity to
