@@ -38,7 +38,9 @@ pub const MAX_GHOSTS: usize = 16_384;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Ghost {
-    /// Its `comps` always `Some` here (the newest the owner sent).
+    /// Its `comps` are the newest its owner sent (`None`: none yet; a
+    /// ghost first accepted from a delta batch gets them with the owner's
+    /// next full batch, within a second).
     pub state: GhostState,
     /// The tick it was last sent or confirmed.
     pub seen: Tick,
