@@ -429,8 +429,10 @@ async fn handle(incoming: quinn::Incoming, ctx: NetContext, stop: CancellationTo
     let saved = match saved {
         Ok(s) => s,
         Err(e) => {
-            let r =
-                refuse("store_unavailable", format!("the player's saved state cannot be read now ({e}); try again"));
+            let r = refuse(
+                "store_unavailable",
+                format!("the player's saved state cannot be read now ({e}); join again with a new ticket"),
+            );
             let _ = write_control(&mut send, &r).await;
             finish_then_close(send, &conn, close::REFUSED, b"store unavailable").await;
             return;

@@ -352,3 +352,35 @@ fn no_transfer_is_asked_of_a_server_that_lacks_a_component_of_the_entity() {
     let asked = walk(&mut a, 3);
     assert!(matches!(asked, Some(SimOut::RequestTransfer { entity, .. }) if entity == player), "{asked:?}");
 }
+
+#[test]
+fn a_neighbour_of_an_older_build_mirrors_the_components_it_knows() {
+    use super::tests::GROUND;
+    let registry = registry();
+    let mut a = Harness::new(1);
+    a.world.resource_mut::<SimConfig>().registry = registry.clone();
+    let _ra = a.join(1, JoinRole::Play, DVec3::new(1990.0, GROUND + 1.0, 1000.0));
+    a.step();
+    let player = EntityId::player(PlayerId(7)).unwrap();
+    put(&mut a, player, &Banner(3));
+    let synced = |a: &mut Harness| {
+        a.synced.clear();
+        a.step();
+        let (_, _, list) = a.synced.pop().expect("a list for server 2");
+        let g = list.iter().find(|g| g.q.id == player).expect("the player is listed").clone();
+        (g.comps.clone().expect("with its components"), list)
+    };
+    let (comps, _) = synced(&mut a);
+    assert_eq!(comps.get::<Banner>(), Some(Ok(Banner(3))), "schema not known yet: all of them");
+    // Server 2 runs a build without the banner: it gets the rest, which it can read.
+    a.send(SimIn::PeerSchema { server: shared::ServerId(2), schema: Arc::new(Registry::builtin().schema()) });
+    let (comps, list) = synced(&mut a);
+    assert_eq!(comps.get::<Banner>(), None);
+    assert_eq!(comps.get::<Kind>(), Some(Ok(Kind::Player)));
+    let pb = crate::convert::ghost_batch_to_pb(shared::ServerId(1), a.tick, true, &list, &[]);
+    assert!(crate::convert::ghost_batch_from_pb(&pb, &Registry::builtin()).is_ok(), "the older build reads it");
+    // Upgraded: all of them again.
+    a.send(SimIn::PeerSchema { server: shared::ServerId(2), schema: Arc::new(registry.schema()) });
+    let (comps, _) = synced(&mut a);
+    assert_eq!(comps.get::<Banner>(), Some(Ok(Banner(3))));
+}

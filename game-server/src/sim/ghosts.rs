@@ -190,9 +190,10 @@ pub fn receive(world: &mut World, batch: GhostBatch) {
             continue;
         }
         listed.insert(g.q.id);
-        // Components left out are unchanged: kept from the ghost held (of
-        // this owner; another's were about another authority's entity).
-        let held = ghosts.by_id.get(&g.q.id).filter(|h| h.state.q.authority == from);
+        // Components left out are unchanged: kept from the ghost held,
+        // even of the owner before (they move with the entity: the closest
+        // guess until this owner's next full batch).
+        let held = ghosts.by_id.get(&g.q.id);
         let (comps, comps_at) = match (&g.comps, held) {
             (Some(c), Some(h)) if h.state.comps.as_ref() == Some(c) => (Some(c.clone()), h.comps_at),
             (Some(c), _) => (Some(c.clone()), tick),
@@ -274,7 +275,9 @@ pub fn adopted(world: &mut World, id: EntityId) {
 /// and it expires).
 pub fn released(world: &mut World, state: GhostState) {
     let tick = world.resource::<TickState>().tick;
-    world.resource_mut::<Ghosts>().by_id.insert(state.q.id, Ghost { state, seen: tick, comps_at: tick });
+    // Released after this tick's replication: new to the next frame, which
+    // must drop what clients saw of it that neighbours do not mirror.
+    world.resource_mut::<Ghosts>().by_id.insert(state.q.id, Ghost { state, seen: tick, comps_at: tick + 1 });
 }
 
 /// Per neighbour: the entities sent last tick (so that a neighbour whose
@@ -343,6 +346,7 @@ pub fn sync_out(
     out: Res<Outbox>,
     metrics: Res<SimMetrics>,
     mut faces: ResMut<super::authority::OpenFaces>,
+    schemas: Res<super::authority::PeerSchemas>,
     mut sc: Local<SyncScratch>,
 ) {
     let map = &map.0;
@@ -386,9 +390,13 @@ pub fn sync_out(
                 v.insert((ghosted(&cfg.registry, comps), tick.tick)).0.clone()
             }
         };
-        let g = ghost_state(&cfg, (net, body, auth, avatar, prop), Some(set));
+        let g = ghost_state(&cfg, (net, body, auth, avatar, prop), Some(set.clone()));
         for d in &sc.dests {
-            sc.lists.entry(*d).or_default().push(g.clone());
+            let g = match schemas.readable_by(*d, &set) {
+                Some(readable) => GhostState { comps: Some(Arc::new(readable)), ..g.clone() },
+                None => g.clone(),
+            };
+            sc.lists.entry(*d).or_default().push(g);
         }
     }
     let mut now = HashSet::new();

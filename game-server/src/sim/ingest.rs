@@ -30,9 +30,8 @@ pub fn ingest(world: &mut World) {
     for m in msgs {
         match m {
             SimIn::PeerSchema { server, schema } => {
-                let mut known = world.resource_mut::<super::authority::PeerSchemas>();
-                known.0.insert(server, schema);
-                let n = known.0.len();
+                let registry = world.resource::<SimConfig>().registry.clone();
+                let n = world.resource_mut::<super::authority::PeerSchemas>().learn(server, schema, &registry);
                 world.resource::<SimMetrics>().0.peer_schemas.set(n as i64);
             }
             SimIn::Joined { conn, player, name, role, spawn, saved, tx } => {
@@ -90,6 +89,8 @@ pub fn ingest(world: &mut World) {
                 }
             }
             SimIn::Map(map) => {
+                let n = world.resource_mut::<super::authority::PeerSchemas>().retain(|s| map.servers.contains_key(&s));
+                world.resource::<SimMetrics>().0.peer_schemas.set(n as i64);
                 world.resource_mut::<Map>().0 = map;
                 revalidate_authority(world);
             }

@@ -384,7 +384,9 @@ pub fn authority(world: &mut World) {
 }
 
 /// Asks the coordinator to hand `e` into `target` from `not_before` on;
-/// false if the control task's queue is full (asked again later).
+/// false if the control task's queue is full (asked again later) or the
+/// target's schema lacks a component of the entity (see
+/// [`target_understands`]).
 pub(crate) fn request_transfer(
     world: &mut World,
     e: Entity,
@@ -421,7 +423,61 @@ pub(crate) fn request_transfer(
 /// their ghost links fetched them (`sync`): a transfer is asked for only
 /// if its target knows every component of the entity as this server does.
 #[derive(Resource, Debug, Default)]
-pub struct PeerSchemas(pub std::collections::HashMap<shared::ServerId, std::sync::Arc<shared::component::Schema>>);
+pub struct PeerSchemas {
+    /// Each server's, and whether it knows every component of this
+    /// server's alike (the usual case: nothing to check or filter).
+    by_server: std::collections::HashMap<shared::ServerId, (std::sync::Arc<shared::component::Schema>, bool)>,
+    /// This server's own, built once.
+    mine: Option<std::sync::Arc<shared::component::Schema>>,
+}
+
+impl PeerSchemas {
+    /// Keeps `schema` as `server`'s; how many servers' are known.
+    pub fn learn(
+        &mut self,
+        server: shared::ServerId,
+        schema: std::sync::Arc<shared::component::Schema>,
+        registry: &shared::component::Registry,
+    ) -> usize {
+        let mine = self.mine(registry);
+        let all = mine.0.iter().all(|e| schema.0.contains(e));
+        self.by_server.insert(server, (schema, all));
+        self.by_server.len()
+    }
+
+    fn mine(&mut self, registry: &shared::component::Registry) -> std::sync::Arc<shared::component::Schema> {
+        self.mine.get_or_insert_with(|| std::sync::Arc::new(registry.schema())).clone()
+    }
+
+    /// What of `set` `server` can read, when that is not all of it (`None`:
+    /// send it as it is, or the server's schema is not known). A neighbour
+    /// of an older build still mirrors what it knows of an entity.
+    pub fn readable_by(
+        &self,
+        server: shared::ServerId,
+        set: &shared::component::ComponentSet,
+    ) -> Option<shared::component::ComponentSet> {
+        let (theirs, all) = self.by_server.get(&server)?;
+        let mine = self.mine.as_ref()?;
+        if *all {
+            return None;
+        }
+        let knows = |id| mine.0.iter().find(|e| e.id == id).is_some_and(|e| theirs.0.contains(e));
+        if set.ids().all(knows) {
+            return None;
+        }
+        let mut kept = set.clone();
+        kept.retain(knows);
+        Some(kept)
+    }
+
+    /// Forgets the servers `live` rejects (gone from the map: ids are never
+    /// reused); how many servers' are known.
+    pub fn retain(&mut self, live: impl Fn(shared::ServerId) -> bool) -> usize {
+        self.by_server.retain(|s, _| live(*s));
+        self.by_server.len()
+    }
+}
 
 /// An entity whose transfer its target's schema refused, and that schema:
 /// said once (logged and counted), checked again every time.
@@ -438,9 +494,11 @@ pub struct SchemaRefused {
 /// read itself, after the commit.
 fn target_understands(world: &mut World, e: Entity, entity: shared::EntityId, target: RegionKey) -> bool {
     let Some((owner, _)) = world.resource::<Map>().0.live_owner(&target) else { return true };
-    let Some(theirs) = world.resource::<PeerSchemas>().0.get(&owner).cloned() else { return true };
+    let Some((theirs, _)) = world.resource::<PeerSchemas>().by_server.get(&owner).cloned() else { return true };
+    let registry = world.resource::<SimConfig>().registry.clone();
+    let mine = world.resource_mut::<PeerSchemas>().mine(&registry);
     let verdict = match world.get::<Components>(e) {
-        Some(c) => theirs.understands(&world.resource::<SimConfig>().registry.schema(), c.0.set()),
+        Some(c) => theirs.understands(&mine, c.0.set()),
         None => Ok(()),
     };
     match verdict {
