@@ -40,6 +40,25 @@ pub struct WorldStore {
     pub rt: Handle,
 }
 
+/// `current` (a component set) with the components of `stored` it lacks
+/// that `registry` still persists.
+fn keep_lacking(
+    current: &[u8],
+    stored: Option<persistence::model::Progress>,
+    registry: &shared::component::Registry,
+) -> Vec<u8> {
+    use shared::component::ComponentSet;
+    let Some(stored) = stored.filter(|s| !s.components.is_empty()) else { return current.to_vec() };
+    let Ok((old, _)) = ComponentSet::decode_saved(&stored.components, registry) else { return current.to_vec() };
+    let Ok((mut merged, _)) = ComponentSet::decode_saved(current, registry) else { return current.to_vec() };
+    for (id, bytes) in old.iter() {
+        if merged.bytes(id).is_none() && registry.policy(id).is_some_and(|p| p.persisted) {
+            merged.put_bytes(id, bytes);
+        }
+    }
+    merged.to_bytes()
+}
+
 impl WorldStore {
     pub fn new(store: Arc<dyn Store>, rt: Handle) -> Self {
         Self { store, rt }
@@ -47,14 +66,34 @@ impl WorldStore {
 
     /// Saves a player's progression off the tick thread, retrying for about
     /// ten seconds; a save older than the stored one (`Stale`) is dropped,
-    /// and a failure is logged and counted by the caller's metrics.
-    pub fn save_progress(&self, p: persistence::model::Progress) -> tokio::task::JoinHandle<Result<(), StoreError>> {
+    /// and a failure is logged and counted by the caller's metrics. With
+    /// `keep_stored`, the stored components this save lacks are kept (those
+    /// the registry still persists): the avatar holds only part of them.
+    pub fn save_progress(
+        &self,
+        mut p: persistence::model::Progress,
+        keep_stored: Option<Arc<shared::component::Registry>>,
+    ) -> tokio::task::JoinHandle<Result<(), StoreError>> {
         let store = self.store.clone();
         self.rt.spawn(async move {
             let mut wait = std::time::Duration::from_millis(100);
             let mut attempts = 0;
             loop {
                 attempts += 1;
+                if let Some(registry) = &keep_stored {
+                    match store.load_progress(p.player).await {
+                        Ok(stored) => p.components = keep_lacking(&p.components, stored, registry),
+                        Err(e) if e.is_transient() && attempts < 10 => {
+                            tokio::time::sleep(wait).await;
+                            wait = (wait * 2).min(std::time::Duration::from_secs(2));
+                            continue;
+                        }
+                        Err(e) => {
+                            tracing::warn!(player = %p.player, error = %e, "player progression not saved");
+                            return Err(e);
+                        }
+                    }
+                }
                 match store.save_progress(&p).await {
                     Ok(()) | Err(StoreError::Stale { .. }) => return Ok(()),
                     Err(e) if e.is_transient() && attempts < 10 => {
@@ -306,6 +345,42 @@ mod tests {
 
     fn delta(i: u32) -> VoxelDelta {
         VoxelDelta { chunk: ChunkKey { x: 0, y: 0, z: 0 }, index: i, material: Material::Air }
+    }
+
+    #[test]
+    fn a_partial_avatars_save_keeps_the_stored_components_it_lacks() {
+        use shared::component::ComponentSet;
+        use shared::component::builtin::{Kind, PlayerName, PropBody};
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().expect("runtime");
+        let store = WorldStore::new(Arc::new(MemoryStore::new(32 * 32 * 32)), rt.handle().clone());
+        let registry = Arc::new(shared::component::Registry::builtin());
+        let progress = |version, set: &ComponentSet| persistence::model::Progress {
+            player: shared::PlayerId(9),
+            version,
+            position: [0.0; 3],
+            inventory: serde_json::json!([]),
+            stats: serde_json::json!({}),
+            components: set.to_bytes(),
+        };
+        // Saved at its last leave: a kind and a persisted server-side one.
+        let mut full = ComponentSet::new();
+        full.set(&Kind::Player);
+        full.set(&PropBody { angvel_mrads: [1, 2, 3], asleep: false });
+        rt.block_on(store.save_progress(progress(1, &full), None)).expect("task").expect("saved");
+        // Resumed from its ghost: only the mirrored ones (and a name, which
+        // is not persisted).
+        let mut partial = ComponentSet::new();
+        partial.set(&Kind::PropBall { radius_mm: 7 });
+        partial.set(&PlayerName("ada".into()));
+        rt.block_on(store.save_progress(progress(2, &partial), Some(registry.clone()))).expect("task").expect("saved");
+        let stored = rt.block_on(store.store.load_progress(shared::PlayerId(9))).expect("read").expect("saved");
+        let stored = ComponentSet::decode(&stored.components, &registry).expect("decodes");
+        assert_eq!(stored.get::<Kind>(), Some(Ok(Kind::PropBall { radius_mm: 7 })), "the avatar's wins");
+        assert_eq!(stored.get::<PropBody>(), Some(Ok(PropBody { angvel_mrads: [1, 2, 3], asleep: false })), "kept");
+        // A whole avatar's save replaces them.
+        rt.block_on(store.save_progress(progress(3, &partial), None)).expect("task").expect("saved");
+        let stored = rt.block_on(store.store.load_progress(shared::PlayerId(9))).expect("read").expect("saved");
+        assert_eq!(ComponentSet::decode(&stored.components, &registry).expect("decodes"), partial);
     }
 
     #[test]

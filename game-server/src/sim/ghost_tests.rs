@@ -561,9 +561,11 @@ fn a_transfer_whose_source_died_resumes_on_the_target_from_its_ghost() {
     let answers: Vec<_> = std::iter::from_fn(|| b.next_out().ok()).collect();
     assert!(matches!(answers.as_slice(), [SimOut::OrphanResolved { transfer_id: 21, adopted: true }]), "{answers:?}");
     let (body, avatar) = b.avatar().expect("b simulates the player now");
-    // With the components its ghost had: kind, rig and name.
+    // With the components its ghost had (kind, rig and name), marked as
+    // resumed from it (a save of its progression keeps what it lacks).
     let e = b.world.resource::<super::core::Index>().by_net[&entity];
-    let comps = b.world.get::<super::core::Components>(e).expect("components").0.set().clone();
+    let mut comps = b.world.get::<super::core::Components>(e).expect("components").0.set().clone();
+    assert!(comps.remove(6), "marked resumed_from_ghost: {comps:?}");
     assert_eq!(comps.len(), 3, "{comps:?}");
     assert_eq!(&comps, ghost.comps(), "its ghost's");
     let g = ghost.state.q.state();

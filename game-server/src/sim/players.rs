@@ -218,8 +218,18 @@ pub fn progress_of(world: &World, e: Entity) -> Option<persistence::model::Progr
 
 pub(crate) fn save_progress(world: &World, e: Entity) {
     if let Some(p) = progress_of(world, e) {
-        world.resource::<Progression>().0.save_progress(p);
+        world.resource::<Progression>().0.save_progress(p, keep_stored(world, e));
     }
+}
+
+/// The registry, when a save of `e`'s progression must keep the stored
+/// components it lacks: it was resumed from its ghost, which mirrors only
+/// some (`ResumedFromGhost`).
+fn keep_stored(world: &World, e: Entity) -> Option<std::sync::Arc<shared::component::Registry>> {
+    use shared::component::Component as _;
+    use shared::component::builtin::ResumedFromGhost;
+    let resumed = world.get::<Components>(e).is_some_and(|c| c.0.set().bytes(ResumedFromGhost::ID).is_some());
+    resumed.then(|| world.resource::<SimConfig>().registry.clone())
 }
 
 /// At shutdown: saves every avatar's progression and waits (up to 5 s) for
@@ -227,7 +237,11 @@ pub(crate) fn save_progress(world: &World, e: Entity) {
 pub fn save_all_progress(world: &mut World) {
     let avatars: Vec<Entity> = world.query_filtered::<Entity, With<Avatar>>().iter(world).collect();
     let store = world.resource::<Progression>().0.clone();
-    let saves: Vec<_> = avatars.iter().filter_map(|e| progress_of(world, *e)).map(|p| store.save_progress(p)).collect();
+    let saves: Vec<_> = avatars
+        .iter()
+        .filter_map(|e| Some((progress_of(world, *e)?, keep_stored(world, *e))))
+        .map(|(p, keep)| store.save_progress(p, keep))
+        .collect();
     let n = saves.len();
     let done = store.rt.block_on(async {
         tokio::time::timeout(std::time::Duration::from_secs(5), futures::future::join_all(saves)).await

@@ -15,6 +15,7 @@ pub fn register(r: &mut Registry) -> Result<(), RegistryError> {
     r.register::<VrRig>()?;
     r.register::<PlayerName>()?;
     r.register::<PropBody>()?;
+    r.register::<ResumedFromGhost>()?;
     Ok(())
 }
 
@@ -305,5 +306,31 @@ impl Component for PropBody {
             _ => return Err(ComponentError::OutOfRange("prop sleep flag")),
         };
         Ok(Self { angvel_mrads, asleep })
+    }
+}
+
+/// Marks an entity resumed from its ghost (its server died handing it
+/// over): it holds only the components neighbours mirror, so a save of its
+/// player's progression keeps the stored components it lacks instead of
+/// dropping them. Servers only; it moves with the entity in a handoff.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ResumedFromGhost;
+
+impl Component for ResumedFromGhost {
+    const ID: ComponentId = 6;
+    const NAME: &'static str = "resumed_from_ghost";
+    const VERSION: u16 = 1;
+    const MAX_SIZE: usize = 1;
+    const POLICY: Policy = Policy { audience: Audience::Servers, ghosted: false, persisted: false };
+
+    fn encode(&self, _base: Option<&Self>, out: &mut Vec<u8>) {
+        out.push(1);
+    }
+
+    fn decode(r: &mut Reader<'_>, _base: Option<&Self>) -> Result<Self, ComponentError> {
+        match r.u8()? {
+            1 => Ok(Self),
+            _ => Err(ComponentError::OutOfRange("resumed_from_ghost")),
+        }
     }
 }

@@ -239,7 +239,7 @@ fn schemas_that_differ_say_where() {
     assert_eq!(ours.mismatch(&ours), None);
     assert_eq!(
         ours.0.iter().map(|e| (e.id, e.name.as_str())).collect::<Vec<_>>(),
-        [(1, "transform"), (2, "kind"), (3, "vr_rig"), (4, "player_name"), (5, "prop_body")]
+        [(1, "transform"), (2, "kind"), (3, "vr_rig"), (4, "player_name"), (5, "prop_body"), (6, "resumed_from_ghost")]
     );
     let mut theirs = ours.clone();
     theirs.0[2].version = 2;

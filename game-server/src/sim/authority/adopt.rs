@@ -196,8 +196,13 @@ pub(crate) fn resume_orphan(world: &mut World, o: crate::sim::messages::Orphan) 
             }),
             crossed_tick: None,
             // What neighbours mirror of it (`Policy::ghosted`): a component
-            // that is not is lost with its owner.
-            components: g.comps().clone(),
+            // that is not is lost with its owner, and the mark says so (a
+            // save of its player's progression keeps the stored ones).
+            components: {
+                let mut c = g.comps().clone();
+                c.set(&shared::component::builtin::ResumedFromGhost);
+                c
+            },
         }
     });
     let adopted = match state.map(|s| (check_adoption(world, &s), s)) {
