@@ -153,8 +153,8 @@ pub async fn run_with(
     let load = Arc::new(sim::core::LoadShared::default());
     let authority_log = config.authority_log.as_deref().map(sim::authority_log_writer).transpose()?;
     let sim_stop = Arc::new(AtomicBool::new(false));
-    let store_for_joins = store.clone();
     let store = store::WorldStore::new(store, tokio::runtime::Handle::current());
+    let store_for_joins = store.clone();
     let writer = store::spawn_writer(store.clone(), persistence::random_id()).context("starting the edit writer")?;
     let world_parts = sim::WorldParts {
         generator: Arc::new(shared::terrain::TerrainGen::new(reg.world_seed, layout)),

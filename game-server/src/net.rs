@@ -51,7 +51,7 @@ pub struct NetContext {
     pub schema: Arc<shared::component::Schema>,
     /// Where a playing join's saved components are read from, and the
     /// registry they are checked against (none: joins start without).
-    pub saved: Option<(Arc<dyn persistence::Store>, Arc<shared::component::Registry>)>,
+    pub saved: Option<(crate::store::WorldStore, Arc<shared::component::Registry>)>,
     next_conn: Arc<AtomicU64>,
 }
 
@@ -106,7 +106,7 @@ impl NetContext {
     pub fn with_registry(
         mut self,
         registry: Arc<shared::component::Registry>,
-        store: Arc<dyn persistence::Store>,
+        store: crate::store::WorldStore,
     ) -> Self {
         self.schema = Arc::new(registry.schema());
         self.saved = Some((store, registry));
@@ -115,7 +115,9 @@ impl NetContext {
 
     async fn saved_components(&self, player: PlayerId) -> Result<Option<shared::component::ComponentSet>, String> {
         match &self.saved {
-            Some((store, registry)) => saved_components(&**store, registry, &self.metrics, player).await,
+            Some((store, registry)) => {
+                saved_components(store.load_progress(player), registry, &self.metrics, player).await
+            }
             None => Ok(None),
         }
     }
@@ -126,12 +128,12 @@ impl NetContext {
 /// say, so that a fresh avatar never overwrites a saved one. Components
 /// `registry` refuses are left out and counted.
 async fn saved_components(
-    store: &dyn persistence::Store,
+    load: impl std::future::Future<Output = Result<Option<persistence::Progress>, persistence::StoreError>>,
     registry: &shared::component::Registry,
     metrics: &Metrics,
     player: PlayerId,
 ) -> Result<Option<shared::component::ComponentSet>, String> {
-    let progress = match tokio::time::timeout(SAVED_READ_TIMEOUT, store.load_progress(player)).await {
+    let progress = match tokio::time::timeout(SAVED_READ_TIMEOUT, load).await {
         Ok(Ok(p)) => p,
         Ok(Err(e)) => return Err(e.to_string()),
         Err(_) => return Err(format!("no answer within {SAVED_READ_TIMEOUT:?}")),
@@ -596,7 +598,7 @@ mod tests {
         let metrics = Metrics::new();
         let registry = Registry::builtin();
         let dropped = |reason: &str| metrics.saved_components_dropped.with_label_values(&[reason]).get();
-        let read = |p: u64| saved_components(&*store, &registry, &metrics, PlayerId(p));
+        let read = |p: u64| saved_components(store.load_progress(PlayerId(p)), &registry, &metrics, PlayerId(p));
         assert_eq!(read(1).await, Ok(None), "never saved");
         let save = |p: u64, components: Vec<u8>| {
             let store = store.clone();

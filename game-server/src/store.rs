@@ -38,6 +38,10 @@ pub const MAX_FLUSH_DELTAS: usize = 200_000;
 pub struct WorldStore {
     pub store: Arc<dyn Store>,
     pub rt: Handle,
+    /// Progression saves not yet written, by player: a join reads these
+    /// before the store, so a player back before its leave's save landed
+    /// starts from it, not from the row before.
+    pending: Arc<std::sync::Mutex<HashMap<shared::PlayerId, persistence::model::Progress>>>,
 }
 
 /// `current` (a component set) with the components of `stored` it lacks
@@ -61,7 +65,20 @@ fn keep_lacking(
 
 impl WorldStore {
     pub fn new(store: Arc<dyn Store>, rt: Handle) -> Self {
-        Self { store, rt }
+        Self { store, rt, pending: Arc::default() }
+    }
+
+    /// A player's progression: the newest save of it still being written
+    /// here, else the stored one.
+    pub async fn load_progress(
+        &self,
+        player: shared::PlayerId,
+    ) -> Result<Option<persistence::model::Progress>, StoreError> {
+        let pending = self.pending.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(&player).cloned();
+        match pending {
+            Some(p) => Ok(Some(p)),
+            None => self.store.load_progress(player).await,
+        }
     }
 
     /// Saves a player's progression off the tick thread, retrying for about
@@ -75,7 +92,17 @@ impl WorldStore {
         keep_stored: Option<Arc<shared::component::Registry>>,
     ) -> tokio::task::JoinHandle<Result<(), StoreError>> {
         let store = self.store.clone();
-        self.rt.spawn(async move {
+        // Whole saves are read back from here until written (one that
+        // merges in stored components is not whole until it has).
+        let pending = keep_stored.is_none().then(|| {
+            let mut held = self.pending.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if held.get(&p.player).is_none_or(|old| old.version < p.version) {
+                held.insert(p.player, p.clone());
+            }
+            self.pending.clone()
+        });
+        let (player, version) = (p.player, p.version);
+        let saving = self.rt.spawn(async move {
             let mut wait = std::time::Duration::from_millis(100);
             let mut attempts = 0;
             loop {
@@ -106,6 +133,16 @@ impl WorldStore {
                     }
                 }
             }
+        });
+        self.rt.spawn(async move {
+            let result = saving.await.unwrap_or_else(|e| Err(StoreError::Unavailable(format!("save task: {e}"))));
+            if let Some(pending) = pending {
+                let mut held = pending.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                if held.get(&player).is_some_and(|p| p.version == version) {
+                    held.remove(&player);
+                }
+            }
+            result
         })
     }
 
@@ -345,6 +382,33 @@ mod tests {
 
     fn delta(i: u32) -> VoxelDelta {
         VoxelDelta { chunk: ChunkKey { x: 0, y: 0, z: 0 }, index: i, material: Material::Air }
+    }
+
+    #[test]
+    fn a_join_reads_a_save_still_being_written() {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().expect("runtime");
+        let memory = Arc::new(MemoryStore::new(32 * 32 * 32));
+        let store = WorldStore::new(memory.clone(), rt.handle().clone());
+        let player = shared::PlayerId(4);
+        let progress = |version, x| persistence::model::Progress {
+            player,
+            version,
+            position: [x, 0.0, 0.0],
+            inventory: serde_json::json!([]),
+            stats: serde_json::json!({}),
+            components: vec![1, 2, 1, 0],
+        };
+        rt.block_on(store.save_progress(progress(1, 1.0), None)).expect("task").expect("saved");
+        // The database is down: the leave's save retries; a join here reads it.
+        memory.set_unavailable(true);
+        let saving = store.save_progress(progress(2, 2.0), None);
+        let read = rt.block_on(store.load_progress(player)).expect("read").expect("saved");
+        assert_eq!((read.version, read.position[0]), (2, 2.0));
+        memory.set_unavailable(false);
+        rt.block_on(saving).expect("task").expect("saved once the database is back");
+        let stored = rt.block_on(memory.load_progress(player)).expect("read").expect("saved");
+        assert_eq!(stored.version, 2);
+        assert!(store.pending.lock().expect("lock").is_empty(), "nothing held once written");
     }
 
     #[test]
