@@ -159,8 +159,8 @@ pub(crate) fn reclaimed(world: &mut World, state: HandoffState, entity_epoch: Ep
 /// A transfer to this server whose source died before delivering it: the
 /// entity goes on here from the newest state its ghost had (position,
 /// velocity, orientation, its ghosted components; a player's last applied
-/// input, so the inputs its standby connection buffered since apply once). Without a ghost, it is
-/// lost, and the coordinator is told so.
+/// input, so the inputs its standby connection buffered since apply once).
+/// Without a ghost, it is lost, and the coordinator is told so.
 pub(crate) fn resume_orphan(world: &mut World, o: crate::sim::messages::Orphan) {
     let tick = world.resource::<TickState>().tick;
     let me = world.resource::<SimConfig>().server;
