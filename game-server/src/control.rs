@@ -544,8 +544,16 @@ impl TransferExecutor {
             to_region: Some(mesh_key_to_pb(&ask.to_region)),
             position: Some(mpb::Vec3 { x: ask.position.x, y: ask.position.y, z: ask.position.z }),
             not_before_tick: ask.not_before_tick,
+            components: crate::convert::components_to_mesh_pb(&ask.components),
         };
-        match self.coordinator.call(|mut c| async move { c.request_transfer(req).await }).await {
+        match self
+            .coordinator
+            .call(|mut c| {
+                let req = req.clone();
+                async move { c.request_transfer(req).await }
+            })
+            .await
+        {
             Ok(r) => Ok(CommittedTransfer {
                 id: r.transfer_id,
                 to: ServerId(r.to_server),

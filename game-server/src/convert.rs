@@ -440,23 +440,16 @@ pub fn schema_to_pb(s: &shared::component::Schema) -> ppb::SchemaResponse {
 /// A peer's schema: at most as many components as a registry holds, ids
 /// and versions in range, names as a registry allows, ascending ids.
 pub fn schema_from_pb(r: &ppb::SchemaResponse) -> Result<shared::component::Schema, BadMessage> {
-    use shared::component::{MAX_NAME, MAX_REGISTERED, SchemaEntry};
-    if r.entries.len() > MAX_REGISTERED {
-        return Err(BadMessage::BadSchema("more components than a registry holds"));
-    }
-    let mut entries: Vec<SchemaEntry> = Vec::with_capacity(r.entries.len());
-    for e in &r.entries {
-        let id = u16::try_from(e.id).map_err(|_| BadMessage::BadSchema("component id out of range"))?;
-        let version = u16::try_from(e.version).map_err(|_| BadMessage::BadSchema("version out of range"))?;
-        if e.name.len() > MAX_NAME {
-            return Err(BadMessage::BadSchema("component name too long"));
-        }
-        if entries.last().is_some_and(|l| l.id >= id) {
-            return Err(BadMessage::BadSchema("component ids not ascending"));
-        }
-        entries.push(SchemaEntry { id, name: e.name.clone(), version });
-    }
-    Ok(shared::component::Schema(entries))
+    shared::component::Schema::checked(r.entries.iter().map(|e| (e.id, e.name.as_str(), e.version)))
+        .map_err(BadMessage::BadSchema)
+}
+
+/// Components as the coordinator's messages carry them.
+pub fn components_to_mesh_pb(entries: &[shared::component::SchemaEntry]) -> Vec<mpb::ComponentEntry> {
+    entries
+        .iter()
+        .map(|e| mpb::ComponentEntry { id: u32::from(e.id), name: e.name.clone(), version: u32::from(e.version) })
+        .collect()
 }
 
 pub fn interaction_to_pb(i: &Interaction) -> ppb::InteractRequest {
@@ -712,6 +705,7 @@ pub fn refusal_from_coordinator(s: &tonic::Status) -> Refused {
             C::NoOwner => Refusal::NoOwner,
             C::NotCommitted => Refusal::NotCommitted,
             C::Exhausted => Refusal::Exhausted,
+            C::SchemaMismatch => Refusal::SchemaMismatch,
             // Refusals of operator commands and lookups: not decisions
             // about a transfer.
             C::UnknownServer
@@ -734,6 +728,7 @@ pub fn refusal_from_coordinator(s: &tonic::Status) -> Refused {
             "no_owner" => Refusal::NoOwner,
             "not_bootstrapped" | "unavailable" => Refusal::NotCommitted,
             "ids_exhausted" | "directory_full" | "transfers_full" => Refusal::Exhausted,
+            "schema_mismatch" => Refusal::SchemaMismatch,
             _ if s.code() == tonic::Code::FailedPrecondition => Refusal::StaleEntityEpoch,
             _ if s.code() == tonic::Code::NotFound => Refusal::Unknown,
             _ => Refusal::NotCommitted,

@@ -67,6 +67,10 @@ pub enum Refusal {
     Unknown,
     /// The coordinator is out of room (ids, directory).
     Exhausted,
+    /// The target's server does not know a component of the entity alike
+    /// (a rolling upgrade): asked again after a back-off, as the target
+    /// may be upgraded or the region move; never a reason to drop it.
+    SchemaMismatch,
     // The target, handed an entity.
     /// The handoff is addressed to another server.
     WrongServer,
@@ -103,7 +107,9 @@ impl Refusal {
             Fenced | StaleRegionEpoch | StaleEntityEpoch | SameServer | WrongServer | TargetStaleEpoch | BadRequest => {
                 Class::Permanent
             }
-            UnknownRegion | NoOwner | NotCommitted | Unknown | Exhausted | Busy | Unreachable => Class::Transient,
+            UnknownRegion | NoOwner | NotCommitted | Unknown | Exhausted | SchemaMismatch | Busy | Unreachable => {
+                Class::Transient
+            }
             AlreadyHeld => Class::AlreadyDone,
         }
     }
@@ -120,6 +126,7 @@ impl Refusal {
             NotCommitted => "not_committed",
             Unknown => "unknown",
             Exhausted => "exhausted",
+            SchemaMismatch => "schema_mismatch",
             WrongServer => "wrong_server",
             TargetStaleEpoch => "stale_epoch",
             AlreadyHeld => "already_held",
@@ -129,7 +136,7 @@ impl Refusal {
         }
     }
 
-    pub const ALL: [Refusal; 15] = [
+    pub const ALL: [Refusal; 16] = [
         Refusal::Fenced,
         Refusal::StaleRegionEpoch,
         Refusal::StaleEntityEpoch,
@@ -139,6 +146,7 @@ impl Refusal {
         Refusal::NotCommitted,
         Refusal::Unknown,
         Refusal::Exhausted,
+        Refusal::SchemaMismatch,
         Refusal::WrongServer,
         Refusal::TargetStaleEpoch,
         Refusal::AlreadyHeld,
@@ -181,6 +189,8 @@ pub struct TransferAsk {
     pub to_region: shared::RegionKey,
     pub position: glam::DVec3,
     pub not_before_tick: shared::Tick,
+    /// The entity's components, as this server's schema names them.
+    pub components: Vec<shared::component::SchemaEntry>,
 }
 
 /// Why an entity is taken back.
@@ -362,6 +372,7 @@ impl HandoffDriver {
                 to_region,
                 position,
                 not_before_tick,
+                components,
             } => self.actions.push_back(Action::RequestTransfer(TransferAsk {
                 entity,
                 from_region,
@@ -370,6 +381,7 @@ impl HandoffDriver {
                 to_region,
                 position,
                 not_before_tick,
+                components,
             })),
             SimOut::Handoff(state) => {
                 let id = state.transfer_id;
@@ -451,6 +463,7 @@ mod tests {
             (Refusal::NotCommitted, Transient),
             (Refusal::Unknown, Transient),
             (Refusal::Exhausted, Transient),
+            (Refusal::SchemaMismatch, Transient),
             (Refusal::WrongServer, Permanent),
             (Refusal::TargetStaleEpoch, Permanent),
             (Refusal::AlreadyHeld, AlreadyDone),

@@ -124,6 +124,7 @@ pub async fn run_with(
             capacity_players: config.capacity,
             cert_sha256: identity.sha256.clone(),
             version: env!("CARGO_PKG_VERSION").to_owned(),
+            components: convert::components_to_mesh_pb(&registry.schema().0),
         },
         std::time::Duration::from_secs(config.register_timeout_s),
     )

@@ -185,6 +185,18 @@ def main() -> int:
                 pass
         counts[case] = kinds
 
+    # A roll with the coordinators first: the game servers keep their tag.
+    try:
+        images = {}
+        for _, doc in objects(render(chart, merge(SECRETS, {"image": {"tag": "2.0.0", "gameServerTag": "1.9.0"}}))):
+            spec = doc.get("spec", {}).get("template", {}).get("spec", {})
+            for c in spec.get("containers", []):
+                images[c["image"].rsplit("/", 1)[-1].split(":")[0]] = c["image"].rsplit(":", 1)[-1]
+        if images.get("mesh-coordinator") != "2.0.0" or images.get("game-server") != "1.9.0":
+            failures.append(f"image.gameServerTag: images rendered as {images}")
+    except helm.HelmError as e:
+        failures.append(f"image.gameServerTag: does not render: {e}")
+
     bad = [
         ("zero coordinators", merge(SECRETS, {"coordinator": {"replicas": 0}}), "replicas"),
         ("two coordinators in production", merge(production, {"coordinator": {"replicas": 2}}), "odd number"),

@@ -36,6 +36,9 @@ app.kubernetes.io/component: {{ .component }}
 
 {{- define "ps.image" -}}
 {{- $tag := default .ctx.Chart.AppVersion .ctx.Values.image.tag -}}
+{{- if and (eq .name "game-server") .ctx.Values.image.gameServerTag -}}
+{{- $tag = .ctx.Values.image.gameServerTag -}}
+{{- end -}}
 {{- printf "%s/%s:%s" .ctx.Values.image.registry .name $tag -}}
 {{- end -}}
 

@@ -57,7 +57,8 @@ pub fn status_of(e: CommandError) -> Status {
         | CommandError::SameServer(_)
         | CommandError::Draining(_)
         | CommandError::LastServer(_)
-        | CommandError::NotMergeable(..) => Status::failed_precondition(msg),
+        | CommandError::NotMergeable(..)
+        | CommandError::SchemaMismatch { .. } => Status::failed_precondition(msg),
     };
     Status::with_details(status.code(), status.message(), details)
 }
@@ -83,7 +84,14 @@ fn refusal_code(e: &CommandError) -> pb::RefusalCode {
         CommandError::LastServer(_) => C::LastServer,
         CommandError::TooSmall(_) => C::TooSmall,
         CommandError::NotMergeable(..) => C::NotMergeable,
+        CommandError::SchemaMismatch { .. } => C::SchemaMismatch,
     }
+}
+
+/// A server's component schema, or an entity's components, as a request
+/// carries them (see [`shared::component::Schema::checked`]).
+fn components_from_pb(entries: &[pb::ComponentEntry]) -> Result<shared::component::Schema, &'static str> {
+    shared::component::Schema::checked(entries.iter().map(|e| (e.id, e.name.as_str(), e.version)))
 }
 
 fn unexpected(r: SmResponse) -> Status {
@@ -97,12 +105,14 @@ impl MeshCoordinator for CoordinatorGrpc {
         if r.name.is_empty() || r.name.len() > 256 {
             return Err(self.refuse("bad_request", "server name must be 1..=256 bytes"));
         }
-        let cmd = Command::Register {
+        let schema = components_from_pb(&r.components).map_err(|e| self.refuse("bad_request", e))?;
+        let cmd = Command::RegisterWithSchema {
             name: r.name,
             addresses: addresses_from_pb(r.addresses),
             cert_sha256: r.cert_sha256,
             capacity_players: r.capacity_players,
             version: r.version,
+            schema,
             now: now_nanos(),
         };
         match self.node.propose(cmd).await.map_err(status_of)? {
@@ -166,7 +176,8 @@ impl MeshCoordinator for CoordinatorGrpc {
         let r = req.into_inner();
         let from_region = key_from_pb(r.from_region.as_ref()).map_err(|e| self.refuse("bad_region_key", e))?;
         let to_region = key_from_pb(r.to_region.as_ref()).map_err(|e| self.refuse("bad_region_key", e))?;
-        let cmd = Command::RequestTransfer(TransferRequest {
+        let components = components_from_pb(&r.components).map_err(|e| self.refuse("bad_request", e))?;
+        let request = TransferRequest {
             entity: EntityId(r.entity_id),
             from: ServerId(r.from_server),
             from_region,
@@ -175,7 +186,13 @@ impl MeshCoordinator for CoordinatorGrpc {
             to_region,
             not_before_tick: r.not_before_tick,
             now: now_nanos(),
-        });
+        };
+        // A build that names no components gets the command it always did.
+        let cmd = if components.0.is_empty() {
+            Command::RequestTransfer(request)
+        } else {
+            Command::RequestTransferOf { request, components: components.0 }
+        };
         match self.node.propose(cmd).await.map_err(status_of)? {
             SmResponse::Transfer(t) => {
                 let target = self.node.read(|s| s.server(t.to).cloned());

@@ -332,6 +332,12 @@ pub struct ServerView {
     /// Drained by an operator: takes no regions.
     #[serde(default)]
     pub draining: bool,
+    /// The components its build knows (`name vN`, ascending ids), as it
+    /// registered them; absent for a build that sent none. During a rolling
+    /// upgrade, an entity carrying a component a server lacks is not
+    /// handed to it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub components: Option<Vec<String>>,
 }
 
 /// The registered game servers.
@@ -358,6 +364,9 @@ pub(crate) fn server_views(s: &crate::state::CoordinatorState, now: u64) -> Vec<
             regions: s.regions_of(r.id).map(|(k, _)| k.to_string()).collect(),
             last_heartbeat_age_ms: now.saturating_sub(r.last_heartbeat) / 1_000_000,
             draining: s.is_draining(r.id),
+            components: s
+                .schema_of(r.id)
+                .map(|schema| schema.0.iter().map(|e| format!("{} v{}", e.name, e.version)).collect()),
         })
         .collect()
 }

@@ -116,6 +116,7 @@ fn bad_input_is_refused_and_counted() -> anyhow::Result<()> {
                 to_region: Some(mpb::RegionKey { level: 0, x: 1, y: 0, z: 0 }),
                 position: None,
                 not_before_tick: 0,
+                components: Vec::new(),
             })
             .await
             .expect_err("a stale epoch must be refused");
@@ -130,6 +131,20 @@ fn bad_input_is_refused_and_counted() -> anyhow::Result<()> {
             .await
             .expect_err("level 9 does not exist");
         assert_eq!(deep.code(), tonic::Code::InvalidArgument);
+        // Components named out of order are a bad request, refused before
+        // anything is proposed.
+        let entry = |id: u32| mpb::ComponentEntry { id, name: format!("c{id}"), version: 1 };
+        let unordered = coord
+            .request_transfer(mpb::TransferRequest {
+                from_region: Some(mpb::RegionKey { level: 0, x: 0, y: 0, z: 0 }),
+                to_region: Some(mpb::RegionKey { level: 0, x: 1, y: 0, z: 0 }),
+                components: vec![entry(5), entry(3)],
+                ..Default::default()
+            })
+            .await
+            .expect_err("ids must ascend");
+        assert_eq!(unordered.code(), tonic::Code::InvalidArgument);
+        assert!(unordered.message().starts_with("bad_request: component ids not ascending"), "{}", unordered.message());
         // A server asks for a standby ticket for a player it does not hold,
         // or in the name of a server that does not exist: no ticket.
         let ask = |server_id: u32, to_server_id: u32| mpb::StandbyTicketRequest {

@@ -350,7 +350,11 @@ fn no_transfer_is_asked_of_a_server_that_lacks_a_component_of_the_entity() {
     // Server 2 is upgraded: the transfer is asked for at once.
     a.send(SimIn::PeerSchema { server: shared::ServerId(2), schema: Arc::new(registry.schema()) });
     let asked = walk(&mut a, 3);
-    assert!(matches!(asked, Some(SimOut::RequestTransfer { entity, .. }) if entity == player), "{asked:?}");
+    let Some(SimOut::RequestTransfer { entity, components, .. }) = asked else { panic!("{asked:?}") };
+    assert_eq!(entity, player);
+    // It names the entity's components, for the coordinator to check too.
+    let banner = registry.schema().0.into_iter().find(|e| e.id == Banner::ID).expect("registered");
+    assert!(components.contains(&banner), "{components:?}");
 }
 
 #[test]
@@ -383,4 +387,36 @@ fn a_neighbour_of_an_older_build_mirrors_the_components_it_knows() {
     a.send(SimIn::PeerSchema { server: shared::ServerId(2), schema: Arc::new(registry.schema()) });
     let (comps, _) = synced(&mut a);
     assert_eq!(comps.get::<Banner>(), Some(Ok(Banner(3))));
+}
+
+#[test]
+fn the_coordinator_refuses_a_transfer_to_a_server_that_lacks_a_component_before_committing_it() {
+    use super::mesh_tests::MeshSim;
+    use super::tests::GROUND;
+    // Server 1 runs a build with the game's components, server 2 one
+    // without them (a rolling upgrade), and no ghost link has told server 1
+    // so: the coordinator, which both registered their schemas with,
+    // refuses. (Server-side state: the test's clients know only the
+    // built-in components.)
+    let mut m = MeshSim::with_registries(glam::IVec3::ZERO, 2, 1, 1, &[registry()]);
+    let p = PlayerId(1);
+    let player = EntityId::player(p).unwrap();
+    m.join(p, DVec3::new(1990.0, GROUND + 1.0, 1000.0));
+    m.run(30, &|_, _| [0.0, 0.0]);
+    let (first, _) = m.where_is(p).expect("simulated");
+    assert_eq!(first, m.nodes[0].id);
+    put(&mut m.nodes[0].h, player, &Mood(4));
+    m.run(300, &|_, _| [1.0, 0.0]);
+    let (still, at) = m.where_is(p).expect("simulated");
+    assert_eq!(still, first, "kept by its server");
+    assert!(at.x > 2010.0, "well past the handoff line: {at}");
+    assert_eq!(m.coord.transfers().total(), 0, "nothing committed");
+    assert_eq!(m.counts.handoffs, 0);
+    // Its mood is gone: the next request goes through.
+    let e = m.nodes[0].h.world.resource::<Index>().by_net[&player];
+    let tick = m.nodes[0].h.world.resource::<TickState>().tick;
+    m.nodes[0].h.world.get_mut::<Components>(e).expect("has components").0.remove(Mood::ID, tick);
+    m.run(120, &|_, _| [0.0, 0.0]);
+    assert_eq!(m.where_is(p).map(|w| w.0), Some(m.nodes[1].id));
+    assert_eq!(m.counts.handoffs, 1);
 }

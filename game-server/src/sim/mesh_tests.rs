@@ -83,6 +83,19 @@ pub(super) struct MeshSim {
 impl MeshSim {
     /// A grid of `nx` × `ny` × `nz` roots from `origin`, one server per root.
     pub(super) fn new(origin: IVec3, nx: u32, ny: u32, nz: u32) -> Self {
+        Self::with_registries(origin, nx, ny, nz, &[])
+    }
+
+    /// As [`MeshSim::new`], server `i` knowing the components of
+    /// `registries[i]` (the built-in ones past the list's end), and
+    /// registered with its schema as production's servers are.
+    pub(super) fn with_registries(
+        origin: IVec3,
+        nx: u32,
+        ny: u32,
+        nz: u32,
+        registries: &[std::sync::Arc<shared::component::Registry>],
+    ) -> Self {
         let tree = RegionTree::grid(origin, nx, ny, nz);
         let clock = TickClock::new(EPOCH);
         let mut coord = CoordinatorState::new(Policy::default(), tree, clock);
@@ -91,16 +104,22 @@ impl MeshSim {
         let now = clock.tick_start(tick) + 1;
         let mut nodes = Vec::new();
         for i in 0..n {
-            let (r, _) = coord.apply(Command::Register {
+            let registry = registries
+                .get(i as usize)
+                .cloned()
+                .unwrap_or_else(|| std::sync::Arc::new(shared::component::Registry::builtin()));
+            let (r, _) = coord.apply(Command::RegisterWithSchema {
                 name: format!("gs-{i}"),
                 addresses: Addresses { quic: format!("127.0.0.1:{}", 7000 + i), ..Default::default() },
                 cert_sha256: "ab".into(),
                 capacity_players: 100,
                 version: "test".into(),
+                schema: registry.schema(),
                 now,
             });
             let Ok(CResponse::Registered { server }) = r else { panic!("{r:?}") };
             let mut h = Harness::new(server.0);
+            h.world.resource_mut::<super::core::SimConfig>().registry = registry;
             h.tick = tick;
             nodes.push(Node { id: server, h, alive: true, conns: Vec::new(), driver: HandoffDriver::new() });
         }
@@ -303,16 +322,19 @@ impl MeshSim {
         while let Some(action) = self.nodes[i].driver.poll_action() {
             let event = match action {
                 Action::RequestTransfer(ask) => {
-                    let (r, _) = self.coord.apply(Command::RequestTransfer(TransferRequest {
-                        entity: ask.entity,
-                        from,
-                        from_region: ask.from_region,
-                        from_region_epoch: ask.from_region_epoch,
-                        entity_epoch: ask.entity_epoch,
-                        to_region: ask.to_region,
-                        not_before_tick: ask.not_before_tick,
-                        now,
-                    }));
+                    let (r, _) = self.coord.apply(Command::RequestTransferOf {
+                        request: TransferRequest {
+                            entity: ask.entity,
+                            from,
+                            from_region: ask.from_region,
+                            from_region_epoch: ask.from_region_epoch,
+                            entity_epoch: ask.entity_epoch,
+                            to_region: ask.to_region,
+                            not_before_tick: ask.not_before_tick,
+                            now,
+                        },
+                        components: ask.components,
+                    });
                     if self.lose_answers > 0 && r.is_ok() {
                         self.lose_answers -= 1;
                         continue;

@@ -326,6 +326,9 @@ pub enum SimOut {
         to_region: RegionKey,
         position: DVec3,
         not_before_tick: Tick,
+        /// The components the entity carries, as this server's schema
+        /// names them: the coordinator refuses a target that lacks one.
+        components: Vec<shared::component::SchemaEntry>,
     },
     Handoff(Box<HandoffState>),
     /// The entities this server owns in `to`'s overlap zone this tick (the

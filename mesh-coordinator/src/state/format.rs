@@ -1,6 +1,9 @@
 //! The state's bytes: a format byte, then bincode (standard config).
 //!
-//! - Format 4 (written): the whole [`CoordinatorState`].
+//! - Format 5 (written): the whole [`CoordinatorState`], then the servers'
+//!   component schemas (`BTreeMap<ServerId, Schema>`).
+//! - Format 4 (read, migrated): the whole state alone (no schemas: servers
+//!   registered before are not checked until they register again).
 //! - Format 3 (read, migrated): the format-2 core, then an extension
 //!   (drains, releases, the balancer's memory, the player directory); the
 //!   transfers as one bounded deque, ended and in flight together.
@@ -8,13 +11,14 @@
 //! - Format 1 (before Raft) and any format newer than this build's are
 //!   refused with a clear error: a replica never guesses at a layout.
 //!
-//! A replica of the previous release refuses format 4 the same way ("format
-//! 4 is unknown to this build"): during a roll, a new leader's snapshot
+//! A replica of the previous release refuses format 5 the same way ("format
+//! 5 is unknown to this build"): during a roll, a new leader's snapshot
 //! reaches only replicas already rolled (see the chart README).
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use serde::{Deserialize, Serialize};
+use shared::component::Schema;
 use shared::region::{RegionKey, RegionTree};
 use shared::{EntityId, PlayerId, ServerId, TickClock};
 
@@ -24,11 +28,13 @@ use super::{
 };
 
 /// The format this build writes.
-pub const FORMAT: u8 = 4;
+pub const FORMAT: u8 = 5;
 
 pub fn encode(s: &CoordinatorState) -> Vec<u8> {
+    let config = bincode::config::standard();
     let mut out = vec![FORMAT];
-    out.extend(bincode::serde::encode_to_vec(s, bincode::config::standard()).expect("the state serialises"));
+    out.extend(bincode::serde::encode_to_vec(s, config).expect("the state serialises"));
+    out.extend(bincode::serde::encode_to_vec(&s.schemas, config).expect("the schemas serialise"));
     out
 }
 
@@ -38,9 +44,19 @@ pub fn decode(bytes: &[u8]) -> Result<CoordinatorState, String> {
         if used == body.len() { Ok(()) } else { Err(format!("snapshot has {} trailing bytes", body.len() - used)) }
     };
     match bytes.split_first() {
+        Some((5, body)) => {
+            let (mut s, used) = bincode::serde::decode_from_slice::<CoordinatorState, _>(body, config)
+                .map_err(|e| format!("snapshot does not decode: {e}"))?;
+            let (schemas, rest) =
+                bincode::serde::decode_from_slice::<BTreeMap<ServerId, Schema>, _>(&body[used..], config)
+                    .map_err(|e| format!("snapshot's component schemas do not decode: {e}"))?;
+            whole(body, used + rest)?;
+            s.schemas = schemas;
+            Ok(s)
+        }
         Some((4, body)) => {
             let (s, used) = bincode::serde::decode_from_slice::<CoordinatorState, _>(body, config)
-                .map_err(|e| format!("snapshot does not decode: {e}"))?;
+                .map_err(|e| format!("snapshot (format 4) does not decode: {e}"))?;
             whole(body, used)?;
             Ok(s)
         }
@@ -127,6 +143,7 @@ impl CoreV3 {
                 last_change: ext.last_change,
                 acted: ext.acted,
             },
+            schemas: BTreeMap::new(),
         }
     }
 }
@@ -165,7 +182,7 @@ mod tests {
         // The directory followed the commit, both ways round.
         assert_eq!(s.player_location(player).map(|l| (l.server, l.entity)), Some((ServerId(2), avatar)));
         s.directory.check();
-        // Written again, it is format 4 and reads back the same.
+        // Written again, it is the format of this build and reads back the same.
         let again = encode(&s);
         assert_eq!(again[0], FORMAT);
         assert_eq!(decode(&again).unwrap(), s);
@@ -182,6 +199,7 @@ mod tests {
                 not_before_tick: 0,
                 now: s.clock.epoch_unix_nanos + 10_000_000,
             },
+            &[],
             &mut events,
         ) else {
             panic!("{events:?}")
@@ -203,10 +221,27 @@ mod tests {
     }
 
     #[test]
+    fn a_format_4_state_loads_without_schemas_and_format_5_keeps_them() {
+        use shared::component::SchemaEntry;
+        let mut s = decode(FORMAT_3).unwrap();
+        // Format 4 was the state alone.
+        let mut v4 = vec![4u8];
+        v4.extend(bincode::serde::encode_to_vec(&s, bincode::config::standard()).unwrap());
+        let old = decode(&v4).unwrap();
+        assert_eq!(old, s);
+        assert!(old.schema_of(ServerId(1)).is_none(), "a server registered before is not checked");
+        let schema = Schema(vec![SchemaEntry { id: 1003, name: "banner".into(), version: 2 }]);
+        s.schemas.insert(ServerId(2), schema.clone());
+        let again = decode(&encode(&s)).unwrap();
+        assert_eq!(again.schema_of(ServerId(2)), Some(&schema));
+        assert_eq!(again, s);
+    }
+
+    #[test]
     fn formats_it_does_not_know_are_refused_clearly() {
         let mut newer = encode(&decode(FORMAT_3).unwrap());
         newer[0] = FORMAT + 1;
-        assert_eq!(decode(&newer).unwrap_err(), "snapshot format 5 is unknown to this build (it reads 2 to 4)");
+        assert_eq!(decode(&newer).unwrap_err(), "snapshot format 6 is unknown to this build (it reads 2 to 5)");
         assert!(decode(&[1, 0]).unwrap_err().contains("before Raft"));
         assert_eq!(decode(&[]).unwrap_err(), "empty snapshot");
         let mut trailing = encode(&decode(FORMAT_3).unwrap());

@@ -359,6 +359,25 @@ pub enum Command {
         adopted: bool,
         now: u64,
     },
+    // Variants are only ever appended: a log entry names its variant by
+    // index.
+    /// `Register` with the server's component schema (what game servers of
+    /// this release send; `Register` stays for entries already in logs).
+    RegisterWithSchema {
+        name: String,
+        addresses: Addresses,
+        cert_sha256: String,
+        capacity_players: u32,
+        version: String,
+        schema: shared::component::Schema,
+        now: u64,
+    },
+    /// `RequestTransfer` naming the components the entity carries, as its
+    /// source knows them: refused if the target's schema lacks one.
+    RequestTransferOf {
+        request: TransferRequest,
+        components: Vec<shared::component::SchemaEntry>,
+    },
 }
 
 /// What the first leader of a mesh fixes for good.
@@ -380,7 +399,8 @@ impl Command {
             Command::Register { .. } => "register",
             Command::Heartbeat { .. } => "heartbeat",
             Command::Tick { .. } => "tick",
-            Command::RequestTransfer(_) => "request_transfer",
+            Command::RequestTransfer(_) | Command::RequestTransferOf { .. } => "request_transfer",
+            Command::RegisterWithSchema { .. } => "register",
             Command::CompleteTransfer { .. } => "complete_transfer",
             Command::NewLeader { .. } => "new_leader",
             Command::SetThresholds { .. } => "set_thresholds",
@@ -462,6 +482,8 @@ pub enum CommandError {
     DirectoryFull,
     #[error("{0} transfers are in flight, the most the coordinator keeps; ask again later")]
     TooManyTransfers(usize),
+    #[error("entity {entity} cannot go to server {server}: {detail}")]
+    SchemaMismatch { entity: EntityId, server: ServerId, detail: String },
     /// Not a decision of the state machine: the command could not be
     /// committed (no leader, or it did not commit in time). Retry.
     #[error("not committed: {0}")]
@@ -487,6 +509,7 @@ impl CommandError {
             CommandError::NotMergeable(..) => "not_mergeable",
             CommandError::DirectoryFull => "directory_full",
             CommandError::TooManyTransfers(_) => "transfers_full",
+            CommandError::SchemaMismatch { .. } => "schema_mismatch",
             CommandError::Unavailable(_) => "unavailable",
         }
     }
@@ -567,6 +590,13 @@ pub struct CoordinatorState {
     /// holds there.
     releases: BTreeMap<RegionKey, Release>,
     balancer: BalancerMemory,
+    /// The component schema each live server registered with (servers of
+    /// a build that sends none have none here and are not checked): a
+    /// transfer of an entity carrying a component its target does not know
+    /// alike is refused before it is committed. Written after the rest of
+    /// the state (format 5, see [`format`]).
+    #[serde(skip)]
+    schemas: BTreeMap<ServerId, shared::component::Schema>,
 }
 
 impl CoordinatorState {
@@ -611,6 +641,7 @@ impl CoordinatorState {
             drained: BTreeSet::new(),
             releases: BTreeMap::new(),
             balancer: BalancerMemory::default(),
+            schemas: BTreeMap::new(),
         }
     }
 
@@ -629,6 +660,11 @@ impl CoordinatorState {
 
     pub fn server(&self, id: ServerId) -> Option<&ServerRecord> {
         self.servers.get(&id)
+    }
+
+    /// The component schema a live server registered with, if it sent one.
+    pub fn schema_of(&self, id: ServerId) -> Option<&shared::component::Schema> {
+        self.schemas.get(&id)
     }
 
     pub fn entity_authority(&self, e: EntityId) -> Option<EntityAuthority> {
@@ -721,7 +757,10 @@ impl CoordinatorState {
         }
         let result = match cmd {
             Command::Register { name, addresses, cert_sha256, capacity_players, version, now } => {
-                self.register(name, addresses, cert_sha256, capacity_players, version, now, &mut events)
+                self.register(name, addresses, cert_sha256, capacity_players, version, None, now, &mut events)
+            }
+            Command::RegisterWithSchema { name, addresses, cert_sha256, capacity_players, version, schema, now } => {
+                self.register(name, addresses, cert_sha256, capacity_players, version, Some(schema), now, &mut events)
             }
             Command::Heartbeat { server, load, now } => self.heartbeat(server, load, now),
             Command::Report { server, load, mut regions, now } => {
@@ -764,7 +803,10 @@ impl CoordinatorState {
             Command::SplitRegion { region, now } => self.split_region(region, now, &mut events),
             Command::MergeRegion { region, now } => self.merge_region(region, now, &mut events),
             Command::Drain { server, undo, now } => self.drain(server, undo, now, &mut events),
-            Command::RequestTransfer(req) => self.request_transfer(req, &mut events),
+            Command::RequestTransfer(req) => self.request_transfer(req, &[], &mut events),
+            Command::RequestTransferOf { request, components } => {
+                self.request_transfer(request, &components, &mut events)
+            }
             Command::CompleteTransfer { transfer_id, from, delivered, error, now: _ } => {
                 self.complete_transfer(transfer_id, from, delivered, error, &mut events)
             }
@@ -807,6 +849,7 @@ impl CoordinatorState {
         cert_sha256: String,
         capacity_players: u32,
         version: String,
+        schema: Option<shared::component::Schema>,
         now: u64,
         events: &mut Vec<Event>,
     ) -> Result<Response, CommandError> {
@@ -831,6 +874,9 @@ impl CoordinatorState {
                 load: Load::default(),
             },
         );
+        if let Some(schema) = schema {
+            self.schemas.insert(id, schema);
+        }
         events.push(Event::ServerRegistered { server: id, name });
         self.place_unowned(now, events);
         Ok(Response::Registered { server: id })
@@ -858,6 +904,7 @@ impl CoordinatorState {
             if let Some(s) = self.servers.get_mut(&id) {
                 s.alive = false;
             }
+            self.schemas.remove(&id);
             events.push(Event::ServerDied { server: id, silent_ms: silent / 1_000_000 });
             let orphaned: Vec<RegionKey> = self.regions_of(id).map(|(k, _)| *k).collect();
             for region in orphaned {
@@ -941,7 +988,12 @@ impl CoordinatorState {
         if s.alive { Ok(s) } else { Err(CommandError::Fenced(id)) }
     }
 
-    fn request_transfer(&mut self, req: TransferRequest, events: &mut Vec<Event>) -> Result<Response, CommandError> {
+    fn request_transfer(
+        &mut self,
+        req: TransferRequest,
+        components: &[shared::component::SchemaEntry],
+        events: &mut Vec<Event>,
+    ) -> Result<Response, CommandError> {
         self.live_server(req.from)?;
         // The owner hands entities out of its region; a previous owner out of
         // a region moved away from it (or merged), under its old epoch (or an
@@ -994,6 +1046,23 @@ impl CoordinatorState {
         }
         if !self.servers.get(&to_server).is_some_and(|s| s.alive) {
             return Err(CommandError::NoOwner(req.to_region));
+        }
+        // A rolling upgrade: the target must read every component of the
+        // entity as its source writes it, or the handoff would be refused
+        // on arrival, after the commit.
+        if let Some(theirs) = self.schemas.get(&to_server)
+            && let Some(c) = components.iter().find(|c| !theirs.0.contains(c))
+        {
+            return Err(CommandError::SchemaMismatch {
+                entity: req.entity,
+                server: to_server,
+                detail: match theirs.0.iter().find(|e| e.id == c.id) {
+                    Some(e) => {
+                        format!("component {} is {} v{} there, {} v{} here", c.id, e.name, e.version, c.name, c.version)
+                    }
+                    None => format!("component {} ({} v{}) is unknown there", c.id, c.name, c.version),
+                },
+            });
         }
         let entity_epoch = current.next();
         let effective_tick = (self.clock.tick_at(req.now) + self.policy.handoff_lead_ticks).max(req.not_before_tick);
@@ -1471,6 +1540,60 @@ mod tests {
             not_before_tick: 0,
             now,
         }
+    }
+
+    #[test]
+    fn a_transfer_to_a_server_that_lacks_a_component_of_the_entity_is_refused_before_it_is_committed() {
+        use shared::component::{Schema, SchemaEntry};
+        let entry = |id, name: &str, version| SchemaEntry { id, name: name.into(), version };
+        let kind = entry(2, "kind", 1);
+        let banner = entry(1003, "banner", 1);
+        let mut s = state(2);
+        let register_with = |s: &mut CoordinatorState, name: &str, schema: Vec<SchemaEntry>| {
+            let (r, _) = s.apply(Command::RegisterWithSchema {
+                name: name.into(),
+                addresses: Addresses::default(),
+                cert_sha256: String::new(),
+                capacity_players: 100,
+                version: "test".into(),
+                schema: Schema(schema),
+                now: T0,
+            });
+            let Ok(Response::Registered { server }) = r else { panic!("{r:?}") };
+            server
+        };
+        let a = register_with(&mut s, "new", vec![kind.clone(), banner.clone()]);
+        let b = register_with(&mut s, "old", vec![kind.clone()]);
+        assert_eq!(s.schema_of(b).map(|x| x.0.len()), Some(1));
+        let now = T0 + 1_000 * MS;
+        let ask = |s: &CoordinatorState, components: Vec<SchemaEntry>| Command::RequestTransferOf {
+            request: transfer_req(s, a, Epoch(0), now),
+            components,
+        };
+        // The entity carries a banner, which b does not know: refused,
+        // nothing committed, the entity still a's.
+        let (r, ev) = s.apply(ask(&s, vec![kind.clone(), banner.clone()]));
+        let err = r.unwrap_err();
+        assert_eq!(err.reason(), "schema_mismatch");
+        assert!(err.to_string().contains("component 1003 (banner v1) is unknown there"), "{err}");
+        assert!(ev.is_empty());
+        assert_eq!(s.transfers().total(), 0);
+        assert_eq!(s.entity_authority(EntityId(7)), None);
+        // Known under another version: refused too, saying both.
+        let (r, _) = s.apply(ask(&s, vec![entry(2, "kind", 2)]));
+        assert!(r.unwrap_err().to_string().contains("is kind v1 there, kind v2 here"));
+        // Without the banner it goes; so does a request of a build that
+        // names no components.
+        let (r, _) = s.apply(ask(&s, vec![kind.clone()]));
+        let Ok(Response::Transfer(t)) = r else { panic!("{r:?}") };
+        assert_eq!(t.to, b);
+        // A server that registered without a schema is not checked.
+        let c = register(&mut s, "older", T0);
+        assert!(s.schema_of(c).is_none());
+        // Declared dead, a server's schema is forgotten.
+        let (_, ev) = s.apply(Command::Tick { now: T0 + 60_000 * MS });
+        assert!(ev.iter().any(|e| matches!(e, Event::ServerDied { server, .. } if *server == b)));
+        assert!(s.schema_of(b).is_none());
     }
 
     #[test]

@@ -256,6 +256,34 @@ pub struct SchemaEntry {
 pub struct Schema(pub Vec<SchemaEntry>);
 
 impl Schema {
+    /// A schema read off the wire (a peer's, a server's registration, a
+    /// transfer's components): at most as many components as a registry
+    /// holds, ids and versions in range, names as a registry allows,
+    /// ascending ids. The error is for people.
+    pub fn checked<'a>(entries: impl ExactSizeIterator<Item = (u32, &'a str, u32)>) -> Result<Schema, &'static str> {
+        if entries.len() > MAX_REGISTERED {
+            return Err("more components than a registry holds");
+        }
+        let mut out: Vec<SchemaEntry> = Vec::with_capacity(entries.len());
+        for (id, name, version) in entries {
+            let id = u16::try_from(id).map_err(|_| "component id out of range")?;
+            let version = u16::try_from(version).map_err(|_| "version out of range")?;
+            if name.len() > MAX_NAME {
+                return Err("component name too long");
+            }
+            if out.last().is_some_and(|l| l.id >= id) {
+                return Err("component ids not ascending");
+            }
+            out.push(SchemaEntry { id, name: name.to_owned(), version });
+        }
+        Ok(Schema(out))
+    }
+
+    /// The entries of `set`'s components, as this schema knows them (a
+    /// component it lacks is left out: a set only holds registered ones).
+    pub fn entries_of(&self, set: &ComponentSet) -> Vec<SchemaEntry> {
+        set.ids().filter_map(|id| self.0.iter().find(|e| e.id == id).cloned()).collect()
+    }
     /// `None` when `theirs` is this schema; else the first difference, for
     /// people (`schema_mismatch: …`).
     pub fn mismatch(&self, theirs: &Schema) -> Option<String> {

@@ -400,6 +400,9 @@ pub(crate) fn request_transfer(
         return false;
     }
     debug!(%entity, from = %auth.region, to = %target, not_before, "transfer requested");
+    let registry = world.resource::<SimConfig>().registry.clone();
+    let mine = world.resource_mut::<PeerSchemas>().mine(&registry);
+    let components = world.get::<Components>(e).map_or_else(Vec::new, |c| mine.entries_of(c.0.set()));
     let req = SimOut::RequestTransfer {
         entity,
         from_region: auth.region,
@@ -408,6 +411,7 @@ pub(crate) fn request_transfer(
         to_region: target,
         position: pos,
         not_before_tick: not_before,
+        components,
     };
     let sent = world.resource::<Outbox>().0.try_send(req).is_ok();
     if sent {
