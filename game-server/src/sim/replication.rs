@@ -204,9 +204,63 @@ pub struct ReplicationScratch {
     links: rustc_hash::FxHashMap<super::messages::ConnId, Link>,
     /// This tick's players, each with its link while it is served.
     jobs: Vec<Job>,
-    /// One per thread that serves players.
+    /// One per share of the players (a thread's, or a part of a batch).
     workers: Vec<Worker>,
+    /// Last tick's snapshots, being built by the pool while the tick
+    /// thread runs this tick's stages (it holds the frame meanwhile).
+    in_flight: Option<InFlight>,
 }
+
+/// A tick's snapshots handed to the pool: built while the tick thread
+/// goes on with the next tick, gathered (the tick thread helping with what
+/// is left) before that tick's replication touches the frame again.
+#[derive(Debug)]
+struct InFlight {
+    batch: std::sync::Arc<Batch>,
+    /// The pool's tasks that have not finished (each holds a clone of
+    /// `batch` until it signals here).
+    running: std::sync::Arc<(std::sync::Mutex<usize>, std::sync::Condvar)>,
+}
+
+/// What one tick's snapshots are built from, shared by whoever builds them.
+#[derive(Debug)]
+struct Batch {
+    frame: Frame,
+    tick: shared::Tick,
+    cfg: SimConfig,
+    metrics: SimMetrics,
+    /// The players in parts; a part is taken by the first to claim it.
+    parts: Vec<std::sync::Mutex<Option<Part>>>,
+    next: std::sync::atomic::AtomicUsize,
+    /// Parts served, back for the tick thread.
+    done: std::sync::Mutex<Vec<Part>>,
+}
+
+#[derive(Debug)]
+struct Part {
+    jobs: Vec<Job>,
+    worker: Worker,
+}
+
+impl Batch {
+    /// Serves parts until none is left to claim.
+    fn work(&self) {
+        use std::sync::atomic::Ordering;
+        loop {
+            let i = self.next.fetch_add(1, Ordering::Relaxed);
+            let Some(slot) = self.parts.get(i) else { return };
+            let Some(mut part) = slot.lock().ok().and_then(|mut p| p.take()) else { continue };
+            part.worker.serve(&self.frame, &mut part.jobs, self.tick, &self.cfg, &self.metrics);
+            if let Ok(mut done) = self.done.lock() {
+                done.push(part);
+            }
+        }
+    }
+}
+
+/// Parts of a batch per thread serving it: the tick thread, helping at
+/// the gathering, takes what the pool has not started.
+const PARTS_PER_THREAD: usize = 4;
 
 /// One connection's replication state.
 #[derive(Debug, Default)]
@@ -234,6 +288,8 @@ struct Candidate {
 #[derive(Debug)]
 struct Job {
     conn: super::messages::ConnId,
+    /// Its connection's queue (`None`: gone).
+    tx: Option<super::messages::ConnTx>,
     /// The player's own slot in the frame.
     me: u32,
     last_input_seq: u32,
@@ -263,23 +319,38 @@ struct Worker {
 pub(crate) const PARALLEL_FROM_PLAYERS: usize = 128;
 
 /// Threads that serve players' snapshots beside the tick thread.
-#[derive(Resource, Debug, Default)]
-pub struct ReplicationPool(pub Option<rayon::ThreadPool>);
+///
+/// From [`ReplicationPool::parallel_from`] players a tick, a tick's
+/// snapshots are built by the pool while the tick thread runs the next
+/// tick's stages (they leave one stage later, a few milliseconds), and
+/// gathered, the tick thread helping, before the next tick's replication.
+#[derive(Resource, Debug)]
+pub struct ReplicationPool {
+    pool: Option<std::sync::Arc<rayon::ThreadPool>>,
+    /// Fewest players a tick that are shared out with the pool.
+    pub parallel_from: usize,
+}
+
+impl Default for ReplicationPool {
+    fn default() -> Self {
+        Self { pool: None, parallel_from: PARALLEL_FROM_PLAYERS }
+    }
+}
 
 impl ReplicationPool {
     /// A pool of `workers` threads (0: the tick thread serves everyone).
     pub fn new(workers: usize) -> anyhow::Result<Self> {
         if workers == 0 {
-            return Ok(Self(None));
+            return Ok(Self::default());
         }
         let pool =
             rayon::ThreadPoolBuilder::new().num_threads(workers).thread_name(|i| format!("replication-{i}")).build()?;
-        Ok(Self(Some(pool)))
+        Ok(Self { pool: Some(std::sync::Arc::new(pool)), ..Self::default() })
     }
 
     /// Threads serving players, the tick thread included.
     fn threads(&self) -> usize {
-        1 + self.0.as_ref().map_or(0, rayon::ThreadPool::current_num_threads)
+        1 + self.pool.as_ref().map_or(0, |p| p.current_num_threads())
     }
 }
 
@@ -331,6 +402,8 @@ pub fn replication(
 ) {
     let cpu_at = svc::thread_cpu();
     let sc = &mut *scratch;
+    // Last tick's snapshots first: the frame comes back with them.
+    gather(sc, &metrics);
     let every = cfg.snapshot_every.max(1);
     let f = &mut sc.frame;
     f.begin(tick.tick);
@@ -362,6 +435,7 @@ pub fn replication(
         link.served = tick.tick;
         sc.jobs.push(Job {
             conn,
+            tx: conns.0.get(&conn).map(|c| c.tx.clone()),
             me,
             last_input_seq: a.last_applied,
             acked: conns.0.get(&conn).map_or(0, |c| c.acked),
@@ -375,39 +449,108 @@ pub fn replication(
         f.put(state, q, Some((comps, at > f.prev || f.prev == shared::Tick::MAX)), &cfg.registry);
     }
     f.end();
-    let threads = if sc.jobs.len() >= PARALLEL_FROM_PLAYERS { pool.threads() } else { 1 };
-    sc.workers.resize_with(threads, Worker::default);
-    let frame = &sc.frame;
-    let (conns, cfg, metrics, now) = (&*conns, &*cfg, &*metrics, tick.tick);
-    let per = sc.jobs.len().div_ceil(threads).max(1);
-    let mut parts = sc.jobs.chunks_mut(per).zip(sc.workers.iter_mut());
-    match (pool.0.as_ref().filter(|_| threads > 1), parts.next()) {
-        (Some(p), Some((mine, me))) => p.in_place_scope(|s| {
-            for (jobs, w) in parts {
-                s.spawn(move |_| {
-                    let at = svc::thread_cpu();
-                    w.serve(frame, jobs, now, cfg, conns, metrics);
-                    metrics.0.replication_cpu.inc_by(svc::thread_cpu().saturating_sub(at).as_secs_f64());
-                });
-            }
-            me.serve(frame, mine, now, cfg, conns, metrics);
-        }),
-        (None, Some((mine, me))) => me.serve(frame, mine, now, cfg, conns, metrics),
-        (_, None) => {}
-    }
-    let (mut sent, mut bytes) = (0, 0);
-    let mut records = held::RecordCounts::default();
-    for w in &mut sc.workers {
-        sent += std::mem::take(&mut w.sent);
-        bytes += std::mem::take(&mut w.bytes);
-        records.add(&std::mem::take(&mut w.records));
-    }
-    for job in sc.jobs.drain(..) {
-        sc.links.insert(job.conn, job.link);
-    }
     // Connections gone (or no longer served here) drop their baselines.
     if tick.tick.is_multiple_of(90) {
         sc.links.retain(|c, l| conns.0.contains_key(c) && l.served + 90 + every > tick.tick);
+    }
+    match pool.pool.as_ref().filter(|_| sc.jobs.len() >= pool.parallel_from.max(1)) {
+        Some(p) => send_off(sc, p, pool.threads(), tick.tick, &cfg, &metrics),
+        None => {
+            sc.workers.resize_with(1, Worker::default);
+            sc.workers[0].serve(&sc.frame, &mut sc.jobs, tick.tick, &cfg, &metrics);
+            for job in sc.jobs.drain(..) {
+                sc.links.insert(job.conn, job.link);
+            }
+            count(&mut sc.workers, &metrics);
+        }
+    }
+    metrics.0.replication_cpu.inc_by(svc::thread_cpu().saturating_sub(cpu_at).as_secs_f64());
+}
+
+/// Hands this tick's players to the pool, in parts, with the frame.
+fn send_off(
+    sc: &mut ReplicationScratch,
+    pool: &std::sync::Arc<rayon::ThreadPool>,
+    threads: usize,
+    tick: shared::Tick,
+    cfg: &SimConfig,
+    metrics: &SimMetrics,
+) {
+    use std::sync::{Arc, Condvar, Mutex};
+    let n = (threads * PARTS_PER_THREAD).min(sc.jobs.len()).max(1);
+    let per = sc.jobs.len().div_ceil(n);
+    sc.workers.resize_with(n, Worker::default);
+    let mut parts = Vec::with_capacity(n);
+    let mut jobs = std::mem::take(&mut sc.jobs);
+    for worker in sc.workers.drain(..) {
+        let rest = jobs.split_off(per.min(jobs.len()));
+        parts.push(Mutex::new(Some(Part { jobs, worker })));
+        jobs = rest;
+    }
+    let batch = Arc::new(Batch {
+        frame: std::mem::take(&mut sc.frame),
+        tick,
+        cfg: cfg.clone(),
+        metrics: metrics.clone(),
+        parts,
+        next: std::sync::atomic::AtomicUsize::new(0),
+        done: Mutex::new(Vec::with_capacity(n)),
+    });
+    let tasks = threads - 1;
+    let running = Arc::new((Mutex::new(tasks), Condvar::new()));
+    for _ in 0..tasks {
+        let (batch, running) = (batch.clone(), running.clone());
+        pool.spawn(move || {
+            let at = svc::thread_cpu();
+            batch.work();
+            let cpu = svc::thread_cpu().saturating_sub(at).as_secs_f64();
+            batch.metrics.0.replication_cpu.inc_by(cpu);
+            // The batch goes back whole: let go of it before saying so.
+            drop(batch);
+            let (left, cv) = &*running;
+            if let Ok(mut left) = left.lock() {
+                *left -= 1;
+                cv.notify_all();
+            }
+        });
+    }
+    sc.in_flight = Some(InFlight { batch, running });
+}
+
+/// Gathers the snapshots [`send_off`] handed to the pool, serving the
+/// parts it has not started: the frame, links and scratch come back.
+fn gather(sc: &mut ReplicationScratch, metrics: &SimMetrics) {
+    let Some(InFlight { batch, running }) = sc.in_flight.take() else { return };
+    batch.work();
+    let (left, cv) = &*running;
+    let mut left = left.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    while *left > 0 {
+        left = cv.wait(left).unwrap_or_else(std::sync::PoisonError::into_inner);
+    }
+    drop(left);
+    let batch = match std::sync::Arc::try_unwrap(batch) {
+        Ok(b) => b,
+        Err(_) => unreachable!("every task let go of the batch before it finished"),
+    };
+    sc.frame = batch.frame;
+    let done = batch.done.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner);
+    for part in done {
+        for job in part.jobs {
+            sc.links.insert(job.conn, job.link);
+        }
+        sc.workers.push(part.worker);
+    }
+    count(&mut sc.workers, metrics);
+}
+
+/// Adds what the workers sent to the metrics, and zeroes their counts.
+fn count(workers: &mut [Worker], metrics: &SimMetrics) {
+    let (mut sent, mut bytes) = (0, 0);
+    let mut records = held::RecordCounts::default();
+    for w in workers {
+        sent += std::mem::take(&mut w.sent);
+        bytes += std::mem::take(&mut w.bytes);
+        records.add(&std::mem::take(&mut w.records));
     }
     metrics.0.snapshots_sent.inc_by(sent);
     metrics.0.bytes_sent.inc_by(bytes);
@@ -418,7 +561,6 @@ pub fn replication(
     removed.inc_by(records.removed);
     metrics.0.snapshots_unbased.inc_by(records.unbased);
     metrics.0.snapshot_component_bytes.inc_by(records.component_bytes);
-    metrics.0.replication_cpu.inc_by(svc::thread_cpu().saturating_sub(cpu_at).as_secs_f64());
 }
 
 impl Frame {
@@ -632,15 +774,7 @@ impl held::Values for Frame {
 
 impl Worker {
     /// Builds, encodes and queues the snapshot of each of `jobs`.
-    fn serve(
-        &mut self,
-        frame: &Frame,
-        jobs: &mut [Job],
-        tick: shared::Tick,
-        cfg: &SimConfig,
-        conns: &Conns,
-        metrics: &SimMetrics,
-    ) {
+    fn serve(&mut self, frame: &Frame, jobs: &mut [Job], tick: shared::Tick, cfg: &SimConfig, metrics: &SimMetrics) {
         let r2 = (cfg.view_radius_m * cfg.view_radius_m) as f32;
         // Searches fall on a player's snapshot ticks.
         let every = cfg.snapshot_every.max(1);
@@ -706,7 +840,11 @@ impl Worker {
             metrics.0.snapshot_encode.observe(started.elapsed().as_secs_f64());
             self.bytes += self.buf.len() as u64;
             self.sent += 1;
-            send(conns, job.conn, Outbound::Datagram(bytes::Bytes::copy_from_slice(&self.buf)), metrics);
+            if let Some(tx) = &job.tx
+                && let Err(e) = tx.try_send(Outbound::Datagram(bytes::Bytes::copy_from_slice(&self.buf)))
+            {
+                metrics.0.datagrams_dropped.with_label_values(&[e.reason()]).inc();
+            }
         }
     }
 

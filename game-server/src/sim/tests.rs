@@ -787,3 +787,61 @@ fn the_position_feed_samples_what_the_server_owns_and_keeps_to_its_bound() {
     assert_eq!(few.total, 10);
     assert!(!few.entities.is_empty() && few.entities.len() <= 3, "{few:?}");
 }
+
+/// From `parallel_from` players a tick, a tick's snapshots are built by
+/// the pool while the tick thread runs the next tick: the same bytes, at
+/// most a tick later, every player served every tick.
+#[test]
+fn snapshots_built_by_the_pool_behind_the_tick_are_the_tick_threads_a_tick_later() {
+    use super::replication::ReplicationPool;
+    const PLAYERS: u64 = 6;
+    const TICKS: u32 = 60;
+    // Per connection, the datagrams it was sent, and how many had come by
+    // the end of each tick.
+    let run = |behind: bool| -> (Vec<Vec<Vec<u8>>>, Vec<Vec<usize>>) {
+        let mut h = Harness::new(1);
+        let pool = if behind {
+            let mut p = ReplicationPool::new(1).expect("a pool");
+            p.parallel_from = 1;
+            p
+        } else {
+            ReplicationPool::default()
+        };
+        h.world.insert_resource(pool);
+        let mut rxs: Vec<ConnRx> = (0..PLAYERS)
+            .map(|i| {
+                let at = DVec3::new(1000.0 + i as f64 * 3.0, GROUND + 1.0, 1000.0);
+                h.join_as(i + 1, PlayerId(i + 10), JoinRole::Play, at)
+            })
+            .collect();
+        let mut sent = vec![Vec::new(); PLAYERS as usize];
+        let mut by_tick = vec![Vec::new(); PLAYERS as usize];
+        for seq in 1..=TICKS {
+            for conn in 1..=PLAYERS {
+                h.send(SimIn::Input { conn, frame: input(seq, if seq > 30 { 1.0 } else { 0.0 }) });
+            }
+            h.step();
+            for (c, rx) in rxs.iter_mut().enumerate() {
+                while let Some(o) = rx.try_recv() {
+                    if let Outbound::Datagram(b) = o {
+                        sent[c].push(b.to_vec());
+                    }
+                }
+                by_tick[c].push(sent[c].len());
+            }
+        }
+        (sent, by_tick)
+    };
+    let (now, now_by_tick) = run(false);
+    let (behind, behind_by_tick) = run(true);
+    for c in 0..PLAYERS as usize {
+        assert_eq!(now[c].len(), TICKS as usize, "every player a snapshot a tick");
+        assert!(behind[c].len() >= TICKS as usize - 1, "the last tick's may still be on the way");
+        assert_eq!(behind[c][..], now[c][..behind[c].len()], "the same snapshots");
+        // Tick t's leaves by the end of tick t + 1 (the pool may be
+        // quicker than the rest of tick t).
+        for t in 1..TICKS as usize {
+            assert!(behind_by_tick[c][t] >= now_by_tick[c][t - 1], "conn {c}, tick {t}: late");
+        }
+    }
+}
