@@ -21,8 +21,8 @@ use tracing::info;
 use crate::migrations::{self, now_unix_ms};
 use crate::model::{self, decode_deltas, encode_deltas, from_i64, group_by_chunk, to_i64};
 use crate::{
-    Account, ChunkDeltas, Compaction, Progress, RowKey, Session, Store, StoreConfig, StoreError, Structure, TickDeltas,
-    TopologySnapshot, TransferRecord,
+    Account, Checkpoint, ChunkDeltas, Compaction, Progress, RowKey, Session, Store, StoreConfig, StoreError, Structure,
+    TickDeltas, TopologySnapshot, TransferRecord,
 };
 
 #[derive(Debug)]
@@ -568,6 +568,97 @@ impl Store for SqliteStore {
             Ok(n > 0)
         })
         .await
+    }
+
+    async fn write_checkpoints(&self, rows: &[Checkpoint]) -> Result<Vec<u64>, StoreError> {
+        if rows.is_empty() {
+            return Ok(Vec::new());
+        }
+        model::check_one_per_entity(rows)?;
+        let rows = rows.to_vec();
+        self.with(true, move |conn, inner| {
+            let err = unavailable(&inner.path);
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(&err)?;
+            let mut refused = Vec::new();
+            {
+                let mut stmt = tx
+                    .prepare_cached(
+                        "INSERT INTO entity_checkpoints (entity_id, epoch, tick, server_id, region_level, region_x,
+                           region_y, region_z, pos_x, pos_y, pos_z, components, gone, written_unix_ms)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)
+                         ON CONFLICT (entity_id) DO UPDATE SET epoch = excluded.epoch, tick = excluded.tick, server_id = excluded.server_id,
+                       region_level = excluded.region_level, region_x = excluded.region_x, region_y = excluded.region_y,
+                       region_z = excluded.region_z, pos_x = excluded.pos_x, pos_y = excluded.pos_y, pos_z = excluded.pos_z,
+                       components = excluded.components, gone = excluded.gone, written_unix_ms = excluded.written_unix_ms
+                     WHERE entity_checkpoints.epoch < excluded.epoch
+                       OR (entity_checkpoints.epoch = excluded.epoch AND entity_checkpoints.tick <= excluded.tick)",
+                    )
+                    .map_err(&err)?;
+                let ms = now_unix_ms();
+                for r in &rows {
+                    let n = stmt
+                        .execute(params![
+                            to_i64(r.entity),
+                            to_i64(r.epoch),
+                            to_i64(r.tick),
+                            i64::from(r.server),
+                            i64::from(r.region.0),
+                            i64::from(r.region.1),
+                            i64::from(r.region.2),
+                            i64::from(r.region.3),
+                            r.pos[0],
+                            r.pos[1],
+                            r.pos[2],
+                            r.components,
+                            r.gone,
+                            ms
+                        ])
+                        .map_err(&err)?;
+                    if n == 0 {
+                        refused.push(r.entity);
+                    }
+                }
+            }
+            tx.commit().map_err(&err)?;
+            Ok(refused)
+        })
+        .await
+    }
+
+    async fn checkpoints_within(&self, min: [f64; 3], max: [f64; 3]) -> Result<Vec<Checkpoint>, StoreError> {
+        let rows = self
+            .with(false, move |conn, inner| {
+                let err = unavailable(&inner.path);
+                let mut stmt = conn
+                    .prepare_cached(
+                        "SELECT entity_id, epoch, tick, server_id, region_level, region_x, region_y, region_z,
+                           pos_x, pos_y, pos_z, components, gone
+                         FROM entity_checkpoints
+                         WHERE NOT gone AND pos_x >= ?1 AND pos_x < ?2 AND pos_y >= ?3 AND pos_y < ?4
+                           AND pos_z >= ?5 AND pos_z < ?6",
+                    )
+                    .map_err(&err)?;
+                let rows = stmt
+                    .query_map(params![min[0], max[0], min[1], max[1], min[2], max[2]], |r| {
+                        Ok((
+                            [r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?],
+                            [r.get(8)?, r.get(9)?, r.get(10)?],
+                            r.get::<_, Vec<u8>>(11)?,
+                            r.get::<_, bool>(12)?,
+                        ))
+                    })
+                    .map_err(&err)?
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(&err)?;
+                Ok(rows)
+            })
+            .await?;
+        let mut out = rows
+            .into_iter()
+            .map(|(ints, pos, components, gone)| model::checkpoint_from_columns(ints, pos, components, gone))
+            .collect::<Result<Vec<_>, _>>()?;
+        out.sort_by_key(|c| c.entity);
+        Ok(out)
     }
 
     async fn load_topology(&self, cluster: &str) -> Result<Option<TopologySnapshot>, StoreError> {

@@ -39,7 +39,7 @@ use shared::chunk::ChunkKey;
 use shared::ids::PlayerId;
 
 pub use model::{
-    Account, ChunkDeltas, Compaction, Progress, RowKey, Session, Structure, TickDeltas, TopologySnapshot,
+    Account, Checkpoint, ChunkDeltas, Compaction, Progress, RowKey, Session, Structure, TickDeltas, TopologySnapshot,
     TransferRecord,
 };
 
@@ -138,6 +138,17 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     async fn record_transfers(&self, transfers: &[TransferRecord]) -> Result<(), StoreError>;
     /// The newest `limit` transfers, newest first.
     async fn recent_transfers(&self, limit: usize) -> Result<Vec<TransferRecord>, StoreError>;
+
+    // ---- entity checkpoints ----
+
+    /// Writes checkpoints (at most one per entity in `rows`), all in one
+    /// statement; a row is refused, not written, when the stored row of its
+    /// entity has a newer epoch, or the same epoch and a newer tick (see
+    /// [`Checkpoint::supersedes`]). Returns the entities refused.
+    async fn write_checkpoints(&self, rows: &[Checkpoint]) -> Result<Vec<u64>, StoreError>;
+    /// The checkpoints of entities not gone that stood within the box from
+    /// `min` (included) to `max` (excluded), in entity order.
+    async fn checkpoints_within(&self, min: [f64; 3], max: [f64; 3]) -> Result<Vec<Checkpoint>, StoreError>;
 }
 
 /// How to open a store.

@@ -12,7 +12,7 @@ use shared::ids::PlayerId;
 
 use crate::model::{self, group_by_chunk};
 use crate::{
-    Account, ChunkDeltas, Compaction, Progress, RowKey, Session, Store, StoreError, Structure, TickDeltas,
+    Account, Checkpoint, ChunkDeltas, Compaction, Progress, RowKey, Session, Store, StoreError, Structure, TickDeltas,
     TopologySnapshot, TransferRecord,
 };
 
@@ -26,6 +26,7 @@ struct Inner {
     structures: HashMap<u64, Structure>,
     topology: HashMap<String, TopologySnapshot>,
     transfers: BTreeMap<u64, TransferRecord>,
+    checkpoints: BTreeMap<u64, Checkpoint>,
 }
 
 #[derive(Debug)]
@@ -204,6 +205,25 @@ impl Store for MemoryStore {
 
     async fn load_topology(&self, cluster: &str) -> Result<Option<TopologySnapshot>, StoreError> {
         Ok(self.lock()?.topology.get(cluster).cloned())
+    }
+
+    async fn write_checkpoints(&self, rows: &[Checkpoint]) -> Result<Vec<u64>, StoreError> {
+        model::check_one_per_entity(rows)?;
+        let mut inner = self.lock()?;
+        let mut refused = Vec::new();
+        for row in rows {
+            match inner.checkpoints.get(&row.entity) {
+                Some(stored) if !row.supersedes(stored) => refused.push(row.entity),
+                _ => {
+                    inner.checkpoints.insert(row.entity, row.clone());
+                }
+            }
+        }
+        Ok(refused)
+    }
+
+    async fn checkpoints_within(&self, min: [f64; 3], max: [f64; 3]) -> Result<Vec<Checkpoint>, StoreError> {
+        Ok(self.lock()?.checkpoints.values().filter(|c| !c.gone && c.within(min, max)).cloned().collect())
     }
 
     async fn record_transfers(&self, transfers: &[TransferRecord]) -> Result<(), StoreError> {

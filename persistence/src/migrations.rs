@@ -16,7 +16,7 @@ pub struct Migration {
 }
 
 /// The newest schema version this build knows.
-pub const LATEST: i64 = 3;
+pub const LATEST: i64 = 4;
 
 /// The bookkeeping table both engines share.
 pub const BOOKKEEPING: &str = "CREATE TABLE IF NOT EXISTS schema_migrations (
@@ -109,6 +109,31 @@ pub const POSTGRES: &[Migration] = &[
         // A player's persisted components, as one component set.
         statements: &["ALTER TABLE player_progress ADD COLUMN IF NOT EXISTS components BYTEA NOT NULL DEFAULT ''"],
     },
+    Migration {
+        version: 4,
+        name: "entity_checkpoints",
+        // One row per entity: its persisted components as its owner last
+        // checkpointed them, fenced by entity epoch (see Store::write_checkpoints).
+        statements: &[
+            "CREATE TABLE IF NOT EXISTS entity_checkpoints (
+                entity_id INT8 PRIMARY KEY,
+                epoch INT8 NOT NULL,
+                tick INT8 NOT NULL,
+                server_id INT8 NOT NULL,
+                region_level INT8 NOT NULL,
+                region_x INT8 NOT NULL,
+                region_y INT8 NOT NULL,
+                region_z INT8 NOT NULL,
+                pos_x FLOAT8 NOT NULL,
+                pos_y FLOAT8 NOT NULL,
+                pos_z FLOAT8 NOT NULL,
+                components BYTEA NOT NULL,
+                gone BOOL NOT NULL,
+                written_unix_ms INT8 NOT NULL
+            )",
+            "CREATE INDEX IF NOT EXISTS entity_checkpoints_by_x ON entity_checkpoints (pos_x)",
+        ],
+    },
 ];
 
 pub const SQLITE: &[Migration] = &[
@@ -189,6 +214,29 @@ pub const SQLITE: &[Migration] = &[
         // SQLite has no ADD COLUMN IF NOT EXISTS; the migration's
         // transaction makes it run once.
         statements: &["ALTER TABLE player_progress ADD COLUMN components BLOB NOT NULL DEFAULT x''"],
+    },
+    Migration {
+        version: 4,
+        name: "entity_checkpoints",
+        statements: &[
+            "CREATE TABLE IF NOT EXISTS entity_checkpoints (
+                entity_id INTEGER PRIMARY KEY,
+                epoch INTEGER NOT NULL,
+                tick INTEGER NOT NULL,
+                server_id INTEGER NOT NULL,
+                region_level INTEGER NOT NULL,
+                region_x INTEGER NOT NULL,
+                region_y INTEGER NOT NULL,
+                region_z INTEGER NOT NULL,
+                pos_x REAL NOT NULL,
+                pos_y REAL NOT NULL,
+                pos_z REAL NOT NULL,
+                components BLOB NOT NULL,
+                gone INTEGER NOT NULL,
+                written_unix_ms INTEGER NOT NULL
+            )",
+            "CREATE INDEX IF NOT EXISTS entity_checkpoints_by_x ON entity_checkpoints (pos_x)",
+        ],
     },
 ];
 

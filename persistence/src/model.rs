@@ -108,6 +108,47 @@ pub struct TopologySnapshot {
     pub data: Vec<u8>,
 }
 
+/// One entity's checkpoint: its persisted components as its owner
+/// simulated them at a mesh tick, so that a successor can resume it when
+/// the owner dies. One row per entity.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    pub entity: u64,
+    /// The entity epoch its owner held it under: the store refuses a write
+    /// under an older epoch than the stored row's (an owner that was cut
+    /// off, or handed the entity on, cannot overwrite its successor), and,
+    /// under the same epoch, an older tick.
+    pub epoch: u64,
+    pub tick: u64,
+    /// The server that wrote it.
+    pub server: u32,
+    /// The region leaf the entity stood in: (level, x, y, z).
+    pub region: (u8, i32, i32, i32),
+    /// Where it stood (a resume finds it by position, whatever the leaves
+    /// are by then).
+    pub pos: [f64; 3],
+    /// Its persisted components, as one `shared::component::ComponentSet`
+    /// encoding (empty when `gone`).
+    pub components: Vec<u8>,
+    /// It left the world (a player logged out, a prop was destroyed): kept
+    /// as a tombstone so that an older epoch cannot bring it back, and
+    /// never resumed.
+    pub gone: bool,
+}
+
+impl Checkpoint {
+    /// Whether this row may replace `stored` (same entity).
+    pub fn supersedes(&self, stored: &Checkpoint) -> bool {
+        (self.epoch, self.tick) >= (stored.epoch, stored.tick)
+    }
+
+    /// Whether it stood within the box from `min` (included) to `max`
+    /// (excluded).
+    pub fn within(&self, min: [f64; 3], max: [f64; 3]) -> bool {
+        (0..3).all(|i| self.pos[i] >= min[i] && self.pos[i] < max[i])
+    }
+}
+
 /// One committed authority transfer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TransferRecord {
@@ -171,6 +212,45 @@ pub fn decode_deltas(
         out.push(VoxelDelta { chunk, index, material });
     }
     Ok(count)
+}
+
+/// Refuses a checkpoint write naming an entity twice (one statement
+/// cannot upsert a row twice).
+pub fn check_one_per_entity(rows: &[Checkpoint]) -> Result<(), StoreError> {
+    let mut seen = std::collections::HashSet::with_capacity(rows.len());
+    match rows.iter().find(|r| !seen.insert(r.entity)) {
+        Some(r) => Err(StoreError::Invalid(format!("entity {} checkpointed twice in one write", r.entity))),
+        None => Ok(()),
+    }
+}
+
+/// A checkpoint row from its columns: (entity, epoch, tick, server, region
+/// level, x, y, z), the position, the components, whether it is gone.
+pub fn checkpoint_from_columns(
+    ints: [i64; 8],
+    pos: [f64; 3],
+    components: Vec<u8>,
+    gone: bool,
+) -> Result<Checkpoint, StoreError> {
+    let [entity, epoch, tick, server, level, x, y, z] = ints;
+    let corrupt =
+        |reason: String| StoreError::Corrupt { what: format!("entity checkpoint {}", from_i64(entity)), reason };
+    let narrow = |v: i64, what: &str| i32::try_from(v).map_err(|_| corrupt(format!("{what} {v} out of range")));
+    Ok(Checkpoint {
+        entity: from_i64(entity),
+        epoch: from_i64(epoch),
+        tick: from_i64(tick),
+        server: u32::try_from(server).map_err(|_| corrupt(format!("server {server} out of range")))?,
+        region: (
+            u8::try_from(level).map_err(|_| corrupt(format!("region level {level} out of range")))?,
+            narrow(x, "region x")?,
+            narrow(y, "region y")?,
+            narrow(z, "region z")?,
+        ),
+        pos,
+        components,
+        gone,
+    })
 }
 
 /// Refuses a write holding a voxel index outside a chunk of `max_index` voxels.

@@ -20,8 +20,8 @@ use crate::migrations::{self, now_unix_ms};
 use crate::model::{self, decode_deltas, encode_deltas, from_i64, group_by_chunk, to_i64};
 use crate::retry::{Backoff, Retryable, with_retry};
 use crate::{
-    Account, ChunkDeltas, Compaction, Progress, RowKey, Session, Store, StoreConfig, StoreError, Structure, TickDeltas,
-    TopologySnapshot, TransferRecord,
+    Account, Checkpoint, ChunkDeltas, Compaction, Progress, RowKey, Session, Store, StoreConfig, StoreError, Structure,
+    TickDeltas, TopologySnapshot, TransferRecord,
 };
 
 /// What can go wrong inside one attempt of a transaction.
@@ -725,6 +725,91 @@ impl Store for PgStore {
         })
         .await?;
         Ok(())
+    }
+
+    async fn write_checkpoints(&self, rows: &[Checkpoint]) -> Result<Vec<u64>, StoreError> {
+        if rows.is_empty() {
+            return Ok(Vec::new());
+        }
+        model::check_one_per_entity(rows)?;
+        let int = |f: &dyn Fn(&Checkpoint) -> i64| rows.iter().map(f).collect::<Vec<i64>>();
+        let float = |i: usize| rows.iter().map(|r| r.pos[i]).collect::<Vec<f64>>();
+        let (entity, epoch, tick, server) = (
+            int(&|r| to_i64(r.entity)),
+            int(&|r| to_i64(r.epoch)),
+            int(&|r| to_i64(r.tick)),
+            int(&|r| i64::from(r.server)),
+        );
+        let (level, rx, ry, rz) = (
+            int(&|r| i64::from(r.region.0)),
+            int(&|r| i64::from(r.region.1)),
+            int(&|r| i64::from(r.region.2)),
+            int(&|r| i64::from(r.region.3)),
+        );
+        let (px, py, pz) = (float(0), float(1), float(2));
+        let components: Vec<&[u8]> = rows.iter().map(|r| r.components.as_slice()).collect();
+        let gone: Vec<bool> = rows.iter().map(|r| r.gone).collect();
+        let ms = vec![now_unix_ms(); rows.len()];
+        let written = with_retry(self.backoff, || async {
+            let client = self.client().await?;
+            Ok::<_, Attempt>(
+                client
+                    .query(
+                        "INSERT INTO entity_checkpoints (entity_id, epoch, tick, server_id, region_level, region_x,
+                           region_y, region_z, pos_x, pos_y, pos_z, components, gone, written_unix_ms)
+                         SELECT * FROM unnest($1::INT8[], $2::INT8[], $3::INT8[], $4::INT8[], $5::INT8[], $6::INT8[],
+                           $7::INT8[], $8::INT8[], $9::FLOAT8[], $10::FLOAT8[], $11::FLOAT8[], $12::BYTEA[], $13::BOOL[],
+                           $14::INT8[])
+                         ON CONFLICT (entity_id) DO UPDATE SET epoch = excluded.epoch, tick = excluded.tick, server_id = excluded.server_id,
+                       region_level = excluded.region_level, region_x = excluded.region_x, region_y = excluded.region_y,
+                       region_z = excluded.region_z, pos_x = excluded.pos_x, pos_y = excluded.pos_y, pos_z = excluded.pos_z,
+                       components = excluded.components, gone = excluded.gone, written_unix_ms = excluded.written_unix_ms
+                     WHERE entity_checkpoints.epoch < excluded.epoch
+                       OR (entity_checkpoints.epoch = excluded.epoch AND entity_checkpoints.tick <= excluded.tick)
+                         RETURNING entity_id",
+                        &[
+                            &entity, &epoch, &tick, &server, &level, &rx, &ry, &rz, &px, &py, &pz, &components, &gone,
+                            &ms,
+                        ],
+                    )
+                    .await?,
+            )
+        })
+        .await?;
+        let written: std::collections::HashSet<u64> = written.iter().map(|r| from_i64(r.get(0))).collect();
+        Ok(rows.iter().map(|r| r.entity).filter(|e| !written.contains(e)).collect())
+    }
+
+    async fn checkpoints_within(&self, min: [f64; 3], max: [f64; 3]) -> Result<Vec<Checkpoint>, StoreError> {
+        let rows = with_retry(self.backoff, || async {
+            let client = self.client().await?;
+            Ok::<_, Attempt>(
+                client
+                    .query(
+                        "SELECT entity_id, epoch, tick, server_id, region_level, region_x, region_y, region_z,
+                           pos_x, pos_y, pos_z, components, gone
+                         FROM entity_checkpoints
+                         WHERE NOT gone AND pos_x >= $1 AND pos_x < $2 AND pos_y >= $3 AND pos_y < $4
+                           AND pos_z >= $5 AND pos_z < $6",
+                        &[&min[0], &max[0], &min[1], &max[1], &min[2], &max[2]],
+                    )
+                    .await?,
+            )
+        })
+        .await?;
+        let mut out = rows
+            .iter()
+            .map(|r| {
+                model::checkpoint_from_columns(
+                    [r.get(0), r.get(1), r.get(2), r.get(3), r.get(4), r.get(5), r.get(6), r.get(7)],
+                    [r.get(8), r.get(9), r.get(10)],
+                    r.get(11),
+                    r.get(12),
+                )
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        out.sort_by_key(|c| c.entity);
+        Ok(out)
     }
 
     async fn recent_transfers(&self, limit: usize) -> Result<Vec<TransferRecord>, StoreError> {
