@@ -117,7 +117,9 @@ pub struct Checkpoint {
     /// The entity epoch its owner held it under: the store refuses a write
     /// under an older epoch than the stored row's (an owner that was cut
     /// off, or handed the entity on, cannot overwrite its successor), and,
-    /// under the same epoch, an older tick.
+    /// under the same epoch, an older tick. After a tombstone (`gone`), only
+    /// the tick counts: a player who logs in again starts a new life of
+    /// its avatar, at epoch 0, after it.
     pub epoch: u64,
     pub tick: u64,
     /// The server that wrote it.
@@ -131,15 +133,15 @@ pub struct Checkpoint {
     /// encoding (empty when `gone`).
     pub components: Vec<u8>,
     /// It left the world (a player logged out, a prop was destroyed): kept
-    /// as a tombstone so that an older epoch cannot bring it back, and
-    /// never resumed.
+    /// as a tombstone so that no write of an earlier tick brings it back,
+    /// and never resumed.
     pub gone: bool,
 }
 
 impl Checkpoint {
     /// Whether this row may replace `stored` (same entity).
     pub fn supersedes(&self, stored: &Checkpoint) -> bool {
-        (self.epoch, self.tick) >= (stored.epoch, stored.tick)
+        if stored.gone { self.tick > stored.tick } else { (self.epoch, self.tick) >= (stored.epoch, stored.tick) }
     }
 
     /// Whether it stood within the box from `min` (included) to `max`

@@ -764,8 +764,9 @@ impl Store for PgStore {
                        region_level = excluded.region_level, region_x = excluded.region_x, region_y = excluded.region_y,
                        region_z = excluded.region_z, pos_x = excluded.pos_x, pos_y = excluded.pos_y, pos_z = excluded.pos_z,
                        components = excluded.components, gone = excluded.gone, written_unix_ms = excluded.written_unix_ms
-                     WHERE entity_checkpoints.epoch < excluded.epoch
-                       OR (entity_checkpoints.epoch = excluded.epoch AND entity_checkpoints.tick <= excluded.tick)
+                     WHERE (entity_checkpoints.gone AND entity_checkpoints.tick < excluded.tick)
+                       OR (NOT entity_checkpoints.gone AND (entity_checkpoints.epoch < excluded.epoch
+                         OR (entity_checkpoints.epoch = excluded.epoch AND entity_checkpoints.tick <= excluded.tick)))
                          RETURNING entity_id",
                         &[
                             &entity, &epoch, &tick, &server, &level, &rx, &ry, &rz, &px, &py, &pz, &components, &gone,

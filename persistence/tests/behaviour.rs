@@ -261,12 +261,15 @@ async fn checkpoints_are_fenced_by_entity_epoch_and_found_by_place(f: Fixture) {
         vec![cp(a, 3, 140, 2013.0, 6), cp(b, 1, 100, 2020.0, 2)]
     );
     assert!(near([2013.0, 0.0, -100.0], [2020.0, 100.0, 0.0]).await.len() == 1, "min included, max excluded");
-    // Gone: never resumed, and no older epoch brings it back.
+    // Gone: never resumed, and nothing of an earlier tick brings it back;
+    // a later life of it (a player logging in again, at epoch 0) does.
     assert!(
         write(vec![Checkpoint { gone: true, components: Vec::new(), ..cp(a, 4, 200, 2013.0, 0) }]).await.is_empty()
     );
     assert_eq!(near([2000.0, 0.0, -100.0], [2100.0, 100.0, 0.0]).await, vec![cp(b, 1, 100, 2020.0, 2)]);
-    assert_eq!(write(vec![cp(a, 3, 300, 2013.0, 7)]).await, vec![a]);
+    assert_eq!(write(vec![cp(a, 5, 190, 2013.0, 7)]).await, vec![a]);
+    assert!(write(vec![cp(a, 0, 250, 2014.0, 8)]).await.is_empty());
+    assert_eq!(near([2014.0, 0.0, -100.0], [2015.0, 100.0, 0.0]).await, vec![cp(a, 0, 250, 2014.0, 8)]);
     // One row per entity a write.
     let twice = s.write_checkpoints(&[cp(9, 1, 1, 0.0, 1), cp(9, 1, 2, 0.0, 1)]).await;
     assert!(matches!(twice, Err(StoreError::Invalid(_))), "{twice:?}");
