@@ -182,6 +182,10 @@ impl Scenario {
         let generator = Arc::new(TerrainGen::new(c.seed, layout));
         let store = game_server::store::memory_world_store(&layout);
         let writer = game_server::store::spawn_writer(store.clone(), 1).expect("writer thread starts");
+        let metrics = game_server::metrics::Metrics::new();
+        // Checkpointed as a server is (the tick's share of it is measured).
+        let checkpoints = game_server::checkpoint::spawn_checkpoint_writer(store.clone(), metrics.clone())
+            .expect("checkpoint writer starts");
         let (tx, inbox) = mpsc::channel(1 << 16);
         let (outbox, out) = mpsc::channel(1 << 12);
         let every = game_server::sim::core::snapshot_every(90, c.snapshot_hz);
@@ -203,7 +207,7 @@ impl Scenario {
             },
             inbox,
             outbox,
-            metrics: game_server::metrics::Metrics::new(),
+            metrics,
             load: Arc::default(),
             map: single_server_map(roots),
             authority_log: None,
@@ -211,6 +215,7 @@ impl Scenario {
                 generator: generator.clone(),
                 store,
                 writer,
+                checkpoints: Some(checkpoints),
                 terrain: terrain::TerrainSettings {
                     workers: c.chunk_workers,
                     integrate_per_tick: 64,

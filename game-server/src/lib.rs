@@ -6,6 +6,7 @@
 //! gRPC service ([`peer`]) and the HTTP endpoints ([`http`]). Bounded
 //! channels join them; the tick thread never waits on them.
 
+pub mod checkpoint;
 pub mod config;
 pub mod control;
 pub mod convert;
@@ -157,7 +158,11 @@ pub async fn run_with(
     let store = store::WorldStore::new(store, tokio::runtime::Handle::current());
     let store_for_joins = store.clone();
     let writer = store::spawn_writer(store.clone(), persistence::random_id()).context("starting the edit writer")?;
+    let checkpoints = checkpoint::spawn_checkpoint_writer(store.clone(), metrics.clone())
+        .context("starting the checkpoint writer")?;
+    let checkpoints_at_exit = checkpoints.clone();
     let world_parts = sim::WorldParts {
+        checkpoints: Some(checkpoints),
         generator: Arc::new(shared::terrain::TerrainGen::new(reg.world_seed, layout)),
         store,
         writer,
@@ -320,6 +325,7 @@ pub async fn run_with(
     let pending = writer_at_exit.queued();
     let written =
         tokio::task::spawn_blocking(move || writer_at_exit.wait_finished(std::time::Duration::from_secs(15))).await;
+    let _ = tokio::task::spawn_blocking(move || checkpoints_at_exit.finish(std::time::Duration::from_secs(5))).await;
     if !matches!(written, Ok(true)) {
         warn!(pending, "stopped before the world store took every queued edit");
     }

@@ -72,6 +72,12 @@ pub struct Metrics {
     pub store_queue_batches: IntGauge,
     pub store_in_flight_deltas: IntGauge,
     pub store_append_failures: IntCounter,
+    /// Checkpoint rows: written, refused_stale (a successor's stands),
+    /// dropped_backlog_full.
+    pub checkpoint_rows: IntCounterVec,
+    pub checkpoint_write_failures: IntCounter,
+    pub checkpoint_backlog: IntGauge,
+    pub checkpoint_lag: Gauge,
     pub store_compactions: IntCounter,
     pub store_last_flush: Gauge,
 }
@@ -258,6 +264,23 @@ impl Metrics {
                 "Failed attempts to append world deltas",
             ),
             store_compactions: counter("world_store_compactions_total", "Chunks compacted into snapshot rows"),
+            checkpoint_rows: counter_vec(
+                "checkpoint_rows_total",
+                "Entity checkpoint rows, by outcome: written, refused_stale (the store holds a successor's), dropped_backlog_full",
+                "outcome",
+            ),
+            checkpoint_write_failures: counter(
+                "checkpoint_write_failures_total",
+                "Failed attempts to write checkpoints (held and retried)",
+            ),
+            checkpoint_backlog: int_gauge(
+                "checkpoint_backlog",
+                "Entities offered for a checkpoint and not yet written",
+            ),
+            checkpoint_lag: gauge(
+                "checkpoint_lag_seconds",
+                "Age of the oldest state in the newest checkpoint write when it landed",
+            ),
             store_last_flush: gauge("world_store_last_flush_seconds", "Duration of the newest successful delta append"),
             registry,
         };
@@ -316,6 +339,10 @@ impl Metrics {
             Box::new(m.store_append_failures.clone()),
             Box::new(m.store_compactions.clone()),
             Box::new(m.store_last_flush.clone()),
+            Box::new(m.checkpoint_rows.clone()),
+            Box::new(m.checkpoint_write_failures.clone()),
+            Box::new(m.checkpoint_backlog.clone()),
+            Box::new(m.checkpoint_lag.clone()),
         ];
         for c in collectors {
             m.names.extend(c.desc().into_iter().map(|d| d.fq_name.clone()));

@@ -6,6 +6,7 @@
 //! bounded channels with `try_send` (a full channel drops and counts).
 
 pub mod authority;
+pub mod checkpoints;
 #[cfg(test)]
 mod component_tests;
 pub mod core;
@@ -98,7 +99,7 @@ pub fn schedule() -> Schedule {
         (authority::log_authority, authority::authority).chain().in_set(SimSet::Authority),
         ((replication::replication, authority::release_due, ghosts::sync_out).chain(), replication::chunk_edits)
             .in_set(SimSet::Replication),
-        replication::report.in_set(SimSet::Metrics),
+        (replication::report, checkpoints::offer).in_set(SimSet::Metrics),
     ));
     s
 }
@@ -122,6 +123,8 @@ pub struct WorldParts {
     pub generator: Arc<shared::terrain::TerrainGen>,
     pub store: crate::store::WorldStore,
     pub writer: crate::store::WriterHandle,
+    /// The checkpoint writer (`None`: this world is not checkpointed).
+    pub checkpoints: Option<crate::checkpoint::CheckpointHandle>,
     pub terrain: terrain::TerrainSettings,
     pub edits: edits::EditSettings,
     /// Origin of the physics world's `f32` coordinates.
@@ -136,6 +139,7 @@ pub fn world(p: SimParts) -> World {
     w.insert_resource(terrain::Terrain::new(p.world.generator, p.world.store, p.world.terrain));
     w.insert_resource(physics::Physics::new(p.world.physics_origin));
     w.insert_resource(edits::Edits::new(p.world.edits, p.world.writer, ids));
+    w.insert_resource(checkpoints::Checkpoints(p.world.checkpoints));
     let pool = replication::ReplicationPool::new(p.config.replication_workers).unwrap_or_else(|e| {
         warn!(error = %e, "no replication threads; the tick thread builds every snapshot");
         replication::ReplicationPool::default()

@@ -181,6 +181,7 @@ pub(crate) fn left(world: &mut World, conn: u64) {
     }
     if !still_connected && world.get::<Transfer>(e).is_none_or(|t| !t.is_leaving()) {
         save_progress(world, e);
+        super::checkpoints::gone(world, e);
         let entity = world.get::<NetId>(e).map(|n| n.0);
         despawn(world, e);
         info!(player = %c.player, "player left");

@@ -67,6 +67,7 @@ pub fn world_parts(generator: shared::terrain::TerrainGen) -> super::WorldParts 
         generator: Arc::new(generator),
         writer: crate::store::spawn_writer(store.clone(), 1).expect("writer starts"),
         store,
+        checkpoints: None,
         terrain: super::terrain::TerrainSettings { workers: 0, ..Default::default() },
         edits: super::edits::EditSettings::default(),
         physics_origin: DVec3::new(2000.0, 0.0, 1000.0),
@@ -844,4 +845,67 @@ fn snapshots_built_by_the_pool_behind_the_tick_are_the_tick_threads_a_tick_later
             assert!(behind_by_tick[c][t] >= now_by_tick[c][t - 1], "conn {c}, tick {t}: late");
         }
     }
+}
+
+/// Every entity this server owns is checkpointed about twice a second
+/// while it changes (not while it rests), with its persisted components
+/// and where it is; a player who leaves is tombstoned, not resumed.
+#[test]
+fn owned_entities_are_checkpointed_as_they_change_and_a_player_who_leaves_is_not_resumed() {
+    use persistence::Store as _;
+    use shared::component::builtin::Transform;
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().expect("runtime");
+    let memory = Arc::new(persistence::memory::MemoryStore::new(32 * 32 * 32));
+    let metrics = Metrics::new();
+    let writer = crate::checkpoint::spawn_checkpoint_writer(
+        crate::store::WorldStore::new(memory.clone(), rt.handle().clone()),
+        metrics.clone(),
+    )
+    .expect("writer starts");
+    let mut h = Harness::new(1);
+    h.world.insert_resource(super::checkpoints::Checkpoints(Some(writer.clone())));
+    let _rx = h.join(1, JoinRole::Play, DVec3::new(1000.0, GROUND + 1.0, 1000.0));
+    let prop = spawn_box(&mut h, DVec3::new(1005.0, GROUND + 0.3, 1000.0));
+    h.settle();
+    let player = EntityId::player(PlayerId(7)).expect("a player id");
+    let stored = || {
+        std::thread::sleep(crate::checkpoint::FLUSH_INTERVAL * 3);
+        rt.block_on(memory.checkpoints_within([-1e9; 3], [1e9; 3])).expect("read")
+    };
+    for seq in 1..=90 {
+        h.send(SimIn::Input { conn: 1, frame: input(seq, 1.0) });
+        h.step();
+    }
+    let rows = stored();
+    let mine = rows.iter().find(|r| r.entity == player.0).expect("the player is checkpointed");
+    let (body, _) = h.avatar().expect("simulated");
+    assert!(h.tick - mine.tick < super::checkpoints::CHECKPOINT_EVERY_TICKS, "at most half a second old");
+    assert!(body.pos.x - mine.pos[0] < 9.0 * 0.5 + 0.1 && mine.pos[0] > 1001.0, "where it walked: {:?}", mine.pos);
+    let registry = shared::component::Registry::builtin();
+    let (set, _) = shared::component::ComponentSet::decode_saved(&mine.components, &registry).expect("decodes");
+    let t = set.get::<Transform>().expect("a transform").expect("decodes");
+    assert_eq!(t.pos_mm[0], (mine.pos[0] * 1000.0).round() as i64);
+    assert_eq!((mine.epoch, mine.server, mine.gone), (0, 1, false));
+    // The box rests: offered once, its row not rewritten as the player's is.
+    let boxed = rows.iter().find(|r| r.entity == prop.0).expect("the prop is checkpointed").clone();
+    for seq in 91..=180 {
+        h.send(SimIn::Input { conn: 1, frame: input(seq, 0.0) });
+        h.step();
+    }
+    let rows = stored();
+    assert_eq!(rows.iter().find(|r| r.entity == prop.0), Some(&boxed), "a resting prop is not written again");
+    // Standing still now: its last row stays, as the box's.
+    let still = rows.iter().find(|r| r.entity == player.0).expect("still there").clone();
+    for _ in 0..90 {
+        h.step();
+    }
+    assert_eq!(stored().iter().find(|r| r.entity == player.0), Some(&still));
+    // It leaves: a tombstone, so no successor resumes it.
+    h.send(SimIn::Left { conn: 1 });
+    h.step();
+    assert!(writer.finish(std::time::Duration::from_secs(5)), "written");
+    let rows = rt.block_on(memory.checkpoints_within([-1e9; 3], [1e9; 3])).expect("read");
+    assert!(rows.iter().all(|r| r.entity != player.0), "{rows:?}");
+    assert!(rows.iter().any(|r| r.entity == prop.0));
+    assert_eq!(metrics.checkpoint_rows.with_label_values(&["refused_stale"]).get(), 0);
 }

@@ -1,0 +1,123 @@
+//! Offers the persisted state of the entities this server owns to the
+//! checkpoint writer ([`crate::checkpoint`]): each entity every
+//! [`CHECKPOINT_EVERY_TICKS`], a share of them each tick, when it changed
+//! since its last offer (its persisted components, and a transform from
+//! its body), and a tombstone when a player leaves. Resuming from them is
+//! not built yet (issue 24, item 2).
+
+use bevy_ecs::prelude::*;
+use glam::Quat;
+use persistence::Checkpoint;
+use shared::component::builtin::Transform;
+use shared::snapshot::QEntity;
+use shared::wire::EntityState;
+
+use super::authority::Authority;
+use super::core::*;
+
+/// Ticks between two offers of one entity (half a second at 90 Hz).
+pub const CHECKPOINT_EVERY_TICKS: u64 = 45;
+
+/// The checkpoint writer, if this server checkpoints.
+#[derive(Resource, Debug, Default, Clone)]
+pub struct Checkpoints(pub Option<crate::checkpoint::CheckpointHandle>);
+
+/// What was last offered of an entity here: the same again is not.
+#[derive(Component, Debug)]
+pub struct LastCheckpoint {
+    epoch: u64,
+    components: Vec<u8>,
+}
+
+type Checkpointed = (
+    Entity,
+    &'static NetId,
+    &'static Body,
+    &'static Authority,
+    Option<&'static Components>,
+    Option<&'static super::physics::Prop>,
+    Option<&'static mut LastCheckpoint>,
+);
+
+/// The entity's persisted state as a checkpoint's component set.
+fn state_of(
+    id: shared::EntityId,
+    body: &Body,
+    prop: Option<&super::physics::Prop>,
+    comps: Option<&Components>,
+    cfg: &SimConfig,
+) -> Vec<u8> {
+    let rot = prop.map_or_else(|| Quat::from_rotation_y(body.yaw), |p| p.rot);
+    let state = EntityState { id, pos: body.pos, rot: rot.to_array(), vel: body.vel.to_array(), authority: cfg.server };
+    let q = QEntity::quantise(&state);
+    let mut set = comps.map(|c| c.0.set().filtered(&cfg.registry, |p| p.persisted)).unwrap_or_default();
+    set.set(&Transform { pos_mm: q.pos, rot: q.rot, vel_cms: q.vel });
+    set.to_bytes()
+}
+
+fn row(
+    id: shared::EntityId,
+    auth: &Authority,
+    body: &Body,
+    tick: u64,
+    cfg: &SimConfig,
+    components: Vec<u8>,
+) -> Checkpoint {
+    let r = auth.region();
+    Checkpoint {
+        entity: id.0,
+        epoch: auth.entity_epoch().0,
+        tick,
+        server: cfg.server.0,
+        region: (r.level, r.x, r.y, r.z),
+        pos: body.pos.to_array(),
+        gone: components.is_empty(),
+        components,
+    }
+}
+
+/// This tick's share of the entities, those that changed.
+pub fn offer(
+    mut commands: Commands,
+    mut q: Query<Checkpointed>,
+    checkpoints: Res<Checkpoints>,
+    cfg: Res<SimConfig>,
+    tick: Res<TickState>,
+) {
+    let Some(writer) = &checkpoints.0 else { return };
+    let slice = tick.tick % CHECKPOINT_EVERY_TICKS;
+    let mut rows = Vec::new();
+    for (e, n, body, auth, comps, prop, last) in &mut q {
+        if n.0.0 % CHECKPOINT_EVERY_TICKS != slice {
+            continue;
+        }
+        let components = state_of(n.0, body, prop, comps, &cfg);
+        let epoch = auth.entity_epoch().0;
+        match last {
+            Some(l) if l.epoch == epoch && l.components == components => continue,
+            Some(mut l) => {
+                l.epoch = epoch;
+                l.components.clone_from(&components);
+            }
+            None => {
+                commands.entity(e).insert(LastCheckpoint { epoch, components: components.clone() });
+            }
+        }
+        rows.push(row(n.0, auth, body, tick.tick, &cfg, components));
+    }
+    if !rows.is_empty() {
+        writer.offer(rows);
+    }
+}
+
+/// A tombstone for `e`, which leaves the world (its player logged out):
+/// no successor resumes it.
+pub fn gone(world: &World, e: Entity) {
+    let Some(writer) = &world.resource::<Checkpoints>().0 else { return };
+    let (Some(n), Some(body), Some(auth)) = (world.get::<NetId>(e), world.get::<Body>(e), world.get::<Authority>(e))
+    else {
+        return;
+    };
+    let tick = world.resource::<TickState>().tick;
+    writer.offer([row(n.0, auth, body, tick, world.resource::<SimConfig>(), Vec::new())]);
+}
