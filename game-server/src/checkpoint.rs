@@ -31,6 +31,8 @@ pub const MAX_ROWS_A_WRITE: usize = 4_096;
 struct Backlog {
     /// The newest offer per entity, with when it was offered.
     rows: HashMap<u64, (Checkpoint, Instant)>,
+    /// Rows taken out to be written, not written yet.
+    writing: usize,
     closed: bool,
 }
 
@@ -39,6 +41,8 @@ struct Shared {
     backlog: Mutex<Backlog>,
     wake: Condvar,
     finished: AtomicBool,
+    /// The writer stopped with rows it could not write.
+    lost: AtomicBool,
     metrics: Metrics,
 }
 
@@ -50,28 +54,34 @@ pub struct CheckpointHandle {
 
 impl CheckpointHandle {
     /// Hands rows to the writer (never blocks on the store). A row replaces
-    /// an older offer of its entity not yet written.
-    pub fn offer(&self, rows: impl IntoIterator<Item = Checkpoint>) {
+    /// an older offer of its entity not yet written. Answers the entities
+    /// not taken (the backlog is full): offer them again later.
+    pub fn offer(&self, rows: impl IntoIterator<Item = Checkpoint>) -> Vec<u64> {
         let now = Instant::now();
-        let Ok(mut b) = self.shared.backlog.lock() else { return };
+        let mut dropped = Vec::new();
+        let Ok(mut b) = self.shared.backlog.lock() else { return dropped };
         let m = &self.shared.metrics;
         for row in rows {
             let full = b.rows.len() >= MAX_BACKLOG;
             match b.rows.get_mut(&row.entity) {
                 Some(held) if row.supersedes(&held.0) => *held = (row, held.1.min(now)),
                 Some(_) => {}
-                None if full => m.checkpoint_rows.with_label_values(&["dropped_backlog_full"]).inc(),
+                None if full => {
+                    m.checkpoint_rows.with_label_values(&["dropped_backlog_full"]).inc();
+                    dropped.push(row.entity);
+                }
                 None => {
                     b.rows.insert(row.entity, (row, now));
                 }
             }
         }
-        m.checkpoint_backlog.set(b.rows.len() as i64);
+        m.checkpoint_backlog.set((b.rows.len() + b.writing) as i64);
+        dropped
     }
 
-    /// Entities offered and not yet written.
+    /// Entities offered and not yet written (being written included).
     pub fn backlog(&self) -> usize {
-        self.shared.backlog.lock().map_or(0, |b| b.rows.len())
+        self.shared.backlog.lock().map_or(0, |b| b.rows.len() + b.writing)
     }
 
     /// Writes what is left and stops the writer; waits up to `limit` for it
@@ -88,7 +98,7 @@ impl CheckpointHandle {
             }
             std::thread::sleep(Duration::from_millis(10));
         }
-        true
+        !self.shared.lost.load(Ordering::Acquire)
     }
 }
 
@@ -98,6 +108,7 @@ pub fn spawn_checkpoint_writer(store: WorldStore, metrics: Metrics) -> std::io::
         backlog: Mutex::new(Backlog::default()),
         wake: Condvar::new(),
         finished: AtomicBool::new(false),
+        lost: AtomicBool::new(false),
         metrics,
     });
     let s = shared.clone();
@@ -115,7 +126,7 @@ pub fn spawn_checkpoint_writer(store: WorldStore, metrics: Metrics) -> std::io::
                     };
                 }
                 let rows: Vec<(Checkpoint, Instant)> = b.rows.drain().map(|(_, r)| r).collect();
-                s.metrics.checkpoint_backlog.set(0);
+                b.writing = rows.len();
                 (rows, b.closed)
             };
             if !batch.is_empty() {
@@ -126,6 +137,10 @@ pub fn spawn_checkpoint_writer(store: WorldStore, metrics: Metrics) -> std::io::
                         }
                         failures = 0;
                         backoff = FLUSH_INTERVAL;
+                        if let Ok(mut b) = s.backlog.lock() {
+                            b.writing = 0;
+                            s.metrics.checkpoint_backlog.set(b.rows.len() as i64);
+                        }
                     }
                     Err((e, unwritten)) => {
                         failures += 1;
@@ -138,6 +153,7 @@ pub fn spawn_checkpoint_writer(store: WorldStore, metrics: Metrics) -> std::io::
                         // Back in the backlog, unless a newer offer of the
                         // entity came meanwhile.
                         if let Ok(mut b) = s.backlog.lock() {
+                            b.writing = 0;
                             for (row, at) in unwritten {
                                 b.rows.entry(row.entity).or_insert((row, at));
                             }
@@ -146,8 +162,10 @@ pub fn spawn_checkpoint_writer(store: WorldStore, metrics: Metrics) -> std::io::
                         backoff = (backoff * 2).min(Duration::from_secs(2));
                         if closed {
                             // Stopping: one more try, then what is left is lost with the process.
-                            if write_rest(&store, &s) {
-                                continue;
+                            if !write_rest(&store, &s) {
+                                let left = s.backlog.lock().map_or(0, |b| b.rows.len());
+                                error!(rows = left, "stopping with checkpoints the store did not take");
+                                s.lost.store(true, Ordering::Release);
                             }
                             break;
                         }
@@ -164,13 +182,22 @@ pub fn spawn_checkpoint_writer(store: WorldStore, metrics: Metrics) -> std::io::
     Ok(CheckpointHandle { shared })
 }
 
-/// At shutdown after a failure: one more attempt at what is left.
+/// At shutdown after a failure: one more attempt at what is left (left in
+/// the backlog if it fails).
 fn write_rest(store: &WorldStore, s: &Shared) -> bool {
     let rows: Vec<(Checkpoint, Instant)> = match s.backlog.lock() {
         Ok(mut b) => b.rows.drain().map(|(_, r)| r).collect(),
         Err(_) => return false,
     };
-    rows.is_empty() || write(store, &rows, &s.metrics).is_ok()
+    match write(store, &rows, &s.metrics) {
+        Ok(()) => true,
+        Err((_, unwritten)) => {
+            if let Ok(mut b) = s.backlog.lock() {
+                b.rows.extend(unwritten.into_iter().map(|(r, at)| (r.entity, (r, at))));
+            }
+            false
+        }
+    }
 }
 
 /// Writes `rows` in statements of at most [`MAX_ROWS_A_WRITE`]; on a
@@ -205,6 +232,7 @@ mod tests {
     fn row(entity: u64, epoch: u64, tick: u64) -> Checkpoint {
         Checkpoint {
             entity,
+            held_since: epoch,
             epoch,
             tick,
             server: 1,
@@ -230,7 +258,7 @@ mod tests {
         h.offer([row(1, 0, 120)]);
         std::thread::sleep(FLUSH_INTERVAL * 3);
         assert!(metrics.checkpoint_write_failures.get() >= 1, "the outage is counted");
-        assert_eq!(h.backlog(), 2, "held, newest per entity");
+        assert_eq!(h.backlog(), 2, "held, newest per entity (being written included)");
         memory.set_unavailable(false);
         assert!(h.finish(Duration::from_secs(10)), "written at the end");
         let rows = rt.block_on(memory.checkpoints_within([0.0; 3], [1e6; 3])).expect("read");

@@ -325,7 +325,11 @@ pub async fn run_with(
     let pending = writer_at_exit.queued();
     let written =
         tokio::task::spawn_blocking(move || writer_at_exit.wait_finished(std::time::Duration::from_secs(15))).await;
-    let _ = tokio::task::spawn_blocking(move || checkpoints_at_exit.finish(std::time::Duration::from_secs(5))).await;
+    let written =
+        tokio::task::spawn_blocking(move || checkpoints_at_exit.finish(std::time::Duration::from_secs(5))).await;
+    if !matches!(written, Ok(true)) {
+        warn!("entity checkpoints were not all written before exit: a successor resumes from older ones");
+    }
     if !matches!(written, Ok(true)) {
         warn!(pending, "stopped before the world store took every queued edit");
     }

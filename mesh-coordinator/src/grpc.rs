@@ -94,6 +94,20 @@ fn components_from_pb(entries: &[pb::ComponentEntry]) -> Result<shared::componen
     shared::component::Schema::checked(entries.iter().map(|e| (e.id, e.name.as_str(), e.version)))
 }
 
+/// The command a registration proposes. A build that sends no schema gets
+/// the command it always did: it is not checked, and replicas of the
+/// previous release read the entry.
+fn register_command(r: pb::RegisterRequest, now: u64) -> Result<Command, &'static str> {
+    let schema = components_from_pb(&r.components)?;
+    let (name, addresses, cert_sha256, capacity_players, version) =
+        (r.name, addresses_from_pb(r.addresses), r.cert_sha256, r.capacity_players, r.version);
+    Ok(if schema.0.is_empty() {
+        Command::Register { name, addresses, cert_sha256, capacity_players, version, now }
+    } else {
+        Command::RegisterWithSchema { name, addresses, cert_sha256, capacity_players, version, schema, now }
+    })
+}
+
 fn unexpected(r: SmResponse) -> Status {
     Status::internal(format!("unexpected state-machine response {r:?}"))
 }
@@ -105,16 +119,7 @@ impl MeshCoordinator for CoordinatorGrpc {
         if r.name.is_empty() || r.name.len() > 256 {
             return Err(self.refuse("bad_request", "server name must be 1..=256 bytes"));
         }
-        let schema = components_from_pb(&r.components).map_err(|e| self.refuse("bad_request", e))?;
-        let cmd = Command::RegisterWithSchema {
-            name: r.name,
-            addresses: addresses_from_pb(r.addresses),
-            cert_sha256: r.cert_sha256,
-            capacity_players: r.capacity_players,
-            version: r.version,
-            schema,
-            now: now_nanos(),
-        };
+        let cmd = register_command(r, now_nanos()).map_err(|e| self.refuse("bad_request", e))?;
         match self.node.propose(cmd).await.map_err(status_of)? {
             SmResponse::Registered { server } => Ok(Response::new(self.node.read(|s| pb::RegisterResponse {
                 server_id: server.0,
@@ -281,5 +286,22 @@ impl MeshCoordinator for CoordinatorGrpc {
         let (ticket, expires_unix_ms) = self.auth.ticket(player, &r.name, to, shared::wire::JoinRole::Standby, None);
         self.node.metrics.auth.with_label_values(&["hint_ticket"]).inc();
         Ok(Response::new(pb::StandbyTicketResponse { ticket, expires_unix_ms }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_registration_without_components_proposes_the_previous_releases_command() {
+        let r = |components| pb::RegisterRequest { name: "gs".into(), components, ..Default::default() };
+        assert!(matches!(register_command(r(Vec::new()), 1), Ok(Command::Register { .. })));
+        let entry = |id| pb::ComponentEntry { id, name: format!("c{id}"), version: 1 };
+        let Ok(Command::RegisterWithSchema { schema, .. }) = register_command(r(vec![entry(1), entry(3)]), 1) else {
+            panic!("a schema is registered")
+        };
+        assert_eq!(schema.0.iter().map(|e| e.id).collect::<Vec<_>>(), [1, 3]);
+        assert_eq!(register_command(r(vec![entry(3), entry(1)]), 1).err(), Some("component ids not ascending"));
     }
 }

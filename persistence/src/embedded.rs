@@ -583,16 +583,15 @@ impl Store for SqliteStore {
             {
                 let mut stmt = tx
                     .prepare_cached(
-                        "INSERT INTO entity_checkpoints (entity_id, epoch, tick, server_id, region_level, region_x,
+                        "INSERT INTO entity_checkpoints (entity_id, held_since, epoch, tick, server_id, region_level, region_x,
                            region_y, region_z, pos_x, pos_y, pos_z, components, gone, written_unix_ms)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)
-                         ON CONFLICT (entity_id) DO UPDATE SET epoch = excluded.epoch, tick = excluded.tick, server_id = excluded.server_id,
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)
+                         ON CONFLICT (entity_id) DO UPDATE SET held_since = excluded.held_since, epoch = excluded.epoch, tick = excluded.tick, server_id = excluded.server_id,
                        region_level = excluded.region_level, region_x = excluded.region_x, region_y = excluded.region_y,
                        region_z = excluded.region_z, pos_x = excluded.pos_x, pos_y = excluded.pos_y, pos_z = excluded.pos_z,
                        components = excluded.components, gone = excluded.gone, written_unix_ms = excluded.written_unix_ms
-                     WHERE (entity_checkpoints.gone AND entity_checkpoints.tick < excluded.tick)
-                       OR (NOT entity_checkpoints.gone AND (entity_checkpoints.epoch < excluded.epoch
-                         OR (entity_checkpoints.epoch = excluded.epoch AND entity_checkpoints.tick <= excluded.tick)))",
+                     WHERE (entity_checkpoints.held_since, entity_checkpoints.epoch, entity_checkpoints.tick)
+                       <= (excluded.held_since, excluded.epoch, excluded.tick)",
                     )
                     .map_err(&err)?;
                 let ms = now_unix_ms();
@@ -600,6 +599,7 @@ impl Store for SqliteStore {
                     let n = stmt
                         .execute(params![
                             to_i64(r.entity),
+                            to_i64(r.held_since),
                             to_i64(r.epoch),
                             to_i64(r.tick),
                             i64::from(r.server),
@@ -632,7 +632,7 @@ impl Store for SqliteStore {
                 let err = unavailable(&inner.path);
                 let mut stmt = conn
                     .prepare_cached(
-                        "SELECT entity_id, epoch, tick, server_id, region_level, region_x, region_y, region_z,
+                        "SELECT entity_id, held_since, epoch, tick, server_id, region_level, region_x, region_y, region_z,
                            pos_x, pos_y, pos_z, components, gone
                          FROM entity_checkpoints
                          WHERE NOT gone AND pos_x >= ?1 AND pos_x < ?2 AND pos_y >= ?3 AND pos_y < ?4
@@ -642,10 +642,20 @@ impl Store for SqliteStore {
                 let rows = stmt
                     .query_map(params![min[0], max[0], min[1], max[1], min[2], max[2]], |r| {
                         Ok((
-                            [r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?],
-                            [r.get(8)?, r.get(9)?, r.get(10)?],
-                            r.get::<_, Vec<u8>>(11)?,
-                            r.get::<_, bool>(12)?,
+                            [
+                                r.get(0)?,
+                                r.get(1)?,
+                                r.get(2)?,
+                                r.get(3)?,
+                                r.get(4)?,
+                                r.get(5)?,
+                                r.get(6)?,
+                                r.get(7)?,
+                                r.get(8)?,
+                            ],
+                            [r.get(9)?, r.get(10)?, r.get(11)?],
+                            r.get::<_, Vec<u8>>(12)?,
+                            r.get::<_, bool>(13)?,
                         ))
                     })
                     .map_err(&err)?

@@ -141,11 +141,11 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
 
     // ---- entity checkpoints ----
 
-    /// Writes checkpoints (at most one per entity in `rows`), all in one
-    /// statement; a row is refused, not written, when the stored row of its
-    /// entity has a newer epoch, or the same epoch and a newer tick, or is
-    /// a tombstone of a tick not older (see [`Checkpoint::supersedes`]).
-    /// Returns the entities refused.
+    /// Writes checkpoints (at most one per entity in `rows`) in one
+    /// transaction (one statement on PostgreSQL/CockroachDB); a row is
+    /// refused, not written, when the stored row of its entity is newer by
+    /// (held since, epoch, tick) (see [`Checkpoint::supersedes`]). Returns
+    /// the entities refused.
     async fn write_checkpoints(&self, rows: &[Checkpoint]) -> Result<Vec<u64>, StoreError>;
     /// The checkpoints of entities not gone that stood within the box from
     /// `min` (included) to `max` (excluded), in entity order.

@@ -117,6 +117,7 @@ pub const POSTGRES: &[Migration] = &[
         statements: &[
             "CREATE TABLE IF NOT EXISTS entity_checkpoints (
                 entity_id INT8 PRIMARY KEY,
+                held_since INT8 NOT NULL,
                 epoch INT8 NOT NULL,
                 tick INT8 NOT NULL,
                 server_id INT8 NOT NULL,
@@ -221,6 +222,7 @@ pub const SQLITE: &[Migration] = &[
         statements: &[
             "CREATE TABLE IF NOT EXISTS entity_checkpoints (
                 entity_id INTEGER PRIMARY KEY,
+                held_since INTEGER NOT NULL,
                 epoch INTEGER NOT NULL,
                 tick INTEGER NOT NULL,
                 server_id INTEGER NOT NULL,

@@ -114,12 +114,16 @@ pub struct TopologySnapshot {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Checkpoint {
     pub entity: u64,
-    /// The entity epoch its owner held it under: the store refuses a write
-    /// under an older epoch than the stored row's (an owner that was cut
-    /// off, or handed the entity on, cannot overwrite its successor), and,
-    /// under the same epoch, an older tick. After a tombstone (`gone`), only
-    /// the tick counts: a player who logs in again starts a new life of
-    /// its avatar, at epoch 0, after it.
+    /// The mesh tick its writer's authority over it began (a spawn, a
+    /// join, a handoff's effective tick, a reclaim, a resume): rows are
+    /// ordered by (`held_since`, `epoch`, `tick`), and the store refuses a
+    /// row older than the stored one. An owner that was cut off, or handed
+    /// the entity on, held it since earlier than its successor, so it
+    /// cannot overwrite it; entity epochs alone would not do, as the
+    /// coordinator starts them again at 0 after a death or a leave (a
+    /// player who logs in again is a new holding, after its old rows).
+    pub held_since: u64,
+    /// The entity epoch its owner held it under.
     pub epoch: u64,
     pub tick: u64,
     /// The server that wrote it.
@@ -132,16 +136,15 @@ pub struct Checkpoint {
     /// Its persisted components, as one `shared::component::ComponentSet`
     /// encoding (empty when `gone`).
     pub components: Vec<u8>,
-    /// It left the world (a player logged out, a prop was destroyed): kept
-    /// as a tombstone so that no write of an earlier tick brings it back,
-    /// and never resumed.
+    /// It left the world (a player logged out): kept as a tombstone, so
+    /// that no older row brings it back, and never resumed.
     pub gone: bool,
 }
 
 impl Checkpoint {
     /// Whether this row may replace `stored` (same entity).
     pub fn supersedes(&self, stored: &Checkpoint) -> bool {
-        if stored.gone { self.tick > stored.tick } else { (self.epoch, self.tick) >= (stored.epoch, stored.tick) }
+        (self.held_since, self.epoch, self.tick) >= (stored.held_since, stored.epoch, stored.tick)
     }
 
     /// Whether it stood within the box from `min` (included) to `max`
@@ -226,20 +229,22 @@ pub fn check_one_per_entity(rows: &[Checkpoint]) -> Result<(), StoreError> {
     }
 }
 
-/// A checkpoint row from its columns: (entity, epoch, tick, server, region
-/// level, x, y, z), the position, the components, whether it is gone.
+/// A checkpoint row from its columns: (entity, held since, epoch, tick,
+/// server, region level, x, y, z), the position, the components, whether
+/// it is gone.
 pub fn checkpoint_from_columns(
-    ints: [i64; 8],
+    ints: [i64; 9],
     pos: [f64; 3],
     components: Vec<u8>,
     gone: bool,
 ) -> Result<Checkpoint, StoreError> {
-    let [entity, epoch, tick, server, level, x, y, z] = ints;
+    let [entity, held_since, epoch, tick, server, level, x, y, z] = ints;
     let corrupt =
         |reason: String| StoreError::Corrupt { what: format!("entity checkpoint {}", from_i64(entity)), reason };
     let narrow = |v: i64, what: &str| i32::try_from(v).map_err(|_| corrupt(format!("{what} {v} out of range")));
     Ok(Checkpoint {
         entity: from_i64(entity),
+        held_since: from_i64(held_since),
         epoch: from_i64(epoch),
         tick: from_i64(tick),
         server: u32::try_from(server).map_err(|_| corrupt(format!("server {server} out of range")))?,

@@ -734,8 +734,9 @@ impl Store for PgStore {
         model::check_one_per_entity(rows)?;
         let int = |f: &dyn Fn(&Checkpoint) -> i64| rows.iter().map(f).collect::<Vec<i64>>();
         let float = |i: usize| rows.iter().map(|r| r.pos[i]).collect::<Vec<f64>>();
-        let (entity, epoch, tick, server) = (
+        let (entity, since, epoch, tick, server) = (
             int(&|r| to_i64(r.entity)),
+            int(&|r| to_i64(r.held_since)),
             int(&|r| to_i64(r.epoch)),
             int(&|r| to_i64(r.tick)),
             int(&|r| i64::from(r.server)),
@@ -755,22 +756,21 @@ impl Store for PgStore {
             Ok::<_, Attempt>(
                 client
                     .query(
-                        "INSERT INTO entity_checkpoints (entity_id, epoch, tick, server_id, region_level, region_x,
+                        "INSERT INTO entity_checkpoints (entity_id, held_since, epoch, tick, server_id, region_level, region_x,
                            region_y, region_z, pos_x, pos_y, pos_z, components, gone, written_unix_ms)
                          SELECT * FROM unnest($1::INT8[], $2::INT8[], $3::INT8[], $4::INT8[], $5::INT8[], $6::INT8[],
-                           $7::INT8[], $8::INT8[], $9::FLOAT8[], $10::FLOAT8[], $11::FLOAT8[], $12::BYTEA[], $13::BOOL[],
-                           $14::INT8[])
-                         ON CONFLICT (entity_id) DO UPDATE SET epoch = excluded.epoch, tick = excluded.tick, server_id = excluded.server_id,
+                           $7::INT8[], $8::INT8[], $9::INT8[], $10::FLOAT8[], $11::FLOAT8[], $12::FLOAT8[], $13::BYTEA[],
+                           $14::BOOL[], $15::INT8[])
+                         ON CONFLICT (entity_id) DO UPDATE SET held_since = excluded.held_since, epoch = excluded.epoch, tick = excluded.tick, server_id = excluded.server_id,
                        region_level = excluded.region_level, region_x = excluded.region_x, region_y = excluded.region_y,
                        region_z = excluded.region_z, pos_x = excluded.pos_x, pos_y = excluded.pos_y, pos_z = excluded.pos_z,
                        components = excluded.components, gone = excluded.gone, written_unix_ms = excluded.written_unix_ms
-                     WHERE (entity_checkpoints.gone AND entity_checkpoints.tick < excluded.tick)
-                       OR (NOT entity_checkpoints.gone AND (entity_checkpoints.epoch < excluded.epoch
-                         OR (entity_checkpoints.epoch = excluded.epoch AND entity_checkpoints.tick <= excluded.tick)))
+                     WHERE (entity_checkpoints.held_since, entity_checkpoints.epoch, entity_checkpoints.tick)
+                       <= (excluded.held_since, excluded.epoch, excluded.tick)
                          RETURNING entity_id",
                         &[
-                            &entity, &epoch, &tick, &server, &level, &rx, &ry, &rz, &px, &py, &pz, &components, &gone,
-                            &ms,
+                            &entity, &since, &epoch, &tick, &server, &level, &rx, &ry, &rz, &px, &py, &pz, &components,
+                            &gone, &ms,
                         ],
                     )
                     .await?,
@@ -787,7 +787,7 @@ impl Store for PgStore {
             Ok::<_, Attempt>(
                 client
                     .query(
-                        "SELECT entity_id, epoch, tick, server_id, region_level, region_x, region_y, region_z,
+                        "SELECT entity_id, held_since, epoch, tick, server_id, region_level, region_x, region_y, region_z,
                            pos_x, pos_y, pos_z, components, gone
                          FROM entity_checkpoints
                          WHERE NOT gone AND pos_x >= $1 AND pos_x < $2 AND pos_y >= $3 AND pos_y < $4
@@ -802,10 +802,10 @@ impl Store for PgStore {
             .iter()
             .map(|r| {
                 model::checkpoint_from_columns(
-                    [r.get(0), r.get(1), r.get(2), r.get(3), r.get(4), r.get(5), r.get(6), r.get(7)],
-                    [r.get(8), r.get(9), r.get(10)],
-                    r.get(11),
+                    [r.get(0), r.get(1), r.get(2), r.get(3), r.get(4), r.get(5), r.get(6), r.get(7), r.get(8)],
+                    [r.get(9), r.get(10), r.get(11)],
                     r.get(12),
+                    r.get(13),
                 )
             })
             .collect::<Result<Vec<_>, _>>()?;

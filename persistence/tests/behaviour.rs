@@ -232,10 +232,12 @@ async fn transfer_log_keeps_every_transfer(f: Fixture) {
     assert_eq!(s.recent_transfers(10).await.expect("read").len(), 3);
 }
 
-async fn checkpoints_are_fenced_by_entity_epoch_and_found_by_place(f: Fixture) {
+async fn checkpoints_are_fenced_by_holding_and_found_by_place(f: Fixture) {
     let s = &f.store;
-    let cp = |entity: u64, epoch: u64, tick: u64, x: f64, byte: u8| Checkpoint {
+    // (entity, held since, epoch, tick, x, a byte of its components)
+    let cp = |entity: u64, since: u64, epoch: u64, tick: u64, x: f64, byte: u8| Checkpoint {
         entity,
+        held_since: since,
         epoch,
         tick,
         server: 7,
@@ -247,31 +249,32 @@ async fn checkpoints_are_fenced_by_entity_epoch_and_found_by_place(f: Fixture) {
     let write = |rows: Vec<Checkpoint>| async move { s.write_checkpoints(&rows).await.expect("write") };
     let (a, b) = (1u64, u64::MAX - 5);
     assert!(write(vec![]).await.is_empty());
-    assert!(write(vec![cp(a, 2, 100, 2010.0, 1), cp(b, 1, 100, 2020.0, 2)]).await.is_empty());
-    // Same epoch, newer tick: written. Older tick, or an older epoch at
-    // any tick (its owner was cut off, or handed it on): refused.
-    assert!(write(vec![cp(a, 2, 150, 2011.0, 3)]).await.is_empty());
-    assert_eq!(write(vec![cp(a, 2, 120, 2012.0, 4), cp(b, 0, 900, 2021.0, 5)]).await, vec![a, b]);
-    // A newer epoch wins, whatever its tick.
-    assert!(write(vec![cp(a, 3, 140, 2013.0, 6)]).await.is_empty());
+    assert!(write(vec![cp(a, 50, 2, 100, 2010.0, 1), cp(b, 10, 1, 100, 2020.0, 2)]).await.is_empty());
+    // The same holding, a newer tick: written; an older tick: refused. A
+    // holder that handed it on, or was cut off, held it since earlier
+    // than its successor: refused whatever its tick or epoch.
+    assert!(write(vec![cp(a, 50, 2, 150, 2011.0, 3)]).await.is_empty());
+    assert_eq!(write(vec![cp(a, 50, 2, 120, 2012.0, 4), cp(b, 5, 9, 900, 2021.0, 5)]).await, vec![a, b]);
+    // Its successor (a handoff's target, from its effective tick).
+    assert!(write(vec![cp(a, 140, 3, 140, 2013.0, 6)]).await.is_empty());
+    assert_eq!(write(vec![cp(a, 50, 2, 400, 2013.0, 6)]).await, vec![a], "the old holder, late");
     let near = |min: [f64; 3], max: [f64; 3]| async move { s.checkpoints_within(min, max).await.expect("read") };
-    assert_eq!(near([2000.0, 0.0, -100.0], [2015.0, 100.0, 0.0]).await, vec![cp(a, 3, 140, 2013.0, 6)]);
+    assert_eq!(near([2000.0, 0.0, -100.0], [2015.0, 100.0, 0.0]).await, vec![cp(a, 140, 3, 140, 2013.0, 6)]);
     assert_eq!(
         near([2000.0, 0.0, -100.0], [2100.0, 100.0, 0.0]).await,
-        vec![cp(a, 3, 140, 2013.0, 6), cp(b, 1, 100, 2020.0, 2)]
+        vec![cp(a, 140, 3, 140, 2013.0, 6), cp(b, 10, 1, 100, 2020.0, 2)]
     );
     assert!(near([2013.0, 0.0, -100.0], [2020.0, 100.0, 0.0]).await.len() == 1, "min included, max excluded");
-    // Gone: never resumed, and nothing of an earlier tick brings it back;
-    // a later life of it (a player logging in again, at epoch 0) does.
-    assert!(
-        write(vec![Checkpoint { gone: true, components: Vec::new(), ..cp(a, 4, 200, 2013.0, 0) }]).await.is_empty()
-    );
-    assert_eq!(near([2000.0, 0.0, -100.0], [2100.0, 100.0, 0.0]).await, vec![cp(b, 1, 100, 2020.0, 2)]);
-    assert_eq!(write(vec![cp(a, 5, 190, 2013.0, 7)]).await, vec![a]);
-    assert!(write(vec![cp(a, 0, 250, 2014.0, 8)]).await.is_empty());
-    assert_eq!(near([2014.0, 0.0, -100.0], [2015.0, 100.0, 0.0]).await, vec![cp(a, 0, 250, 2014.0, 8)]);
+    // Gone: never resumed, and no older row brings it back; a later
+    // holding (a player logging in again, at epoch 0 again) does.
+    let tombstone = Checkpoint { gone: true, components: Vec::new(), ..cp(a, 140, 3, 200, 2013.0, 0) };
+    assert!(write(vec![tombstone]).await.is_empty());
+    assert_eq!(near([2000.0, 0.0, -100.0], [2100.0, 100.0, 0.0]).await, vec![cp(b, 10, 1, 100, 2020.0, 2)]);
+    assert_eq!(write(vec![cp(a, 140, 3, 190, 2013.0, 7)]).await, vec![a]);
+    assert!(write(vec![cp(a, 250, 0, 250, 2014.0, 8)]).await.is_empty());
+    assert_eq!(near([2014.0, 0.0, -100.0], [2015.0, 100.0, 0.0]).await, vec![cp(a, 250, 0, 250, 2014.0, 8)]);
     // One row per entity a write.
-    let twice = s.write_checkpoints(&[cp(9, 1, 1, 0.0, 1), cp(9, 1, 2, 0.0, 1)]).await;
+    let twice = s.write_checkpoints(&[cp(9, 1, 1, 1, 0.0, 1), cp(9, 1, 1, 2, 0.0, 1)]).await;
     assert!(matches!(twice, Err(StoreError::Invalid(_))), "{twice:?}");
 }
 
@@ -300,7 +303,7 @@ behaviour!(
     structures_by_chunk_with_versions,
     topology_snapshots_never_go_back,
     transfer_log_keeps_every_transfer,
-    checkpoints_are_fenced_by_entity_epoch_and_found_by_place,
+    checkpoints_are_fenced_by_holding_and_found_by_place,
 );
 
 // ---- what only the database stores have: schema, corrupt rows, outages ----

@@ -66,6 +66,7 @@ fn row(
     let r = auth.region();
     Checkpoint {
         entity: id.0,
+        held_since: auth.since(),
         epoch: auth.entity_epoch().0,
         tick,
         server: cfg.server.0,
@@ -76,19 +77,24 @@ fn row(
     }
 }
 
-/// This tick's share of the entities, those that changed.
+/// This tick's share of the entities (and the shares of ticks skipped
+/// under load), those that changed.
 pub fn offer(
     mut commands: Commands,
     mut q: Query<Checkpointed>,
     checkpoints: Res<Checkpoints>,
     cfg: Res<SimConfig>,
     tick: Res<TickState>,
+    mut last_tick: Local<Option<u64>>,
 ) {
     let Some(writer) = &checkpoints.0 else { return };
-    let slice = tick.tick % CHECKPOINT_EVERY_TICKS;
+    let from = last_tick.map_or(tick.tick, |l| (l + 1).max(tick.tick.saturating_sub(CHECKPOINT_EVERY_TICKS - 1)));
+    *last_tick = Some(tick.tick);
+    let shares: u64 = (from..=tick.tick).fold(0, |m, t| m | 1 << (t % CHECKPOINT_EVERY_TICKS));
     let mut rows = Vec::new();
+    let mut offered = Vec::new();
     for (e, n, body, auth, comps, prop, last) in &mut q {
-        if n.0.0 % CHECKPOINT_EVERY_TICKS != slice {
+        if shares & (1 << (n.0.0 % CHECKPOINT_EVERY_TICKS)) == 0 {
             continue;
         }
         let components = state_of(n.0, body, prop, comps, &cfg);
@@ -104,9 +110,16 @@ pub fn offer(
             }
         }
         rows.push(row(n.0, auth, body, tick.tick, &cfg, components));
+        offered.push((n.0.0, e));
     }
-    if !rows.is_empty() {
-        writer.offer(rows);
+    if rows.is_empty() {
+        return;
+    }
+    // Not taken (the backlog is full): offered again next time, changed or not.
+    for entity in writer.offer(rows) {
+        if let Some((_, e)) = offered.iter().find(|(id, _)| *id == entity) {
+            commands.entity(*e).remove::<LastCheckpoint>();
+        }
     }
 }
 

@@ -501,20 +501,32 @@ fn send_off(
     for _ in 0..tasks {
         let (batch, running) = (batch.clone(), running.clone());
         pool.spawn(move || {
+            // Says the task is done however it ends (a panic too), after
+            // it let go of the batch, which goes back whole.
+            let done = Finished(running);
+            // A local declared after `done`: dropped before it, unwinding too.
+            let batch = batch;
             let at = svc::thread_cpu();
             batch.work();
             let cpu = svc::thread_cpu().saturating_sub(at).as_secs_f64();
             batch.metrics.0.replication_cpu.inc_by(cpu);
-            // The batch goes back whole: let go of it before saying so.
             drop(batch);
-            let (left, cv) = &*running;
-            if let Ok(mut left) = left.lock() {
-                *left -= 1;
-                cv.notify_all();
-            }
+            drop(done);
         });
     }
     sc.in_flight = Some(InFlight { batch, running });
+}
+
+/// Counts a pool task out of a batch when dropped.
+struct Finished(std::sync::Arc<(std::sync::Mutex<usize>, std::sync::Condvar)>);
+
+impl Drop for Finished {
+    fn drop(&mut self) {
+        let (left, cv) = &*self.0;
+        let mut left = left.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        *left -= 1;
+        cv.notify_all();
+    }
 }
 
 /// Gathers the snapshots [`send_off`] handed to the pool, serving the
