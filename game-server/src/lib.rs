@@ -325,13 +325,13 @@ pub async fn run_with(
     let pending = writer_at_exit.queued();
     let written =
         tokio::task::spawn_blocking(move || writer_at_exit.wait_finished(std::time::Duration::from_secs(15))).await;
-    let written =
-        tokio::task::spawn_blocking(move || checkpoints_at_exit.finish(std::time::Duration::from_secs(5))).await;
-    if !matches!(written, Ok(true)) {
-        warn!("entity checkpoints were not all written before exit: a successor resumes from older ones");
-    }
     if !matches!(written, Ok(true)) {
         warn!(pending, "stopped before the world store took every queued edit");
+    }
+    let checkpointed =
+        tokio::task::spawn_blocking(move || checkpoints_at_exit.finish(std::time::Duration::from_secs(5))).await;
+    if !matches!(checkpointed, Ok(true)) {
+        warn!("entity checkpoints were not all written before exit: a successor resumes from older ones");
     }
     info!("game server stopped");
     Ok(exit)
