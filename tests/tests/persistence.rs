@@ -4,7 +4,8 @@
 //!
 //! - a restarted server loads chunks identical to the ones it had (seed +
 //!   stored deltas), on PostgreSQL and on the embedded store;
-//! - SIGKILL during an edit storm: every acknowledged edit is in the database;
+//! - SIGKILL during an edit storm: every acknowledged edit is in the
+//!   database, and so is a checkpoint of every player the server held;
 //! - a ten-second database outage during play: edits keep being applied,
 //!   are acknowledged once written, and none is lost.
 
@@ -275,12 +276,14 @@ fn sigkill_during_an_edit_storm_loses_no_acknowledged_edit() {
     let rt = runtime();
     let acked = Arc::new(Mutex::new(Vec::new()));
     let mut sent = 0;
+    let mut sites = Vec::new();
     rt.block_on(async {
         let deadline = Instant::now() + Duration::from_secs(40);
         let mut players = Vec::new();
         let mut from = DVec3::new(400.5, 0.0, 500.5);
         for i in 0..6u64 {
             let (at, ops) = dig_site(from, 7.0, 16, 36);
+            sites.push((100 + i, at));
             from = at + DVec3::new(30.0, 0.0, 0.0);
             sent += ops.len();
             let player = join(&p, 100 + i, at).await;
@@ -298,7 +301,25 @@ fn sigkill_during_an_edit_storm_loses_no_acknowledged_edit() {
     let acked = acked.lock().expect("lock").clone();
     eprintln!("{} of {sent} edits acknowledged before SIGKILL", acked.len());
     assert!(acked.len() < sent, "the kill landed after the storm");
-    rt.block_on(async { StoredWorld::open(&url).await.assert_dug(&acked).await });
+    rt.block_on(async {
+        let mut stored = StoredWorld::open(&url).await;
+        // Each player the server held was checkpointed where it stood, with
+        // its transform (what a successor will resume it from).
+        let rows = stored.store.checkpoints_within([-1e7; 3], [1e7; 3]).await.expect("checkpoints read");
+        let registry = shared::component::Registry::builtin();
+        for (player, at) in &sites {
+            let id = shared::EntityId::player(shared::PlayerId(*player)).expect("a player id");
+            let row =
+                rows.iter().find(|r| r.entity == id.0).unwrap_or_else(|| panic!("player {player}: no checkpoint"));
+            let pos = DVec3::from_array(row.pos);
+            assert!((pos - *at).with_y(0.0).length() < 5.0, "player {player} checkpointed at {pos}, stood at {at}");
+            let (set, _) = shared::component::ComponentSet::decode_saved(&row.components, &registry).expect("decodes");
+            let t = set.get::<shared::component::builtin::Transform>().expect("a transform").expect("decodes");
+            assert_eq!(t.pos_mm[0], (row.pos[0] * 1000.0).round() as i64);
+            assert!(!row.gone && row.held_since <= row.tick);
+        }
+        stored.assert_dug(&acked).await
+    });
 }
 
 #[test]
