@@ -206,6 +206,9 @@ fn main() -> anyhow::Result<()> {
             let mut overruns = 0u64;
             let mut awake = 0usize;
             let mut kinematic = 0usize;
+            // Checkpoints: the oldest state a write carried when it landed.
+            let mut checkpoint_lag_max = 0.0f64;
+            let checkpoints0 = m0.checkpoint_rows.with_label_values(&["written"]).get();
             let mut stage_sum = [0.0f64; 7];
             let mut worst = (0.0f64, [0.0f64; 7]);
             s.take_stage_times();
@@ -226,6 +229,7 @@ fn main() -> anyhow::Result<()> {
                 if i % 90 == 0 {
                     awake = awake.max(s.awake());
                     kinematic = kinematic.max(s.kinematic());
+                    checkpoint_lag_max = checkpoint_lag_max.max(s.metrics().checkpoint_lag.get());
                 }
                 if !unpaced {
                     let next = start + slot * (i as u32 + 1);
@@ -277,6 +281,14 @@ fn main() -> anyhow::Result<()> {
                 "stage_mean_ms": stage_ms,
                 "replication_cpu_ms": round3(replication_cpu_ms),
                 "snapshots": snapshots,
+                "checkpoints": {
+                    "rows_written_per_s": round3(
+                        (m.checkpoint_rows.with_label_values(&["written"]).get() - checkpoints0) as f64 / wall
+                    ),
+                    "lag_ms_max": round3(checkpoint_lag_max * 1000.0),
+                    "refused": m.checkpoint_rows.with_label_values(&["refused_stale"]).get(),
+                    "write_failures": m.checkpoint_write_failures.get(),
+                },
                 "slowest_tick_stages_ms": worst_ms,
                 "players": players,
                 "bodies": bodies,
