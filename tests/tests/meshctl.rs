@@ -66,6 +66,11 @@ fn wait_status(http: u16, deadline: Instant, want: &str) -> anyhow::Result<()> {
     }
 }
 
+/// `meshctl kill|restart NAME` against the mesh in `data`.
+fn member(data: &Path, args: &[&str]) -> anyhow::Result<std::process::Output> {
+    Ok(Command::new(bin_dir().join("meshctl")).args(args).arg("--data-dir").arg(data).stdin(Stdio::null()).output()?)
+}
+
 fn read_to_string(p: &Path) -> String {
     std::fs::read_to_string(p).unwrap_or_default()
 }
@@ -102,7 +107,14 @@ fn a_member_of_meshctl_up_that_dies_is_started_again_and_the_mesh_runs_on() -> a
         std::thread::sleep(Duration::from_secs(2));
         let ports = ports.to_str().context("a UTF-8 temp path")?;
         let killed = pid_of(&["--name=gs-2", ports]).context("gs-2 is not running")?;
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(killed), nix::sys::signal::Signal::SIGKILL)?;
+        // A name the mesh does not have is refused, naming those it has.
+        let out = member(&data, &["kill", "gs-9"])?;
+        anyhow::ensure!(!out.status.success(), "killed gs-9?");
+        assert_one_line(&String::from_utf8_lossy(&out.stderr), "meshctl: the mesh has no member \"gs-9\"; it has");
+        let out = member(&data, &["kill", "gs-2"])?;
+        anyhow::ensure!(out.status.success(), "meshctl kill gs-2: {}", String::from_utf8_lossy(&out.stderr));
+        let said = String::from_utf8_lossy(&out.stdout);
+        anyhow::ensure!(said.starts_with(&format!("gs-2 (pid {killed}) killed (SIGKILL)")), "{said}");
         // Reported, started again; meshctl up runs on.
         let deadline = Instant::now() + Duration::from_secs(30);
         while !read_to_string(&stderr_path).contains("gs-2 started again") {
@@ -117,6 +129,15 @@ fn a_member_of_meshctl_up_that_dies_is_started_again_and_the_mesh_runs_on() -> a
         std::thread::sleep(Duration::from_secs(3));
         wait_status(http, Instant::now() + Duration::from_secs(60), "\"servers_alive\":2")?;
         wait_status(http, Instant::now() + Duration::from_secs(30), "\"regions_owned\":2")?;
+        // A clean stop of gs-1, started again too.
+        let out = member(&data, &["restart", "gs-1"])?;
+        anyhow::ensure!(out.status.success(), "meshctl restart gs-1: {}", String::from_utf8_lossy(&out.stderr));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !read_to_string(&stderr_path).contains("gs-1 started again") {
+            anyhow::ensure!(up.try_wait()?.is_none(), "meshctl up stopped when gs-1 stopped");
+            anyhow::ensure!(Instant::now() < deadline, "gs-1 was not started again");
+            std::thread::sleep(Duration::from_millis(100));
+        }
         anyhow::ensure!(up.try_wait()?.is_none(), "meshctl up stopped");
         Ok(())
     })();
@@ -127,6 +148,10 @@ fn a_member_of_meshctl_up_that_dies_is_started_again_and_the_mesh_runs_on() -> a
     let stderr = read_to_string(&stderr_path);
     result.with_context(|| format!("meshctl up's stderr:\n{stderr}"))?;
     assert_eq!(code, Some(0), "a clean stop; stderr:\n{stderr}");
+    // No mesh runs there now: said in one line.
+    let out = member(&data, &["kill", "gs-1"])?;
+    assert!(!out.status.success());
+    assert_one_line(&String::from_utf8_lossy(&out.stderr), "meshctl: no `meshctl up` is running with data directory");
     // One line said why it died, and that it would be started again.
     let said: Vec<&str> = stderr.lines().filter(|l| l.contains("gs-2 exited")).collect();
     assert_eq!(said.len(), 1, "{stderr}");

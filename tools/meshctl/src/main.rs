@@ -26,6 +26,13 @@ struct Cli {
 enum Command {
     /// Run a local mesh: a coordinator, game servers and bots on loopback.
     Up(up::UpArgs),
+    /// SIGKILL a member of the running `meshctl up` (`gs-1`,
+    /// `coordinator-2`, `bot-swarm`, as its status line names them): try
+    /// failover on a laptop; `meshctl up` starts it again.
+    Kill(up::MemberArgs),
+    /// Stop a member of the running `meshctl up` cleanly (SIGTERM); `meshctl
+    /// up` starts it again.
+    Restart(up::MemberArgs),
     /// The mesh at a glance.
     Status,
     /// The admin map's address (the coordinator serves it at `/`): printed
@@ -165,6 +172,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let _ = READ_TOKEN.set(cli.token.clone().or_else(|| std::env::var("PS_VIEWER_TOKEN").ok()));
     match cli.command {
         Command::Up(args) => up::run(args).await,
+        Command::Kill(args) => up::signal_member(&args, nix::sys::signal::Signal::SIGKILL),
+        Command::Restart(args) => up::signal_member(&args, nix::sys::signal::Signal::SIGTERM),
         Command::Migrate { database_url, data_dir, check } => {
             let url = database_url.unwrap_or_else(|| persistence::embedded_url(&data_dir));
             let store = persistence::open(&persistence::StoreConfig { url: url.clone(), migrate: !check, ..Default::default() })

@@ -70,6 +70,81 @@ pub struct UpArgs {
     no_restart: bool,
 }
 
+/// `meshctl kill` and `meshctl restart`: which member of which mesh.
+#[derive(Debug, clap::Args)]
+pub struct MemberArgs {
+    /// The member, as `meshctl up` names it (`coordinator`,
+    /// `coordinator-N`, `gs-N`, `bot-swarm`).
+    name: String,
+    /// The data directory `meshctl up` runs with.
+    #[arg(long, default_value = ".mesh-data")]
+    data_dir: PathBuf,
+}
+
+/// Where `meshctl up` says which process each member is (`run/members.json`:
+/// its own pid, and each member's, `null` while it is down).
+fn members_file(data_dir: &Path) -> PathBuf {
+    data_dir.join("run").join("members.json")
+}
+
+/// Writes the members file (atomically: a reader never sees half of it).
+fn write_members(data_dir: &Path, procs: &[&Proc]) -> anyhow::Result<()> {
+    let members: serde_json::Map<String, Value> = procs
+        .iter()
+        .map(|p| (p.name.clone(), if p.down.is_some() { Value::Null } else { p.child.id().into() }))
+        .collect();
+    let v = serde_json::json!({ "meshctl": std::process::id(), "members": members });
+    let path = members_file(data_dir);
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, v.to_string())?;
+    std::fs::rename(&tmp, &path)?;
+    Ok(())
+}
+
+/// The parent of process `pid`, from `/proc` (`None`: no such process).
+fn parent_of(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // "pid (comm) state ppid …": comm may hold spaces and parentheses.
+    stat.rsplit_once(')')?.1.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Sends `signal` to a member of the running `meshctl up`, which starts it
+/// again (unless it runs with --no-restart).
+pub fn signal_member(args: &MemberArgs, signal: Signal) -> anyhow::Result<()> {
+    let path = members_file(&args.data_dir);
+    let no_mesh = || {
+        anyhow::anyhow!(
+            "no `meshctl up` is running with data directory {} (--data-dir names it)",
+            args.data_dir.display()
+        )
+    };
+    let text = std::fs::read_to_string(&path).map_err(|_| no_mesh())?;
+    let v: Value = serde_json::from_str(&text).with_context(|| format!("{} is not readable", path.display()))?;
+    let up = v["meshctl"].as_u64().and_then(|p| u32::try_from(p).ok()).ok_or_else(no_mesh)?;
+    if parent_of(up).is_none() {
+        return Err(no_mesh());
+    }
+    let members = v["members"].as_object().ok_or_else(no_mesh)?;
+    let Some(pid) = members.get(&args.name) else {
+        let names: Vec<&str> = members.keys().map(String::as_str).collect();
+        anyhow::bail!("the mesh has no member {:?}; it has {}", args.name, names.join(", "));
+    };
+    let Some(pid) = pid.as_u64().and_then(|p| u32::try_from(p).ok()) else {
+        anyhow::bail!("{} is down; meshctl up starts it again (see its log)", args.name);
+    };
+    // Only a child of that `meshctl up`: never a process that took a
+    // recycled pid.
+    anyhow::ensure!(
+        parent_of(pid) == Some(up),
+        "{} (pid {pid}) is no longer running under meshctl up (pid {up}); try again in a second",
+        args.name
+    );
+    kill(Pid::from_raw(pid as i32), signal).with_context(|| format!("signalling {} (pid {pid})", args.name))?;
+    let what = if signal == Signal::SIGKILL { "killed (SIGKILL)" } else { "asked to stop (SIGTERM)" };
+    println!("{} (pid {pid}) {what}; meshctl up reports it and starts it again", args.name);
+    Ok(())
+}
+
 /// A member of the mesh, and how to start it again.
 struct Proc {
     name: String,
@@ -357,18 +432,20 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
                 &logs.join("bot-swarm.log"),
             )?);
         }
-        status_loop(&http, !args.no_restart, &mut coordinator, &mut servers, &mut bots).await
+        status_loop(&http, &args.data_dir, !args.no_restart, &mut coordinator, &mut servers, &mut bots).await
     }
     .await;
     eprintln!("\nstopping the mesh…");
     stop(&mut bots).await;
     stop(&mut servers).await;
     stop(&mut coordinator).await;
+    let _ = std::fs::remove_file(members_file(&args.data_dir));
     result
 }
 
 async fn status_loop(
     http: &str,
+    data_dir: &Path,
     restart: bool,
     coordinator: &mut [Proc],
     servers: &mut [Proc],
@@ -391,6 +468,13 @@ async fn status_loop(
             if p.down.is_some() {
                 down.push(p.name.clone());
             }
+        }
+        let all: Vec<&Proc> = coordinator.iter().chain(servers.iter()).chain(bots.iter()).collect();
+        if let Err(e) = write_members(data_dir, &all) {
+            eprintln!(
+                "cannot write {}: {e:#} (meshctl kill and restart will not find the members)",
+                members_file(data_dir).display()
+            );
         }
         let down = if down.is_empty() { String::new() } else { format!(" · down: {}", down.join(", ")) };
         let line = match client.get(format!("http://{http}/v1/status")).send().await {
