@@ -27,15 +27,18 @@ pub struct Checkpoints(pub Option<crate::checkpoint::CheckpointHandle>);
 pub struct LastCheckpoint {
     epoch: u64,
     components: Vec<u8>,
+    /// The change tick of that offer: an entity none of whose body, prop
+    /// or components changed since is not even encoded again.
+    at: bevy_ecs::change_detection::Tick,
 }
 
 type Checkpointed = (
     Entity,
     &'static NetId,
-    &'static Body,
+    Ref<'static, Body>,
     &'static Authority,
-    Option<&'static Components>,
-    Option<&'static super::physics::Prop>,
+    Option<Ref<'static, Components>>,
+    Option<Ref<'static, super::physics::Prop>>,
     Option<&'static mut LastCheckpoint>,
 );
 
@@ -86,6 +89,7 @@ pub fn offer(
     cfg: Res<SimConfig>,
     tick: Res<TickState>,
     mut last_tick: Local<Option<u64>>,
+    ticks: bevy_ecs::system::SystemChangeTick,
 ) {
     let Some(writer) = &checkpoints.0 else { return };
     let from = last_tick.map_or(tick.tick, |l| (l + 1).max(tick.tick.saturating_sub(CHECKPOINT_EVERY_TICKS - 1)));
@@ -97,19 +101,32 @@ pub fn offer(
         if shares & (1 << (n.0.0 % CHECKPOINT_EVERY_TICKS)) == 0 {
             continue;
         }
-        let components = state_of(n.0, body, prop, comps, &cfg);
         let epoch = auth.entity_epoch().0;
+        let now = ticks.this_run();
+        let since = |at| {
+            body.last_changed().is_newer_than(at, now)
+                || comps.as_ref().is_some_and(|c| c.last_changed().is_newer_than(at, now))
+                || prop.as_ref().is_some_and(|p| p.last_changed().is_newer_than(at, now))
+        };
+        if last.as_ref().is_some_and(|l| l.epoch == epoch && !since(l.at)) {
+            continue;
+        }
+        let components = state_of(n.0, &body, prop.as_deref(), comps.as_deref(), &cfg);
         match last {
-            Some(l) if l.epoch == epoch && l.components == components => continue,
+            Some(mut l) if l.epoch == epoch && l.components == components => {
+                l.at = now;
+                continue;
+            }
             Some(mut l) => {
                 l.epoch = epoch;
                 l.components.clone_from(&components);
+                l.at = now;
             }
             None => {
-                commands.entity(e).insert(LastCheckpoint { epoch, components: components.clone() });
+                commands.entity(e).insert(LastCheckpoint { epoch, components: components.clone(), at: now });
             }
         }
-        rows.push(row(n.0, auth, body, tick.tick, &cfg, components));
+        rows.push(row(n.0, auth, &body, tick.tick, &cfg, components));
         offered.push((n.0.0, e));
     }
     if rows.is_empty() {
